@@ -1,0 +1,266 @@
+//! `warden bench`: drives a cluster through the NATS command path and reports each figure
+//! beside a reference measured in the same run on the same connection: the raw NATS
+//! request/reply round trip to a trivial responder.
+//!
+//! `--local` starts its own three-node cluster and nats-server (release build recommended), so
+//! one command gives reproducible figures.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::bus::{self, NatsConfig};
+use crate::client::Client;
+use crate::up::{LocalCluster, NatsServer};
+
+/// Command-line arguments of `warden bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// NATS URL of a running cluster (ignored with --local).
+    #[arg(long, env = "WARDEN_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Cluster name.
+    #[arg(long, env = "WARDEN_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Start a local three-node cluster and nats-server for the run.
+    #[arg(long)]
+    pub local: bool,
+    /// Concurrent writer counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub writers: Vec<usize>,
+    /// Duration of each measurement, in ms.
+    #[arg(long, default_value_t = 3_000)]
+    pub duration_ms: u64,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Throughput and latency of one measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    pub ops: u64,
+    pub errors: u64,
+    pub per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+fn figures(mut lat_us: Vec<u64>, errors: u64, elapsed: Duration) -> Figures {
+    lat_us.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if lat_us.is_empty() {
+            0
+        } else {
+            lat_us[((lat_us.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    Figures {
+        ops: lat_us.len() as u64,
+        errors,
+        per_sec: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+/// Runs `n` concurrent loops of `op` for `duration`; each returns whether it succeeded.
+async fn drive<F, Fut>(n: usize, duration: Duration, op: F) -> Figures
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..n {
+        let op = op.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let mut i = 0u64;
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                if op(w, i).await {
+                    lat.push(t.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+                i += 1;
+            }
+            (lat, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        if let Ok((lat, e)) = r {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    figures(all, errors, start.elapsed())
+}
+
+/// Published figures for a 3-member etcd on the same kind of 2-core machine (issue #2), used
+/// until the bench can start etcd itself: (writers, writes/s).
+const ETCD_REFERENCE: &[(usize, f64)] = &[(1, 1_900.0), (64, 11_000.0), (256, 15_000.0)];
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut _local = None;
+    let mut _nats_server = None;
+    let url = if args.local {
+        let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let server = NatsServer::start(&dir, &[]).await?;
+        let url = server.url.clone();
+        _nats_server = Some(server);
+        let mut cluster =
+            LocalCluster::new(std::env::current_exe()?, dir, url.clone(), &args.cluster);
+        for id in 1..=3 {
+            cluster.start_node(id, id == 1).await?;
+        }
+        _local = Some(cluster);
+        url
+    } else {
+        args.nats.clone()
+    };
+    let nats = bus::connect(
+        &NatsConfig {
+            url: url.clone(),
+            ..Default::default()
+        },
+        "warden-bench",
+        false,
+    )
+    .await?;
+    let client = Client::new(nats.clone(), &args.cluster);
+    if let Some(cluster) = &_local {
+        cluster
+            .wait_ready(&client, 3, Duration::from_secs(60))
+            .await?;
+    }
+
+    // The reference: a responder on its own connection that echoes, as cheap as NATS gets.
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let echo_subject = client.subjects.bench_echo(&run_id);
+    let responder = bus::connect(
+        &NatsConfig {
+            url,
+            ..Default::default()
+        },
+        "warden-bench-echo",
+        false,
+    )
+    .await?;
+    let mut sub = responder.subscribe(echo_subject.clone()).await?;
+    responder.flush().await?;
+    let echo = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.publish(reply, msg.payload).await; // best effort in a bench
+            }
+        }
+    });
+
+    let parent = format!("bench-{}", &run_id[..8]);
+    client
+        .call(
+            "create_supervisor",
+            &json!({"name": parent, "request_id": format!("{parent}-parent")}),
+        )
+        .await?;
+    let duration = Duration::from_millis(args.duration_ms);
+    let mut rows = Vec::new();
+    for &n in &args.writers {
+        let nc = nats.clone();
+        let subject = echo_subject.clone();
+        let raw = drive(n, duration, move |_, _| {
+            let (nc, subject) = (nc.clone(), subject.clone());
+            async move {
+                let payload = bytes::Bytes::from_static(br#"{"name":"x"}"#);
+                bus::request(&nc, subject, None, payload, Duration::from_secs(5))
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        let c = client.clone();
+        let p = parent.clone();
+        let warden = drive(n, duration, move |w, i| {
+            let (c, p) = (c.clone(), p.clone());
+            async move {
+                let name = format!("{p}-{n}-{w}-{i}");
+                c.call("create_supervisor", &json!({"name": name, "parent": p}))
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        let etcd = ETCD_REFERENCE
+            .iter()
+            .find(|(w, _)| *w == n)
+            .map(|(_, r)| *r);
+        rows.push(json!({
+            "writers": n,
+            "warden": warden,
+            "nats_request_reply": raw,
+            "latency_p50_vs_nats": warden.p50_us as f64 / raw.p50_us.max(1) as f64,
+            "throughput_vs_etcd_reference": etcd.map(|e| warden.per_sec / e),
+        }));
+        if !args.json {
+            eprintln!("measured {n} writer(s)");
+        }
+    }
+    let _ = client
+        .call("stop_supervisor", &json!({"name": parent}))
+        .await; // cleanup only
+    echo.abort();
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&Value::Array(rows))?);
+    } else {
+        println!(
+            "{:>7} {:>10} {:>8} {:>8} {:>7} | {:>10} {:>8} {:>8} | {:>11} {:>13}",
+            "writers",
+            "writes/s",
+            "p50_us",
+            "p99_us",
+            "errors",
+            "nats_rr/s",
+            "p50_us",
+            "p99_us",
+            "p50/nats",
+            "vs_etcd_ref"
+        );
+        for r in &rows {
+            let f = |k: &str, f: &str| r[k][f].clone();
+            println!(
+                "{:>7} {:>10.0} {:>8} {:>8} {:>7} | {:>10.0} {:>8} {:>8} | {:>10.1}x {:>13}",
+                r["writers"],
+                f("warden", "per_sec").as_f64().unwrap_or(0.0),
+                f("warden", "p50_us"),
+                f("warden", "p99_us"),
+                f("warden", "errors"),
+                f("nats_request_reply", "per_sec").as_f64().unwrap_or(0.0),
+                f("nats_request_reply", "p50_us"),
+                f("nats_request_reply", "p99_us"),
+                r["latency_p50_vs_nats"].as_f64().unwrap_or(0.0),
+                r["throughput_vs_etcd_reference"]
+                    .as_f64()
+                    .map(|x| format!("{x:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+    }
+    if let Some(mut cluster) = _local {
+        cluster.stop_all(Duration::from_secs(10)).await;
+        let _ = std::fs::remove_dir_all(&cluster.dir); // a temp dir; leftovers are harmless
+    }
+    Ok(ExitCode::SUCCESS)
+}

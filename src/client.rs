@@ -1,0 +1,112 @@
+//! A small Rust client for the NATS command interface, used by `warden ctl`, `warden up`,
+//! `warden bench` and the tests. It retries what is safe to retry until its deadline:
+//! `unavailable` and "no responders" always (nothing changed), and `timeout` only for
+//! commands that carry a `request_id` (the registry deduplicates them).
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use serde_json::Value;
+
+use crate::bus::{self, RequestFailure};
+use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
+use crate::subjects::Subjects;
+
+/// Commands that create something and so accept a `request_id`.
+pub const CREATING_COMMANDS: &[&str] = &["create_supervisor"];
+
+/// A command client for one cluster.
+#[derive(Clone)]
+pub struct Client {
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub encoding: Encoding,
+    /// Total time one call may take, retries included.
+    pub deadline: Duration,
+    /// Send to this node's own subject instead of the shared queue.
+    pub node: Option<u64>,
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// The cluster answered with an error.
+    Reply(WireError),
+    /// No answer before the deadline: the outcome is unknown.
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Reply(e) => write!(f, "{e}"),
+            CallError::NoAnswer(why) => write!(f, "no answer: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl Client {
+    /// A client with JSON encoding and a 10 s deadline.
+    pub fn new(nats: async_nats::Client, cluster: &str) -> Client {
+        Client {
+            nats,
+            subjects: Subjects::new(cluster),
+            encoding: Encoding::Json,
+            deadline: Duration::from_secs(10),
+            node: None,
+        }
+    }
+
+    /// Sends `command` with `body` (an object), retrying what is safe until the deadline.
+    pub async fn call(&self, command: &str, body: &Value) -> Result<Value, CallError> {
+        let start = Instant::now();
+        let retry_timeouts = body.get("request_id").is_some();
+        let payload: bytes::Bytes = self.encoding.encode(body).into();
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
+        let subject = match self.node {
+            Some(n) => self.subjects.node_cmd(n, command),
+            None => self.subjects.cmd(command),
+        };
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let left = self.deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(CallError::NoAnswer("deadline passed".into()));
+            }
+            let attempt = bus::request(
+                &self.nats,
+                subject.clone(),
+                Some(headers.clone()),
+                payload.clone(),
+                left,
+            )
+            .await;
+            let retryable = match attempt {
+                Ok(reply) => {
+                    let env = Envelope::decode(&reply.payload).map_err(CallError::Reply)?;
+                    match env.into_result() {
+                        Ok(v) => return Ok(v),
+                        Err(e) if e.code == ErrorCode::Unavailable => e.to_string(),
+                        Err(e) if e.code == ErrorCode::Timeout && retry_timeouts => e.to_string(),
+                        Err(e) => return Err(CallError::Reply(e)),
+                    }
+                }
+                Err(RequestFailure::NoResponders) => "no node answers".to_string(),
+                Err(RequestFailure::TimedOut) => {
+                    return Err(CallError::NoAnswer(
+                        "timed out; the outcome is unknown".into(),
+                    ))
+                }
+                Err(e) => return Err(CallError::NoAnswer(e.to_string())),
+            };
+            if start.elapsed() + delay >= self.deadline {
+                return Err(CallError::NoAnswer(retryable));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}

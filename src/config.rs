@@ -1,0 +1,238 @@
+//! Node configuration: a TOML file, overridden by `WARDEN_*` environment variables, overridden
+//! by command-line flags. `config/node.example.toml` documents every key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::bus::NatsConfig;
+use crate::limits;
+use crate::registry::{validate_labels, validate_name};
+
+/// A node's resolved configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id: unique in the cluster and stable across restarts. Required.
+    pub id: u64,
+    /// Cluster name: all subjects live under `warden.<cluster>`.
+    pub cluster: String,
+    /// Human-readable node name; defaults to `node-<id>`.
+    pub name: String,
+    /// Directory of the node's sled database.
+    pub data_dir: PathBuf,
+    /// Initialize a new cluster with this node as its only member. Ignored when the data dir
+    /// already holds an initialized node.
+    pub bootstrap: bool,
+    /// Labels (`zone=eu-1`) used by placement constraints.
+    pub labels: BTreeMap<String, String>,
+    /// Raft voters the leader keeps: 1, 3 or 5; further nodes join as learners.
+    pub voters_max: usize,
+    pub nats: NatsConfig,
+    pub raft: RaftConfig,
+    pub failure: FailureConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 0,
+            cluster: "default".into(),
+            name: String::new(),
+            data_dir: PathBuf::new(),
+            bootstrap: false,
+            labels: BTreeMap::new(),
+            voters_max: 3,
+            nats: NatsConfig::default(),
+            raft: RaftConfig::default(),
+            failure: FailureConfig::default(),
+        }
+    }
+}
+
+/// Raft timings and log compaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval, in ms.
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time in [min, max] ms starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind the snapshot, so slightly lagging followers catch up
+    /// from the log rather than a snapshot.
+    pub keep_entries_after_snapshot: u64,
+    /// Timeout of one snapshot chunk, in ms.
+    pub install_snapshot_timeout_ms: u64,
+    /// Snapshot chunk size, in bytes; must stay well below NATS `max_payload`.
+    pub snapshot_chunk_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+            snapshot_after_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+            install_snapshot_timeout_ms: 5_000,
+            snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// Checks the relations between timings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.heartbeat_interval_ms == 0 {
+            bail!("raft.heartbeat_interval_ms must be positive");
+        }
+        // A follower must hear several heartbeats before it may time out, or a single late
+        // heartbeat starts a needless election.
+        if self.heartbeat_interval_ms * 3 > self.election_timeout_min_ms {
+            bail!("raft.heartbeat_interval_ms x 3 must not exceed raft.election_timeout_min_ms");
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            bail!("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms");
+        }
+        if self.snapshot_chunk_bytes == 0
+            || self.snapshot_chunk_bytes as usize > limits::MIN_SERVER_MAX_PAYLOAD_BYTES / 2
+        {
+            bail!("raft.snapshot_chunk_bytes must be between 1 and half of NATS max_payload");
+        }
+        if self.snapshot_after_entries == 0 {
+            bail!("raft.snapshot_after_entries must be positive");
+        }
+        Ok(())
+    }
+
+    /// The openraft configuration for these settings.
+    pub fn to_openraft(&self, cluster: &str) -> anyhow::Result<openraft::Config> {
+        let cfg = openraft::Config {
+            cluster_name: cluster.to_string(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
+            max_payload_entries: limits::MAX_APPEND_ENTRIES,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
+            ..Default::default()
+        };
+        Ok(cfg.validate()?)
+    }
+}
+
+/// Failure detection: when the leader calls a silent node suspect, then down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureConfig {
+    /// A node silent this long (ms) is reported `suspect`.
+    pub suspect_after_ms: u64,
+    /// A node silent this long (ms) is reported `down`.
+    pub down_after_ms: u64,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            suspect_after_ms: 1_000,
+            down_after_ms: 3_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {path:?}"))?;
+        toml::from_str(&text).with_context(|| format!("parse {path:?}"))
+    }
+
+    /// Fills derived defaults and checks the whole configuration.
+    pub fn finish(mut self) -> anyhow::Result<NodeConfig> {
+        if self.id == 0 {
+            bail!(
+                "a node id is required (--id, WARDEN_ID or `id` in the config): a positive integer"
+            );
+        }
+        validate_name("cluster", &self.cluster).map_err(|e| anyhow::anyhow!(e.message))?;
+        if self.name.is_empty() {
+            self.name = format!("node-{}", self.id);
+        }
+        validate_name("name", &self.name).map_err(|e| anyhow::anyhow!(e.message))?;
+        validate_labels(&self.labels).map_err(|e| anyhow::anyhow!(e.message))?;
+        if self.data_dir.as_os_str().is_empty() {
+            self.data_dir = PathBuf::from(format!("./data/{}-{}", self.cluster, self.id));
+        }
+        if !limits::VOTERS_MAX_ALLOWED.contains(&self.voters_max) {
+            bail!("voters_max must be 1, 3 or 5, not {}", self.voters_max);
+        }
+        if self.failure.suspect_after_ms >= self.failure.down_after_ms {
+            bail!("failure.suspect_after_ms must be below failure.down_after_ms");
+        }
+        self.raft.validate()?;
+        Ok(self)
+    }
+}
+
+/// Parses `k=v,k2=v2` into a label map.
+pub fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            bail!("label {part:?} is not key=value");
+        };
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_is_valid() {
+        let text = include_str!("../config/node.example.toml");
+        let cfg: NodeConfig = toml::from_str(text).unwrap();
+        cfg.finish().unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let base = NodeConfig {
+            id: 1,
+            ..Default::default()
+        };
+        let e = NodeConfig {
+            voters_max: 2,
+            ..base.clone()
+        }
+        .finish()
+        .unwrap_err();
+        assert!(e.to_string().contains("voters_max"));
+        let mut c = base.clone();
+        c.raft.election_timeout_min_ms = 100;
+        assert!(c.finish().unwrap_err().to_string().contains("heartbeat"));
+        assert!(NodeConfig::default().finish().is_err(), "id is required");
+        assert!(
+            toml::from_str::<NodeConfig>("idd = 3").is_err(),
+            "typos are refused"
+        );
+    }
+
+    #[test]
+    fn labels_parse_from_the_flag_syntax() {
+        let l = parse_labels("zone=eu-1, rack=r2").unwrap();
+        assert_eq!(l["zone"], "eu-1");
+        assert_eq!(l["rack"], "r2");
+        assert!(parse_labels("zone").is_err());
+    }
+}

@@ -1,0 +1,349 @@
+//! `warden ctl`: sends any command over NATS and prints the reply, readable by default and as
+//! JSON with `--json`. Exit status: 0 on success, 1 on an error reply, 2 on bad usage, 3 when
+//! no answer came (the outcome is unknown).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use serde_json::{Map, Value};
+
+use crate::bus::NatsConfig;
+use crate::client::{CallError, Client, CREATING_COMMANDS};
+use crate::protocol::Encoding;
+
+/// Command-line arguments of `warden ctl`.
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// NATS URL(s).
+    #[arg(long, env = "WARDEN_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Cluster name.
+    #[arg(long, env = "WARDEN_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// NATS token.
+    #[arg(long, env = "WARDEN_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// NATS credentials file.
+    #[arg(long, env = "WARDEN_NATS_CREDS")]
+    pub creds: Option<std::path::PathBuf>,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Send MessagePack instead of JSON.
+    #[arg(long)]
+    pub msgpack: bool,
+    /// Address one node instead of any.
+    #[arg(long)]
+    pub node: Option<u64>,
+    /// Total time to wait for an answer, retries included, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// The command (`cluster_status`, `create_supervisor`, ...; `status`, `tree` and `watch`
+    /// are shorthands), then its fields as key=value pairs or one JSON object.
+    #[arg(required = true)]
+    pub command: Vec<String>,
+}
+
+/// Runs `warden ctl`.
+pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    let (name, rest) = args.command.split_first().expect("clap requires a command");
+    let name = match name.as_str() {
+        "status" => "cluster_status",
+        "tree" => "get_supervision_tree",
+        "ls" | "supervisors" => "list_supervisors",
+        other => other,
+    };
+    let mut body = match parse_fields(rest) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let nats_cfg = NatsConfig {
+        url: args.nats.clone(),
+        token: args.token.clone(),
+        creds_file: args.creds.clone(),
+        ..NatsConfig::default()
+    };
+    let nats = crate::bus::connect(&nats_cfg, "warden-ctl", false).await?;
+    if name == "watch" {
+        return watch(
+            &nats,
+            &args.cluster,
+            rest.first().map(String::as_str),
+            args.json,
+        )
+        .await;
+    }
+    // A create without a request_id gets one, so that this client's own retries are safe.
+    if CREATING_COMMANDS.contains(&name) && body.get("request_id").is_none() {
+        body["request_id"] = Value::String(uuid::Uuid::new_v4().to_string());
+    }
+    let mut client = Client::new(nats, &args.cluster);
+    client.deadline = Duration::from_millis(args.timeout_ms);
+    client.node = args.node;
+    if args.msgpack {
+        client.encoding = Encoding::Msgpack;
+    }
+    match client.call(name, &body).await {
+        Ok(v) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render(name, &v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(CallError::Reply(e)) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "ok": false, "error": e }));
+            }
+            eprintln!("error: {}: {}", e.code.as_str(), e.message);
+            Ok(ExitCode::from(1))
+        }
+        Err(CallError::NoAnswer(why)) => {
+            eprintln!(
+                "error: no answer from cluster {:?} at {} ({why}); is a node running?",
+                args.cluster, args.nats
+            );
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+/// Fields as `key=value` pairs (values parsed as JSON when they parse, strings otherwise;
+/// `a.b=1` nests), or a single JSON object.
+pub fn parse_fields(rest: &[String]) -> Result<Value, String> {
+    if let [one] = rest {
+        if one.trim_start().starts_with('{') {
+            let v: Value = serde_json::from_str(one).map_err(|e| format!("bad JSON: {e}"))?;
+            return Ok(v);
+        }
+    }
+    let mut obj = Value::Object(Map::new());
+    for pair in rest {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        insert_path(&mut obj, &k.split('.').collect::<Vec<_>>(), value)
+            .map_err(|_| format!("{k:?} nests into a value that is not an object"))?;
+    }
+    Ok(obj)
+}
+
+fn insert_path(obj: &mut Value, path: &[&str], value: Value) -> Result<(), ()> {
+    let map = obj.as_object_mut().ok_or(())?;
+    match path {
+        [last] => {
+            map.insert(last.to_string(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let child = map
+                .entry(first.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            insert_path(child, rest, value)
+        }
+        [] => Err(()),
+    }
+}
+
+/// Streams events matching `filter` (default: all) until interrupted.
+async fn watch(
+    nats: &async_nats::Client,
+    cluster: &str,
+    filter: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let subjects = crate::subjects::Subjects::new(cluster);
+    let mut sub = nats
+        .subscribe(subjects.event_filter(filter.unwrap_or(">")))
+        .await?;
+    while let Some(msg) = sub.next().await {
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+        if json {
+            println!("{v}");
+        } else {
+            println!(
+                "{} {:<10} {:<14} {:<24} node={} seq={} {}",
+                v["time"].as_str().unwrap_or("?"),
+                v["entity"].as_str().unwrap_or("?"),
+                v["event"].as_str().unwrap_or("?"),
+                v["id"].as_str().unwrap_or("?"),
+                v["node"],
+                v["seq"],
+                v["data"]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Readable rendering of a reply.
+pub fn render(command: &str, v: &Value) -> String {
+    match command {
+        "cluster_status" => render_status(v),
+        "get_supervision_tree" => {
+            let mut out = String::new();
+            render_tree(v, "", true, true, &mut out);
+            out
+        }
+        "list_supervisors" => {
+            let mut out = format!(
+                "{:<24} {:<20} {:<18} {:>9} {:<10}\n",
+                "NAME", "PARENT", "STRATEGY", "INTENSITY", "PLACEMENT"
+            );
+            for s in v["supervisors"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:<24} {:<20} {:<18} {:>9} {:<10}\n",
+                    s["name"].as_str().unwrap_or(""),
+                    s["parent"].as_str().unwrap_or("-"),
+                    s["strategy"].as_str().unwrap_or(""),
+                    format!("{}/{}s", s["max_restarts"], s["max_seconds"]),
+                    s["placement"].as_str().unwrap_or(""),
+                ));
+            }
+            out
+        }
+        _ => render_plain(v, 0),
+    }
+}
+
+fn render_status(v: &Value) -> String {
+    let mut out = format!(
+        "cluster {}  leader {}  term {}  commit {}  voters_max {}\n",
+        v["cluster"].as_str().unwrap_or("?"),
+        v["leader"],
+        v["term"],
+        v["commit_index"],
+        v["voters_max"]
+    );
+    out.push_str(&format!(
+        "{:<6} {:<16} {:<8} {:<8} {:>12}  {}\n",
+        "ID", "NAME", "ROLE", "STATUS", "CONTACT_MS", "LABELS"
+    ));
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let leader = if n["id"] == v["leader"] { "*" } else { "" };
+        out.push_str(&format!(
+            "{:<6} {:<16} {:<8} {:<8} {:>12}  {}\n",
+            format!("{}{leader}", n["id"]),
+            n["name"].as_str().unwrap_or(""),
+            n["role"].as_str().unwrap_or("-"),
+            n["status"].as_str().unwrap_or("?"),
+            n["last_contact_ms"]
+                .as_u64()
+                .map(|m| m.to_string())
+                .unwrap_or("-".into()),
+            labels.join(",")
+        ));
+    }
+    out
+}
+
+fn render_tree(v: &Value, prefix: &str, last: bool, top: bool, out: &mut String) {
+    let label = format!(
+        "{} ({})",
+        v["name"].as_str().unwrap_or("?"),
+        v["strategy"].as_str().or(v["kind"].as_str()).unwrap_or("")
+    );
+    if top {
+        out.push_str(&label);
+    } else {
+        out.push_str(&format!(
+            "{prefix}{}{label}",
+            if last { "└── " } else { "├── " }
+        ));
+    }
+    out.push('\n');
+    let children = v["children"].as_array().cloned().unwrap_or_default();
+    let child_prefix = if top {
+        String::new()
+    } else {
+        format!("{prefix}{}", if last { "    " } else { "│   " })
+    };
+    for (i, c) in children.iter().enumerate() {
+        render_tree(c, &child_prefix, i + 1 == children.len(), false, out);
+    }
+}
+
+fn render_plain(v: &Value, indent: usize) -> String {
+    let pad = "  ".repeat(indent);
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::Object(_) | Value::Array(_) if !is_empty(v) => {
+                    format!("{pad}{k}:\n{}", render_plain(v, indent + 1))
+                }
+                _ => format!("{pad}{k}: {}\n", scalar(v)),
+            })
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| format!("{pad}-\n{}", render_plain(v, indent + 1)))
+            .collect(),
+        other => format!("{pad}{}\n", scalar(other)),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if m.is_empty()) || matches!(v, Value::Array(a) if a.is_empty())
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(_) => "{}".into(),
+        Value::Array(_) => "[]".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fields_parse_from_pairs_and_json() {
+        let args = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_fields(&args(&[
+                "name=web",
+                "max_restarts=3",
+                "backoff.initial_ms=5"
+            ]))
+            .unwrap(),
+            json!({"name": "web", "max_restarts": 3, "backoff": {"initial_ms": 5}})
+        );
+        assert_eq!(
+            parse_fields(&args(&[r#"{"name":"x"}"#])).unwrap(),
+            json!({"name": "x"})
+        );
+        assert!(parse_fields(&args(&["oops"])).is_err());
+    }
+
+    #[test]
+    fn trees_render_with_branches() {
+        let tree = json!({"name": "root", "strategy": "one_for_one", "children": [
+            {"name": "a", "strategy": "one_for_all", "children": [
+                {"name": "b", "strategy": "one_for_one", "children": []}]},
+            {"name": "c", "strategy": "rest_for_one", "children": []}]});
+        assert_eq!(
+            render("get_supervision_tree", &tree),
+            "root (one_for_one)\n├── a (one_for_all)\n│   └── b (one_for_one)\n└── c (rest_for_one)\n"
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! Warden: a distributed supervisor for long-running agents.
+//!
+//! A cluster is 1..N nodes connected to NATS. The nodes keep a replicated registry by running
+//! Raft (openraft) with its log and state machine in sled, and answer commands published on
+//! NATS subjects. `ARCHITECTURE.md` at the top of the repository has the codemap and the
+//! invariants; `docs/protocol.md` has the wire contract.
+
+pub mod bench;
+pub mod bus;
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod ctl;
+pub mod events;
+pub mod limits;
+pub mod node;
+pub mod protocol;
+pub mod raft;
+pub mod registry;
+pub mod subjects;
+pub mod up;

@@ -1,0 +1,90 @@
+//! Every limit of the system in one place, each with the reason for its value.
+//!
+//! Relations between limits are checked at compile time with `const` assertions, so that a
+//! change to one value cannot silently break another.
+
+/// NATS's default `max_payload`. The node reads the server's real value at connect time and
+/// refuses to start when it is below [`MIN_SERVER_MAX_PAYLOAD_BYTES`].
+pub const NATS_DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The smallest server `max_payload` we run against: a full Raft batch must fit in one message.
+pub const MIN_SERVER_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Largest command body a client may send. Big enough for a 256 KiB checkpoint with its
+/// envelope, small enough that a batch of commands plus Raft framing stays under
+/// `max_payload`. Larger requests get `too_large` before anything is proposed.
+pub const MAX_REQUEST_BYTES: usize = 320 * 1024;
+
+/// Largest encoded proposal (one Raft log entry holding a batch of commands). One request
+/// always fits; the batcher starts a new entry before this is crossed.
+pub const MAX_PROPOSAL_BYTES: usize = 512 * 1024;
+
+/// Most commands batched into one Raft entry: bounds the work of one `apply` call and the
+/// latency added to the first command of a batch.
+pub const MAX_PROPOSAL_COMMANDS: usize = 512;
+
+/// Raft entries a leader sends in one AppendEntries message. With entries up to
+/// [`MAX_PROPOSAL_BYTES`] the network layer still splits a message that is too large for NATS
+/// (see `raft::network`), so this only bounds the common case.
+pub const MAX_APPEND_ENTRIES: u64 = 64;
+
+/// Snapshot chunk size: openraft's default (3 MiB) is above NATS's `max_payload`.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// Proposals in flight to Raft at once from the batcher; more would only queue inside Raft.
+pub const MAX_PROPOSALS_IN_FLIGHT: usize = 8;
+
+/// Commands waiting for the batcher; beyond this a write is refused with `unavailable`
+/// rather than queued without bound.
+pub const PROPOSAL_QUEUE_CAPACITY: usize = 16 * 1024;
+
+/// Command requests a node handles at once; beyond this it answers `unavailable` at once.
+pub const MAX_COMMANDS_IN_FLIGHT: usize = 8 * 1024;
+
+/// How many times a command may be forwarded between nodes looking for the leader before
+/// the node gives up with `unavailable` (leadership is moving).
+pub const MAX_FORWARD_HOPS: u32 = 3;
+
+/// How long a command waits for a leader to be known before answering `unavailable`.
+pub const LEADER_WAIT_MS: u64 = 3_000;
+
+/// Deadline of a forwarded command: long enough for an election plus a commit.
+pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
+
+/// Names of supervisors, agents and clusters: `[A-Za-z0-9_-]{1,128}`.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Labels and tags per entity, and the length of each key and value.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_LEN: usize = 256;
+
+/// Length of a client's `request_id`.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Remembered `request_id`s. The oldest is forgotten first; at a few hundred bytes each this
+/// bounds the table to tens of MiB while covering any realistic retry window.
+pub const MAX_REMEMBERED_REQUESTS: usize = 100_000;
+
+/// A remembered `request_id` is forgotten after this long even when the table is not full.
+pub const REQUEST_ID_TTL_SECS: i64 = 24 * 3600;
+
+/// Supervisor nesting depth: deep enough for any real tree, shallow enough that recursive
+/// walks over it cannot exhaust a stack.
+pub const MAX_SUPERVISOR_DEPTH: usize = 64;
+
+/// Supervisors in the registry.
+pub const MAX_SUPERVISORS: usize = 1_000_000;
+
+/// Raft voters: 1, 3 or 5. More voters only slow commits down.
+pub const VOTERS_MAX_ALLOWED: [usize; 3] = [1, 3, 5];
+
+/// Buffer of each NATS subscription; a full buffer drops messages (SlowConsumer).
+pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
+
+/// Join retries back off exponentially up to this interval.
+pub const JOIN_BACKOFF_MS_MAX: u64 = 2_000;
+
+const _: () = assert!(MAX_REQUEST_BYTES < MAX_PROPOSAL_BYTES);
+const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
+const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);
+const _: () = assert!(NATS_DEFAULT_MAX_PAYLOAD_BYTES >= MIN_SERVER_MAX_PAYLOAD_BYTES);

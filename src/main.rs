@@ -1,0 +1,180 @@
+//! The `warden` binary: parses the command line, installs tracing, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use warden::config::{parse_labels, NodeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "A distributed supervisor for long-running agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Node(NodeArgs),
+    /// Send a command to a cluster and print the reply.
+    Ctl(warden::ctl::CtlArgs),
+    /// Start a local three-node cluster (and a nats-server) for development.
+    Up(warden::up::UpArgs),
+    /// Measure a running cluster through the NATS command path.
+    Bench(warden::bench::BenchArgs),
+}
+
+/// Flags win over `WARDEN_*` environment variables, which win over the config file.
+#[derive(Args)]
+struct NodeArgs {
+    /// This node's id (positive, unique, stable).
+    #[arg(long, env = "WARDEN_ID")]
+    id: Option<u64>,
+    /// Cluster name [default: default].
+    #[arg(long, env = "WARDEN_CLUSTER")]
+    cluster: Option<String>,
+    /// NATS URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "WARDEN_NATS")]
+    nats: Option<String>,
+    /// Directory of the node's data [default: ./data/<cluster>-<id>].
+    #[arg(long, env = "WARDEN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Initialize a new cluster with this node (no effect on an initialized data dir).
+    #[arg(long, env = "WARDEN_BOOTSTRAP")]
+    bootstrap: bool,
+    /// Node name [default: node-<id>].
+    #[arg(long, env = "WARDEN_NAME")]
+    name: Option<String>,
+    /// Labels, as k=v,k2=v2.
+    #[arg(long, env = "WARDEN_LABELS")]
+    labels: Option<String>,
+    /// Raft voters to keep: 1, 3 or 5 [default: 3].
+    #[arg(long, env = "WARDEN_VOTERS_MAX")]
+    voters_max: Option<usize>,
+    /// TOML config file with the same keys (see config/node.example.toml).
+    #[arg(long, env = "WARDEN_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS token.
+    #[arg(long, env = "WARDEN_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// NATS user (with WARDEN_NATS_PASSWORD).
+    #[arg(long, env = "WARDEN_NATS_USER")]
+    nats_user: Option<String>,
+    #[arg(long, env = "WARDEN_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS credentials file.
+    #[arg(long, env = "WARDEN_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = self.id {
+            cfg.id = v;
+        }
+        if let Some(v) = self.cluster {
+            cfg.cluster = v;
+        }
+        if let Some(v) = self.nats {
+            cfg.nats.url = v;
+        }
+        if let Some(v) = self.data_dir {
+            cfg.data_dir = v;
+        }
+        if self.bootstrap {
+            cfg.bootstrap = true;
+        }
+        if let Some(v) = self.name {
+            cfg.name = v;
+        }
+        if let Some(v) = self.labels {
+            cfg.labels = parse_labels(&v)?;
+        }
+        if let Some(v) = self.voters_max {
+            cfg.voters_max = v;
+        }
+        if let Some(v) = self.nats_token {
+            cfg.nats.token = Some(v);
+        }
+        if let Some(v) = self.nats_user {
+            cfg.nats.user = Some(v);
+        }
+        if let Some(v) = self.nats_password {
+            cfg.nats.password = Some(v);
+        }
+        if let Some(v) = self.nats_creds {
+            cfg.nats.creds_file = Some(v);
+        }
+        cfg.finish()
+    }
+}
+
+fn install_tracing() {
+    // openraft logs every vote at INFO and every retry to a down peer at ERROR: keep it quiet
+    // unless asked for with RUST_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,async_nats=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stopping only on Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await; // nothing better to do if this fails too
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Node(args) => {
+            install_tracing();
+            let cfg = args.resolve()?;
+            warden::node::run(cfg, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ctl(args) => warden::ctl::run(args).await,
+        Cmd::Up(args) => {
+            install_tracing();
+            warden::up::run(args, shutdown_signal()).await
+        }
+        Cmd::Bench(args) => warden::bench::run(args).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! A Warden node: connects to NATS, opens its sled store, runs Raft, serves commands and
+//! publishes events until its shutdown future resolves.
+
+mod dispatch;
+mod membership;
+mod proposer;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::bus::{self, RequestFailure};
+use crate::command::{cluster, Command, JoinRequest};
+use crate::config::NodeConfig;
+use crate::limits;
+use crate::protocol::{Encoding, Envelope, ErrorCode, WireError};
+use crate::raft::network::{Contacts, Network};
+use crate::raft::store::{SharedState, Store};
+use crate::raft::typ::{Raft, RaftMetrics};
+use crate::registry::{NodeStatus, Outcome, RegistryCmd};
+use crate::subjects::Subjects;
+
+pub use proposer::ProposeError;
+
+/// Events waiting for the publisher; beyond this a batch is dropped with a warning rather
+/// than slowing down `apply`.
+const EVENT_QUEUE: usize = 4 * 1024;
+
+/// Everything a command handler needs, shared by all tasks of the node.
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub contacts: Arc<Contacts>,
+    proposer: proposer::Proposer,
+    membership_lock: tokio::sync::Mutex<()>,
+    inflight: Arc<Semaphore>,
+    started: Instant,
+}
+
+impl Node {
+    /// Whether this node is the Raft leader right now (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    fn registry_node_status(&self, id: u64) -> Option<NodeStatus> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.registry.node(id).map(|n| n.status)
+    }
+
+    /// Proposes a registry command through the batcher and maps failures to wire errors.
+    async fn propose(
+        &self,
+        cmd: RegistryCmd,
+        request_id: Option<String>,
+        size: usize,
+    ) -> Result<Value, WireError> {
+        match self.proposer.propose(request_id, cmd, size).await {
+            Ok(outcome) => outcome,
+            Err(ProposeError::NotLeader) => Err(WireError::new(
+                ErrorCode::Unavailable,
+                "this node stopped leading; retry",
+            )),
+            Err(ProposeError::Overloaded) => Err(WireError::new(
+                ErrorCode::Unavailable,
+                "the leader's write queue is full; retry with backoff",
+            )),
+            Err(ProposeError::Unknown(why)) => Err(WireError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "outcome unknown ({why}): the command may or may not have taken effect; \
+                     retry with the same request_id to find out safely"
+                ),
+            )),
+        }
+    }
+
+    /// Runs a command that must run on the leader. Returns `None` if this node does not lead.
+    async fn execute_on_leader(&self, cmd: Command, size: usize) -> Option<Outcome> {
+        if !self.is_leader() {
+            return None;
+        }
+        Some(match cmd {
+            Command::Health => Ok(self.health()),
+            Command::ClusterStatus => {
+                self.linearizable_read(|node| {
+                    let metrics = node.metrics();
+                    let st = node.state.read().unwrap_or_else(|p| p.into_inner());
+                    let since = |id| node.contacts.since_ms(id);
+                    let live = cluster::Liveness {
+                        since_ms: &since,
+                        suspect_after_ms: node.cfg.failure.suspect_after_ms,
+                        down_after_ms: node.cfg.failure.down_after_ms,
+                    };
+                    Ok(cluster::cluster_status(
+                        &node.cfg.cluster,
+                        node.cfg.voters_max,
+                        &metrics,
+                        &st.registry,
+                        &live,
+                    ))
+                })
+                .await?
+            }
+            Command::ListSupervisors(q) => {
+                self.linearizable_read(|node| q.answer(&node.state_read().registry))
+                    .await?
+            }
+            Command::GetSupervisionTree(q) => {
+                self.linearizable_read(|node| q.answer(&node.state_read().registry))
+                    .await?
+            }
+            Command::CreateSupervisor(mut c) => {
+                let rid = c.request_id.take();
+                self.propose(RegistryCmd::CreateSupervisor(c), rid, size)
+                    .await
+            }
+            Command::StopSupervisor(s) => {
+                self.propose(
+                    RegistryCmd::StopSupervisor { name: s.name },
+                    s.request_id,
+                    size,
+                )
+                .await
+            }
+            Command::Join(j) => membership::join(self, j).await,
+            Command::Leave(l) => membership::leave(self, l).await,
+        })
+    }
+
+    fn state_read(&self) -> std::sync::RwLockReadGuard<'_, crate::raft::store::SmState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Confirms leadership with a quorum and waits until everything committed before the read
+    /// is applied, then reads. `None` when this node turns out not to lead.
+    async fn linearizable_read(&self, read: impl FnOnce(&Node) -> Outcome) -> Option<Outcome> {
+        let deadline = Duration::from_millis(limits::FORWARD_TIMEOUT_MS / 2);
+        match tokio::time::timeout(deadline, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Some(read(self)),
+            Ok(Err(openraft::error::RaftError::APIError(_))) => None,
+            Ok(Err(e)) => Some(Err(WireError::new(ErrorCode::Unavailable, e.to_string()))),
+            Err(_) => Some(Err(WireError::new(
+                ErrorCode::Unavailable,
+                "the leader could not confirm its leadership with a quorum in time",
+            ))),
+        }
+    }
+
+    fn health(&self) -> Value {
+        let metrics = self.metrics();
+        let uptime = self.started.elapsed().as_millis() as u64;
+        let mut h = cluster::health(&self.cfg.name, &self.cfg.cluster, uptime, &metrics);
+        h["labels"] = serde_json::to_value(&self.cfg.labels).unwrap_or_default();
+        h
+    }
+}
+
+/// A future that resolves when the watch flips to `true` (or its sender is gone).
+fn flag(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        // An error means the sender is gone, which also means "stop".
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs a node until `shutdown` resolves (or the node is removed from the cluster). A stop is
+/// a restart: the node stays in the membership.
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let subjects = Subjects::new(&cfg.cluster);
+    let client = bus::connect(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
+    // With retry_on_initial_connect the client may not be connected yet: a flush waits for
+    // the connection, after which the server's INFO (and its max_payload) is known.
+    client
+        .flush()
+        .await
+        .context("wait for the NATS connection")?;
+    let max_payload = client.server_info().max_payload;
+    anyhow::ensure!(
+        max_payload >= limits::MIN_SERVER_MAX_PAYLOAD_BYTES,
+        "the NATS server's max_payload is {max_payload} bytes; Warden needs at least {}",
+        limits::MIN_SERVER_MAX_PAYLOAD_BYTES
+    );
+    let store = Store::open(&cfg.data_dir)?;
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (log, sm, state) = store.raft_parts(Some(events_tx))?;
+    let contacts = Arc::new(Contacts::default());
+    let network = Network {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        contacts: contacts.clone(),
+        max_payload,
+    };
+    let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
+    let raft = Raft::new(cfg.id, raft_cfg, network, log, sm)
+        .await
+        .context("start raft")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let rpc = crate::raft::server::start(
+        client.clone(),
+        subjects.clone(),
+        cfg.id,
+        raft.clone(),
+        flag(&stop_rx),
+    )
+    .await?;
+
+    if cfg.bootstrap {
+        if raft.is_initialized().await? {
+            tracing::info!("data dir already initialized; --bootstrap has nothing to do");
+        } else {
+            let members = BTreeMap::from([(cfg.id, openraft::EmptyNode {})]);
+            raft.initialize(members)
+                .await
+                .context("bootstrap the cluster")?;
+            tracing::info!(id = cfg.id, "bootstrapped a new cluster");
+        }
+    }
+
+    let (proposer, batcher) = proposer::Proposer::start(raft.clone(), flag(&stop_rx));
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        raft: raft.clone(),
+        state,
+        contacts,
+        proposer,
+        membership_lock: tokio::sync::Mutex::new(()),
+        inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
+        started: Instant::now(),
+    });
+
+    let direct = client.subscribe(subjects.node_cmd_all(cfg.id)).await?;
+    tasks.spawn(dispatch::serve(node.clone(), direct, flag(&stop_rx)));
+    let left = client
+        .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
+        .await?;
+    tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
+    tasks.spawn(join_then_serve(
+        node.clone(),
+        flag(&stop_rx),
+        stop_tx.clone(),
+    ));
+    client.flush().await?;
+    tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
+
+    let mut left = left;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = left.next() => tracing::warn!("this node left the cluster; stopping"),
+        _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
+    }
+    // Stop taking work first, then stop Raft, then make sure everything is on disk.
+    let _ = stop_tx.send(true); // receivers may all be gone already; that is fine
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        let _ = batcher.await; // a panicked batcher has nothing left to drain
+        let _ = rpc.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 5 s");
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft did not shut down cleanly");
+    }
+    store.flush().await?;
+    if let Err(e) = client.flush().await {
+        tracing::debug!(error = %e, "final NATS flush failed");
+    }
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+async fn events_loop(
+    node: Arc<Node>,
+    events: mpsc::Receiver<Vec<crate::registry::RegistryEvent>>,
+    stopped: impl Future<Output = ()>,
+) {
+    crate::events::publish_loop(
+        node.client.clone(),
+        node.subjects.clone(),
+        node.cfg.id,
+        node.raft.metrics(),
+        events,
+        stopped,
+    )
+    .await
+}
+
+/// Asks the cluster to accept this node (retrying with backoff), then serves the shared
+/// command queue. A node that is already a member serves at once and refreshes its record in
+/// the background, so a full-cluster restart cannot deadlock on joins.
+async fn join_then_serve(
+    node: Arc<Node>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+    stop: watch::Sender<bool>,
+) {
+    let stopped = futures::future::FutureExt::shared(Box::pin(stopped));
+    let is_member = {
+        let rx = node.raft.metrics();
+        let m = rx.borrow();
+        let member = m
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == node.cfg.id);
+        member
+    };
+    let join_phase = async {
+        match join_loop(&node).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "the cluster refused this node");
+                let _ = stop.send(true); // stopping is all that is left to do
+                false
+            }
+        }
+    };
+    if is_member {
+        // Serve at once: the join itself may need this node's answer (full restart).
+        match subscribe_queue(&node).await {
+            Ok(sub) => {
+                let refresh = async {
+                    tokio::select! {
+                        _ = stopped.clone() => {}
+                        _ = join_phase => {}
+                    }
+                };
+                tokio::join!(dispatch::serve(node.clone(), sub, stopped.clone()), refresh);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not subscribe to commands");
+                let _ = stop.send(true);
+            }
+        }
+        return;
+    }
+    tokio::select! {
+        _ = stopped.clone() => return,
+        accepted = join_phase => if !accepted { return },
+    }
+    match subscribe_queue(&node).await {
+        Ok(sub) => dispatch::serve(node, sub, stopped).await,
+        Err(e) => {
+            tracing::error!(error = %e, "could not subscribe to commands");
+            let _ = stop.send(true);
+        }
+    }
+}
+
+async fn subscribe_queue(node: &Node) -> anyhow::Result<async_nats::Subscriber> {
+    let sub = node
+        .client
+        .queue_subscribe(node.subjects.cmd_all(), node.subjects.cmd_queue())
+        .await?;
+    node.client.flush().await?;
+    Ok(sub)
+}
+
+/// Sends `join` until the leader accepts it. Errors only when the cluster refuses the node for
+/// good (it left earlier).
+async fn join_loop(node: &Node) -> Result<(), WireError> {
+    let req = JoinRequest {
+        node_id: node.cfg.id,
+        name: node.cfg.name.clone(),
+        labels: node.cfg.labels.clone(),
+    };
+    let body = Encoding::Msgpack.encode(&req);
+    let mut delay_ms = 50;
+    loop {
+        let reply = bus::request(
+            &node.client,
+            node.subjects.cmd("join"),
+            None,
+            body.clone().into(),
+            Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000),
+        )
+        .await;
+        match reply.map(|r| Envelope::decode(&r.payload).and_then(Envelope::into_result)) {
+            Ok(Ok(v)) => {
+                tracing::info!(role = %v["role"], "joined the cluster");
+                return Ok(());
+            }
+            Ok(Err(e)) if e.code == ErrorCode::Conflict => return Err(e),
+            Ok(Err(e)) => tracing::info!(error = %e, "join not accepted yet; retrying"),
+            Err(RequestFailure::NoResponders) => {
+                tracing::debug!("no cluster member answers yet; retrying join")
+            }
+            Err(e) => tracing::info!(error = %e, "join request failed; retrying"),
+        }
+        let jitter = rand::random::<u64>() % (delay_ms / 2 + 1);
+        tokio::time::sleep(Duration::from_millis(delay_ms + jitter)).await;
+        delay_ms = (delay_ms * 2).min(limits::JOIN_BACKOFF_MS_MAX);
+    }
+}

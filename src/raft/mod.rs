@@ -1,0 +1,7 @@
+//! Raft glue: the type configuration, the sled store, the NATS network client and the RPC
+//! server. Membership changes live in `node::membership`, next to the commands that drive them.
+
+pub mod network;
+pub mod server;
+pub mod store;
+pub mod typ;

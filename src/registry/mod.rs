@@ -1,0 +1,530 @@
+//! The replicated registry: the pure state machine behind Raft.
+//!
+//! It does no I/O and reads no clock. Time and fresh ids arrive inside the [`Proposal`], stamped
+//! by the leader before it is proposed, so every replica computes the same state and the same
+//! replies from the same log. Business rejections (a taken name, an unknown parent) are
+//! returned as data in the [`Outcome`], never as storage errors.
+//!
+//! The registry records which keys each apply touched ([`Registry::take_touched`]) so the
+//! store can persist only what changed.
+
+mod types;
+
+pub use types::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::limits;
+use crate::protocol::{ErrorCode, WireError};
+
+/// Version of the persisted registry records and snapshots.
+pub const REGISTRY_VERSION: u32 = 1;
+
+/// The outcome of one command: the reply's result, or a rejection.
+pub type Outcome = Result<Value, WireError>;
+
+/// One Raft log entry: a batch of commands stamped by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Record version, so that a newer node can read an older log.
+    pub v: u32,
+    /// The leader's clock when it proposed the batch: the only time the registry knows.
+    pub time: DateTime<Utc>,
+    pub items: Vec<Stamped>,
+}
+
+/// One command in a proposal, with the fresh id the leader drew for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    /// Id for anything this command creates.
+    pub id: Uuid,
+    /// The client's idempotency key, if it sent one.
+    pub request_id: Option<String>,
+    pub cmd: RegistryCmd,
+}
+
+/// The commands that change the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RegistryCmd {
+    /// A node joined or rejoined: record its name and labels and mark it up.
+    RegisterNode {
+        node_id: u64,
+        name: String,
+        labels: BTreeMap<String, String>,
+    },
+    /// A node left the cluster for good.
+    RemoveNode {
+        node_id: u64,
+    },
+    CreateSupervisor(CreateSupervisor),
+    StopSupervisor {
+        name: String,
+    },
+}
+
+impl RegistryCmd {
+    /// The command's name, as clients spell it; a `request_id` is bound to it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RegistryCmd::RegisterNode { .. } => "join",
+            RegistryCmd::RemoveNode { .. } => "leave",
+            RegistryCmd::CreateSupervisor(_) => "create_supervisor",
+            RegistryCmd::StopSupervisor { .. } => "stop_supervisor",
+        }
+    }
+}
+
+/// A record key, as persisted by the store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Node(u64),
+    Supervisor(String),
+    Request(String),
+}
+
+/// An event produced by applying a command. The publishing node adds its own id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryEvent {
+    pub entity: &'static str,
+    pub id: String,
+    pub event: &'static str,
+    pub time: DateTime<Utc>,
+    pub epoch: u64,
+    pub seq: u64,
+    pub data: Value,
+}
+
+/// The serializable content of the registry: what snapshots carry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RegistryData {
+    pub v: u32,
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    pub supervisors: BTreeMap<String, Supervisor>,
+    pub requests: BTreeMap<String, RequestRecord>,
+}
+
+/// The registry with its derived indexes.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    data: RegistryData,
+    /// `request_id`s ordered by the time they were first seen, for expiry. Derived.
+    request_order: BTreeSet<(DateTime<Utc>, String)>,
+    /// Keys changed since the last [`Registry::take_touched`].
+    touched: BTreeSet<Key>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::from_data(RegistryData::default())
+    }
+}
+
+impl Registry {
+    /// Builds a registry from its content, rebuilding derived indexes and the root supervisor.
+    pub fn from_data(mut data: RegistryData) -> Self {
+        data.v = REGISTRY_VERSION;
+        data.supervisors
+            .entry(ROOT.to_string())
+            .or_insert_with(Supervisor::root);
+        let request_order = data
+            .requests
+            .iter()
+            .map(|(k, r)| (r.time, k.clone()))
+            .collect();
+        Registry {
+            data,
+            request_order,
+            touched: BTreeSet::new(),
+        }
+    }
+
+    /// The registry's content.
+    pub fn data(&self) -> &RegistryData {
+        &self.data
+    }
+
+    /// Inserts one persisted record while loading from disk.
+    pub fn load_record(&mut self, record: Record) {
+        match record {
+            Record::Node(n) => {
+                self.data.nodes.insert(n.id, n);
+            }
+            Record::Supervisor(s) => {
+                self.data.supervisors.insert(s.name.clone(), s);
+            }
+            Record::Request(id, r) => {
+                self.request_order.insert((r.time, id.clone()));
+                self.data.requests.insert(id, r);
+            }
+        }
+    }
+
+    /// The current record under `key`, or `None` when it was removed.
+    pub fn record(&self, key: &Key) -> Option<Record> {
+        match key {
+            Key::Node(id) => self.data.nodes.get(id).cloned().map(Record::Node),
+            Key::Supervisor(n) => self
+                .data
+                .supervisors
+                .get(n)
+                .cloned()
+                .map(Record::Supervisor),
+            Key::Request(id) => self
+                .data
+                .requests
+                .get(id)
+                .cloned()
+                .map(|r| Record::Request(id.clone(), r)),
+        }
+    }
+
+    /// Keys changed since the last call.
+    pub fn take_touched(&mut self) -> BTreeSet<Key> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Looks up a node.
+    pub fn node(&self, id: u64) -> Option<&NodeRecord> {
+        self.data.nodes.get(&id)
+    }
+
+    /// Looks up a supervisor by name.
+    pub fn supervisor(&self, name: &str) -> Option<&Supervisor> {
+        self.data.supervisors.get(name)
+    }
+
+    /// Applies one stamped command at the proposal's `time`.
+    pub fn apply(
+        &mut self,
+        time: DateTime<Utc>,
+        item: &Stamped,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        self.expire_requests(time);
+        if let Some(rid) = &item.request_id {
+            if let Some(prev) = self.data.requests.get(rid) {
+                if prev.command != item.cmd.name() {
+                    return Err(WireError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "request_id {rid:?} was already used for `{}`; use a fresh one",
+                            prev.command
+                        ),
+                    ));
+                }
+                return prev.reply.clone();
+            }
+        }
+        let outcome = match &item.cmd {
+            RegistryCmd::RegisterNode {
+                node_id,
+                name,
+                labels,
+            } => self.register_node(time, *node_id, name, labels, events),
+            RegistryCmd::RemoveNode { node_id } => self.remove_node(time, *node_id, events),
+            RegistryCmd::CreateSupervisor(c) => self.create_supervisor(time, item.id, c, events),
+            RegistryCmd::StopSupervisor { name } => self.stop_supervisor(time, name, events),
+        };
+        if let Some(rid) = &item.request_id {
+            self.remember_request(time, rid, item.cmd.name(), &outcome);
+        }
+        outcome
+    }
+
+    fn remember_request(&mut self, time: DateTime<Utc>, rid: &str, command: &str, out: &Outcome) {
+        let record = RequestRecord {
+            command: command.to_string(),
+            time,
+            reply: out.clone(),
+        };
+        self.data.requests.insert(rid.to_string(), record);
+        self.request_order.insert((time, rid.to_string()));
+        self.touched.insert(Key::Request(rid.to_string()));
+        while self.data.requests.len() > limits::MAX_REMEMBERED_REQUESTS {
+            self.forget_oldest_request();
+        }
+    }
+
+    /// Forgets `request_id`s older than the TTL. Driven by proposal time, so every replica
+    /// forgets the same ids at the same log position.
+    fn expire_requests(&mut self, now: DateTime<Utc>) {
+        let horizon = now - chrono::Duration::seconds(limits::REQUEST_ID_TTL_SECS);
+        while self
+            .request_order
+            .first()
+            .is_some_and(|(t, _)| *t < horizon)
+        {
+            self.forget_oldest_request();
+        }
+    }
+
+    fn forget_oldest_request(&mut self) {
+        if let Some((_, rid)) = self.request_order.pop_first() {
+            self.data.requests.remove(&rid);
+            self.touched.insert(Key::Request(rid));
+        }
+    }
+
+    fn register_node(
+        &mut self,
+        time: DateTime<Utc>,
+        id: u64,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let node = self.data.nodes.entry(id).or_insert_with(|| NodeRecord {
+            id,
+            name: name.to_string(),
+            labels: labels.clone(),
+            status: NodeStatus::Joining,
+            joined_at: time,
+            updated_at: time,
+            seq: 0,
+        });
+        if node.status == NodeStatus::Left {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!("node {id} left the cluster for good; start it with a new id"),
+            ));
+        }
+        let was_up = node.status == NodeStatus::Up;
+        node.name = name.to_string();
+        node.labels = labels.clone();
+        node.status = NodeStatus::Up;
+        node.updated_at = time;
+        if !was_up {
+            node.seq += 1;
+            events.push(RegistryEvent {
+                entity: "node",
+                id: id.to_string(),
+                event: "joined",
+                time,
+                epoch: 0,
+                seq: node.seq,
+                data: json!({ "node_id": id, "name": node.name, "labels": node.labels }),
+            });
+        }
+        let reply = serde_json::to_value(&*node).map_err(internal)?;
+        self.touched.insert(Key::Node(id));
+        Ok(reply)
+    }
+
+    fn remove_node(
+        &mut self,
+        time: DateTime<Utc>,
+        id: u64,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(node) = self.data.nodes.get_mut(&id) else {
+            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+        };
+        if node.status != NodeStatus::Left {
+            node.status = NodeStatus::Left;
+            node.updated_at = time;
+            node.seq += 1;
+            events.push(RegistryEvent {
+                entity: "node",
+                id: id.to_string(),
+                event: "left",
+                time,
+                epoch: 0,
+                seq: node.seq,
+                data: json!({ "node_id": id, "name": node.name }),
+            });
+            self.touched.insert(Key::Node(id));
+        }
+        Ok(json!({ "node_id": id, "status": "left" }))
+    }
+
+    fn create_supervisor(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        c: &CreateSupervisor,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        if self.data.supervisors.contains_key(&c.name) {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!("a supervisor named {:?} already exists", c.name),
+            ));
+        }
+        if self.data.supervisors.len() >= limits::MAX_SUPERVISORS {
+            return Err(WireError::new(
+                ErrorCode::Capacity,
+                format!(
+                    "the registry holds its maximum of {} supervisors",
+                    limits::MAX_SUPERVISORS
+                ),
+            ));
+        }
+        let parent_name = c.parent.clone().unwrap_or_else(|| ROOT.to_string());
+        let Some(parent) = self.data.supervisors.get(&parent_name) else {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("parent supervisor {parent_name:?} does not exist"),
+            ));
+        };
+        if parent.strategy == Strategy::SimpleOneForOne {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "parent {parent_name:?} is simple_one_for_one: its children all come from \
+                     its template, so it cannot hold a nested supervisor"
+                ),
+            ));
+        }
+        if self.depth(&parent_name) + 1 > limits::MAX_SUPERVISOR_DEPTH {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "supervisors nest at most {} levels deep",
+                    limits::MAX_SUPERVISOR_DEPTH
+                ),
+            ));
+        }
+        let sup = Supervisor {
+            id,
+            name: c.name.clone(),
+            parent: Some(parent_name.clone()),
+            strategy: c.strategy,
+            max_restarts: c.max_restarts,
+            max_seconds: c.max_seconds,
+            backoff: c.backoff.clone(),
+            placement: c.placement,
+            children: Vec::new(),
+            created_at: time,
+            seq: 1,
+        };
+        let reply = serde_json::to_value(&sup).map_err(internal)?;
+        events.push(RegistryEvent {
+            entity: "supervisor",
+            id: sup.name.clone(),
+            event: "created",
+            time,
+            epoch: 0,
+            seq: sup.seq,
+            data: reply.clone(),
+        });
+        self.data.supervisors.insert(sup.name.clone(), sup);
+        self.touched.insert(Key::Supervisor(c.name.clone()));
+        let parent = self
+            .data
+            .supervisors
+            .get_mut(&parent_name)
+            .expect("parent checked above");
+        parent.children.push(Child::Supervisor {
+            name: c.name.clone(),
+        });
+        self.touched.insert(Key::Supervisor(parent_name));
+        Ok(reply)
+    }
+
+    /// Depth of a supervisor below `root` (root is 0).
+    fn depth(&self, name: &str) -> usize {
+        let mut depth = 0;
+        let mut cur = self.data.supervisors.get(name);
+        while let Some(parent) = cur.and_then(|s| s.parent.as_deref()) {
+            depth += 1;
+            cur = self.data.supervisors.get(parent);
+        }
+        depth
+    }
+
+    fn stop_supervisor(
+        &mut self,
+        time: DateTime<Utc>,
+        name: &str,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        if name == ROOT {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                "the root supervisor cannot be stopped",
+            ));
+        }
+        let Some(sup) = self.data.supervisors.get(name) else {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("no supervisor named {name:?}"),
+            ));
+        };
+        let parent = sup.parent.clone().expect("only root has no parent");
+        // Stop order is the reverse of start order, children before their supervisor, as in
+        // OTP: collect the subtree in start order (pre-order) and stop it backwards.
+        let mut order = Vec::new();
+        self.collect_subtree(name, &mut order);
+        let mut stopped = Vec::new();
+        for n in order.iter().rev() {
+            if let Some(mut s) = self.data.supervisors.remove(n) {
+                s.seq += 1;
+                events.push(RegistryEvent {
+                    entity: "supervisor",
+                    id: n.clone(),
+                    event: "stopped",
+                    time,
+                    epoch: 0,
+                    seq: s.seq,
+                    data: json!({ "name": n, "id": s.id, "parent": s.parent }),
+                });
+                self.touched.insert(Key::Supervisor(n.clone()));
+                stopped.push(n.clone());
+            }
+        }
+        if let Some(p) = self.data.supervisors.get_mut(&parent) {
+            p.children
+                .retain(|c| !matches!(c, Child::Supervisor { name: n } if n == name));
+            self.touched.insert(Key::Supervisor(parent));
+        }
+        Ok(json!({ "stopped": stopped }))
+    }
+
+    /// The supervisor `name` and everything below it, in start order (pre-order).
+    fn collect_subtree(&self, name: &str, out: &mut Vec<String>) {
+        let mut stack = vec![name.to_string()];
+        while let Some(n) = stack.pop() {
+            if let Some(s) = self.data.supervisors.get(&n) {
+                for c in s.children.iter().rev() {
+                    let Child::Supervisor { name } = c;
+                    stack.push(name.clone());
+                }
+                out.push(n);
+            }
+        }
+    }
+
+    /// The supervision tree below `name`, as nested JSON.
+    pub fn tree(&self, name: &str) -> Option<Value> {
+        let sup = self.data.supervisors.get(name)?;
+        let children: Vec<Value> = sup
+            .children
+            .iter()
+            .filter_map(|c| {
+                let Child::Supervisor { name } = c;
+                self.tree(name)
+            })
+            .collect();
+        Some(json!({
+            "type": "supervisor",
+            "name": sup.name,
+            "id": sup.id,
+            "strategy": sup.strategy,
+            "placement": sup.placement,
+            "children": children,
+        }))
+    }
+}
+
+fn internal(e: serde_json::Error) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("cannot encode reply: {e}"))
+}
+
+#[cfg(test)]
+mod tests;

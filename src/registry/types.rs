@@ -1,0 +1,286 @@
+//! Records of the registry and the validated shapes of the commands that change it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Outcome;
+use crate::limits;
+use crate::protocol::{ErrorCode, WireError};
+
+/// Name of the supervisor that always exists at the top of the tree.
+pub const ROOT: &str = "root";
+
+/// A node as the registry knows it. Its Raft role lives in the Raft membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: NodeStatus,
+    pub joined_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Per-entity event sequence number.
+    pub seq: u64,
+}
+
+/// Lifecycle of a node as recorded in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Joining,
+    Up,
+    Left,
+}
+
+/// OTP restart strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    OneForOne,
+    OneForAll,
+    RestForOne,
+    SimpleOneForOne,
+}
+
+/// Where a supervisor's children run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SupervisorPlacement {
+    /// Children are placed one by one, each where it fits best.
+    #[default]
+    Spread,
+    /// The whole subtree runs on one node.
+    Colocate,
+}
+
+/// Restart backoff, applied on top of restart intensity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// Delay before the first restart, in milliseconds.
+    pub initial_ms: u64,
+    /// Largest delay, in milliseconds.
+    pub max_ms: u64,
+    /// Factor between consecutive delays.
+    pub multiplier: f64,
+    /// Random spread of each delay, as a fraction of it (0 to 1).
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 10,
+            max_ms: 10_000,
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    fn validate(&self) -> Result<(), WireError> {
+        let bad = |m: &str| {
+            Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("backoff: {m}"),
+            ))
+        };
+        if self.max_ms < self.initial_ms {
+            return bad("max_ms must be at least initial_ms");
+        }
+        if self.max_ms > 3_600_000 {
+            return bad("max_ms is at most 3600000 (one hour)");
+        }
+        if !(1.0..=100.0).contains(&self.multiplier) {
+            return bad("multiplier must be between 1 and 100");
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return bad("jitter must be between 0 and 1");
+        }
+        Ok(())
+    }
+}
+
+/// A child of a supervisor, in start order. Agents join this list with the agents issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Child {
+    Supervisor { name: String },
+}
+
+/// A supervisor record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Supervisor {
+    pub id: Uuid,
+    pub name: String,
+    /// `None` only for `root`.
+    pub parent: Option<String>,
+    pub strategy: Strategy,
+    pub max_restarts: u32,
+    pub max_seconds: u32,
+    pub backoff: Backoff,
+    pub placement: SupervisorPlacement,
+    /// Children in start order.
+    pub children: Vec<Child>,
+    pub created_at: DateTime<Utc>,
+    /// Per-entity event sequence number.
+    pub seq: u64,
+}
+
+impl Supervisor {
+    /// The root supervisor: one_for_one, spread, never stops.
+    pub fn root() -> Supervisor {
+        Supervisor {
+            id: Uuid::nil(),
+            name: ROOT.to_string(),
+            parent: None,
+            strategy: Strategy::OneForOne,
+            max_restarts: OTP_MAX_RESTARTS,
+            max_seconds: OTP_MAX_SECONDS,
+            backoff: Backoff::default(),
+            placement: SupervisorPlacement::Spread,
+            children: Vec::new(),
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            seq: 0,
+        }
+    }
+}
+
+/// OTP's default intensity: 1 restart ...
+pub const OTP_MAX_RESTARTS: u32 = 1;
+/// ... within 5 seconds.
+pub const OTP_MAX_SECONDS: u32 = 5;
+
+fn otp_max_restarts() -> u32 {
+    OTP_MAX_RESTARTS
+}
+
+fn otp_max_seconds() -> u32 {
+    OTP_MAX_SECONDS
+}
+
+/// `create_supervisor`: both the wire request and the log command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSupervisor {
+    pub name: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default = "otp_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "otp_max_seconds")]
+    pub max_seconds: u32,
+    #[serde(default)]
+    pub backoff: Backoff,
+    #[serde(default)]
+    pub placement: SupervisorPlacement,
+    /// Stripped off before the command is logged: the request id travels in [`super::Stamped`].
+    #[serde(default, skip_serializing)]
+    pub request_id: Option<String>,
+}
+
+impl CreateSupervisor {
+    /// Checks everything that does not depend on the registry's state.
+    pub fn validate(&self) -> Result<(), WireError> {
+        validate_name("name", &self.name)?;
+        if let Some(p) = &self.parent {
+            validate_name("parent", p)?;
+        }
+        if self.max_seconds == 0 {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "max_seconds must be at least 1",
+            ));
+        }
+        if self.max_restarts > 1_000_000 {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "max_restarts is at most 1000000",
+            ));
+        }
+        if self.max_seconds > 86_400 {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "max_seconds is at most 86400",
+            ));
+        }
+        self.backoff.validate()
+    }
+}
+
+/// A remembered `request_id` with the reply it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub command: String,
+    pub time: DateTime<Utc>,
+    pub reply: Outcome,
+}
+
+/// One persisted record, as the store writes it under its [`super::Key`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Node(NodeRecord),
+    Supervisor(Supervisor),
+    Request(String, RequestRecord),
+}
+
+/// Checks a name against `[A-Za-z0-9_-]{1,128}`.
+pub fn validate_name(field: &str, name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= limits::MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("{field} {name:?} is invalid: use 1 to 128 of A-Z a-z 0-9 _ -"),
+        ))
+    }
+}
+
+/// Checks a `request_id`.
+pub fn validate_request_id(rid: &Option<String>) -> Result<(), WireError> {
+    match rid {
+        Some(r) if r.is_empty() || r.len() > limits::MAX_REQUEST_ID_LEN => Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "request_id must be 1 to {} bytes",
+                limits::MAX_REQUEST_ID_LEN
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a label map: bounded count and lengths, keys shaped like names.
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), WireError> {
+    if labels.len() > limits::MAX_LABELS {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("at most {} labels", limits::MAX_LABELS),
+        ));
+    }
+    for (k, v) in labels {
+        validate_name("label key", k)?;
+        if v.len() > limits::MAX_LABEL_LEN {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "label {k:?}: values are at most {} bytes",
+                    limits::MAX_LABEL_LEN
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The one module that spells NATS subjects. Nothing else formats a subject.
+
+/// Subjects of one cluster: everything lives under `warden.<cluster>`.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// Subjects for the cluster named `cluster` (already validated).
+    pub fn new(cluster: &str) -> Self {
+        Subjects {
+            prefix: format!("warden.{cluster}"),
+        }
+    }
+
+    /// A command sent to any node: `warden.<cluster>.cmd.<command>`.
+    pub fn cmd(&self, command: &str) -> String {
+        format!("{}.cmd.{command}", self.prefix)
+    }
+
+    /// Wildcard the nodes subscribe to for commands.
+    pub fn cmd_all(&self) -> String {
+        format!("{}.cmd.*", self.prefix)
+    }
+
+    /// Queue group shared by all nodes for `cmd.*`, so each command is answered once.
+    pub fn cmd_queue(&self) -> String {
+        format!("{}.cmd", self.prefix)
+    }
+
+    /// A command addressed to one node: `warden.<cluster>.node.<id>.cmd.<command>`. Used for
+    /// forwarding to the leader, and by operators who want one node's answer (`health`).
+    pub fn node_cmd(&self, node: u64, command: &str) -> String {
+        format!("{}.node.{node}.cmd.{command}", self.prefix)
+    }
+
+    /// Wildcard one node subscribes to for commands addressed to it.
+    pub fn node_cmd_all(&self, node: u64) -> String {
+        format!("{}.node.{node}.cmd.*", self.prefix)
+    }
+
+    /// A Raft RPC to one node: `warden.<cluster>.raft.<node_id>.<rpc>`.
+    pub fn raft(&self, node: u64, rpc: &str) -> String {
+        format!("{}.raft.{node}.{rpc}", self.prefix)
+    }
+
+    /// Wildcard one node subscribes to for its Raft RPCs.
+    pub fn raft_all(&self, node: u64) -> String {
+        format!("{}.raft.{node}.*", self.prefix)
+    }
+
+    /// An event: `warden.<cluster>.evt.<entity>.<id>.<event>`.
+    pub fn event(&self, entity: &str, id: &str, event: &str) -> String {
+        format!("{}.evt.{entity}.{id}.{event}", self.prefix)
+    }
+
+    /// Events matching a filter tail such as `node.*.joined` or `>`.
+    pub fn event_filter(&self, filter: &str) -> String {
+        format!("{}.evt.{filter}", self.prefix)
+    }
+
+    /// Subject of the benchmark's raw request/reply reference responder.
+    pub fn bench_echo(&self, run: &str) -> String {
+        format!("{}.bench.{run}.echo", self.prefix)
+    }
+
+    /// The last token of a subject (the command or RPC name), if the subject has `prefix_tokens`
+    /// tokens before it.
+    pub fn last_token(subject: &str) -> &str {
+        subject.rsplit('.').next().unwrap_or(subject)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_spec() {
+        let s = Subjects::new("prod");
+        assert_eq!(s.cmd("health"), "warden.prod.cmd.health");
+        assert_eq!(s.raft(3, "vote"), "warden.prod.raft.3.vote");
+        assert_eq!(
+            s.event("node", "2", "joined"),
+            "warden.prod.evt.node.2.joined"
+        );
+        assert_eq!(s.node_cmd(2, "health"), "warden.prod.node.2.cmd.health");
+        assert_eq!(Subjects::last_token("warden.prod.cmd.health"), "health");
+    }
+}

@@ -1,0 +1,341 @@
+//! `warden up`: a local development cluster on one machine, and [`LocalCluster`], the process
+//! launcher it shares with `warden bench --local` and the integration tests.
+//!
+//! Every process it starts is owned by a handle that kills it on drop, so a failed run leaves
+//! nothing behind.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::client::Client;
+
+/// Command-line arguments of `warden up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Use this NATS server instead of starting one.
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// Directory for the nodes' data and logs.
+    #[arg(long, default_value = ".warden/up")]
+    pub dir: PathBuf,
+    /// Cluster name.
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Delete the data directory first.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+/// A `nats-server` child process.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+}
+
+impl NatsServer {
+    /// Starts `nats-server` from PATH on a free loopback port, with `extra` arguments.
+    pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<NatsServer> {
+        let bin = find_in_path("nats-server").ok_or_else(|| {
+            anyhow::anyhow!(
+                "nats-server is not on PATH. Install it (Debian/Ubuntu: `apt-get install \
+                 nats-server`; macOS: `brew install nats-server`), or pass --nats <url> to use \
+                 a server you run yourself"
+            )
+        })?;
+        let ports_dir = dir.join("nats-ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(&ports_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.join("nats-server.log"),
+            )?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("start nats-server")?;
+        let pid = child.id().context("nats-server exited at once")?;
+        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    if let Some(u) = v["nats"][0].as_str() {
+                        break u.to_string();
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nats-server did not report its port within 10 s (see {dir:?}/nats-server.log)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        Ok(NatsServer { child, url })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Kills the server and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await; // already exited is fine
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// A set of `warden node` child processes against one NATS URL, data under one directory.
+pub struct LocalCluster {
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+    pub nats_url: String,
+    pub cluster: String,
+    /// Extra `--config` file contents written for every node (TOML), if any.
+    pub config_toml: Option<String>,
+    pub nodes: BTreeMap<u64, Child>,
+}
+
+impl LocalCluster {
+    /// A launcher; no process is started yet.
+    pub fn new(bin: PathBuf, dir: PathBuf, nats_url: String, cluster: &str) -> LocalCluster {
+        LocalCluster {
+            bin,
+            dir,
+            nats_url,
+            cluster: cluster.to_string(),
+            config_toml: None,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Data directory of node `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}"))
+    }
+
+    /// Starts node `id` (bootstrapping when `bootstrap`), logging to `node-<id>.log`.
+    pub async fn start_node(&mut self, id: u64, bootstrap: bool) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .args([
+                "--id",
+                &id.to_string(),
+                "--cluster",
+                &self.cluster,
+                "--nats",
+                &self.nats_url,
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--labels", &format!("zone=local-{}", (id - 1) % 3 + 1)]);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        if let Some(toml) = &self.config_toml {
+            let path = self.dir.join(format!("node-{id}.toml"));
+            std::fs::write(&path, toml)?;
+            cmd.arg("--config").arg(path);
+        }
+        for var in [
+            "WARDEN_ID",
+            "WARDEN_CONFIG",
+            "WARDEN_BOOTSTRAP",
+            "WARDEN_DATA_DIR",
+        ] {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {:?}", self.bin))?;
+        self.nodes.insert(id, child);
+        Ok(())
+    }
+
+    /// Process id of node `id`, if running.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id).and_then(|c| c.id())
+    }
+
+    /// SIGKILLs node `id` and waits for it.
+    pub async fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.nodes.remove(&id) {
+            let _ = c.kill().await; // an exited child is fine
+        }
+    }
+
+    /// SIGTERMs node `id` and waits up to `grace` for it to exit, then kills it. Returns
+    /// whether it exited by itself with success.
+    pub async fn stop(&mut self, id: u64, grace: Duration) -> bool {
+        let Some(mut c) = self.nodes.remove(&id) else {
+            return false;
+        };
+        if let Some(pid) = c.id() {
+            signal(pid, libc::SIGTERM);
+        }
+        match tokio::time::timeout(grace, c.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = c.kill().await;
+                false
+            }
+        }
+    }
+
+    /// Stops every node with SIGTERM, in parallel.
+    pub async fn stop_all(&mut self, grace: Duration) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in &ids {
+            if let Some(pid) = self.pid(*id) {
+                signal(pid, libc::SIGTERM);
+            }
+        }
+        for id in ids {
+            self.stop(id, grace).await;
+        }
+    }
+
+    /// Waits until `cluster_status` shows `n` nodes up with a leader; returns the status.
+    pub async fn wait_ready(
+        &self,
+        client: &Client,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        let mut last;
+        loop {
+            match client.call("cluster_status", &json!({})).await {
+                Ok(v) => {
+                    let up = v["nodes"]
+                        .as_array()
+                        .map(|a| a.iter().filter(|n| n["status"] == "up").count())
+                        .unwrap_or(0);
+                    if up >= n && v["leader"].is_u64() {
+                        return Ok(v);
+                    }
+                    last = format!("{up} of {n} nodes up");
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not become ready within {within:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs `warden up` until `shutdown` resolves.
+pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<ExitCode> {
+    if args.fresh && args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir).with_context(|| format!("remove {:?}", args.dir))?;
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let mut nats = None;
+    let url = match &args.nats {
+        Some(u) => u.clone(),
+        None => {
+            let server = NatsServer::start(&args.dir, &[]).await?;
+            let url = server.url.clone();
+            nats = Some(server);
+            url
+        }
+    };
+    let bin = std::env::current_exe().context("find the warden binary")?;
+    let mut cluster = LocalCluster::new(bin, args.dir.clone(), url.clone(), &args.cluster);
+    let initialized = cluster.data_dir(1).exists();
+    for id in 1..=args.nodes {
+        cluster.start_node(id, id == 1 && !initialized).await?;
+    }
+    let nc = crate::bus::connect(
+        &crate::bus::NatsConfig {
+            url: url.clone(),
+            ..Default::default()
+        },
+        "warden-up",
+        false,
+    )
+    .await?;
+    let client = Client::new(nc, &args.cluster);
+    let status = cluster
+        .wait_ready(&client, args.nodes as usize, Duration::from_secs(60))
+        .await?;
+    demo(&client).await;
+    let tree = client.call("get_supervision_tree", &json!({})).await.ok();
+
+    println!(
+        "\nWarden cluster {:?} is up: {} nodes, NATS at {url}\n",
+        args.cluster, args.nodes
+    );
+    print!("{}", crate::ctl::render("cluster_status", &status));
+    if let Some(tree) = tree {
+        println!("\nSupervision tree:");
+        print!("{}", crate::ctl::render("get_supervision_tree", &tree));
+    }
+    println!("\nTalk to it from another terminal:");
+    println!("  warden ctl --nats {url} status");
+    println!("  warden ctl --nats {url} create_supervisor name=web strategy=one_for_all");
+    println!("  warden ctl --nats {url} tree");
+    println!("  warden ctl --nats {url} watch");
+    println!("Logs and data: {:?}. Ctrl-C stops everything.", args.dir);
+    shutdown.await;
+    println!("stopping...");
+    cluster.stop_all(Duration::from_secs(10)).await;
+    if let Some(mut n) = nats {
+        n.kill().await;
+    }
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A small tree so a new user sees something; creating it twice is harmless.
+async fn demo(client: &Client) {
+    for (name, parent, strategy) in [
+        ("demo", "root", "one_for_one"),
+        ("demo-workers", "demo", "one_for_all"),
+        ("demo-pipeline", "demo", "rest_for_one"),
+    ] {
+        let body = json!({"name": name, "parent": parent, "strategy": strategy, "request_id": format!("up-demo-{name}")});
+        if let Err(e) = client.call("create_supervisor", &body).await {
+            tracing::debug!(error = %e, "demo supervisor");
+        }
+    }
+}

@@ -51,6 +51,10 @@ pub const LEADER_WAIT_MS: u64 = 3_000;
 /// Deadline of a forwarded command: long enough for an election plus a commit.
 pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 
+/// How long a stopping node lets commands in flight finish before abandoning them; below
+/// the node's overall 5 s stop budget.
+pub const DRAIN_GRACE_MS: u64 = 3_000;
+
 /// Names of supervisors, agents and clusters: `[A-Za-z0-9_-]{1,128}`.
 pub const MAX_NAME_LEN: usize = 128;
 

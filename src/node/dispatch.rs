@@ -52,10 +52,17 @@ pub async fn serve(
             }
         }
     }
-    // In-flight commands are abandoned: their clients time out, which they must treat as
-    // "unknown", exactly as if the node had crashed.
-    tasks.abort_all();
+    // Take no new commands, give those in flight a moment to finish (a forwarded `leave` of
+    // this very node is answered after the node has learned it left), then abandon the rest:
+    // their clients time out, which they must treat as "unknown", as after a crash.
     let _ = sub.unsubscribe().await; // the connection may already be closing
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_millis(limits::DRAIN_GRACE_MS), drain)
+        .await
+        .is_err()
+    {
+        tasks.abort_all();
+    }
 }
 
 fn content_type(msg: &async_nats::Message) -> Option<&str> {

@@ -322,16 +322,8 @@ async fn join_then_serve(
     stop: watch::Sender<bool>,
 ) {
     let stopped = futures::future::FutureExt::shared(Box::pin(stopped));
-    let is_member = {
-        let rx = node.raft.metrics();
-        let m = rx.borrow();
-        let member = m
-            .membership_config
-            .membership()
-            .nodes()
-            .any(|(id, _)| *id == node.cfg.id);
-        member
-    };
+    // Asked of Raft itself, not of the metrics, which may lag right after a bootstrap.
+    let is_member = node.raft.is_initialized().await.unwrap_or(false);
     let join_phase = async {
         match join_loop(&node).await {
             Ok(()) => true,

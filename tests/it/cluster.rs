@@ -1,0 +1,214 @@
+//! Cluster behaviour with nodes as separate OS processes: formation, forwarding, leader crash,
+//! catch-up, full restart, learners, leaving, snapshots.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{supervisor_names, wait_for, TestCluster};
+
+async fn create_many(c: &warden::client::Client, prefix: &str, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("{prefix}-{i}");
+        let body = json!({"name": name, "request_id": format!("rid-{name}")});
+        c.call("create_supervisor", &body)
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        names.push(name);
+    }
+    names
+}
+
+/// Goal: three nodes form a cluster; a write sent to any follower is forwarded, committed and
+/// visible through every node.
+/// Method: address each node's own subject for writes, then read through each node.
+#[tokio::test]
+async fn three_nodes_form_a_cluster_and_followers_forward_writes() {
+    let tc = TestCluster::start(3, None).await;
+    let status = tc.status().await;
+    let roles: Vec<_> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].clone())
+        .collect();
+    assert_eq!(roles, [json!("voter"), json!("voter"), json!("voter")]);
+    let leader = status["leader"].as_u64().unwrap();
+    for id in (1..=3).filter(|id| *id != leader) {
+        tc.via(id)
+            .call("create_supervisor", &json!({"name": format!("via-{id}")}))
+            .await
+            .unwrap();
+    }
+    for id in 1..=3 {
+        let names = supervisor_names(&tc.via(id)).await;
+        assert_eq!(
+            names.len(),
+            3,
+            "node {id} sees both writes and root: {names:?}"
+        );
+    }
+}
+
+/// Goal: SIGKILL of the leader elects a new one, writes continue, and the killed node, once
+/// restarted, catches up with everything it missed.
+#[tokio::test]
+async fn leader_crash_elects_a_new_leader_and_the_restarted_node_catches_up() {
+    let mut tc = TestCluster::start(3, None).await;
+    let mut written = create_many(&tc.client, "before", 10).await;
+    let old = tc.leader().await;
+    tc.cluster.kill(old).await;
+    let new = wait_for("a new leader", Duration::from_secs(20), || {
+        let c = tc.client.clone();
+        async move {
+            let s = c.call("cluster_status", &json!({})).await.ok()?;
+            s["leader"].as_u64().filter(|l| *l != old)
+        }
+    })
+    .await;
+    assert_ne!(new, old);
+    written.extend(create_many(&tc.client, "after", 10).await);
+
+    tc.cluster.start_node(old, false).await.unwrap();
+    let commit = tc.status().await["commit_index"].as_u64().unwrap();
+    tc.wait_applied(old, commit).await;
+    let mut expected = written.clone();
+    expected.push("root".into());
+    expected.sort();
+    assert_eq!(supervisor_names(&tc.via(old)).await, expected);
+}
+
+/// Goal: G2, every acknowledged write survives a crash of all nodes at once.
+/// Method: concurrent writers, SIGKILL of every node (no clean shutdown), restart, read.
+#[tokio::test]
+async fn every_acknowledged_write_survives_a_crash_of_all_nodes() {
+    let mut tc = TestCluster::start(3, None).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let c = tc.client.clone();
+        tasks.spawn(async move { create_many(&c, &format!("w{w}"), 15).await });
+    }
+    let mut acked = vec!["root".to_string()];
+    while let Some(names) = tasks.join_next().await {
+        acked.extend(names.unwrap());
+    }
+    acked.sort();
+    for id in 1..=3 {
+        tc.cluster.kill(id).await;
+    }
+    for id in 1..=3 {
+        tc.cluster.start_node(id, false).await.unwrap();
+    }
+    tc.cluster
+        .wait_ready(&tc.client, 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(supervisor_names(&tc.client).await, acked);
+
+    // A clean stop (SIGTERM) exits with success and is a restart, not a departure.
+    assert!(
+        tc.cluster.stop(2, Duration::from_secs(10)).await,
+        "clean exit on SIGTERM"
+    );
+    tc.cluster.start_node(2, false).await.unwrap();
+    tc.cluster
+        .wait_ready(&tc.client, 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let status = tc.status().await;
+    assert_eq!(status["nodes"][1]["role"], "voter");
+}
+
+/// Goal: with voters_max 3 a fourth node joins as a learner; when a voter leaves for good the
+/// learner is promoted, and the departed node stops by itself.
+#[tokio::test]
+async fn a_fourth_node_is_a_learner_and_is_promoted_when_a_voter_leaves() {
+    let mut tc = TestCluster::start(3, None).await;
+    tc.cluster.start_node(4, false).await.unwrap();
+    tc.cluster
+        .wait_ready(&tc.client, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let status = tc.status().await;
+    let role = |s: &serde_json::Value, id: u64| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap()["role"]
+            .clone()
+    };
+    assert_eq!(role(&status, 4), "learner");
+
+    let leader = status["leader"].as_u64().unwrap();
+    let leaving = (1..=3).find(|id| *id != leader).unwrap();
+    let out = tc
+        .client
+        .call("leave", &json!({"node_id": leaving}))
+        .await
+        .unwrap();
+    assert_eq!(out["status"], "left");
+    let status = wait_for("the learner's promotion", Duration::from_secs(20), || {
+        let c = tc.client.clone();
+        async move {
+            let s = c.call("cluster_status", &json!({})).await.ok()?;
+            let promoted = s["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == 4 && n["role"] == "voter");
+            promoted.then_some(s)
+        }
+    })
+    .await;
+    let departed = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == leaving)
+        .unwrap();
+    assert_eq!(departed["status"], "left");
+    assert!(departed["role"].is_null());
+    let mut child = tc.cluster.nodes.remove(&leaving).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    assert!(
+        matches!(exit, Ok(Ok(s)) if s.success()),
+        "the departed node exits cleanly: {exit:?}"
+    );
+    // Writes still work with the new voter set.
+    tc.client
+        .call("create_supervisor", &json!({"name": "after-leave"}))
+        .await
+        .unwrap();
+}
+
+/// Goal: the log is compacted through snapshots, and a node that joins late is brought up to
+/// date with a snapshot sent in chunks below NATS max_payload.
+#[tokio::test]
+async fn a_late_node_catches_up_from_a_chunked_snapshot() {
+    let config = "[raft]\nsnapshot_after_entries = 20\nkeep_entries_after_snapshot = 2\nsnapshot_chunk_bytes = 1024\n";
+    let mut tc = TestCluster::start(3, Some(config)).await;
+    let written = create_many(&tc.client, "snap", 80).await;
+    let leader = tc.leader().await;
+    let health = tc.via(leader).call("health", &json!({})).await.unwrap();
+    assert!(
+        health["snapshot_index"].as_u64().unwrap() > 20,
+        "the leader compacted: {health}"
+    );
+
+    tc.cluster.start_node(4, false).await.unwrap();
+    tc.cluster
+        .wait_ready(&tc.client, 4, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let commit = tc.status().await["commit_index"].as_u64().unwrap();
+    tc.wait_applied(4, commit).await;
+    let h4 = tc.via(4).call("health", &json!({})).await.unwrap();
+    assert!(
+        h4["snapshot_index"].is_u64(),
+        "node 4 installed a snapshot: {h4}"
+    );
+    let names = supervisor_names(&tc.client).await;
+    assert!(written.iter().all(|w| names.contains(w)));
+}

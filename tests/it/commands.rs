@@ -1,0 +1,279 @@
+//! The command interface of one in-process node over a real nats-server: encodings,
+//! idempotent retries and bad input.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use serde_json::{json, Value};
+use warden::protocol::{Encoding, Envelope, ErrorCode};
+
+use crate::support::{supervisor_names, InProcessNode, CLUSTER};
+
+/// Sends a raw request as a NATS client in another language would, and decodes the envelope.
+async fn raw(
+    nats: &async_nats::Client,
+    command: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (Option<String>, Envelope) {
+    let subject = format!("warden.{CLUSTER}.cmd.{command}");
+    let mut req = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(Duration::from_secs(10)));
+    if let Some(ct) = content_type {
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", ct);
+        req = req.headers(h);
+    }
+    let msg = nats.send_request(subject, req).await.expect("a reply");
+    let ct = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Content-Type"))
+        .map(|v| v.to_string());
+    let env = match ct.as_deref() {
+        Some("application/msgpack") => {
+            let v: Value = rmp_serde::from_slice(&msg.payload).expect("a MessagePack reply");
+            serde_json::from_value(v).unwrap()
+        }
+        _ => serde_json::from_slice(&msg.payload).expect("a JSON reply"),
+    };
+    (ct, env)
+}
+
+/// Goal: JSON and MessagePack both work, with or without the Content-Type header, and the
+/// reply comes back in the request's encoding.
+#[tokio::test]
+async fn json_and_msgpack_requests_get_replies_in_their_own_encoding() {
+    let node = InProcessNode::start().await;
+    let nats = &node.client.nats;
+    let cases = [
+        (Some("application/json"), Encoding::Json, "j1"),
+        (None, Encoding::Json, "j2"),
+        (Some("application/msgpack"), Encoding::Msgpack, "m1"),
+        (None, Encoding::Msgpack, "m2"),
+    ];
+    for (ct, enc, name) in cases {
+        let body = enc.encode(&json!({"name": name, "strategy": "one_for_all"}));
+        let (reply_ct, env) = raw(nats, "create_supervisor", ct, body).await;
+        assert_eq!(
+            reply_ct.as_deref(),
+            Some(enc.content_type()),
+            "reply encoding for {name}"
+        );
+        let v = env.into_result().unwrap();
+        assert_eq!(v["name"], name);
+        assert_eq!(v["strategy"], "one_for_all");
+    }
+    assert_eq!(
+        supervisor_names(&node.client).await,
+        ["j1", "j2", "m1", "m2", "root"]
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Goal: G7, a create with a request_id sent twice creates once and replies the same.
+#[tokio::test]
+async fn a_retried_create_with_a_request_id_creates_once() {
+    let node = InProcessNode::start().await;
+    let body = json!({"name": "once", "request_id": "req-1"});
+    let first = node.client.call("create_supervisor", &body).await.unwrap();
+    let second = node.client.call("create_supervisor", &body).await.unwrap();
+    assert_eq!(first, second, "same reply, including the id");
+    assert_eq!(supervisor_names(&node.client).await, ["once", "root"]);
+    // Without a request id, the same create is a conflict rather than a second supervisor.
+    let err = node
+        .client
+        .call("create_supervisor", &json!({"name": "once"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("conflict"), "{err}");
+}
+
+/// Goal: G5, every kind of bad input gets a clear error, changes nothing and the node stays up.
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let node = InProcessNode::start().await;
+    let nats = &node.client.nats;
+    node.client
+        .call("create_supervisor", &json!({"name": "keep"}))
+        .await
+        .unwrap();
+    let before = node
+        .client
+        .call("get_supervision_tree", &json!({}))
+        .await
+        .unwrap();
+
+    let j = |v: Value| serde_json::to_vec(&v).unwrap();
+    let cases: Vec<(&str, Option<&str>, Vec<u8>, ErrorCode, &str)> = vec![
+        (
+            "create_supervisor",
+            None,
+            b"\xc1\xff not anything".to_vec(),
+            ErrorCode::BadRequest,
+            "MessagePack",
+        ),
+        (
+            "create_supervisor",
+            Some("application/json"),
+            b"{\"name\":".to_vec(),
+            ErrorCode::BadRequest,
+            "JSON",
+        ),
+        (
+            "create_supervisor",
+            Some("text/plain"),
+            j(json!({"name": "x"})),
+            ErrorCode::BadRequest,
+            "Content-Type",
+        ),
+        (
+            "create_supervisor",
+            None,
+            b"[1,2,3]".to_vec(),
+            ErrorCode::BadRequest,
+            "object",
+        ),
+        (
+            "create_supervisor",
+            Some("application/json"),
+            b"[1,2,3]".to_vec(),
+            ErrorCode::BadRequest,
+            "object",
+        ),
+        (
+            "create_supervisor",
+            Some("application/msgpack"),
+            b"\x93\x01\x02\x03".to_vec(),
+            ErrorCode::BadRequest,
+            "object",
+        ),
+        (
+            "launch_missiles",
+            None,
+            j(json!({})),
+            ErrorCode::BadRequest,
+            "unknown command",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({})),
+            ErrorCode::BadRequest,
+            "missing field `name`",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": 42})),
+            ErrorCode::BadRequest,
+            "invalid type",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "bad name!"})),
+            ErrorCode::BadRequest,
+            "invalid",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "x", "strategy": "all_for_none"})),
+            ErrorCode::BadRequest,
+            "unknown variant",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "x", "max_restarts": -1})),
+            ErrorCode::BadRequest,
+            "invalid value",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "x", "parent": "ghost"})),
+            ErrorCode::NotFound,
+            "ghost",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "keep"})),
+            ErrorCode::Conflict,
+            "already exists",
+        ),
+        (
+            "stop_supervisor",
+            None,
+            j(json!({"name": "root"})),
+            ErrorCode::Conflict,
+            "root",
+        ),
+        (
+            "stop_supervisor",
+            None,
+            j(json!({"name": "ghost"})),
+            ErrorCode::NotFound,
+            "ghost",
+        ),
+        (
+            "create_supervisor",
+            None,
+            j(json!({"name": "big", "pad": "x".repeat(400 * 1024)})),
+            ErrorCode::TooLarge,
+            "limit",
+        ),
+    ];
+    for (command, ct, body, code, needle) in cases {
+        let (_, env) = raw(nats, command, ct, body).await;
+        let err = env.into_result().expect_err(command);
+        assert_eq!(err.code, code, "{command}: {}", err.message);
+        assert!(
+            err.message.contains(needle),
+            "{:?} should mention {needle:?}",
+            err.message
+        );
+    }
+    let after = node
+        .client
+        .call("get_supervision_tree", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(before, after, "bad input changed nothing");
+    let health = node.client.call("health", &json!({})).await.unwrap();
+    assert_eq!(
+        health["raft_state"], "leader",
+        "the node is still up and leading"
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Goal: nested supervisors form a tree; stopping one removes its whole subtree only.
+#[tokio::test]
+async fn stopping_a_supervisor_removes_its_subtree_and_nothing_else() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    for (name, parent) in [("a", "root"), ("b", "a"), ("c", "b"), ("d", "root")] {
+        c.call(
+            "create_supervisor",
+            &json!({"name": name, "parent": parent}),
+        )
+        .await
+        .unwrap();
+    }
+    let stopped = c
+        .call("stop_supervisor", &json!({"name": "a"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped["stopped"],
+        json!(["c", "b", "a"]),
+        "children stop before parents"
+    );
+    assert_eq!(supervisor_names(c).await, ["d", "root"]);
+    let tree = c.call("get_supervision_tree", &json!({})).await.unwrap();
+    assert_eq!(tree["children"][0]["name"], "d");
+}

@@ -1,0 +1,192 @@
+//! Starting NATS, nodes and clusters for tests. Every process is killed when its handle drops,
+//! so a failing test leaves nothing running.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use warden::bus::NatsConfig;
+use warden::client::Client;
+use warden::config::NodeConfig;
+use warden::up::{LocalCluster, NatsServer};
+
+pub const CLUSTER: &str = "test";
+
+/// Polls `probe` until it returns `Some`, or panics with `what` after `within`.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn connect(url: &str) -> async_nats::Client {
+    warden::bus::connect(
+        &NatsConfig {
+            url: url.into(),
+            ..Default::default()
+        },
+        "test",
+        false,
+    )
+    .await
+    .expect("connect to the test nats-server")
+}
+
+/// Nodes as separate OS processes.
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    pub client: Client,
+    pub nats: NatsServer,
+    _dir: TempDir,
+}
+
+impl TestCluster {
+    /// Starts nats-server and `n` nodes (node 1 bootstraps), and waits until all are up.
+    pub async fn start(n: u64, config_toml: Option<&str>) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
+        let bin = env!("CARGO_BIN_EXE_warden").into();
+        let mut cluster =
+            LocalCluster::new(bin, dir.path().join("nodes"), nats.url.clone(), CLUSTER);
+        cluster.config_toml = config_toml.map(str::to_string);
+        for id in 1..=n {
+            cluster.start_node(id, id == 1).await.unwrap();
+        }
+        let client = Client::new(connect(&nats.url).await, CLUSTER);
+        cluster
+            .wait_ready(&client, n as usize, Duration::from_secs(30))
+            .await
+            .unwrap();
+        TestCluster {
+            cluster,
+            client,
+            nats,
+            _dir: dir,
+        }
+    }
+
+    /// A client that talks to node `id` only.
+    pub fn via(&self, id: u64) -> Client {
+        Client {
+            node: Some(id),
+            ..self.client.clone()
+        }
+    }
+
+    pub async fn status(&self) -> Value {
+        self.client
+            .call("cluster_status", &json!({}))
+            .await
+            .unwrap()
+    }
+
+    pub async fn leader(&self) -> u64 {
+        self.status().await["leader"].as_u64().unwrap()
+    }
+
+    /// Waits until node `id` reports `last_applied >= index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) {
+        let c = self.via(id);
+        wait_for(
+            &format!("node {id} to apply index {index}"),
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move {
+                    let h = c.call("health", &json!({})).await.ok()?;
+                    (h["last_applied"].as_u64()? >= index).then_some(())
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// Names of all supervisors, sorted.
+pub async fn supervisor_names(client: &Client) -> Vec<String> {
+    let v = client.call("list_supervisors", &json!({})).await.unwrap();
+    let mut names: Vec<String> = v["supervisors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// One node running inside the test process, on its own nats-server.
+pub struct InProcessNode {
+    pub client: Client,
+    pub nats: NatsServer,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: TempDir,
+}
+
+impl InProcessNode {
+    pub async fn start() -> InProcessNode {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
+        let mut cfg = NodeConfig {
+            id: 1,
+            cluster: CLUSTER.into(),
+            data_dir: dir.path().join("node-1"),
+            bootstrap: true,
+            ..Default::default()
+        };
+        cfg.nats.url = nats.url.clone();
+        let cfg = cfg.finish().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(warden::node::run(cfg, async move {
+            let _ = stopped.await;
+        }));
+        let client = Client::new(connect(&nats.url).await, CLUSTER);
+        wait_for(
+            "the in-process node to lead",
+            Duration::from_secs(20),
+            || {
+                let c = client.clone();
+                async move {
+                    let s = c.call("cluster_status", &json!({})).await.ok()?;
+                    (s["nodes"][0]["status"] == "up").then_some(())
+                }
+            },
+        )
+        .await;
+        InProcessNode {
+            client,
+            nats,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the node cleanly and returns its result.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for InProcessNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

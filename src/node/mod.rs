@@ -289,7 +289,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");
     }
-    store.flush().await?;
+    store.close().await?;
     if let Err(e) = client.flush().await {
         tracing::debug!(error = %e, "final NATS flush failed");
     }

@@ -10,6 +10,10 @@
 //! survives a process kill, not necessarily a power cut. The state machine is not flushed on
 //! apply: its batch is atomic, and anything lost is re-applied from the flushed log.
 
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); our helpers
+// return it too rather than converting at every call.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -43,9 +47,13 @@ pub struct SmState {
 /// Shared handle on the applied state, read by command handlers after a linearizable check.
 pub type SharedState = Arc<RwLock<SmState>>;
 
+/// Appends waiting for the group-commit flusher; `append` waits when it is full.
+const FLUSH_QUEUE: usize = 1024;
+
 /// Opens the sled database of one node and hands out the log store and state machine.
 pub struct Store {
     db: sled::Db,
+    flush_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Store {
@@ -57,11 +65,28 @@ impl Store {
             .path(dir.join("sled"))
             .open()
             .with_context(|| format!("open sled database in {dir:?}"))?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            flush_task: Default::default(),
+        })
     }
 
-    /// Flushes everything to disk; called on clean shutdown.
-    pub async fn flush(&self) -> anyhow::Result<()> {
+    /// Waits for the log flusher to finish (it stops once Raft has dropped the log store) and
+    /// flushes everything to disk; called on clean shutdown.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        let task = self
+            .flush_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the log flusher did not stop within 5 s");
+            }
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -72,10 +97,14 @@ impl Store {
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
+        let (flusher, flush_rx) = mpsc::channel(FLUSH_QUEUE);
+        let flush_task = tokio::spawn(flush_loop(self.db.clone(), flush_rx));
+        *self.flush_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(flush_task);
         let log = LogStore {
             db: self.db.clone(),
             log: self.db.open_tree("log")?,
             meta: self.db.open_tree("meta")?,
+            flusher,
         };
         let sm_tree = self.db.open_tree("sm")?;
         let state = load_state(&sm_tree)?;
@@ -153,6 +182,30 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Group commit: flushes sled once for every append queued while the previous flush ran, then
+/// reports each append complete, in order. openraft runs `append` inside its core loop, so an
+/// inline flush would stall elections, replication and every other append for its duration.
+async fn flush_loop(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(cb) = rx.try_recv() {
+            waiting.push(cb);
+        }
+        let result = db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "flushing the Raft log failed");
+        }
+        for cb in waiting {
+            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 impl LogStore {
@@ -274,22 +327,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // The write is acknowledged to openraft (and so, through a quorum, to the client) only
-        // once it is on disk.
-        match self.db.flush_async().await {
-            Ok(_) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                let msg = format!("flush log: {e}");
-                callback.log_io_completed(Err(std::io::Error::other(msg.clone())));
-                Err(io_err(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    std::io::Error::other(msg),
-                ))
-            }
-        }
+        // once the flusher has it on disk; returning now lets openraft go on meanwhile.
+        self.flusher.send(callback).await.map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other("log flusher stopped"),
+            )
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -44,13 +44,11 @@ impl ListSupervisors {
         let sups: Vec<&crate::registry::Supervisor> = match &self.parent {
             None => reg.data().supervisors.values().collect(),
             Some(p) => {
-                let parent = reg.supervisor(p).ok_or_else(|| not_found(p))?;
-                parent
-                    .children
-                    .iter()
+                reg.supervisor(p).ok_or_else(|| not_found(p))?;
+                reg.children(p)
                     .filter_map(|c| {
                         let Child::Supervisor { name } = c;
-                        reg.supervisor(name)
+                        reg.supervisor(name.as_str())
                     })
                     .collect()
             }

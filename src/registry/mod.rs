@@ -115,6 +115,11 @@ pub struct Registry {
     data: RegistryData,
     /// `request_id`s ordered by the time they were first seen, for expiry. Derived.
     request_order: BTreeSet<(DateTime<Utc>, String)>,
+    /// Children of each supervisor by position (start order). Derived from the children's
+    /// `parent` and `position`.
+    children: BTreeMap<String, BTreeMap<u64, Child>>,
+    /// Next free position; above every existing one. Derived.
+    next_position: u64,
     /// Keys changed since the last [`Registry::take_touched`].
     touched: BTreeSet<Key>,
 }
@@ -137,11 +142,39 @@ impl Registry {
             .iter()
             .map(|(k, r)| (r.time, k.clone()))
             .collect();
-        Registry {
-            data,
+        let mut reg = Registry {
+            data: RegistryData::default(),
             request_order,
+            children: BTreeMap::new(),
+            next_position: 1,
             touched: BTreeSet::new(),
+        };
+        let sups = std::mem::take(&mut data.supervisors);
+        reg.data = data;
+        for s in sups.into_values() {
+            reg.insert_supervisor(s);
         }
+        reg
+    }
+
+    /// Inserts a supervisor record and indexes it under its parent.
+    fn insert_supervisor(&mut self, s: Supervisor) {
+        if let Some(parent) = &s.parent {
+            let child = Child::Supervisor {
+                name: s.name.clone(),
+            };
+            self.children
+                .entry(parent.clone())
+                .or_default()
+                .insert(s.position, child);
+        }
+        self.next_position = self.next_position.max(s.position + 1);
+        self.data.supervisors.insert(s.name.clone(), s);
+    }
+
+    /// Children of supervisor `name` in start order.
+    pub fn children(&self, name: &str) -> impl Iterator<Item = &Child> {
+        self.children.get(name).into_iter().flat_map(|m| m.values())
     }
 
     /// The registry's content.
@@ -155,9 +188,7 @@ impl Registry {
             Record::Node(n) => {
                 self.data.nodes.insert(n.id, n);
             }
-            Record::Supervisor(s) => {
-                self.data.supervisors.insert(s.name.clone(), s);
-            }
+            Record::Supervisor(s) => self.insert_supervisor(s),
             Record::Request(id, r) => {
                 self.request_order.insert((r.time, id.clone()));
                 self.data.requests.insert(id, r);
@@ -399,7 +430,7 @@ impl Registry {
             max_seconds: c.max_seconds,
             backoff: c.backoff.clone(),
             placement: c.placement,
-            children: Vec::new(),
+            position: self.next_position,
             created_at: time,
             seq: 1,
         };
@@ -413,17 +444,8 @@ impl Registry {
             seq: sup.seq,
             data: reply.clone(),
         });
-        self.data.supervisors.insert(sup.name.clone(), sup);
+        self.insert_supervisor(sup);
         self.touched.insert(Key::Supervisor(c.name.clone()));
-        let parent = self
-            .data
-            .supervisors
-            .get_mut(&parent_name)
-            .expect("parent checked above");
-        parent.children.push(Child::Supervisor {
-            name: c.name.clone(),
-        });
-        self.touched.insert(Key::Supervisor(parent_name));
         Ok(reply)
     }
 
@@ -450,13 +472,12 @@ impl Registry {
                 "the root supervisor cannot be stopped",
             ));
         }
-        let Some(sup) = self.data.supervisors.get(name) else {
+        if !self.data.supervisors.contains_key(name) {
             return Err(WireError::new(
                 ErrorCode::NotFound,
                 format!("no supervisor named {name:?}"),
             ));
-        };
-        let parent = sup.parent.clone().expect("only root has no parent");
+        }
         // Stop order is the reverse of start order, children before their supervisor, as in
         // OTP: collect the subtree in start order (pre-order) and stop it backwards.
         let mut order = Vec::new();
@@ -474,14 +495,13 @@ impl Registry {
                     seq: s.seq,
                     data: json!({ "name": n, "id": s.id, "parent": s.parent }),
                 });
+                self.children.remove(n);
+                if let Some(siblings) = s.parent.as_ref().and_then(|p| self.children.get_mut(p)) {
+                    siblings.remove(&s.position);
+                }
                 self.touched.insert(Key::Supervisor(n.clone()));
                 stopped.push(n.clone());
             }
-        }
-        if let Some(p) = self.data.supervisors.get_mut(&parent) {
-            p.children
-                .retain(|c| !matches!(c, Child::Supervisor { name: n } if n == name));
-            self.touched.insert(Key::Supervisor(parent));
         }
         Ok(json!({ "stopped": stopped }))
     }
@@ -490,8 +510,8 @@ impl Registry {
     fn collect_subtree(&self, name: &str, out: &mut Vec<String>) {
         let mut stack = vec![name.to_string()];
         while let Some(n) = stack.pop() {
-            if let Some(s) = self.data.supervisors.get(&n) {
-                for c in s.children.iter().rev() {
+            if self.data.supervisors.contains_key(&n) {
+                for c in self.children(&n).collect::<Vec<_>>().into_iter().rev() {
                     let Child::Supervisor { name } = c;
                     stack.push(name.clone());
                 }
@@ -503,9 +523,8 @@ impl Registry {
     /// The supervision tree below `name`, as nested JSON.
     pub fn tree(&self, name: &str) -> Option<Value> {
         let sup = self.data.supervisors.get(name)?;
-        let children: Vec<Value> = sup
-            .children
-            .iter()
+        let children: Vec<Value> = self
+            .children(name)
             .filter_map(|c| {
                 let Child::Supervisor { name } = c;
                 self.tree(name)

@@ -123,7 +123,7 @@ fn a_request_id_creates_once_and_replies_the_same() {
     let first = run(&mut reg, 1, Some("r1"), create("a", None)).unwrap();
     let again = run(&mut reg, 2, Some("r1"), create("a", None)).unwrap();
     assert_eq!(first, again);
-    assert_eq!(reg.supervisor(ROOT).unwrap().children.len(), 1);
+    assert_eq!(reg.children(ROOT).count(), 1);
     // Without the request id the same create is a conflict, not a silent success.
     check_code(
         run(&mut reg, 3, None, create("a", None)),

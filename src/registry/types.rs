@@ -106,8 +106,8 @@ impl Backoff {
     }
 }
 
-/// A child of a supervisor, in start order. Agents join this list with the agents issue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A child of a supervisor. Agents join this enum with the agents issue.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Child {
     Supervisor { name: String },
@@ -125,8 +125,9 @@ pub struct Supervisor {
     pub max_seconds: u32,
     pub backoff: Backoff,
     pub placement: SupervisorPlacement,
-    /// Children in start order.
-    pub children: Vec<Child>,
+    /// Start order among its siblings: children are ordered by position. Kept on the child
+    /// rather than as a list on the parent, so adding a child never rewrites the parent.
+    pub position: u64,
     pub created_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
@@ -144,7 +145,7 @@ impl Supervisor {
             max_seconds: OTP_MAX_SECONDS,
             backoff: Backoff::default(),
             placement: SupervisorPlacement::Spread,
-            children: Vec::new(),
+            position: 0,
             created_at: DateTime::<Utc>::UNIX_EPOCH,
             seq: 0,
         }

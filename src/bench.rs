@@ -239,15 +239,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "vs_etcd_ref"
         );
         for r in &rows {
-            let f = |k: &str, f: &str| r[k][f].clone();
+            let f = |k: &str, f: &str| r[k][f].as_f64().unwrap_or(0.0);
             println!(
-                "{:>7} {:>10.0} {:>8} {:>8} {:>7} | {:>10.0} {:>8} {:>8} | {:>10.1}x {:>13}",
-                r["writers"],
-                f("warden", "per_sec").as_f64().unwrap_or(0.0),
+                "{:>7} {:>10.0} {:>8.0} {:>8.0} {:>7.0} | {:>10.0} {:>8.0} {:>8.0} | {:>10.1}x {:>13}",
+                r["writers"].as_u64().unwrap_or(0),
+                f("warden", "per_sec"),
                 f("warden", "p50_us"),
                 f("warden", "p99_us"),
                 f("warden", "errors"),
-                f("nats_request_reply", "per_sec").as_f64().unwrap_or(0.0),
+                f("nats_request_reply", "per_sec"),
                 f("nats_request_reply", "p50_us"),
                 f("nats_request_reply", "p99_us"),
                 r["latency_p50_vs_nats"].as_f64().unwrap_or(0.0),

@@ -72,14 +72,13 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &self,
         rpc: &str,
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, RpcError<E>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -116,8 +115,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(n / 2),
             ));
         }
-        self.call::<AppendEntriesRequest, _, _>(RPC_APPEND, body, option.hard_ttl())
-            .await
+        self.call(RPC_APPEND, body, option.hard_ttl()).await
     }
 
     async fn install_snapshot(
@@ -126,8 +124,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse, RpcError<InstallSnapshotError>> {
         let body = Self::encode(&rpc).map_err(RpcError::Network)?;
-        self.call::<InstallSnapshotRequest, _, _>(RPC_SNAPSHOT, body, option.hard_ttl())
-            .await
+        self.call(RPC_SNAPSHOT, body, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -136,8 +133,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse, RpcError> {
         let body = Self::encode(&rpc).map_err(RpcError::Network)?;
-        self.call::<VoteRequest, _, _>(RPC_VOTE, body, option.hard_ttl())
-            .await
+        self.call(RPC_VOTE, body, option.hard_ttl()).await
     }
 
     fn backoff(&self) -> Backoff {

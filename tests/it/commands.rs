@@ -106,7 +106,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .unwrap();
 
     let j = |v: Value| serde_json::to_vec(&v).unwrap();
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, ErrorCode, &str)> = vec![
+    // (command, Content-Type, body, expected code, words the message must contain)
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, ErrorCode, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "create_supervisor",
             None,

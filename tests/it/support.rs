@@ -49,7 +49,7 @@ pub async fn connect(url: &str) -> async_nats::Client {
 pub struct TestCluster {
     pub cluster: LocalCluster,
     pub client: Client,
-    pub nats: NatsServer,
+    _nats: NatsServer,
     _dir: TempDir,
 }
 
@@ -73,7 +73,7 @@ impl TestCluster {
         TestCluster {
             cluster,
             client,
-            nats,
+            _nats: nats,
             _dir: dir,
         }
     }
@@ -131,7 +131,7 @@ pub async fn supervisor_names(client: &Client) -> Vec<String> {
 /// One node running inside the test process, on its own nats-server.
 pub struct InProcessNode {
     pub client: Client,
-    pub nats: NatsServer,
+    _nats: NatsServer,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -169,7 +169,7 @@ impl InProcessNode {
         .await;
         InProcessNode {
             client,
-            nats,
+            _nats: nats,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what Warden needs beyond the Rust toolchain: nats-server (nodes and tests talk to
+# it), iptables and iproute2 (the chaos harness cuts links with them). Uses apt-get when run
+# as root on Debian/Ubuntu; otherwise says what to install.
+set -euo pipefail
+need=()
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+else
+  echo "missing: ${need[*]}. Install them (Debian/Ubuntu: sudo apt-get install ${need[*]};" \
+       "macOS: brew install nats-server) and run this again." >&2
+  exit 1
+fi

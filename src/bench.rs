@@ -168,13 +168,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
-    let parent = format!("bench-{}", &run_id[..8]);
-    client
-        .call(
-            "create_supervisor",
-            &json!({"name": parent, "request_id": format!("{parent}-parent")}),
-        )
-        .await?;
     let duration = Duration::from_millis(args.duration_ms);
     let mut rows = Vec::new();
     for &n in &args.writers {
@@ -190,6 +183,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .await;
+        // A fresh parent per level, removed afterwards, so each level starts from the same
+        // registry size.
+        let parent = format!("bench-{}-{n}", &run_id[..8]);
+        client
+            .call(
+                "create_supervisor",
+                &json!({"name": parent, "request_id": format!("{parent}-parent")}),
+            )
+            .await?;
         let c = client.clone();
         let p = parent.clone();
         let warden = drive(n, duration, move |w, i| {
@@ -202,6 +204,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .await;
+        if let Err(e) = client
+            .call("stop_supervisor", &json!({"name": parent}))
+            .await
+        {
+            eprintln!("warning: could not remove {parent}: {e}");
+        }
         let etcd = ETCD_REFERENCE
             .iter()
             .find(|(w, _)| *w == n)
@@ -217,9 +225,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("measured {n} writer(s)");
         }
     }
-    let _ = client
-        .call("stop_supervisor", &json!({"name": parent}))
-        .await; // cleanup only
     echo.abort();
 
     if args.json {

@@ -57,6 +57,21 @@ pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 /// the node's overall 5 s stop budget.
 pub const DRAIN_GRACE_MS: u64 = 3_000;
 
+/// Writes a follower forwards to the leader in one NATS message. Forwarding one by one costs
+/// four message routings per write; batching makes that a fraction of one.
+pub const MAX_FORWARD_BATCH: usize = 256;
+
+/// Forward batches in flight from one follower at once.
+pub const MAX_FORWARDS_IN_FLIGHT: usize = 8;
+
+/// Records in one `list_supervisors` page; at a few hundred bytes each a page stays far
+/// below NATS `max_payload`.
+pub const MAX_PAGE: usize = 1_000;
+
+/// Supervisors drawn in one `get_supervision_tree` reply; deeper or wider parts are cut and
+/// marked `truncated`.
+pub const MAX_TREE_NODES: usize = 2_000;
+
 /// Names of supervisors, agents and clusters: `[A-Za-z0-9_-]{1,128}`.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -78,6 +93,10 @@ pub const REQUEST_ID_TTL_SECS: i64 = 24 * 3600;
 /// walks over it cannot exhaust a stack.
 pub const MAX_SUPERVISOR_DEPTH: usize = 64;
 
+/// Names listed in one reply (`stop_supervisor` of a huge subtree): 1,000 names of at most
+/// 128 bytes stay well below NATS `max_payload`; the reply also carries the full count.
+pub const MAX_NAMES_IN_REPLY: usize = 1_000;
+
 /// Supervisors in the registry.
 pub const MAX_SUPERVISORS: usize = 1_000_000;
 
@@ -91,6 +110,7 @@ pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 pub const JOIN_BACKOFF_MS_MAX: u64 = 2_000;
 
 const _: () = assert!(MAX_REQUEST_BYTES < MAX_PROPOSAL_BYTES);
+const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
 const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);
 const _: () = assert!(NATS_DEFAULT_MAX_PAYLOAD_BYTES >= MIN_SERVER_MAX_PAYLOAD_BYTES);

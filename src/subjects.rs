@@ -40,6 +40,11 @@ impl Subjects {
         format!("{}.node.{node}.cmd.*", self.prefix)
     }
 
+    /// Batches of writes a follower forwards to the leader: `warden.<cluster>.node.<id>.fwd`.
+    pub fn node_forward(&self, node: u64) -> String {
+        format!("{}.node.{node}.fwd", self.prefix)
+    }
+
     /// A Raft RPC to one node: `warden.<cluster>.raft.<node_id>.<rpc>`.
     pub fn raft(&self, node: u64, rpc: &str) -> String {
         format!("{}.raft.{node}.{rpc}", self.prefix)

@@ -110,6 +110,18 @@ impl Command {
     }
 }
 
+/// Where command `name` runs, from its name alone, so that a follower can forward a command
+/// without parsing it. `None` for an unknown name.
+pub fn route_of(name: &str) -> Option<Route> {
+    Some(match name {
+        "health" => Route::Local,
+        "cluster_status" | "list_supervisors" | "get_supervision_tree" => Route::Read,
+        "create_supervisor" | "stop_supervisor" => Route::Write,
+        "join" | "leave" => Route::Membership,
+        _ => return None,
+    })
+}
+
 /// Deserializes a command's fields, turning serde's message into a clear `bad_request`.
 fn fields<T: DeserializeOwned>(command: &str, body: Value) -> Result<T, WireError> {
     serde_json::from_value(body)

@@ -4,8 +4,11 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use std::ops::Bound;
+
+use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
-use crate::registry::{validate_name, Child, Registry, ROOT};
+use crate::registry::{validate_name, Child, Registry, Supervisor, ROOT};
 
 /// `stop_supervisor {name}`: stops a supervisor and everything below it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,36 +27,78 @@ impl StopSupervisor {
     }
 }
 
-/// `list_supervisors {parent?}`: every supervisor, or the direct children of `parent`.
+/// `list_supervisors {parent?, after?, limit?}`: supervisors by name, or the children of
+/// `parent` in start order, a page at a time.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListSupervisors {
     #[serde(default)]
     pub parent: Option<String>,
+    /// Start after this supervisor (the previous page's `next`).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Page size, 1 to 1,000 (the default).
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 impl ListSupervisors {
     pub fn validate(&self) -> Result<(), WireError> {
         self.parent
             .as_deref()
-            .map_or(Ok(()), |p| validate_name("parent", p))
+            .map_or(Ok(()), |p| validate_name("parent", p))?;
+        self.after
+            .as_deref()
+            .map_or(Ok(()), |a| validate_name("after", a))?;
+        match self.limit {
+            Some(l) if l == 0 || l > limits::MAX_PAGE => Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("limit must be between 1 and {}", limits::MAX_PAGE),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Answers from the registry.
     pub fn answer(&self, reg: &Registry) -> Result<Value, WireError> {
-        let sups: Vec<&crate::registry::Supervisor> = match &self.parent {
-            None => reg.data().supervisors.values().collect(),
-            Some(p) => {
-                reg.supervisor(p).ok_or_else(|| not_found(p))?;
-                reg.children(p)
-                    .filter_map(|c| {
-                        let Child::Supervisor { name } = c;
-                        reg.supervisor(name.as_str())
-                    })
+        let limit = self.limit.unwrap_or(limits::MAX_PAGE);
+        let page: Vec<&Supervisor> = match &self.parent {
+            None => {
+                let from = match &self.after {
+                    Some(a) => Bound::Excluded(a.clone()),
+                    None => Bound::Unbounded,
+                };
+                reg.data()
+                    .supervisors
+                    .range((from, Bound::Unbounded))
+                    .map(|(_, s)| s)
+                    .take(limit + 1)
                     .collect()
             }
+            Some(p) => {
+                reg.supervisor(p).ok_or_else(|| not_found(p))?;
+                let children = reg.children(p).filter_map(|c| {
+                    let Child::Supervisor { name } = c;
+                    reg.supervisor(name.as_str())
+                });
+                match &self.after {
+                    Some(a) => children
+                        .skip_while(|s| &s.name != a)
+                        .skip(1)
+                        .take(limit + 1)
+                        .collect(),
+                    None => children.take(limit + 1).collect(),
+                }
+            }
         };
-        Ok(json!({ "supervisors": sups }))
+        let more = page.len() > limit;
+        let page = &page[..page.len().min(limit)];
+        let next = if more {
+            page.last().map(|s| s.name.clone())
+        } else {
+            None
+        };
+        Ok(json!({ "supervisors": page, "next": next }))
     }
 }
 

@@ -2,6 +2,7 @@
 //! publishes events until its shutdown future resolves.
 
 mod dispatch;
+mod forward;
 mod membership;
 mod proposer;
 
@@ -42,6 +43,7 @@ pub struct Node {
     pub state: SharedState,
     pub contacts: Arc<Contacts>,
     proposer: proposer::Proposer,
+    forwarder: forward::Forwarder,
     membership_lock: tokio::sync::Mutex<()>,
     inflight: Arc<Semaphore>,
     started: Instant,
@@ -240,6 +242,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     }
 
     let (proposer, batcher) = proposer::Proposer::start(raft.clone(), flag(&stop_rx));
+    let (forwarder, forward_batcher) =
+        forward::Forwarder::start(client.clone(), subjects.clone(), flag(&stop_rx));
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         client: client.clone(),
@@ -248,13 +252,26 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         state,
         contacts,
         proposer,
+        forwarder,
         membership_lock: tokio::sync::Mutex::new(()),
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         started: Instant::now(),
     });
 
     let direct = client.subscribe(subjects.node_cmd_all(cfg.id)).await?;
-    tasks.spawn(dispatch::serve(node.clone(), direct, flag(&stop_rx)));
+    tasks.spawn(dispatch::serve(
+        node.clone(),
+        direct,
+        dispatch::Feed::Commands,
+        flag(&stop_rx),
+    ));
+    let forwarded = client.subscribe(subjects.node_forward(cfg.id)).await?;
+    tasks.spawn(dispatch::serve(
+        node.clone(),
+        forwarded,
+        dispatch::Feed::Forwarded,
+        flag(&stop_rx),
+    ));
     let left = client
         .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
         .await?;
@@ -278,6 +295,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
     let drain = async {
         while tasks.join_next().await.is_some() {}
         let _ = batcher.await; // a panicked batcher has nothing left to drain
+        let _ = forward_batcher.await;
         let _ = rpc.await;
     };
     if tokio::time::timeout(Duration::from_secs(5), drain)
@@ -344,7 +362,10 @@ async fn join_then_serve(
                         _ = join_phase => {}
                     }
                 };
-                tokio::join!(dispatch::serve(node.clone(), sub, stopped.clone()), refresh);
+                tokio::join!(
+                    dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
+                    refresh
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not subscribe to commands");
@@ -358,7 +379,7 @@ async fn join_then_serve(
         accepted = join_phase => if !accepted { return },
     }
     match subscribe_queue(&node).await {
-        Ok(sub) => dispatch::serve(node, sub, stopped).await,
+        Ok(sub) => dispatch::serve(node, sub, dispatch::Feed::Commands, stopped).await,
         Err(e) => {
             tracing::error!(error = %e, "could not subscribe to commands");
             let _ = stop.send(true);

@@ -126,7 +126,14 @@ async fn batch_loop(
         let raft = raft.clone();
         tasks.spawn(async move {
             let _permit = permit;
+            let started = std::time::Instant::now();
+            let commands = proposal.items.len();
             let result = raft.client_write(proposal).await;
+            tracing::debug!(
+                commands,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "proposal done"
+            );
             let replies: Vec<_> = batch.into_iter().map(|p| p.reply).collect();
             match result {
                 Ok(resp) => {

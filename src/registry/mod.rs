@@ -503,7 +503,10 @@ impl Registry {
                 stopped.push(n.clone());
             }
         }
-        Ok(json!({ "stopped": stopped }))
+        // The reply stays far below max_payload however large the subtree was.
+        let count = stopped.len();
+        stopped.truncate(limits::MAX_NAMES_IN_REPLY);
+        Ok(json!({ "stopped": stopped, "stopped_count": count }))
     }
 
     /// The supervisor `name` and everything below it, in start order (pre-order).
@@ -520,24 +523,39 @@ impl Registry {
         }
     }
 
-    /// The supervision tree below `name`, as nested JSON.
+    /// The supervision tree below `name`, as nested JSON, with at most
+    /// `limits::MAX_TREE_NODES` supervisors; a supervisor whose children were cut off for that
+    /// carries `"truncated": true`.
     pub fn tree(&self, name: &str) -> Option<Value> {
+        let mut budget = limits::MAX_TREE_NODES;
+        self.tree_within(name, &mut budget)
+    }
+
+    fn tree_within(&self, name: &str, budget: &mut usize) -> Option<Value> {
         let sup = self.data.supervisors.get(name)?;
-        let children: Vec<Value> = self
-            .children(name)
-            .filter_map(|c| {
-                let Child::Supervisor { name } = c;
-                self.tree(name)
-            })
-            .collect();
-        Some(json!({
+        *budget = budget.saturating_sub(1);
+        let mut children = Vec::new();
+        let mut truncated = false;
+        for c in self.children(name) {
+            if *budget == 0 {
+                truncated = true;
+                break;
+            }
+            let Child::Supervisor { name } = c;
+            children.extend(self.tree_within(name, budget));
+        }
+        let mut node = json!({
             "type": "supervisor",
             "name": sup.name,
             "id": sup.id,
             "strategy": sup.strategy,
             "placement": sup.placement,
             "children": children,
-        }))
+        });
+        if truncated {
+            node["truncated"] = Value::Bool(true);
+        }
+        Some(node)
     }
 }
 

@@ -67,7 +67,10 @@ fn supervisors_nest_and_stop_as_a_subtree_in_reverse_start_order() {
         cmd: RegistryCmd::StopSupervisor { name: "a".into() },
     };
     let out = reg.apply(t(6), &item, &mut events).unwrap();
-    assert_eq!(out, json!({"stopped": ["c", "d", "b", "a"]}));
+    assert_eq!(
+        out,
+        json!({"stopped": ["c", "d", "b", "a"], "stopped_count": 4})
+    );
     let stopped: Vec<_> = events.iter().map(|e| (e.id.as_str(), e.event)).collect();
     assert_eq!(
         stopped,
@@ -209,4 +212,43 @@ fn names_are_validated() {
             "{bad:?} should be refused"
         );
     }
+}
+
+#[test]
+fn a_huge_tree_is_cut_at_the_limit_and_says_so() {
+    let mut reg = Registry::default();
+    for i in 0..limits::MAX_TREE_NODES + 5 {
+        run(&mut reg, i as i64, None, create(&format!("s{i}"), None)).unwrap();
+    }
+    let tree = reg.tree(ROOT).unwrap();
+    assert_eq!(
+        tree["children"].as_array().unwrap().len(),
+        limits::MAX_TREE_NODES - 1
+    );
+    assert_eq!(tree["truncated"], true);
+    let small = reg.tree("s0").unwrap();
+    assert!(small.get("truncated").is_none());
+}
+
+#[test]
+fn stopping_a_huge_subtree_bounds_the_names_in_the_reply() {
+    let mut reg = Registry::default();
+    run(&mut reg, 0, None, create("top", None)).unwrap();
+    let n = limits::MAX_NAMES_IN_REPLY + 7;
+    for i in 0..n {
+        run(&mut reg, 1, None, create(&format!("c{i}"), Some("top"))).unwrap();
+    }
+    let out = run(
+        &mut reg,
+        2,
+        None,
+        RegistryCmd::StopSupervisor { name: "top".into() },
+    )
+    .unwrap();
+    assert_eq!(out["stopped_count"], n + 1);
+    assert_eq!(
+        out["stopped"].as_array().unwrap().len(),
+        limits::MAX_NAMES_IN_REPLY
+    );
+    assert_eq!(reg.data().supervisors.len(), 1, "only root is left");
 }

@@ -279,3 +279,65 @@ async fn stopping_a_supervisor_removes_its_subtree_and_nothing_else() {
     let tree = c.call("get_supervision_tree", &json!({})).await.unwrap();
     assert_eq!(tree["children"][0]["name"], "d");
 }
+
+/// Goal: listing is paged, so a registry of any size answers within NATS max_payload.
+/// Method: page through supervisors (all, and the children of one) with a small limit.
+#[tokio::test]
+async fn list_supervisors_pages_through_everything_in_order() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    c.call("create_supervisor", &json!({"name": "p"}))
+        .await
+        .unwrap();
+    for name in ["e", "a", "d", "b", "c"] {
+        c.call("create_supervisor", &json!({"name": name, "parent": "p"}))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = json!({"parent": "p", "limit": 2});
+        if let Some(a) = &after {
+            q["after"] = json!(a);
+        }
+        let page = c.call("list_supervisors", &q).await.unwrap();
+        let names = page["supervisors"].as_array().unwrap();
+        assert!(names.len() <= 2);
+        seen.extend(
+            names
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["e", "a", "d", "b", "c"],
+        "children come in start order"
+    );
+    let all = c
+        .call("list_supervisors", &json!({"after": "c", "limit": 3}))
+        .await
+        .unwrap();
+    let names: Vec<_> = all["supervisors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        [json!("d"), json!("e"), json!("p")],
+        "all supervisors come by name"
+    );
+    assert_eq!(all["next"], "p");
+    let err = c
+        .call("list_supervisors", &json!({"limit": 0}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+}

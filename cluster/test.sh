@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints (warnings are errors), unit and integration tests.
+# The whole test suite: formatting, lints (warnings are errors), unit and integration tests,
+# then a short chaos run (real faults against real node processes, guarantees checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo nextest run --workspace --profile ci
+cargo build --quiet --bin warden -p warden
+cargo build --quiet --bin warden-chaos -p warden-chaos
+target/debug/warden-chaos --scenario chaos/scenarios/ci.toml --warden target/debug/warden

@@ -46,6 +46,15 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts `nats-server` from PATH on a free loopback port, with `extra` arguments.
     pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<NatsServer> {
+        Self::start_on(dir, None, extra).await
+    }
+
+    /// Starts `nats-server` on `port` (a free one when `None`), with `extra` arguments.
+    pub async fn start_on(
+        dir: &Path,
+        port: Option<u16>,
+        extra: &[String],
+    ) -> anyhow::Result<NatsServer> {
         let bin = find_in_path("nats-server").ok_or_else(|| {
             anyhow::anyhow!(
                 "nats-server is not on PATH. Install it (Debian/Ubuntu: `apt-get install \
@@ -55,8 +64,9 @@ impl NatsServer {
         })?;
         let ports_dir = dir.join("nats-ports");
         std::fs::create_dir_all(&ports_dir)?;
+        let port = port.map_or("-1".to_string(), |p| p.to_string());
         let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .args(["-a", "127.0.0.1", "-p", &port, "--ports_file_dir"])
             .arg(&ports_dir)
             .args(extra)
             .stdout(Stdio::null())
@@ -122,6 +132,8 @@ pub struct LocalCluster {
     pub cluster: String,
     /// Extra `--config` file contents written for every node (TOML), if any.
     pub config_toml: Option<String>,
+    /// NATS URL of individual nodes, when not `nats_url` (a proxy per node, say).
+    pub node_nats: BTreeMap<u64, String>,
     pub nodes: BTreeMap<u64, Child>,
 }
 
@@ -134,6 +146,7 @@ impl LocalCluster {
             nats_url,
             cluster: cluster.to_string(),
             config_toml: None,
+            node_nats: BTreeMap::new(),
             nodes: BTreeMap::new(),
         }
     }
@@ -150,6 +163,7 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("node-{id}.log")))?;
+        let nats = self.node_nats.get(&id).unwrap_or(&self.nats_url);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("node")
             .args([
@@ -158,7 +172,7 @@ impl LocalCluster {
                 "--cluster",
                 &self.cluster,
                 "--nats",
-                &self.nats_url,
+                nats,
             ])
             .arg("--data-dir")
             .arg(self.data_dir(id))

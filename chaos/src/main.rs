@@ -1,0 +1,363 @@
+//! `warden-chaos`: runs a scenario against real `warden node` processes and real
+//! `nats-server`s with faults from one seeded schedule, then checks the guarantees of SPEC.md
+//! on the recorded history. Exits non-zero on any violation. See `chaos/README.md`.
+
+mod check;
+mod history;
+mod proxy;
+mod scenario;
+mod workload;
+mod world;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use check::{FinalState, Verdict};
+use history::History;
+use scenario::Scenario;
+use world::{Active, FaultRecord, World};
+
+#[derive(Parser)]
+#[command(
+    name = "warden-chaos",
+    about = "Real faults against a real Warden cluster, checked"
+)]
+struct Args {
+    /// Scenario file.
+    #[arg(long, default_value = "chaos/scenarios/ci.toml")]
+    scenario: PathBuf,
+    /// Seed of the schedule; random (and printed) when not given.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the scenario's safety phase length, in seconds.
+    #[arg(long)]
+    safety_s: Option<u64>,
+    /// The warden binary to run nodes with.
+    #[arg(long, default_value = "target/debug/warden")]
+    warden: PathBuf,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Keep the run's directory (logs, data) instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("chaos: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn pick_weighted<'a>(
+    rng: &mut StdRng,
+    weights: &'a std::collections::BTreeMap<String, u32>,
+) -> Option<&'a str> {
+    let total: u32 = weights.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = rng.gen_range(0..total);
+    for (k, w) in weights {
+        if roll < *w {
+            return Some(k);
+        }
+        roll -= w;
+    }
+    None
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(s) = args.safety_s {
+        scenario.safety_s = s;
+    }
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!(
+        "chaos: scenario {} seed {seed} ({} s of faults)",
+        scenario.name, scenario.safety_s
+    );
+    println!(
+        "chaos: replay with --scenario {} --seed {seed}",
+        args.scenario.display()
+    );
+    // Kept on failure (and with --keep) for its logs; removed after a clean pass.
+    let dir = std::env::temp_dir().join(format!("warden-chaos-{seed}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    println!("chaos: logs and data in {}", dir.display());
+    let bin = std::fs::canonicalize(&args.warden)
+        .map_err(|e| anyhow::anyhow!("warden binary {:?}: {e} (build it first)", args.warden))?;
+    let mut world = World::start(&scenario, dir.clone(), bin).await?;
+    let start = Instant::now();
+    let history = History::new(start);
+
+    // Leaders seen per term: leader_changed events, plus status samples below.
+    let mut leader_events = world
+        .client
+        .nats
+        .subscribe("warden.chaos.evt.node.*.leader_changed")
+        .await?;
+    let mut leaders: Vec<(u64, u64)> = Vec::new();
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let until = Instant::now() + Duration::from_secs(scenario.safety_s);
+    let mut clients = tokio::task::JoinSet::new();
+    for k in 0..scenario.workload.clients {
+        let c = world.client.clone();
+        let parent = workload::parent_of(k);
+        let body = json!({"name": parent, "request_id": format!("parent-{parent}")});
+        c.call("create_supervisor", &body)
+            .await
+            .map_err(|e| anyhow::anyhow!("setup {parent}: {e}"))?;
+        clients.spawn(workload::run_client(
+            k,
+            seed,
+            scenario.workload.clone(),
+            c,
+            history.clone(),
+            until,
+        ));
+    }
+
+    // Safety phase: faults on the seeded schedule while the clients run.
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    let mut active: Vec<(Active, Instant, usize)> = Vec::new();
+    let max_active = (scenario.nodes as usize).div_ceil(2).max(1);
+    let mut next_fault = Instant::now()
+        + Duration::from_millis(
+            rng.gen_range(scenario.faults.interval_ms[0]..=scenario.faults.interval_ms[1]),
+        );
+    while Instant::now() < until {
+        let now = Instant::now();
+        world.reap_crashes(history.now_ms());
+        // Heal what is due.
+        let mut i = 0;
+        while i < active.len() {
+            if active[i].1 <= now {
+                let (fault, _, rec) = active.remove(i);
+                world.heal(fault).await;
+                faults[rec].healed_ms = Some(history.now_ms());
+            } else {
+                i += 1;
+            }
+        }
+        if now >= next_fault {
+            if active.len() < max_active {
+                if let Some(kind) =
+                    pick_weighted(&mut rng, &scenario.faults.kinds).map(str::to_string)
+                {
+                    let current: Vec<Active> = active.iter().map(|a| a.0).collect();
+                    let start_ms = history.now_ms();
+                    if let Some((fault, target)) = world.inject(&kind, &mut rng, &current).await {
+                        let d = rng.gen_range(
+                            scenario.faults.duration_ms[0]..=scenario.faults.duration_ms[1],
+                        );
+                        faults.push(FaultRecord {
+                            kind,
+                            target,
+                            start_ms,
+                            healed_ms: None,
+                        });
+                        active.push((
+                            fault,
+                            Instant::now() + Duration::from_millis(d),
+                            faults.len() - 1,
+                        ));
+                    } else if kind == "rolling_restart" {
+                        faults.push(FaultRecord {
+                            kind,
+                            target: "all".into(),
+                            start_ms,
+                            healed_ms: Some(history.now_ms()),
+                        });
+                    }
+                }
+            }
+            next_fault = Instant::now()
+                + Duration::from_millis(
+                    rng.gen_range(scenario.faults.interval_ms[0]..=scenario.faults.interval_ms[1]),
+                );
+        }
+        // Sample the leader and drain leader events while waiting for the next tick.
+        let tick = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                Some(msg) = leader_events.next() => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) {
+                        if let (Some(t), Some(l)) = (v["data"]["term"].as_u64(), v["data"]["leader"].as_u64()) {
+                            leaders.push((t, l));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    while clients.join_next().await.is_some() {}
+
+    // Heal everything, then the liveness phase: the cluster must come back by itself.
+    for (fault, _, rec) in active.drain(..) {
+        world.heal(fault).await;
+        faults[rec].healed_ms = Some(history.now_ms());
+    }
+    world.reap_crashes(history.now_ms());
+    world.restart_missing().await;
+    let recovery = world
+        .wait_healthy(
+            scenario.nodes as usize,
+            Duration::from_secs(scenario.liveness_timeout_s),
+        )
+        .await;
+    let liveness = Verdict {
+        guarantee: "G4",
+        what: "the healed cluster recovers (registry)",
+        checked: 1,
+        violations: recovery
+            .as_ref()
+            .err()
+            .map(|e| vec![e.clone()])
+            .unwrap_or_default(),
+    };
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), leader_events.next()).await
+    {
+        if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) {
+            if let (Some(t), Some(l)) = (v["data"]["term"].as_u64(), v["data"]["leader"].as_u64()) {
+                leaders.push((t, l));
+            }
+        }
+    }
+
+    let final_state = read_final(&world).await;
+    let ops = history.ops();
+    let mut verdicts = vec![liveness];
+    match &final_state {
+        Ok(fin) => {
+            verdicts.push(check::g2_acknowledged_writes(&ops, fin));
+            verdicts.push(check::g5_bad_input(&ops, fin, &world.crashes));
+        }
+        Err(e) => verdicts.push(Verdict {
+            guarantee: "G2",
+            what: "final state readable",
+            checked: 1,
+            violations: vec![e.clone()],
+        }),
+    }
+    verdicts.push(check::g6_linearizable_reads(&ops));
+    verdicts.push(check::g6_one_leader_per_term(&leaders));
+    verdicts.push(check::g7_idempotent_retries(&ops));
+
+    let ok = verdicts.iter().all(Verdict::ok);
+    let counts = op_counts(&ops);
+    println!("chaos: {} faults injected:", faults.len());
+    for f in &faults {
+        println!(
+            "  {:>7} ms  {:<17} {:<8} healed {}",
+            f.start_ms,
+            f.kind,
+            f.target,
+            f.healed_ms.map_or("-".into(), |h| format!("{h} ms"))
+        );
+    }
+    println!("chaos: operations {counts}");
+    if let Ok(d) = &recovery {
+        println!("chaos: recovered {} ms after healing", d.as_millis());
+    }
+    for v in &verdicts {
+        let mark = if v.ok() { "PASS" } else { "FAIL" };
+        println!(
+            "  {mark} {} {} ({} checked)",
+            v.guarantee, v.what, v.checked
+        );
+        for x in v.violations.iter().take(10) {
+            println!("       {x}");
+        }
+    }
+    let passed = verdicts.iter().filter(|v| v.ok()).count();
+    println!(
+        "chaos: {} passed, {} failed",
+        passed,
+        verdicts.len() - passed
+    );
+    let report = json!({
+        "scenario": scenario.name, "seed": seed, "safety_s": scenario.safety_s,
+        "faults": faults, "operations": counts, "verdicts": verdicts, "ok": ok,
+    });
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    drop(world);
+    if ok && !args.keep {
+        let _ = std::fs::remove_dir_all(&dir); // leftovers in a temp dir are harmless
+    } else {
+        println!("chaos: logs and data kept in {}", dir.display());
+    }
+    Ok(ok)
+}
+
+fn op_counts(ops: &[history::Op]) -> Value {
+    let mut counts = serde_json::Map::new();
+    for o in ops {
+        let kind = match &o.kind {
+            history::OpKind::Create { .. } => "create",
+            history::OpKind::Stop { .. } => "stop",
+            history::OpKind::Read { .. } => "read",
+            history::OpKind::BadInput { .. } => "bad_input",
+        };
+        let outcome = match &o.outcome {
+            history::Outcome::Ok { .. } => "ok",
+            history::Outcome::Failed { .. } => "failed",
+            history::Outcome::Unknown { .. } => "unknown",
+        };
+        let e = counts
+            .entry(kind.to_string())
+            .or_insert_with(|| json!({"ok": 0, "failed": 0, "unknown": 0}));
+        e[outcome] = json!(e[outcome].as_u64().unwrap_or(0) + 1);
+    }
+    Value::Object(counts)
+}
+
+/// Reads every supervisor back, page by page, with linearizable reads.
+async fn read_final(world: &World) -> Result<FinalState, String> {
+    let c = warden::client::Client {
+        deadline: Duration::from_secs(20),
+        ..world.client.clone()
+    };
+    let mut fin = FinalState::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = json!({});
+        if let Some(a) = &after {
+            q["after"] = json!(a);
+        }
+        let page = c
+            .call("list_supervisors", &q)
+            .await
+            .map_err(|e| format!("final read: {e}"))?;
+        for s in page["supervisors"].as_array().into_iter().flatten() {
+            fin.insert(
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["id"].as_str().unwrap_or("").to_string(),
+            );
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return Ok(fin),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Scenarios are data: `chaos/scenarios/*.toml`. Every random choice of a run is drawn from one
+//! seeded generator, so a seed and a scenario replay the same schedule.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// One scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// Warden nodes (node 1 bootstraps).
+    #[serde(default = "three")]
+    pub nodes: u64,
+    /// NATS servers: 1, or 3 for a NATS cluster (node i talks to server (i-1) % 3).
+    #[serde(default = "one")]
+    pub nats_servers: u64,
+    /// Length of the safety phase (faults and workload), in seconds.
+    pub safety_s: u64,
+    /// How long the cluster may take to recover after healing, in seconds.
+    #[serde(default = "sixty")]
+    pub liveness_timeout_s: u64,
+    pub workload: Workload,
+    pub faults: Faults,
+}
+
+/// The client workload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Relative weights of operations.
+    pub create: u32,
+    pub stop: u32,
+    pub read: u32,
+    pub bad_input: u32,
+    /// Client-side deadline of one operation, in ms; past it the outcome is unknown.
+    pub op_timeout_ms: u64,
+    /// Pause between one client's operations, in ms.
+    #[serde(default)]
+    pub think_ms: u64,
+}
+
+/// The fault schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Time between the starts of two faults: a random value in [min, max] ms.
+    pub interval_ms: [u64; 2],
+    /// How long a fault lasts before it is healed: a random value in [min, max] ms.
+    pub duration_ms: [u64; 2],
+    /// Relative weights of fault kinds: `kill`, `kill_leader`, `pause`, `pause_leader`,
+    /// `partition`, `partition_leader`, `nats_restart`, `rolling_restart`.
+    pub kinds: BTreeMap<String, u32>,
+}
+
+fn one() -> u64 {
+    1
+}
+fn three() -> u64 {
+    3
+}
+fn sixty() -> u64 {
+    60
+}
+
+/// Fault kinds the harness knows.
+pub const FAULT_KINDS: &[&str] = &[
+    "kill",
+    "kill_leader",
+    "pause",
+    "pause_leader",
+    "partition",
+    "partition_leader",
+    "nats_restart",
+    "rolling_restart",
+];
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {path:?}"))?;
+        let s: Scenario = toml::from_str(&text).with_context(|| format!("parse {path:?}"))?;
+        anyhow::ensure!(s.nodes >= 1, "nodes must be at least 1");
+        anyhow::ensure!(
+            [1, 3].contains(&s.nats_servers),
+            "nats_servers must be 1 or 3"
+        );
+        anyhow::ensure!(s.workload.clients >= 1, "at least one client");
+        for k in s.faults.kinds.keys() {
+            anyhow::ensure!(
+                FAULT_KINDS.contains(&k.as_str()),
+                "unknown fault kind {k:?}"
+            );
+        }
+        anyhow::ensure!(
+            s.faults.interval_ms[0] <= s.faults.interval_ms[1],
+            "interval_ms is [min, max]"
+        );
+        anyhow::ensure!(
+            s.faults.duration_ms[0] <= s.faults.duration_ms[1],
+            "duration_ms is [min, max]"
+        );
+        Ok(s)
+    }
+}

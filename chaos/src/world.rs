@@ -1,0 +1,281 @@
+//! The world a run happens in: NATS servers, one proxy per node, the node processes, and the
+//! faults injected into them. Everything is owned here and killed when the world drops.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::json;
+use warden::client::Client;
+use warden::up::{signal, LocalCluster, NatsServer};
+
+use crate::proxy::{free_port, Proxy};
+use crate::scenario::Scenario;
+
+/// A fault as injected, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: String,
+    pub target: String,
+    pub start_ms: u64,
+    pub healed_ms: Option<u64>,
+}
+
+/// A fault that is still in effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Active {
+    Killed(u64),
+    Paused(u64),
+    Partitioned(u64),
+    NatsDown(usize),
+}
+
+/// One NATS server of the run, restartable on the same ports.
+struct Nats {
+    server: Option<NatsServer>,
+    port: u16,
+    args: Vec<String>,
+}
+
+pub struct World {
+    pub dir: PathBuf,
+    nats: Vec<Nats>,
+    pub proxies: BTreeMap<u64, Proxy>,
+    pub cluster: LocalCluster,
+    pub client: Client,
+    /// Nodes the harness itself stopped or killed; any other exit is a crash.
+    pub expected_down: BTreeMap<u64, bool>,
+    pub crashes: Vec<String>,
+}
+
+impl World {
+    /// Starts NATS, proxies and nodes, and waits for the cluster.
+    pub async fn start(s: &Scenario, dir: PathBuf, bin: PathBuf) -> anyhow::Result<World> {
+        let n = s.nats_servers as usize;
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        let mut nats = Vec::new();
+        for i in 0..n {
+            let mut args = Vec::new();
+            if n > 1 {
+                let all: Vec<String> = routes
+                    .iter()
+                    .map(|p| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                args = vec![
+                    "-n".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "chaos".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", routes[i]),
+                    "--routes".into(),
+                    all.join(","),
+                ];
+            }
+            let server = NatsServer::start_on(&dir, Some(ports[i]), &args).await?;
+            nats.push(Nats {
+                server: Some(server),
+                port: ports[i],
+                args,
+            });
+        }
+        let mut proxies = BTreeMap::new();
+        let mut cluster = LocalCluster::new(bin, dir.join("nodes"), String::new(), "chaos");
+        for id in 1..=s.nodes {
+            let server = ((id - 1) as usize) % n;
+            let proxy = Proxy::start(format!("127.0.0.1:{}", ports[server])).await?;
+            cluster.node_nats.insert(id, proxy.url());
+            proxies.insert(id, proxy);
+        }
+        // Snapshots early and often, so that faults also hit snapshot transfer.
+        cluster.config_toml = Some("[raft]\nsnapshot_after_entries = 500\n".into());
+        for id in 1..=s.nodes {
+            cluster.start_node(id, id == 1).await?;
+        }
+        let all: Vec<String> = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let nc = warden::bus::connect(
+            &warden::bus::NatsConfig {
+                url: all.join(","),
+                ..Default::default()
+            },
+            "warden-chaos",
+            false,
+        )
+        .await?;
+        let client = Client::new(nc, "chaos");
+        cluster
+            .wait_ready(&client, s.nodes as usize, Duration::from_secs(60))
+            .await?;
+        Ok(World {
+            dir,
+            nats,
+            proxies,
+            cluster,
+            client,
+            expected_down: BTreeMap::new(),
+            crashes: Vec::new(),
+        })
+    }
+
+    /// The current leader, if the cluster answers quickly.
+    pub async fn leader(&self) -> Option<u64> {
+        let c = Client {
+            deadline: Duration::from_secs(2),
+            ..self.client.clone()
+        };
+        c.call("cluster_status", &json!({})).await.ok()?["leader"].as_u64()
+    }
+
+    /// Notes nodes that exited without the harness asking: crashes (G5: never on input).
+    pub fn reap_crashes(&mut self, now_ms: u64) {
+        let mut gone = Vec::new();
+        for (id, child) in self.cluster.nodes.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                gone.push((*id, status));
+            }
+        }
+        for (id, status) in gone {
+            self.cluster.nodes.remove(&id);
+            if !self.expected_down.contains_key(&id) {
+                self.crashes.push(format!(
+                    "node {id} exited by itself at {now_ms} ms: {status}"
+                ));
+                // Bring it back so the run can go on; the crash is already a violation.
+                self.expected_down.insert(id, true);
+            }
+        }
+    }
+
+    /// Injects one fault of `kind`, returning what it did.
+    pub async fn inject(
+        &mut self,
+        kind: &str,
+        rng: &mut StdRng,
+        active: &[Active],
+    ) -> Option<(Active, String)> {
+        let busy: Vec<u64> = active
+            .iter()
+            .filter_map(|a| match a {
+                Active::Killed(n) | Active::Paused(n) | Active::Partitioned(n) => Some(*n),
+                Active::NatsDown(_) => None,
+            })
+            .collect();
+        let ids: Vec<u64> = self
+            .proxies
+            .keys()
+            .copied()
+            .filter(|id| !busy.contains(id))
+            .collect();
+        let pick = |rng: &mut StdRng| -> Option<u64> {
+            (!ids.is_empty()).then(|| ids[rng.gen_range(0..ids.len())])
+        };
+        let target = match kind {
+            "kill_leader" | "pause_leader" | "partition_leader" => {
+                self.leader().await.filter(|l| !busy.contains(l))?
+            }
+            "nats_restart" => {
+                if active.iter().any(|a| matches!(a, Active::NatsDown(_))) {
+                    return None;
+                }
+                let i = rng.gen_range(0..self.nats.len());
+                if let Some(mut s) = self.nats[i].server.take() {
+                    s.kill().await;
+                }
+                return Some((Active::NatsDown(i), format!("nats-{i}")));
+            }
+            "rolling_restart" => {
+                if !busy.is_empty() {
+                    return None;
+                }
+                for id in self.proxies.keys().copied().collect::<Vec<_>>() {
+                    self.expected_down.insert(id, true);
+                    self.cluster.stop(id, Duration::from_secs(10)).await;
+                    let _ = self.cluster.start_node(id, false).await;
+                    self.expected_down.remove(&id);
+                    let c = Client {
+                        node: Some(id),
+                        deadline: Duration::from_secs(15),
+                        ..self.client.clone()
+                    };
+                    let _ = c.call("health", &json!({})).await; // wait until it answers again
+                }
+                return None;
+            }
+            _ => pick(rng)?,
+        };
+        let fault = match kind {
+            "kill" | "kill_leader" => {
+                self.expected_down.insert(target, true);
+                self.cluster.kill(target).await;
+                Active::Killed(target)
+            }
+            "pause" | "pause_leader" => {
+                let pid = self.cluster.pid(target)?;
+                signal(pid, libc::SIGSTOP);
+                Active::Paused(target)
+            }
+            _ => {
+                self.proxies.get(&target)?.set_blocked(true);
+                Active::Partitioned(target)
+            }
+        };
+        Some((fault, format!("node-{target}")))
+    }
+
+    /// Undoes one fault.
+    pub async fn heal(&mut self, fault: Active) {
+        match fault {
+            Active::Killed(id) => {
+                if let Err(e) = self.cluster.start_node(id, false).await {
+                    eprintln!("chaos: could not restart node {id}: {e}");
+                }
+                self.expected_down.remove(&id);
+            }
+            Active::Paused(id) => {
+                if let Some(pid) = self.cluster.pid(id) {
+                    signal(pid, libc::SIGCONT);
+                }
+            }
+            Active::Partitioned(id) => {
+                if let Some(p) = self.proxies.get(&id) {
+                    p.set_blocked(false);
+                }
+            }
+            Active::NatsDown(i) => {
+                let n = &mut self.nats[i];
+                match NatsServer::start_on(&self.dir, Some(n.port), &n.args).await {
+                    Ok(s) => n.server = Some(s),
+                    Err(e) => eprintln!("chaos: could not restart nats-{i}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Restarts every node that is down (crashed or killed), so liveness can be checked.
+    pub async fn restart_missing(&mut self) {
+        let ids: Vec<u64> = self.proxies.keys().copied().collect();
+        for id in ids {
+            if !self.cluster.nodes.contains_key(&id) {
+                let _ = self.cluster.start_node(id, false).await;
+                self.expected_down.remove(&id);
+            }
+        }
+    }
+
+    /// Waits until every node is up with a leader, at most `within`.
+    pub async fn wait_healthy(&self, nodes: usize, within: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        self.cluster
+            .wait_ready(&self.client, nodes, within)
+            .await
+            .map(|_| start.elapsed())
+            .map_err(|e| e.to_string())
+    }
+}

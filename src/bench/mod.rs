@@ -13,6 +13,8 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+mod etcd;
+
 use crate::bus::{self, NatsConfig};
 use crate::client::Client;
 use crate::up::{LocalCluster, NatsServer};
@@ -38,6 +40,9 @@ pub struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also measure a local three-member etcd (`etcd` on PATH) as the reference.
+    #[arg(long)]
+    pub etcd: bool,
 }
 
 /// Throughput and latency of one measurement.
@@ -106,9 +111,46 @@ where
     figures(all, errors, start.elapsed())
 }
 
-/// Published figures for a 3-member etcd on the same kind of 2-core machine (issue #2), used
-/// until the bench can start etcd itself: (writers, writes/s).
+/// Figures for a 3-member etcd on the same kind of 2-core machine (from the project's issue),
+/// used when the run does not measure etcd itself (`--etcd`): (writers, writes/s).
 const ETCD_REFERENCE: &[(usize, f64)] = &[(1, 1_900.0), (64, 11_000.0), (256, 15_000.0)];
+
+/// Drives `n` etcd writers (one connection each, spread over the members) for `duration`.
+async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyhow::Result<Figures> {
+    let mut conns = Vec::new();
+    for w in 0..n {
+        conns.push(
+            etcd::Http::connect(&cluster.client_addrs[w % cluster.client_addrs.len()]).await?,
+        );
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (w, mut c) in conns.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let (mut lat, mut errors, mut i) = (Vec::new(), 0u64, 0u64);
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                match c
+                    .put(format!("bench/{n}/{w}/{i}").as_bytes(), b"{\"name\":\"x\"}")
+                    .await
+                {
+                    Ok(()) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        });
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok((lat, e)) = r {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    Ok(figures(all, errors, start.elapsed()))
+}
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -129,6 +171,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         url
     } else {
         args.nats.clone()
+    };
+    let etcd_cluster = if args.etcd {
+        let dir = std::env::temp_dir().join(format!("warden-bench-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Some((etcd::Etcd::start(&dir).await?, dir))
+    } else {
+        None
     };
     let nats = bus::connect(
         &NatsConfig {
@@ -210,15 +259,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         {
             eprintln!("warning: could not remove {parent}: {e}");
         }
-        let etcd = ETCD_REFERENCE
-            .iter()
-            .find(|(w, _)| *w == n)
-            .map(|(_, r)| *r);
+        let measured = match &etcd_cluster {
+            Some((cluster, _)) => Some(drive_etcd(cluster, n, duration).await?),
+            None => None,
+        };
+        let etcd = match &measured {
+            Some(f) => Some(f.per_sec),
+            None => ETCD_REFERENCE
+                .iter()
+                .find(|(w, _)| *w == n)
+                .map(|(_, r)| *r),
+        };
         rows.push(json!({
             "writers": n,
             "warden": warden,
             "nats_request_reply": raw,
             "latency_p50_vs_nats": warden.p50_us as f64 / raw.p50_us.max(1) as f64,
+            "etcd": measured,
+            "etcd_measured_in_this_run": measured.is_some(),
             "throughput_vs_etcd_reference": etcd.map(|e| warden.per_sec / e),
         }));
         if !args.json {
@@ -230,23 +288,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&Value::Array(rows))?);
     } else {
+        let reference = if args.etcd {
+            "etcd (this run)"
+        } else {
+            "etcd (issue's figures)"
+        };
         println!(
-            "{:>7} {:>10} {:>8} {:>8} {:>7} | {:>10} {:>8} {:>8} | {:>11} {:>13}",
+            "{:>7} | {:>9} {:>8} {:>8} {:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} | {:>8} {:>8}",
             "writers",
-            "writes/s",
+            "warden/s",
             "p50_us",
             "p99_us",
             "errors",
             "nats_rr/s",
             "p50_us",
             "p99_us",
+            "etcd/s",
+            "p50_us",
             "p50/nats",
-            "vs_etcd_ref"
+            "vs_etcd"
         );
         for r in &rows {
             let f = |k: &str, f: &str| r[k][f].as_f64().unwrap_or(0.0);
+            let etcd_rate = r["etcd"]["per_sec"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.0}"));
+            let etcd_p50 = r["etcd"]["p50_us"]
+                .as_u64()
+                .map_or("-".into(), |x| x.to_string());
             println!(
-                "{:>7} {:>10.0} {:>8.0} {:>8.0} {:>7.0} | {:>10.0} {:>8.0} {:>8.0} | {:>10.1}x {:>13}",
+                "{:>7} | {:>9.0} {:>8.0} {:>8.0} {:>6.0} | {:>9.0} {:>8.0} {:>8.0} | {:>9} {:>8} | {:>7.1}x {:>8}",
                 r["writers"].as_u64().unwrap_or(0),
                 f("warden", "per_sec"),
                 f("warden", "p50_us"),
@@ -255,6 +326,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 f("nats_request_reply", "per_sec"),
                 f("nats_request_reply", "p50_us"),
                 f("nats_request_reply", "p99_us"),
+                etcd_rate,
+                etcd_p50,
                 r["latency_p50_vs_nats"].as_f64().unwrap_or(0.0),
                 r["throughput_vs_etcd_reference"]
                     .as_f64()
@@ -262,6 +335,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| "-".into()),
             );
         }
+        println!("vs_etcd: warden writes/s over {reference} writes/s");
+    }
+    if let Some((cluster, dir)) = etcd_cluster {
+        drop(cluster);
+        let _ = std::fs::remove_dir_all(dir); // a temp dir; leftovers are harmless
     }
     if let Some(mut cluster) = _local {
         cluster.stop_all(Duration::from_secs(10)).await;

@@ -18,4 +18,5 @@ pub mod protocol;
 pub mod raft;
 pub mod registry;
 pub mod subjects;
+pub mod supervision;
 pub mod up;

@@ -1,0 +1,215 @@
+//! The supervision planner: what a supervisor does when one of its children exits, with
+//! Erlang/OTP's semantics, as pure code. It does no I/O and reads no clock: the time, the
+//! restart history and a random number for jitter arrive as arguments, and the answer is a
+//! list of actions for the runtime to carry out in order. `docs/runtime-semantics.md` states
+//! the rules in prose; the tests below pin each of them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Backoff, Strategy};
+
+#[cfg(test)]
+mod tests;
+
+/// OTP restart types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartType {
+    /// Always restarted.
+    #[default]
+    Permanent,
+    /// Restarted only after an abnormal exit.
+    Transient,
+    /// Never restarted, not even by a sibling's strategy; forgotten once it ends.
+    Temporary,
+}
+
+/// Why a child ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// It finished its work.
+    Normal,
+    /// It was asked to stop.
+    Shutdown,
+    /// It failed: a crash, a non-zero exit, a kill, or a child supervisor giving up.
+    Crash(String),
+}
+
+impl ExitReason {
+    /// Abnormal exits are the ones a transient child is restarted after.
+    pub fn is_abnormal(&self) -> bool {
+        matches!(self, ExitReason::Crash(_))
+    }
+}
+
+/// A child as its supervisor sees it, in start order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildState {
+    pub id: String,
+    pub restart: RestartType,
+    pub running: bool,
+}
+
+/// A supervisor's restart policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub strategy: Strategy,
+    /// Intensity: at most this many restarts ...
+    pub max_restarts: u32,
+    /// ... within this many seconds, or the supervisor gives up.
+    pub max_seconds: u32,
+    pub backoff: Backoff,
+    /// `root`: never gives up; past its intensity it waits `backoff.max_ms` instead.
+    pub never_gives_up: bool,
+}
+
+/// What the runtime must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Stop a running child, honouring its shutdown setting (brutal kill or timeout).
+    Stop { child: String },
+    /// Drop a child from the supervisor: a temporary child that ended or was stopped.
+    Forget { child: String },
+    /// Start a child again after `delay_ms`. Starts come in start order.
+    Start { child: String, delay_ms: u64 },
+    /// The supervisor exceeded its intensity: after the stops before this action, it ends
+    /// with a crash and its parent applies its own strategy to it.
+    Escalate,
+}
+
+/// The actions, and the restart history to keep for next time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Times (ms) of the restarts still inside the intensity window, oldest first.
+    pub restarts_ms: Vec<i64>,
+}
+
+/// Plans the reaction to child `exited` ending with `reason` at `now_ms`. `restarts_ms` is the
+/// supervisor's restart history; `random` is uniform in [0, 1) and only spreads delays
+/// (jitter), so a seeded caller gets a reproducible plan.
+pub fn on_exit(
+    policy: &Policy,
+    children: &[ChildState],
+    exited: &str,
+    reason: &ExitReason,
+    now_ms: i64,
+    restarts_ms: &[i64],
+    random: f64,
+) -> Plan {
+    let unchanged = || Plan {
+        actions: Vec::new(),
+        restarts_ms: restarts_ms.to_vec(),
+    };
+    let Some(index) = children.iter().position(|c| c.id == exited) else {
+        return unchanged();
+    };
+    let child = &children[index];
+    let restart_wanted = match child.restart {
+        RestartType::Permanent => true,
+        RestartType::Transient => reason.is_abnormal(),
+        RestartType::Temporary => false,
+    };
+    if !restart_wanted {
+        // No restart means no strategy either: siblings are left alone.
+        let mut plan = unchanged();
+        if child.restart == RestartType::Temporary {
+            plan.actions.push(Action::Forget {
+                child: child.id.clone(),
+            });
+        }
+        return plan;
+    }
+
+    // Intensity: this restart plus those still inside the window. OTP gives up when more
+    // than `max_restarts` restarts fall within `max_seconds`.
+    let window_ms = i64::from(policy.max_seconds) * 1000;
+    let mut history: Vec<i64> = restarts_ms
+        .iter()
+        .copied()
+        .filter(|t| now_ms - t < window_ms)
+        .collect();
+    history.push(now_ms);
+    let exceeded = history.len() > policy.max_restarts as usize;
+    if exceeded && !policy.never_gives_up {
+        // Stop every running child in reverse start order, then fail to the parent.
+        let mut actions: Vec<Action> = children
+            .iter()
+            .rev()
+            .filter(|c| c.running && c.id != exited)
+            .map(|c| Action::Stop {
+                child: c.id.clone(),
+            })
+            .collect();
+        actions.push(Action::Escalate);
+        return Plan {
+            actions,
+            restarts_ms: history,
+        };
+    }
+
+    let delay_ms = if exceeded {
+        // `root` never dies: it cools down for the longest backoff instead.
+        policy.backoff.max_ms
+    } else {
+        backoff_delay(&policy.backoff, history.len() as u32, random)
+    };
+    let group: &[ChildState] = match policy.strategy {
+        Strategy::OneForOne | Strategy::SimpleOneForOne => &children[index..=index],
+        Strategy::OneForAll => children,
+        Strategy::RestForOne => &children[index..],
+    };
+    let mut actions = Vec::new();
+    // Stop the rest of the group, last started first.
+    for c in group.iter().rev().filter(|c| c.id != exited && c.running) {
+        actions.push(Action::Stop {
+            child: c.id.clone(),
+        });
+    }
+    // A temporary sibling is never restarted, not even by a sibling's strategy.
+    for c in group
+        .iter()
+        .filter(|c| c.id != exited && c.restart == RestartType::Temporary)
+    {
+        actions.push(Action::Forget {
+            child: c.id.clone(),
+        });
+    }
+    // Start the group again in start order, as OTP does: every non-temporary child of the
+    // group, including a transient one that had already ended normally.
+    for c in group
+        .iter()
+        .filter(|c| c.id == exited || c.restart != RestartType::Temporary)
+    {
+        actions.push(Action::Start {
+            child: c.id.clone(),
+            delay_ms,
+        });
+    }
+    Plan {
+        actions,
+        restarts_ms: history,
+    }
+}
+
+/// The delay before the `n`-th restart inside the intensity window (n >= 1): `initial_ms`
+/// times `multiplier^(n-1)`, capped at `max_ms`, then spread by +-`jitter` (a fraction).
+pub fn backoff_delay(b: &Backoff, n: u32, random: f64) -> u64 {
+    let exp = b.multiplier.powi(n.saturating_sub(1).min(64) as i32);
+    let base = (b.initial_ms as f64 * exp).min(b.max_ms as f64);
+    let spread = 1.0 + b.jitter * (2.0 * random.clamp(0.0, 1.0) - 1.0);
+    (base * spread).round().clamp(0.0, b.max_ms as f64) as u64
+}
+
+/// Stopping a whole supervisor: every running child, last started first.
+pub fn shutdown(children: &[ChildState]) -> Vec<Action> {
+    children
+        .iter()
+        .rev()
+        .filter(|c| c.running)
+        .map(|c| Action::Stop {
+            child: c.id.clone(),
+        })
+        .collect()
+}

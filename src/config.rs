@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub nats: NatsConfig,
     pub raft: RaftConfig,
     pub failure: FailureConfig,
+    /// The `exec` kind: off unless enabled, and then only allow-listed commands.
+    pub exec: crate::agent::exec::ExecConfig,
 }
 
 impl Default for NodeConfig {
@@ -48,6 +50,7 @@ impl Default for NodeConfig {
             nats: NatsConfig::default(),
             raft: RaftConfig::default(),
             failure: FailureConfig::default(),
+            exec: Default::default(),
         }
     }
 }
@@ -178,6 +181,11 @@ impl NodeConfig {
             bail!("failure.suspect_after_ms must be below failure.down_after_ms");
         }
         self.raft.validate()?;
+        for cmd in &self.exec.allow {
+            if !cmd.is_absolute() {
+                bail!("exec.allow lists absolute paths only, not {cmd:?}");
+            }
+        }
         Ok(self)
     }
 }

@@ -55,13 +55,6 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         "ls" | "supervisors" => "list_supervisors",
         other => other,
     };
-    let mut body = match parse_fields(rest) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
     let nats_cfg = NatsConfig {
         url: args.nats.clone(),
         token: args.token.clone(),
@@ -69,15 +62,21 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         ..NatsConfig::default()
     };
     let nats = crate::bus::connect(&nats_cfg, "warden-ctl", false).await?;
-    if name == "watch" {
-        return watch(
-            &nats,
-            &args.cluster,
-            rest.first().map(String::as_str),
-            args.json,
-        )
-        .await;
+    match name {
+        "watch" => {
+            let filter = rest.first().map(String::as_str);
+            return watch(&nats, &args.cluster, filter, args.json).await;
+        }
+        "call" | "cast" => return call_agent(&nats, &args, name, rest).await,
+        _ => {}
     }
+    let mut body = match parse_fields(rest) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     // A create without a request_id gets one, so that this client's own retries are safe.
     if CREATING_COMMANDS.contains(&name) && body.get("request_id").is_none() {
         body["request_id"] = Value::String(uuid::Uuid::new_v4().to_string());
@@ -111,6 +110,78 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(3))
         }
+    }
+}
+
+/// `warden ctl call <agent> <json>` and `cast`: retried while the agent is not running (it may
+/// be starting or restarting) until the deadline.
+async fn call_agent(
+    nats: &async_nats::Client,
+    args: &CtlArgs,
+    op: &str,
+    rest: &[String],
+) -> anyhow::Result<ExitCode> {
+    let Some((agent, body)) = rest.split_first() else {
+        eprintln!("error: usage: warden ctl {op} <agent id or name> [key=value ... | JSON]");
+        return Ok(ExitCode::from(2));
+    };
+    let body = match parse_fields(body) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let subjects = crate::subjects::Subjects::new(&args.cluster);
+    let payload: bytes::Bytes = serde_json::to_vec(&body)?.into();
+    if op == "cast" {
+        nats.publish(subjects.agent(agent, "cast"), payload).await?;
+        nats.flush().await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(args.timeout_ms);
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let reply = crate::bus::request(
+            nats,
+            subjects.agent(agent, "call"),
+            None,
+            payload.clone(),
+            left,
+        )
+        .await;
+        let retry = match reply {
+            Ok(r) => match crate::protocol::Envelope::decode(&r.payload).map(|e| e.into_result()) {
+                Ok(Ok(v)) => {
+                    println!(
+                        "{}",
+                        if args.json {
+                            v.to_string()
+                        } else {
+                            render_plain(&v, 0)
+                        }
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(Err(e)) if e.code == crate::protocol::ErrorCode::Unavailable => e.to_string(),
+                Ok(Err(e)) => {
+                    eprintln!("error: {}: {}", e.code.as_str(), e.message);
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => {
+                    eprintln!("error: malformed reply: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() + delay >= deadline {
+            eprintln!("error: no answer from agent {agent:?} ({retry})");
+            return Ok(ExitCode::from(3));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 

@@ -5,6 +5,7 @@
 //! NATS subjects. `ARCHITECTURE.md` at the top of the repository has the codemap and the
 //! invariants; `docs/protocol.md` has the wire contract.
 
+pub mod agent;
 pub mod bench;
 pub mod bus;
 pub mod client;

@@ -97,6 +97,20 @@ pub const MAX_SUPERVISOR_DEPTH: usize = 64;
 /// 128 bytes stay well below NATS `max_payload`; the reply also carries the full count.
 pub const MAX_NAMES_IN_REPLY: usize = 1_000;
 
+/// Agents in the registry: the registry is held in memory on every node, and at well under a
+/// KiB per record this bounds it to about a GiB.
+pub const MAX_AGENTS: usize = 1_000_000;
+
+/// Largest agent checkpoint. It travels in one Raft entry and one NATS message, so it stays
+/// below `MAX_REQUEST_BYTES`.
+pub const MAX_CHECKPOINT_BYTES: usize = 256 * 1024;
+
+/// Longest shutdown timeout an agent may ask for (one hour).
+pub const MAX_SHUTDOWN_MS: u64 = 3_600_000;
+
+/// Children of one `spawn_agent_group`: one Raft entry creates them all.
+pub const MAX_GROUP: u32 = 10_000;
+
 /// Supervisors in the registry.
 pub const MAX_SUPERVISORS: usize = 1_000_000;
 
@@ -110,6 +124,7 @@ pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 pub const JOIN_BACKOFF_MS_MAX: u64 = 2_000;
 
 const _: () = assert!(MAX_REQUEST_BYTES < MAX_PROPOSAL_BYTES);
+const _: () = assert!(MAX_CHECKPOINT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
 const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);

@@ -16,6 +16,8 @@ pub const JSON: &str = "application/json";
 pub const MSGPACK: &str = "application/msgpack";
 /// Header a node adds when it forwards a command, counting hops to bound forwarding loops.
 pub const FORWARD_HOPS: &str = "Warden-Forward-Hops";
+const NOT_AN_OBJECT: &str = "body must be an object (a map of field names to values)";
+
 /// Version of the reply envelope, carried in every reply as `v`.
 pub const ENVELOPE_VERSION: u32 = 1;
 
@@ -79,12 +81,60 @@ impl Encoding {
             })?,
         };
         if !value.is_object() {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                "body must be an object (a map of field names to values)",
-            ));
+            return Err(WireError::new(ErrorCode::BadRequest, NOT_AN_OBJECT));
         }
         Ok(value)
+    }
+
+    /// Decodes a request body straight into its typed shape. The body must be an object (a
+    /// map); an empty body is an empty one. Decoding directly, not through a JSON value,
+    /// keeps MessagePack's binary fields (ids, checkpoint bytes) intact.
+    pub fn decode_as<T: serde::de::DeserializeOwned>(self, body: &[u8]) -> Result<T, WireError> {
+        let first = body
+            .iter()
+            .copied()
+            .find(|b| !b.is_ascii_whitespace() || self == Encoding::Msgpack);
+        let json = |bytes: &[u8]| {
+            serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => e.to_string(),
+                _ => format!("body is not valid JSON: {e}"),
+            })
+        };
+        let msgpack = |bytes: &[u8]| {
+            rmp_serde::from_slice(bytes).map_err(|e| match e {
+                // serde's own messages (missing field, wrong type) come as `Syntax`.
+                rmp_serde::decode::Error::Syntax(m) => m,
+                other => format!("body is not valid MessagePack: {other}"),
+            })
+        };
+        let result = match (self, first) {
+            (Encoding::Json, None) => json(b"{}"),
+            (Encoding::Msgpack, None) => msgpack(&[0x80]),
+            (Encoding::Json, Some(b'{')) => json(body),
+            (Encoding::Msgpack, Some(0x80..=0x8f | 0xde | 0xdf)) => msgpack(body),
+            (Encoding::Json, Some(_)) => {
+                // Say "not JSON" for garbage and "not an object" for valid JSON of another shape.
+                return Err(
+                    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                        Ok(_) => WireError::new(ErrorCode::BadRequest, NOT_AN_OBJECT),
+                        Err(e) => WireError::new(
+                            ErrorCode::BadRequest,
+                            format!("body is not valid JSON: {e}"),
+                        ),
+                    },
+                );
+            }
+            (Encoding::Msgpack, Some(_)) => {
+                return Err(match rmp_serde::from_slice::<serde::de::IgnoredAny>(body) {
+                    Ok(_) => WireError::new(ErrorCode::BadRequest, NOT_AN_OBJECT),
+                    Err(e) => WireError::new(
+                        ErrorCode::BadRequest,
+                        format!("body is neither JSON nor valid MessagePack: {e}"),
+                    ),
+                });
+            }
+        };
+        result.map_err(|e| WireError::new(ErrorCode::BadRequest, e))
     }
 
     /// Encodes any serializable value in this encoding.

@@ -65,6 +65,16 @@ impl Subjects {
         format!("{}.evt.{filter}", self.prefix)
     }
 
+    /// Calls and casts to any agent: `warden.<cluster>.agent.*.*`.
+    pub fn agent_all(&self) -> String {
+        format!("{}.agent.*.*", self.prefix)
+    }
+
+    /// A call (`op` = `call`) or cast (`cast`) to an agent by id or name.
+    pub fn agent(&self, id_or_name: &str, op: &str) -> String {
+        format!("{}.agent.{id_or_name}.{op}", self.prefix)
+    }
+
     /// Subject of the benchmark's raw request/reply reference responder.
     pub fn bench_echo(&self, run: &str) -> String {
         format!("{}.bench.{run}.echo", self.prefix)

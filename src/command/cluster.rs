@@ -17,6 +17,9 @@ pub struct JoinRequest {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Agent kinds the node can run.
+    #[serde(default)]
+    pub kinds: Vec<String>,
 }
 
 impl JoinRequest {
@@ -28,6 +31,9 @@ impl JoinRequest {
             ));
         }
         validate_name("name", &self.name)?;
+        for k in &self.kinds {
+            validate_name("kind", k)?;
+        }
         validate_labels(&self.labels)
     }
 }

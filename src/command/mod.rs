@@ -1,14 +1,16 @@
 //! The commands of the NATS interface: parsing and validating requests, and answering reads
 //! from the registry. One file per command family; transport lives in `node::dispatch`.
 
+pub mod agent;
 pub mod cluster;
 pub mod supervisor;
 
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
-use crate::protocol::{ErrorCode, WireError};
-use crate::registry::{validate_request_id, CreateSupervisor};
+use crate::protocol::{Encoding, ErrorCode, WireError};
+use crate::registry::{validate_request_id, AgentReport, CreateSupervisor, FindAgents, SpawnAgent};
+
+pub use agent::{AgentRef, ImportState, SpawnAgentGroup};
 
 pub use cluster::{JoinRequest, LeaveRequest};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
@@ -23,7 +25,27 @@ pub const COMMANDS: &[&str] = &[
     "stop_supervisor",
     "list_supervisors",
     "get_supervision_tree",
+    "spawn_agent",
+    "add_child_to_supervisor",
+    "spawn_agent_group",
+    "stop_agent",
+    "restart_agent",
+    "get_agent",
+    "list_agents",
+    "find_agents",
+    "export_state",
+    "import_state",
 ];
+
+/// The node-to-leader commands a hosting node sends about its agents; not for clients.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    pub agent: uuid::Uuid,
+    pub node: u64,
+    pub epoch: u64,
+    pub state: bytes::Bytes,
+}
 
 /// A parsed, validated command.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +58,16 @@ pub enum Command {
     StopSupervisor(StopSupervisor),
     ListSupervisors(ListSupervisors),
     GetSupervisionTree(GetSupervisionTree),
+    SpawnAgent(SpawnAgent),
+    SpawnAgentGroup(SpawnAgentGroup),
+    StopAgent(AgentRef),
+    RestartAgent(AgentRef),
+    GetAgent(AgentRef),
+    FindAgents(FindAgents),
+    ExportState(AgentRef),
+    ImportState(ImportState),
+    ReportAgent(AgentReport),
+    Checkpoint(CheckpointRequest),
 }
 
 /// Where a command is executed.
@@ -59,16 +91,150 @@ struct NoFields {}
 impl Command {
     /// Parses the body of command `name`. Every failure is a `bad_request` that names the
     /// problem (unknown command, missing field, wrong type, invalid value).
-    pub fn parse(name: &str, body: Value) -> Result<Command, WireError> {
+    pub fn parse(name: &str, enc: Encoding, body: &[u8]) -> Result<Command, WireError> {
         let cmd = match name {
-            "cluster_status" => fields::<NoFields>(name, body).map(|_| Command::ClusterStatus)?,
-            "health" => fields::<NoFields>(name, body).map(|_| Command::Health)?,
-            "join" => Command::Join(fields(name, body)?),
-            "leave" => Command::Leave(fields(name, body)?),
-            "create_supervisor" => Command::CreateSupervisor(fields(name, body)?),
-            "stop_supervisor" => Command::StopSupervisor(fields(name, body)?),
-            "list_supervisors" => Command::ListSupervisors(fields(name, body)?),
-            "get_supervision_tree" => Command::GetSupervisionTree(fields(name, body)?),
+            "cluster_status" => Fields {
+                cmd: name,
+                enc,
+                body,
+            }
+            .get::<NoFields>()
+            .map(|_| Command::ClusterStatus)?,
+            "health" => Fields {
+                cmd: name,
+                enc,
+                body,
+            }
+            .get::<NoFields>()
+            .map(|_| Command::Health)?,
+            "join" => Command::Join(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "leave" => Command::Leave(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "create_supervisor" => Command::CreateSupervisor(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "stop_supervisor" => Command::StopSupervisor(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "list_supervisors" => Command::ListSupervisors(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "get_supervision_tree" => Command::GetSupervisionTree(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "spawn_agent" | "add_child_to_supervisor" => Command::SpawnAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "spawn_agent_group" => Command::SpawnAgentGroup(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "stop_agent" => Command::StopAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "restart_agent" => Command::RestartAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "get_agent" => Command::GetAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "list_agents" | "find_agents" => Command::FindAgents(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "export_state" => Command::ExportState(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "import_state" => Command::ImportState(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "report_agent" => Command::ReportAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "checkpoint" => Command::Checkpoint(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
             other => {
                 return Err(WireError::new(
                     ErrorCode::BadRequest,
@@ -94,6 +260,15 @@ impl Command {
             Command::StopSupervisor(s) => s.validate(),
             Command::ListSupervisors(l) => l.validate(),
             Command::GetSupervisionTree(g) => g.validate(),
+            Command::SpawnAgent(s) => s.validate(),
+            Command::SpawnAgentGroup(g) => g.validate(),
+            Command::StopAgent(a)
+            | Command::RestartAgent(a)
+            | Command::GetAgent(a)
+            | Command::ExportState(a) => a.validate(),
+            Command::FindAgents(f) => f.validate(),
+            Command::ImportState(i) => i.validate().map(|_| ()),
+            Command::ReportAgent(_) | Command::Checkpoint(_) => Ok(()),
         }
     }
 
@@ -103,8 +278,19 @@ impl Command {
             Command::Health => Route::Local,
             Command::ClusterStatus
             | Command::ListSupervisors(_)
-            | Command::GetSupervisionTree(_) => Route::Read,
-            Command::CreateSupervisor(_) | Command::StopSupervisor(_) => Route::Write,
+            | Command::GetSupervisionTree(_)
+            | Command::GetAgent(_)
+            | Command::FindAgents(_)
+            | Command::ExportState(_) => Route::Read,
+            Command::CreateSupervisor(_)
+            | Command::StopSupervisor(_)
+            | Command::SpawnAgent(_)
+            | Command::SpawnAgentGroup(_)
+            | Command::StopAgent(_)
+            | Command::RestartAgent(_)
+            | Command::ImportState(_)
+            | Command::ReportAgent(_)
+            | Command::Checkpoint(_) => Route::Write,
             Command::Join(_) | Command::Leave(_) => Route::Membership,
         }
     }
@@ -115,27 +301,60 @@ impl Command {
 pub fn route_of(name: &str) -> Option<Route> {
     Some(match name {
         "health" => Route::Local,
-        "cluster_status" | "list_supervisors" | "get_supervision_tree" => Route::Read,
-        "create_supervisor" | "stop_supervisor" => Route::Write,
+        "cluster_status"
+        | "list_supervisors"
+        | "get_supervision_tree"
+        | "get_agent"
+        | "list_agents"
+        | "find_agents"
+        | "export_state" => Route::Read,
+        "create_supervisor"
+        | "stop_supervisor"
+        | "spawn_agent"
+        | "add_child_to_supervisor"
+        | "spawn_agent_group"
+        | "stop_agent"
+        | "restart_agent"
+        | "import_state"
+        | "report_agent"
+        | "checkpoint" => Route::Write,
         "join" | "leave" => Route::Membership,
         _ => return None,
     })
 }
 
-/// Deserializes a command's fields, turning serde's message into a clear `bad_request`.
-fn fields<T: DeserializeOwned>(command: &str, body: Value) -> Result<T, WireError> {
-    serde_json::from_value(body)
-        .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("{command}: {e}")))
+/// A command's body, decoded on demand into the command's typed fields.
+struct Fields<'a> {
+    cmd: &'a str,
+    enc: Encoding,
+    body: &'a [u8],
+}
+
+impl Fields<'_> {
+    /// Deserializes the fields, turning serde's message into a clear `bad_request`.
+    fn get<T: DeserializeOwned>(&self) -> Result<T, WireError> {
+        self.enc.decode_as(self.body).map_err(|e| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("{}: {}", self.cmd, e.message),
+            )
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn parse(name: &str, body: Value) -> Result<Command, WireError> {
+        Command::parse(name, Encoding::Json, &serde_json::to_vec(&body).unwrap())
+    }
 
     #[track_caller]
     fn check_bad(name: &str, body: Value, needle: &str) {
-        let err = Command::parse(name, body).unwrap_err();
+        let err =
+            Command::parse(name, Encoding::Json, &serde_json::to_vec(&body).unwrap()).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
         assert!(
             err.message.contains(needle),
@@ -182,7 +401,7 @@ mod tests {
 
     #[test]
     fn good_commands_parse_with_defaults() {
-        let c = Command::parse("create_supervisor", json!({"name": "web"})).unwrap();
+        let c = parse("create_supervisor", json!({"name": "web"})).unwrap();
         let Command::CreateSupervisor(c) = c else {
             panic!()
         };
@@ -192,9 +411,6 @@ mod tests {
             "OTP's default intensity"
         );
         assert_eq!(c.parent, None);
-        assert_eq!(
-            Command::parse("health", json!({})).unwrap().route(),
-            Route::Local
-        );
+        assert_eq!(parse("health", json!({})).unwrap().route(), Route::Local);
     }
 }

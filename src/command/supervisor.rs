@@ -78,7 +78,9 @@ impl ListSupervisors {
             Some(p) => {
                 reg.supervisor(p).ok_or_else(|| not_found(p))?;
                 let children = reg.children(p).filter_map(|c| {
-                    let Child::Supervisor { name } = c;
+                    let Child::Supervisor { name } = c else {
+                        return None;
+                    };
                     reg.supervisor(name.as_str())
                 });
                 match &self.after {

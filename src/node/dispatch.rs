@@ -189,8 +189,7 @@ enum Answer {
 }
 
 fn parse(req: &Request, enc: Encoding) -> Result<Command, WireError> {
-    enc.decode(&req.payload)
-        .and_then(|body| Command::parse(&req.command, body))
+    Command::parse(&req.command, enc, &req.payload)
 }
 
 async fn process(node: &Node, req: &Request, enc: Encoding) -> Answer {

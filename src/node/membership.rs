@@ -60,6 +60,7 @@ pub async fn join(node: &Node, req: JoinRequest) -> Result<Value, WireError> {
         node_id: req.node_id,
         name: req.name.clone(),
         labels: req.labels.clone(),
+        kinds: req.kinds.clone(),
     };
     let record = node.propose(cmd, None, 256).await?;
     let (voters, _) = members(node);

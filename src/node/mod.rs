@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::agent::Kinds;
 use crate::bus::{self, RequestFailure};
 use crate::command::{cluster, Command, JoinRequest};
 use crate::config::NodeConfig;
@@ -44,6 +45,8 @@ pub struct Node {
     pub contacts: Arc<Contacts>,
     proposer: proposer::Proposer,
     forwarder: forward::Forwarder,
+    /// The agent kinds this node runs.
+    pub kinds: Kinds,
     membership_lock: tokio::sync::Mutex<()>,
     inflight: Arc<Semaphore>,
     started: Instant,
@@ -144,12 +147,82 @@ impl Node {
                 )
                 .await
             }
+            Command::GetAgent(q) => {
+                self.linearizable_read(|node| q.get(&node.state_read().registry))
+                    .await?
+            }
+            Command::ExportState(q) => {
+                self.linearizable_read(|node| q.export(&node.state_read().registry))
+                    .await?
+            }
+            Command::FindAgents(q) => {
+                self.linearizable_read(|node| q.answer(&node.state_read().registry))
+                    .await?
+            }
+            Command::SpawnAgent(mut a) => {
+                let rid = a.request_id.take();
+                self.propose(RegistryCmd::SpawnAgent(a), rid, size).await
+            }
+            Command::SpawnAgentGroup(mut g) => {
+                let rid = g.request_id.take();
+                self.propose(RegistryCmd::SpawnAgentGroup(g), rid, size)
+                    .await
+            }
+            Command::StopAgent(a) => {
+                self.propose(
+                    RegistryCmd::StopAgent { agent: a.agent },
+                    a.request_id,
+                    size,
+                )
+                .await
+            }
+            Command::RestartAgent(a) => {
+                let cmd = RegistryCmd::RestartAgent { agent: a.agent };
+                self.propose(cmd, a.request_id, size).await
+            }
+            Command::ImportState(i) => match i.validate() {
+                Ok(state) => {
+                    let cmd = RegistryCmd::ImportState {
+                        agent: i.agent,
+                        state,
+                    };
+                    self.propose(cmd, i.request_id, size).await
+                }
+                Err(e) => Err(e),
+            },
+            Command::ReportAgent(r) => self.propose(RegistryCmd::ReportAgent(r), None, size).await,
+            Command::Checkpoint(c) => {
+                let cmd = RegistryCmd::Checkpoint {
+                    agent: c.agent,
+                    node: c.node,
+                    epoch: c.epoch,
+                    state: c.state,
+                };
+                self.propose(cmd, None, size).await
+            }
             Command::Join(j) => membership::join(self, j).await,
             Command::Leave(l) => membership::leave(self, l).await,
         })
     }
 
-    fn state_read(&self) -> std::sync::RwLockReadGuard<'_, crate::raft::store::SmState> {
+    /// Sends a command as if a client had, wherever the leader is, and waits for its outcome.
+    /// The agent host reports and checkpoints through this.
+    pub async fn write_internal(
+        &self,
+        command: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Value, WireError> {
+        let req = forward::Request {
+            command: command.to_string(),
+            content_type: Some(crate::protocol::MSGPACK.to_string()),
+            hops: 0,
+            payload: Encoding::Msgpack.encode(body).into(),
+        };
+        let (_, reply) = dispatch::answer(self, req).await;
+        Envelope::decode(&reply).and_then(Envelope::into_result)
+    }
+
+    pub(crate) fn state_read(&self) -> std::sync::RwLockReadGuard<'_, crate::raft::store::SmState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -186,9 +259,20 @@ fn flag(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static
     }
 }
 
-/// Runs a node until `shutdown` resolves (or the node is removed from the cluster). A stop is
-/// a restart: the node stays in the membership.
+/// Runs a node with the built-in kinds until `shutdown` resolves (or the node is removed from
+/// the cluster). A stop is a restart: the node stays in the membership.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let kinds = Kinds::builtin(cfg.exec.clone());
+    run_with_kinds(cfg, kinds, shutdown).await
+}
+
+/// Runs a node with the given kinds: how a Rust program embeds a node with its own kinds
+/// (start from `Kinds::builtin` and `register` more).
+pub async fn run_with_kinds(
+    cfg: NodeConfig,
+    kinds: Kinds,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let subjects = Subjects::new(&cfg.cluster);
     let client = bus::connect(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
     // With retry_on_initial_connect the client may not be connected yet: a flush waits for
@@ -253,6 +337,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         contacts,
         proposer,
         forwarder,
+        kinds,
         membership_lock: tokio::sync::Mutex::new(()),
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         started: Instant::now(),
@@ -276,6 +361,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow:
         .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
         .await?;
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
+    tasks.spawn(crate::agent::host::run(node.clone(), flag(&stop_rx)));
     tasks.spawn(join_then_serve(
         node.clone(),
         flag(&stop_rx),
@@ -403,6 +489,7 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         node_id: node.cfg.id,
         name: node.cfg.name.clone(),
         labels: node.cfg.labels.clone(),
+        kinds: node.kinds.names(),
     };
     let body = Encoding::Msgpack.encode(&req);
     let mut delay_ms = 50;

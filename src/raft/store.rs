@@ -172,6 +172,14 @@ fn record_key(key: &Key) -> Vec<u8> {
             out.extend_from_slice(b"r/");
             out.extend_from_slice(id.as_bytes());
         }
+        Key::Agent(id) => {
+            out.extend_from_slice(b"a/");
+            out.extend_from_slice(id.as_bytes());
+        }
+        Key::Checkpoint(id) => {
+            out.extend_from_slice(b"k/");
+            out.extend_from_slice(id.as_bytes());
+        }
     }
     out
 }
@@ -534,7 +542,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .keys()
             .map(|k| Key::Node(*k))
             .chain(d.supervisors.keys().map(|k| Key::Supervisor(k.clone())))
-            .chain(d.requests.keys().map(|k| Key::Request(k.clone())));
+            .chain(d.requests.keys().map(|k| Key::Request(k.clone())))
+            .chain(d.agents.keys().map(|k| Key::Agent(*k)))
+            .chain(d.checkpoints.keys().map(|k| Key::Checkpoint(*k)));
         for key in keys {
             if let Some(record) = registry.record(&key) {
                 batch.insert(

@@ -8,8 +8,10 @@
 //! The registry records which keys each apply touched ([`Registry::take_touched`]) so the
 //! store can persist only what changed.
 
+mod agents;
 mod types;
 
+pub use agents::*;
 pub use types::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,11 +54,13 @@ pub struct Stamped {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RegistryCmd {
-    /// A node joined or rejoined: record its name and labels and mark it up.
+    /// A node joined or rejoined: record its name, labels and kinds and mark it up.
     RegisterNode {
         node_id: u64,
         name: String,
         labels: BTreeMap<String, String>,
+        #[serde(default)]
+        kinds: Vec<String>,
     },
     /// A node left the cluster for good.
     RemoveNode {
@@ -65,6 +69,27 @@ pub enum RegistryCmd {
     CreateSupervisor(CreateSupervisor),
     StopSupervisor {
         name: String,
+    },
+    SpawnAgent(SpawnAgent),
+    StopAgent {
+        agent: String,
+    },
+    RestartAgent {
+        agent: String,
+    },
+    SpawnAgentGroup(crate::command::agent::SpawnAgentGroup),
+    ImportState {
+        agent: String,
+        state: bytes::Bytes,
+    },
+    /// The hosting node's observation of an agent.
+    ReportAgent(AgentReport),
+    /// An agent's state, from the node running it at `epoch`.
+    Checkpoint {
+        agent: Uuid,
+        node: u64,
+        epoch: u64,
+        state: bytes::Bytes,
     },
 }
 
@@ -76,6 +101,13 @@ impl RegistryCmd {
             RegistryCmd::RemoveNode { .. } => "leave",
             RegistryCmd::CreateSupervisor(_) => "create_supervisor",
             RegistryCmd::StopSupervisor { .. } => "stop_supervisor",
+            RegistryCmd::SpawnAgent(_) => "spawn_agent",
+            RegistryCmd::StopAgent { .. } => "stop_agent",
+            RegistryCmd::RestartAgent { .. } => "restart_agent",
+            RegistryCmd::SpawnAgentGroup(_) => "spawn_agent_group",
+            RegistryCmd::ImportState { .. } => "import_state",
+            RegistryCmd::ReportAgent(_) => "report_agent",
+            RegistryCmd::Checkpoint { .. } => "checkpoint",
         }
     }
 }
@@ -86,6 +118,8 @@ pub enum Key {
     Node(u64),
     Supervisor(String),
     Request(String),
+    Agent(Uuid),
+    Checkpoint(Uuid),
 }
 
 /// An event produced by applying a command. The publishing node adds its own id.
@@ -107,6 +141,10 @@ pub struct RegistryData {
     pub nodes: BTreeMap<u64, NodeRecord>,
     pub supervisors: BTreeMap<String, Supervisor>,
     pub requests: BTreeMap<String, RequestRecord>,
+    #[serde(default)]
+    pub agents: BTreeMap<Uuid, Agent>,
+    #[serde(default)]
+    pub checkpoints: BTreeMap<Uuid, Checkpoint>,
 }
 
 /// The registry with its derived indexes.
@@ -120,6 +158,10 @@ pub struct Registry {
     children: BTreeMap<String, BTreeMap<u64, Child>>,
     /// Next free position; above every existing one. Derived.
     next_position: u64,
+    /// Agent ids by name. Derived.
+    agent_names: BTreeMap<String, Uuid>,
+    /// Agents placed on each node. Derived.
+    by_node: BTreeMap<u64, BTreeSet<Uuid>>,
     /// Keys changed since the last [`Registry::take_touched`].
     touched: BTreeSet<Key>,
 }
@@ -147,12 +189,18 @@ impl Registry {
             request_order,
             children: BTreeMap::new(),
             next_position: 1,
+            agent_names: BTreeMap::new(),
+            by_node: BTreeMap::new(),
             touched: BTreeSet::new(),
         };
         let sups = std::mem::take(&mut data.supervisors);
+        let agents = std::mem::take(&mut data.agents);
         reg.data = data;
         for s in sups.into_values() {
             reg.insert_supervisor(s);
+        }
+        for a in agents.into_values() {
+            reg.insert_agent(a);
         }
         reg
     }
@@ -189,6 +237,10 @@ impl Registry {
                 self.data.nodes.insert(n.id, n);
             }
             Record::Supervisor(s) => self.insert_supervisor(s),
+            Record::Agent(a) => self.insert_agent(a),
+            Record::Checkpoint(c) => {
+                self.data.checkpoints.insert(c.agent, c);
+            }
             Record::Request(id, r) => {
                 self.request_order.insert((r.time, id.clone()));
                 self.data.requests.insert(id, r);
@@ -212,6 +264,13 @@ impl Registry {
                 .get(id)
                 .cloned()
                 .map(|r| Record::Request(id.clone(), r)),
+            Key::Agent(id) => self.data.agents.get(id).cloned().map(Record::Agent),
+            Key::Checkpoint(id) => self
+                .data
+                .checkpoints
+                .get(id)
+                .cloned()
+                .map(Record::Checkpoint),
         }
     }
 
@@ -257,10 +316,25 @@ impl Registry {
                 node_id,
                 name,
                 labels,
-            } => self.register_node(time, *node_id, name, labels, events),
+                kinds,
+            } => self.register_node(time, *node_id, name, labels, kinds, events),
             RegistryCmd::RemoveNode { node_id } => self.remove_node(time, *node_id, events),
             RegistryCmd::CreateSupervisor(c) => self.create_supervisor(time, item.id, c, events),
             RegistryCmd::StopSupervisor { name } => self.stop_supervisor(time, name, events),
+            RegistryCmd::SpawnAgent(a) => self.spawn_agent(time, item.id, a, events),
+            RegistryCmd::StopAgent { agent } => self.stop_agent(time, agent, events),
+            RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent),
+            RegistryCmd::SpawnAgentGroup(g) => self.spawn_agent_group(time, item.id, g, events),
+            RegistryCmd::ImportState { agent, state } => {
+                self.import_state(time, agent, state, events)
+            }
+            RegistryCmd::ReportAgent(r) => self.report_agent(time, r, events),
+            RegistryCmd::Checkpoint {
+                agent,
+                node,
+                epoch,
+                state,
+            } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
         };
         if let Some(rid) = &item.request_id {
             self.remember_request(time, rid, item.cmd.name(), &outcome);
@@ -308,12 +382,14 @@ impl Registry {
         id: u64,
         name: &str,
         labels: &BTreeMap<String, String>,
+        kinds: &[String],
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         let node = self.data.nodes.entry(id).or_insert_with(|| NodeRecord {
             id,
             name: name.to_string(),
             labels: labels.clone(),
+            kinds: kinds.to_vec(),
             status: NodeStatus::Joining,
             joined_at: time,
             updated_at: time,
@@ -328,6 +404,7 @@ impl Registry {
         let was_up = node.status == NodeStatus::Up;
         node.name = name.to_string();
         node.labels = labels.clone();
+        node.kinds = kinds.to_vec();
         node.status = NodeStatus::Up;
         node.updated_at = time;
         if !was_up {
@@ -403,6 +480,7 @@ impl Registry {
                 format!("parent supervisor {parent_name:?} does not exist"),
             ));
         };
+        let parent_node = parent.node;
         if parent.strategy == Strategy::SimpleOneForOne {
             return Err(WireError::new(
                 ErrorCode::Conflict,
@@ -431,6 +509,13 @@ impl Registry {
             backoff: c.backoff.clone(),
             placement: c.placement,
             position: self.next_position,
+            // A subtree runs on one node (issue #4 spreads it): root's children each get the
+            // least loaded node, deeper supervisors their parent's.
+            node: if parent_name == ROOT {
+                self.least_loaded_node()
+            } else {
+                parent_node
+            },
             created_at: time,
             seq: 1,
         };
@@ -447,6 +532,16 @@ impl Registry {
         self.insert_supervisor(sup);
         self.touched.insert(Key::Supervisor(c.name.clone()));
         Ok(reply)
+    }
+
+    /// The up node with the fewest agents (lowest id on a tie), if any node is up.
+    fn least_loaded_node(&self) -> Option<u64> {
+        self.data
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Up)
+            .min_by_key(|n| (self.load(n.id), n.id))
+            .map(|n| n.id)
     }
 
     /// Depth of a supervisor below `root` (root is 0).
@@ -479,28 +574,42 @@ impl Registry {
             ));
         }
         // Stop order is the reverse of start order, children before their supervisor, as in
-        // OTP: collect the subtree in start order (pre-order) and stop it backwards.
+        // OTP: collect the subtree in start order (pre-order) and stop it backwards. The nodes
+        // running its agents stop them when they see the records go.
         let mut order = Vec::new();
         self.collect_subtree(name, &mut order);
         let mut stopped = Vec::new();
-        for n in order.iter().rev() {
-            if let Some(mut s) = self.data.supervisors.remove(n) {
-                s.seq += 1;
-                events.push(RegistryEvent {
-                    entity: "supervisor",
-                    id: n.clone(),
-                    event: "stopped",
-                    time,
-                    epoch: 0,
-                    seq: s.seq,
-                    data: json!({ "name": n, "id": s.id, "parent": s.parent }),
-                });
-                self.children.remove(n);
-                if let Some(siblings) = s.parent.as_ref().and_then(|p| self.children.get_mut(p)) {
-                    siblings.remove(&s.position);
+        for child in order.iter().rev() {
+            match child {
+                Child::Agent { id } => {
+                    if let Some(mut a) = self.remove_agent(*id) {
+                        a.seq += 1;
+                        let data = json!({ "reason": "supervisor stopped" });
+                        events.push(agents::agent_event(&a, "stopped", time, data));
+                        stopped.push(a.name.clone().unwrap_or_else(|| a.id.to_string()));
+                    }
                 }
-                self.touched.insert(Key::Supervisor(n.clone()));
-                stopped.push(n.clone());
+                Child::Supervisor { name: n } => {
+                    if let Some(mut s) = self.data.supervisors.remove(n) {
+                        s.seq += 1;
+                        events.push(RegistryEvent {
+                            entity: "supervisor",
+                            id: n.clone(),
+                            event: "stopped",
+                            time,
+                            epoch: 0,
+                            seq: s.seq,
+                            data: json!({ "name": n, "id": s.id, "parent": s.parent }),
+                        });
+                        self.children.remove(n);
+                        let parent = s.parent.as_ref().and_then(|p| self.children.get_mut(p));
+                        if let Some(siblings) = parent {
+                            siblings.remove(&s.position);
+                        }
+                        self.touched.insert(Key::Supervisor(n.clone()));
+                        stopped.push(n.clone());
+                    }
+                }
             }
         }
         // The reply stays far below max_payload however large the subtree was.
@@ -510,16 +619,20 @@ impl Registry {
     }
 
     /// The supervisor `name` and everything below it, in start order (pre-order).
-    fn collect_subtree(&self, name: &str, out: &mut Vec<String>) {
-        let mut stack = vec![name.to_string()];
-        while let Some(n) = stack.pop() {
-            if self.data.supervisors.contains_key(&n) {
-                for c in self.children(&n).collect::<Vec<_>>().into_iter().rev() {
-                    let Child::Supervisor { name } = c;
-                    stack.push(name.clone());
+    fn collect_subtree(&self, name: &str, out: &mut Vec<Child>) {
+        let mut stack = vec![Child::Supervisor {
+            name: name.to_string(),
+        }];
+        while let Some(c) = stack.pop() {
+            if let Child::Supervisor { name: n } = &c {
+                if !self.data.supervisors.contains_key(n) {
+                    continue;
                 }
-                out.push(n);
+                for child in self.children(n).collect::<Vec<_>>().into_iter().rev() {
+                    stack.push(child.clone());
+                }
             }
+            out.push(c);
         }
     }
 
@@ -541,8 +654,23 @@ impl Registry {
                 truncated = true;
                 break;
             }
-            let Child::Supervisor { name } = c;
-            children.extend(self.tree_within(name, budget));
+            match c {
+                Child::Supervisor { name } => children.extend(self.tree_within(name, budget)),
+                Child::Agent { id } => {
+                    *budget = budget.saturating_sub(1);
+                    if let Some(a) = self.data.agents.get(id) {
+                        children.push(json!({
+                            "type": "agent",
+                            "id": a.id,
+                            "name": a.name,
+                            "kind": a.kind,
+                            "status": a.status,
+                            "node": a.node,
+                            "restart": a.restart,
+                        }));
+                    }
+                }
+            }
         }
         let mut node = json!({
             "type": "supervisor",
@@ -550,6 +678,7 @@ impl Registry {
             "id": sup.id,
             "strategy": sup.strategy,
             "placement": sup.placement,
+            "node": sup.node,
             "children": children,
         });
         if truncated {

@@ -161,6 +161,7 @@ fn nodes_join_once_and_cannot_return_after_leaving() {
         node_id: 7,
         name: "n7".into(),
         labels: BTreeMap::new(),
+        kinds: vec![],
     };
     let mut events = Vec::new();
     let s = |cmd| Stamped {

@@ -19,6 +19,9 @@ pub struct NodeRecord {
     pub id: u64,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Agent kinds the node can run.
+    #[serde(default)]
+    pub kinds: Vec<String>,
     pub status: NodeStatus,
     pub joined_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -106,11 +109,12 @@ impl Backoff {
     }
 }
 
-/// A child of a supervisor. Agents join this enum with the agents issue.
+/// A child of a supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Child {
     Supervisor { name: String },
+    Agent { id: Uuid },
 }
 
 /// A supervisor record.
@@ -128,6 +132,10 @@ pub struct Supervisor {
     /// Start order among its siblings: children are ordered by position. Kept on the child
     /// rather than as a list on the parent, so adding a child never rewrites the parent.
     pub position: u64,
+    /// The node that runs this supervisor's children; `None` for `root`, whose children are
+    /// placed one by one.
+    #[serde(default)]
+    pub node: Option<u64>,
     pub created_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
@@ -146,6 +154,7 @@ impl Supervisor {
             backoff: Backoff::default(),
             placement: SupervisorPlacement::Spread,
             position: 0,
+            node: None,
             created_at: DateTime::<Utc>::UNIX_EPOCH,
             seq: 0,
         }
@@ -230,6 +239,8 @@ pub enum Record {
     Node(NodeRecord),
     Supervisor(Supervisor),
     Request(String, RequestRecord),
+    Agent(super::Agent),
+    Checkpoint(super::Checkpoint),
 }
 
 /// Checks a name against `[A-Za-z0-9_-]{1,128}`.

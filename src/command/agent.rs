@@ -1,0 +1,203 @@
+//! Agent commands: `spawn_agent` (alias `add_child_to_supervisor`), `spawn_agent_group`,
+//! `stop_agent`, `restart_agent`, `get_agent`, `list_agents`, `find_agents`, `export_state`,
+//! `import_state`, and the node-to-leader `report_agent` and `checkpoint`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::limits;
+use crate::protocol::{ErrorCode, WireError};
+use crate::registry::{Registry, SpawnAgent};
+
+/// Names one agent by id or name: `{agent}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRef {
+    pub agent: String,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+impl AgentRef {
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.agent.is_empty() || self.agent.len() > limits::MAX_NAME_LEN + 8 {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "agent must be an id or a name",
+            ));
+        }
+        crate::registry::validate_request_id(&self.request_id)
+    }
+
+    /// `get_agent`: the record, with its checkpoint's sequence number and size.
+    pub fn get(&self, reg: &Registry) -> Result<Value, WireError> {
+        let a = reg
+            .agent(&self.agent)
+            .ok_or_else(|| not_found(&self.agent))?;
+        let mut v = serde_json::to_value(a)
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(c) = reg.checkpoint(a.id) {
+            v["checkpoint"] =
+                json!({ "seq": c.seq, "epoch": c.epoch, "bytes": c.state.len(), "time": c.time });
+        }
+        Ok(v)
+    }
+
+    /// `export_state`: the last checkpoint's bytes (MessagePack), base64 in JSON.
+    pub fn export(&self, reg: &Registry) -> Result<Value, WireError> {
+        let a = reg
+            .agent(&self.agent)
+            .ok_or_else(|| not_found(&self.agent))?;
+        let c = reg.checkpoint(a.id).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::NotFound,
+                format!("agent {:?} has no checkpoint yet", self.agent),
+            )
+        })?;
+        Ok(json!({ "agent": a.id, "seq": c.seq, "epoch": c.epoch, "state": base64(&c.state) }))
+    }
+}
+
+fn not_found(agent: &str) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("no agent {agent:?}"))
+}
+
+/// `import_state {agent, state}`: replaces an agent's saved state (base64 of its MessagePack)
+/// and restarts it from that state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportState {
+    pub agent: String,
+    pub state: String,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+impl ImportState {
+    pub fn validate(&self) -> Result<bytes::Bytes, WireError> {
+        let bytes = unbase64(&self.state).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                "state must be base64 (standard alphabet)",
+            )
+        })?;
+        if bytes.len() > limits::MAX_CHECKPOINT_BYTES {
+            return Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "state is {} bytes; the limit is {}",
+                    bytes.len(),
+                    limits::MAX_CHECKPOINT_BYTES
+                ),
+            ));
+        }
+        Ok(bytes.into())
+    }
+}
+
+/// `spawn_agent_group {name, parent?, count, template, ...}`: a `simple_one_for_one`
+/// supervisor with `count` children from one template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnAgentGroup {
+    pub name: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+    pub count: u32,
+    pub template: SpawnAgent,
+    #[serde(default = "one")]
+    pub max_restarts: u32,
+    #[serde(default = "five")]
+    pub max_seconds: u32,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn five() -> u32 {
+    5
+}
+
+impl SpawnAgentGroup {
+    pub fn validate(&self) -> Result<(), WireError> {
+        crate::registry::validate_name("name", &self.name)?;
+        if self.count == 0 || self.count > limits::MAX_GROUP {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("count must be between 1 and {}", limits::MAX_GROUP),
+            ));
+        }
+        if self.template.name.is_some() || self.template.supervisor.is_some() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "template: name and supervisor are set by the group",
+            ));
+        }
+        self.template.validate()?;
+        crate::registry::validate_request_id(&self.request_id)
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                B64[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 with padding; `None` if malformed.
+pub fn unbase64(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(4) {
+        return None;
+    }
+    let val = |c: u8| B64.iter().position(|&x| x == c).map(|p| p as u32);
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = if i >= 4 - pad { 0 } else { val(c)? };
+            n = n << 6 | v;
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_and_refuses_garbage() {
+        for data in [&b""[..], b"a", b"ab", b"abc", b"\x00\xff\x10warden"] {
+            assert_eq!(unbase64(&base64(data)).unwrap(), data);
+        }
+        assert_eq!(base64(b"warden"), "d2FyZGVu");
+        assert!(unbase64("abc").is_none());
+        assert!(unbase64("ab!=").is_none());
+    }
+}

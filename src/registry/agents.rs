@@ -1,0 +1,640 @@
+//! Agents in the registry: records, spawning with placement, lifecycle reports from the node
+//! that runs them (fenced by epoch), checkpoints, and queries.
+//!
+//! The registry holds the desired state (which agents exist, where they are placed); the
+//! node that hosts an agent runs it and reports what it observed (`AgentReport`). A report or
+//! checkpoint carrying an old epoch, or coming from another node, is refused: a stale
+//! instance cannot act.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{validate_name, validate_request_id, Child, Key, Outcome, Registry, RegistryEvent};
+use crate::limits;
+use crate::protocol::{ErrorCode, WireError};
+use crate::supervision::RestartType;
+
+/// Lifecycle of an agent (SPEC.md's words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Placed (or waiting for a node), not started yet.
+    Pending,
+    Starting,
+    Running,
+    Stopping,
+    /// Ended and not restarted (a transient agent that finished normally).
+    Stopped,
+    /// Crashed; a restart may follow.
+    Failed,
+    Migrating,
+}
+
+/// An agent record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub kind: String,
+    pub config: Value,
+    pub restart: RestartType,
+    /// Time allowed for a clean stop before the agent is killed; 0 is `brutal_kill`.
+    pub shutdown_ms: u64,
+    pub tags: BTreeSet<String>,
+    pub capabilities: BTreeSet<String>,
+    pub supervisor: String,
+    /// Start order among its siblings.
+    pub position: u64,
+    pub status: AgentStatus,
+    /// The node it is placed on.
+    pub node: Option<u64>,
+    /// Fencing token, bumped on every placement.
+    pub epoch: u64,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    /// Bumped by `restart_agent`; the hosting node restarts the agent when it changes.
+    pub restart_requested: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Per-entity event sequence number.
+    pub seq: u64,
+}
+
+/// An agent's last acknowledged state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub agent: Uuid,
+    /// The epoch of the instance that wrote it.
+    pub epoch: u64,
+    /// Increases with every checkpoint of the agent.
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    /// MessagePack bytes produced by the agent's kind.
+    pub state: Bytes,
+}
+
+fn default_shutdown_ms() -> u64 {
+    5_000
+}
+
+/// `spawn_agent` / `add_child_to_supervisor`: both the wire request and the log command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnAgent {
+    /// The supervisor to add the agent to (default `root`).
+    #[serde(default)]
+    pub supervisor: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub kind: String,
+    #[serde(default)]
+    pub config: Value,
+    #[serde(default)]
+    pub restart: RestartType,
+    #[serde(default = "default_shutdown_ms")]
+    pub shutdown_ms: u64,
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    #[serde(default)]
+    pub capabilities: BTreeSet<String>,
+    /// Placement constraints arrive with placement (issue #4); only a pinned node for now.
+    #[serde(default)]
+    pub placement: Option<Placement>,
+    #[serde(default, skip_serializing)]
+    pub request_id: Option<String>,
+}
+
+/// Where an agent may run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Run on this node only.
+    #[serde(default)]
+    pub node: Option<u64>,
+}
+
+impl SpawnAgent {
+    /// Checks everything that does not depend on the registry's state.
+    pub fn validate(&self) -> Result<(), WireError> {
+        if let Some(s) = &self.supervisor {
+            validate_name("supervisor", s)?;
+        }
+        if let Some(n) = &self.name {
+            validate_name("name", n)?;
+            if Uuid::parse_str(n).is_ok() {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    "an agent name cannot be a UUID",
+                ));
+            }
+        }
+        validate_name("kind", &self.kind)?;
+        if self.shutdown_ms > limits::MAX_SHUTDOWN_MS {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("shutdown_ms is at most {}", limits::MAX_SHUTDOWN_MS),
+            ));
+        }
+        for (field, set) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
+            if set.len() > limits::MAX_LABELS {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    format!("at most {} {field}", limits::MAX_LABELS),
+                ));
+            }
+            for t in set {
+                validate_name(field, t)?;
+            }
+        }
+        validate_request_id(&self.request_id)
+    }
+}
+
+/// What the hosting node observed of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub agent: Uuid,
+    pub node: u64,
+    pub epoch: u64,
+    pub status: AgentStatus,
+    /// True when this `running` follows a restart.
+    pub restarted: bool,
+    pub error: Option<String>,
+}
+
+/// Query of `list_agents` / `find_agents`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindAgents {
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub capability: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub node: Option<u64>,
+    #[serde(default)]
+    pub status: Option<AgentStatus>,
+    #[serde(default)]
+    pub supervisor: Option<String>,
+    /// Page: agents after this id, at most `limit` (default and maximum 1,000).
+    #[serde(default)]
+    pub after: Option<Uuid>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl FindAgents {
+    pub fn validate(&self) -> Result<(), WireError> {
+        match self.limit {
+            Some(l) if l == 0 || l > limits::MAX_PAGE => Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("limit must be between 1 and {}", limits::MAX_PAGE),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers from the registry.
+    pub fn answer(&self, reg: &Registry) -> Result<Value, WireError> {
+        let limit = self.limit.unwrap_or(limits::MAX_PAGE);
+        let from = match self.after {
+            Some(a) => std::ops::Bound::Excluded(a),
+            None => std::ops::Bound::Unbounded,
+        };
+        let matches = |a: &&Agent| {
+            self.tag.as_ref().is_none_or(|t| a.tags.contains(t))
+                && self
+                    .capability
+                    .as_ref()
+                    .is_none_or(|c| a.capabilities.contains(c))
+                && self.kind.as_ref().is_none_or(|k| &a.kind == k)
+                && self.node.is_none_or(|n| a.node == Some(n))
+                && self.status.is_none_or(|s| a.status == s)
+                && self.supervisor.as_ref().is_none_or(|s| &a.supervisor == s)
+        };
+        let page: Vec<&Agent> = reg
+            .data
+            .agents
+            .range((from, std::ops::Bound::Unbounded))
+            .map(|(_, a)| a)
+            .filter(matches)
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        let page = &page[..page.len().min(limit)];
+        let next = if more {
+            page.last().map(|a| a.id)
+        } else {
+            None
+        };
+        Ok(json!({ "agents": page, "next": next }))
+    }
+}
+
+fn not_found(agent: &str) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("no agent {agent:?}"))
+}
+
+impl Registry {
+    /// Looks an agent up by id or name.
+    pub fn agent(&self, id_or_name: &str) -> Option<&Agent> {
+        let id = match Uuid::parse_str(id_or_name) {
+            Ok(id) => id,
+            Err(_) => *self.agent_names.get(id_or_name)?,
+        };
+        self.data.agents.get(&id)
+    }
+
+    /// An agent's last checkpoint.
+    pub fn checkpoint(&self, id: Uuid) -> Option<&Checkpoint> {
+        self.data.checkpoints.get(&id)
+    }
+
+    /// Agents placed on `node`, by id.
+    pub fn agents_on(&self, node: u64) -> impl Iterator<Item = &Agent> {
+        self.by_node
+            .get(&node)
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .filter_map(|id| self.data.agents.get(id))
+    }
+
+    /// How many agents are placed on `node`.
+    pub fn load(&self, node: u64) -> usize {
+        self.by_node.get(&node).map_or(0, |ids| ids.len())
+    }
+
+    /// Inserts an agent record and indexes it.
+    pub(super) fn insert_agent(&mut self, a: Agent) {
+        self.children
+            .entry(a.supervisor.clone())
+            .or_default()
+            .insert(a.position, Child::Agent { id: a.id });
+        self.next_position = self.next_position.max(a.position + 1);
+        if let Some(n) = &a.name {
+            self.agent_names.insert(n.clone(), a.id);
+        }
+        if let Some(node) = a.node {
+            self.by_node.entry(node).or_default().insert(a.id);
+        }
+        self.data.agents.insert(a.id, a);
+    }
+
+    /// Removes an agent record, its checkpoint and its index entries.
+    pub(super) fn remove_agent(&mut self, id: Uuid) -> Option<Agent> {
+        let a = self.data.agents.remove(&id)?;
+        if let Some(siblings) = self.children.get_mut(&a.supervisor) {
+            siblings.remove(&a.position);
+        }
+        if let Some(n) = &a.name {
+            self.agent_names.remove(n);
+        }
+        if let Some(ids) = a.node.and_then(|n| self.by_node.get_mut(&n)) {
+            ids.remove(&id);
+        }
+        if self.data.checkpoints.remove(&id).is_some() {
+            self.touched.insert(Key::Checkpoint(id));
+        }
+        self.touched.insert(Key::Agent(id));
+        Some(a)
+    }
+
+    /// Picks a node for a new agent: its pinned node, else its supervisor's host, else the up
+    /// node that runs the kind with the fewest agents (lowest id on a tie).
+    fn place(&self, kind: &str, supervisor: &str, pinned: Option<u64>) -> Result<u64, WireError> {
+        let runs_kind = |id: &u64| {
+            self.data.nodes.get(id).is_some_and(|n| {
+                n.status == super::NodeStatus::Up && n.kinds.iter().any(|k| k == kind)
+            })
+        };
+        if let Some(n) = pinned {
+            return if runs_kind(&n) {
+                Ok(n)
+            } else {
+                Err(WireError::new(
+                    ErrorCode::Capacity,
+                    format!("node {n} is not up or does not run kind {kind:?}"),
+                ))
+            };
+        }
+        if let Some(host) = self.data.supervisors.get(supervisor).and_then(|s| s.node) {
+            if runs_kind(&host) {
+                return Ok(host);
+            }
+        }
+        let known = self
+            .data
+            .nodes
+            .values()
+            .any(|n| n.kinds.iter().any(|k| k == kind));
+        self.data
+            .nodes
+            .keys()
+            .filter(|id| runs_kind(id))
+            .min_by_key(|id| (self.load(**id), **id))
+            .copied()
+            .ok_or_else(|| {
+                if known {
+                    WireError::new(
+                        ErrorCode::Capacity,
+                        format!("no node that runs {kind:?} is up"),
+                    )
+                } else {
+                    WireError::new(
+                        ErrorCode::BadRequest,
+                        format!("no node knows kind {kind:?}"),
+                    )
+                }
+            })
+    }
+
+    pub(super) fn spawn_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        s: &SpawnAgent,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let sup_name = s
+            .supervisor
+            .clone()
+            .unwrap_or_else(|| super::ROOT.to_string());
+        if !self.data.supervisors.contains_key(&sup_name) {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("supervisor {sup_name:?} does not exist"),
+            ));
+        }
+        if let Some(n) = &s.name {
+            if self.agent_names.contains_key(n) {
+                return Err(WireError::new(
+                    ErrorCode::Conflict,
+                    format!("an agent named {n:?} already exists"),
+                ));
+            }
+        }
+        if self.data.agents.len() >= limits::MAX_AGENTS {
+            return Err(WireError::new(
+                ErrorCode::Capacity,
+                format!(
+                    "the registry holds its maximum of {} agents",
+                    limits::MAX_AGENTS
+                ),
+            ));
+        }
+        let node = self.place(
+            &s.kind,
+            &sup_name,
+            s.placement.as_ref().and_then(|p| p.node),
+        )?;
+        let agent = Agent {
+            id,
+            name: s.name.clone(),
+            kind: s.kind.clone(),
+            config: s.config.clone(),
+            restart: s.restart,
+            shutdown_ms: s.shutdown_ms,
+            tags: s.tags.clone(),
+            capabilities: s.capabilities.clone(),
+            supervisor: sup_name,
+            position: self.next_position,
+            status: AgentStatus::Pending,
+            node: Some(node),
+            epoch: 1,
+            restarts: 0,
+            last_error: None,
+            restart_requested: 0,
+            created_at: time,
+            updated_at: time,
+            seq: 1,
+        };
+        let reply = serde_json::to_value(&agent).map_err(super::internal)?;
+        events.push(agent_event(&agent, "placed", time, json!({ "node": node })));
+        self.touched.insert(Key::Agent(id));
+        self.insert_agent(agent);
+        Ok(reply)
+    }
+
+    pub(super) fn stop_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        agent: &str,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let id = self
+            .agent(agent)
+            .map(|a| a.id)
+            .ok_or_else(|| not_found(agent))?;
+        let mut a = self.remove_agent(id).expect("looked up above");
+        a.seq += 1;
+        events.push(agent_event(
+            &a,
+            "stopped",
+            time,
+            json!({ "reason": "stop_agent" }),
+        ));
+        Ok(json!({ "id": a.id, "name": a.name, "status": "stopped" }))
+    }
+
+    pub(super) fn restart_agent(&mut self, time: DateTime<Utc>, agent: &str) -> Outcome {
+        let id = self
+            .agent(agent)
+            .map(|a| a.id)
+            .ok_or_else(|| not_found(agent))?;
+        let a = self.data.agents.get_mut(&id).expect("looked up above");
+        a.restart_requested += 1;
+        a.updated_at = time;
+        self.touched.insert(Key::Agent(id));
+        Ok(json!({ "id": id, "restart_requested": a.restart_requested }))
+    }
+
+    pub(super) fn report_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        r: &AgentReport,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(a) = self.data.agents.get_mut(&r.agent) else {
+            return Err(not_found(&r.agent.to_string()));
+        };
+        if a.node != Some(r.node) || a.epoch != r.epoch {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "stale report: agent {} is at epoch {} on node {:?}, not {} on {}",
+                    a.id, a.epoch, a.node, r.epoch, r.node
+                ),
+            ));
+        }
+        let event = match (r.status, r.restarted) {
+            (AgentStatus::Running, false) => Some("started"),
+            (AgentStatus::Running, true) => Some("restarted"),
+            (AgentStatus::Failed, _) => Some("crashed"),
+            (AgentStatus::Stopped, _) => Some("stopped"),
+            _ => None,
+        };
+        if r.restarted && r.status == AgentStatus::Running {
+            a.restarts += 1;
+        }
+        a.status = r.status;
+        if r.error.is_some() {
+            a.last_error = r.error.clone();
+        }
+        a.updated_at = time;
+        let id = a.id;
+        if let Some(ev) = event {
+            a.seq += 1;
+            let data = json!({ "status": a.status, "error": r.error, "restarts": a.restarts });
+            events.push(agent_event(a, ev, time, data));
+        }
+        let reply = json!({ "id": id, "status": a.status, "epoch": a.epoch });
+        self.touched.insert(Key::Agent(id));
+        Ok(reply)
+    }
+
+    pub(super) fn store_checkpoint(
+        &mut self,
+        time: DateTime<Utc>,
+        agent: Uuid,
+        node: u64,
+        epoch: u64,
+        state: &Bytes,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(a) = self.data.agents.get_mut(&agent) else {
+            return Err(not_found(&agent.to_string()));
+        };
+        if a.node != Some(node) || a.epoch != epoch {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "stale checkpoint: agent {agent} is at epoch {}, not {epoch}",
+                    a.epoch
+                ),
+            ));
+        }
+        if state.len() > limits::MAX_CHECKPOINT_BYTES {
+            return Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "checkpoint is {} bytes; the limit is {}",
+                    state.len(),
+                    limits::MAX_CHECKPOINT_BYTES
+                ),
+            ));
+        }
+        let seq = self.data.checkpoints.get(&agent).map_or(1, |c| c.seq + 1);
+        a.seq += 1;
+        events.push(agent_event(
+            a,
+            "checkpointed",
+            time,
+            json!({ "checkpoint_seq": seq, "bytes": state.len() }),
+        ));
+        self.data.checkpoints.insert(
+            agent,
+            Checkpoint {
+                agent,
+                epoch,
+                seq,
+                time,
+                state: state.clone(),
+            },
+        );
+        self.touched.insert(Key::Agent(agent));
+        self.touched.insert(Key::Checkpoint(agent));
+        Ok(json!({ "agent": agent, "checkpoint_seq": seq }))
+    }
+}
+
+pub(super) fn agent_event(
+    a: &Agent,
+    event: &'static str,
+    time: DateTime<Utc>,
+    data: Value,
+) -> RegistryEvent {
+    RegistryEvent {
+        entity: "agent",
+        id: a.id.to_string(),
+        event,
+        time,
+        epoch: a.epoch,
+        seq: a.seq,
+        data,
+    }
+}
+
+impl Registry {
+    /// `spawn_agent_group`: a `simple_one_for_one` supervisor and `count` agents named
+    /// `<name>-<i>`, all or nothing. Child ids are derived from the command's stamped id.
+    pub(super) fn spawn_agent_group(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        g: &crate::command::agent::SpawnAgentGroup,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let names: Vec<String> = (0..g.count).map(|i| format!("{}-{i}", g.name)).collect();
+        if let Some(taken) = names.iter().find(|n| self.agent_names.contains_key(*n)) {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!("an agent named {taken:?} already exists"),
+            ));
+        }
+        let sup = super::CreateSupervisor {
+            name: g.name.clone(),
+            parent: g.parent.clone(),
+            strategy: super::Strategy::SimpleOneForOne,
+            max_restarts: g.max_restarts,
+            max_seconds: g.max_seconds,
+            backoff: super::Backoff::default(),
+            placement: super::SupervisorPlacement::Colocate,
+            request_id: None,
+        };
+        // Check placement and room before changing anything, so a refusal leaves no half group.
+        if self.data.agents.len() + g.count as usize > limits::MAX_AGENTS {
+            return Err(WireError::new(
+                ErrorCode::Capacity,
+                format!("the registry holds at most {} agents", limits::MAX_AGENTS),
+            ));
+        }
+        let parent = g.parent.clone().unwrap_or_else(|| super::ROOT.to_string());
+        let pinned = g.template.placement.as_ref().and_then(|p| p.node);
+        self.place(&g.template.kind, &parent, pinned)?;
+        let created = self.create_supervisor(time, id, &sup, events)?;
+        let mut ids = Vec::new();
+        for (i, name) in names.into_iter().enumerate() {
+            let child = SpawnAgent {
+                supervisor: Some(g.name.clone()),
+                name: Some(name),
+                ..g.template.clone()
+            };
+            let child_id = Uuid::from_u128(id.as_u128().wrapping_add(i as u128 + 1));
+            let out = self.spawn_agent(time, child_id, &child, events)?;
+            ids.push(out["id"].clone());
+        }
+        Ok(json!({ "supervisor": created, "agents": ids }))
+    }
+
+    /// `import_state`: replaces an agent's checkpoint and asks its node to restart it from it.
+    pub(super) fn import_state(
+        &mut self,
+        time: DateTime<Utc>,
+        agent: &str,
+        state: &Bytes,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let a = self.agent(agent).ok_or_else(|| not_found(agent))?;
+        let (id, node, epoch) = (a.id, a.node.unwrap_or(0), a.epoch);
+        let out = self.store_checkpoint(time, id, node, epoch, state, events)?;
+        self.restart_agent(time, &id.to_string())?;
+        Ok(out)
+    }
+}

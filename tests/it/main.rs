@@ -1,6 +1,7 @@
 //! Integration tests: real `nats-server` processes, real nodes (in-process for the fast tests,
 //! separate OS processes for cluster behaviour), real sled directories.
 
+mod agents;
 mod cluster;
 mod commands;
 mod support;

@@ -139,6 +139,11 @@ pub struct InProcessNode {
 
 impl InProcessNode {
     pub async fn start() -> InProcessNode {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a node whose config `tweak` may change first.
+    pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> InProcessNode {
         let dir = tempfile::tempdir().unwrap();
         let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
         let mut cfg = NodeConfig {
@@ -149,6 +154,7 @@ impl InProcessNode {
             ..Default::default()
         };
         cfg.nats.url = nats.url.clone();
+        tweak(&mut cfg);
         let cfg = cfg.finish().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(warden::node::run(cfg, async move {
@@ -187,6 +193,64 @@ impl Drop for InProcessNode {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `get_agent` until `pred` holds, and returns the record.
+pub async fn wait_agent(
+    c: &Client,
+    agent: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(what, Duration::from_secs(20), || {
+        let c = c.clone();
+        let agent = agent.to_string();
+        let ok = &pred;
+        async move {
+            let a = c.call("get_agent", &json!({"agent": agent})).await.ok()?;
+            ok(&a).then_some(a)
+        }
+    })
+    .await
+}
+
+/// Calls an agent the way any NATS client would, retrying while it is not running.
+pub async fn call_agent(
+    c: &Client,
+    agent: &str,
+    body: Value,
+) -> Result<Value, warden::protocol::WireError> {
+    let subject = c.subjects.agent(agent, "call");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let payload = serde_json::to_vec(&body).unwrap().into();
+        let reply = warden::bus::request(
+            &c.nats,
+            subject.clone(),
+            None,
+            payload,
+            Duration::from_secs(5),
+        )
+        .await;
+        let result = match reply {
+            Ok(r) => warden::protocol::Envelope::decode(&r.payload)
+                .unwrap()
+                .into_result(),
+            Err(e) => Err(warden::protocol::WireError::new(
+                warden::protocol::ErrorCode::Unavailable,
+                e.to_string(),
+            )),
+        };
+        match result {
+            Err(e)
+                if e.code == warden::protocol::ErrorCode::Unavailable
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
         }
     }
 }

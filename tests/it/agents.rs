@@ -1,0 +1,387 @@
+//! Agents under supervision on one in-process node over a real nats-server: each strategy,
+//! restart types, escalation through two levels, exec with real processes, state surviving a
+//! restart through its checkpoint, and bad input to the agent commands.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warden::client::Client;
+use warden::protocol::ErrorCode;
+
+use crate::support::{call_agent, wait_agent, wait_for, InProcessNode};
+
+async fn sup(c: &Client, name: &str, parent: &str, strategy: &str, max_restarts: u32) {
+    let body = json!({"name": name, "parent": parent, "strategy": strategy,
+                      "max_restarts": max_restarts, "max_seconds": 60,
+                      "backoff": {"initial_ms": 1, "max_ms": 5, "jitter": 0.0}});
+    c.call("create_supervisor", &body).await.unwrap();
+}
+
+async fn spawn(c: &Client, name: &str, supervisor: &str, extra: Value) -> Value {
+    let mut body = json!({"name": name, "supervisor": supervisor, "kind": "counter"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    let a = c.call("spawn_agent", &body).await.unwrap();
+    wait_agent(c, name, &format!("{name} running"), |a| {
+        a["status"] == "running"
+    })
+    .await;
+    a
+}
+
+fn restarts(a: &Value) -> u64 {
+    a["restarts"].as_u64().unwrap()
+}
+
+async fn get(c: &Client, name: &str) -> Value {
+    c.call("get_agent", &json!({"agent": name})).await.unwrap()
+}
+
+async fn crash(c: &Client, name: &str) {
+    let err = call_agent(c, name, json!({"op": "crash"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Internal, "{err}");
+}
+
+/// Goal: a durable counter's acknowledged value survives a crash: it restarts from its
+/// checkpoint, and its record counts the restart.
+#[tokio::test]
+async fn a_crashed_durable_counter_restarts_from_its_checkpoint() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    sup(c, "s", "root", "one_for_one", 5).await;
+    spawn(c, "n", "s", json!({"config": {"durable": true}})).await;
+    assert_eq!(
+        call_agent(c, "n", json!({"op": "add", "n": 7}))
+            .await
+            .unwrap(),
+        json!({"value": 7})
+    );
+    crash(c, "n").await;
+    wait_agent(c, "n", "n restarted", |a| {
+        restarts(a) == 1 && a["status"] == "running"
+    })
+    .await;
+    assert_eq!(
+        call_agent(c, "n", json!({"op": "get"})).await.unwrap(),
+        json!({"value": 7})
+    );
+    let exported = c
+        .call("export_state", &json!({"agent": "n"}))
+        .await
+        .unwrap();
+    assert!(exported["state"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+/// Goal: one_for_one restarts only the crashed child; one_for_all restarts all of them;
+/// rest_for_one restarts the crashed child and those started after it.
+#[tokio::test]
+async fn each_strategy_restarts_exactly_its_children() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    for (s, strategy) in [
+        ("o1", "one_for_one"),
+        ("oa", "one_for_all"),
+        ("rf", "rest_for_one"),
+    ] {
+        sup(c, s, "root", strategy, 10).await;
+        for i in 1..=3 {
+            spawn(c, &format!("{s}-{i}"), s, json!({})).await;
+        }
+        crash(c, &format!("{s}-2")).await;
+        wait_agent(c, &format!("{s}-2"), "the crashed child restarted", |a| {
+            restarts(a) == 1 && a["status"] == "running"
+        })
+        .await;
+    }
+    // Wait for the siblings' restarts to be recorded too, then compare exactly.
+    let expect = [("oa-1", 1), ("oa-3", 1), ("rf-3", 1)];
+    for (name, n) in expect {
+        wait_agent(c, name, &format!("{name} restarted"), |a| {
+            restarts(a) == n && a["status"] == "running"
+        })
+        .await;
+    }
+    for (name, n) in [("o1-1", 0), ("o1-3", 0), ("rf-1", 0)] {
+        assert_eq!(
+            restarts(&get(c, name).await),
+            n,
+            "{name} must not have been restarted"
+        );
+    }
+}
+
+/// Goal: a temporary child is never restarted (and is forgotten); a transient one is
+/// restarted after a crash but not after a normal exit.
+#[tokio::test]
+async fn temporary_and_transient_children_follow_otp() {
+    let node = InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec!["/bin/sh".into()];
+    })
+    .await;
+    let c = &node.client;
+    sup(c, "s", "root", "one_for_all", 10).await;
+    spawn(c, "keep", "s", json!({})).await;
+    spawn(c, "tmp", "s", json!({"restart": "temporary"})).await;
+    crash(c, "tmp").await;
+    wait_for(
+        "the temporary child to be forgotten",
+        Duration::from_secs(10),
+        || async { c.call("get_agent", &json!({"agent": "tmp"})).await.err() },
+    )
+    .await;
+    assert_eq!(
+        restarts(&get(c, "keep").await),
+        0,
+        "no strategy applies to a temporary exit"
+    );
+
+    spawn(c, "tr", "s", json!({"restart": "transient"})).await;
+    crash(c, "tr").await;
+    wait_agent(c, "tr", "transient restarted after a crash", |a| {
+        restarts(a) == 1 && a["status"] == "running"
+    })
+    .await;
+
+    let ok = json!({"name": "done", "supervisor": "s", "kind": "exec", "restart": "transient",
+                    "config": {"command": "/bin/sh", "args": ["-c", "exit 0"]}});
+    c.call("spawn_agent", &ok).await.unwrap();
+    let a = wait_agent(c, "done", "a transient exit 0 to stay stopped", |a| {
+        a["status"] == "stopped"
+    })
+    .await;
+    assert_eq!(restarts(&a), 0);
+}
+
+/// Goal: escalation climbs two levels: an inner supervisor past its intensity fails to its
+/// parent, which (also at zero intensity) fails to its own parent, which restarts the subtree.
+#[tokio::test]
+async fn escalation_climbs_two_levels_and_the_top_restarts_the_subtree() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    let mut events = c
+        .nats
+        .subscribe("warden.test.evt.supervisor.*.escalated")
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    sup(c, "top", "root", "one_for_all", 10).await;
+    sup(c, "mid", "top", "one_for_one", 0).await;
+    sup(c, "inner", "mid", "one_for_one", 0).await;
+    spawn(c, "bystander", "top", json!({})).await;
+    spawn(c, "leaf", "inner", json!({})).await;
+    crash(c, "leaf").await;
+    wait_agent(c, "leaf", "leaf restarted by top", |a| {
+        restarts(a) >= 1 && a["status"] == "running"
+    })
+    .await;
+    // top is one_for_all: restarting mid restarts the bystander too.
+    wait_agent(c, "bystander", "bystander restarted", |a| {
+        restarts(a) >= 1 && a["status"] == "running"
+    })
+    .await;
+    let mut escalated = Vec::new();
+    while escalated.len() < 2 {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut events),
+        )
+        .await
+        .expect("escalated events")
+        .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        escalated.push(v["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(escalated, ["inner", "mid"]);
+}
+
+/// Goal: exec runs a real process: output lines become log events, a non-zero exit is a
+/// crash that a permanent child is restarted after, and exec stays off without config.
+#[tokio::test]
+async fn exec_runs_real_processes_and_reports_their_output_and_exits() {
+    let node = InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec!["/bin/sh".into()];
+    })
+    .await;
+    let c = &node.client;
+    let mut logs = c
+        .nats
+        .subscribe("warden.test.evt.agent.*.log")
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    sup(c, "s", "root", "one_for_one", 10).await;
+    let body = json!({"name": "job", "supervisor": "s", "kind": "exec",
+                      "config": {"command": "/bin/sh", "args": ["-c", "echo hello; sleep 0.2; exit 3"]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut logs))
+        .await
+        .expect("a log event")
+        .unwrap();
+    let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(v["data"]["line"], "hello");
+    let a = wait_agent(c, "job", "the failing process restarted", |a| {
+        restarts(a) >= 1
+    })
+    .await;
+    assert!(
+        a["last_error"].as_str().unwrap().contains("status 3"),
+        "{a}"
+    );
+
+    let bad = json!({"name": "evil", "kind": "exec", "config": {"command": "/bin/rm", "args": ["-rf", "/tmp/x"]}});
+    c.call("spawn_agent", &bad).await.unwrap();
+    let a = wait_agent(c, "evil", "a refused command to fail", |a| {
+        a["status"] == "failed"
+    })
+    .await;
+    assert!(
+        a["last_error"].as_str().unwrap().contains("allow-list"),
+        "{a}"
+    );
+}
+
+/// Goal: bad input to agent commands gets a clear error and creates nothing.
+#[tokio::test]
+async fn bad_agent_input_gets_clear_errors() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    let cases = [
+        (
+            "spawn_agent",
+            json!({"name": "x"}),
+            ErrorCode::BadRequest,
+            "missing field `kind`",
+        ),
+        (
+            "spawn_agent",
+            json!({"kind": "teleporter"}),
+            ErrorCode::BadRequest,
+            "no node knows kind",
+        ),
+        (
+            "spawn_agent",
+            json!({"kind": "counter", "restart": "sometimes"}),
+            ErrorCode::BadRequest,
+            "unknown variant",
+        ),
+        (
+            "spawn_agent",
+            json!({"kind": "counter", "supervisor": "ghost"}),
+            ErrorCode::NotFound,
+            "ghost",
+        ),
+        (
+            "spawn_agent",
+            json!({"kind": "counter", "name": "6f9619ff-8b86-d011-b42d-00cf4fc964ff"}),
+            ErrorCode::BadRequest,
+            "UUID",
+        ),
+        (
+            "spawn_agent",
+            json!({"kind": "counter", "tags": ["a b"]}),
+            ErrorCode::BadRequest,
+            "invalid",
+        ),
+        (
+            "stop_agent",
+            json!({"agent": "nobody"}),
+            ErrorCode::NotFound,
+            "nobody",
+        ),
+        (
+            "get_agent",
+            json!({}),
+            ErrorCode::BadRequest,
+            "missing field `agent`",
+        ),
+        (
+            "import_state",
+            json!({"agent": "x", "state": "%%%"}),
+            ErrorCode::BadRequest,
+            "base64",
+        ),
+        (
+            "spawn_agent_group",
+            json!({"name": "g", "count": 0, "template": {"kind": "counter"}}),
+            ErrorCode::BadRequest,
+            "count",
+        ),
+        (
+            "find_agents",
+            json!({"limit": 5000}),
+            ErrorCode::BadRequest,
+            "limit",
+        ),
+    ];
+    for (command, body, code, needle) in cases {
+        let err = match c.call(command, &body).await {
+            Err(warden::client::CallError::Reply(e)) => e,
+            other => panic!("{command} {body}: expected an error, got {other:?}"),
+        };
+        assert_eq!(err.code, code, "{command}: {}", err.message);
+        assert!(
+            err.message.contains(needle),
+            "{:?} should mention {needle:?}",
+            err.message
+        );
+    }
+    let all = c.call("list_agents", &json!({})).await.unwrap();
+    assert_eq!(all["agents"], json!([]), "nothing was created");
+    let err = call_agent(c, "nobody", json!({"op": "get"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    spawn(c, "k", "root", json!({})).await;
+    let err = call_agent(c, "k", json!({"op": "divide"}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code,
+        ErrorCode::BadRequest,
+        "the agent refuses, and keeps running"
+    );
+    assert_eq!(restarts(&get(c, "k").await), 0);
+}
+
+/// Goal: a group is a simple_one_for_one supervisor with N children from one template, found
+/// by tag and capability.
+#[tokio::test]
+async fn a_group_spawns_its_children_and_they_can_be_found() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    let body = json!({"name": "pool", "count": 5,
+                      "template": {"kind": "echo", "tags": ["web"], "capabilities": ["http"]}});
+    let out = c.call("spawn_agent_group", &body).await.unwrap();
+    assert_eq!(out["agents"].as_array().unwrap().len(), 5);
+    assert_eq!(out["supervisor"]["strategy"], "simple_one_for_one");
+    for i in 0..5 {
+        wait_agent(c, &format!("pool-{i}"), "group member running", |a| {
+            a["status"] == "running"
+        })
+        .await;
+    }
+    let found = c
+        .call(
+            "find_agents",
+            &json!({"tag": "web", "capability": "http", "status": "running"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found["agents"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        call_agent(c, "pool-3", json!({"ping": 1})).await.unwrap(),
+        json!({"ping": 1})
+    );
+    let stopped = c
+        .call("stop_supervisor", &json!({"name": "pool"}))
+        .await
+        .unwrap();
+    assert_eq!(stopped["stopped_count"], 6);
+    let none = c.call("find_agents", &json!({"tag": "web"})).await.unwrap();
+    assert_eq!(none["agents"], json!([]));
+}

@@ -312,7 +312,7 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
     let status = cluster
         .wait_ready(&client, args.nodes as usize, Duration::from_secs(60))
         .await?;
-    demo(&client).await;
+    let story = demo(&client).await;
     let tree = client.call("get_supervision_tree", &json!({})).await.ok();
 
     println!(
@@ -324,10 +324,15 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
         println!("\nSupervision tree:");
         print!("{}", crate::ctl::render("get_supervision_tree", &tree));
     }
+    if let Some(story) = story {
+        println!("\n{story}");
+    }
     println!("\nTalk to it from another terminal:");
     println!("  warden ctl --nats {url} status");
     println!("  warden ctl --nats {url} create_supervisor name=web strategy=one_for_all");
     println!("  warden ctl --nats {url} tree");
+    println!("  warden ctl --nats {url} call hits op=add n=1");
+    println!("  warden ctl --nats {url} call hits op=crash");
     println!("  warden ctl --nats {url} watch");
     println!("Logs and data: {:?}. Ctrl-C stops everything.", args.dir);
     shutdown.await;
@@ -340,16 +345,77 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-/// A small tree so a new user sees something; creating it twice is harmless.
-async fn demo(client: &Client) {
+/// A small tree so a new user sees agents, a crash and a restart. Creating it twice is
+/// harmless: every create carries a fixed request id, and names clash harmlessly after that.
+/// Returns a line describing the crash and restart, when it could show one.
+async fn demo(client: &Client) -> Option<String> {
     for (name, parent, strategy) in [
         ("demo", "root", "one_for_one"),
         ("demo-workers", "demo", "one_for_all"),
         ("demo-pipeline", "demo", "rest_for_one"),
     ] {
-        let body = json!({"name": name, "parent": parent, "strategy": strategy, "request_id": format!("up-demo-{name}")});
+        let body = json!({"name": name, "parent": parent, "strategy": strategy,
+                          "max_restarts": 5, "max_seconds": 10,
+                          "request_id": format!("up-demo-{name}")});
         if let Err(e) = client.call("create_supervisor", &body).await {
             tracing::debug!(error = %e, "demo supervisor");
         }
     }
+    for (name, sup, kind, config) in [
+        ("hits", "demo-workers", "counter", json!({"durable": true})),
+        ("greeter", "demo-workers", "echo", json!(null)),
+        ("stage-1", "demo-pipeline", "counter", json!(null)),
+        ("stage-2", "demo-pipeline", "counter", json!(null)),
+    ] {
+        let body = json!({"name": name, "supervisor": sup, "kind": kind, "config": config,
+                          "request_id": format!("up-demo-{name}")});
+        if let Err(e) = client.call("spawn_agent", &body).await {
+            tracing::debug!(error = %e, "demo agent");
+        }
+    }
+    // Count three hits, crash the counter, and show that its supervisor brought it back with
+    // its checkpointed value.
+    let call = |body: serde_json::Value| {
+        let nats = client.nats.clone();
+        let subject = client.subjects.agent("hits", "call");
+        async move {
+            for _ in 0..100 {
+                let payload = serde_json::to_vec(&body).ok()?.into();
+                let r = crate::bus::request(
+                    &nats,
+                    subject.clone(),
+                    None,
+                    payload,
+                    Duration::from_secs(2),
+                )
+                .await;
+                if let Ok(r) = r {
+                    let env = crate::protocol::Envelope::decode(&r.payload).ok()?;
+                    match env.into_result() {
+                        Ok(v) => return Some(Ok(v)),
+                        Err(e) if e.code == crate::protocol::ErrorCode::Unavailable => {}
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None
+        }
+    };
+    for _ in 0..3 {
+        call(json!({"op": "add", "n": 1})).await?.ok()?;
+    }
+    // The crash's own answer is an error by design (`internal`: the agent crashed).
+    let _crashed = call(json!({"op": "crash"})).await?;
+    let value = call(json!({"op": "get"})).await?.ok()?;
+    let agent = client
+        .call("get_agent", &json!({"agent": "hits"}))
+        .await
+        .ok()?;
+    Some(format!(
+        "Demo: counted 3 hits on agent `hits`, crashed it on purpose; its one_for_all supervisor \
+         restarted it and its sibling `greeter` (restarts: {}), and it resumed from its checkpoint \
+         at {}.",
+        agent["restarts"], value["value"]
+    ))
 }

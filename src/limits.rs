@@ -111,6 +111,10 @@ pub const MAX_SHUTDOWN_MS: u64 = 3_600_000;
 /// Children of one `spawn_agent_group`: one Raft entry creates them all.
 pub const MAX_GROUP: u32 = 10_000;
 
+/// sled's page cache. Its default (1 GiB) would let the cache, not the agents, decide a node's
+/// memory; the Raft log's recent entries and the state machine's hot records fit easily.
+pub const SLED_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Supervisors in the registry.
 pub const MAX_SUPERVISORS: usize = 1_000_000;
 

@@ -63,15 +63,74 @@ struct Exit {
 struct Instance {
     epoch: u64,
     restart_requested: u64,
-    tx: mpsc::Sender<Msg>,
+    /// Messages are boxed: tokio allocates a channel's first block of slots up front, and a
+    /// pointer-sized slot keeps an idle agent's mailbox small.
+    tx: mpsc::Sender<Box<Msg>>,
     shutdown_ms: u64,
 }
 
-/// Writes the host makes through Raft, in order, by one task.
-enum Internal {
-    Report(AgentReport),
-    Forget(Uuid),
+/// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
+/// one per change bounds this to one entry per local agent, and nothing is ever dropped.
+#[derive(Default)]
+struct Pending {
+    reports: std::sync::Mutex<BTreeMap<Uuid, AgentReport>>,
+    notify: tokio::sync::Notify,
 }
+
+impl Pending {
+    fn add(&self, r: AgentReport) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        match reports.get_mut(&r.agent) {
+            Some(old) if old.epoch == r.epoch => {
+                old.status = r.status;
+                old.restarts = old.restarts.saturating_add(r.restarts);
+                if r.error.is_some() {
+                    old.error = r.error;
+                }
+            }
+            _ => {
+                reports.insert(r.agent, r);
+            }
+        }
+        drop(reports);
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `max` reports.
+    fn take(&self, max: usize) -> Vec<AgentReport> {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        while out.len() < max {
+            match reports.pop_first() {
+                Some((_, r)) => out.push(r),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Puts back reports that could not be sent, under anything newer.
+    fn restore(&self, batch: Vec<AgentReport>) {
+        for r in batch {
+            let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+            match reports.get_mut(&r.agent) {
+                Some(newer) if newer.epoch == r.epoch => {
+                    newer.restarts = newer.restarts.saturating_add(r.restarts);
+                    if newer.error.is_none() {
+                        newer.error = r.error;
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    reports.insert(r.agent, r);
+                }
+            }
+        }
+    }
+}
+
+/// Reports sent in one command: one Raft entry, well below the proposal size limit.
+const REPORTS_PER_WRITE: usize = 1_000;
 
 struct Host {
     node: Arc<Node>,
@@ -84,7 +143,8 @@ struct Host {
     /// Restart history (ms since the host started) of each supervisor.
     histories: BTreeMap<String, Vec<i64>>,
     exits: mpsc::Sender<Exit>,
-    internal: mpsc::Sender<Internal>,
+    pending: Arc<Pending>,
+    forget: mpsc::Sender<Uuid>,
     logs: mpsc::Sender<(Uuid, String)>,
     log_seq: BTreeMap<Uuid, u64>,
     tasks: JoinSet<()>,
@@ -96,7 +156,8 @@ struct Host {
 pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let (exits_tx, mut exits) = mpsc::channel(4096);
     let (logs_tx, mut logs) = mpsc::channel(4096);
-    let (internal_tx, internal_rx) = mpsc::channel(16 * 1024);
+    let pending = Arc::new(Pending::default());
+    let (forget_tx, forget_rx) = mpsc::channel(16 * 1024);
     let mut calls = match node.client.subscribe(node.subjects.agent_all()).await {
         Ok(s) => s,
         Err(e) => {
@@ -104,7 +165,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             return;
         }
     };
-    let writer = tokio::spawn(write_loop(node.clone(), internal_rx));
+    let writer = tokio::spawn(write_loop(node.clone(), pending.clone(), forget_rx));
     let mut host = Host {
         me: node.cfg.id,
         node: node.clone(),
@@ -113,7 +174,8 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         parked: BTreeMap::new(),
         histories: BTreeMap::new(),
         exits: exits_tx,
-        internal: internal_tx,
+        pending,
+        forget: forget_tx,
         logs: logs_tx,
         log_seq: BTreeMap::new(),
         tasks: JoinSet::new(),
@@ -327,15 +389,11 @@ impl Host {
             return;
         };
         let (done, wait) = oneshot::channel();
-        if inst
-            .tx
-            .send(Msg::Stop {
-                timeout_ms: inst.shutdown_ms,
-                done,
-            })
-            .await
-            .is_ok()
-        {
+        let stop = Box::new(Msg::Stop {
+            timeout_ms: inst.shutdown_ms,
+            done,
+        });
+        if inst.tx.send(stop).await.is_ok() {
             // The task answers once the agent has stopped; it may be gone already.
             let _ =
                 tokio::time::timeout(Duration::from_millis(inst.shutdown_ms + 1_000), wait).await;
@@ -444,8 +502,8 @@ impl Host {
                             .strip_prefix("a:")
                             .and_then(|s| Uuid::parse_str(s).ok())
                         {
-                            let _ = self.internal.send(Internal::Forget(id)).await;
-                            // writer outlives the host loop
+                            // The writer outlives the host loop, so the send succeeds.
+                            let _ = self.forget.send(id).await;
                         }
                     }
                     Action::Start { child, delay_ms } => self.schedule_child(&child, delay_ms),
@@ -516,17 +574,16 @@ impl Host {
         restarted: bool,
         error: Option<String>,
     ) {
+        let restarts = u32::from(restarted);
         let r = AgentReport {
             agent: *id,
             node: self.me,
             epoch,
             status,
-            restarted,
+            restarts,
             error,
         };
-        if self.internal.try_send(Internal::Report(r)).is_err() {
-            tracing::warn!(agent = %id, "report queue full; a status report was dropped");
-        }
+        self.pending.add(r);
     }
 
     async fn shutdown(&mut self) {
@@ -606,7 +663,7 @@ impl Host {
             ("call", None) => return,
             _ => return answer(WireError::new(ErrorCode::BadRequest, "use .call or .cast")).await,
         };
-        if inst.tx.try_send(m).is_err() {
+        if inst.tx.try_send(Box::new(m)).is_err() {
             answer(WireError::new(
                 ErrorCode::Unavailable,
                 "the agent's mailbox is full; retry",
@@ -698,7 +755,7 @@ async fn agent_task(
     id: Uuid,
     epoch: u64,
     mut agent: Box<dyn Agent>,
-    mut rx: mpsc::Receiver<Msg>,
+    mut rx: mpsc::Receiver<Box<Msg>>,
     exits: mpsc::Sender<Exit>,
 ) {
     let mut ended = agent
@@ -709,7 +766,7 @@ async fn agent_task(
             r = &mut ended => break r,
             m = rx.recv() => match m { Some(m) => m, None => break ExitReason::Shutdown },
         };
-        match msg {
+        match *msg {
             Msg::Stop { timeout_ms, done } => {
                 agent.stop(timeout_ms).await;
                 let _ = done.send(()); // the host may have stopped waiting
@@ -787,26 +844,41 @@ async fn checkpoint(
     node.write_internal("checkpoint", &req).await.map(|_| ())
 }
 
-/// Sends the host's reports and forgets through Raft, one at a time and in order, retrying
-/// briefly while the cluster has no leader.
-async fn write_loop(node: Arc<Node>, mut rx: mpsc::Receiver<Internal>) {
-    while let Some(w) = rx.recv().await {
-        for attempt in 0..5u32 {
-            let result = match &w {
-                Internal::Report(r) => node.write_internal("report_agent", r).await,
-                Internal::Forget(id) => {
-                    node.write_internal("stop_agent", &json!({ "agent": id.to_string() }))
-                        .await
+/// Sends the host's reports (batched) and forgets through Raft, retrying while the cluster has
+/// no leader. Ends when the host is gone, after one last attempt to send what is pending.
+async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Receiver<Uuid>) {
+    let mut open = true;
+    while open {
+        tokio::select! {
+            _ = pending.notify.notified() => {}
+            f = forget.recv() => match f {
+                Some(id) => {
+                    let body = json!({ "agent": id.to_string() });
+                    if let Err(e) = node.write_internal("stop_agent", &body).await {
+                        tracing::debug!(error = %e, "forgetting a temporary agent failed");
+                    }
                 }
+                None => open = false,
+            },
+        }
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let batch = pending.take(REPORTS_PER_WRITE);
+            if batch.is_empty() {
+                break;
+            }
+            let body = crate::command::ReportAgents {
+                reports: batch.clone(),
             };
-            match result {
-                Ok(_) => break,
-                Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            match node.write_internal("report_agents", &body).await {
+                Ok(_) => backoff = Duration::from_millis(20),
+                Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                    pending.restore(batch);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "a host write was refused");
-                    break;
+                    tracing::warn!(error = %e, "agent reports were refused");
                 }
             }
         }

@@ -13,6 +13,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+mod agents;
 mod etcd;
 
 use crate::bus::{self, NatsConfig};
@@ -43,6 +44,13 @@ pub struct BenchArgs {
     /// Also measure a local three-member etcd (`etcd` on PATH) as the reference.
     #[arg(long)]
     pub etcd: bool,
+    /// Also measure agents: restart latency, spawn throughput, and memory per idle agent with
+    /// this many agents on node 1 (memory needs --local).
+    #[arg(long, default_value_t = 0)]
+    pub agents: usize,
+    /// Only the agent benchmarks (skip the write benchmark).
+    #[arg(long)]
+    pub agents_only: bool,
 }
 
 /// Throughput and latency of one measurement.
@@ -109,6 +117,62 @@ where
         }
     }
     figures(all, errors, start.elapsed())
+}
+
+/// Erlang/OTP figures from the project's issue for the same machine: restart p99 (us), and
+/// memory per process (bytes). Not yet measured by the bench itself.
+const ERLANG_RESTART_P99_US: f64 = 80.0;
+const ERLANG_PROCESS_BYTES: f64 = 2_600.0;
+
+async fn bench_agents(
+    client: &Client,
+    local: Option<&LocalCluster>,
+    n: usize,
+) -> anyhow::Result<Value> {
+    eprintln!("measuring agent restarts");
+    let restart = agents::restart_latency(client, 200).await?;
+    let rss = |id: u64| local.and_then(|c| c.pid(id)).and_then(agents::rss_bytes);
+    let (host_before, replica_before) = (rss(1), rss(2));
+    eprintln!("spawning {n} agents on node 1");
+    let (acked, running) = agents::spawn_throughput(client, n, 1, 8).await?;
+    let per = |before: Option<u64>, after: Option<u64>| match (before, after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n as f64),
+        _ => None,
+    };
+    let host = per(host_before, rss(1));
+    let replica = per(replica_before, rss(2));
+    Ok(json!({
+        "restart": restart,
+        "restart_p99_vs_erlang": restart.p99_us as f64 / ERLANG_RESTART_P99_US,
+        "agents": n,
+        "spawn_acked_per_sec": acked,
+        "spawn_running_per_sec": running,
+        "memory_per_agent_host_bytes": host,
+        "memory_per_agent_replica_bytes": replica,
+        "memory_host_vs_erlang_process": host.map(|h| h / ERLANG_PROCESS_BYTES),
+    }))
+}
+
+fn print_agents(a: &Value) {
+    let f = |k: &str| a[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "agent restart (crash until answering again): p50 {} us, p99 {} us = {:.1}x Erlang/OTP's ~80 us p99 (issue's figure)",
+        a["restart"]["p50_us"], a["restart"]["p99_us"], f("restart_p99_vs_erlang")
+    );
+    println!(
+        "spawn: {} agents acknowledged at {:.0}/s, all running at {:.0}/s",
+        a["agents"],
+        f("spawn_acked_per_sec"),
+        f("spawn_running_per_sec")
+    );
+    match a["memory_per_agent_host_bytes"].as_f64() {
+        Some(h) => println!(
+            "memory per idle agent: {h:.0} bytes on the node running it ({:.2}x an Erlang process's ~2.6 KB, issue's figure), {:.0} bytes on a node only replicating its record",
+            f("memory_host_vs_erlang_process"),
+            f("memory_per_agent_replica_bytes")
+        ),
+        None => println!("memory per idle agent: needs --local (the bench reads the nodes' RSS)"),
+    }
 }
 
 /// Figures for a 3-member etcd on the same kind of 2-core machine (from the project's issue),
@@ -219,7 +283,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let duration = Duration::from_millis(args.duration_ms);
     let mut rows = Vec::new();
-    for &n in &args.writers {
+    let writers: &[usize] = if args.agents_only { &[] } else { &args.writers };
+    for &n in writers {
         let nc = nats.clone();
         let subject = echo_subject.clone();
         let raw = drive(n, duration, move |_, _| {
@@ -285,29 +350,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     echo.abort();
 
+    let agent_figures = if args.agents > 0 {
+        Some(bench_agents(&client, _local.as_ref(), args.agents).await?)
+    } else {
+        None
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&Value::Array(rows))?);
+        let out = json!({ "writes": rows, "agents": agent_figures });
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let reference = if args.etcd {
             "etcd (this run)"
         } else {
             "etcd (issue's figures)"
         };
-        println!(
-            "{:>7} | {:>9} {:>8} {:>8} {:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} | {:>8} {:>8}",
-            "writers",
-            "warden/s",
-            "p50_us",
-            "p99_us",
-            "errors",
-            "nats_rr/s",
-            "p50_us",
-            "p99_us",
-            "etcd/s",
-            "p50_us",
-            "p50/nats",
-            "vs_etcd"
-        );
+        if !rows.is_empty() {
+            println!(
+                "{:>7} | {:>9} {:>8} {:>8} {:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} | {:>8} {:>8}",
+                "writers",
+                "warden/s",
+                "p50_us",
+                "p99_us",
+                "errors",
+                "nats_rr/s",
+                "p50_us",
+                "p99_us",
+                "etcd/s",
+                "p50_us",
+                "p50/nats",
+                "vs_etcd"
+            );
+        }
         for r in &rows {
             let f = |k: &str, f: &str| r[k][f].as_f64().unwrap_or(0.0);
             let etcd_rate = r["etcd"]["per_sec"]
@@ -335,7 +408,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| "-".into()),
             );
         }
-        println!("vs_etcd: warden writes/s over {reference} writes/s");
+        if !rows.is_empty() {
+            println!("vs_etcd: warden writes/s over {reference} writes/s");
+        }
+        if let Some(a) = &agent_figures {
+            print_agents(a);
+        }
     }
     if let Some((cluster, dir)) = etcd_cluster {
         drop(cluster);

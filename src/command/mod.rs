@@ -37,7 +37,14 @@ pub const COMMANDS: &[&str] = &[
     "import_state",
 ];
 
-/// The node-to-leader commands a hosting node sends about its agents; not for clients.
+/// `report_agents`: a hosting node's batch of observations; not for clients.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportAgents {
+    pub reports: Vec<AgentReport>,
+}
+
+/// `checkpoint`: an agent's state from the node running it; not for clients.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
@@ -66,7 +73,7 @@ pub enum Command {
     FindAgents(FindAgents),
     ExportState(AgentRef),
     ImportState(ImportState),
-    ReportAgent(AgentReport),
+    ReportAgents(ReportAgents),
     Checkpoint(CheckpointRequest),
 }
 
@@ -219,7 +226,7 @@ impl Command {
                 }
                 .get()?,
             ),
-            "report_agent" => Command::ReportAgent(
+            "report_agents" => Command::ReportAgents(
                 Fields {
                     cmd: name,
                     enc,
@@ -268,7 +275,7 @@ impl Command {
             | Command::ExportState(a) => a.validate(),
             Command::FindAgents(f) => f.validate(),
             Command::ImportState(i) => i.validate().map(|_| ()),
-            Command::ReportAgent(_) | Command::Checkpoint(_) => Ok(()),
+            Command::ReportAgents(_) | Command::Checkpoint(_) => Ok(()),
         }
     }
 
@@ -289,7 +296,7 @@ impl Command {
             | Command::StopAgent(_)
             | Command::RestartAgent(_)
             | Command::ImportState(_)
-            | Command::ReportAgent(_)
+            | Command::ReportAgents(_)
             | Command::Checkpoint(_) => Route::Write,
             Command::Join(_) | Command::Leave(_) => Route::Membership,
         }
@@ -316,7 +323,7 @@ pub fn route_of(name: &str) -> Option<Route> {
         | "stop_agent"
         | "restart_agent"
         | "import_state"
-        | "report_agent"
+        | "report_agents"
         | "checkpoint" => Route::Write,
         "join" | "leave" => Route::Membership,
         _ => return None,

@@ -190,7 +190,10 @@ impl Node {
                 }
                 Err(e) => Err(e),
             },
-            Command::ReportAgent(r) => self.propose(RegistryCmd::ReportAgent(r), None, size).await,
+            Command::ReportAgents(r) => {
+                let cmd = RegistryCmd::ReportAgents { reports: r.reports };
+                self.propose(cmd, None, size).await
+            }
             Command::Checkpoint(c) => {
                 let cmd = RegistryCmd::Checkpoint {
                     agent: c.agent,

@@ -63,6 +63,7 @@ impl Store {
         std::fs::create_dir_all(dir).with_context(|| format!("create data dir {dir:?}"))?;
         let db = sled::Config::new()
             .path(dir.join("sled"))
+            .cache_capacity(crate::limits::SLED_CACHE_BYTES)
             .open()
             .with_context(|| format!("open sled database in {dir:?}"))?;
         Ok(Store {

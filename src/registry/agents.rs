@@ -155,15 +155,16 @@ impl SpawnAgent {
     }
 }
 
-/// What the hosting node observed of an agent.
+/// What the hosting node observed of an agent since its last report. Reports coalesce: the
+/// latest status wins, restarts add up, the last error is kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentReport {
     pub agent: Uuid,
     pub node: u64,
     pub epoch: u64,
     pub status: AgentStatus,
-    /// True when this `running` follows a restart.
-    pub restarted: bool,
+    /// Restarts since the last report.
+    pub restarts: u32,
     pub error: Option<String>,
 }
 
@@ -455,48 +456,45 @@ impl Registry {
         Ok(json!({ "id": id, "restart_requested": a.restart_requested }))
     }
 
-    pub(super) fn report_agent(
+    /// Applies a batch of reports; a stale one (another node or an older epoch) is skipped,
+    /// so a fenced-off instance cannot change anything.
+    pub(super) fn report_agents(
         &mut self,
         time: DateTime<Utc>,
-        r: &AgentReport,
+        reports: &[AgentReport],
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
-        let Some(a) = self.data.agents.get_mut(&r.agent) else {
-            return Err(not_found(&r.agent.to_string()));
-        };
-        if a.node != Some(r.node) || a.epoch != r.epoch {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "stale report: agent {} is at epoch {} on node {:?}, not {} on {}",
-                    a.id, a.epoch, a.node, r.epoch, r.node
-                ),
-            ));
+        let (mut applied, mut stale) = (0, Vec::new());
+        for r in reports {
+            match self.data.agents.get_mut(&r.agent) {
+                Some(a) if a.node == Some(r.node) && a.epoch == r.epoch => {
+                    let event = match (r.status, r.restarts > 0, a.status) {
+                        (AgentStatus::Running, true, _) => Some("restarted"),
+                        (AgentStatus::Running, false, AgentStatus::Running) => None,
+                        (AgentStatus::Running, false, _) => Some("started"),
+                        (AgentStatus::Failed, _, _) => Some("crashed"),
+                        (AgentStatus::Stopped, _, _) => Some("stopped"),
+                        _ => None,
+                    };
+                    a.restarts = a.restarts.saturating_add(r.restarts);
+                    a.status = r.status;
+                    if r.error.is_some() {
+                        a.last_error = r.error.clone();
+                    }
+                    a.updated_at = time;
+                    if let Some(ev) = event {
+                        a.seq += 1;
+                        let data =
+                            json!({ "status": a.status, "error": r.error, "restarts": a.restarts });
+                        events.push(agent_event(a, ev, time, data));
+                    }
+                    self.touched.insert(Key::Agent(r.agent));
+                    applied += 1;
+                }
+                _ => stale.push(r.agent),
+            }
         }
-        let event = match (r.status, r.restarted) {
-            (AgentStatus::Running, false) => Some("started"),
-            (AgentStatus::Running, true) => Some("restarted"),
-            (AgentStatus::Failed, _) => Some("crashed"),
-            (AgentStatus::Stopped, _) => Some("stopped"),
-            _ => None,
-        };
-        if r.restarted && r.status == AgentStatus::Running {
-            a.restarts += 1;
-        }
-        a.status = r.status;
-        if r.error.is_some() {
-            a.last_error = r.error.clone();
-        }
-        a.updated_at = time;
-        let id = a.id;
-        if let Some(ev) = event {
-            a.seq += 1;
-            let data = json!({ "status": a.status, "error": r.error, "restarts": a.restarts });
-            events.push(agent_event(a, ev, time, data));
-        }
-        let reply = json!({ "id": id, "status": a.status, "epoch": a.epoch });
-        self.touched.insert(Key::Agent(id));
-        Ok(reply)
+        Ok(json!({ "applied": applied, "stale": stale }))
     }
 
     pub(super) fn store_checkpoint(

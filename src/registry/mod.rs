@@ -82,8 +82,10 @@ pub enum RegistryCmd {
         agent: String,
         state: bytes::Bytes,
     },
-    /// The hosting node's observation of an agent.
-    ReportAgent(AgentReport),
+    /// The hosting node's observations of its agents.
+    ReportAgents {
+        reports: Vec<AgentReport>,
+    },
     /// An agent's state, from the node running it at `epoch`.
     Checkpoint {
         agent: Uuid,
@@ -106,7 +108,7 @@ impl RegistryCmd {
             RegistryCmd::RestartAgent { .. } => "restart_agent",
             RegistryCmd::SpawnAgentGroup(_) => "spawn_agent_group",
             RegistryCmd::ImportState { .. } => "import_state",
-            RegistryCmd::ReportAgent(_) => "report_agent",
+            RegistryCmd::ReportAgents { .. } => "report_agents",
             RegistryCmd::Checkpoint { .. } => "checkpoint",
         }
     }
@@ -328,7 +330,7 @@ impl Registry {
             RegistryCmd::ImportState { agent, state } => {
                 self.import_state(time, agent, state, events)
             }
-            RegistryCmd::ReportAgent(r) => self.report_agent(time, r, events),
+            RegistryCmd::ReportAgents { reports } => self.report_agents(time, reports, events),
             RegistryCmd::Checkpoint {
                 agent,
                 node,

@@ -12,6 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+use crate::command::agent::base64;
+
 /// A running etcd cluster; its processes are killed on drop.
 pub struct Etcd {
     _members: Vec<Child>,
@@ -93,27 +95,6 @@ pub struct Http {
     host: String,
 }
 
-fn b64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 impl Http {
     pub async fn connect(addr: &str) -> anyhow::Result<Http> {
         let stream = TcpStream::connect(addr).await?;
@@ -126,7 +107,7 @@ impl Http {
 
     /// One `put`, acknowledged by etcd after a quorum has it on disk.
     pub async fn put(&mut self, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
-        let body = format!(r#"{{"key":"{}","value":"{}"}}"#, b64(key), b64(value));
+        let body = format!(r#"{{"key":"{}","value":"{}"}}"#, base64(key), base64(value));
         let req = format!(
             "POST /v3/kv/put HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
@@ -173,15 +154,5 @@ impl Http {
             bail!("etcd answered {status}");
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        assert_eq!(super::b64(b"warden"), "d2FyZGVu");
-        assert_eq!(super::b64(b"ab"), "YWI=");
-        assert_eq!(super::b64(b"a"), "YQ==");
     }
 }

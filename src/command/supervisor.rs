@@ -6,9 +6,8 @@ use serde_json::{json, Value};
 
 use std::ops::Bound;
 
-use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
-use crate::registry::{validate_name, Child, Registry, Supervisor, ROOT};
+use crate::registry::{page_limit, take_page, validate_name, Child, Registry, Supervisor, ROOT};
 
 /// `stop_supervisor {name}`: stops a supervisor and everything below it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,30 +49,24 @@ impl ListSupervisors {
         self.after
             .as_deref()
             .map_or(Ok(()), |a| validate_name("after", a))?;
-        match self.limit {
-            Some(l) if l == 0 || l > limits::MAX_PAGE => Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!("limit must be between 1 and {}", limits::MAX_PAGE),
-            )),
-            _ => Ok(()),
-        }
+        page_limit(self.limit).map(|_| ())
     }
 
     /// Answers from the registry.
     pub fn answer(&self, reg: &Registry) -> Result<Value, WireError> {
-        let limit = self.limit.unwrap_or(limits::MAX_PAGE);
-        let page: Vec<&Supervisor> = match &self.parent {
+        let limit = page_limit(self.limit)?;
+        let items: Box<dyn Iterator<Item = &Supervisor>> = match &self.parent {
             None => {
                 let from = match &self.after {
                     Some(a) => Bound::Excluded(a.clone()),
                     None => Bound::Unbounded,
                 };
-                reg.data()
-                    .supervisors
-                    .range((from, Bound::Unbounded))
-                    .map(|(_, s)| s)
-                    .take(limit + 1)
-                    .collect()
+                Box::new(
+                    reg.data()
+                        .supervisors
+                        .range((from, Bound::Unbounded))
+                        .map(|(_, s)| s),
+                )
             }
             Some(p) => {
                 reg.supervisor(p).ok_or_else(|| not_found(p))?;
@@ -83,18 +76,13 @@ impl ListSupervisors {
                     };
                     reg.supervisor(name.as_str())
                 });
-                match &self.after {
-                    Some(a) => children
-                        .skip_while(|s| &s.name != a)
-                        .skip(1)
-                        .take(limit + 1)
-                        .collect(),
-                    None => children.take(limit + 1).collect(),
+                match self.after.clone() {
+                    Some(a) => Box::new(children.skip_while(move |s| s.name != a).skip(1)),
+                    None => Box::new(children),
                 }
             }
         };
-        let more = page.len() > limit;
-        let page = &page[..page.len().min(limit)];
+        let (page, more) = take_page(items, limit);
         let next = if more {
             page.last().map(|s| s.name.clone())
         } else {

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{validate_name, validate_request_id, Child, Key, Outcome, Registry, RegistryEvent};
+use super::{
+    page_limit, take_page, validate_name, validate_request_id, Child, Key, Outcome, Registry,
+    RegistryEvent,
+};
 use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
 use crate::supervision::RestartType;
@@ -184,28 +187,35 @@ pub struct FindAgents {
     pub status: Option<AgentStatus>,
     #[serde(default)]
     pub supervisor: Option<String>,
-    /// Page: agents after this id, at most `limit` (default and maximum 1,000).
+    /// Page: agents after this id (the previous page's `next`), at most `limit` (default and
+    /// maximum 1,000). A string, so that MessagePack clients can send it as they read it.
     #[serde(default)]
-    pub after: Option<Uuid>,
+    pub after: Option<String>,
     #[serde(default)]
     pub limit: Option<usize>,
 }
 
 impl FindAgents {
     pub fn validate(&self) -> Result<(), WireError> {
-        match self.limit {
-            Some(l) if l == 0 || l > limits::MAX_PAGE => Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!("limit must be between 1 and {}", limits::MAX_PAGE),
-            )),
-            _ => Ok(()),
-        }
+        page_limit(self.limit)?;
+        self.after_id().map(|_| ())
+    }
+
+    fn after_id(&self) -> Result<Option<Uuid>, WireError> {
+        self.after
+            .as_deref()
+            .map(|a| {
+                Uuid::parse_str(a).map_err(|_| {
+                    WireError::new(ErrorCode::BadRequest, "after must be an agent id (a UUID)")
+                })
+            })
+            .transpose()
     }
 
     /// Answers from the registry.
     pub fn answer(&self, reg: &Registry) -> Result<Value, WireError> {
-        let limit = self.limit.unwrap_or(limits::MAX_PAGE);
-        let from = match self.after {
+        let limit = page_limit(self.limit)?;
+        let from = match self.after_id()? {
             Some(a) => std::ops::Bound::Excluded(a),
             None => std::ops::Bound::Unbounded,
         };
@@ -220,16 +230,13 @@ impl FindAgents {
                 && self.status.is_none_or(|s| a.status == s)
                 && self.supervisor.as_ref().is_none_or(|s| &a.supervisor == s)
         };
-        let page: Vec<&Agent> = reg
+        let candidates = reg
             .data
             .agents
             .range((from, std::ops::Bound::Unbounded))
             .map(|(_, a)| a)
-            .filter(matches)
-            .take(limit + 1)
-            .collect();
-        let more = page.len() > limit;
-        let page = &page[..page.len().min(limit)];
+            .filter(matches);
+        let (page, more) = take_page(candidates, limit);
         let next = if more {
             page.last().map(|a| a.id)
         } else {

@@ -296,3 +296,23 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), WireErro
     }
     Ok(())
 }
+
+/// The page size of a listing: `limit` (1 to `limits::MAX_PAGE`), by default the maximum.
+pub fn page_limit(limit: Option<usize>) -> Result<usize, WireError> {
+    match limit {
+        None => Ok(limits::MAX_PAGE),
+        Some(l) if (1..=limits::MAX_PAGE).contains(&l) => Ok(l),
+        Some(_) => Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("limit must be between 1 and {}", limits::MAX_PAGE),
+        )),
+    }
+}
+
+/// Takes one page of `items`, and whether more follow it.
+pub fn take_page<T>(items: impl Iterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut page: Vec<T> = items.take(limit + 1).collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    (page, more)
+}

@@ -48,21 +48,26 @@ enum Msg {
     Cast {
         body: Value,
     },
-    Stop {
-        timeout_ms: u64,
-        done: oneshot::Sender<()>,
-    },
 }
 
 struct Exit {
     id: Uuid,
-    epoch: u64,
+    /// Which local start of the agent ended: a restart keeps the epoch, so an exit of an
+    /// earlier run that is still queued must not be taken for one of the current run.
+    generation: u64,
     reason: ExitReason,
 }
 
+/// A stop request: the shutdown timeout, and who to tell once the agent has stopped.
+type StopRequest = (u64, oneshot::Sender<()>);
+
 struct Instance {
     epoch: u64,
+    generation: u64,
     restart_requested: u64,
+    /// Stops jump the mailbox queue: the task checks this first.
+    stop: oneshot::Sender<StopRequest>,
+    abort: tokio::task::AbortHandle,
     /// Messages are boxed: tokio allocates a channel's first block of slots up front, and a
     /// pointer-sized slot keeps an idle agent's mailbox small.
     tx: mpsc::Sender<Box<Msg>>,
@@ -147,6 +152,8 @@ struct Host {
     forget: mpsc::Sender<Uuid>,
     logs: mpsc::Sender<(Uuid, String)>,
     log_seq: BTreeMap<Uuid, u64>,
+    /// Counts local starts; see `Exit::generation`.
+    generation: u64,
     tasks: JoinSet<()>,
     started: Instant,
     rng: StdRng,
@@ -178,6 +185,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         forget: forget_tx,
         logs: logs_tx,
         log_seq: BTreeMap::new(),
+        generation: 0,
         tasks: JoinSet::new(),
         started: Instant::now(),
         rng: StdRng::from_entropy(),
@@ -263,6 +271,12 @@ impl Host {
             self.stop_instance(id).await;
         }
         self.scheduled.retain(|id, _| desired.contains_key(id));
+        self.log_seq.retain(|id, _| desired.contains_key(id));
+        {
+            let st = self.node.state_read();
+            self.histories
+                .retain(|sup, _| st.registry.supervisor(sup).is_some());
+        }
         self.parked.retain(|id, (epoch, req)| {
             desired
                 .get(id)
@@ -345,20 +359,30 @@ impl Host {
         {
             Ok(Ok(agent)) => {
                 let (tx, rx) = mpsc::channel(MAILBOX);
-                let node = self.node.clone();
-                let exits = self.exits.clone();
-                let (epoch, me) = (a.epoch, self.me);
-                self.tasks
-                    .spawn(agent_task(node, me, a.id, epoch, agent, rx, exits));
+                let (stop, stop_rx) = oneshot::channel();
+                self.generation += 1;
+                let run = Run {
+                    node: self.node.clone(),
+                    me: self.me,
+                    id: a.id,
+                    epoch: a.epoch,
+                    generation: self.generation,
+                    exits: self.exits.clone(),
+                };
+                let abort = self.tasks.spawn(agent_task(run, agent, rx, stop_rx));
                 self.instances.insert(
                     a.id,
                     Instance {
-                        epoch,
+                        epoch: a.epoch,
+                        generation: self.generation,
                         restart_requested: a.restart_requested,
+                        stop,
+                        abort,
                         tx,
                         shutdown_ms: a.shutdown_ms,
                     },
                 );
+                let epoch = a.epoch;
                 self.report(&a.id, epoch, AgentStatus::Running, restarted, None);
             }
             Ok(Err(e)) => self.failed_start(&a, e).await,
@@ -389,14 +413,13 @@ impl Host {
             return;
         };
         let (done, wait) = oneshot::channel();
-        let stop = Box::new(Msg::Stop {
-            timeout_ms: inst.shutdown_ms,
-            done,
-        });
-        if inst.tx.send(stop).await.is_ok() {
-            // The task answers once the agent has stopped; it may be gone already.
-            let _ =
-                tokio::time::timeout(Duration::from_millis(inst.shutdown_ms + 1_000), wait).await;
+        if inst.stop.send((inst.shutdown_ms, done)).is_ok() {
+            // The task answers once the agent has stopped. Past the grace, it is abandoned:
+            // aborting drops the agent (an exec process is killed on drop).
+            let grace = Duration::from_millis(inst.shutdown_ms + 1_000);
+            if tokio::time::timeout(grace, wait).await.is_err() {
+                inst.abort.abort();
+            }
         }
     }
 
@@ -404,11 +427,14 @@ impl Host {
         let current = self
             .instances
             .get(&exit.id)
-            .is_some_and(|i| i.epoch == exit.epoch);
+            .is_some_and(|i| i.generation == exit.generation);
         if !current {
             return;
         }
-        self.instances.remove(&exit.id);
+        let Some(inst) = self.instances.remove(&exit.id) else {
+            return;
+        };
+        let epoch = inst.epoch;
         let supervisor = {
             let st = self.node.state_read();
             st.registry
@@ -422,7 +448,7 @@ impl Host {
             ExitReason::Crash(m) => (AgentStatus::Failed, Some(m.clone())),
             _ => (AgentStatus::Stopped, None),
         };
-        self.report(&exit.id, exit.epoch, status, false, error);
+        self.report(&exit.id, epoch, status, false, error);
         let ends_for_good = match restart {
             RestartType::Permanent => false,
             RestartType::Transient => !exit.reason.is_abnormal(),
@@ -435,7 +461,7 @@ impl Host {
                 .registry
                 .agent(&exit.id.to_string())
                 .map_or(0, |a| a.restart_requested);
-            self.parked.insert(exit.id, (exit.epoch, req));
+            self.parked.insert(exit.id, (epoch, req));
         }
         self.supervise(&supervisor, format!("a:{}", exit.id), exit.reason)
             .await;
@@ -748,30 +774,49 @@ async fn send_envelope(
     }
 }
 
-/// One agent: reads its mailbox one message at a time until it ends or is stopped.
-async fn agent_task(
+/// Who an agent task is, and where it reports its end.
+struct Run {
     node: Arc<Node>,
     me: u64,
     id: Uuid,
     epoch: u64,
+    generation: u64,
+    exits: mpsc::Sender<Exit>,
+}
+
+/// One agent: reads its mailbox one message at a time until it ends or is stopped. A stop
+/// request is served before anything queued in the mailbox.
+async fn agent_task(
+    run: Run,
     mut agent: Box<dyn Agent>,
     mut rx: mpsc::Receiver<Box<Msg>>,
-    exits: mpsc::Sender<Exit>,
+    mut stop: oneshot::Receiver<StopRequest>,
 ) {
+    let Run {
+        node,
+        me,
+        id,
+        epoch,
+        generation,
+        exits,
+    } = run;
     let mut ended = agent
         .take_exit()
         .unwrap_or_else(|| Box::pin(std::future::pending()));
     let reason = loop {
         let msg = tokio::select! {
+            biased;
+            req = &mut stop => {
+                if let Ok((timeout_ms, done)) = req {
+                    agent.stop(timeout_ms).await;
+                    let _ = done.send(()); // the host may have stopped waiting
+                }
+                return;
+            }
             r = &mut ended => break r,
             m = rx.recv() => match m { Some(m) => m, None => break ExitReason::Shutdown },
         };
         match *msg {
-            Msg::Stop { timeout_ms, done } => {
-                agent.stop(timeout_ms).await;
-                let _ = done.send(()); // the host may have stopped waiting
-                return;
-            }
             Msg::Cast { body } => {
                 match std::panic::AssertUnwindSafe(agent.cast(body))
                     .catch_unwind()
@@ -821,7 +866,12 @@ async fn agent_task(
             }
         }
     };
-    let _ = exits.send(Exit { id, epoch, reason }).await; // the host is gone when stopping
+    let exit = Exit {
+        id,
+        generation,
+        reason,
+    };
+    let _ = exits.send(exit).await; // the host is gone when stopping
 }
 
 /// Checkpoints the agent through Raft and waits until it is committed.
@@ -852,12 +902,7 @@ async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Re
         tokio::select! {
             _ = pending.notify.notified() => {}
             f = forget.recv() => match f {
-                Some(id) => {
-                    let body = json!({ "agent": id.to_string() });
-                    if let Err(e) = node.write_internal("stop_agent", &body).await {
-                        tracing::debug!(error = %e, "forgetting a temporary agent failed");
-                    }
-                }
+                Some(id) => forget_agent(&node, id).await,
                 None => open = false,
             },
         }
@@ -873,6 +918,19 @@ async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Re
             match node.write_internal("report_agents", &body).await {
                 Ok(_) => backoff = Duration::from_millis(20),
                 Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                    // After a timeout the batch may have been applied: resend the statuses
+                    // but not the restart counts, which would be counted twice.
+                    let timed_out = e.code == ErrorCode::Timeout;
+                    let batch = batch
+                        .into_iter()
+                        .map(|r| {
+                            if timed_out {
+                                AgentReport { restarts: 0, ..r }
+                            } else {
+                                r
+                            }
+                        })
+                        .collect();
                     pending.restore(batch);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -883,4 +941,26 @@ async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Re
             }
         }
     }
+}
+
+/// Removes a temporary agent that ended, retrying while the cluster has no leader: a record
+/// left behind would never go away.
+async fn forget_agent(node: &Node, id: Uuid) {
+    let body = json!({ "agent": id.to_string() });
+    let mut backoff = Duration::from_millis(20);
+    for _ in 0..10 {
+        match node.write_internal("stop_agent", &body).await {
+            Ok(_) => return,
+            Err(e) if e.code == ErrorCode::NotFound => return,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(agent = %id, error = %e, "could not forget a temporary agent");
+                return;
+            }
+        }
+    }
+    tracing::warn!(agent = %id, "gave up forgetting a temporary agent; stop it with stop_agent");
 }

@@ -458,6 +458,10 @@ impl Registry {
             .ok_or_else(|| not_found(agent))?;
         let a = self.data.agents.get_mut(&id).expect("looked up above");
         a.restart_requested += 1;
+        // An agent that ended for good (a transient one that finished) starts again too.
+        if matches!(a.status, AgentStatus::Stopped | AgentStatus::Failed) {
+            a.status = AgentStatus::Pending;
+        }
         a.updated_at = time;
         self.touched.insert(Key::Agent(id));
         Ok(json!({ "id": id, "restart_requested": a.restart_requested }))

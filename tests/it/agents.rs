@@ -139,6 +139,14 @@ async fn temporary_and_transient_children_follow_otp() {
         "no strategy applies to a temporary exit"
     );
 
+    c.call("restart_agent", &json!({"agent": "keep"}))
+        .await
+        .unwrap();
+    wait_agent(c, "keep", "restart_agent to restart it", |a| {
+        restarts(a) == 1 && a["status"] == "running"
+    })
+    .await;
+
     spawn(c, "tr", "s", json!({"restart": "transient"})).await;
     crash(c, "tr").await;
     wait_agent(c, "tr", "transient restarted after a crash", |a| {

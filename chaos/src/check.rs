@@ -79,6 +79,59 @@ pub fn g2_acknowledged_writes(ops: &[Op], fin: &FinalState) -> Verdict {
     v
 }
 
+/// G3: a durable counter never loses an acknowledged value: every answer a client got after
+/// an acknowledged value `v` (invoked after `v` was acknowledged) is at least `v`, and so is
+/// the value read back after healing. Each counter has one sequential client, so its values
+/// may only grow.
+pub fn g3_counters(ops: &[Op], finals: &BTreeMap<String, Option<i64>>) -> Verdict {
+    let mut v = Verdict {
+        guarantee: "G3",
+        what: "no lost acknowledged checkpoint (durable counters)",
+        checked: 0,
+        violations: vec![],
+    };
+    let mut acked: BTreeMap<&str, Vec<(u64, u64, i64)>> = BTreeMap::new();
+    for o in ops {
+        let counter = match &o.kind {
+            OpKind::Increment { counter } | OpKind::CounterRead { counter } => counter,
+            _ => continue,
+        };
+        if let Outcome::Ok { value } = &o.outcome {
+            if let Some(n) = value["value"].as_i64() {
+                acked
+                    .entry(counter.as_str())
+                    .or_default()
+                    .push((o.invoke_ms, o.complete_ms, n));
+            }
+        }
+    }
+    for (counter, values) in &acked {
+        v.checked += values.len();
+        for (_, done, n) in values {
+            let earlier_after: Vec<_> = values
+                .iter()
+                .filter(|(inv, _, m)| inv > done && m < n)
+                .collect();
+            if let Some((inv, _, m)) = earlier_after.first() {
+                v.violations.push(format!(
+                    "{counter}: {n} acknowledged at {done} ms, then {m} answered to a call made at {inv} ms"
+                ));
+            }
+        }
+        let max = values.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+        match finals.get(*counter) {
+            Some(Some(f)) if *f >= max => {}
+            Some(Some(f)) => v.violations.push(format!(
+                "{counter}: final value {f} is below the acknowledged {max}"
+            )),
+            _ => v
+                .violations
+                .push(format!("{counter}: could not be read after healing")),
+        }
+    }
+    v
+}
+
 /// G6: a read sees every write acknowledged before it began (and no acknowledged stop).
 pub fn g6_linearizable_reads(ops: &[Op]) -> Verdict {
     let mut v = Verdict {
@@ -281,6 +334,47 @@ mod tests {
         assert!(g6_linearizable_reads(&concurrent).ok());
         assert!(
             g6_linearizable_reads(&[create("a", "1", (0, 5), true), read(&["a"], (6, 8))]).ok()
+        );
+    }
+
+    #[test]
+    fn g3_catches_a_counter_going_backwards_or_losing_its_value() {
+        let op = |kind_incr: bool, t: (u64, u64), n: i64| Op {
+            client: 0,
+            kind: if kind_incr {
+                OpKind::Increment {
+                    counter: "c".into(),
+                }
+            } else {
+                OpKind::CounterRead {
+                    counter: "c".into(),
+                }
+            },
+            invoke_ms: t.0,
+            complete_ms: t.1,
+            outcome: Outcome::Ok {
+                value: json!({"value": n}),
+            },
+        };
+        let finals = |n: i64| BTreeMap::from([("c".to_string(), Some(n))]);
+        let good = vec![
+            op(true, (0, 1), 1),
+            op(true, (2, 3), 2),
+            op(false, (4, 5), 2),
+        ];
+        assert!(g3_counters(&good, &finals(2)).ok());
+        let back = vec![
+            op(true, (0, 1), 1),
+            op(true, (2, 3), 2),
+            op(false, (4, 5), 1),
+        ];
+        assert!(
+            !g3_counters(&back, &finals(2)).ok(),
+            "a value went backwards"
+        );
+        assert!(
+            !g3_counters(&good, &finals(1)).ok(),
+            "the final value lost an acknowledged one"
         );
     }
 

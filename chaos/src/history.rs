@@ -26,6 +26,14 @@ pub enum OpKind {
     BadInput {
         what: String,
     },
+    /// `{"op":"add","n":1}` to a durable counter; an ok outcome carries `{"value": v}`.
+    Increment {
+        counter: String,
+    },
+    /// `{"op":"get"}` to a durable counter.
+    CounterRead {
+        counter: String,
+    },
 }
 
 /// How it ended.

@@ -123,6 +123,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         c.call("create_supervisor", &body)
             .await
             .map_err(|e| anyhow::anyhow!("setup {parent}: {e}"))?;
+        if scenario.workload.increment + scenario.workload.counter_read > 0 {
+            let counter = workload::counter_of(k);
+            let body = json!({"name": counter, "supervisor": parent, "kind": "counter",
+                              "config": {"durable": true}, "request_id": format!("ctr-{counter}")});
+            c.call("spawn_agent", &body)
+                .await
+                .map_err(|e| anyhow::anyhow!("setup {counter}: {e}"))?;
+        }
         clients.spawn(workload::run_client(
             k,
             seed,
@@ -244,6 +252,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
 
     let final_state = read_final(&world).await;
+    let mut finals = std::collections::BTreeMap::new();
+    if scenario.workload.increment + scenario.workload.counter_read > 0 {
+        for k in 0..scenario.workload.clients {
+            let counter = workload::counter_of(k);
+            finals.insert(counter.clone(), read_counter(&world, &counter).await);
+        }
+    }
     let ops = history.ops();
     let mut verdicts = vec![liveness];
     match &final_state {
@@ -257,6 +272,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             checked: 1,
             violations: vec![e.clone()],
         }),
+    }
+    if !finals.is_empty() {
+        verdicts.push(check::g3_counters(&ops, &finals));
     }
     verdicts.push(check::g6_linearizable_reads(&ops));
     verdicts.push(check::g6_one_leader_per_term(&leaders));
@@ -318,6 +336,8 @@ fn op_counts(ops: &[history::Op]) -> Value {
             history::OpKind::Stop { .. } => "stop",
             history::OpKind::Read { .. } => "read",
             history::OpKind::BadInput { .. } => "bad_input",
+            history::OpKind::Increment { .. } => "increment",
+            history::OpKind::CounterRead { .. } => "counter_read",
         };
         let outcome = match &o.outcome {
             history::Outcome::Ok { .. } => "ok",
@@ -330,6 +350,24 @@ fn op_counts(ops: &[history::Op]) -> Value {
         e[outcome] = json!(e[outcome].as_u64().unwrap_or(0) + 1);
     }
     Value::Object(counts)
+}
+
+/// Reads a counter after healing, waiting (bounded) for it to run again.
+async fn read_counter(world: &World, counter: &str) -> Option<i64> {
+    let c = warden::client::Client {
+        deadline: Duration::from_secs(5),
+        ..world.client.clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let history::Outcome::Ok { value } =
+            workload::call_agent(&c, counter, &json!({"op": "get"})).await
+        {
+            return value["value"].as_i64();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// Reads every supervisor back, page by page, with linearizable reads.

@@ -38,6 +38,11 @@ pub struct Workload {
     pub stop: u32,
     pub read: u32,
     pub bad_input: u32,
+    /// Increments of the client's durable counter (an agent call), and reads of it.
+    #[serde(default)]
+    pub increment: u32,
+    #[serde(default)]
+    pub counter_read: u32,
     /// Client-side deadline of one operation, in ms; past it the outcome is unknown.
     pub op_timeout_ms: u64,
     /// Pause between one client's operations, in ms.

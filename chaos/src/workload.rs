@@ -16,6 +16,11 @@ use crate::scenario::Workload;
 /// Supervisors one client keeps alive at most, so a read of its parent fits in one page.
 const MAX_LIVE: usize = 500;
 
+/// The durable counter of client `k`.
+pub fn counter_of(k: usize) -> String {
+    format!("chaos-ctr{k}")
+}
+
 /// The parent supervisor of client `k`.
 pub fn parent_of(k: usize) -> String {
     format!("chaos-p{k}")
@@ -58,7 +63,7 @@ pub async fn run_client(
     let mut live: Vec<String> = Vec::new();
     let mut unknown_creates: Vec<(String, String)> = Vec::new();
     let mut seq = 0u64;
-    let total = w.create + w.stop + w.read + w.bad_input;
+    let total = w.create + w.stop + w.read + w.bad_input + w.increment + w.counter_read;
     while Instant::now() < until {
         let roll = rng.gen_range(0..total.max(1));
         if roll < w.create {
@@ -121,8 +126,34 @@ pub async fn run_client(
                 &body,
             )
             .await;
-        } else {
+        } else if roll < w.create + w.stop + w.read + w.bad_input {
             bad_input(&client, &history, k, &mut rng).await;
+        } else {
+            let counter = counter_of(k);
+            let (kind, body) = if roll < w.create + w.stop + w.read + w.bad_input + w.increment {
+                (
+                    OpKind::Increment {
+                        counter: counter.clone(),
+                    },
+                    json!({"op": "add", "n": 1}),
+                )
+            } else {
+                (
+                    OpKind::CounterRead {
+                        counter: counter.clone(),
+                    },
+                    json!({"op": "get"}),
+                )
+            };
+            let invoke_ms = history.now_ms();
+            let out = call_agent(&client, &counter, &body).await;
+            history.record(Op {
+                client: k,
+                kind,
+                invoke_ms,
+                complete_ms: history.now_ms(),
+                outcome: out,
+            });
         }
         if w.think_ms > 0 {
             tokio::time::sleep(Duration::from_millis(w.think_ms)).await;
@@ -219,4 +250,31 @@ async fn bad_input(client: &Client, history: &History, k: usize, rng: &mut StdRn
         complete_ms: history.now_ms(),
         outcome: out,
     });
+}
+
+/// One call to an agent, as any NATS client would make it. No retry: an unanswered call is
+/// `unknown` (the increment may have happened), and `unavailable` means it did not.
+pub async fn call_agent(client: &Client, agent: &str, body: &Value) -> Outcome {
+    let subject = client.subjects.agent(agent, "call");
+    let payload = serde_json::to_vec(body).unwrap_or_default().into();
+    let req = async_nats::Request::new()
+        .payload(payload)
+        .timeout(Some(client.deadline));
+    match client.nats.send_request(subject, req).await {
+        Ok(msg) => {
+            match warden::protocol::Envelope::decode(&msg.payload).map(|e| e.into_result()) {
+                Ok(Ok(v)) => Outcome::Ok { value: v },
+                Ok(Err(e)) => outcome(Err(CallError::Reply(e))),
+                Err(e) => Outcome::Unknown {
+                    why: format!("undecodable reply: {}", e.message),
+                },
+            }
+        }
+        // No responders means the call reached nobody; a timeout means it may have run.
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Outcome::Failed {
+            code: "no_responders".into(),
+            message: e.to_string(),
+        },
+        Err(e) => Outcome::Unknown { why: e.to_string() },
+    }
 }

@@ -1,6 +1,6 @@
 //! Agent commands: `spawn_agent` (alias `add_child_to_supervisor`), `spawn_agent_group`,
 //! `stop_agent`, `restart_agent`, `get_agent`, `list_agents`, `find_agents`, `export_state`,
-//! `import_state`, and the node-to-leader `report_agent` and `checkpoint`.
+//! `import_state`. The node-to-leader `report_agents` and `checkpoint` live in `command`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

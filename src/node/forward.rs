@@ -116,31 +116,33 @@ async fn batch_loop(
 ) {
     let in_flight = Arc::new(Semaphore::new(limits::MAX_FORWARDS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
+    let mut carry: Option<Pending> = None;
     tokio::pin!(stopped);
     loop {
-        let first = tokio::select! {
-            _ = &mut stopped => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            p = rx.recv() => match p { Some(p) => p, None => break },
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = &mut stopped => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                p = rx.recv() => match p { Some(p) => p, None => break },
+            },
         };
         // While all slots are busy, more writes gather: batches grow with load.
         let permit = tokio::select! {
             _ = &mut stopped => break,
             p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        let mut bytes = first.request.payload.len();
+        let batch = super::batch::gather(
+            first,
+            &mut rx,
+            &mut carry,
+            limits::MAX_FORWARD_BATCH,
+            limits::MAX_PROPOSAL_BYTES,
+            |p| p.request.payload.len(),
+        );
         let mut by_leader: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
-        by_leader.entry(first.leader).or_default().push(first);
-        let mut count = 1;
-        while count < limits::MAX_FORWARD_BATCH && bytes < limits::MAX_PROPOSAL_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.request.payload.len();
-                    count += 1;
-                    by_leader.entry(p.leader).or_default().push(p);
-                }
-                Err(_) => break,
-            }
+        for p in batch {
+            by_leader.entry(p.leader).or_default().push(p);
         }
         // A leader change mid-batch is rare; the extra groups share the one permit.
         let (client, subjects) = (client.clone(), subjects.clone());

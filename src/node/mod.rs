@@ -1,6 +1,7 @@
 //! A Warden node: connects to NATS, opens its sled store, runs Raft, serves commands and
 //! publishes events until its shutdown future resolves.
 
+mod batch;
 mod dispatch;
 mod forward;
 mod membership;
@@ -109,7 +110,7 @@ impl Node {
             Command::ClusterStatus => {
                 self.linearizable_read(|node| {
                     let metrics = node.metrics();
-                    let st = node.state.read().unwrap_or_else(|p| p.into_inner());
+                    let st = node.state_read();
                     let since = |id| node.contacts.since_ms(id);
                     let live = cluster::Liveness {
                         since_ms: &since,
@@ -126,14 +127,8 @@ impl Node {
                 })
                 .await?
             }
-            Command::ListSupervisors(q) => {
-                self.linearizable_read(|node| q.answer(&node.state_read().registry))
-                    .await?
-            }
-            Command::GetSupervisionTree(q) => {
-                self.linearizable_read(|node| q.answer(&node.state_read().registry))
-                    .await?
-            }
+            Command::ListSupervisors(q) => self.read_registry(|reg| q.answer(reg)).await?,
+            Command::GetSupervisionTree(q) => self.read_registry(|reg| q.answer(reg)).await?,
             Command::CreateSupervisor(mut c) => {
                 let rid = c.request_id.take();
                 self.propose(RegistryCmd::CreateSupervisor(c), rid, size)
@@ -147,18 +142,9 @@ impl Node {
                 )
                 .await
             }
-            Command::GetAgent(q) => {
-                self.linearizable_read(|node| q.get(&node.state_read().registry))
-                    .await?
-            }
-            Command::ExportState(q) => {
-                self.linearizable_read(|node| q.export(&node.state_read().registry))
-                    .await?
-            }
-            Command::FindAgents(q) => {
-                self.linearizable_read(|node| q.answer(&node.state_read().registry))
-                    .await?
-            }
+            Command::GetAgent(q) => self.read_registry(|reg| q.get(reg)).await?,
+            Command::ExportState(q) => self.read_registry(|reg| q.export(reg)).await?,
+            Command::FindAgents(q) => self.read_registry(|reg| q.answer(reg)).await?,
             Command::SpawnAgent(mut a) => {
                 let rid = a.request_id.take();
                 self.propose(RegistryCmd::SpawnAgent(a), rid, size).await
@@ -227,6 +213,15 @@ impl Node {
 
     pub(crate) fn state_read(&self) -> std::sync::RwLockReadGuard<'_, crate::raft::store::SmState> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A linearizable read of the registry.
+    async fn read_registry(
+        &self,
+        read: impl FnOnce(&crate::registry::Registry) -> Outcome,
+    ) -> Option<Outcome> {
+        self.linearizable_read(|node| read(&node.state_read().registry))
+            .await
     }
 
     /// Confirms leadership with a quorum and waits until everything committed before the read

@@ -96,21 +96,14 @@ async fn batch_loop(
             _ = &mut stopped => break,
             p = in_flight.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        let mut bytes = first.size;
-        let mut batch = vec![first];
-        while batch.len() < limits::MAX_PROPOSAL_COMMANDS {
-            match rx.try_recv() {
-                Ok(p) if bytes + p.size > limits::MAX_PROPOSAL_BYTES => {
-                    carry = Some(p);
-                    break;
-                }
-                Ok(p) => {
-                    bytes += p.size;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = super::batch::gather(
+            first,
+            &mut rx,
+            &mut carry,
+            limits::MAX_PROPOSAL_COMMANDS,
+            limits::MAX_PROPOSAL_BYTES,
+            |p| p.size,
+        );
         let proposal = Proposal {
             v: REGISTRY_VERSION,
             time: Utc::now(),

@@ -28,11 +28,14 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     /// Labels (`zone=eu-1`) used by placement constraints.
     pub labels: BTreeMap<String, String>,
+    /// Agents this node may hold; 0 is unlimited.
+    pub capacity: u32,
     /// Raft voters the leader keeps: 1, 3 or 5; further nodes join as learners.
     pub voters_max: usize,
     pub nats: NatsConfig,
     pub raft: RaftConfig,
     pub failure: FailureConfig,
+    pub placement: PlacementConfig,
     /// The `exec` kind: off unless enabled, and then only allow-listed commands.
     pub exec: crate::agent::exec::ExecConfig,
 }
@@ -46,10 +49,12 @@ impl Default for NodeConfig {
             data_dir: PathBuf::new(),
             bootstrap: false,
             labels: BTreeMap::new(),
+            capacity: 0,
             voters_max: 3,
             nats: NatsConfig::default(),
             raft: RaftConfig::default(),
             failure: FailureConfig::default(),
+            placement: PlacementConfig::default(),
             exec: Default::default(),
         }
     }
@@ -132,22 +137,123 @@ impl RaftConfig {
     }
 }
 
-/// Failure detection: when the leader calls a silent node suspect, then down.
+/// Failure detection and leases (ARCHITECTURE.md, "At most one", has the timing argument).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailureConfig {
-    /// A node silent this long (ms) is reported `suspect`.
+    /// Every node sends the leader a heartbeat (with its load) this often (ms).
+    pub heartbeat_interval_ms: u64,
+    /// A granted heartbeat lets a node run its agents for this long (ms) from when it asked.
+    pub lease_ms: u64,
+    /// A node the leader has not heard from this long (ms) is `suspect`: no new agents.
     pub suspect_after_ms: u64,
-    /// A node silent this long (ms) is reported `down`.
+    /// A node the leader has not heard from this long (ms) is `down`: its agents are placed
+    /// elsewhere. Must exceed `lease_ms` by `limits::LEASE_MARGIN_MS`.
     pub down_after_ms: u64,
 }
 
 impl Default for FailureConfig {
     fn default() -> Self {
         FailureConfig {
-            suspect_after_ms: 1_000,
-            down_after_ms: 3_000,
+            heartbeat_interval_ms: 100,
+            lease_ms: 1_000,
+            suspect_after_ms: 500,
+            down_after_ms: 1_400,
         }
+    }
+}
+
+impl FailureConfig {
+    /// Checks the relations the at-most-one guarantee (G1) and liveness rest on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.heartbeat_interval_ms == 0 {
+            bail!("failure.heartbeat_interval_ms must be positive");
+        }
+        // Two heartbeats may be lost before a lease runs out.
+        if self.heartbeat_interval_ms * 3 > self.lease_ms {
+            bail!("failure.heartbeat_interval_ms x 3 must not exceed failure.lease_ms");
+        }
+        if self.suspect_after_ms <= self.heartbeat_interval_ms {
+            bail!("failure.suspect_after_ms must exceed failure.heartbeat_interval_ms");
+        }
+        if self.suspect_after_ms >= self.down_after_ms {
+            bail!("failure.suspect_after_ms must be below failure.down_after_ms");
+        }
+        // G1: the node stops its agents before the leader may place them elsewhere.
+        if self.lease_ms + limits::LEASE_MARGIN_MS > self.down_after_ms {
+            bail!(
+                "failure.down_after_ms must exceed failure.lease_ms by at least {} ms, or an \
+                 agent could run on two nodes at once",
+                limits::LEASE_MARGIN_MS
+            );
+        }
+        Ok(())
+    }
+}
+
+const _: () = {
+    let d = FailureConfig {
+        heartbeat_interval_ms: 100,
+        lease_ms: 1_000,
+        suspect_after_ms: 500,
+        down_after_ms: 1_400,
+    };
+    assert!(d.lease_ms + limits::LEASE_MARGIN_MS <= d.down_after_ms);
+    assert!(d.heartbeat_interval_ms * 3 <= d.lease_ms);
+};
+
+/// Drains and automatic rebalancing, carried out by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// Agents of a draining node moving at once.
+    pub drain_concurrency: usize,
+    /// Rebalance by itself when the imbalance crosses `rebalance_threshold`.
+    pub auto_rebalance: bool,
+    /// (most - fewest agents) / mean over the open nodes that starts an automatic rebalance.
+    pub rebalance_threshold: f64,
+    /// Moves of one automatic rebalance.
+    pub rebalance_max_moves: usize,
+    /// Least time (ms) between two automatic rebalances, so that it never flaps.
+    pub rebalance_cooldown_ms: u64,
+    /// How often (ms) the leader copies the nodes' reported loads into the registry.
+    pub load_report_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            drain_concurrency: 32,
+            auto_rebalance: false,
+            rebalance_threshold: 0.5,
+            rebalance_max_moves: 16,
+            rebalance_cooldown_ms: 60_000,
+            load_report_ms: 5_000,
+        }
+    }
+}
+
+impl PlacementConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.drain_concurrency == 0 || self.drain_concurrency > limits::REBALANCE_MOVES_MAX {
+            bail!(
+                "placement.drain_concurrency must be between 1 and {}",
+                limits::REBALANCE_MOVES_MAX
+            );
+        }
+        if self.rebalance_max_moves == 0 || self.rebalance_max_moves > limits::REBALANCE_MOVES_MAX {
+            bail!(
+                "placement.rebalance_max_moves must be between 1 and {}",
+                limits::REBALANCE_MOVES_MAX
+            );
+        }
+        if self.rebalance_threshold.is_nan() || self.rebalance_threshold <= 0.0 {
+            bail!("placement.rebalance_threshold must be positive");
+        }
+        if self.load_report_ms < 100 {
+            bail!("placement.load_report_ms must be at least 100");
+        }
+        Ok(())
     }
 }
 
@@ -177,9 +283,8 @@ impl NodeConfig {
         if !limits::VOTERS_MAX_ALLOWED.contains(&self.voters_max) {
             bail!("voters_max must be 1, 3 or 5, not {}", self.voters_max);
         }
-        if self.failure.suspect_after_ms >= self.failure.down_after_ms {
-            bail!("failure.suspect_after_ms must be below failure.down_after_ms");
-        }
+        self.failure.validate()?;
+        self.placement.validate()?;
         self.raft.validate()?;
         for cmd in &self.exec.allow {
             if !cmd.is_absolute() {
@@ -229,6 +334,12 @@ mod tests {
         let mut c = base.clone();
         c.raft.election_timeout_min_ms = 100;
         assert!(c.finish().unwrap_err().to_string().contains("heartbeat"));
+        let mut c = base.clone();
+        c.failure.down_after_ms = c.failure.lease_ms + 100;
+        assert!(
+            c.finish().unwrap_err().to_string().contains("two nodes"),
+            "a lease too close to down_after_ms breaks at-most-one"
+        );
         assert!(NodeConfig::default().finish().is_err(), "id is required");
         assert!(
             toml::from_str::<NodeConfig>("idd = 3").is_err(),

@@ -15,6 +15,7 @@ pub mod ctl;
 pub mod events;
 pub mod limits;
 pub mod node;
+pub mod placement;
 pub mod protocol;
 pub mod raft;
 pub mod registry;

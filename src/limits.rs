@@ -127,7 +127,29 @@ pub const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 /// Join retries back off exponentially up to this interval.
 pub const JOIN_BACKOFF_MS_MAX: u64 = 2_000;
 
+/// Moves of one `rebalance` when the request names none: a small disruption budget.
+pub const REBALANCE_MOVES_DEFAULT: usize = 16;
+
+/// Most moves of one `rebalance`: they are marked in one Raft entry.
+pub const REBALANCE_MOVES_MAX: usize = 1_000;
+
+/// What `failure.down_after_ms` must exceed `failure.lease_ms` by at least. A node stops its
+/// agents when its lease runs out, measured on its own clock from before it asked; the leader
+/// declares it down `down_after_ms` after it last heard from it, on the leader's clock. The
+/// margin covers the node's fencing timer firing late under load, the time to kill what its
+/// agents run, and any difference in clock rate (ppm, far below it).
+pub const LEASE_MARGIN_MS: u64 = 300;
+
+/// Bytes of agent state in one `handoff`: several small agents move in one entry, a large one
+/// alone, and the request stays below `MAX_REQUEST_BYTES`.
+pub const HANDOFF_BATCH_BYTES: usize = 280 * 1024;
+
+/// Size at which a node's agent journal turns over (the previous file is kept as `.1`).
+pub const JOURNAL_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 const _: () = assert!(MAX_REQUEST_BYTES < MAX_PROPOSAL_BYTES);
+const _: () = assert!(HANDOFF_BATCH_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
+const _: () = assert!(MAX_CHECKPOINT_BYTES <= HANDOFF_BATCH_BYTES);
 const _: () = assert!(MAX_CHECKPOINT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);

@@ -8,6 +8,12 @@
 //!
 //! Each agent is one task that owns it and reads a bounded mailbox, so an agent sees one
 //! message at a time. A call that meets a full mailbox is answered `unavailable` at once.
+//!
+//! Fencing: nothing starts without a valid lease (`node::lease`) and a log applied up to the
+//! lease's read index; when the lease runs out every local agent is killed at once, and an
+//! agent task refuses messages past it. Migration: an agent marked `migrating` here is
+//! checkpointed and stopped, then handed over (`handoff`) so its target starts it from that
+//! state. Every local start and stop goes into the node's journal (`agent::journal`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,12 +30,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use super::journal::Journal;
 use super::{Agent, AgentError, LogSink, StartContext};
 use crate::command::CheckpointRequest;
 use crate::events::{Event, EVENT_VERSION};
 use crate::node::Node;
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
-use crate::registry::{AgentReport, AgentStatus, Child, ROOT};
+use crate::registry::{AgentReport, AgentStatus, Child, HandoffItem, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
 
 /// Messages waiting for one agent; a call beyond this is refused with `unavailable`.
@@ -37,7 +44,12 @@ const MAILBOX: usize = 256;
 /// Reconcile at least this often even when nothing is applied.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// ...and at most this often when applies stream in.
-const RECONCILE_MIN_GAP: Duration = Duration::from_millis(20);
+const RECONCILE_MIN_GAP: Duration = Duration::from_millis(10);
+/// After handing an agent over, its old node answers calls for it with `unavailable` (retry)
+/// this long, covering the moment before the target has applied the handoff.
+const MOVED_AWAY_ANSWER: Duration = Duration::from_secs(3);
+/// Header carrying an agent's epoch on calls (optional) and on their replies.
+pub const EPOCH_HEADER: &str = "Warden-Epoch";
 
 enum Msg {
     Call {
@@ -58,8 +70,13 @@ struct Exit {
     reason: ExitReason,
 }
 
-/// A stop request: the shutdown timeout, and who to tell once the agent has stopped.
-type StopRequest = (u64, oneshot::Sender<()>);
+/// A stop request: the shutdown timeout, whether to take a checkpoint first (a migration), and
+/// who to tell once the agent has stopped (with that checkpoint).
+struct StopRequest {
+    timeout_ms: u64,
+    checkpoint: bool,
+    done: oneshot::Sender<Option<bytes::Bytes>>,
+}
 
 struct Instance {
     epoch: u64,
@@ -150,6 +167,12 @@ struct Host {
     exits: mpsc::Sender<Exit>,
     pending: Arc<Pending>,
     forget: mpsc::Sender<Uuid>,
+    handoffs: mpsc::Sender<HandoffItem>,
+    /// Agents handed over (or being handed over) at this epoch; not started again here.
+    handed_off: BTreeMap<Uuid, u64>,
+    /// Agents recently handed over, for `MOVED_AWAY_ANSWER`.
+    moved_away: BTreeMap<Uuid, Instant>,
+    journal: Journal,
     logs: mpsc::Sender<(Uuid, String)>,
     log_seq: BTreeMap<Uuid, u64>,
     /// Counts local starts; see `Exit::generation`.
@@ -165,6 +188,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let (logs_tx, mut logs) = mpsc::channel(4096);
     let pending = Arc::new(Pending::default());
     let (forget_tx, forget_rx) = mpsc::channel(16 * 1024);
+    let (handoff_tx, handoff_rx) = mpsc::channel(16 * 1024);
     let mut calls = match node.client.subscribe(node.subjects.agent_all()).await {
         Ok(s) => s,
         Err(e) => {
@@ -172,7 +196,12 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             return;
         }
     };
-    let writer = tokio::spawn(write_loop(node.clone(), pending.clone(), forget_rx));
+    let writer = tokio::spawn(write_loop(
+        node.clone(),
+        pending.clone(),
+        forget_rx,
+        handoff_rx,
+    ));
     let mut host = Host {
         me: node.cfg.id,
         node: node.clone(),
@@ -183,6 +212,10 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         exits: exits_tx,
         pending,
         forget: forget_tx,
+        handoffs: handoff_tx,
+        handed_off: BTreeMap::new(),
+        moved_away: BTreeMap::new(),
+        journal: Journal::open(&node.cfg.data_dir, node.cfg.id),
         logs: logs_tx,
         log_seq: BTreeMap::new(),
         generation: 0,
@@ -191,6 +224,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         rng: StdRng::from_entropy(),
     };
     let mut metrics = node.raft.metrics();
+    let mut grants = node.lease.grants();
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut last = Instant::now() - RECONCILE_MIN_GAP;
     let mut dirty = true;
@@ -198,6 +232,12 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     loop {
         let next_start = host.scheduled.values().map(|(t, _)| *t).min();
         let gap = tokio::time::sleep_until((last + RECONCILE_MIN_GAP).into());
+        // The moment local agents must be gone, if any run.
+        let fence_at = if host.instances.is_empty() {
+            None
+        } else {
+            Some(node.lease.until().unwrap_or_else(Instant::now))
+        };
         tokio::select! {
             _ = &mut stopped => break,
             _ = tick.tick() => dirty = true,
@@ -208,6 +248,8 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 dirty = true;
             }
             Some(exit) = exits.recv() => host.on_exit(exit).await,
+            Ok(()) = grants.changed() => dirty = true,
+            _ = sleep_until_opt(fence_at) => host.fence_if_expired(),
             Some(msg) = calls.next() => host.route(msg).await,
             Some((id, line)) = logs.recv() => host.publish_log(id, line).await,
             _ = sleep_until_opt(next_start) => host.start_due().await,
@@ -244,6 +286,42 @@ impl Host {
         self.started.elapsed().as_millis() as i64
     }
 
+    /// Whether agents may start here now: a valid lease, and the log applied up to its read
+    /// index so that this node sees every move decided before the grant.
+    fn may_start(&self) -> bool {
+        self.node.lease.valid() && self.node.applied_index() >= self.node.lease.min_applied()
+    }
+
+    fn count_running(&self) {
+        let n = self.instances.len() as u32;
+        self.node
+            .running
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The lease ran out: kill every local agent now. They may be placed elsewhere once the
+    /// leader's `down_after_ms` has passed, which is later by design (`node::lease`).
+    fn fence_if_expired(&mut self) {
+        if self.node.lease.valid() || self.instances.is_empty() {
+            return;
+        }
+        let until = self.node.lease.until().map(|u| {
+            let ago = Instant::now().saturating_duration_since(u);
+            Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default()
+        });
+        tracing::warn!(
+            agents = self.instances.len(),
+            "lost the lease: stopping every local agent"
+        );
+        for (id, inst) in std::mem::take(&mut self.instances) {
+            // Aborting drops the agent at once (an exec process is killed on drop).
+            inst.abort.abort();
+            self.journal.stop(id, inst.epoch, "lease lost", until);
+        }
+        self.scheduled.clear();
+        self.count_running();
+    }
+
     async fn reconcile(&mut self) {
         let desired: BTreeMap<Uuid, Desired> = {
             let st = self.node.state_read();
@@ -268,7 +346,22 @@ impl Host {
             .map(|(id, _)| *id)
             .collect();
         for id in gone.into_iter().rev() {
-            self.stop_instance(id).await;
+            self.stop_instance(id, "moved or removed").await;
+        }
+        self.handed_off
+            .retain(|id, epoch| desired.get(id).is_some_and(|d| d.epoch == *epoch));
+        let now = Instant::now();
+        self.moved_away
+            .retain(|_, at| now.duration_since(*at) < MOVED_AWAY_ANSWER);
+        // Hand over what is migrating away, last started first.
+        let moving: Vec<(Uuid, u64)> = desired
+            .values()
+            .filter(|d| d.status == AgentStatus::Migrating)
+            .filter(|d| !self.handed_off.contains_key(&d.id))
+            .map(|d| (d.id, d.epoch))
+            .collect();
+        for (id, epoch) in moving.into_iter().rev() {
+            self.hand_off(id, epoch).await;
         }
         self.scheduled.retain(|id, _| desired.contains_key(id));
         self.log_seq.retain(|id, _| desired.contains_key(id));
@@ -282,13 +375,19 @@ impl Host {
                 .get(id)
                 .is_some_and(|d| d.epoch == *epoch && d.restart_requested == *req)
         });
+        if !self.may_start() {
+            return;
+        }
         for d in desired.values() {
+            if d.status == AgentStatus::Migrating || self.handed_off.contains_key(&d.id) {
+                continue;
+            }
             let restart_asked = self
                 .instances
                 .get(&d.id)
                 .is_some_and(|i| i.restart_requested < d.restart_requested);
             if restart_asked {
-                self.stop_instance(d.id).await;
+                self.stop_instance(d.id, "restart requested").await;
                 self.start(d.id, true).await;
                 continue;
             }
@@ -305,6 +404,13 @@ impl Host {
 
     async fn start_due(&mut self) {
         let now = Instant::now();
+        if !self.may_start() {
+            // Try again shortly; a fence clears the schedule if the lease is gone for good.
+            for (t, _) in self.scheduled.values_mut() {
+                *t = (*t).max(now + Duration::from_millis(50));
+            }
+            return;
+        }
         let due: Vec<(Uuid, bool)> = self
             .scheduled
             .iter()
@@ -325,7 +431,7 @@ impl Host {
             let st = self.node.state_read();
             st.registry
                 .agent(&id.to_string())
-                .filter(|a| a.node == Some(self.me))
+                .filter(|a| a.node == Some(self.me) && a.status != AgentStatus::Migrating)
                 .map(|a| {
                     let state = st.registry.checkpoint(id).map(|c| c.state.clone());
                     (a.clone(), state)
@@ -353,6 +459,8 @@ impl Host {
             state,
             log: LogSink::new(self.logs.clone(), a.id),
         };
+        // Journaled before the kind runs anything: the interval covers all it might do.
+        self.journal.start(a.id, a.epoch);
         match std::panic::AssertUnwindSafe(kind.start(ctx))
             .catch_unwind()
             .await
@@ -384,9 +492,14 @@ impl Host {
                 );
                 let epoch = a.epoch;
                 self.report(&a.id, epoch, AgentStatus::Running, restarted, None);
+                self.count_running();
             }
-            Ok(Err(e)) => self.failed_start(&a, e).await,
+            Ok(Err(e)) => {
+                self.journal.stop(a.id, a.epoch, "failed to start", None);
+                self.failed_start(&a, e).await
+            }
             Err(_) => {
+                self.journal.stop(a.id, a.epoch, "failed to start", None);
                 self.failed_start(&a, "the kind panicked while starting".into())
                     .await
             }
@@ -408,19 +521,54 @@ impl Host {
     }
 
     /// Stops a local instance by its shutdown setting and waits for it.
-    async fn stop_instance(&mut self, id: Uuid) {
-        let Some(inst) = self.instances.remove(&id) else {
-            return;
-        };
+    async fn stop_instance(&mut self, id: Uuid, reason: &str) {
+        self.stop_and_take(id, false, reason).await;
+    }
+
+    /// Stops a local instance, optionally checkpointing it first, and returns that checkpoint.
+    async fn stop_and_take(
+        &mut self,
+        id: Uuid,
+        checkpoint: bool,
+        reason: &str,
+    ) -> Option<bytes::Bytes> {
+        let inst = self.instances.remove(&id)?;
+        self.count_running();
         let (done, wait) = oneshot::channel();
-        if inst.stop.send((inst.shutdown_ms, done)).is_ok() {
+        let req = StopRequest {
+            timeout_ms: inst.shutdown_ms,
+            checkpoint,
+            done,
+        };
+        let mut state = None;
+        if inst.stop.send(req).is_ok() {
             // The task answers once the agent has stopped. Past the grace, it is abandoned:
             // aborting drops the agent (an exec process is killed on drop).
             let grace = Duration::from_millis(inst.shutdown_ms + 1_000);
-            if tokio::time::timeout(grace, wait).await.is_err() {
-                inst.abort.abort();
+            match tokio::time::timeout(grace, wait).await {
+                Ok(Ok(s)) => state = s,
+                Ok(Err(_)) => {}
+                Err(_) => inst.abort.abort(),
             }
         }
+        self.journal.stop(id, inst.epoch, reason, None);
+        state
+    }
+
+    /// Checkpoints and stops a migrating agent, then hands it over to its target.
+    async fn hand_off(&mut self, id: Uuid, epoch: u64) {
+        self.scheduled.remove(&id);
+        let state = self.stop_and_take(id, true, "migrating").await;
+        self.handed_off.insert(id, epoch);
+        self.moved_away.insert(id, Instant::now());
+        let item = HandoffItem {
+            agent: id,
+            node: self.me,
+            epoch,
+            state,
+        };
+        // The writer outlives the host loop, so the send succeeds.
+        let _ = self.handoffs.send(item).await;
     }
 
     async fn on_exit(&mut self, exit: Exit) {
@@ -434,7 +582,13 @@ impl Host {
         let Some(inst) = self.instances.remove(&exit.id) else {
             return;
         };
+        self.count_running();
         let epoch = inst.epoch;
+        let why = match &exit.reason {
+            ExitReason::Crash(_) => "crashed",
+            _ => "exited",
+        };
+        self.journal.stop(exit.id, epoch, why, None);
         let supervisor = {
             let st = self.node.state_read();
             st.registry
@@ -495,7 +649,13 @@ impl Host {
                             st.registry.agent(&id.to_string()).map(|a| ChildState {
                                 id: format!("a:{id}"),
                                 restart: a.restart,
-                                running: self.instances.contains_key(id),
+                                // A sibling on another node (a spread supervisor) counts
+                                // by its recorded status.
+                                running: if a.node == Some(self.me) {
+                                    self.instances.contains_key(id)
+                                } else {
+                                    a.status == AgentStatus::Running
+                                },
                             })
                         }
                         Child::Supervisor { name } => Some(ChildState {
@@ -578,17 +738,41 @@ impl Host {
         found.into_iter().map(|(_, id)| id).collect()
     }
 
+    /// Whether agent `id` is placed on this node.
+    fn is_local(&self, id: &Uuid) -> bool {
+        self.node
+            .state_read()
+            .registry
+            .agent(&id.to_string())
+            .is_some_and(|a| a.node == Some(self.me))
+    }
+
     async fn stop_child(&mut self, child: &str) {
+        // Siblings on other nodes are restarted by their own node when their start comes
+        // (`schedule_child`), which stops them first.
         for id in self.agents_of(child).into_iter().rev() {
-            self.stop_instance(id).await;
+            if self.is_local(&id) {
+                self.stop_instance(id, "stopped by its supervisor").await;
+            }
         }
     }
 
     fn schedule_child(&mut self, child: &str, delay_ms: u64) {
         let at = Instant::now() + Duration::from_millis(delay_ms);
         for id in self.agents_of(child) {
-            self.parked.remove(&id);
-            self.scheduled.insert(id, (at, true));
+            if self.is_local(&id) {
+                self.parked.remove(&id);
+                self.scheduled.insert(id, (at, true));
+            } else {
+                // A spread supervisor's sibling elsewhere: its node restarts it.
+                let node = self.node.clone();
+                self.tasks.spawn(async move {
+                    let body = json!({ "agent": id.to_string() });
+                    if let Err(e) = node.write_internal("restart_agent", &body).await {
+                        tracing::warn!(agent = %id, error = %e, "could not restart a remote sibling");
+                    }
+                });
+            }
         }
     }
 
@@ -628,7 +812,7 @@ impl Host {
         };
         with_pos.sort();
         for (_, id) in with_pos.into_iter().rev() {
-            self.stop_instance(id).await;
+            self.stop_instance(id, "node stopping").await;
         }
         self.tasks.abort_all();
     }
@@ -656,12 +840,17 @@ impl Host {
             let reply = reply.clone();
             async move {
                 if let Some(r) = reply {
-                    send_envelope(&node, r, enc, Err(err)).await;
+                    send_envelope(&node, r, enc, None, Err(err)).await;
                 }
             }
         };
         let (id, status) = match placed {
             Some((id, Some(n), status)) if n == self.me => (id, status),
+            Some((id, _, _)) if self.moved_away.contains_key(&id) => {
+                // Handed over a moment ago: the target may not know yet. Safe to retry.
+                let why = format!("agent {target:?} is moving to another node; retry");
+                return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+            }
             Some(_) => return, // the node it is placed on answers
             None => {
                 // Unknown everywhere: the leader says so, the others stay quiet.
@@ -679,10 +868,33 @@ impl Host {
             Ok(b) => b,
             Err(e) => return answer(e).await,
         };
+        if status == AgentStatus::Migrating {
+            let why = format!("agent {target:?} is moving to another node; retry");
+            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+        }
         let Some(inst) = self.instances.get(&id) else {
             let why = format!("agent {target:?} is not running (status {status:?}); retry shortly");
             return answer(WireError::new(ErrorCode::Unavailable, why)).await;
         };
+        if !self.node.lease.valid() {
+            let why = format!(
+                "node {} lost its lease; the agent may be moving; retry",
+                self.me
+            );
+            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+        }
+        let asked_epoch = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(EPOCH_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        if let Some(e) = asked_epoch.filter(|e| *e != inst.epoch) {
+            let why = format!(
+                "stale epoch: the call is for epoch {e}, the agent runs at epoch {}",
+                inst.epoch
+            );
+            return answer(WireError::new(ErrorCode::Conflict, why)).await;
+        }
         let m = match (op, reply.clone()) {
             ("call", Some(reply)) => Msg::Call { body, reply, enc },
             ("cast", _) => Msg::Cast { body },
@@ -760,10 +972,14 @@ async fn send_envelope(
     node: &Node,
     reply: String,
     enc: Encoding,
+    epoch: Option<u64>,
     result: Result<Value, WireError>,
 ) {
     let mut headers = HeaderMap::new();
     headers.insert(protocol::CONTENT_TYPE, enc.content_type());
+    if let Some(e) = epoch {
+        headers.insert(EPOCH_HEADER, e.to_string().as_str());
+    }
     let body = enc.encode(&Envelope::from_result(result));
     if let Err(e) = node
         .client
@@ -807,15 +1023,40 @@ async fn agent_task(
         let msg = tokio::select! {
             biased;
             req = &mut stop => {
-                if let Ok((timeout_ms, done)) = req {
-                    agent.stop(timeout_ms).await;
-                    let _ = done.send(()); // the host may have stopped waiting
+                if let Ok(req) = req {
+                    let state = if req.checkpoint { agent.checkpoint() } else { None };
+                    agent.stop(req.timeout_ms).await;
+                    // The host may have stopped waiting; then nobody needs the state.
+                    let _ = req.done.send(state);
+                }
+                // Whatever still waits in the mailbox was not handled: say so, so that
+                // callers retry (the agent may be moving).
+                rx.close();
+                while let Ok(m) = rx.try_recv() {
+                    if let Msg::Call { reply, enc, .. } = *m {
+                        let err = WireError::new(
+                            ErrorCode::Unavailable,
+                            "the agent stopped before handling this call; retry",
+                        );
+                        send_envelope(&node, reply, enc, None, Err(err)).await;
+                    }
                 }
                 return;
             }
             r = &mut ended => break r,
             m = rx.recv() => match m { Some(m) => m, None => break ExitReason::Shutdown },
         };
+        if !node.lease.valid() {
+            // Past the lease this instance may no longer act; the host is killing it.
+            if let Msg::Call { reply, enc, .. } = *msg {
+                let err = WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("node {me} lost its lease; retry"),
+                );
+                send_envelope(&node, reply, enc, None, Err(err)).await;
+            }
+            continue;
+        }
         match *msg {
             Msg::Cast { body } => {
                 match std::panic::AssertUnwindSafe(agent.cast(body))
@@ -840,13 +1081,14 @@ async fn agent_task(
                         } else {
                             Ok(r.value)
                         };
-                        send_envelope(&node, reply, enc, result).await;
+                        send_envelope(&node, reply, enc, Some(epoch), result).await;
                     }
                     Ok(Err(AgentError::BadRequest(m))) => {
                         send_envelope(
                             &node,
                             reply,
                             enc,
+                            Some(epoch),
                             Err(WireError::new(ErrorCode::BadRequest, m)),
                         )
                         .await;
@@ -854,12 +1096,12 @@ async fn agent_task(
                     Ok(Err(AgentError::Crash(m))) => {
                         let err =
                             WireError::new(ErrorCode::Internal, format!("the agent crashed: {m}"));
-                        send_envelope(&node, reply, enc, Err(err)).await;
+                        send_envelope(&node, reply, enc, Some(epoch), Err(err)).await;
                         break ExitReason::Crash(m);
                     }
                     Err(_) => {
                         let err = WireError::new(ErrorCode::Internal, "the agent panicked");
-                        send_envelope(&node, reply, enc, Err(err)).await;
+                        send_envelope(&node, reply, enc, Some(epoch), Err(err)).await;
                         break ExitReason::Crash("panicked handling a call".into());
                     }
                 }
@@ -896,7 +1138,12 @@ async fn checkpoint(
 
 /// Sends the host's reports (batched) and forgets through Raft, retrying while the cluster has
 /// no leader. Ends when the host is gone, after one last attempt to send what is pending.
-async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Receiver<Uuid>) {
+async fn write_loop(
+    node: Arc<Node>,
+    pending: Arc<Pending>,
+    mut forget: mpsc::Receiver<Uuid>,
+    mut handoffs: mpsc::Receiver<HandoffItem>,
+) {
     let mut open = true;
     while open {
         tokio::select! {
@@ -905,6 +1152,20 @@ async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Re
                 Some(id) => forget_agent(&node, id).await,
                 None => open = false,
             },
+            Some(first) = handoffs.recv() => {
+                let mut batch = vec![first];
+                let mut bytes = batch[0].state.as_ref().map_or(0, |s| s.len());
+                while bytes < crate::limits::HANDOFF_BATCH_BYTES / 2 {
+                    match handoffs.try_recv() {
+                        Ok(it) => {
+                            bytes += it.state.as_ref().map_or(0, |s| s.len());
+                            batch.push(it);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                send_handoff(&node, batch).await;
+            }
         }
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -941,6 +1202,29 @@ async fn write_loop(node: Arc<Node>, pending: Arc<Pending>, mut forget: mpsc::Re
             }
         }
     }
+}
+
+/// Hands migrating agents over, retrying while the cluster has no leader. A retry after a
+/// timeout is safe: a handoff that was applied already is refused as stale.
+async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
+    let body = crate::command::Handoff { items };
+    let mut backoff = Duration::from_millis(10);
+    for _ in 0..20 {
+        match node.write_internal("handoff", &body).await {
+            Ok(_) => return,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a handoff was refused");
+                return;
+            }
+        }
+    }
+    // The agents stay `migrating` on this node; if it is lost they fail over from their
+    // last checkpoint.
+    tracing::warn!("gave up handing agents over");
 }
 
 /// Removes a temporary agent that ended, retrying while the cluster has no leader: a record

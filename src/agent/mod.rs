@@ -9,6 +9,7 @@
 pub mod builtin;
 pub mod exec;
 pub mod host;
+pub mod journal;
 
 use std::collections::BTreeMap;
 use std::future::Future;

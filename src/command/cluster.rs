@@ -20,6 +20,9 @@ pub struct JoinRequest {
     /// Agent kinds the node can run.
     #[serde(default)]
     pub kinds: Vec<String>,
+    /// Agents it may hold; 0 is unlimited.
+    #[serde(default)]
+    pub capacity: u32,
 }
 
 impl JoinRequest {
@@ -57,20 +60,13 @@ pub fn role(metrics: &RaftMetrics, id: u64) -> Option<&'static str> {
     }
 }
 
-/// What the leader knows about a node's liveness: ms since it last answered a Raft RPC.
-pub struct Liveness<'a> {
-    pub since_ms: &'a dyn Fn(u64) -> Option<u64>,
-    pub suspect_after_ms: u64,
-    pub down_after_ms: u64,
-}
-
 /// Builds the `cluster_status` reply on the leader.
 pub fn cluster_status(
     cluster: &str,
     voters_max: usize,
     metrics: &RaftMetrics,
     reg: &Registry,
-    live: &Liveness<'_>,
+    since_ms: &dyn Fn(u64) -> Option<u64>,
 ) -> Value {
     let members: Vec<u64> = metrics
         .membership_config
@@ -85,19 +81,9 @@ pub fn cluster_status(
         .into_iter()
         .map(|id| {
             let rec = reg.node(id);
-            let since = if id == metrics.id {
-                Some(0)
-            } else {
-                (live.since_ms)(id)
-            };
-            let recorded = rec.map(|r| r.status).unwrap_or(NodeStatus::Joining);
-            let status = match (recorded, since) {
-                (NodeStatus::Left, _) => "left",
-                (NodeStatus::Joining, _) => "joining",
-                (NodeStatus::Up, Some(ms)) if ms < live.suspect_after_ms => "up",
-                (NodeStatus::Up, Some(ms)) if ms < live.down_after_ms => "suspect",
-                (NodeStatus::Up, _) => "down",
-            };
+            let since = since_ms(id);
+            // The leader's failure detector keeps the recorded status current.
+            let status = rec.map(|r| r.status).unwrap_or(NodeStatus::Joining);
             json!({
                 "id": id,
                 "name": rec.map(|r| r.name.clone()).unwrap_or_default(),
@@ -105,6 +91,10 @@ pub fn cluster_status(
                 "status": status,
                 "last_contact_ms": since,
                 "labels": rec.map(|r| r.labels.clone()).unwrap_or_default(),
+                "capacity": rec.map(|r| r.capacity),
+                "drain": rec.map(|r| r.drain),
+                "agents": reg.load(id),
+                "load": rec.map(|r| r.load),
                 "joined_at": rec.map(|r| r.joined_at),
             })
         })

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod placement;
 pub mod supervisor;
 
 use serde::de::DeserializeOwned;
@@ -13,6 +14,7 @@ use crate::registry::{validate_request_id, AgentReport, CreateSupervisor, FindAg
 pub use agent::{AgentRef, ImportState, SpawnAgentGroup};
 
 pub use cluster::{JoinRequest, LeaveRequest};
+pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
 
 /// Every command name this node answers, in the order `warden ctl help` lists them.
@@ -35,6 +37,9 @@ pub const COMMANDS: &[&str] = &[
     "find_agents",
     "export_state",
     "import_state",
+    "migrate_agent",
+    "drain_node",
+    "rebalance",
 ];
 
 /// `report_agents`: a hosting node's batch of observations; not for clients.
@@ -75,6 +80,11 @@ pub enum Command {
     ImportState(ImportState),
     ReportAgents(ReportAgents),
     Checkpoint(CheckpointRequest),
+    Heartbeat(Heartbeat),
+    MigrateAgent(MigrateAgent),
+    DrainNode(DrainNode),
+    Rebalance(Rebalance),
+    Handoff(Handoff),
 }
 
 /// Where a command is executed.
@@ -242,6 +252,46 @@ impl Command {
                 }
                 .get()?,
             ),
+            "heartbeat" => Command::Heartbeat(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "migrate_agent" => Command::MigrateAgent(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "drain_node" => Command::DrainNode(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "rebalance" => Command::Rebalance(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
+            "handoff" => Command::Handoff(
+                Fields {
+                    cmd: name,
+                    enc,
+                    body,
+                }
+                .get()?,
+            ),
             other => {
                 return Err(WireError::new(
                     ErrorCode::BadRequest,
@@ -275,7 +325,11 @@ impl Command {
             | Command::ExportState(a) => a.validate(),
             Command::FindAgents(f) => f.validate(),
             Command::ImportState(i) => i.validate().map(|_| ()),
-            Command::ReportAgents(_) | Command::Checkpoint(_) => Ok(()),
+            Command::ReportAgents(_) | Command::Checkpoint(_) | Command::Handoff(_) => Ok(()),
+            Command::Heartbeat(_) => Ok(()),
+            Command::MigrateAgent(m) => m.validate(),
+            Command::DrainNode(d) => d.validate(),
+            Command::Rebalance(r) => r.validate(),
         }
     }
 
@@ -297,7 +351,13 @@ impl Command {
             | Command::RestartAgent(_)
             | Command::ImportState(_)
             | Command::ReportAgents(_)
-            | Command::Checkpoint(_) => Route::Write,
+            | Command::Checkpoint(_)
+            | Command::MigrateAgent(_)
+            | Command::DrainNode(_)
+            | Command::Rebalance(_)
+            | Command::Handoff(_) => Route::Write,
+            // Answered by the leader one by one, never batched behind writes.
+            Command::Heartbeat(_) => Route::Read,
             Command::Join(_) | Command::Leave(_) => Route::Membership,
         }
     }
@@ -314,7 +374,8 @@ pub fn route_of(name: &str) -> Option<Route> {
         | "get_agent"
         | "list_agents"
         | "find_agents"
-        | "export_state" => Route::Read,
+        | "export_state"
+        | "heartbeat" => Route::Read,
         "create_supervisor"
         | "stop_supervisor"
         | "spawn_agent"
@@ -324,7 +385,11 @@ pub fn route_of(name: &str) -> Option<Route> {
         | "restart_agent"
         | "import_state"
         | "report_agents"
-        | "checkpoint" => Route::Write,
+        | "checkpoint"
+        | "migrate_agent"
+        | "drain_node"
+        | "rebalance"
+        | "handoff" => Route::Write,
         "join" | "leave" => Route::Membership,
         _ => return None,
     })

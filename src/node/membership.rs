@@ -61,6 +61,7 @@ pub async fn join(node: &Node, req: JoinRequest) -> Result<Value, WireError> {
         name: req.name.clone(),
         labels: req.labels.clone(),
         kinds: req.kinds.clone(),
+        capacity: req.capacity,
     };
     let record = node.propose(cmd, None, 256).await?;
     let (voters, _) = members(node);

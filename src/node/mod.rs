@@ -2,8 +2,10 @@
 //! publishes events until its shutdown future resolves.
 
 mod batch;
+mod controller;
 mod dispatch;
 mod forward;
+pub mod lease;
 mod membership;
 mod proposer;
 
@@ -51,6 +53,13 @@ pub struct Node {
     membership_lock: tokio::sync::Mutex<()>,
     inflight: Arc<Semaphore>,
     started: Instant,
+    /// This node's lease: whether it may run agents now.
+    pub lease: lease::Lease,
+    /// On the leader: when each node was last heard from.
+    pub liveness: lease::Liveness,
+    quorum: lease::QuorumGate,
+    /// Agents running here, kept by the host for heartbeats.
+    pub running: std::sync::atomic::AtomicU32,
 }
 
 impl Node {
@@ -66,6 +75,20 @@ impl Node {
 
     fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow().clone()
+    }
+
+    /// Agents running on this node now.
+    pub fn running_agents(&self) -> u32 {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The index of the last log entry this node applied.
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index)
     }
 
     fn registry_node_status(&self, id: u64) -> Option<NodeStatus> {
@@ -111,18 +134,13 @@ impl Node {
                 self.linearizable_read(|node| {
                     let metrics = node.metrics();
                     let st = node.state_read();
-                    let since = |id| node.contacts.since_ms(id);
-                    let live = cluster::Liveness {
-                        since_ms: &since,
-                        suspect_after_ms: node.cfg.failure.suspect_after_ms,
-                        down_after_ms: node.cfg.failure.down_after_ms,
-                    };
+                    let since = |id| node.liveness.since_ms(id);
                     Ok(cluster::cluster_status(
                         &node.cfg.cluster,
                         node.cfg.voters_max,
                         &metrics,
                         &st.registry,
-                        &live,
+                        &since,
                     ))
                 })
                 .await?
@@ -187,6 +205,38 @@ impl Node {
                     epoch: c.epoch,
                     state: c.state,
                 };
+                self.propose(cmd, None, size).await
+            }
+            Command::Heartbeat(h) => lease::grant(self, h).await,
+            Command::MigrateAgent(m) => {
+                let cmd = RegistryCmd::MigrateAgent {
+                    agent: m.agent,
+                    to: m.to,
+                };
+                self.propose(cmd, m.request_id, size).await
+            }
+            Command::DrainNode(d) => {
+                let cmd = RegistryCmd::DrainNode {
+                    node_id: d.node,
+                    cancel: d.cancel,
+                };
+                self.propose(cmd, d.request_id, size).await
+            }
+            Command::Rebalance(r) if r.dry_run => {
+                self.read_registry(|reg| {
+                    let moves = reg.rebalance_plan(r.max_moves);
+                    Ok(serde_json::json!({ "moves": moves, "dry_run": true }))
+                })
+                .await?
+            }
+            Command::Rebalance(r) => {
+                let cmd = RegistryCmd::Rebalance {
+                    max_moves: r.max_moves,
+                };
+                self.propose(cmd, r.request_id, size).await
+            }
+            Command::Handoff(h) => {
+                let cmd = RegistryCmd::Handoff { items: h.items };
                 self.propose(cmd, None, size).await
             }
             Command::Join(j) => membership::join(self, j).await,
@@ -339,6 +389,10 @@ pub async fn run_with_kinds(
         membership_lock: tokio::sync::Mutex::new(()),
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         started: Instant::now(),
+        lease: lease::Lease::default(),
+        liveness: lease::Liveness::default(),
+        quorum: lease::QuorumGate::default(),
+        running: Default::default(),
     });
 
     let direct = client.subscribe(subjects.node_cmd_all(cfg.id)).await?;
@@ -360,6 +414,12 @@ pub async fn run_with_kinds(
         .await?;
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
     tasks.spawn(crate::agent::host::run(node.clone(), flag(&stop_rx)));
+    let gate = node.clone();
+    let round = Duration::from_millis(cfg.failure.lease_ms);
+    let stopped = flag(&stop_rx);
+    tasks.spawn(async move { gate.quorum.run(gate.raft.clone(), round, stopped).await });
+    tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
+    tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
     tasks.spawn(join_then_serve(
         node.clone(),
         flag(&stop_rx),
@@ -488,6 +548,7 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         name: node.cfg.name.clone(),
         labels: node.cfg.labels.clone(),
         kinds: node.kinds.names(),
+        capacity: node.cfg.capacity,
     };
     let body = Encoding::Msgpack.encode(&req);
     let mut delay_ms = 50;

@@ -19,6 +19,7 @@ use super::{
     RegistryEvent,
 };
 use crate::limits;
+use crate::placement::Placement;
 use crate::protocol::{ErrorCode, WireError};
 use crate::supervision::RestartType;
 
@@ -54,8 +55,17 @@ pub struct Agent {
     /// Start order among its siblings.
     pub position: u64,
     pub status: AgentStatus,
-    /// The node it is placed on.
+    /// The node it is placed on; `None` while no node can take it (see `pending_reason`).
     pub node: Option<u64>,
+    /// Where it may run.
+    #[serde(default)]
+    pub placement: Placement,
+    /// While `migrating`: the node it moves to.
+    #[serde(default)]
+    pub migrating_to: Option<u64>,
+    /// Why it waits on no node.
+    #[serde(default)]
+    pub pending_reason: Option<String>,
     /// Fencing token, bumped on every placement.
     pub epoch: u64,
     pub restarts: u32,
@@ -105,20 +115,11 @@ pub struct SpawnAgent {
     pub tags: BTreeSet<String>,
     #[serde(default)]
     pub capabilities: BTreeSet<String>,
-    /// Placement constraints arrive with placement (issue #4); only a pinned node for now.
+    /// Strategy (`least_loaded`, `spread`, `pinned`) and label constraints.
     #[serde(default)]
     pub placement: Option<Placement>,
     #[serde(default, skip_serializing)]
     pub request_id: Option<String>,
-}
-
-/// Where an agent may run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Placement {
-    /// Run on this node only.
-    #[serde(default)]
-    pub node: Option<u64>,
 }
 
 impl SpawnAgent {
@@ -153,6 +154,9 @@ impl SpawnAgent {
             for t in set {
                 validate_name(field, t)?;
             }
+        }
+        if let Some(p) = &self.placement {
+            p.validate()?;
         }
         validate_request_id(&self.request_id)
     }
@@ -289,8 +293,13 @@ impl Registry {
         if let Some(n) = &a.name {
             self.agent_names.insert(n.clone(), a.id);
         }
-        if let Some(node) = a.node {
-            self.by_node.entry(node).or_default().insert(a.id);
+        match a.node {
+            Some(node) => {
+                self.by_node.entry(node).or_default().insert(a.id);
+            }
+            None => {
+                self.unplaced.insert(a.id);
+            }
         }
         self.data.agents.insert(a.id, a);
     }
@@ -307,60 +316,12 @@ impl Registry {
         if let Some(ids) = a.node.and_then(|n| self.by_node.get_mut(&n)) {
             ids.remove(&id);
         }
+        self.unplaced.remove(&id);
         if self.data.checkpoints.remove(&id).is_some() {
             self.touched.insert(Key::Checkpoint(id));
         }
         self.touched.insert(Key::Agent(id));
         Some(a)
-    }
-
-    /// Picks a node for a new agent: its pinned node, else its supervisor's host, else the up
-    /// node that runs the kind with the fewest agents (lowest id on a tie).
-    fn place(&self, kind: &str, supervisor: &str, pinned: Option<u64>) -> Result<u64, WireError> {
-        let runs_kind = |id: &u64| {
-            self.data.nodes.get(id).is_some_and(|n| {
-                n.status == super::NodeStatus::Up && n.kinds.iter().any(|k| k == kind)
-            })
-        };
-        if let Some(n) = pinned {
-            return if runs_kind(&n) {
-                Ok(n)
-            } else {
-                Err(WireError::new(
-                    ErrorCode::Capacity,
-                    format!("node {n} is not up or does not run kind {kind:?}"),
-                ))
-            };
-        }
-        if let Some(host) = self.data.supervisors.get(supervisor).and_then(|s| s.node) {
-            if runs_kind(&host) {
-                return Ok(host);
-            }
-        }
-        let known = self
-            .data
-            .nodes
-            .values()
-            .any(|n| n.kinds.iter().any(|k| k == kind));
-        self.data
-            .nodes
-            .keys()
-            .filter(|id| runs_kind(id))
-            .min_by_key(|id| (self.load(**id), **id))
-            .copied()
-            .ok_or_else(|| {
-                if known {
-                    WireError::new(
-                        ErrorCode::Capacity,
-                        format!("no node that runs {kind:?} is up"),
-                    )
-                } else {
-                    WireError::new(
-                        ErrorCode::BadRequest,
-                        format!("no node knows kind {kind:?}"),
-                    )
-                }
-            })
     }
 
     pub(super) fn spawn_agent(
@@ -397,11 +358,10 @@ impl Registry {
                 ),
             ));
         }
-        let node = self.place(
-            &s.kind,
-            &sup_name,
-            s.placement.as_ref().and_then(|p| p.node),
-        )?;
+        let placement = s.placement.clone().unwrap_or_default();
+        let node = self
+            .place_agent(&s.kind, &sup_name, &placement, None)
+            .map_err(|r| self.refusal(&sup_name, r))?;
         let agent = Agent {
             id,
             name: s.name.clone(),
@@ -415,6 +375,9 @@ impl Registry {
             position: self.next_position,
             status: AgentStatus::Pending,
             node: Some(node),
+            placement,
+            migrating_to: None,
+            pending_reason: None,
             epoch: 1,
             restarts: 0,
             last_error: None,
@@ -451,7 +414,12 @@ impl Registry {
         Ok(json!({ "id": a.id, "name": a.name, "status": "stopped" }))
     }
 
-    pub(super) fn restart_agent(&mut self, time: DateTime<Utc>, agent: &str) -> Outcome {
+    pub(super) fn restart_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        agent: &str,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
         let id = self
             .agent(agent)
             .map(|a| a.id)
@@ -463,8 +431,27 @@ impl Registry {
             a.status = AgentStatus::Pending;
         }
         a.updated_at = time;
+        let requested = a.restart_requested;
         self.touched.insert(Key::Agent(id));
-        Ok(json!({ "id": id, "restart_requested": a.restart_requested }))
+        if a.node.is_none() {
+            // It waits on no node (it stopped while its node was lost): place it now.
+            self.place_pending(time, events);
+        }
+        Ok(json!({ "id": id, "restart_requested": requested }))
+    }
+
+    /// A placement refusal as the client reads it, naming a colocated subtree's host.
+    fn refusal(&self, sup: &str, r: crate::placement::Refusal) -> WireError {
+        match self.data.supervisors.get(sup).and_then(|s| s.node) {
+            Some(host) if r == crate::placement::Refusal::NoRoom => WireError::new(
+                ErrorCode::Capacity,
+                format!(
+                    "supervisor {sup:?} keeps its subtree on node {host}, which is not up or \
+                     does not run the kind"
+                ),
+            ),
+            _ => r.to_wire(),
+        }
     }
 
     /// Applies a batch of reports; a stale one (another node or an older epoch) is skipped,
@@ -479,6 +466,12 @@ impl Registry {
         for r in reports {
             match self.data.agents.get_mut(&r.agent) {
                 Some(a) if a.node == Some(r.node) && a.epoch == r.epoch => {
+                    // A migrating agent stays migrating until its source hands it over.
+                    let status = if a.status == AgentStatus::Migrating {
+                        AgentStatus::Migrating
+                    } else {
+                        r.status
+                    };
                     let event = match (r.status, r.restarts > 0, a.status) {
                         (AgentStatus::Running, true, _) => Some("restarted"),
                         (AgentStatus::Running, false, AgentStatus::Running) => None,
@@ -488,7 +481,7 @@ impl Registry {
                         _ => None,
                     };
                     a.restarts = a.restarts.saturating_add(r.restarts);
-                    a.status = r.status;
+                    a.status = status;
                     if r.error.is_some() {
                         a.last_error = r.error.clone();
                     }
@@ -615,9 +608,36 @@ impl Registry {
             ));
         }
         let parent = g.parent.clone().unwrap_or_else(|| super::ROOT.to_string());
-        let pinned = g.template.placement.as_ref().and_then(|p| p.node);
-        self.place(&g.template.kind, &parent, pinned)?;
-        let created = self.create_supervisor(time, id, &sup, events)?;
+        if !self.data.supervisors.contains_key(&parent) {
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("parent supervisor {parent:?} does not exist"),
+            ));
+        }
+        // The group runs on one node: its parent's, or one with room for all of it.
+        let placement = g.template.placement.clone().unwrap_or_default();
+        let host = match self.data.supervisors.get(&parent).and_then(|s| s.node) {
+            Some(h) => self
+                .place_agent(&g.template.kind, &parent, &placement, None)
+                .map_err(|r| self.refusal(&parent, r))
+                .map(|_| h)?,
+            None => {
+                let none = Default::default();
+                let req = crate::placement::Request {
+                    kinds: vec![g.template.kind.as_str()],
+                    placement: &placement,
+                    count: g.count as usize,
+                    exclude: None,
+                    siblings: &none,
+                };
+                crate::placement::choose(&req, &self.candidates()).map_err(|r| r.to_wire())?
+            }
+        };
+        let mut created = self.create_supervisor(time, id, &sup, events)?;
+        if let Some(s) = self.data.supervisors.get_mut(&g.name) {
+            s.node = Some(host);
+            created["node"] = json!(host);
+        }
         let mut ids = Vec::new();
         for (i, name) in names.into_iter().enumerate() {
             let child = SpawnAgent {
@@ -643,7 +663,7 @@ impl Registry {
         let a = self.agent(agent).ok_or_else(|| not_found(agent))?;
         let (id, node, epoch) = (a.id, a.node.unwrap_or(0), a.epoch);
         let out = self.store_checkpoint(time, id, node, epoch, state, events)?;
-        self.restart_agent(time, &id.to_string())?;
+        self.restart_agent(time, &id.to_string(), events)?;
         Ok(out)
     }
 }

@@ -9,9 +9,13 @@
 //! store can persist only what changed.
 
 mod agents;
+mod moves;
+mod nodes;
 mod types;
 
 pub use agents::*;
+pub use moves::*;
+pub use nodes::*;
 pub use types::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +65,38 @@ pub enum RegistryCmd {
         labels: BTreeMap<String, String>,
         #[serde(default)]
         kinds: Vec<String>,
+        /// Agents it may hold; 0 is unlimited.
+        #[serde(default)]
+        capacity: u32,
+    },
+    /// The leader's failure detector: a node turned suspect, down, or up again.
+    SetNodeStatus {
+        node_id: u64,
+        status: NodeStatus,
+    },
+    /// The leader's periodic copy of the loads its nodes reported.
+    NodeLoads {
+        loads: Vec<LoadReport>,
+    },
+    /// `drain_node`: move everything away and take nothing new (or stop doing so).
+    DrainNode {
+        node_id: u64,
+        #[serde(default)]
+        cancel: bool,
+    },
+    /// `migrate_agent`: ask the agent's node to hand it over to `to` (or the best node).
+    MigrateAgent {
+        agent: String,
+        #[serde(default)]
+        to: Option<u64>,
+    },
+    /// The source node stopped migrating agents and hands over their last state.
+    Handoff {
+        items: Vec<HandoffItem>,
+    },
+    /// `rebalance`: move at most `max_moves` agents from loaded to lighter nodes.
+    Rebalance {
+        max_moves: usize,
     },
     /// A node left the cluster for good.
     RemoveNode {
@@ -101,6 +137,12 @@ impl RegistryCmd {
         match self {
             RegistryCmd::RegisterNode { .. } => "join",
             RegistryCmd::RemoveNode { .. } => "leave",
+            RegistryCmd::SetNodeStatus { .. } => "set_node_status",
+            RegistryCmd::NodeLoads { .. } => "node_loads",
+            RegistryCmd::DrainNode { .. } => "drain_node",
+            RegistryCmd::MigrateAgent { .. } => "migrate_agent",
+            RegistryCmd::Handoff { .. } => "handoff",
+            RegistryCmd::Rebalance { .. } => "rebalance",
             RegistryCmd::CreateSupervisor(_) => "create_supervisor",
             RegistryCmd::StopSupervisor { .. } => "stop_supervisor",
             RegistryCmd::SpawnAgent(_) => "spawn_agent",
@@ -164,6 +206,8 @@ pub struct Registry {
     agent_names: BTreeMap<String, Uuid>,
     /// Agents placed on each node. Derived.
     by_node: BTreeMap<u64, BTreeSet<Uuid>>,
+    /// Agents placed nowhere (no node could take them). Derived.
+    unplaced: BTreeSet<Uuid>,
     /// Keys changed since the last [`Registry::take_touched`].
     touched: BTreeSet<Key>,
 }
@@ -193,6 +237,7 @@ impl Registry {
             next_position: 1,
             agent_names: BTreeMap::new(),
             by_node: BTreeMap::new(),
+            unplaced: BTreeSet::new(),
             touched: BTreeSet::new(),
         };
         let sups = std::mem::take(&mut data.supervisors);
@@ -319,13 +364,33 @@ impl Registry {
                 name,
                 labels,
                 kinds,
-            } => self.register_node(time, *node_id, name, labels, kinds, events),
+                capacity,
+            } => {
+                let join = Join {
+                    id: *node_id,
+                    name,
+                    labels,
+                    kinds,
+                    capacity: *capacity,
+                };
+                self.register_node(time, &join, events)
+            }
             RegistryCmd::RemoveNode { node_id } => self.remove_node(time, *node_id, events),
+            RegistryCmd::SetNodeStatus { node_id, status } => {
+                self.set_node_status(time, *node_id, *status, events)
+            }
+            RegistryCmd::NodeLoads { loads } => self.node_loads(time, loads),
+            RegistryCmd::DrainNode { node_id, cancel } => {
+                self.drain_node(time, *node_id, *cancel, events)
+            }
+            RegistryCmd::MigrateAgent { agent, to } => self.migrate_agent(time, agent, *to, events),
+            RegistryCmd::Handoff { items } => self.handoff(time, items, events),
+            RegistryCmd::Rebalance { max_moves } => self.rebalance(time, *max_moves, events),
             RegistryCmd::CreateSupervisor(c) => self.create_supervisor(time, item.id, c, events),
             RegistryCmd::StopSupervisor { name } => self.stop_supervisor(time, name, events),
             RegistryCmd::SpawnAgent(a) => self.spawn_agent(time, item.id, a, events),
             RegistryCmd::StopAgent { agent } => self.stop_agent(time, agent, events),
-            RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent),
+            RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent, events),
             RegistryCmd::SpawnAgentGroup(g) => self.spawn_agent_group(time, item.id, g, events),
             RegistryCmd::ImportState { agent, state } => {
                 self.import_state(time, agent, state, events)
@@ -381,18 +446,19 @@ impl Registry {
     fn register_node(
         &mut self,
         time: DateTime<Utc>,
-        id: u64,
-        name: &str,
-        labels: &BTreeMap<String, String>,
-        kinds: &[String],
+        j: &Join<'_>,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
+        let id = j.id;
         let node = self.data.nodes.entry(id).or_insert_with(|| NodeRecord {
             id,
-            name: name.to_string(),
-            labels: labels.clone(),
-            kinds: kinds.to_vec(),
+            name: j.name.to_string(),
+            labels: j.labels.clone(),
+            kinds: j.kinds.to_vec(),
             status: NodeStatus::Joining,
+            capacity: j.capacity,
+            drain: false,
+            load: NodeLoad::default(),
             joined_at: time,
             updated_at: time,
             seq: 0,
@@ -403,18 +469,28 @@ impl Registry {
                 format!("node {id} left the cluster for good; start it with a new id"),
             ));
         }
-        let was_up = node.status == NodeStatus::Up;
-        node.name = name.to_string();
-        node.labels = labels.clone();
-        node.kinds = kinds.to_vec();
-        node.status = NodeStatus::Up;
+        let before = node.status;
+        node.name = j.name.to_string();
+        node.labels = j.labels.clone();
+        node.kinds = j.kinds.to_vec();
+        node.capacity = j.capacity;
+        node.status = if node.drain {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Up
+        };
         node.updated_at = time;
-        if !was_up {
+        let event = match before {
+            NodeStatus::Joining => Some("joined"),
+            NodeStatus::Down | NodeStatus::Suspect => Some("up"),
+            _ => None,
+        };
+        if let Some(event) = event {
             node.seq += 1;
             events.push(RegistryEvent {
                 entity: "node",
                 id: id.to_string(),
-                event: "joined",
+                event,
                 time,
                 epoch: 0,
                 seq: node.seq,
@@ -423,6 +499,7 @@ impl Registry {
         }
         let reply = serde_json::to_value(&*node).map_err(internal)?;
         self.touched.insert(Key::Node(id));
+        self.place_pending(time, events);
         Ok(reply)
     }
 
@@ -449,6 +526,8 @@ impl Registry {
                 data: json!({ "node_id": id, "name": node.name }),
             });
             self.touched.insert(Key::Node(id));
+            // The departed node stops itself; what it ran comes back elsewhere.
+            self.fail_over(time, id, events);
         }
         Ok(json!({ "node_id": id, "status": "left" }))
     }
@@ -511,12 +590,12 @@ impl Registry {
             backoff: c.backoff.clone(),
             placement: c.placement,
             position: self.next_position,
-            // A subtree runs on one node (issue #4 spreads it): root's children each get the
-            // least loaded node, deeper supervisors their parent's.
-            node: if parent_name == ROOT {
-                self.least_loaded_node()
-            } else {
-                parent_node
+            // A colocated subtree runs on one node: a supervisor below one inherits its node,
+            // a new colocated one takes the least loaded open node. Spread ones have none.
+            node: match (parent_node, c.placement) {
+                (Some(n), _) => Some(n),
+                (None, SupervisorPlacement::Colocate) => self.least_loaded_node(),
+                (None, SupervisorPlacement::Spread) => None,
             },
             created_at: time,
             seq: 1,

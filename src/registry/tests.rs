@@ -162,6 +162,7 @@ fn nodes_join_once_and_cannot_return_after_leaving() {
         name: "n7".into(),
         labels: BTreeMap::new(),
         kinds: vec![],
+        capacity: 0,
     };
     let mut events = Vec::new();
     let s = |cmd| Stamped {
@@ -252,4 +253,273 @@ fn stopping_a_huge_subtree_bounds_the_names_in_the_reply() {
         limits::MAX_NAMES_IN_REPLY
     );
     assert_eq!(reg.data().supervisors.len(), 1, "only root is left");
+}
+
+fn join(id: u64, zone: &str) -> RegistryCmd {
+    RegistryCmd::RegisterNode {
+        node_id: id,
+        name: format!("n{id}"),
+        labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+        kinds: vec!["counter".into()],
+        capacity: 0,
+    }
+}
+
+fn spawn(name: &str, sup: &str, restart: &str, placement: Value) -> RegistryCmd {
+    let v = json!({
+        "supervisor": sup, "name": name, "kind": "counter", "restart": restart,
+        "placement": placement,
+    });
+    RegistryCmd::SpawnAgent(serde_json::from_value(v).unwrap())
+}
+
+fn status(id: u64, status: NodeStatus) -> RegistryCmd {
+    RegistryCmd::SetNodeStatus {
+        node_id: id,
+        status,
+    }
+}
+
+fn three_nodes() -> Registry {
+    let mut reg = Registry::default();
+    for id in 1..=3 {
+        run(&mut reg, id as i64, None, join(id, &format!("z{id}"))).unwrap();
+    }
+    reg
+}
+
+#[test]
+fn a_down_node_s_agents_fail_over_at_a_new_epoch_and_temporaries_are_forgotten() {
+    let mut reg = three_nodes();
+    let pinned = json!({"node": 2});
+    run(&mut reg, 10, None, spawn("p", ROOT, "permanent", json!({}))).unwrap();
+    run(&mut reg, 11, None, spawn("q", ROOT, "permanent", json!({}))).unwrap();
+    run(&mut reg, 12, None, spawn("t", ROOT, "temporary", json!({}))).unwrap();
+    run(&mut reg, 13, None, spawn("pin", ROOT, "transient", pinned)).unwrap();
+    // Least loaded: p on 1, q on 2, t on 3, pin on 2.
+    let on = |reg: &Registry, n: &str| reg.agent(n).map(|a| (a.node, a.epoch, a.status));
+    assert_eq!(on(&reg, "q"), Some((Some(2), 1, AgentStatus::Pending)));
+    run(&mut reg, 20, None, status(2, NodeStatus::Down)).unwrap();
+    let (node, epoch, st) = on(&reg, "q").unwrap();
+    assert!(node.is_some_and(|n| n != 2) && epoch == 2 && st == AgentStatus::Pending);
+    let pin = reg.agent("pin").unwrap();
+    assert_eq!(
+        (pin.node, pin.epoch),
+        (None, 2),
+        "a pinned agent waits for its node"
+    );
+    assert!(pin
+        .pending_reason
+        .as_deref()
+        .unwrap()
+        .contains("pinned to node 2"));
+    // A report or checkpoint from the lost node's instance is refused.
+    let q = reg.agent("q").unwrap().id;
+    let stale = RegistryCmd::Checkpoint {
+        agent: q,
+        node: 2,
+        epoch: 1,
+        state: bytes::Bytes::from_static(b"x"),
+    };
+    check_code(run(&mut reg, 21, None, stale), ErrorCode::Conflict);
+    // Node 2 comes back: the pinned agent is placed there again.
+    run(&mut reg, 30, None, status(2, NodeStatus::Up)).unwrap();
+    let pin = reg.agent("pin").unwrap();
+    assert_eq!(
+        (pin.node, pin.epoch, pin.pending_reason.clone()),
+        (Some(2), 3, None)
+    );
+    // The temporary agent on node 3 is forgotten when node 3 goes down.
+    run(&mut reg, 40, None, status(3, NodeStatus::Down)).unwrap();
+    assert!(reg.agent("t").is_none());
+}
+
+#[test]
+fn a_migration_hands_the_state_over_and_fences_the_source() {
+    let mut reg = three_nodes();
+    let out = run(&mut reg, 10, None, spawn("m", ROOT, "permanent", json!({}))).unwrap();
+    let id: Uuid = serde_json::from_value(out["id"].clone()).unwrap();
+    let migrate = |to| RegistryCmd::MigrateAgent {
+        agent: "m".into(),
+        to,
+    };
+    check_code(
+        run(&mut reg, 11, None, migrate(Some(1))),
+        ErrorCode::Conflict,
+    );
+    check_code(
+        run(&mut reg, 11, None, migrate(Some(9))),
+        ErrorCode::Capacity,
+    );
+    let out = run(&mut reg, 12, None, migrate(Some(3))).unwrap();
+    assert_eq!(
+        (out["from"].as_u64(), out["to"].as_u64()),
+        (Some(1), Some(3))
+    );
+    check_code(run(&mut reg, 13, None, migrate(None)), ErrorCode::Conflict);
+    // The source's report does not end the migration.
+    let report = AgentReport {
+        agent: id,
+        node: 1,
+        epoch: 1,
+        status: AgentStatus::Running,
+        restarts: 0,
+        error: None,
+    };
+    let reports = RegistryCmd::ReportAgents {
+        reports: vec![report],
+    };
+    run(&mut reg, 14, None, reports).unwrap();
+    assert_eq!(reg.agent("m").unwrap().status, AgentStatus::Migrating);
+    let item = HandoffItem {
+        agent: id,
+        node: 1,
+        epoch: 1,
+        state: Some(bytes::Bytes::from_static(b"state")),
+    };
+    let handoff = RegistryCmd::Handoff {
+        items: vec![item.clone()],
+    };
+    let out = run(&mut reg, 15, None, handoff.clone()).unwrap();
+    assert_eq!(out["moved"][0]["to"], 3);
+    let a = reg.agent("m").unwrap();
+    assert_eq!(
+        (a.node, a.epoch, a.status),
+        (Some(3), 2, AgentStatus::Pending)
+    );
+    assert_eq!(reg.checkpoint(id).unwrap().state.as_ref(), b"state");
+    let out = run(&mut reg, 16, None, handoff).unwrap();
+    assert_eq!(
+        out["stale"][0],
+        json!(id),
+        "a repeated handoff changes nothing"
+    );
+}
+
+#[test]
+fn a_colocated_subtree_lives_and_moves_on_one_node() {
+    let mut reg = three_nodes();
+    let mut sup = create("co", None);
+    if let RegistryCmd::CreateSupervisor(c) = &mut sup {
+        c.placement = SupervisorPlacement::Colocate;
+    }
+    run(&mut reg, 10, None, sup).unwrap();
+    run(&mut reg, 11, None, create("inner", Some("co"))).unwrap();
+    for (i, (name, s)) in [("a", "co"), ("b", "inner"), ("c", "co")]
+        .iter()
+        .enumerate()
+    {
+        run(
+            &mut reg,
+            12 + i as i64,
+            None,
+            spawn(name, s, "permanent", json!({})),
+        )
+        .unwrap();
+    }
+    let nodes = |reg: &Registry| {
+        let mut n: Vec<Option<u64>> = ["a", "b", "c"]
+            .iter()
+            .map(|x| reg.agent(x).unwrap().node)
+            .collect();
+        n.dedup();
+        n
+    };
+    let host = reg.supervisor("co").unwrap().node;
+    assert_eq!(nodes(&reg), vec![host]);
+    run(&mut reg, 20, None, status(host.unwrap(), NodeStatus::Down)).unwrap();
+    let moved = nodes(&reg);
+    assert_eq!(moved.len(), 1, "still together: {moved:?}");
+    assert_ne!(moved[0], host);
+    assert_eq!(reg.supervisor("inner").unwrap().node, moved[0]);
+    let out = run(
+        &mut reg,
+        21,
+        None,
+        RegistryCmd::MigrateAgent {
+            agent: "b".into(),
+            to: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(out["moving"], 3, "migrating one moves the whole subtree");
+}
+
+#[test]
+fn a_draining_node_takes_nothing_new_and_rebalance_evens_out() {
+    let mut reg = Registry::default();
+    run(&mut reg, 1, None, join(1, "a")).unwrap();
+    for i in 0..6 {
+        let name = format!("x{i}");
+        run(
+            &mut reg,
+            2 + i,
+            None,
+            spawn(&name, ROOT, "permanent", json!({})),
+        )
+        .unwrap();
+    }
+    run(&mut reg, 10, None, join(2, "b")).unwrap();
+    run(&mut reg, 11, None, join(3, "c")).unwrap();
+    let drain = RegistryCmd::DrainNode {
+        node_id: 2,
+        cancel: false,
+    };
+    run(&mut reg, 12, None, drain).unwrap();
+    assert_eq!(reg.node(2).unwrap().status, NodeStatus::Draining);
+    run(
+        &mut reg,
+        13,
+        None,
+        spawn("new", ROOT, "permanent", json!({})),
+    )
+    .unwrap();
+    assert_eq!(
+        reg.agent("new").unwrap().node,
+        Some(3),
+        "not the draining node"
+    );
+    let plan = reg.rebalance_plan(10);
+    assert!(plan.iter().all(|m| m.from == 1 && m.to == 3), "{plan:?}");
+    let cancel = RegistryCmd::DrainNode {
+        node_id: 2,
+        cancel: true,
+    };
+    run(&mut reg, 14, None, cancel).unwrap();
+    let out = run(&mut reg, 15, None, RegistryCmd::Rebalance { max_moves: 10 }).unwrap();
+    // 6/0/1 becomes 3/2/2 (or 2/2/3): every move goes from node 1.
+    let moves = out["moves"].as_array().unwrap();
+    assert!(
+        moves.len() >= 3 && moves.iter().all(|m| m["from"] == 1),
+        "{moves:?}"
+    );
+    let migrating = reg
+        .data()
+        .agents
+        .values()
+        .filter(|a| a.status == AgentStatus::Migrating)
+        .count();
+    assert_eq!(migrating, moves.len());
+}
+
+#[test]
+fn spread_puts_a_supervisor_s_children_in_different_zones() {
+    let mut reg = three_nodes();
+    run(&mut reg, 10, None, create("s", None)).unwrap();
+    let spread = json!({"strategy": "spread"});
+    for i in 0..3 {
+        let name = format!("r{i}");
+        run(
+            &mut reg,
+            11 + i,
+            None,
+            spawn(&name, "s", "permanent", spread.clone()),
+        )
+        .unwrap();
+    }
+    let mut nodes: Vec<u64> = (0..3)
+        .map(|i| reg.agent(&format!("r{i}")).unwrap().node.unwrap())
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, [1, 2, 3]);
 }

@@ -23,19 +23,48 @@ pub struct NodeRecord {
     #[serde(default)]
     pub kinds: Vec<String>,
     pub status: NodeStatus,
+    /// Agents it may hold; 0 is unlimited.
+    #[serde(default)]
+    pub capacity: u32,
+    /// An operator asked to move everything away: it takes no new agents, even after a
+    /// restart, until the drain is cancelled.
+    #[serde(default)]
+    pub drain: bool,
+    /// What it last reported about itself.
+    #[serde(default)]
+    pub load: NodeLoad,
     pub joined_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
 }
 
-/// Lifecycle of a node as recorded in the registry.
+/// Lifecycle of a node as recorded in the registry. Only `up` nodes take new agents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStatus {
     Joining,
     Up,
+    /// Silent for `failure.suspect_after_ms`: keeps its agents, takes no new ones.
+    Suspect,
+    /// Silent for `failure.down_after_ms`: its agents were placed elsewhere.
+    Down,
+    /// Alive, but being emptied on an operator's request.
+    Draining,
+    /// Gone for good.
     Left,
+}
+
+/// A node's own view of its load, sent with its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct NodeLoad {
+    /// Agents running there.
+    pub running: u32,
+    /// CPU use of the node process, in thousandths of one core.
+    pub cpu_permille: u32,
+    /// Resident memory of the node process, in bytes.
+    pub mem_bytes: u64,
 }
 
 /// OTP restart strategies.
@@ -234,6 +263,9 @@ pub struct RequestRecord {
 }
 
 /// One persisted record, as the store writes it under its [`super::Key`].
+// Records exist one at a time while they are written or loaded; boxing the agent would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Node(NodeRecord),

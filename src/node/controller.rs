@@ -1,0 +1,278 @@
+//! The leader's placement controller: one loop, ticking every heartbeat interval, that
+//! - turns silence into node statuses (`suspect`, `down`, `up` again) from the heartbeat
+//!   times in `lease::Liveness`; `down` fails the node's agents over inside `apply`;
+//! - moves the agents of draining nodes, at most `placement.drain_concurrency` at a time;
+//! - copies the nodes' reported loads into the registry every `placement.load_report_ms`;
+//! - rebalances by itself when enabled, the imbalance crosses the threshold and the cool-down
+//!   has passed.
+//!
+//! It only proposes commands; every decision about where agents go is made by the registry's
+//! pure placement code when the command is applied.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+
+use super::Node;
+use crate::registry::{AgentStatus, LoadReport, NodeStatus, RegistryCmd};
+
+/// Runs on every node; acts only while this node leads.
+pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+    let every = Duration::from_millis(node.cfg.failure.heartbeat_interval_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading: Option<(u64, Instant)> = None;
+    let mut last_loads = Instant::now();
+    let mut last_rebalance: Option<Instant> = None;
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let (state, term) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_term)
+        };
+        if state != ServerState::Leader {
+            leading = None;
+            continue;
+        }
+        let since = match leading {
+            Some((t, at)) if t == term => at,
+            _ => {
+                // A new term: whatever an earlier leader heard does not count here.
+                node.liveness.reset();
+                let now = Instant::now();
+                leading = Some((term, now));
+                now
+            }
+        };
+        detect(&node, since).await;
+        drain(&node).await;
+        let load_every = Duration::from_millis(node.cfg.placement.load_report_ms);
+        if last_loads.elapsed() >= load_every {
+            last_loads = Instant::now();
+            report_loads(&node).await;
+        }
+        if node.cfg.placement.auto_rebalance {
+            let cooldown = Duration::from_millis(node.cfg.placement.rebalance_cooldown_ms);
+            if last_rebalance.is_none_or(|t| t.elapsed() >= cooldown) && auto_rebalance(&node).await
+            {
+                last_rebalance = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// What the failure detector decided for one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Suspect,
+    Down,
+    Up,
+}
+
+/// Pure: the status change for a node in `status`, last heard `silent_ms` ago (`heard` says
+/// whether it was heard at all in this term).
+fn verdict(
+    status: NodeStatus,
+    silent_ms: u64,
+    heard: bool,
+    suspect_after_ms: u64,
+    down_after_ms: u64,
+) -> Option<Verdict> {
+    match status {
+        NodeStatus::Up | NodeStatus::Suspect | NodeStatus::Draining
+            if silent_ms >= down_after_ms =>
+        {
+            Some(Verdict::Down)
+        }
+        NodeStatus::Up if silent_ms >= suspect_after_ms => Some(Verdict::Suspect),
+        NodeStatus::Suspect | NodeStatus::Down if heard && silent_ms < suspect_after_ms => {
+            Some(Verdict::Up)
+        }
+        _ => None,
+    }
+}
+
+async fn detect(node: &Arc<Node>, since: Instant) {
+    let me = node.cfg.id;
+    let f = &node.cfg.failure;
+    let statuses: Vec<(u64, NodeStatus)> = {
+        let st = node.state_read();
+        st.registry
+            .data()
+            .nodes
+            .values()
+            .filter(|n| n.id != me)
+            .map(|n| (n.id, n.status))
+            .collect()
+    };
+    let mut changes = Vec::new();
+    for (id, status) in statuses {
+        let last = node.liveness.last(id);
+        let heard = last.is_some_and(|t| t >= since);
+        let from = last.map_or(since, |t| t.max(since));
+        let silent_ms = from.elapsed().as_millis() as u64;
+        if let Some(v) = verdict(
+            status,
+            silent_ms,
+            heard,
+            f.suspect_after_ms,
+            f.down_after_ms,
+        ) {
+            changes.push((id, v));
+        }
+    }
+    let proposals = changes.into_iter().map(|(id, v)| {
+        let node = node.clone();
+        async move {
+            let status = match v {
+                Verdict::Suspect => NodeStatus::Suspect,
+                Verdict::Down => NodeStatus::Down,
+                Verdict::Up => NodeStatus::Up,
+            };
+            if v == Verdict::Down {
+                // No grant for it until the verdict is applied: see `lease`.
+                node.liveness.condemn(id);
+                tracing::warn!(node = id, "node is down; placing its agents elsewhere");
+            }
+            let cmd = RegistryCmd::SetNodeStatus {
+                node_id: id,
+                status,
+            };
+            if let Err(e) = node.propose(cmd, None, 64).await {
+                tracing::debug!(node = id, error = %e, "could not record a node status");
+            }
+            node.liveness.pardon(id);
+        }
+    });
+    futures::future::join_all(proposals).await;
+}
+
+/// Starts migrations away from draining nodes, within the concurrency budget.
+async fn drain(node: &Arc<Node>) {
+    let budget = node.cfg.placement.drain_concurrency;
+    let picks: Vec<String> = {
+        let st = node.state_read();
+        let reg = &st.registry;
+        let mut picks = Vec::new();
+        for n in reg.data().nodes.values() {
+            if n.status != NodeStatus::Draining {
+                continue;
+            }
+            let on: Vec<_> = reg.agents_on(n.id).collect();
+            let moving = on
+                .iter()
+                .filter(|a| a.status == AgentStatus::Migrating)
+                .count();
+            let room = budget.saturating_sub(moving);
+            picks.extend(
+                on.iter()
+                    .filter(|a| a.status != AgentStatus::Migrating)
+                    .filter(|a| a.placement.pinned() != Some(n.id))
+                    .take(room)
+                    .map(|a| a.id.to_string()),
+            );
+        }
+        picks
+    };
+    let proposals = picks.into_iter().map(|agent| {
+        let node = node.clone();
+        async move {
+            let cmd = RegistryCmd::MigrateAgent { agent, to: None };
+            // Refusals (no room elsewhere, a subtree already moving) are retried next tick.
+            if let Err(e) = node.propose(cmd, None, 128).await {
+                tracing::debug!(error = %e, "a drain move was refused");
+            }
+        }
+    });
+    futures::future::join_all(proposals).await;
+}
+
+async fn report_loads(node: &Node) {
+    let loads: Vec<LoadReport> = node
+        .liveness
+        .loads()
+        .into_iter()
+        .map(|(node_id, load)| LoadReport { node_id, load })
+        .collect();
+    if loads.is_empty() {
+        return;
+    }
+    if let Err(e) = node
+        .propose(RegistryCmd::NodeLoads { loads }, None, 1024)
+        .await
+    {
+        tracing::debug!(error = %e, "could not record node loads");
+    }
+}
+
+/// Rebalances if the imbalance crosses the threshold and nothing is moving. Returns whether it
+/// started one.
+async fn auto_rebalance(node: &Node) -> bool {
+    let worth_it = {
+        let st = node.state_read();
+        let reg = &st.registry;
+        let moving = reg
+            .data()
+            .agents
+            .values()
+            .any(|a| a.status == AgentStatus::Migrating);
+        !moving
+            && crate::placement::imbalance(&reg.candidates())
+                > node.cfg.placement.rebalance_threshold
+            && !reg
+                .rebalance_plan(node.cfg.placement.rebalance_max_moves)
+                .is_empty()
+    };
+    if !worth_it {
+        return false;
+    }
+    let cmd = RegistryCmd::Rebalance {
+        max_moves: node.cfg.placement.rebalance_max_moves,
+    };
+    match node.propose(cmd, None, 64).await {
+        Ok(v) => {
+            tracing::info!(moves = %v["moves"], "automatic rebalance");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "automatic rebalance refused");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_makes_a_node_suspect_then_down_and_a_heartbeat_brings_it_up() {
+        let v = |s, ms, heard| verdict(s, ms, heard, 500, 1_400);
+        assert_eq!(v(NodeStatus::Up, 100, true), None);
+        assert_eq!(v(NodeStatus::Up, 600, true), Some(Verdict::Suspect));
+        assert_eq!(v(NodeStatus::Suspect, 900, true), None);
+        assert_eq!(v(NodeStatus::Suspect, 1_400, false), Some(Verdict::Down));
+        assert_eq!(v(NodeStatus::Draining, 1_500, true), Some(Verdict::Down));
+        assert_eq!(
+            v(NodeStatus::Draining, 600, true),
+            None,
+            "draining is not suspect"
+        );
+        assert_eq!(v(NodeStatus::Down, 50, true), Some(Verdict::Up));
+        assert_eq!(
+            v(NodeStatus::Down, 50, false),
+            None,
+            "not heard in this term"
+        );
+        assert_eq!(v(NodeStatus::Down, 5_000, false), None, "down stays down");
+        assert_eq!(v(NodeStatus::Left, 9_000, false), None);
+        assert_eq!(v(NodeStatus::Joining, 9_000, false), None);
+    }
+}

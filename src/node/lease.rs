@@ -1,0 +1,344 @@
+//! Leases: how a node knows it may run its agents, and how the leader knows who is alive.
+//!
+//! Every `failure.heartbeat_interval_ms` a node sends the leader a `heartbeat` with its load.
+//! The leader notes when it received it, confirms with a quorum that it still leads (a fresh
+//! round of Raft heartbeats sent after that moment), and grants: the node may run its agents
+//! until `lease_ms` after the moment it *sent* the heartbeat, and once it has applied the log up
+//! to the leader's read index. A node without a valid lease runs nothing (`agent::host`).
+//!
+//! Why this gives at most one (G1): the leader declares a node down `down_after_ms` after it
+//! last received a heartbeat from it (or after it became leader, if later). A lease granted by
+//! this leader ends at `sent + lease_ms <= received + lease_ms`. A lease granted by an earlier
+//! leader was confirmed by a quorum round that started before this leader's election (a quorum
+//! that acknowledged the old leader cannot have elected the new one yet), so it ends before
+//! `elected + lease_ms`. Either way it ends `down_after_ms - lease_ms >= LEASE_MARGIN_MS`
+//! before the agents may be placed elsewhere. A node the leader is about to declare down gets
+//! no grant; a granted node starts nothing before it has applied everything committed before
+//! the grant, so it sees its agents moved before it could start them again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+
+use super::Node;
+use crate::command::Heartbeat;
+use crate::protocol::{ErrorCode, WireError};
+use crate::raft::typ::Raft;
+use crate::registry::NodeLoad;
+
+/// This node's lease.
+#[derive(Debug)]
+pub struct Lease {
+    state: Mutex<LeaseState>,
+    /// Counts grants, so the host wakes when one arrives.
+    grants: watch::Sender<u64>,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease {
+            state: Mutex::default(),
+            grants: watch::channel(0).0,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LeaseState {
+    until: Option<Instant>,
+    /// Log index this node must have applied before it starts agents.
+    min_applied: u64,
+}
+
+impl Lease {
+    /// Extends the lease to `sent + length` (never shortens it).
+    pub fn renew(&self, sent: Instant, length: Duration, min_applied: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let until = sent + length;
+        st.until = Some(st.until.map_or(until, |u| u.max(until)));
+        st.min_applied = st.min_applied.max(min_applied);
+        drop(st);
+        self.grants.send_modify(|n| *n += 1);
+    }
+
+    /// Changes with every grant.
+    pub fn grants(&self) -> watch::Receiver<u64> {
+        self.grants.subscribe()
+    }
+
+    /// When the lease ends, if one was ever granted.
+    pub fn until(&self) -> Option<Instant> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).until
+    }
+
+    /// Whether agents may run now.
+    pub fn valid(&self) -> bool {
+        self.until().is_some_and(|u| Instant::now() < u)
+    }
+
+    /// The index this node must have applied before it starts agents.
+    pub fn min_applied(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .min_applied
+    }
+}
+
+/// On the leader: confirms leadership with a quorum round that starts after a given moment,
+/// sharing one round among all the heartbeats waiting for it.
+pub struct QuorumGate {
+    /// Start time and read index of the last successful round.
+    confirmed: watch::Sender<Option<(Instant, u64)>>,
+    wake: Notify,
+}
+
+impl Default for QuorumGate {
+    fn default() -> Self {
+        QuorumGate {
+            confirmed: watch::channel(None).0,
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl QuorumGate {
+    /// The read index of a quorum round that started at or after `after`, or `None` if none
+    /// succeeds within `within` (this node no longer leads, or has no quorum).
+    pub async fn confirm_after(&self, after: Instant, within: Duration) -> Option<u64> {
+        let mut rx = self.confirmed.subscribe();
+        self.wake.notify_one();
+        let done = async {
+            rx.wait_for(|c| c.is_some_and(|(t, _)| t >= after))
+                .await
+                .ok()
+                .and_then(|c| c.map(|(_, index)| index))
+        };
+        tokio::time::timeout(within, done).await.ok().flatten()
+    }
+
+    /// Runs quorum rounds while anyone waits, until `stopped`.
+    pub async fn run(
+        &self,
+        raft: Raft,
+        round_timeout: Duration,
+        stopped: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = self.wake.notified() => {}
+            }
+            let start = Instant::now();
+            // Not the leader, or no quorum in time: waiters time out and are refused.
+            if let Ok(Ok((read, _))) =
+                tokio::time::timeout(round_timeout, raft.get_read_log_id()).await
+            {
+                let index = read.map_or(0, |l| l.index);
+                self.confirmed.send_replace(Some((start, index)));
+            }
+        }
+    }
+}
+
+/// On the leader: when each node was last heard from, and what load it reported.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    inner: Mutex<LivenessInner>,
+}
+
+#[derive(Debug, Default)]
+struct LivenessInner {
+    seen: BTreeMap<u64, (Instant, NodeLoad)>,
+    /// Nodes being declared down: they get no grant until that is applied.
+    condemned: BTreeSet<u64>,
+}
+
+impl Liveness {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LivenessInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets everything: a new term starts with no knowledge.
+    pub fn reset(&self) {
+        *self.lock() = LivenessInner::default();
+    }
+
+    fn seen(&self, id: u64, at: Instant, load: NodeLoad) {
+        self.lock().seen.insert(id, (at, load));
+    }
+
+    /// When `id` was last heard from.
+    pub fn last(&self, id: u64) -> Option<Instant> {
+        self.lock().seen.get(&id).map(|(t, _)| *t)
+    }
+
+    /// Milliseconds since `id` was last heard from.
+    pub fn since_ms(&self, id: u64) -> Option<u64> {
+        self.last(id).map(|t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Every node's last reported load.
+    pub fn loads(&self) -> Vec<(u64, NodeLoad)> {
+        self.lock()
+            .seen
+            .iter()
+            .map(|(id, (_, l))| (*id, *l))
+            .collect()
+    }
+
+    pub fn condemn(&self, id: u64) {
+        self.lock().condemned.insert(id);
+    }
+
+    pub fn pardon(&self, id: u64) {
+        self.lock().condemned.remove(&id);
+    }
+
+    fn is_condemned(&self, id: u64) -> bool {
+        self.lock().condemned.contains(&id)
+    }
+}
+
+/// The leader's answer to a heartbeat.
+pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
+    let received = Instant::now();
+    if node.liveness.is_condemned(hb.node_id) {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!("node {} is being declared down; retry", hb.node_id),
+        ));
+    }
+    node.liveness.seen(hb.node_id, received, hb.load);
+    let within = Duration::from_millis(node.cfg.failure.lease_ms);
+    match node.quorum.confirm_after(received, within).await {
+        Some(read_index) => Ok(json!({
+            "granted": true,
+            "read_index": read_index,
+            "leader": node.cfg.id,
+            "lease_ms": node.cfg.failure.lease_ms,
+        })),
+        None => Err(WireError::new(
+            ErrorCode::Unavailable,
+            "this node could not confirm it leads; retry",
+        )),
+    }
+}
+
+/// Sends heartbeats until `stopped`, extending this node's lease with each grant.
+pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+    let every = Duration::from_millis(node.cfg.failure.heartbeat_interval_ms);
+    let length = Duration::from_millis(node.cfg.failure.lease_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cpu = CpuSampler::default();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let hb = Heartbeat {
+            node_id: node.cfg.id,
+            load: NodeLoad {
+                running: node.running_agents(),
+                cpu_permille: cpu.sample(),
+                mem_bytes: resident_bytes(),
+            },
+        };
+        let sent = Instant::now();
+        // No answer within the lease is no use: the lease would already be over.
+        let reply = tokio::time::timeout(length, node.write_internal("heartbeat", &hb)).await;
+        match reply {
+            Ok(Ok(v)) => {
+                let index = v["read_index"].as_u64().unwrap_or(u64::MAX);
+                node.lease.renew(sent, length, index);
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not granted"),
+            Err(_) => tracing::debug!("heartbeat not answered within the lease"),
+        }
+    }
+}
+
+/// CPU use of this process between two samples, from `/proc/self/stat` (Linux; 0 elsewhere).
+#[derive(Default)]
+struct CpuSampler {
+    last: Option<(Instant, u64)>,
+}
+
+impl CpuSampler {
+    fn sample(&mut self) -> u32 {
+        let Some(ticks) = cpu_ticks() else { return 0 };
+        let now = Instant::now();
+        let out = match self.last {
+            Some((t, before)) => {
+                let elapsed_ms = now.duration_since(t).as_millis().max(1) as u64;
+                // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+                let used_ms = ticks.saturating_sub(before) * 10;
+                (used_ms * 1000 / elapsed_ms) as u32
+            }
+            None => 0,
+        };
+        self.last = Some((now, ticks));
+        out
+    }
+}
+
+fn cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_only_grows_and_ends_on_time() {
+        let l = Lease::default();
+        assert!(!l.valid(), "no lease before the first grant");
+        let t = Instant::now();
+        l.renew(t, Duration::from_secs(60), 5);
+        assert!(l.valid());
+        l.renew(t - Duration::from_secs(120), Duration::from_secs(1), 3);
+        assert!(l.valid(), "an older grant does not shorten it");
+        assert_eq!(l.min_applied(), 5);
+        let expired = Lease::default();
+        expired.renew(t - Duration::from_secs(2), Duration::from_secs(1), 0);
+        assert!(!expired.valid());
+    }
+
+    #[test]
+    fn this_process_reports_its_memory_and_cpu() {
+        assert!(resident_bytes() > 0);
+        let mut s = CpuSampler::default();
+        s.sample();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(s.sample() < 100_000);
+    }
+}

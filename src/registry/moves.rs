@@ -1,0 +1,260 @@
+//! Moving agents between live nodes: `migrate_agent`, the source's `handoff`, and `rebalance`.
+//!
+//! A migration is two log entries. `migrate_agent` marks the agent `migrating` toward a
+//! target; the source node sees it, checkpoints and stops the agent, and sends `handoff` with
+//! that state at the agent's epoch. The handoff stores the state, moves the agent to the target
+//! at the next epoch, and the target starts it from that state. The agent never runs on both:
+//! the target starts only after the source stopped, and a late source is fenced by the epoch.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{agent_event, AgentStatus, NodeStatus, Outcome, Registry, RegistryEvent};
+use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
+use crate::protocol::{ErrorCode, WireError};
+
+/// One agent handed over by its source node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffItem {
+    pub agent: Uuid,
+    pub node: u64,
+    pub epoch: u64,
+    /// The agent's state when it stopped; `None` when it was not running there (its last
+    /// checkpoint stays).
+    pub state: Option<Bytes>,
+}
+
+fn conflict(m: String) -> WireError {
+    WireError::new(ErrorCode::Conflict, m)
+}
+
+impl Registry {
+    /// The supervisor at the top of the colocated subtree that `sup` belongs to, if any.
+    fn colocated_top(&self, sup: &str) -> Option<String> {
+        let mut cur = self.data.supervisors.get(sup)?;
+        cur.node?;
+        while let Some(parent) = cur
+            .parent
+            .as_ref()
+            .and_then(|p| self.data.supervisors.get(p))
+        {
+            if parent.node.is_none() {
+                break;
+            }
+            cur = parent;
+        }
+        Some(cur.name.clone())
+    }
+
+    pub(super) fn migrate_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        agent: &str,
+        to: Option<u64>,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let a = self
+            .agent(agent)
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("no agent {agent:?}")))?;
+        if a.status == AgentStatus::Migrating {
+            return Err(conflict(format!(
+                "agent {agent:?} is already migrating to node {}",
+                a.migrating_to.unwrap_or(0)
+            )));
+        }
+        let Some(from) = a.node else {
+            return Err(conflict(format!(
+                "agent {agent:?} waits for a node ({}); there is nothing to migrate",
+                a.pending_reason.as_deref().unwrap_or("no node can take it")
+            )));
+        };
+        if let Some(pin) = a.placement.pinned() {
+            return Err(conflict(format!(
+                "agent {agent:?} is pinned to node {pin} and cannot move"
+            )));
+        }
+        if to == Some(from) {
+            return Err(conflict(format!(
+                "agent {agent:?} already runs on node {from}"
+            )));
+        }
+        let id = a.id;
+        let top = self.colocated_top(&a.supervisor);
+        let unit: Vec<Uuid> = match &top {
+            Some(t) => self.subtree_agents(t),
+            None => vec![id],
+        };
+        let mut kinds: Vec<&str> = unit
+            .iter()
+            .filter_map(|u| self.data.agents.get(u))
+            .map(|u| u.kind.as_str())
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let constraints = if top.is_some() {
+            Default::default()
+        } else {
+            a.placement.constraints.clone()
+        };
+        let wanted = match to {
+            Some(t) => Placement {
+                strategy: Some(Strategy::Pinned),
+                node: Some(t),
+                constraints,
+                ..Default::default()
+            },
+            None if top.is_some() => Placement::default(),
+            None => a.placement.clone(),
+        };
+        let siblings = Default::default();
+        let req = placement::Request {
+            kinds,
+            placement: &wanted,
+            count: unit.len(),
+            exclude: Some(from),
+            siblings: &siblings,
+        };
+        let target = placement::choose(&req, &self.candidates()).map_err(|r| match r {
+            Refusal::PinnedUnavailable(t) => WireError::new(
+                ErrorCode::Capacity,
+                format!(
+                    "node {t} cannot take it: it is not up, lacks the kind, fails the \
+                     constraints or is full"
+                ),
+            ),
+            other => other.to_wire(),
+        })?;
+        if let Some(t) = &top {
+            for s in self.subtree_supervisors(t) {
+                if let Some(sup) = self.data.supervisors.get_mut(&s) {
+                    sup.node = Some(target);
+                    self.touched.insert(super::Key::Supervisor(s));
+                }
+            }
+        }
+        let mut moving = 0;
+        for u in &unit {
+            self.start_move(time, *u, target, events, &mut moving);
+        }
+        let epoch = self.data.agents.get(&id).map_or(0, |a| a.epoch);
+        Ok(json!({ "agent": id, "from": from, "to": target, "epoch": epoch, "moving": moving }))
+    }
+
+    /// Marks one agent as migrating to `target`; a stopped one just moves.
+    fn start_move(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        target: u64,
+        events: &mut Vec<RegistryEvent>,
+        moving: &mut usize,
+    ) {
+        let Some(a) = self.data.agents.get_mut(&id) else {
+            return;
+        };
+        if a.node == Some(target) {
+            return;
+        }
+        match a.status {
+            AgentStatus::Stopped => self.replace_agent(time, id, Ok(target), "migration", events),
+            AgentStatus::Migrating => {}
+            _ => {
+                a.status = AgentStatus::Migrating;
+                a.migrating_to = Some(target);
+                a.updated_at = time;
+                a.seq += 1;
+                let data = json!({ "from": a.node, "to": target });
+                events.push(agent_event(a, "migrating", time, data));
+                self.touched.insert(super::Key::Agent(id));
+                *moving += 1;
+            }
+        }
+    }
+
+    pub(super) fn handoff(
+        &mut self,
+        time: DateTime<Utc>,
+        items: &[HandoffItem],
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let (mut moved, mut stale) = (Vec::new(), Vec::new());
+        for it in items {
+            let current = self.data.agents.get(&it.agent).is_some_and(|a| {
+                a.node == Some(it.node) && a.epoch == it.epoch && a.status == AgentStatus::Migrating
+            });
+            if !current {
+                stale.push(it.agent);
+                continue;
+            }
+            if let Some(state) = &it.state {
+                // A state over the limit cannot be kept; the agent moves with its last one.
+                let _ = self.store_checkpoint(time, it.agent, it.node, it.epoch, state, events);
+            }
+            let a = self.data.agents.get(&it.agent).expect("checked above");
+            let open = |n: u64| {
+                self.data
+                    .nodes
+                    .get(&n)
+                    .is_some_and(|r| r.status == NodeStatus::Up && r.kinds.contains(&a.kind))
+            };
+            let target = match a.migrating_to {
+                Some(t) if open(t) => Ok(t),
+                _ => self.place_agent(&a.kind, &a.supervisor, &a.placement, Some(it.node)),
+            };
+            self.replace_agent(time, it.agent, target.clone(), "migration", events);
+            if let (Ok(to), Some(a)) = (target, self.data.agents.get(&it.agent)) {
+                let data = json!({ "from": it.node, "to": to });
+                events.push(agent_event(a, "migrated", time, data));
+                moved.push(json!({ "agent": it.agent, "to": to, "epoch": a.epoch }));
+            }
+        }
+        Ok(json!({ "moved": moved, "stale": stale }))
+    }
+
+    /// The moves a rebalance of at most `max_moves` would make now.
+    pub fn rebalance_plan(&self, max_moves: usize) -> Vec<Move> {
+        let agents: Vec<Movable<'_>> = self
+            .data
+            .agents
+            .values()
+            .filter(|a| {
+                matches!(
+                    a.status,
+                    AgentStatus::Running | AgentStatus::Pending | AgentStatus::Failed
+                )
+            })
+            .filter(|a| {
+                self.data
+                    .supervisors
+                    .get(&a.supervisor)
+                    .is_none_or(|s| s.node.is_none())
+            })
+            .filter_map(|a| {
+                Some(Movable {
+                    id: a.id,
+                    node: a.node?,
+                    kind: &a.kind,
+                    placement: &a.placement,
+                })
+            })
+            .collect();
+        placement::rebalance(&self.candidates(), &agents, max_moves)
+    }
+
+    pub(super) fn rebalance(
+        &mut self,
+        time: DateTime<Utc>,
+        max_moves: usize,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let moves = self.rebalance_plan(max_moves);
+        let mut moving = 0;
+        for m in &moves {
+            self.start_move(time, m.agent, m.to, events, &mut moving);
+        }
+        Ok(json!({ "moves": moves, "dry_run": false }))
+    }
+}

@@ -1,0 +1,447 @@
+//! Nodes in the registry: liveness decided by the leader's failure detector, loads, drains,
+//! failover of a lost node's agents, and placing agents that wait for a node.
+//!
+//! Every change of an agent's node bumps its epoch, so the instance on the old node is fenced
+//! off: its reports and checkpoints carry the old epoch and are refused.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{
+    agent_event, AgentStatus, Child, Key, NodeStatus, Outcome, Registry, RegistryEvent,
+    SupervisorPlacement,
+};
+use crate::placement::{self, Candidate, Placement, Refusal};
+use crate::protocol::{ErrorCode, WireError};
+use crate::supervision::RestartType;
+
+/// The fields of a `join`, as `register_node` takes them.
+pub struct Join<'a> {
+    pub id: u64,
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub kinds: &'a [String],
+    pub capacity: u32,
+}
+
+/// One node's load, as the leader copies it into the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub node_id: u64,
+    pub load: super::NodeLoad,
+}
+
+impl Registry {
+    /// Nodes as placement sees them.
+    pub fn candidates(&self) -> Vec<Candidate<'_>> {
+        self.data
+            .nodes
+            .values()
+            .map(|n| Candidate {
+                id: n.id,
+                open: n.status == NodeStatus::Up,
+                labels: &n.labels,
+                kinds: &n.kinds,
+                capacity: n.capacity,
+                load: self.load(n.id),
+                cpu_permille: n.load.cpu_permille,
+            })
+            .collect()
+    }
+
+    /// Agents of supervisor `sup` per node, for `spread`.
+    fn siblings(&self, sup: &str) -> BTreeMap<u64, usize> {
+        let mut out = BTreeMap::new();
+        for c in self.children(sup) {
+            if let Child::Agent { id } = c {
+                if let Some(n) = self.data.agents.get(id).and_then(|a| a.node) {
+                    *out.entry(n).or_default() += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Where an agent of `kind` under `sup` with `placement` goes, avoiding `exclude`. An agent
+    /// of a colocated subtree goes where its supervisor runs.
+    pub(super) fn place_agent(
+        &self,
+        kind: &str,
+        sup: &str,
+        placement: &Placement,
+        exclude: Option<u64>,
+    ) -> Result<u64, Refusal> {
+        let s = self.data.supervisors.get(sup);
+        let colocated = s.is_some_and(|s| s.node.is_some() || colocates(s.placement));
+        if colocated {
+            let host = s.and_then(|s| s.node).filter(|n| Some(*n) != exclude);
+            let fits = host.and_then(|h| self.data.nodes.get(&h)).is_some_and(|n| {
+                n.kinds.iter().any(|k| k == kind)
+                    && matches!(
+                        n.status,
+                        NodeStatus::Up | NodeStatus::Suspect | NodeStatus::Draining
+                    )
+            });
+            return match host {
+                Some(h) if fits => Ok(h),
+                _ => Err(Refusal::NoRoom),
+            };
+        }
+        let siblings = self.siblings(sup);
+        let req = placement::Request {
+            kinds: vec![kind],
+            placement,
+            count: 1,
+            exclude,
+            siblings: &siblings,
+        };
+        placement::choose(&req, &self.candidates())
+    }
+
+    /// Moves agent `id` to `node` (or nowhere), keeping the indexes right.
+    pub(super) fn set_agent_node(&mut self, id: Uuid, node: Option<u64>) {
+        let Some(a) = self.data.agents.get_mut(&id) else {
+            return;
+        };
+        match a.node {
+            Some(old) => {
+                if let Some(ids) = self.by_node.get_mut(&old) {
+                    ids.remove(&id);
+                }
+            }
+            None => {
+                self.unplaced.remove(&id);
+            }
+        }
+        a.node = node;
+        match node {
+            Some(n) => {
+                self.by_node.entry(n).or_default().insert(id);
+            }
+            None => {
+                self.unplaced.insert(id);
+            }
+        }
+        self.touched.insert(Key::Agent(id));
+    }
+
+    /// Places agent `id` afresh: a new epoch on `target`, or pending on no node with the reason.
+    /// `reason` says why it moves, for the event.
+    pub(super) fn replace_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        target: Result<u64, Refusal>,
+        reason: &str,
+        events: &mut Vec<RegistryEvent>,
+    ) {
+        let Some(from) = self.data.agents.get(&id).map(|a| a.node) else {
+            return;
+        };
+        let node = target.as_ref().ok().copied();
+        self.set_agent_node(id, node);
+        let a = self
+            .data
+            .agents
+            .get_mut(&id)
+            .expect("set_agent_node found it");
+        a.epoch += 1;
+        a.migrating_to = None;
+        a.updated_at = time;
+        a.seq += 1;
+        if a.status != AgentStatus::Stopped {
+            a.status = AgentStatus::Pending;
+        }
+        match target {
+            Ok(n) => {
+                a.pending_reason = None;
+                let data = json!({ "node": n, "from": from, "reason": reason });
+                events.push(agent_event(a, "placed", time, data));
+            }
+            Err(r) => {
+                let why = r.describe();
+                a.pending_reason = Some(why.clone());
+                let data = json!({ "node": null, "from": from, "reason": reason, "waits": why });
+                events.push(agent_event(a, "pending", time, data));
+            }
+        }
+    }
+
+    pub(super) fn set_node_status(
+        &mut self,
+        time: DateTime<Utc>,
+        id: u64,
+        status: NodeStatus,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(node) = self.data.nodes.get_mut(&id) else {
+            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+        };
+        let before = node.status;
+        let after = match (before, status) {
+            (NodeStatus::Left | NodeStatus::Joining, _) => before,
+            (NodeStatus::Up, NodeStatus::Suspect) => NodeStatus::Suspect,
+            (_, NodeStatus::Down) => NodeStatus::Down,
+            (NodeStatus::Suspect | NodeStatus::Down, NodeStatus::Up) if node.drain => {
+                NodeStatus::Draining
+            }
+            (NodeStatus::Suspect | NodeStatus::Down, NodeStatus::Up) => NodeStatus::Up,
+            _ => before,
+        };
+        if after == before {
+            return Ok(json!({ "node_id": id, "status": before }));
+        }
+        node.status = after;
+        node.updated_at = time;
+        node.seq += 1;
+        let event = match after {
+            NodeStatus::Draining => "up",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Down => "down",
+            _ => "up",
+        };
+        events.push(RegistryEvent {
+            entity: "node",
+            id: id.to_string(),
+            event,
+            time,
+            epoch: 0,
+            seq: node.seq,
+            data: json!({ "node_id": id, "status": after, "was": before }),
+        });
+        self.touched.insert(Key::Node(id));
+        match after {
+            NodeStatus::Down => self.fail_over(time, id, events),
+            NodeStatus::Up | NodeStatus::Draining => self.place_pending(time, events),
+            _ => {}
+        }
+        Ok(json!({ "node_id": id, "status": after }))
+    }
+
+    pub(super) fn node_loads(&mut self, time: DateTime<Utc>, loads: &[LoadReport]) -> Outcome {
+        let mut updated = 0;
+        for r in loads {
+            if let Some(n) = self.data.nodes.get_mut(&r.node_id) {
+                n.load = r.load;
+                n.updated_at = time;
+                self.touched.insert(Key::Node(r.node_id));
+                updated += 1;
+            }
+        }
+        Ok(json!({ "updated": updated }))
+    }
+
+    pub(super) fn drain_node(
+        &mut self,
+        time: DateTime<Utc>,
+        id: u64,
+        cancel: bool,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(node) = self.data.nodes.get_mut(&id) else {
+            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+        };
+        if node.status == NodeStatus::Left {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!("node {id} left the cluster"),
+            ));
+        }
+        node.drain = !cancel;
+        let before = node.status;
+        node.status = match (before, cancel) {
+            (NodeStatus::Up, false) => NodeStatus::Draining,
+            (NodeStatus::Draining, true) => NodeStatus::Up,
+            (s, _) => s,
+        };
+        node.updated_at = time;
+        let changed = node.status != before;
+        if changed {
+            node.seq += 1;
+            let event = if cancel { "up" } else { "draining" };
+            events.push(RegistryEvent {
+                entity: "node",
+                id: id.to_string(),
+                event,
+                time,
+                epoch: 0,
+                seq: node.seq,
+                data: json!({ "node_id": id, "status": node.status }),
+            });
+        }
+        let status = node.status;
+        self.touched.insert(Key::Node(id));
+        if cancel {
+            self.place_pending(time, events);
+        }
+        let pinned = self
+            .agents_on(id)
+            .filter(|a| a.placement.pinned() == Some(id))
+            .count();
+        Ok(json!({
+            "node_id": id,
+            "status": status,
+            "agents": self.load(id),
+            "pinned_stay": pinned,
+        }))
+    }
+
+    /// The top supervisors of the colocated subtrees running on `node`.
+    fn units_on(&self, node: u64) -> Vec<String> {
+        self.data
+            .supervisors
+            .values()
+            .filter(|s| s.node == Some(node))
+            .filter(|s| {
+                let parent = s.parent.as_ref().and_then(|p| self.data.supervisors.get(p));
+                parent.is_none_or(|p| p.node != Some(node))
+            })
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Supervisor `top` and every supervisor below it.
+    pub(super) fn subtree_supervisors(&self, top: &str) -> Vec<String> {
+        let mut out = vec![top.to_string()];
+        let mut i = 0;
+        while i < out.len() {
+            for c in self.children(&out[i]) {
+                if let Child::Supervisor { name } = c {
+                    out.push(name.clone());
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Agents of the subtree below `top`.
+    pub(super) fn subtree_agents(&self, top: &str) -> Vec<Uuid> {
+        let mut out = Vec::new();
+        for s in self.subtree_supervisors(top) {
+            for c in self.children(&s) {
+                if let Child::Agent { id } = c {
+                    out.push(*id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Picks one node for a whole colocated subtree and records it on its supervisors.
+    pub(super) fn relocate_unit(&mut self, top: &str, exclude: Option<u64>) -> Option<u64> {
+        let agents = self.subtree_agents(top);
+        let kinds: Vec<String> = agents
+            .iter()
+            .filter_map(|id| self.data.agents.get(id))
+            .map(|a| a.kind.clone())
+            .collect();
+        let mut kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let none = BTreeMap::new();
+        let default = Placement::default();
+        let req = placement::Request {
+            kinds,
+            placement: &default,
+            count: agents.len(),
+            exclude,
+            siblings: &none,
+        };
+        let host = placement::choose(&req, &self.candidates()).ok();
+        for s in self.subtree_supervisors(top) {
+            if let Some(sup) = self.data.supervisors.get_mut(&s) {
+                sup.node = host;
+                self.touched.insert(Key::Supervisor(s));
+            }
+        }
+        host
+    }
+
+    /// Node `id` is gone: every agent it ran is placed elsewhere at a new epoch, from its last
+    /// checkpoint; a temporary one is forgotten, as OTP never restarts it; one that cannot be
+    /// placed (pinned there, no room) waits on no node with the reason in `pending_reason`.
+    pub(super) fn fail_over(
+        &mut self,
+        time: DateTime<Utc>,
+        id: u64,
+        events: &mut Vec<RegistryEvent>,
+    ) {
+        for top in self.units_on(id) {
+            self.relocate_unit(&top, Some(id));
+        }
+        let mut lost: Vec<(u64, Uuid)> = self.agents_on(id).map(|a| (a.position, a.id)).collect();
+        lost.sort_unstable();
+        for (_, aid) in lost {
+            let Some(a) = self.data.agents.get(&aid) else {
+                continue;
+            };
+            if a.restart == RestartType::Temporary {
+                if let Some(mut gone) = self.remove_agent(aid) {
+                    gone.seq += 1;
+                    let data = json!({ "reason": format!("node {id} is down") });
+                    events.push(agent_event(&gone, "stopped", time, data));
+                }
+                continue;
+            }
+            let open = |n: u64| {
+                self.data
+                    .nodes
+                    .get(&n)
+                    .is_some_and(|r| r.status == NodeStatus::Up && r.kinds.contains(&a.kind))
+            };
+            let target = match a.migrating_to {
+                // It was moving: its destination takes it.
+                Some(t) if open(t) && a.placement.pinned().is_none() => Ok(t),
+                _ => self.place_agent(&a.kind, &a.supervisor, &a.placement, Some(id)),
+            };
+            self.replace_agent(time, aid, target, "failover", events);
+        }
+    }
+
+    /// Places agents that wait on no node, now that a node came up or room opened: colocated
+    /// subtrees without a node first, then each waiting agent in start order.
+    pub(super) fn place_pending(&mut self, time: DateTime<Utc>, events: &mut Vec<RegistryEvent>) {
+        if self.unplaced.is_empty() {
+            return;
+        }
+        let homeless: Vec<String> = self
+            .data
+            .supervisors
+            .values()
+            .filter(|s| s.node.is_none() && colocates(s.placement) && s.parent.is_some())
+            .filter(|s| {
+                let parent = s.parent.as_ref().and_then(|p| self.data.supervisors.get(p));
+                parent.is_none_or(|p| p.node.is_none())
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        for top in homeless {
+            self.relocate_unit(&top, None);
+        }
+        let mut waiting: Vec<(u64, Uuid)> = self
+            .unplaced
+            .iter()
+            .filter_map(|id| self.data.agents.get(id))
+            .filter(|a| a.status != AgentStatus::Stopped)
+            .map(|a| (a.position, a.id))
+            .collect();
+        waiting.sort_unstable();
+        for (_, id) in waiting {
+            let Some(a) = self.data.agents.get(&id) else {
+                continue;
+            };
+            if let Ok(n) = self.place_agent(&a.kind, &a.supervisor, &a.placement, None) {
+                self.replace_agent(time, id, Ok(n), "node available", events);
+            }
+        }
+    }
+}
+
+fn colocates(p: SupervisorPlacement) -> bool {
+    p == SupervisorPlacement::Colocate
+}

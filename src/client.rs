@@ -12,6 +12,12 @@ use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
 
+/// Longest wait for one attempt of an agent call before it is tried again (same call id).
+const CALL_ATTEMPT_MS: u64 = 1_000;
+
+/// Longest wait for one attempt of a read before it is tried again.
+const READ_ATTEMPT_MS: u64 = 1_500;
+
 /// Commands that create something and so accept a `request_id`.
 pub const CREATING_COMMANDS: &[&str] = &["create_supervisor"];
 
@@ -62,7 +68,13 @@ impl Client {
     /// Sends `command` with `body` (an object), retrying what is safe until the deadline.
     pub async fn call(&self, command: &str, body: &Value) -> Result<Value, CallError> {
         let start = Instant::now();
-        let retry_timeouts = body.get("request_id").is_some();
+        // A read changes nothing, so a read that got no answer (it may have reached a paused
+        // node of the queue group) is tried again, with a shorter wait per attempt.
+        let read = matches!(
+            crate::command::route_of(command),
+            Some(crate::command::Route::Read | crate::command::Route::Local)
+        );
+        let retry_timeouts = read || body.get("request_id").is_some();
         let payload: bytes::Bytes = self.encoding.encode(body).into();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
@@ -76,12 +88,17 @@ impl Client {
             if left.is_zero() {
                 return Err(CallError::NoAnswer("deadline passed".into()));
             }
+            let wait = if read {
+                left.min(Duration::from_millis(READ_ATTEMPT_MS))
+            } else {
+                left
+            };
             let attempt = bus::request(
                 &self.nats,
                 subject.clone(),
                 Some(headers.clone()),
                 payload.clone(),
-                left,
+                wait,
             )
             .await;
             let retryable = match attempt {
@@ -95,6 +112,7 @@ impl Client {
                     }
                 }
                 Err(RequestFailure::NoResponders) => "no node answers".to_string(),
+                Err(RequestFailure::TimedOut) if read => "a node did not answer in time".into(),
                 Err(RequestFailure::TimedOut) => {
                     return Err(CallError::NoAnswer(
                         "timed out; the outcome is unknown".into(),
@@ -107,6 +125,56 @@ impl Client {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Calls agent `agent` (id or name) with `body` until the deadline, retrying while it is
+    /// not running or is moving (`unavailable`) and when an attempt gets no answer. Every
+    /// attempt carries the same `Warden-Call-Id`, so the agent handles the call once even when
+    /// a retry reaches it after the first attempt did.
+    pub async fn call_agent(&self, agent: &str, body: &Value) -> Result<Value, CallError> {
+        let start = Instant::now();
+        let payload: bytes::Bytes = self.encoding.encode(body).into();
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
+        let call_id = uuid::Uuid::new_v4().to_string();
+        headers.insert(crate::agent::host::CALL_ID_HEADER, call_id.as_str());
+        let subject = self.subjects.agent(agent, "call");
+        // Short first retries: a migrating agent is back within milliseconds.
+        let mut delay = Duration::from_millis(2);
+        loop {
+            let left = self.deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(CallError::NoAnswer("deadline passed".into()));
+            }
+            let attempt = bus::request(
+                &self.nats,
+                subject.clone(),
+                Some(headers.clone()),
+                payload.clone(),
+                left.min(Duration::from_millis(CALL_ATTEMPT_MS)),
+            )
+            .await;
+            let retryable = match attempt {
+                Ok(reply) => {
+                    let env = Envelope::decode(&reply.payload).map_err(CallError::Reply)?;
+                    match env.into_result() {
+                        Ok(v) => return Ok(v),
+                        Err(e) if e.code == ErrorCode::Unavailable => e.to_string(),
+                        Err(e) => return Err(CallError::Reply(e)),
+                    }
+                }
+                Err(RequestFailure::NoResponders) => "no node answers".to_string(),
+                // Lost while the agent moved, or the agent is slow: the call id makes the
+                // retry safe.
+                Err(RequestFailure::TimedOut) => "no answer yet".to_string(),
+                Err(e) => return Err(CallError::NoAnswer(e.to_string())),
+            };
+            if start.elapsed() + delay >= self.deadline {
+                return Err(CallError::NoAnswer(retryable));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
         }
     }
 }

@@ -139,49 +139,30 @@ async fn call_agent(
         nats.flush().await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let deadline = std::time::Instant::now() + Duration::from_millis(args.timeout_ms);
-    let mut delay = Duration::from_millis(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let reply = crate::bus::request(
-            nats,
-            subjects.agent(agent, "call"),
-            None,
-            payload.clone(),
-            left,
-        )
-        .await;
-        let retry = match reply {
-            Ok(r) => match crate::protocol::Envelope::decode(&r.payload).map(|e| e.into_result()) {
-                Ok(Ok(v)) => {
-                    println!(
-                        "{}",
-                        if args.json {
-                            v.to_string()
-                        } else {
-                            render_plain(&v, 0)
-                        }
-                    );
-                    return Ok(ExitCode::SUCCESS);
+    let client = crate::client::Client {
+        deadline: Duration::from_millis(args.timeout_ms),
+        ..crate::client::Client::new(nats.clone(), &args.cluster)
+    };
+    match client.call_agent(agent, &body).await {
+        Ok(v) => {
+            println!(
+                "{}",
+                if args.json {
+                    v.to_string()
+                } else {
+                    render_plain(&v, 0)
                 }
-                Ok(Err(e)) if e.code == crate::protocol::ErrorCode::Unavailable => e.to_string(),
-                Ok(Err(e)) => {
-                    eprintln!("error: {}: {}", e.code.as_str(), e.message);
-                    return Ok(ExitCode::from(1));
-                }
-                Err(e) => {
-                    eprintln!("error: malformed reply: {e}");
-                    return Ok(ExitCode::from(1));
-                }
-            },
-            Err(e) => e.to_string(),
-        };
-        if std::time::Instant::now() + delay >= deadline {
-            eprintln!("error: no answer from agent {agent:?} ({retry})");
-            return Ok(ExitCode::from(3));
+            );
+            Ok(ExitCode::SUCCESS)
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(500));
+        Err(crate::client::CallError::Reply(e)) => {
+            eprintln!("error: {}: {}", e.code.as_str(), e.message);
+            Ok(ExitCode::from(1))
+        }
+        Err(crate::client::CallError::NoAnswer(why)) => {
+            eprintln!("error: no answer from agent {agent:?} ({why})");
+            Ok(ExitCode::from(3))
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::command::CheckpointRequest;
 use crate::events::{Event, EVENT_VERSION};
 use crate::node::Node;
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
-use crate::registry::{AgentReport, AgentStatus, Child, HandoffItem, ROOT};
+use crate::registry::{AgentReport, AgentStatus, Child, HandoffItem, RememberedCall, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
 
 /// Messages waiting for one agent; a call beyond this is refused with `unavailable`.
@@ -45,17 +45,23 @@ const MAILBOX: usize = 256;
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// ...and at most this often when applies stream in.
 const RECONCILE_MIN_GAP: Duration = Duration::from_millis(10);
-/// After handing an agent over, its old node answers calls for it with `unavailable` (retry)
-/// this long, covering the moment before the target has applied the handoff.
-const MOVED_AWAY_ANSWER: Duration = Duration::from_secs(3);
+/// Bytes of remembered answers an agent carries to its next node.
+const HANDED_OVER_CALLS_BYTES: usize = 8 * 1024;
 /// Header carrying an agent's epoch on calls (optional) and on their replies.
 pub const EPOCH_HEADER: &str = "Warden-Epoch";
+/// Header naming one logical call across its retries, so that an agent handles it once.
+pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
+/// Answers an agent instance remembers by call id. A retry comes within a client's deadline,
+/// behind at most a mailbox of other messages.
+const REMEMBERED_CALLS: usize = 64;
 
 enum Msg {
     Call {
         body: Value,
         reply: String,
         enc: Encoding,
+        /// The caller's `Warden-Call-Id`: a retry with the same id gets the first answer.
+        call_id: Option<String>,
     },
     Cast {
         body: Value,
@@ -75,7 +81,14 @@ struct Exit {
 struct StopRequest {
     timeout_ms: u64,
     checkpoint: bool,
-    done: oneshot::Sender<Option<bytes::Bytes>>,
+    done: oneshot::Sender<Handover>,
+}
+
+/// What a stopped agent hands over to its next node: its state and its last answers.
+#[derive(Default)]
+struct Handover {
+    state: Option<bytes::Bytes>,
+    calls: Vec<RememberedCall>,
 }
 
 struct Instance {
@@ -170,8 +183,6 @@ struct Host {
     handoffs: mpsc::Sender<HandoffItem>,
     /// Agents handed over (or being handed over) at this epoch; not started again here.
     handed_off: BTreeMap<Uuid, u64>,
-    /// Agents recently handed over, for `MOVED_AWAY_ANSWER`.
-    moved_away: BTreeMap<Uuid, Instant>,
     journal: Journal,
     logs: mpsc::Sender<(Uuid, String)>,
     log_seq: BTreeMap<Uuid, u64>,
@@ -214,7 +225,6 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         forget: forget_tx,
         handoffs: handoff_tx,
         handed_off: BTreeMap::new(),
-        moved_away: BTreeMap::new(),
         journal: Journal::open(&node.cfg.data_dir, node.cfg.id),
         logs: logs_tx,
         log_seq: BTreeMap::new(),
@@ -350,9 +360,6 @@ impl Host {
         }
         self.handed_off
             .retain(|id, epoch| desired.get(id).is_some_and(|d| d.epoch == *epoch));
-        let now = Instant::now();
-        self.moved_away
-            .retain(|_, at| now.duration_since(*at) < MOVED_AWAY_ANSWER);
         // Hand over what is migrating away, last started first.
         let moving: Vec<(Uuid, u64)> = desired
             .values()
@@ -433,11 +440,15 @@ impl Host {
                 .agent(&id.to_string())
                 .filter(|a| a.node == Some(self.me) && a.status != AgentStatus::Migrating)
                 .map(|a| {
-                    let state = st.registry.checkpoint(id).map(|c| c.state.clone());
-                    (a.clone(), state)
+                    let c = st.registry.checkpoint(id);
+                    let state = c.map(|c| c.state.clone());
+                    let calls = c.map(|c| c.calls.clone()).unwrap_or_default();
+                    (a.clone(), state, calls)
                 })
         };
-        let Some((a, state)) = found else { return };
+        let Some((a, state, calls)) = found else {
+            return;
+        };
         let Some(kind) = self.node.kinds.get(&a.kind) else {
             self.report(
                 &a.id,
@@ -476,6 +487,7 @@ impl Host {
                     epoch: a.epoch,
                     generation: self.generation,
                     exits: self.exits.clone(),
+                    calls,
                 };
                 let abort = self.tasks.spawn(agent_task(run, agent, rx, stop_rx));
                 self.instances.insert(
@@ -526,13 +538,10 @@ impl Host {
     }
 
     /// Stops a local instance, optionally checkpointing it first, and returns that checkpoint.
-    async fn stop_and_take(
-        &mut self,
-        id: Uuid,
-        checkpoint: bool,
-        reason: &str,
-    ) -> Option<bytes::Bytes> {
-        let inst = self.instances.remove(&id)?;
+    async fn stop_and_take(&mut self, id: Uuid, checkpoint: bool, reason: &str) -> Handover {
+        let Some(inst) = self.instances.remove(&id) else {
+            return Handover::default();
+        };
         self.count_running();
         let (done, wait) = oneshot::channel();
         let req = StopRequest {
@@ -540,32 +549,32 @@ impl Host {
             checkpoint,
             done,
         };
-        let mut state = None;
+        let mut handover = Handover::default();
         if inst.stop.send(req).is_ok() {
             // The task answers once the agent has stopped. Past the grace, it is abandoned:
             // aborting drops the agent (an exec process is killed on drop).
             let grace = Duration::from_millis(inst.shutdown_ms + 1_000);
             match tokio::time::timeout(grace, wait).await {
-                Ok(Ok(s)) => state = s,
+                Ok(Ok(h)) => handover = h,
                 Ok(Err(_)) => {}
                 Err(_) => inst.abort.abort(),
             }
         }
         self.journal.stop(id, inst.epoch, reason, None);
-        state
+        handover
     }
 
     /// Checkpoints and stops a migrating agent, then hands it over to its target.
     async fn hand_off(&mut self, id: Uuid, epoch: u64) {
         self.scheduled.remove(&id);
-        let state = self.stop_and_take(id, true, "migrating").await;
+        let handover = self.stop_and_take(id, true, "migrating").await;
         self.handed_off.insert(id, epoch);
-        self.moved_away.insert(id, Instant::now());
         let item = HandoffItem {
             agent: id,
             node: self.me,
             epoch,
-            state,
+            state: handover.state,
+            calls: handover.calls,
         };
         // The writer outlives the host loop, so the send succeeds.
         let _ = self.handoffs.send(item).await;
@@ -846,11 +855,6 @@ impl Host {
         };
         let (id, status) = match placed {
             Some((id, Some(n), status)) if n == self.me => (id, status),
-            Some((id, _, _)) if self.moved_away.contains_key(&id) => {
-                // Handed over a moment ago: the target may not know yet. Safe to retry.
-                let why = format!("agent {target:?} is moving to another node; retry");
-                return answer(WireError::new(ErrorCode::Unavailable, why)).await;
-            }
             Some(_) => return, // the node it is placed on answers
             None => {
                 // Unknown everywhere: the leader says so, the others stay quiet.
@@ -896,7 +900,20 @@ impl Host {
             return answer(WireError::new(ErrorCode::Conflict, why)).await;
         }
         let m = match (op, reply.clone()) {
-            ("call", Some(reply)) => Msg::Call { body, reply, enc },
+            ("call", Some(reply)) => {
+                let call_id = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(CALL_ID_HEADER))
+                    .map(|v| v.as_str().to_string())
+                    .filter(|v| !v.is_empty() && v.len() <= crate::limits::MAX_REQUEST_ID_LEN);
+                Msg::Call {
+                    body,
+                    reply,
+                    enc,
+                    call_id,
+                }
+            }
             ("cast", _) => Msg::Cast { body },
             ("call", None) => return,
             _ => return answer(WireError::new(ErrorCode::BadRequest, "use .call or .cast")).await,
@@ -998,6 +1015,8 @@ struct Run {
     epoch: u64,
     generation: u64,
     exits: mpsc::Sender<Exit>,
+    /// Answers handed over by the agent's previous node.
+    calls: Vec<RememberedCall>,
 }
 
 /// One agent: reads its mailbox one message at a time until it ends or is stopped. A stop
@@ -1015,30 +1034,45 @@ async fn agent_task(
         epoch,
         generation,
         exits,
+        calls,
     } = run;
     let mut ended = agent
         .take_exit()
         .unwrap_or_else(|| Box::pin(std::future::pending()));
+    let mut answered = Answered::default();
+    for c in calls {
+        answered.remember(Some(c.id), &c.result);
+    }
     let reason = loop {
         let msg = tokio::select! {
             biased;
             req = &mut stop => {
                 if let Ok(req) = req {
-                    let state = if req.checkpoint { agent.checkpoint() } else { None };
+                    let handover = if req.checkpoint {
+                        Handover {
+                            state: agent.checkpoint(),
+                            calls: answered.carried(),
+                        }
+                    } else {
+                        Handover::default()
+                    };
                     agent.stop(req.timeout_ms).await;
                     // The host may have stopped waiting; then nobody needs the state.
-                    let _ = req.done.send(state);
+                    let _ = req.done.send(handover);
                 }
                 // Whatever still waits in the mailbox was not handled: say so, so that
-                // callers retry (the agent may be moving).
+                // callers retry (the agent may be moving); a retry of a call already
+                // handled gets its answer.
                 rx.close();
                 while let Ok(m) = rx.try_recv() {
-                    if let Msg::Call { reply, enc, .. } = *m {
-                        let err = WireError::new(
-                            ErrorCode::Unavailable,
-                            "the agent stopped before handling this call; retry",
-                        );
-                        send_envelope(&node, reply, enc, None, Err(err)).await;
+                    if let Msg::Call { reply, enc, call_id, .. } = *m {
+                        let result = answered.get(&call_id).unwrap_or_else(|| {
+                            Err(WireError::new(
+                                ErrorCode::Unavailable,
+                                "the agent stopped before handling this call; retry",
+                            ))
+                        });
+                        send_envelope(&node, reply, enc, Some(epoch), result).await;
                     }
                 }
                 return;
@@ -1068,42 +1102,54 @@ async fn agent_task(
                     Err(_) => break ExitReason::Crash("panicked handling a cast".into()),
                 }
             }
-            Msg::Call { body, reply, enc } => {
+            Msg::Call {
+                body,
+                reply,
+                enc,
+                call_id,
+            } => {
+                if let Some(result) = answered.get(&call_id) {
+                    send_envelope(&node, reply, enc, Some(epoch), result).await;
+                    continue;
+                }
                 let out = std::panic::AssertUnwindSafe(agent.call(body))
                     .catch_unwind()
                     .await;
-                match out {
-                    Ok(Ok(r)) => {
-                        let result = if r.checkpoint_first {
-                            checkpoint(&node, me, id, epoch, &mut agent)
-                                .await
-                                .map(|_| r.value)
-                        } else {
-                            Ok(r.value)
-                        };
-                        send_envelope(&node, reply, enc, Some(epoch), result).await;
+                let (result, crash) = match out {
+                    Ok(Ok(r)) if r.checkpoint_first => {
+                        match checkpoint(&node, me, id, epoch, &mut agent).await {
+                            Ok(()) => (Ok(r.value), None),
+                            // The agent's state ran ahead of what is saved: restart it from
+                            // its last checkpoint rather than let it answer from a state
+                            // that a failover would lose.
+                            Err(e) => {
+                                let why = format!("could not checkpoint: {}", e.message);
+                                (Err(e), Some(why))
+                            }
+                        }
                     }
+                    Ok(Ok(r)) => (Ok(r.value), None),
                     Ok(Err(AgentError::BadRequest(m))) => {
-                        send_envelope(
-                            &node,
-                            reply,
-                            enc,
-                            Some(epoch),
-                            Err(WireError::new(ErrorCode::BadRequest, m)),
-                        )
-                        .await;
+                        (Err(WireError::new(ErrorCode::BadRequest, m)), None)
                     }
-                    Ok(Err(AgentError::Crash(m))) => {
-                        let err =
-                            WireError::new(ErrorCode::Internal, format!("the agent crashed: {m}"));
-                        send_envelope(&node, reply, enc, Some(epoch), Err(err)).await;
-                        break ExitReason::Crash(m);
-                    }
-                    Err(_) => {
-                        let err = WireError::new(ErrorCode::Internal, "the agent panicked");
-                        send_envelope(&node, reply, enc, Some(epoch), Err(err)).await;
-                        break ExitReason::Crash("panicked handling a call".into());
-                    }
+                    Ok(Err(AgentError::Crash(m))) => (
+                        Err(WireError::new(
+                            ErrorCode::Internal,
+                            format!("the agent crashed: {m}"),
+                        )),
+                        Some(m),
+                    ),
+                    Err(_) => (
+                        Err(WireError::new(ErrorCode::Internal, "the agent panicked")),
+                        Some("panicked handling a call".to_string()),
+                    ),
+                };
+                if crash.is_none() {
+                    answered.remember(call_id, &result);
+                }
+                send_envelope(&node, reply, enc, Some(epoch), result).await;
+                if let Some(why) = crash {
+                    break ExitReason::Crash(why);
                 }
             }
         }
@@ -1114,6 +1160,50 @@ async fn agent_task(
         reason,
     };
     let _ = exits.send(exit).await; // the host is gone when stopping
+}
+
+/// The last answers of one agent instance by call id; empty (and unallocated) for callers
+/// that send no id.
+#[derive(Default)]
+struct Answered {
+    recent: std::collections::VecDeque<(String, Result<Value, WireError>)>,
+}
+
+impl Answered {
+    fn get(&self, id: &Option<String>) -> Option<Result<Value, WireError>> {
+        let id = id.as_ref()?;
+        self.recent
+            .iter()
+            .find(|(k, _)| k == id)
+            .map(|(_, r)| r.clone())
+    }
+
+    fn remember(&mut self, id: Option<String>, result: &Result<Value, WireError>) {
+        let Some(id) = id else { return };
+        if self.recent.len() >= REMEMBERED_CALLS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((id, result.clone()));
+    }
+
+    /// The most recent answers that fit in `HANDED_OVER_CALLS_BYTES`, oldest first.
+    fn carried(&self) -> Vec<RememberedCall> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (id, result) in self.recent.iter().rev() {
+            let size = id.len() + serde_json::to_vec(result).map_or(usize::MAX, |v| v.len());
+            if bytes + size > HANDED_OVER_CALLS_BYTES {
+                break;
+            }
+            bytes += size;
+            out.push(RememberedCall {
+                id: id.clone(),
+                result: result.clone(),
+            });
+        }
+        out.reverse();
+        out
+    }
 }
 
 /// Checkpoints the agent through Raft and waits until it is committed.

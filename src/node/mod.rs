@@ -294,6 +294,12 @@ impl Node {
         let uptime = self.started.elapsed().as_millis() as u64;
         let mut h = cluster::health(&self.cfg.name, &self.cfg.cluster, uptime, &metrics);
         h["labels"] = serde_json::to_value(&self.cfg.labels).unwrap_or_default();
+        h["running_agents"] = self.running_agents().into();
+        let left = self
+            .lease
+            .until()
+            .map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64);
+        h["lease_ms_left"] = left.into();
         h
     }
 }

@@ -89,6 +89,17 @@ pub struct Checkpoint {
     pub time: DateTime<Utc>,
     /// MessagePack bytes produced by the agent's kind.
     pub state: Bytes,
+    /// Calls the agent answered last before a migration, by call id, so that a retry that
+    /// reaches its new node gets the same answer instead of running twice.
+    #[serde(default)]
+    pub calls: Vec<RememberedCall>,
+}
+
+/// One call an agent answered, by the caller's `Warden-Call-Id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RememberedCall {
+    pub id: String,
+    pub result: Outcome,
 }
 
 fn default_shutdown_ms() -> u64 {
@@ -548,6 +559,7 @@ impl Registry {
                 seq,
                 time,
                 state: state.clone(),
+                calls: Vec::new(),
             },
         );
         self.touched.insert(Key::Agent(agent));

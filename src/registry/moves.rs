@@ -25,6 +25,9 @@ pub struct HandoffItem {
     /// The agent's state when it stopped; `None` when it was not running there (its last
     /// checkpoint stays).
     pub state: Option<Bytes>,
+    /// Its last answered calls (bounded by the source), kept with the checkpoint.
+    #[serde(default)]
+    pub calls: Vec<super::RememberedCall>,
 }
 
 fn conflict(m: String) -> WireError {
@@ -191,7 +194,11 @@ impl Registry {
             }
             if let Some(state) = &it.state {
                 // A state over the limit cannot be kept; the agent moves with its last one.
-                let _ = self.store_checkpoint(time, it.agent, it.node, it.epoch, state, events);
+                let stored =
+                    self.store_checkpoint(time, it.agent, it.node, it.epoch, state, events);
+                if let (Ok(_), Some(c)) = (stored, self.data.checkpoints.get_mut(&it.agent)) {
+                    c.calls = it.calls.clone();
+                }
             }
             let a = self.data.agents.get(&it.agent).expect("checked above");
             let open = |n: u64| {

@@ -376,6 +376,10 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         node: 1,
         epoch: 1,
         state: Some(bytes::Bytes::from_static(b"state")),
+        calls: vec![RememberedCall {
+            id: "call-1".into(),
+            result: Ok(json!({"value": 4})),
+        }],
     };
     let handoff = RegistryCmd::Handoff {
         items: vec![item.clone()],
@@ -388,6 +392,11 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         (Some(3), 2, AgentStatus::Pending)
     );
     assert_eq!(reg.checkpoint(id).unwrap().state.as_ref(), b"state");
+    assert_eq!(
+        reg.checkpoint(id).unwrap().calls[0].id,
+        "call-1",
+        "answers move too"
+    );
     let out = run(&mut reg, 16, None, handoff).unwrap();
     assert_eq!(
         out["stale"][0],

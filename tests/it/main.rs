@@ -4,4 +4,5 @@
 mod agents;
 mod cluster;
 mod commands;
+mod placement;
 mod support;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use serde_json::Value;
+use warden::agent::journal::JournalEntry;
 
 use crate::history::{Op, OpKind, Outcome};
 
@@ -260,6 +261,207 @@ pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict
     v
 }
 
+/// A node process that ended (SIGKILL, a stop, a crash) by `at_us`, wall clock (UTC,
+/// microseconds since the Unix epoch), as the harness read it once the process was gone: an
+/// agent the node left running in its journal ran there no later than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Kill {
+    pub node: u64,
+    pub at_us: i64,
+}
+
+/// One node's agent journal, read after the run, and when it was read (wall clock, µs): a run
+/// still open in it was running then, and nothing is known after.
+#[derive(Debug, Clone)]
+pub struct NodeJournal {
+    pub node: u64,
+    pub entries: Vec<JournalEntry>,
+    pub read_at_us: i64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// A `stop` line, with its reason.
+    Stopped(String),
+    /// A `stop` forced by a lost lease: the run ends when the lease ran out (`until`).
+    LeaseLost,
+    /// No stop line: the node process ended (the harness's kill record).
+    Killed,
+    /// No stop line: the node started the agent again (after a restart of the node).
+    StartedAgain,
+    /// Still running when the journal was read.
+    Open,
+}
+
+/// One running interval of an agent on one node, `[from_us, to_us)` in wall-clock µs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub node: u64,
+    pub epoch: u64,
+    pub from_us: i64,
+    pub to_us: i64,
+    pub end: RunEnd,
+    /// The start line's `t` as the journal holds it, to find the line.
+    pub started: String,
+}
+
+/// The running intervals of every agent (by id) from every node's journal. A `stop` ends a run
+/// at its `until` when it has one (a lost lease: the agent could not act past it), else at its
+/// `t`. A run with no stop ends at the first kill of its node at or after its start, or at a
+/// later start of the same agent on the node (whichever is first), or, still open, when the
+/// journal was read.
+pub fn agent_runs(journals: &[NodeJournal], kills: &[Kill]) -> BTreeMap<String, Vec<Run>> {
+    let mut out: BTreeMap<String, Vec<Run>> = BTreeMap::new();
+    for j in journals {
+        let killed_after = |from: i64| {
+            kills
+                .iter()
+                .filter(|k| k.node == j.node && k.at_us >= from)
+                .map(|k| k.at_us)
+                .min()
+        };
+        // Agent id to its open run: (epoch, start, start line's t).
+        let mut open: BTreeMap<String, (u64, i64, String)> = BTreeMap::new();
+        let mut close = |agent: &str, (epoch, from, started): (u64, i64, String), to, end| {
+            out.entry(agent.to_string()).or_default().push(Run {
+                node: j.node,
+                epoch,
+                from_us: from,
+                // A lease that ran out before the start leaves an empty run, not a negative one.
+                to_us: std::cmp::max(from, to),
+                end,
+                started,
+            });
+        };
+        for e in &j.entries {
+            let agent = e.agent.to_string();
+            let t = e.t.timestamp_micros();
+            if let Some(run) = open.remove(&agent) {
+                match e.ev.as_str() {
+                    "start" => match killed_after(run.1) {
+                        Some(k) if k < t => close(&agent, run, k, RunEnd::Killed),
+                        _ => close(&agent, run, t, RunEnd::StartedAgain),
+                    },
+                    _ => match e.until {
+                        Some(u) => close(&agent, run, u.timestamp_micros(), RunEnd::LeaseLost),
+                        None => {
+                            let why = e.reason.clone().unwrap_or_default();
+                            close(&agent, run, t, RunEnd::Stopped(why))
+                        }
+                    },
+                }
+            }
+            if e.ev == "start" {
+                let started = serde_json::to_value(e.t)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                open.insert(agent, (e.epoch, t, started));
+            }
+        }
+        for (agent, run) in open {
+            match killed_after(run.1) {
+                Some(k) => close(&agent, run, k, RunEnd::Killed),
+                None => close(&agent, run, j.read_at_us, RunEnd::Open),
+            }
+        }
+    }
+    out
+}
+
+fn describe_run(r: &Run, origin_us: i64) -> String {
+    let ms = |us: i64| (us - origin_us) as f64 / 1000.0;
+    let end = match &r.end {
+        RunEnd::Stopped(why) => format!("stopped: {why}"),
+        RunEnd::LeaseLost => "lease ran out".into(),
+        RunEnd::Killed => "node killed".into(),
+        RunEnd::StartedAgain => "started again".into(),
+        RunEnd::Open => "still running when read".into(),
+    };
+    format!(
+        "node {} (epoch {}, {:.3}..{:.3} ms, {end}; started {})",
+        r.node,
+        r.epoch,
+        ms(r.from_us),
+        ms(r.to_us),
+        r.started
+    )
+}
+
+/// G1: no agent ever ran on two nodes at once, by the nodes' journals and the harness's kill
+/// records (one clock: every process reads the same machine's wall clock, so no tolerance; a
+/// run that ends exactly when another starts does not overlap it). `names` maps agent ids to
+/// names for the report; `origin_us` is the run's start (wall clock), so that times read as
+/// milliseconds of the run like the history's.
+pub fn g1_at_most_one(
+    journals: &[NodeJournal],
+    kills: &[Kill],
+    names: &BTreeMap<String, String>,
+    origin_us: i64,
+) -> Verdict {
+    let mut v = Verdict {
+        guarantee: "G1",
+        what: "no agent ran on two nodes at once (node journals)",
+        checked: 0,
+        violations: vec![],
+    };
+    for (agent, mut runs) in agent_runs(journals, kills) {
+        v.checked += runs.len();
+        runs.sort_by_key(|r| (r.from_us, r.to_us));
+        let name = names
+            .get(&agent)
+            .map_or(agent.clone(), |n| format!("{n} ({agent})"));
+        for (i, a) in runs.iter().enumerate() {
+            for b in runs[i + 1..].iter().take_while(|b| b.from_us < a.to_us) {
+                // `b` starts before `a` ends; an empty run overlaps nothing.
+                if b.node != a.node && b.from_us < b.to_us {
+                    v.violations.push(format!(
+                        "agent {name} ran on {} and {} at once",
+                        describe_run(a, origin_us),
+                        describe_run(b, origin_us)
+                    ));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// G4 (agents): after healing, every permanent agent the workload created (`wanted`, by name)
+/// that is still in the registry (`records`: `list_agents` records, read at the deadline or
+/// once all ran) is `running`.
+pub fn g4_agents_run(wanted: &[String], records: &[Value], within_s: u64) -> Verdict {
+    let mut v = Verdict {
+        guarantee: "G4",
+        what: "every permanent agent runs again after healing",
+        checked: 0,
+        violations: vec![],
+    };
+    for name in wanted {
+        let Some(a) = records.iter().find(|a| a["name"] == name.as_str()) else {
+            continue;
+        };
+        if a["restart"] != "permanent" {
+            continue;
+        }
+        v.checked += 1;
+        if a["status"] != "running" {
+            let node = a["node"]
+                .as_u64()
+                .map_or("no node".into(), |n| format!("node {n}"));
+            let why = a["pending_reason"]
+                .as_str()
+                .map_or(String::new(), |r| format!(" ({r})"));
+            v.violations.push(format!(
+                "{name} (epoch {}) is {} on {node}{why} {within_s} s after healing: it never ran again",
+                a["epoch"], a["status"]
+            ));
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     //! Each checker must catch the violation it exists for: synthetic histories with a known
@@ -415,5 +617,189 @@ mod tests {
         assert!(!g5_bad_input(&[bad(Outcome::Ok { value: json!({}) })], &fin(&[]), &[]).ok());
         assert!(!g5_bad_input(std::slice::from_ref(&refused), &fin(&[("bad-1", "1")]), &[]).ok());
         assert!(!g5_bad_input(&[refused], &fin(&[]), &["node 2 exited".into()]).ok());
+    }
+
+    /// Wall-clock µs of second `s` of the test's day.
+    fn us(s: f64) -> i64 {
+        1_735_689_600_000_000 + (s * 1e6) as i64
+    }
+
+    /// A journal line as a node writes it: agent `a`, at second `t`.
+    fn line(
+        a: u128,
+        epoch: u64,
+        ev: &str,
+        t: f64,
+        reason: Option<&str>,
+        until: Option<f64>,
+    ) -> JournalEntry {
+        let ts = |s: f64| format!("2025-01-01T00:00:{s:09.6}Z");
+        let mut v = json!({
+            "t": ts(t), "node": 0, "agent": format!("00000000-0000-0000-0000-{a:012x}"),
+            "epoch": epoch, "ev": ev,
+        });
+        if let Some(r) = reason {
+            v["reason"] = json!(r);
+        }
+        if let Some(u) = until {
+            v["until"] = json!(ts(u));
+        }
+        serde_json::from_value(v).expect("a journal line")
+    }
+
+    fn journal(node: u64, entries: Vec<JournalEntry>) -> NodeJournal {
+        NodeJournal {
+            node,
+            entries,
+            read_at_us: us(50.0),
+        }
+    }
+
+    fn g1(journals: &[NodeJournal], kills: &[Kill]) -> Verdict {
+        g1_at_most_one(journals, kills, &BTreeMap::new(), us(0.0))
+    }
+
+    #[test]
+    fn g1_catches_an_agent_running_on_two_nodes_and_allows_a_clean_handoff() {
+        let source = journal(
+            1,
+            vec![
+                line(7, 1, "start", 1.0, None, None),
+                line(7, 1, "stop", 5.0, Some("migrating"), None),
+            ],
+        );
+        // The target started before the source had stopped.
+        let early = journal(2, vec![line(7, 2, "start", 4.0, None, None)]);
+        let v = g1(&[source.clone(), early], &[]);
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        let x = &v.violations[0];
+        assert!(
+            x.contains("node 1 (epoch 1, 1000.000..5000.000 ms")
+                && x.contains("node 2 (epoch 2, 4000.000..50000.000 ms"),
+            "{x}"
+        );
+        // The target started when the source had stopped: an end equal to a start is fine.
+        let handoff = journal(2, vec![line(7, 2, "start", 5.0, None, None)]);
+        let v = g1(&[source.clone(), handoff], &[]);
+        assert!(v.ok() && v.checked == 2, "{v:?}");
+        // Two agents on two nodes at once are no violation.
+        let other = journal(2, vec![line(8, 1, "start", 2.0, None, None)]);
+        assert!(g1(&[source, other], &[]).ok());
+    }
+
+    #[test]
+    fn g1_ends_a_killed_node_s_runs_at_the_kill() {
+        // Node 1 is killed at 3 s with the agent running (no stop line); it fails over to node
+        // 2 at 5 s, which stops it at 7 s; node 1 restarts and runs it again from 8 s.
+        let victim = journal(
+            1,
+            vec![
+                line(7, 1, "start", 1.0, None, None),
+                line(7, 3, "start", 8.0, None, None),
+            ],
+        );
+        let other = journal(
+            2,
+            vec![
+                line(7, 2, "start", 5.0, None, None),
+                line(7, 2, "stop", 7.0, Some("migrating"), None),
+            ],
+        );
+        let kill = Kill {
+            node: 1,
+            at_us: us(3.0),
+        };
+        let v = g1(&[victim.clone(), other.clone()], &[kill]);
+        assert!(v.ok() && v.checked == 3, "{v:?}");
+        let runs = agent_runs(std::slice::from_ref(&victim), &[kill]);
+        let first = &runs.values().next().unwrap()[0];
+        assert_eq!((first.to_us, &first.end), (us(3.0), &RunEnd::Killed));
+        // Without the kill, the first run lasts until node 1 starts the agent again, across
+        // node 2's run.
+        let v = g1(&[victim.clone(), other.clone()], &[]);
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        // A kill of node 2, or a kill of node 1 after node 2 started, does not end it in time.
+        let late = |node, at| Kill {
+            node,
+            at_us: us(at),
+        };
+        assert!(!g1(&[victim.clone(), other.clone()], &[late(2, 3.0)]).ok());
+        assert!(!g1(&[victim.clone(), other.clone()], &[late(1, 6.0)]).ok());
+        // A kill before the run began ends nothing.
+        assert!(!g1(&[victim, other], &[late(1, 0.5)]).ok());
+    }
+
+    #[test]
+    fn g1_ends_a_lease_lost_run_when_the_lease_ran_out() {
+        // Node 1 was paused from 2 s to 9 s; its lease ran out at 4 s, and it wrote the stop at
+        // 9 s when it resumed. Node 2 started the agent at 5 s.
+        let paused = |until: Option<f64>| {
+            journal(
+                1,
+                vec![
+                    line(7, 1, "start", 1.0, None, None),
+                    line(7, 1, "stop", 9.0, Some("lease lost"), until),
+                ],
+            )
+        };
+        let other = journal(2, vec![line(7, 2, "start", 5.0, None, None)]);
+        assert!(g1(&[paused(Some(4.0)), other.clone()], &[]).ok());
+        // Without `until`, the run lasts until the stop line: an overlap.
+        assert!(!g1(&[paused(None), other.clone()], &[]).ok());
+        // A lease that ran out after the other node's start: an overlap.
+        let v = g1(&[paused(Some(6.0)), other], &[]);
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        assert!(
+            v.violations[0].contains("lease ran out"),
+            "{:?}",
+            v.violations
+        );
+    }
+
+    #[test]
+    fn g1_reads_runs_still_open_as_running_when_read() {
+        // Both nodes still run the agent when their journals are read: an overlap.
+        let a = journal(1, vec![line(7, 1, "start", 1.0, None, None)]);
+        let b = journal(2, vec![line(7, 2, "start", 5.0, None, None)]);
+        let v = g1(&[a.clone(), b.clone()], &[]);
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        assert!(v.violations[0].contains("still running when read"));
+        // Node 1's journal was read before node 2 started it: no evidence of an overlap.
+        let a = NodeJournal {
+            read_at_us: us(4.0),
+            ..a
+        };
+        assert!(g1(&[a, b], &[]).ok());
+    }
+
+    #[test]
+    fn g4_catches_a_permanent_agent_that_never_ran_again() {
+        let rec = |name: &str, restart: &str, status: &str| {
+            json!({"name": name, "restart": restart, "status": status, "epoch": 3, "node": null,
+                   "pending_reason": "no node can take it"})
+        };
+        let wanted = vec!["c0".to_string(), "c1".to_string(), "c2".to_string()];
+        let good = [
+            rec("c0", "permanent", "running"),
+            rec("c1", "permanent", "running"),
+        ];
+        let v = g4_agents_run(&wanted, &good, 60);
+        assert!(
+            v.ok() && v.checked == 2,
+            "an agent not in the registry is not counted: {v:?}"
+        );
+        let stuck = [
+            rec("c0", "permanent", "running"),
+            rec("c1", "permanent", "pending"),
+        ];
+        let v = g4_agents_run(&wanted, &stuck, 60);
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        assert!(v.violations[0]
+            .starts_with("c1 (epoch 3) is \"pending\" on no node (no node can take it)"));
+        let temporary = [rec("c1", "temporary", "pending")];
+        assert!(
+            g4_agents_run(&wanted, &temporary, 60).ok(),
+            "only permanent agents"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! A timed-out operation is `Unknown`, never assumed to have failed.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -34,6 +34,16 @@ pub enum OpKind {
     CounterRead {
         counter: String,
     },
+    /// `migrate_agent` of a durable counter, to a chosen node or (`None`) the best one.
+    Migrate {
+        agent: String,
+        to: Option<u64>,
+    },
+    /// `drain_node`, or its cancel.
+    Drain {
+        node: u64,
+        cancel: bool,
+    },
 }
 
 /// How it ended.
@@ -59,15 +69,31 @@ pub struct Op {
 #[derive(Clone)]
 pub struct History {
     start: Instant,
+    /// The wall clock (UTC, microseconds since the Unix epoch) read together with `start`:
+    /// node journals use wall-clock time, the history uses time since `start`.
+    start_wall_us: i64,
     ops: Arc<Mutex<Vec<Op>>>,
+}
+
+/// The wall clock now, in microseconds since the Unix epoch (UTC), as nodes write it.
+pub fn wall_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl History {
     pub fn new(start: Instant) -> History {
         History {
             start,
+            start_wall_us: wall_us(),
             ops: Arc::default(),
         }
+    }
+
+    /// The wall-clock time at which the run started (microseconds since the Unix epoch).
+    pub fn start_wall_us(&self) -> i64 {
+        self.start_wall_us
     }
 
     /// Milliseconds since the run started.

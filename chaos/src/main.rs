@@ -19,8 +19,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use check::{FinalState, Verdict};
-use history::History;
+use check::{FinalState, NodeJournal, Verdict};
+use history::{wall_us, History};
 use scenario::Scenario;
 use world::{Active, FaultRecord, World};
 
@@ -116,6 +116,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut rng = StdRng::seed_from_u64(seed);
     let until = Instant::now() + Duration::from_secs(scenario.safety_s);
     let mut clients = tokio::task::JoinSet::new();
+    let drains = workload::Drains::default();
     for k in 0..scenario.workload.clients {
         let c = world.client.clone();
         let parent = workload::parent_of(k);
@@ -123,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         c.call("create_supervisor", &body)
             .await
             .map_err(|e| anyhow::anyhow!("setup {parent}: {e}"))?;
-        if scenario.workload.increment + scenario.workload.counter_read > 0 {
+        if scenario.workload.uses_counters() {
             let counter = workload::counter_of(k);
             let body = json!({"name": counter, "supervisor": parent, "kind": "counter",
                               "config": {"durable": true}, "request_id": format!("ctr-{counter}")});
@@ -135,8 +136,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             k,
             seed,
             scenario.workload.clone(),
+            scenario.nodes,
             c,
             history.clone(),
+            drains.clone(),
             until,
         ));
     }
@@ -170,6 +173,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 {
                     let current: Vec<Active> = active.iter().map(|a| a.0).collect();
                     let start_ms = history.now_ms();
+                    let start_wall_us = wall_us();
                     if let Some((fault, target)) = world.inject(&kind, &mut rng, &current).await {
                         let d = rng.gen_range(
                             scenario.faults.duration_ms[0]..=scenario.faults.duration_ms[1],
@@ -178,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                             kind,
                             target,
                             start_ms,
+                            start_wall_us,
                             healed_ms: None,
                         });
                         active.push((
@@ -190,6 +195,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                             kind,
                             target: "all".into(),
                             start_ms,
+                            start_wall_us,
                             healed_ms: Some(history.now_ms()),
                         });
                     }
@@ -225,13 +231,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     world.reap_crashes(history.now_ms());
     world.restart_missing().await;
+    let healed = Instant::now();
+    let liveness_timeout = Duration::from_secs(scenario.liveness_timeout_s);
+    // No drain outlives the safety phase: cancel what the clients could not (their last cancel
+    // may have met a fault), so that every node takes agents again.
+    let undrained = cancel_drains(&world, &history, &drains, liveness_timeout).await;
     let recovery = world
         .wait_healthy(
             scenario.nodes as usize,
             Duration::from_secs(scenario.liveness_timeout_s),
         )
         .await;
-    let liveness = Verdict {
+    let mut liveness = Verdict {
         guarantee: "G4",
         what: "the healed cluster recovers (registry)",
         checked: 1,
@@ -240,6 +251,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .err()
             .map(|e| vec![e.clone()])
             .unwrap_or_default(),
+    };
+    for node in drains.pending() {
+        liveness
+            .violations
+            .push(format!("the drain of node {node} could not be cancelled"));
+    }
+    // Every permanent agent the workload created runs again within the bound.
+    let (agents_live, agent_records) = if scenario.workload.uses_counters() {
+        let wanted: Vec<String> = (0..scenario.workload.clients)
+            .map(workload::counter_of)
+            .collect();
+        let (v, records) = wait_agents_run(
+            &world,
+            &wanted,
+            healed + liveness_timeout,
+            scenario.liveness_timeout_s,
+        )
+        .await;
+        (Some(v), records)
+    } else {
+        (None, Vec::new())
     };
     while let Ok(Some(msg)) =
         tokio::time::timeout(Duration::from_millis(200), leader_events.next()).await
@@ -253,14 +285,45 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let final_state = read_final(&world).await;
     let mut finals = std::collections::BTreeMap::new();
-    if scenario.workload.increment + scenario.workload.counter_read > 0 {
+    if scenario.workload.uses_counters() {
         for k in 0..scenario.workload.clients {
             let counter = workload::counter_of(k);
             finals.insert(counter.clone(), read_counter(&world, &counter).await);
         }
     }
+    // The nodes' agent journals, read while the nodes run: a run still open was running when
+    // its journal was read.
+    let journals: Vec<NodeJournal> = world
+        .proxies
+        .keys()
+        .map(|&node| {
+            let read_at_us = wall_us();
+            let entries = warden::agent::journal::read_dir(&world.cluster.data_dir(node));
+            NodeJournal {
+                node,
+                entries,
+                read_at_us,
+            }
+        })
+        .collect();
+    let names: std::collections::BTreeMap<String, String> = agent_records
+        .iter()
+        .filter_map(|a| {
+            Some((
+                a["id"].as_str()?.to_string(),
+                a["name"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
     let ops = history.ops();
-    let mut verdicts = vec![liveness];
+    let mut verdicts = vec![check::g1_at_most_one(
+        &journals,
+        &world.kills,
+        &names,
+        history.start_wall_us(),
+    )];
+    verdicts.push(liveness);
+    verdicts.extend(agents_live);
     match &final_state {
         Ok(fin) => {
             verdicts.push(check::g2_acknowledged_writes(&ops, fin));
@@ -293,6 +356,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     println!("chaos: operations {counts}");
+    if !undrained.is_empty() {
+        println!("chaos: drains cancelled after healing: nodes {undrained:?}");
+    }
+    println!(
+        "chaos: {} node processes ended during the run, journals hold {} lines",
+        world.kills.len(),
+        journals.iter().map(|j| j.entries.len()).sum::<usize>()
+    );
     if let Ok(d) = &recovery {
         println!("chaos: recovered {} ms after healing", d.as_millis());
     }
@@ -315,6 +386,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let report = json!({
         "scenario": scenario.name, "seed": seed, "safety_s": scenario.safety_s,
         "faults": faults, "operations": counts, "verdicts": verdicts, "ok": ok,
+        "start_wall_us": history.start_wall_us(), "kills": world.kills,
+        "drains_cancelled_after_healing": undrained,
     });
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
@@ -338,6 +411,9 @@ fn op_counts(ops: &[history::Op]) -> Value {
             history::OpKind::BadInput { .. } => "bad_input",
             history::OpKind::Increment { .. } => "increment",
             history::OpKind::CounterRead { .. } => "counter_read",
+            history::OpKind::Migrate { .. } => "migrate",
+            history::OpKind::Drain { cancel: false, .. } => "drain",
+            history::OpKind::Drain { cancel: true, .. } => "drain_cancel",
         };
         let outcome = match &o.outcome {
             history::Outcome::Ok { .. } => "ok",
@@ -350,6 +426,92 @@ fn op_counts(ops: &[history::Op]) -> Value {
         e[outcome] = json!(e[outcome].as_u64().unwrap_or(0) + 1);
     }
     Value::Object(counts)
+}
+
+/// Cancels every drain that may still be in effect, retrying (safely: each cancel carries a
+/// request id) until `within`. Returns the nodes it cancelled; what it could not cancel stays
+/// in `drains`.
+async fn cancel_drains(
+    world: &World,
+    history: &History,
+    drains: &workload::Drains,
+    within: Duration,
+) -> Vec<u64> {
+    let deadline = Instant::now() + within;
+    let mut done = Vec::new();
+    for (i, node) in drains.pending().into_iter().enumerate() {
+        while Instant::now() < deadline {
+            let c = warden::client::Client {
+                deadline: deadline.saturating_duration_since(Instant::now()),
+                ..world.client.clone()
+            };
+            let rid = format!("undrain-heal-{node}-{i}-{}", history.now_ms());
+            // Recorded as the operation of a client past the last one: the harness.
+            let harness = usize::MAX;
+            if workload::cancel_drain(&c, history, harness, node, rid).await {
+                drains.cancelled(node);
+                done.push(node);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    done
+}
+
+/// Every agent record, following pages.
+async fn list_agents(c: &warden::client::Client) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = json!({});
+        if let Some(a) = &after {
+            q["after"] = json!(a);
+        }
+        let page = c
+            .call("list_agents", &q)
+            .await
+            .map_err(|e| format!("list_agents: {e}"))?;
+        out.extend(page["agents"].as_array().into_iter().flatten().cloned());
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// G4 (agents): polls the registry until every wanted permanent agent runs or `deadline`
+/// passes; returns the verdict on the last reading and the records read.
+async fn wait_agents_run(
+    world: &World,
+    wanted: &[String],
+    deadline: Instant,
+    within_s: u64,
+) -> (Verdict, Vec<Value>) {
+    let c = warden::client::Client {
+        deadline: Duration::from_secs(5),
+        ..world.client.clone()
+    };
+    let mut last: Vec<Value> = Vec::new();
+    loop {
+        match list_agents(&c).await {
+            Ok(records) => {
+                let v = check::g4_agents_run(wanted, &records, within_s);
+                if v.ok() || Instant::now() >= deadline {
+                    return (v, records);
+                }
+                last = records;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                let mut v = check::g4_agents_run(wanted, &last, within_s);
+                v.violations
+                    .push(format!("agents could not be read at the deadline: {e}"));
+                return (v, last);
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads a counter after healing, waiting (bounded) for it to run again.

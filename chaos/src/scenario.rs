@@ -43,11 +43,25 @@ pub struct Workload {
     pub increment: u32,
     #[serde(default)]
     pub counter_read: u32,
+    /// `migrate_agent` of a durable counter (any client's), to a random node or the best one.
+    #[serde(default)]
+    pub migrate: u32,
+    /// `drain_node` of a random node, cancelled by the same client 1 to 5 s later (and, at the
+    /// latest, by the harness after healing).
+    #[serde(default)]
+    pub drain: u32,
     /// Client-side deadline of one operation, in ms; past it the outcome is unknown.
     pub op_timeout_ms: u64,
     /// Pause between one client's operations, in ms.
     #[serde(default)]
     pub think_ms: u64,
+}
+
+impl Workload {
+    /// Whether the workload uses the clients' durable counters (and so creates them).
+    pub fn uses_counters(&self) -> bool {
+        self.increment + self.counter_read + self.migrate > 0
+    }
 }
 
 /// The fault schedule.
@@ -111,5 +125,26 @@ impl Scenario {
             "duration_ms is [min, max]"
         );
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_files_without_the_newer_operations_still_parse() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/ci.toml"))
+                .unwrap();
+        let s: Scenario = toml::from_str(&text).unwrap();
+        assert!(s.workload.migrate > 0 && s.workload.drain > 0);
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("migrate") && !l.starts_with("drain"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let s: Scenario = toml::from_str(&old).unwrap();
+        assert_eq!((s.workload.migrate, s.workload.drain), (0, 0));
     }
 }

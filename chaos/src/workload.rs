@@ -1,7 +1,10 @@
-//! Clients that create and stop supervisors, read them back and send bad input, recording
-//! everything. Creates carry a request id and are retried with the same id after an unknown
-//! outcome, which is what G7 is about.
+//! Clients that create and stop supervisors, read them back, send bad input, call their
+//! durable counters, migrate counters and drain nodes, recording everything. Creates carry a
+//! request id and are retried with the same id after an unknown outcome, which is what G7 is
+//! about; migrations and drains carry one too, so the client may retry them safely.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -26,6 +29,59 @@ pub fn parent_of(k: usize) -> String {
     format!("chaos-p{k}")
 }
 
+/// How long a drain lasts before its client cancels it: a random value in this range, in ms.
+const DRAIN_MS: (u64, u64) = (1_000, 5_000);
+
+/// Nodes whose drain may be in effect (acknowledged, or with an unknown outcome), shared by
+/// the clients. A node leaves the set only once a cancel of its drain was acknowledged, so the
+/// harness can cancel whatever is left after healing and no drain outlives the run.
+#[derive(Clone, Default)]
+pub struct Drains(Arc<Mutex<BTreeSet<u64>>>);
+
+impl Drains {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The nodes whose drain may still be in effect.
+    pub fn pending(&self) -> Vec<u64> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// Notes that the drain of `node` was cancelled.
+    pub fn cancelled(&self, node: u64) {
+        self.lock().remove(&node);
+    }
+
+    /// Reserves a node to drain: not one already drained, and at most `(nodes - 1) / 2` at
+    /// once, so that a majority of the nodes always takes agents.
+    fn reserve(&self, nodes: u64, rng: &mut StdRng) -> Option<u64> {
+        let mut set = self.lock();
+        if set.len() as u64 >= nodes.saturating_sub(1) / 2 {
+            return None;
+        }
+        let free: Vec<u64> = (1..=nodes).filter(|n| !set.contains(n)).collect();
+        let node = *free.get(rng.gen_range(0..free.len().max(1)))?;
+        set.insert(node);
+        Some(node)
+    }
+}
+
+/// `drain_node {node, cancel: true}` with a fresh request id (a retry of it is safe), recorded.
+/// Returns whether the cancel was acknowledged.
+pub async fn cancel_drain(
+    client: &Client,
+    history: &History,
+    k: usize,
+    node: u64,
+    request_id: String,
+) -> bool {
+    let body = json!({"node": node, "cancel": true, "request_id": request_id});
+    let kind = OpKind::Drain { node, cancel: true };
+    let out = call(client, history, k, kind, "drain_node", &body).await;
+    matches!(out, Outcome::Ok { .. })
+}
+
 /// Maps a call's result to an outcome. `unavailable` means nothing changed; a `timeout` code
 /// or no answer means the outcome is unknown.
 pub fn outcome(result: Result<Value, CallError>) -> Outcome {
@@ -45,13 +101,17 @@ pub fn outcome(result: Result<Value, CallError>) -> Outcome {
     }
 }
 
-/// Runs client `k` until `until`.
+/// Runs client `k` until `until`, against a cluster of `nodes` nodes. A drain it started is
+/// cancelled (by it, or after healing by the harness through `drains`).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_client(
     k: usize,
     seed: u64,
     w: Workload,
+    nodes: u64,
     client: Client,
     history: History,
+    drains: Drains,
     until: Instant,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -63,8 +123,27 @@ pub async fn run_client(
     let mut live: Vec<String> = Vec::new();
     let mut unknown_creates: Vec<(String, String)> = Vec::new();
     let mut seq = 0u64;
-    let total = w.create + w.stop + w.read + w.bad_input + w.increment + w.counter_read;
+    // This client's drain in effect, and when to cancel it.
+    let mut drained: Option<(u64, Instant)> = None;
+    // Cumulative weights: an operation is picked by where a roll falls.
+    let c_stop = w.create + w.stop;
+    let c_read = c_stop + w.read;
+    let c_bad = c_read + w.bad_input;
+    let c_incr = c_bad + w.increment;
+    let c_get = c_incr + w.counter_read;
+    let c_migrate = c_get + w.migrate;
+    let total = c_migrate + w.drain;
     while Instant::now() < until {
+        if let Some((node, at)) = drained {
+            if Instant::now() >= at {
+                seq += 1;
+                if cancel_drain(&client, &history, k, node, format!("undrain{k}-{seq}")).await {
+                    drains.cancelled(node);
+                    drained = None;
+                }
+                continue;
+            }
+        }
         let roll = rng.gen_range(0..total.max(1));
         if roll < w.create {
             // Retry an unknown create first, with its original request id.
@@ -94,7 +173,7 @@ pub async fn run_client(
                 Outcome::Unknown { .. } => unknown_creates.push((name, rid)),
                 Outcome::Failed { .. } => {}
             }
-        } else if roll < w.create + w.stop {
+        } else if roll < c_stop {
             if live.is_empty() {
                 continue;
             }
@@ -113,7 +192,7 @@ pub async fn run_client(
                     live.push(name);
                 }
             }
-        } else if roll < w.create + w.stop + w.read {
+        } else if roll < c_read {
             let body = json!({"parent": parent});
             call(
                 &client,
@@ -126,11 +205,11 @@ pub async fn run_client(
                 &body,
             )
             .await;
-        } else if roll < w.create + w.stop + w.read + w.bad_input {
+        } else if roll < c_bad {
             bad_input(&client, &history, k, &mut rng).await;
-        } else {
+        } else if roll < c_get {
             let counter = counter_of(k);
-            let (kind, body) = if roll < w.create + w.stop + w.read + w.bad_input + w.increment {
+            let (kind, body) = if roll < c_incr {
                 (
                     OpKind::Increment {
                         counter: counter.clone(),
@@ -145,8 +224,10 @@ pub async fn run_client(
                     json!({"op": "get"}),
                 )
             };
+            // Retried (while the counter moves, or without an answer) under one call id, so
+            // the counter runs it once; past the deadline the outcome is unknown.
             let invoke_ms = history.now_ms();
-            let out = call_agent(&client, &counter, &body).await;
+            let out = outcome(client.call_agent(&counter, &body).await);
             history.record(Op {
                 client: k,
                 kind,
@@ -154,9 +235,46 @@ pub async fn run_client(
                 complete_ms: history.now_ms(),
                 outcome: out,
             });
+        } else if roll < c_migrate {
+            // Any client's counter, to a random node or the best one. A counter that is
+            // already moving, or a target it already runs on, gets `conflict`: failed.
+            let agent = counter_of(rng.gen_range(0..w.clients.max(1)));
+            let to = rng.gen_bool(0.5).then(|| rng.gen_range(1..=nodes.max(1)));
+            seq += 1;
+            let mut body = json!({"agent": agent, "request_id": format!("mig{k}-{seq}")});
+            if let Some(t) = to {
+                body["to"] = json!(t);
+            }
+            let kind = OpKind::Migrate { agent, to };
+            call(&client, &history, k, kind, "migrate_agent", &body).await;
+        } else {
+            if drained.is_some() {
+                continue;
+            }
+            let Some(node) = drains.reserve(nodes, &mut rng) else {
+                continue;
+            };
+            seq += 1;
+            let body = json!({"node": node, "request_id": format!("drain{k}-{seq}")});
+            let kind = OpKind::Drain {
+                node,
+                cancel: false,
+            };
+            // Whatever the outcome (an unknown one may have drained it), cancel it later.
+            call(&client, &history, k, kind, "drain_node", &body).await;
+            let ms = rng.gen_range(DRAIN_MS.0..=DRAIN_MS.1);
+            drained = Some((node, Instant::now() + Duration::from_millis(ms)));
         }
         if w.think_ms > 0 {
             tokio::time::sleep(Duration::from_millis(w.think_ms)).await;
+        }
+    }
+    // The safety phase is over: no drain of this client stays. One try; a cancel that does not
+    // get through (faults are still in effect) is left to the harness, after healing.
+    if let Some((node, _)) = drained {
+        seq += 1;
+        if cancel_drain(&client, &history, k, node, format!("undrain{k}-{seq}")).await {
+            drains.cancelled(node);
         }
     }
 }

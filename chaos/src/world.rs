@@ -12,6 +12,8 @@ use serde_json::json;
 use warden::client::Client;
 use warden::up::{signal, LocalCluster, NatsServer};
 
+use crate::check::Kill;
+use crate::history::wall_us;
 use crate::proxy::{free_port, Proxy};
 use crate::scenario::Scenario;
 
@@ -21,6 +23,9 @@ pub struct FaultRecord {
     pub kind: String,
     pub target: String,
     pub start_ms: u64,
+    /// The wall clock at `start_ms` (UTC, microseconds since the Unix epoch), to line the
+    /// fault up with the nodes' agent journals.
+    pub start_wall_us: i64,
     pub healed_ms: Option<u64>,
 }
 
@@ -49,6 +54,9 @@ pub struct World {
     /// Nodes the harness itself stopped or killed; any other exit is a crash.
     pub expected_down: BTreeMap<u64, bool>,
     pub crashes: Vec<String>,
+    /// Every node process that ended (killed, stopped, crashed), with the wall-clock time by
+    /// which it had ended: the G1 checker ends the runs it left open there.
+    pub kills: Vec<Kill>,
 }
 
 impl World {
@@ -121,6 +129,7 @@ impl World {
             client,
             expected_down: BTreeMap::new(),
             crashes: Vec::new(),
+            kills: Vec::new(),
         })
     }
 
@@ -143,6 +152,11 @@ impl World {
         }
         for (id, status) in gone {
             self.cluster.nodes.remove(&id);
+            // It ended at some moment before now: now is a safe end for what it ran.
+            self.kills.push(Kill {
+                node: id,
+                at_us: wall_us(),
+            });
             if !self.expected_down.contains_key(&id) {
                 self.crashes.push(format!(
                     "node {id} exited by itself at {now_ms} ms: {status}"
@@ -197,6 +211,10 @@ impl World {
                 for id in self.proxies.keys().copied().collect::<Vec<_>>() {
                     self.expected_down.insert(id, true);
                     self.cluster.stop(id, Duration::from_secs(10)).await;
+                    self.kills.push(Kill {
+                        node: id,
+                        at_us: wall_us(),
+                    });
                     let _ = self.cluster.start_node(id, false).await;
                     self.expected_down.remove(&id);
                     let c = Client {
@@ -214,6 +232,11 @@ impl World {
             "kill" | "kill_leader" => {
                 self.expected_down.insert(target, true);
                 self.cluster.kill(target).await;
+                // Read after the process was reaped: nothing ran there past this moment.
+                self.kills.push(Kill {
+                    node: target,
+                    at_us: wall_us(),
+                });
                 Active::Killed(target)
             }
             "pause" | "pause_leader" => {

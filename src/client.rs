@@ -12,8 +12,12 @@ use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
 
-/// Longest wait for one attempt of an agent call before it is tried again (same call id).
-const CALL_ATTEMPT_MS: u64 = 1_000;
+/// First wait for one attempt of an agent call before it is tried again (same call id); it
+/// doubles with every unanswered attempt up to `CALL_ATTEMPT_MAX_MS`.
+const CALL_ATTEMPT_FIRST_MS: u64 = 10;
+const CALL_ATTEMPT_MAX_MS: u64 = 1_000;
+/// Longest pause between retries of an agent call that was refused as `unavailable`.
+const CALL_RETRY_MAX_MS: u64 = 4;
 
 /// Longest wait for one attempt of a read before it is tried again.
 const READ_ATTEMPT_MS: u64 = 1_500;
@@ -140,8 +144,11 @@ impl Client {
         let call_id = uuid::Uuid::new_v4().to_string();
         headers.insert(crate::agent::host::CALL_ID_HEADER, call_id.as_str());
         let subject = self.subjects.agent(agent, "call");
-        // Short first retries: a migrating agent is back within milliseconds.
-        let mut delay = Duration::from_millis(2);
+        // Short, flat retries: a migrating agent is back within milliseconds.
+        let mut delay = Duration::from_millis(1);
+        // An attempt lost while the agent moved is retried soon; a slow agent gets more time
+        // per attempt, and its retries are answered from its memory of the call id.
+        let mut attempt_wait = Duration::from_millis(CALL_ATTEMPT_FIRST_MS);
         loop {
             let left = self.deadline.saturating_sub(start.elapsed());
             if left.is_zero() {
@@ -152,7 +159,7 @@ impl Client {
                 subject.clone(),
                 Some(headers.clone()),
                 payload.clone(),
-                left.min(Duration::from_millis(CALL_ATTEMPT_MS)),
+                left.min(attempt_wait),
             )
             .await;
             let retryable = match attempt {
@@ -167,14 +174,18 @@ impl Client {
                 Err(RequestFailure::NoResponders) => "no node answers".to_string(),
                 // Lost while the agent moved, or the agent is slow: the call id makes the
                 // retry safe.
-                Err(RequestFailure::TimedOut) => "no answer yet".to_string(),
+                Err(RequestFailure::TimedOut) => {
+                    attempt_wait =
+                        (attempt_wait * 2).min(Duration::from_millis(CALL_ATTEMPT_MAX_MS));
+                    "no answer yet".to_string()
+                }
                 Err(e) => return Err(CallError::NoAnswer(e.to_string())),
             };
             if start.elapsed() + delay >= self.deadline {
                 return Err(CallError::NoAnswer(retryable));
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(200));
+            delay = (delay * 2).min(Duration::from_millis(CALL_RETRY_MAX_MS));
         }
     }
 }

@@ -43,8 +43,12 @@ use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartTy
 const MAILBOX: usize = 256;
 /// Reconcile at least this often even when nothing is applied.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
-/// ...and at most this often when applies stream in.
-const RECONCILE_MIN_GAP: Duration = Duration::from_millis(10);
+/// When applies stream in, a reconcile waits after the previous one for this many times what
+/// that one cost, within the bounds below: a node with few agents reacts at once (a migrating
+/// agent is back in milliseconds), one with many does not spend all its time reconciling.
+const RECONCILE_GAP_FACTOR: u32 = 4;
+const RECONCILE_GAP_MIN: Duration = Duration::from_millis(1);
+const RECONCILE_GAP_MAX: Duration = Duration::from_millis(50);
 /// Bytes of remembered answers an agent carries to its next node.
 const HANDED_OVER_CALLS_BYTES: usize = 8 * 1024;
 /// Header carrying an agent's epoch on calls (optional) and on their replies.
@@ -164,8 +168,12 @@ impl Pending {
     }
 }
 
-/// Reports sent in one command: one Raft entry, well below the proposal size limit.
+/// Reports (or handoffs) sent in one command: one Raft entry, well below the proposal size
+/// limit.
 const REPORTS_PER_WRITE: usize = 1_000;
+/// What a handoff item costs in MessagePack besides its state and answers: an id, a node, an
+/// epoch and field names.
+const HANDOFF_ITEM_OVERHEAD_BYTES: usize = 96;
 
 struct Host {
     node: Arc<Node>,
@@ -236,12 +244,12 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let mut metrics = node.raft.metrics();
     let mut grants = node.lease.grants();
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
-    let mut last = Instant::now() - RECONCILE_MIN_GAP;
+    let mut next_reconcile = Instant::now();
     let mut dirty = true;
     tokio::pin!(stopped);
     loop {
         let next_start = host.scheduled.values().map(|(t, _)| *t).min();
-        let gap = tokio::time::sleep_until((last + RECONCILE_MIN_GAP).into());
+        let gap = tokio::time::sleep_until(next_reconcile.into());
         // The moment local agents must be gone, if any run.
         let fence_at = if host.instances.is_empty() {
             None
@@ -266,8 +274,11 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             Some(_) = host.tasks.join_next(), if !host.tasks.is_empty() => {}
             _ = gap, if dirty => {
                 dirty = false;
-                last = Instant::now();
+                let began = Instant::now();
                 host.reconcile().await;
+                let spent = began.elapsed() * RECONCILE_GAP_FACTOR;
+                next_reconcile =
+                    Instant::now() + spent.clamp(RECONCILE_GAP_MIN, RECONCILE_GAP_MAX);
             }
         }
     }
@@ -1243,18 +1254,38 @@ async fn write_loop(
                 None => open = false,
             },
             Some(first) = handoffs.recv() => {
+                // Bounded by count and by size (state, remembered answers and the item's
+                // own fields), so the command always fits one request.
+                let size = |it: &HandoffItem| {
+                    HANDOFF_ITEM_OVERHEAD_BYTES
+                        + it.state.as_ref().map_or(0, |s| s.len())
+                        + it.calls.iter().map(|c| c.id.len() + 64).sum::<usize>()
+                        + it
+                            .calls
+                            .iter()
+                            .map(|c| serde_json::to_vec(&c.result).map_or(0, |v| v.len()))
+                            .sum::<usize>()
+                };
+                let mut bytes = size(&first);
                 let mut batch = vec![first];
-                let mut bytes = batch[0].state.as_ref().map_or(0, |s| s.len());
-                while bytes < crate::limits::HANDOFF_BATCH_BYTES / 2 {
+                let mut next = None;
+                while batch.len() < REPORTS_PER_WRITE {
                     match handoffs.try_recv() {
-                        Ok(it) => {
-                            bytes += it.state.as_ref().map_or(0, |s| s.len());
+                        Ok(it) if bytes + size(&it) <= crate::limits::HANDOFF_BATCH_BYTES => {
+                            bytes += size(&it);
                             batch.push(it);
+                        }
+                        Ok(it) => {
+                            next = Some(it);
+                            break;
                         }
                         Err(_) => break,
                     }
                 }
                 send_handoff(&node, batch).await;
+                if let Some(it) = next {
+                    send_handoff(&node, vec![it]).await;
+                }
             }
         }
         let mut backoff = Duration::from_millis(20);

@@ -55,9 +55,9 @@ const HANDED_OVER_CALLS_BYTES: usize = 8 * 1024;
 pub const EPOCH_HEADER: &str = "Warden-Epoch";
 /// Header naming one logical call across its retries, so that an agent handles it once.
 pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
-/// Answers an agent instance remembers by call id. A retry comes within a client's deadline,
-/// behind at most a mailbox of other messages.
-const REMEMBERED_CALLS: usize = 64;
+/// Answers an agent instance remembers by call id: as many as its mailbox holds, so a retry
+/// queued behind a full mailbox still finds the first attempt's answer.
+const REMEMBERED_CALLS: usize = MAILBOX;
 
 enum Msg {
     Call {
@@ -78,6 +78,8 @@ struct Exit {
     /// earlier run that is still queued must not be taken for one of the current run.
     generation: u64,
     reason: ExitReason,
+    /// The instance killed itself because the node's lease ran out: not a crash.
+    fenced: bool,
 }
 
 /// A stop request: the shutdown timeout, whether to take a checkpoint first (a migration), and
@@ -322,14 +324,19 @@ impl Host {
 
     /// The lease ran out: kill every local agent now. They may be placed elsewhere once the
     /// leader's `down_after_ms` has passed, which is later by design (`node::lease`).
+    /// When the lease ran out, on the wall clock (for the journal).
+    fn lease_end_wall(&self) -> Option<chrono::DateTime<Utc>> {
+        self.node.lease.until().map(|u| {
+            let ago = Instant::now().saturating_duration_since(u);
+            Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default()
+        })
+    }
+
     fn fence_if_expired(&mut self) {
         if self.node.lease.valid() || self.instances.is_empty() {
             return;
         }
-        let until = self.node.lease.until().map(|u| {
-            let ago = Instant::now().saturating_duration_since(u);
-            Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default()
-        });
+        let until = self.lease_end_wall();
         tracing::warn!(
             agents = self.instances.len(),
             "lost the lease: stopping every local agent"
@@ -580,11 +587,16 @@ impl Host {
         self.scheduled.remove(&id);
         let handover = self.stop_and_take(id, true, "migrating").await;
         self.handed_off.insert(id, epoch);
+        // A state over the checkpoint limit could never be stored: the agent moves with its
+        // last checkpoint instead, rather than stay stuck.
+        let state = handover
+            .state
+            .filter(|s| s.len() <= crate::limits::MAX_CHECKPOINT_BYTES);
         let item = HandoffItem {
             agent: id,
             node: self.me,
             epoch,
-            state: handover.state,
+            state,
             calls: handover.calls,
         };
         // The writer outlives the host loop, so the send succeeds.
@@ -604,6 +616,12 @@ impl Host {
         };
         self.count_running();
         let epoch = inst.epoch;
+        if exit.fenced {
+            // Started again by `reconcile` once the lease is back, like after a fence here.
+            let until = self.lease_end_wall();
+            self.journal.stop(exit.id, epoch, "lease lost", until);
+            return;
+        }
         let why = match &exit.reason {
             ExitReason::Crash(_) => "crashed",
             _ => "exited",
@@ -1067,7 +1085,15 @@ async fn agent_task(
                     } else {
                         Handover::default()
                     };
-                    agent.stop(req.timeout_ms).await;
+                    // A graceful stop never outlasts the lease: past it the agent is dropped
+                    // (an exec process is killed on drop).
+                    let left = node
+                        .lease
+                        .until()
+                        .map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
+                    if tokio::time::timeout(left, agent.stop(req.timeout_ms)).await.is_err() {
+                        tracing::warn!(agent = %id, "the lease ran out while stopping; killed");
+                    }
                     // The host may have stopped waiting; then nobody needs the state.
                     let _ = req.done.send(handover);
                 }
@@ -1089,6 +1115,17 @@ async fn agent_task(
                 return;
             }
             r = &mut ended => break r,
+            _ = sleep_until_opt(node.lease.until()) => {
+                if node.lease.valid() {
+                    continue; // renewed meanwhile
+                }
+                // The lease ran out: this instance may no longer run, whatever the host loop
+                // is busy with. Dropping the agent kills what it runs.
+                drop(agent);
+                let exit = Exit { id, generation, reason: ExitReason::Shutdown, fenced: true };
+                let _ = exits.send(exit).await; // the host is gone when stopping
+                return;
+            }
             m = rx.recv() => match m { Some(m) => m, None => break ExitReason::Shutdown },
         };
         if !node.lease.valid() {
@@ -1169,6 +1206,7 @@ async fn agent_task(
         id,
         generation,
         reason,
+        fenced: false,
     };
     let _ = exits.send(exit).await; // the host is gone when stopping
 }
@@ -1204,7 +1242,7 @@ impl Answered {
         for (id, result) in self.recent.iter().rev() {
             let size = id.len() + serde_json::to_vec(result).map_or(usize::MAX, |v| v.len());
             if bytes + size > HANDED_OVER_CALLS_BYTES {
-                break;
+                continue; // a large answer is not carried; smaller ones still are
             }
             bytes += size;
             out.push(RememberedCall {
@@ -1330,7 +1368,8 @@ async fn write_loop(
 async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
     let body = crate::command::Handoff { items };
     let mut backoff = Duration::from_millis(10);
-    for _ in 0..20 {
+    // About five minutes without a leader.
+    for _ in 0..300 {
         match node.write_internal("handoff", &body).await {
             Ok(_) => return,
             Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {

@@ -114,6 +114,10 @@ async fn detect(node: &Arc<Node>, since: Instant) {
     };
     let mut changes = Vec::new();
     for (id, status) in statuses {
+        if status == NodeStatus::Down {
+            // Its verdict is applied here, even if the proposal that carried it timed out.
+            node.liveness.pardon(id);
+        }
         let last = node.liveness.last(id);
         let heard = last.is_some_and(|t| t >= since);
         let from = last.map_or(since, |t| t.max(since));
@@ -137,18 +141,25 @@ async fn detect(node: &Arc<Node>, since: Instant) {
                 Verdict::Up => NodeStatus::Up,
             };
             if v == Verdict::Down {
-                // No grant for it until the verdict is applied: see `lease`.
-                node.liveness.condemn(id);
+                // No grant for it until the verdict is applied (see `lease`); and only if no
+                // heartbeat came in since it was judged.
+                let down_after = Duration::from_millis(node.cfg.failure.down_after_ms);
+                if !node.liveness.condemn_if_silent(id, since, down_after) {
+                    return;
+                }
                 tracing::warn!(node = id, "node is down; placing its agents elsewhere");
             }
             let cmd = RegistryCmd::SetNodeStatus {
                 node_id: id,
                 status,
             };
-            if let Err(e) = node.propose(cmd, None, 64).await {
-                tracing::debug!(node = id, error = %e, "could not record a node status");
+            match node.propose(cmd, None, 64).await {
+                // Applied here: every later grant's read index covers it.
+                Ok(_) => node.liveness.pardon(id),
+                // The verdict may still commit (a timeout is "unknown"): the node stays
+                // refused; the next tick proposes it again, or a new term starts afresh.
+                Err(e) => tracing::debug!(node = id, error = %e, "could not record a node status"),
             }
-            node.liveness.pardon(id);
         }
     });
     futures::future::join_all(proposals).await;
@@ -174,7 +185,7 @@ async fn drain(node: &Arc<Node>) {
             picks.extend(
                 on.iter()
                     .filter(|a| a.status != AgentStatus::Migrating)
-                    .filter(|a| a.placement.pinned() != Some(n.id))
+                    .filter(|a| reg.can_migrate(a))
                     .take(room)
                     .map(|a| a.id.to_string()),
             );

@@ -169,8 +169,27 @@ impl Liveness {
         *self.lock() = LivenessInner::default();
     }
 
-    fn seen(&self, id: u64, at: Instant, load: NodeLoad) {
-        self.lock().seen.insert(id, (at, load));
+    /// Records a heartbeat unless the node is being declared down; in one step, so that a
+    /// verdict and a grant never pass each other.
+    fn seen_unless_condemned(&self, id: u64, at: Instant, load: NodeLoad) -> bool {
+        let mut inner = self.lock();
+        if inner.condemned.contains(&id) {
+            return false;
+        }
+        inner.seen.insert(id, (at, load));
+        true
+    }
+
+    /// Marks `id` as being declared down if it is still silent for `down_after` (counting from
+    /// `since` at the earliest); in one step with `seen_unless_condemned`.
+    pub fn condemn_if_silent(&self, id: u64, since: Instant, down_after: Duration) -> bool {
+        let mut inner = self.lock();
+        let last = inner.seen.get(&id).map_or(since, |(t, _)| (*t).max(since));
+        if last.elapsed() < down_after {
+            return false;
+        }
+        inner.condemned.insert(id);
+        true
     }
 
     /// When `id` was last heard from.
@@ -192,10 +211,6 @@ impl Liveness {
             .collect()
     }
 
-    pub fn condemn(&self, id: u64) {
-        self.lock().condemned.insert(id);
-    }
-
     pub fn pardon(&self, id: u64) {
         self.lock().condemned.remove(&id);
     }
@@ -208,15 +223,32 @@ impl Liveness {
 /// The leader's answer to a heartbeat.
 pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
     let received = Instant::now();
-    if node.liveness.is_condemned(hb.node_id) {
-        return Err(WireError::new(
+    let condemned = || {
+        Err(WireError::new(
             ErrorCode::Unavailable,
             format!("node {} is being declared down; retry", hb.node_id),
+        ))
+    };
+    // Only members are tracked: anything else could grow the table without bound.
+    let member = node.state_read().registry.node(hb.node_id).is_some();
+    if !member {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("node {} has not joined", hb.node_id),
         ));
     }
-    node.liveness.seen(hb.node_id, received, hb.load);
+    if !node
+        .liveness
+        .seen_unless_condemned(hb.node_id, received, hb.load)
+    {
+        return condemned();
+    }
     let within = Duration::from_millis(node.cfg.failure.lease_ms);
-    match node.quorum.confirm_after(received, within).await {
+    let confirmed = node.quorum.confirm_after(received, within).await;
+    if node.liveness.is_condemned(hb.node_id) {
+        return condemned();
+    }
+    match confirmed {
         Some(read_index) => Ok(json!({
             "granted": true,
             "read_index": read_index,
@@ -255,10 +287,10 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
         // No answer within the lease is no use: the lease would already be over.
         let reply = tokio::time::timeout(length, node.write_internal("heartbeat", &hb)).await;
         match reply {
-            Ok(Ok(v)) => {
-                let index = v["read_index"].as_u64().unwrap_or(u64::MAX);
-                node.lease.renew(sent, length, index);
-            }
+            Ok(Ok(v)) => match v["read_index"].as_u64() {
+                Some(index) => node.lease.renew(sent, length, index),
+                None => tracing::warn!(reply = %v, "a heartbeat grant without a read index"),
+            },
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not granted"),
             Err(_) => tracing::debug!("heartbeat not answered within the lease"),
         }

@@ -403,6 +403,15 @@ impl Registry {
                 state,
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
         };
+        if outcome.is_ok()
+            && matches!(
+                item.cmd,
+                RegistryCmd::StopAgent { .. } | RegistryCmd::StopSupervisor { .. }
+            )
+        {
+            // Room opened: agents waiting for a node may fit now.
+            self.place_pending(time, events);
+        }
         if let Some(rid) = &item.request_id {
             self.remember_request(time, rid, item.cmd.name(), &outcome);
         }

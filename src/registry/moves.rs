@@ -221,6 +221,19 @@ impl Registry {
         Ok(json!({ "moved": moved, "stale": stale }))
     }
 
+    /// Whether `migrate_agent` could move agent `a` now (a drain skips those it could not, so
+    /// that they do not hold up the rest). A colocated subtree's agent is always tried.
+    pub fn can_migrate(&self, a: &super::Agent) -> bool {
+        if self.colocated_top(&a.supervisor).is_some() {
+            return true;
+        }
+        a.placement.pinned().is_none()
+            && a.node.is_some()
+            && self
+                .place_agent(&a.kind, &a.supervisor, &a.placement, a.node)
+                .is_ok()
+    }
+
     /// The moves a rebalance of at most `max_moves` would make now.
     pub fn rebalance_plan(&self, max_moves: usize) -> Vec<Move> {
         let agents: Vec<Movable<'_>> = self

@@ -24,8 +24,8 @@ async fn spawn_many(c: &Client, prefix: &str, n: usize, extra: Value) {
     }
 }
 
-/// Every agent record, following pages.
-async fn all_agents(c: &Client) -> Vec<Value> {
+/// Every agent record, following pages; `None` if a read got no answer (a probe retries).
+async fn all_agents(c: &Client) -> Option<Vec<Value>> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -33,11 +33,11 @@ async fn all_agents(c: &Client) -> Vec<Value> {
         if let Some(a) = &after {
             q["after"] = json!(a);
         }
-        let page = c.call("list_agents", &q).await.expect("list_agents");
+        let page = c.call("list_agents", &q).await.ok()?;
         out.extend(page["agents"].as_array().unwrap().iter().cloned());
         match page["next"].as_str() {
             Some(n) => after = Some(n.to_string()),
-            None => return out,
+            None => return Some(out),
         }
     }
 }
@@ -48,7 +48,7 @@ async fn all_running(c: &Client, n: usize) -> Vec<Value> {
         &format!("{n} agents to run"),
         Duration::from_secs(60),
         || async {
-            let agents = all_agents(c).await;
+            let agents = all_agents(c).await?;
             let running = agents.iter().filter(|a| a["status"] == "running").count();
             (agents.len() == n && running == n).then_some(agents)
         },
@@ -148,7 +148,7 @@ async fn three_hundred_agents_spread_evenly_and_a_drain_empties_a_node() {
         "the drained node to be empty with everything running",
         Duration::from_secs(60),
         || async {
-            let agents = all_agents(&tc.client).await;
+            let agents = all_agents(&tc.client).await?;
             let empty = agents.iter().all(|a| a["node"] != drained);
             let running = agents.iter().all(|a| a["status"] == "running");
             (empty && running).then_some(agents)
@@ -220,7 +220,7 @@ async fn a_killed_node_s_durable_counters_run_elsewhere_with_their_acknowledged_
         "the victim's permanent agents to run elsewhere",
         Duration::from_secs(30),
         || async {
-            let agents = all_agents(&tc.client).await;
+            let agents = all_agents(&tc.client).await?;
             let moved = agents
                 .iter()
                 .filter(|a| acked.contains_key(a["name"].as_str().unwrap_or("")))
@@ -305,7 +305,7 @@ async fn a_paused_node_s_agents_run_elsewhere_and_it_does_not_run_them_after_it_
         "the paused node's agents to run elsewhere",
         Duration::from_secs(30),
         || async {
-            let agents = all_agents(&tc.client).await;
+            let agents = all_agents(&tc.client).await?;
             agents
                 .iter()
                 .filter(|a| moved.contains(&a["name"].as_str().unwrap_or("").to_string()))

@@ -106,15 +106,10 @@ impl Client {
             )
             .await;
             let retryable = match attempt {
-                Ok(reply) => {
-                    let env = Envelope::decode(&reply.payload).map_err(CallError::Reply)?;
-                    match env.into_result() {
-                        Ok(v) => return Ok(v),
-                        Err(e) if e.code == ErrorCode::Unavailable => e.to_string(),
-                        Err(e) if e.code == ErrorCode::Timeout && retry_timeouts => e.to_string(),
-                        Err(e) => return Err(CallError::Reply(e)),
-                    }
-                }
+                Ok(reply) => match answer(&reply.payload, retry_timeouts)? {
+                    Ok(v) => return Ok(v),
+                    Err(why) => why,
+                },
                 Err(RequestFailure::NoResponders) => "no node answers".to_string(),
                 Err(RequestFailure::TimedOut) if read => "a node did not answer in time".into(),
                 Err(RequestFailure::TimedOut) => {
@@ -163,14 +158,10 @@ impl Client {
             )
             .await;
             let retryable = match attempt {
-                Ok(reply) => {
-                    let env = Envelope::decode(&reply.payload).map_err(CallError::Reply)?;
-                    match env.into_result() {
-                        Ok(v) => return Ok(v),
-                        Err(e) if e.code == ErrorCode::Unavailable => e.to_string(),
-                        Err(e) => return Err(CallError::Reply(e)),
-                    }
-                }
+                Ok(reply) => match answer(&reply.payload, false)? {
+                    Ok(v) => return Ok(v),
+                    Err(why) => why,
+                },
                 Err(RequestFailure::NoResponders) => "no node answers".to_string(),
                 // Lost while the agent moved, or the agent is slow: the call id makes the
                 // retry safe.
@@ -187,5 +178,17 @@ impl Client {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(CALL_RETRY_MAX_MS));
         }
+    }
+}
+
+/// Reads a reply: its result, a reason to retry (`unavailable`, and `timeout` when
+/// `retry_timeouts`: nothing changed, or the retry is deduplicated), or a final error.
+fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>, CallError> {
+    let env = Envelope::decode(payload).map_err(CallError::Reply)?;
+    match env.into_result() {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) if e.code == ErrorCode::Unavailable => Ok(Err(e.to_string())),
+        Err(e) if e.code == ErrorCode::Timeout && retry_timeouts => Ok(Err(e.to_string())),
+        Err(e) => Err(CallError::Reply(e)),
     }
 }

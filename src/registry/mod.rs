@@ -496,15 +496,12 @@ impl Registry {
         };
         if let Some(event) = event {
             node.seq += 1;
-            events.push(RegistryEvent {
-                entity: "node",
-                id: id.to_string(),
+            events.push(node_event(
+                node,
                 event,
                 time,
-                epoch: 0,
-                seq: node.seq,
-                data: json!({ "node_id": id, "name": node.name, "labels": node.labels }),
-            });
+                json!({ "node_id": id, "name": node.name, "labels": node.labels }),
+            ));
         }
         let reply = serde_json::to_value(&*node).map_err(internal)?;
         self.touched.insert(Key::Node(id));
@@ -525,15 +522,12 @@ impl Registry {
             node.status = NodeStatus::Left;
             node.updated_at = time;
             node.seq += 1;
-            events.push(RegistryEvent {
-                entity: "node",
-                id: id.to_string(),
-                event: "left",
+            events.push(node_event(
+                node,
+                "left",
                 time,
-                epoch: 0,
-                seq: node.seq,
-                data: json!({ "node_id": id, "name": node.name }),
-            });
+                json!({ "node_id": id, "name": node.name }),
+            ));
             self.touched.insert(Key::Node(id));
             // The departed node stops itself; what it ran comes back elsewhere.
             self.fail_over(time, id, events);

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{agent_event, AgentStatus, NodeStatus, Outcome, Registry, RegistryEvent};
+use super::{agent_event, AgentStatus, Outcome, Registry, RegistryEvent};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
 use crate::protocol::{ErrorCode, WireError};
 
@@ -201,16 +201,7 @@ impl Registry {
                 }
             }
             let a = self.data.agents.get(&it.agent).expect("checked above");
-            let open = |n: u64| {
-                self.data
-                    .nodes
-                    .get(&n)
-                    .is_some_and(|r| r.status == NodeStatus::Up && r.kinds.contains(&a.kind))
-            };
-            let target = match a.migrating_to {
-                Some(t) if open(t) => Ok(t),
-                _ => self.place_agent(&a.kind, &a.supervisor, &a.placement, Some(it.node)),
-            };
+            let target = self.next_node(a, it.node);
             self.replace_agent(time, it.agent, target.clone(), "migration", events);
             if let (Ok(to), Some(a)) = (target, self.data.agents.get(&it.agent)) {
                 let data = json!({ "from": it.node, "to": to });

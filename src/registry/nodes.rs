@@ -102,6 +102,21 @@ impl Registry {
         placement::choose(&req, &self.candidates())
     }
 
+    /// Where agent `a` goes when it leaves node `from`: the destination of its migration if
+    /// that node is up and runs its kind, else wherever placement puts it.
+    pub(super) fn next_node(&self, a: &super::Agent, from: u64) -> Result<u64, Refusal> {
+        let open = |n: u64| {
+            self.data
+                .nodes
+                .get(&n)
+                .is_some_and(|r| r.status == NodeStatus::Up && r.kinds.contains(&a.kind))
+        };
+        match a.migrating_to {
+            Some(t) if open(t) => Ok(t),
+            _ => self.place_agent(&a.kind, &a.supervisor, &a.placement, Some(from)),
+        }
+    }
+
     /// Moves agent `id` to `node` (or nowhere), keeping the indexes right.
     pub(super) fn set_agent_node(&mut self, id: Uuid, node: Option<u64>) {
         let Some(a) = self.data.agents.get_mut(&id) else {
@@ -204,15 +219,12 @@ impl Registry {
             NodeStatus::Down => "down",
             _ => "up",
         };
-        events.push(RegistryEvent {
-            entity: "node",
-            id: id.to_string(),
+        events.push(node_event(
+            node,
             event,
             time,
-            epoch: 0,
-            seq: node.seq,
-            data: json!({ "node_id": id, "status": after, "was": before }),
-        });
+            json!({ "node_id": id, "status": after, "was": before }),
+        ));
         self.touched.insert(Key::Node(id));
         match after {
             NodeStatus::Down => self.fail_over(time, id, events),
@@ -263,15 +275,12 @@ impl Registry {
         if changed {
             node.seq += 1;
             let event = if cancel { "up" } else { "draining" };
-            events.push(RegistryEvent {
-                entity: "node",
-                id: id.to_string(),
+            events.push(node_event(
+                node,
                 event,
                 time,
-                epoch: 0,
-                seq: node.seq,
-                data: json!({ "node_id": id, "status": node.status }),
-            });
+                json!({ "node_id": id, "status": node.status }),
+            ));
         }
         let status = node.status;
         self.touched.insert(Key::Node(id));
@@ -388,17 +397,7 @@ impl Registry {
                 }
                 continue;
             }
-            let open = |n: u64| {
-                self.data
-                    .nodes
-                    .get(&n)
-                    .is_some_and(|r| r.status == NodeStatus::Up && r.kinds.contains(&a.kind))
-            };
-            let target = match a.migrating_to {
-                // It was moving: its destination takes it.
-                Some(t) if open(t) && a.placement.pinned().is_none() => Ok(t),
-                _ => self.place_agent(&a.kind, &a.supervisor, &a.placement, Some(id)),
-            };
+            let target = self.next_node(a, id);
             self.replace_agent(time, aid, target, "failover", events);
         }
     }
@@ -439,6 +438,24 @@ impl Registry {
                 self.replace_agent(time, id, Ok(n), "node available", events);
             }
         }
+    }
+}
+
+/// An event about node `n`, at its current `seq`.
+pub(super) fn node_event(
+    n: &super::NodeRecord,
+    event: &'static str,
+    time: DateTime<Utc>,
+    data: serde_json::Value,
+) -> RegistryEvent {
+    RegistryEvent {
+        entity: "node",
+        id: n.id.to_string(),
+        event,
+        time,
+        epoch: 0,
+        seq: n.seq,
+        data,
     }
 }
 

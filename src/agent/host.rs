@@ -1068,6 +1068,7 @@ async fn agent_task(
     let mut ended = agent
         .take_exit()
         .unwrap_or_else(|| Box::pin(std::future::pending()));
+    let mut expiries = node.lease.expiries();
     let mut answered = Answered::default();
     for c in calls {
         answered.remember(Some(c.id), &c.result);
@@ -1115,7 +1116,7 @@ async fn agent_task(
                 return;
             }
             r = &mut ended => break r,
-            _ = sleep_until_opt(node.lease.until()) => {
+            Ok(()) = expiries.changed() => {
                 if node.lease.valid() {
                     continue; // renewed meanwhile
                 }

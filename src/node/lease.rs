@@ -36,6 +36,8 @@ pub struct Lease {
     state: Mutex<LeaseState>,
     /// Counts grants, so the host wakes when one arrives.
     grants: watch::Sender<u64>,
+    /// Counts expiries: every agent task watches it (one timer per node, not per agent).
+    expiries: watch::Sender<u64>,
 }
 
 impl Default for Lease {
@@ -43,6 +45,7 @@ impl Default for Lease {
         Lease {
             state: Mutex::default(),
             grants: watch::channel(0).0,
+            expiries: watch::channel(0).0,
         }
     }
 }
@@ -68,6 +71,40 @@ impl Lease {
     /// Changes with every grant.
     pub fn grants(&self) -> watch::Receiver<u64> {
         self.grants.subscribe()
+    }
+
+    /// Changes whenever the lease runs out.
+    pub fn expiries(&self) -> watch::Receiver<u64> {
+        self.expiries.subscribe()
+    }
+
+    /// Announces each expiry of the lease on `expiries`, until `stopped`. Its own task, so a
+    /// busy host loop never delays a fence.
+    pub async fn watch_expiry(&self, stopped: impl Future<Output = ()>) {
+        let mut grants = self.grants();
+        tokio::pin!(stopped);
+        loop {
+            let until = self.until();
+            let expired = async {
+                match until {
+                    Some(u) => tokio::time::sleep_until(u.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = grants.changed() => continue,
+                _ = expired => {}
+            }
+            if !self.valid() {
+                self.expiries.send_modify(|n| *n += 1);
+                // Wait for the next grant before looking again.
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = grants.changed() => {}
+                }
+            }
+        }
     }
 
     /// When the lease ends, if one was ever granted.

@@ -425,6 +425,9 @@ pub async fn run_with_kinds(
     let stopped = flag(&stop_rx);
     tasks.spawn(async move { gate.quorum.run(gate.raft.clone(), round, stopped).await });
     tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
+    let fencer = node.clone();
+    let stopped = flag(&stop_rx);
+    tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
     tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
     tasks.spawn(join_then_serve(
         node.clone(),

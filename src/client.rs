@@ -127,6 +127,26 @@ impl Client {
         }
     }
 
+    /// Every item of a paged listing (`list_agents`, `find_agents`, `list_supervisors`):
+    /// sends `query` and follows each reply's `next` as `after`, collecting the `items` field.
+    pub async fn all_pages(
+        &self,
+        command: &str,
+        query: &Value,
+        items: &str,
+    ) -> Result<Vec<Value>, CallError> {
+        let mut out = Vec::new();
+        let mut q = query.clone();
+        loop {
+            let page = self.call(command, &q).await?;
+            out.extend(page[items].as_array().into_iter().flatten().cloned());
+            match page["next"].as_str() {
+                Some(next) => q["after"] = Value::String(next.to_string()),
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// Calls agent `agent` (id or name) with `body` until the deadline, retrying while it is
     /// not running or is moving (`unavailable`) and when an attempt gets no answer. Every
     /// attempt carries the same `Warden-Call-Id`, so the agent handles the call once even when

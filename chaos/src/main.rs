@@ -461,23 +461,9 @@ async fn cancel_drains(
 
 /// Every agent record, following pages.
 async fn list_agents(c: &warden::client::Client) -> Result<Vec<Value>, String> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = json!({});
-        if let Some(a) = &after {
-            q["after"] = json!(a);
-        }
-        let page = c
-            .call("list_agents", &q)
-            .await
-            .map_err(|e| format!("list_agents: {e}"))?;
-        out.extend(page["agents"].as_array().into_iter().flatten().cloned());
-        match page["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => return Ok(out),
-        }
-    }
+    c.all_pages("list_agents", &json!({}), "agents")
+        .await
+        .map_err(|e| format!("list_agents: {e}"))
 }
 
 /// G4 (agents): polls the registry until every wanted permanent agent runs or `deadline`
@@ -538,26 +524,15 @@ async fn read_final(world: &World) -> Result<FinalState, String> {
         deadline: Duration::from_secs(20),
         ..world.client.clone()
     };
-    let mut fin = FinalState::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = json!({});
-        if let Some(a) = &after {
-            q["after"] = json!(a);
-        }
-        let page = c
-            .call("list_supervisors", &q)
-            .await
-            .map_err(|e| format!("final read: {e}"))?;
-        for s in page["supervisors"].as_array().into_iter().flatten() {
-            fin.insert(
-                s["name"].as_str().unwrap_or("").to_string(),
-                s["id"].as_str().unwrap_or("").to_string(),
-            );
-        }
-        match page["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => return Ok(fin),
-        }
-    }
+    let supervisors = c
+        .all_pages("list_supervisors", &json!({}), "supervisors")
+        .await
+        .map_err(|e| format!("final read: {e}"))?;
+    Ok(supervisors
+        .iter()
+        .map(|s| {
+            let field = |k: &str| s[k].as_str().unwrap_or("").to_string();
+            (field("name"), field("id"))
+        })
+        .collect())
 }

@@ -127,18 +127,6 @@ pub async fn spawn_throughput(
 
 /// Counts agents with a tag and status, page by page.
 async fn count(c: &Client, tag: &str, status: &str) -> anyhow::Result<usize> {
-    let mut total = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = json!({"tag": tag, "status": status, "limit": 1000});
-        if let Some(a) = &after {
-            q["after"] = json!(a);
-        }
-        let page = c.call("find_agents", &q).await?;
-        total += page["agents"].as_array().map_or(0, |a| a.len());
-        match page["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => return Ok(total),
-        }
-    }
+    let q = json!({"tag": tag, "status": status, "limit": 1000});
+    Ok(c.all_pages("find_agents", &q, "agents").await?.len())
 }

@@ -10,6 +10,8 @@
 //! gap between two answered calls around each move is the time it was unavailable, reported
 //! beside the raw NATS round trip measured in the same run.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -24,22 +26,9 @@ const ORLEANS_FAILOVER_MS: f64 = 15_000.0;
 
 /// Agents of the group currently running on a node other than `victim`.
 async fn running_elsewhere(c: &Client, group: &str, victim: u64) -> anyhow::Result<usize> {
-    let mut n = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = json!({"supervisor": group, "status": "running"});
-        if let Some(a) = &after {
-            q["after"] = json!(a);
-        }
-        let page = c.call("list_agents", &q).await?;
-        n += page["agents"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|a| a["node"] != victim).count());
-        match page["next"].as_str() {
-            Some(next) => after = Some(next.to_string()),
-            None => return Ok(n),
-        }
-    }
+    let q = json!({"supervisor": group, "status": "running"});
+    let agents = c.all_pages("list_agents", &q, "agents").await?;
+    Ok(agents.iter().filter(|a| a["node"] != victim).count())
 }
 
 /// Measures one failover of `n` agents; returns its figures as JSON.
@@ -66,21 +55,8 @@ pub async fn failover(c: &Client, cluster: &mut LocalCluster, n: usize) -> anyho
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let q = json!({"supervisor": group, "status": "running", "node": host, "limit": 1000});
-        let mut running = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let mut q = q.clone();
-            if let Some(a) = &after {
-                q["after"] = json!(a);
-            }
-            let page = c.call("list_agents", &q).await?;
-            running += page["agents"].as_array().map_or(0, Vec::len);
-            match page["next"].as_str() {
-                Some(next) => after = Some(next.to_string()),
-                None => break,
-            }
-        }
+        let q = json!({"supervisor": group, "status": "running", "node": host});
+        let running = c.all_pages("list_agents", &q, "agents").await?.len();
         if running == n {
             break;
         }
@@ -163,23 +139,27 @@ pub async fn migration(c: &Client, rounds: usize) -> anyhow::Result<Figures> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let from = a["node"].as_u64().unwrap_or(0);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
         let caller = {
-            let (c, name, stop) = (c.clone(), name.clone(), stop.clone());
+            let (c, name, stop, count) = (c.clone(), name.clone(), stop.clone(), count.clone());
             tokio::spawn(async move {
                 let mut answered = Vec::new();
                 let mut failed = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     match c.call_agent(&name, &json!({"op": "get"})).await {
-                        Ok(_) => answered.push(Instant::now()),
+                        Ok(_) => {
+                            answered.push(Instant::now());
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(_) => failed += 1,
                     }
                 }
                 (answered, failed)
             })
         };
-        // Let the caller reach its steady pace before the move.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The caller is in its stride before the move ...
+        answered_at_least(&count, CALLS_AROUND_A_MOVE).await?;
         let out = c.call("migrate_agent", &json!({"agent": name})).await?;
         let to = out["to"].as_u64().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -191,8 +171,9 @@ pub async fn migration(c: &Client, rounds: usize) -> anyhow::Result<Figures> {
             anyhow::ensure!(Instant::now() < deadline, "{name} did not move to {to}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // ... and answered again on the target after it.
+        answered_at_least(&count, count.load(Ordering::Relaxed) + CALLS_AROUND_A_MOVE).await?;
+        stop.store(true, Ordering::Relaxed);
         let (answered, failed) = caller.await?;
         errors += failed;
         let gap = answered
@@ -205,6 +186,22 @@ pub async fn migration(c: &Client, rounds: usize) -> anyhow::Result<Figures> {
     }
     c.call("stop_agent", &json!({"agent": name})).await?;
     Ok(super::figures(gaps_us, errors, Duration::from_secs(1)))
+}
+
+/// Answered calls wanted before and after each move, so the gap around it is measured.
+const CALLS_AROUND_A_MOVE: u64 = 20;
+
+/// Waits until the caller has had `n` calls answered (30 s at most).
+async fn answered_at_least(count: &AtomicU64, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count.load(Ordering::Relaxed) < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent stopped answering calls"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
 }
 
 /// The raw NATS round trip p50 (us) to an echo responder, measured now.

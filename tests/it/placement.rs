@@ -26,20 +26,7 @@ async fn spawn_many(c: &Client, prefix: &str, n: usize, extra: Value) {
 
 /// Every agent record, following pages; `None` if a read got no answer (a probe retries).
 async fn all_agents(c: &Client) -> Option<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut q = json!({});
-        if let Some(a) = &after {
-            q["after"] = json!(a);
-        }
-        let page = c.call("list_agents", &q).await.ok()?;
-        out.extend(page["agents"].as_array().unwrap().iter().cloned());
-        match page["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => return Some(out),
-        }
-    }
+    c.all_pages("list_agents", &json!({}), "agents").await.ok()
 }
 
 /// Waits until every agent runs, and returns them.

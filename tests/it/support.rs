@@ -216,41 +216,17 @@ pub async fn wait_agent(
     .await
 }
 
-/// Calls an agent the way any NATS client would, retrying while it is not running.
+/// Calls an agent through the Rust client (retrying while it is not running), with the
+/// reply's error as a wire error.
 pub async fn call_agent(
     c: &Client,
     agent: &str,
     body: Value,
 ) -> Result<Value, warden::protocol::WireError> {
-    let subject = c.subjects.agent(agent, "call");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let payload = serde_json::to_vec(&body).unwrap().into();
-        let reply = warden::bus::request(
-            &c.nats,
-            subject.clone(),
-            None,
-            payload,
-            Duration::from_secs(5),
-        )
-        .await;
-        let result = match reply {
-            Ok(r) => warden::protocol::Envelope::decode(&r.payload)
-                .unwrap()
-                .into_result(),
-            Err(e) => Err(warden::protocol::WireError::new(
-                warden::protocol::ErrorCode::Unavailable,
-                e.to_string(),
-            )),
-        };
-        match result {
-            Err(e)
-                if e.code == warden::protocol::ErrorCode::Unavailable
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => return other,
+    c.call_agent(agent, &body).await.map_err(|e| match e {
+        warden::client::CallError::Reply(e) => e,
+        warden::client::CallError::NoAnswer(why) => {
+            warden::protocol::WireError::new(warden::protocol::ErrorCode::Unavailable, why)
         }
-    }
+    })
 }

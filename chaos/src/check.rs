@@ -24,19 +24,96 @@ impl Verdict {
     }
 }
 
-/// The final registry: supervisor name to id.
-pub type FinalState = BTreeMap<String, String>;
+/// The two things clients create and stop by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Supervisor,
+    Agent,
+}
 
-fn stops_invoked_before(ops: &[Op], name: &str, t_ms: u64) -> bool {
+impl Entity {
+    fn noun(self) -> &'static str {
+        match self {
+            Entity::Supervisor => "supervisor",
+            Entity::Agent => "agent",
+        }
+    }
+}
+
+/// The final registry, read back after healing: names to ids.
+#[derive(Debug, Clone, Default)]
+pub struct FinalState {
+    pub supervisors: BTreeMap<String, String>,
+    pub agents: BTreeMap<String, String>,
+}
+
+impl FinalState {
+    fn of(&self, entity: Entity) -> &BTreeMap<String, String> {
+        match entity {
+            Entity::Supervisor => &self.supervisors,
+            Entity::Agent => &self.agents,
+        }
+    }
+}
+
+/// A create or a stop by name, as an operation asked for it.
+struct Write<'a> {
+    entity: Entity,
+    name: &'a str,
+    /// The supervisor a create puts it under; none for a stop.
+    scope: Option<&'a str>,
+    create: bool,
+}
+
+fn write_of(o: &Op) -> Option<Write<'_>> {
+    let (entity, name, scope, create) = match &o.kind {
+        OpKind::Create { name, parent, .. } => (Entity::Supervisor, name, Some(parent), true),
+        OpKind::Stop { name } => (Entity::Supervisor, name, None, false),
+        OpKind::SpawnAgent {
+            name, supervisor, ..
+        } => (Entity::Agent, name, Some(supervisor), true),
+        OpKind::StopAgent { name, .. } => (Entity::Agent, name, None, false),
+        _ => return None,
+    };
+    Some(Write {
+        entity,
+        name,
+        scope: scope.map(String::as_str),
+        create,
+    })
+}
+
+/// A read of one supervisor's children: what it lists, under which supervisor, and the reply
+/// field that holds them.
+fn read_of(o: &Op) -> Option<(Entity, &str, &'static str)> {
+    match &o.kind {
+        OpKind::Read { parent } => Some((Entity::Supervisor, parent, "supervisors")),
+        OpKind::ReadAgents { supervisor } => Some((Entity::Agent, supervisor, "agents")),
+        _ => None,
+    }
+}
+
+/// The request id an operation carried, for the kinds that are retried with one.
+fn request_of(o: &Op) -> Option<&str> {
+    match &o.kind {
+        OpKind::Create { request_id, .. }
+        | OpKind::SpawnAgent { request_id, .. }
+        | OpKind::StopAgent { request_id, .. } => Some(request_id),
+        _ => None,
+    }
+}
+
+fn stops_invoked_before(ops: &[Op], entity: Entity, name: &str, t_ms: u64) -> bool {
     ops.iter().any(|o| {
-        matches!(&o.kind, OpKind::Stop { name: n } if n == name)
+        write_of(o).is_some_and(|w| !w.create && w.entity == entity && w.name == name)
             && o.invoke_ms <= t_ms
             && !matches!(o.outcome, Outcome::Failed { .. })
     })
 }
 
-/// G2: every acknowledged create is present (unless a stop of it may have run), with the id it
-/// was acknowledged with; every acknowledged stop's supervisor is gone.
+/// G2: every acknowledged create (of a supervisor or an agent) is present, unless a stop of it
+/// may have run, with the id it was acknowledged with; every acknowledged stop's supervisor or
+/// agent is gone.
 pub fn g2_acknowledged_writes(ops: &[Op], fin: &FinalState) -> Verdict {
     let mut v = Verdict {
         guarantee: "G2",
@@ -45,35 +122,32 @@ pub fn g2_acknowledged_writes(ops: &[Op], fin: &FinalState) -> Verdict {
         violations: vec![],
     };
     for o in ops {
-        match (&o.kind, &o.outcome) {
-            (OpKind::Create { name, .. }, Outcome::Ok { value }) => {
-                v.checked += 1;
-                if stops_invoked_before(ops, name, u64::MAX) {
-                    continue;
-                }
-                match fin.get(name) {
-                    None => v.violations.push(format!(
-                        "acknowledged create of {name} at {} ms is lost",
-                        o.complete_ms
-                    )),
-                    Some(id) if Some(id.as_str()) != value["id"].as_str() => {
-                        v.violations.push(format!(
-                            "{name} was acknowledged with id {} but the registry holds {id}",
-                            value["id"]
-                        ))
-                    }
-                    _ => {}
-                }
+        let (Some(w), Outcome::Ok { value }) = (write_of(o), &o.outcome) else {
+            continue;
+        };
+        v.checked += 1;
+        let (held, noun, name) = (fin.of(w.entity), w.entity.noun(), w.name);
+        if !w.create {
+            if held.contains_key(name) {
+                v.violations.push(format!(
+                    "acknowledged stop of {noun} {name} at {} ms did not stick",
+                    o.complete_ms
+                ));
             }
-            (OpKind::Stop { name }, Outcome::Ok { .. }) => {
-                v.checked += 1;
-                if fin.contains_key(name) {
-                    v.violations.push(format!(
-                        "acknowledged stop of {name} at {} ms did not stick",
-                        o.complete_ms
-                    ));
-                }
-            }
+            continue;
+        }
+        if stops_invoked_before(ops, w.entity, name, u64::MAX) {
+            continue;
+        }
+        match held.get(name) {
+            None => v.violations.push(format!(
+                "acknowledged create of {noun} {name} at {} ms is lost",
+                o.complete_ms
+            )),
+            Some(id) if Some(id.as_str()) != value["id"].as_str() => v.violations.push(format!(
+                "{noun} {name} was acknowledged with id {} but the registry holds {id}",
+                value["id"]
+            )),
             _ => {}
         }
     }
@@ -133,7 +207,8 @@ pub fn g3_counters(ops: &[Op], finals: &BTreeMap<String, Option<i64>>) -> Verdic
     v
 }
 
-/// G6: a read sees every write acknowledged before it began (and no acknowledged stop).
+/// G6: a read of a supervisor's children (supervisors or agents) sees every create under it
+/// acknowledged before the read began, and no stop acknowledged before it.
 pub fn g6_linearizable_reads(ops: &[Op]) -> Verdict {
     let mut v = Verdict {
         guarantee: "G6",
@@ -142,40 +217,38 @@ pub fn g6_linearizable_reads(ops: &[Op]) -> Verdict {
         violations: vec![],
     };
     for r in ops {
-        let (OpKind::Read { parent }, Outcome::Ok { value }) = (&r.kind, &r.outcome) else {
+        let (Some((entity, scope, field)), Outcome::Ok { value }) = (read_of(r), &r.outcome) else {
             continue;
         };
         v.checked += 1;
-        let seen: BTreeSet<&str> = value["supervisors"]
+        let seen: BTreeSet<&str> = value[field]
             .as_array()
             .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
             .unwrap_or_default();
-        for w in ops {
-            if w.complete_ms >= r.invoke_ms {
+        let noun = entity.noun();
+        for o in ops.iter().filter(|o| o.complete_ms < r.invoke_ms) {
+            let (Some(w), Outcome::Ok { .. }) = (write_of(o), &o.outcome) else {
+                continue;
+            };
+            if w.entity != entity {
                 continue;
             }
-            match (&w.kind, &w.outcome) {
-                (
-                    OpKind::Create {
-                        name, parent: p, ..
-                    },
-                    Outcome::Ok { .. },
-                ) if p == parent
-                    && !seen.contains(name.as_str())
-                    && !stops_invoked_before(ops, name, r.complete_ms) =>
-                {
-                    v.violations.push(format!(
-                        "read of {parent} at {}..{} ms misses {name}, acknowledged at {} ms",
-                        r.invoke_ms, r.complete_ms, w.complete_ms
-                    ));
-                }
-                (OpKind::Stop { name }, Outcome::Ok { .. }) if seen.contains(name.as_str()) => {
-                    v.violations.push(format!(
-                        "read at {}..{} ms still sees {name}, stopped at {} ms",
-                        r.invoke_ms, r.complete_ms, w.complete_ms
-                    ));
-                }
-                _ => {}
+            let name = w.name;
+            if w.create
+                && w.scope == Some(scope)
+                && !seen.contains(name)
+                && !stops_invoked_before(ops, entity, name, r.complete_ms)
+            {
+                v.violations.push(format!(
+                    "read of {scope} at {}..{} ms misses {noun} {name}, acknowledged at {} ms",
+                    r.invoke_ms, r.complete_ms, o.complete_ms
+                ));
+            }
+            if !w.create && seen.contains(name) {
+                v.violations.push(format!(
+                    "read of {scope} at {}..{} ms still sees {noun} {name}, stopped at {} ms",
+                    r.invoke_ms, r.complete_ms, o.complete_ms
+                ));
             }
         }
     }
@@ -204,18 +277,19 @@ pub fn g6_one_leader_per_term(observations: &[(u64, u64)]) -> Verdict {
     v
 }
 
-/// G7: every acknowledged reply for one request id is the same (one creation).
+/// G7: every acknowledged reply for one request id (a create, a spawn or an agent stop) is
+/// the same: the command took effect once.
 pub fn g7_idempotent_retries(ops: &[Op]) -> Verdict {
     let mut v = Verdict {
         guarantee: "G7",
-        what: "no duplicate from a retried create",
+        what: "no duplicate from a retried command",
         checked: 0,
         violations: vec![],
     };
     let mut replies: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
     for o in ops {
-        if let (OpKind::Create { request_id, .. }, Outcome::Ok { value }) = (&o.kind, &o.outcome) {
-            replies.entry(request_id.as_str()).or_default().push(value);
+        if let (Some(rid), Outcome::Ok { value }) = (request_of(o), &o.outcome) {
+            replies.entry(rid).or_default().push(value);
         }
     }
     for (rid, values) in replies {
@@ -254,7 +328,8 @@ pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict
                 .push(format!("{what} at {} ms got {other:?}", o.invoke_ms)),
         }
     }
-    for name in fin.keys().filter(|n| n.starts_with("bad")) {
+    let names = fin.supervisors.keys().chain(fin.agents.keys());
+    for name in names.filter(|n| n.starts_with("bad")) {
         v.violations.push(format!("bad input created {name}"));
     }
     v.violations.extend(crashes.iter().cloned());
@@ -506,11 +581,139 @@ mod tests {
         }
     }
 
-    fn fin(pairs: &[(&str, &str)]) -> FinalState {
+    fn names(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(n, i)| (n.to_string(), i.to_string()))
             .collect()
+    }
+
+    /// A final registry holding these supervisors (name, id) and no agents.
+    fn fin(pairs: &[(&str, &str)]) -> FinalState {
+        FinalState {
+            supervisors: names(pairs),
+            agents: BTreeMap::new(),
+        }
+    }
+
+    /// An operation on agent `name` under supervisor `p`: a spawn or a stop (with request id
+    /// `rid`) answered `reply`, or unknown when `reply` is `None`.
+    fn on_agent(spawn: bool, name: &str, rid: &str, t: (u64, u64), reply: Option<Value>) -> Op {
+        let kind = if spawn {
+            OpKind::SpawnAgent {
+                name: name.into(),
+                supervisor: "p".into(),
+                restart: "permanent".into(),
+                request_id: rid.into(),
+                retry: false,
+            }
+        } else {
+            OpKind::StopAgent {
+                name: name.into(),
+                request_id: rid.into(),
+                retry: false,
+            }
+        };
+        Op {
+            client: 0,
+            kind,
+            invoke_ms: t.0,
+            complete_ms: t.1,
+            outcome: match reply {
+                Some(value) => Outcome::Ok { value },
+                None => Outcome::Unknown {
+                    why: "timeout".into(),
+                },
+            },
+        }
+    }
+
+    fn read_agents(names: &[&str], t: (u64, u64)) -> Op {
+        let agents: Vec<_> = names.iter().map(|n| json!({"name": n})).collect();
+        Op {
+            client: 0,
+            kind: OpKind::ReadAgents {
+                supervisor: "p".into(),
+            },
+            invoke_ms: t.0,
+            complete_ms: t.1,
+            outcome: Outcome::Ok {
+                value: json!({"agents": agents}),
+            },
+        }
+    }
+
+    #[test]
+    fn agent_checks_catch_lost_spawns_stops_that_did_not_stick_and_stale_reads() {
+        let spawned =
+            |name: &str, id: &str, t| on_agent(true, name, name, t, Some(json!({"id": id})));
+        let stopped =
+            |name: &str, t| on_agent(false, name, "s", t, Some(json!({"status": "stopped"})));
+        let agents = |pairs: &[(&str, &str)]| FinalState {
+            supervisors: BTreeMap::new(),
+            agents: names(pairs),
+        };
+        // G2: a spawned agent that is gone is lost; a stopped one that is still there did not
+        // stick; an agent of the same name among the supervisors does not count.
+        let ops = vec![
+            spawned("a", "1", (0, 5)),
+            spawned("b", "2", (0, 5)),
+            stopped("b", (6, 9)),
+        ];
+        assert!(g2_acknowledged_writes(&ops, &agents(&[("a", "1")])).ok());
+        let v = g2_acknowledged_writes(&ops, &agents(&[("a", "1"), ("b", "2")]));
+        assert_eq!(v.violations.len(), 1, "{:?}", v.violations);
+        assert!(
+            v.violations[0].contains("stop of agent b"),
+            "{:?}",
+            v.violations
+        );
+        let v = g2_acknowledged_writes(&ops, &fin(&[("a", "1")]));
+        assert!(
+            v.violations[0].contains("create of agent a"),
+            "{:?}",
+            v.violations
+        );
+        // An unknown stop may have run: the agent may be gone.
+        let maybe = vec![
+            spawned("a", "1", (0, 5)),
+            on_agent(false, "a", "s", (6, 9), None),
+        ];
+        assert!(g2_acknowledged_writes(&maybe, &agents(&[])).ok());
+
+        // G6: a read after the spawn must list it; after the stop it must not.
+        let read_ops = |seen: &[&str], t| vec![spawned("a", "1", (0, 5)), read_agents(seen, t)];
+        assert!(g6_linearizable_reads(&read_ops(&["a"], (6, 8))).ok());
+        assert!(!g6_linearizable_reads(&read_ops(&[], (6, 8))).ok());
+        assert!(
+            g6_linearizable_reads(&read_ops(&[], (4, 8))).ok(),
+            "concurrent"
+        );
+        let mut after_stop = read_ops(&["a"], (12, 14));
+        after_stop.push(stopped("a", (6, 9)));
+        let v = g6_linearizable_reads(&after_stop);
+        assert!(
+            v.violations[0].contains("still sees agent a"),
+            "{:?}",
+            v.violations
+        );
+        // A supervisor read does not see agents.
+        let sup_read = vec![spawned("a", "1", (0, 5)), read(&[], (6, 8))];
+        assert!(g6_linearizable_reads(&sup_read).ok());
+
+        // G7: a retried spawn or stop answers what the first attempt did.
+        let again = |reply| on_agent(true, "a", "a", (6, 9), Some(reply));
+        assert!(
+            g7_idempotent_retries(&[spawned("a", "1", (0, 5)), again(json!({"id": "1"}))]).ok()
+        );
+        assert!(
+            !g7_idempotent_retries(&[spawned("a", "1", (0, 5)), again(json!({"id": "2"}))]).ok()
+        );
+        let stop_twice = [
+            on_agent(false, "a", "s", (0, 5), Some(json!({"status": "stopped"}))),
+            on_agent(false, "a", "s", (6, 9), Some(json!({"status": "running"}))),
+        ];
+        assert!(!g7_idempotent_retries(&stop_twice).ok());
     }
 
     #[test]

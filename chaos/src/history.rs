@@ -23,6 +23,25 @@ pub enum OpKind {
     Read {
         parent: String,
     },
+    /// `spawn_agent` under the client's supervisor, with a request id; `retry` when it repeats
+    /// an earlier attempt whose outcome was unknown.
+    SpawnAgent {
+        name: String,
+        supervisor: String,
+        restart: String,
+        request_id: String,
+        retry: bool,
+    },
+    /// `stop_agent`, with a request id (`retry` as for spawns).
+    StopAgent {
+        name: String,
+        request_id: String,
+        retry: bool,
+    },
+    /// `list_agents {supervisor}`.
+    ReadAgents {
+        supervisor: String,
+    },
     BadInput {
         what: String,
     },

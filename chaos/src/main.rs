@@ -257,11 +257,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .violations
             .push(format!("the drain of node {node} could not be cancelled"));
     }
-    // Every permanent agent the workload created runs again within the bound.
-    let (agents_live, agent_records) = if scenario.workload.uses_counters() {
-        let wanted: Vec<String> = (0..scenario.workload.clients)
-            .map(workload::counter_of)
-            .collect();
+    // Every permanent agent the workload created runs again within the bound: the counters,
+    // and every agent a client spawned (acknowledged or not) that is still in the registry.
+    let ops = history.ops();
+    let (agents_live, agent_records) = if scenario.workload.uses_agents() {
+        let mut wanted: Vec<String> = Vec::new();
+        if scenario.workload.uses_counters() {
+            wanted.extend((0..scenario.workload.clients).map(workload::counter_of));
+        }
+        let spawned = ops.iter().filter_map(|o| match &o.kind {
+            history::OpKind::SpawnAgent { name, .. } => Some(name.clone()),
+            _ => None,
+        });
+        wanted.extend(spawned.collect::<std::collections::BTreeSet<_>>());
         let (v, records) = wait_agents_run(
             &world,
             &wanted,
@@ -315,7 +323,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             ))
         })
         .collect();
-    let ops = history.ops();
     let mut verdicts = vec![check::g1_at_most_one(
         &journals,
         &world.kills,
@@ -408,6 +415,9 @@ fn op_counts(ops: &[history::Op]) -> Value {
             history::OpKind::Create { .. } => "create",
             history::OpKind::Stop { .. } => "stop",
             history::OpKind::Read { .. } => "read",
+            history::OpKind::SpawnAgent { .. } => "spawn_agent",
+            history::OpKind::StopAgent { .. } => "stop_agent",
+            history::OpKind::ReadAgents { .. } => "agent_read",
             history::OpKind::BadInput { .. } => "bad_input",
             history::OpKind::Increment { .. } => "increment",
             history::OpKind::CounterRead { .. } => "counter_read",
@@ -518,21 +528,30 @@ async fn read_counter(world: &World, counter: &str) -> Option<i64> {
     None
 }
 
-/// Reads every supervisor back, page by page, with linearizable reads.
+/// Reads every supervisor and agent back, page by page, with linearizable reads.
 async fn read_final(world: &World) -> Result<FinalState, String> {
     let c = warden::client::Client {
         deadline: Duration::from_secs(20),
         ..world.client.clone()
     };
+    let names = |records: Vec<Value>| {
+        records
+            .iter()
+            .map(|s| {
+                let field = |k: &str| s[k].as_str().unwrap_or("").to_string();
+                (field("name"), field("id"))
+            })
+            .collect()
+    };
     let supervisors = c
         .all_pages("list_supervisors", &json!({}), "supervisors")
         .await
-        .map_err(|e| format!("final read: {e}"))?;
-    Ok(supervisors
-        .iter()
-        .map(|s| {
-            let field = |k: &str| s[k].as_str().unwrap_or("").to_string();
-            (field("name"), field("id"))
-        })
-        .collect())
+        .map_err(|e| format!("final read of supervisors: {e}"))?;
+    let agents = list_agents(&c)
+        .await
+        .map_err(|e| format!("final read of agents: {e}"))?;
+    Ok(FinalState {
+        supervisors: names(supervisors),
+        agents: names(agents),
+    })
 }

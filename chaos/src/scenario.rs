@@ -38,6 +38,14 @@ pub struct Workload {
     pub stop: u32,
     pub read: u32,
     pub bad_input: u32,
+    /// `spawn_agent` of an `echo` or `counter` agent (permanent or transient) under the
+    /// client's supervisor, `stop_agent` of one of them, and `list_agents` of that supervisor.
+    #[serde(default)]
+    pub spawn_agent: u32,
+    #[serde(default)]
+    pub stop_agent: u32,
+    #[serde(default)]
+    pub agent_read: u32,
     /// Increments of the client's durable counter (an agent call), and reads of it.
     #[serde(default)]
     pub increment: u32,
@@ -61,6 +69,11 @@ impl Workload {
     /// Whether the workload uses the clients' durable counters (and so creates them).
     pub fn uses_counters(&self) -> bool {
         self.increment + self.counter_read + self.migrate > 0
+    }
+
+    /// Whether the workload runs agents at all (its counters or agents of its own).
+    pub fn uses_agents(&self) -> bool {
+        self.uses_counters() || self.spawn_agent > 0
     }
 }
 
@@ -139,12 +152,25 @@ mod tests {
                 .unwrap();
         let s: Scenario = toml::from_str(&text).unwrap();
         assert!(s.workload.migrate > 0 && s.workload.drain > 0);
+        assert!(s.workload.spawn_agent > 0 && s.workload.stop_agent > 0);
         let old: String = text
             .lines()
-            .filter(|l| !l.starts_with("migrate") && !l.starts_with("drain"))
+            .filter(|l| {
+                ![
+                    "migrate",
+                    "drain",
+                    "spawn_agent",
+                    "stop_agent",
+                    "agent_read",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         let s: Scenario = toml::from_str(&old).unwrap();
         assert_eq!((s.workload.migrate, s.workload.drain), (0, 0));
+        let w = &s.workload;
+        assert_eq!((w.spawn_agent, w.stop_agent, w.agent_read), (0, 0, 0));
     }
 }

@@ -1,7 +1,8 @@
-//! Clients that create and stop supervisors, read them back, send bad input, call their
-//! durable counters, migrate counters and drain nodes, recording everything. Creates carry a
-//! request id and are retried with the same id after an unknown outcome, which is what G7 is
-//! about; migrations and drains carry one too, so the client may retry them safely.
+//! Clients that create and stop supervisors and agents, read them back, send bad input, call
+//! their durable counters, migrate counters and drain nodes, recording everything. Creates,
+//! spawns and agent stops carry a request id and are retried with the same id after an
+//! unknown outcome, which is what G7 is about; migrations and drains carry one too, so the
+//! client may retry them safely.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -101,6 +102,71 @@ pub fn outcome(result: Result<Value, CallError>) -> Outcome {
     }
 }
 
+/// Agents one client keeps alive at most (with those whose spawn or stop is unknown), so a
+/// read of its supervisor fits in one page.
+const MAX_LIVE_AGENTS: usize = 100;
+
+/// What a client does next, drawn by the scenario's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Create,
+    Stop,
+    Read,
+    BadInput,
+    Increment,
+    CounterRead,
+    Migrate,
+    Drain,
+    SpawnAgent,
+    StopAgent,
+    AgentRead,
+}
+
+fn pick(w: &Workload, rng: &mut StdRng) -> Option<Action> {
+    let table = [
+        (w.create, Action::Create),
+        (w.stop, Action::Stop),
+        (w.read, Action::Read),
+        (w.bad_input, Action::BadInput),
+        (w.increment, Action::Increment),
+        (w.counter_read, Action::CounterRead),
+        (w.migrate, Action::Migrate),
+        (w.drain, Action::Drain),
+        (w.spawn_agent, Action::SpawnAgent),
+        (w.stop_agent, Action::StopAgent),
+        (w.agent_read, Action::AgentRead),
+    ];
+    let total: u32 = table.iter().map(|(weight, _)| weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut roll = rng.gen_range(0..total);
+    for (weight, action) in table {
+        if roll < weight {
+            return Some(action);
+        }
+        roll -= weight;
+    }
+    None
+}
+
+/// An attempt whose outcome was unknown, retried now and then with its request id.
+fn take_retry<T>(unknown: &mut Vec<T>, rng: &mut StdRng) -> Option<T> {
+    if !unknown.is_empty() && rng.gen_bool(0.7) {
+        unknown.pop()
+    } else {
+        None
+    }
+}
+
+/// A `spawn_agent` as first sent, to be repeated exactly.
+struct Spawn {
+    name: String,
+    request_id: String,
+    kind: &'static str,
+    restart: &'static str,
+}
+
 /// Runs client `k` until `until`, against a cluster of `nodes` nodes. A drain it started is
 /// cancelled (by it, or after healing by the harness through `drains`).
 #[allow(clippy::too_many_arguments)]
@@ -122,17 +188,12 @@ pub async fn run_client(
     let parent = parent_of(k);
     let mut live: Vec<String> = Vec::new();
     let mut unknown_creates: Vec<(String, String)> = Vec::new();
+    let mut agents: Vec<String> = Vec::new();
+    let mut unknown_spawns: Vec<Spawn> = Vec::new();
+    let mut unknown_agent_stops: Vec<(String, String)> = Vec::new();
     let mut seq = 0u64;
     // This client's drain in effect, and when to cancel it.
     let mut drained: Option<(u64, Instant)> = None;
-    // Cumulative weights: an operation is picked by where a roll falls.
-    let c_stop = w.create + w.stop;
-    let c_read = c_stop + w.read;
-    let c_bad = c_read + w.bad_input;
-    let c_incr = c_bad + w.increment;
-    let c_get = c_incr + w.counter_read;
-    let c_migrate = c_get + w.migrate;
-    let total = c_migrate + w.drain;
     while Instant::now() < until {
         if let Some((node, at)) = drained {
             if Instant::now() >= at {
@@ -144,126 +205,181 @@ pub async fn run_client(
                 continue;
             }
         }
-        let roll = rng.gen_range(0..total.max(1));
-        if roll < w.create {
-            // Retry an unknown create first, with its original request id.
-            let (name, rid, retry) = match unknown_creates.pop() {
-                Some((n, r)) if rng.gen_bool(0.7) => (n, r, true),
-                other => {
-                    if let Some(o) = other {
-                        unknown_creates.push(o);
+        let Some(action) = pick(&w, &mut rng) else {
+            break;
+        };
+        match action {
+            Action::Create => {
+                // Retry an unknown create now and then, with its original request id.
+                let (name, rid, retry) = match take_retry(&mut unknown_creates, &mut rng) {
+                    Some((n, r)) => (n, r, true),
+                    None if live.len() >= MAX_LIVE => continue,
+                    None => {
+                        seq += 1;
+                        (format!("c{k}-{seq}"), format!("r{k}-{seq}"), false)
                     }
-                    if live.len() >= MAX_LIVE {
-                        continue;
-                    }
-                    seq += 1;
-                    (format!("c{k}-{seq}"), format!("r{k}-{seq}"), false)
-                }
-            };
-            let body = json!({"name": name, "parent": parent, "request_id": rid});
-            let kind = OpKind::Create {
-                name: name.clone(),
-                parent: parent.clone(),
-                request_id: rid.clone(),
-                retry,
-            };
-            let out = call(&client, &history, k, kind, "create_supervisor", &body).await;
-            match out {
-                Outcome::Ok { .. } => live.push(name),
-                Outcome::Unknown { .. } => unknown_creates.push((name, rid)),
-                Outcome::Failed { .. } => {}
-            }
-        } else if roll < c_stop {
-            if live.is_empty() {
-                continue;
-            }
-            let name = live.swap_remove(rng.gen_range(0..live.len()));
-            let out = call(
-                &client,
-                &history,
-                k,
-                OpKind::Stop { name: name.clone() },
-                "stop_supervisor",
-                &json!({"name": name}),
-            )
-            .await;
-            if let Outcome::Failed { code, .. } = &out {
-                if code != "not_found" {
-                    live.push(name);
-                }
-            }
-        } else if roll < c_read {
-            let body = json!({"parent": parent});
-            call(
-                &client,
-                &history,
-                k,
-                OpKind::Read {
+                };
+                let body = json!({"name": name, "parent": parent, "request_id": rid});
+                let kind = OpKind::Create {
+                    name: name.clone(),
                     parent: parent.clone(),
-                },
-                "list_supervisors",
-                &body,
-            )
-            .await;
-        } else if roll < c_bad {
-            bad_input(&client, &history, k, &mut rng).await;
-        } else if roll < c_get {
-            let counter = counter_of(k);
-            let (kind, body) = if roll < c_incr {
-                (
-                    OpKind::Increment {
-                        counter: counter.clone(),
-                    },
-                    json!({"op": "add", "n": 1}),
-                )
-            } else {
-                (
-                    OpKind::CounterRead {
-                        counter: counter.clone(),
-                    },
-                    json!({"op": "get"}),
-                )
-            };
-            // Retried (while the counter moves, or without an answer) under one call id, so
-            // the counter runs it once; past the deadline the outcome is unknown.
-            let invoke_ms = history.now_ms();
-            let out = outcome(client.call_agent(&counter, &body).await);
-            history.record(Op {
-                client: k,
-                kind,
-                invoke_ms,
-                complete_ms: history.now_ms(),
-                outcome: out,
-            });
-        } else if roll < c_migrate {
-            // Any client's counter, to a random node or the best one. A counter that is
-            // already moving, or a target it already runs on, gets `conflict`: failed.
-            let agent = counter_of(rng.gen_range(0..w.clients.max(1)));
-            let to = rng.gen_bool(0.5).then(|| rng.gen_range(1..=nodes.max(1)));
-            seq += 1;
-            let mut body = json!({"agent": agent, "request_id": format!("mig{k}-{seq}")});
-            if let Some(t) = to {
-                body["to"] = json!(t);
+                    request_id: rid.clone(),
+                    retry,
+                };
+                match call(&client, &history, k, kind, "create_supervisor", &body).await {
+                    Outcome::Ok { .. } => live.push(name),
+                    Outcome::Unknown { .. } => unknown_creates.push((name, rid)),
+                    Outcome::Failed { .. } => {}
+                }
             }
-            let kind = OpKind::Migrate { agent, to };
-            call(&client, &history, k, kind, "migrate_agent", &body).await;
-        } else {
-            if drained.is_some() {
-                continue;
+            Action::Stop => {
+                if live.is_empty() {
+                    continue;
+                }
+                let name = live.swap_remove(rng.gen_range(0..live.len()));
+                let kind = OpKind::Stop { name: name.clone() };
+                let body = json!({"name": name});
+                let out = call(&client, &history, k, kind, "stop_supervisor", &body).await;
+                if let Outcome::Failed { code, .. } = &out {
+                    if code != "not_found" {
+                        live.push(name);
+                    }
+                }
             }
-            let Some(node) = drains.reserve(nodes, &mut rng) else {
-                continue;
-            };
-            seq += 1;
-            let body = json!({"node": node, "request_id": format!("drain{k}-{seq}")});
-            let kind = OpKind::Drain {
-                node,
-                cancel: false,
-            };
-            // Whatever the outcome (an unknown one may have drained it), cancel it later.
-            call(&client, &history, k, kind, "drain_node", &body).await;
-            let ms = rng.gen_range(DRAIN_MS.0..=DRAIN_MS.1);
-            drained = Some((node, Instant::now() + Duration::from_millis(ms)));
+            Action::Read => {
+                let kind = OpKind::Read {
+                    parent: parent.clone(),
+                };
+                let body = json!({"parent": parent});
+                call(&client, &history, k, kind, "list_supervisors", &body).await;
+            }
+            Action::BadInput => bad_input(&client, &history, k, &mut rng).await,
+            Action::Increment | Action::CounterRead => {
+                let counter = counter_of(k);
+                let (kind, body) = if action == Action::Increment {
+                    let kind = OpKind::Increment {
+                        counter: counter.clone(),
+                    };
+                    (kind, json!({"op": "add", "n": 1}))
+                } else {
+                    let kind = OpKind::CounterRead {
+                        counter: counter.clone(),
+                    };
+                    (kind, json!({"op": "get"}))
+                };
+                // Retried (while the counter moves, or without an answer) under one call id,
+                // so the counter runs it once; past the deadline the outcome is unknown.
+                let invoke_ms = history.now_ms();
+                let out = outcome(client.call_agent(&counter, &body).await);
+                history.record(Op {
+                    client: k,
+                    kind,
+                    invoke_ms,
+                    complete_ms: history.now_ms(),
+                    outcome: out,
+                });
+            }
+            Action::Migrate => {
+                // Any client's counter, to a random node or the best one. A counter that is
+                // already moving, or a target it already runs on, gets `conflict`: failed.
+                let agent = counter_of(rng.gen_range(0..w.clients.max(1)));
+                let to = rng.gen_bool(0.5).then(|| rng.gen_range(1..=nodes.max(1)));
+                seq += 1;
+                let mut body = json!({"agent": agent, "request_id": format!("mig{k}-{seq}")});
+                if let Some(t) = to {
+                    body["to"] = json!(t);
+                }
+                let kind = OpKind::Migrate { agent, to };
+                call(&client, &history, k, kind, "migrate_agent", &body).await;
+            }
+            Action::Drain => {
+                if drained.is_some() {
+                    continue;
+                }
+                let Some(node) = drains.reserve(nodes, &mut rng) else {
+                    continue;
+                };
+                seq += 1;
+                let body = json!({"node": node, "request_id": format!("drain{k}-{seq}")});
+                let kind = OpKind::Drain {
+                    node,
+                    cancel: false,
+                };
+                // Whatever the outcome (an unknown one may have drained it), cancel it later.
+                call(&client, &history, k, kind, "drain_node", &body).await;
+                let ms = rng.gen_range(DRAIN_MS.0..=DRAIN_MS.1);
+                drained = Some((node, Instant::now() + Duration::from_millis(ms)));
+            }
+            Action::SpawnAgent => {
+                let (spawn, retry) = match take_retry(&mut unknown_spawns, &mut rng) {
+                    Some(s) => (s, true),
+                    None if agents.len() + unknown_spawns.len() + unknown_agent_stops.len()
+                        >= MAX_LIVE_AGENTS =>
+                    {
+                        continue
+                    }
+                    None => {
+                        seq += 1;
+                        let spawn = Spawn {
+                            name: format!("a{k}-{seq}"),
+                            request_id: format!("ra{k}-{seq}"),
+                            kind: if rng.gen_bool(0.5) { "echo" } else { "counter" },
+                            restart: if rng.gen_bool(0.5) {
+                                "permanent"
+                            } else {
+                                "transient"
+                            },
+                        };
+                        (spawn, false)
+                    }
+                };
+                let body = json!({"name": spawn.name, "supervisor": parent, "kind": spawn.kind,
+                                  "restart": spawn.restart, "request_id": spawn.request_id});
+                let kind = OpKind::SpawnAgent {
+                    name: spawn.name.clone(),
+                    supervisor: parent.clone(),
+                    restart: spawn.restart.into(),
+                    request_id: spawn.request_id.clone(),
+                    retry,
+                };
+                match call(&client, &history, k, kind, "spawn_agent", &body).await {
+                    Outcome::Ok { .. } => agents.push(spawn.name),
+                    Outcome::Unknown { .. } => unknown_spawns.push(spawn),
+                    Outcome::Failed { .. } => {}
+                }
+            }
+            Action::StopAgent => {
+                let (name, rid, retry) = match take_retry(&mut unknown_agent_stops, &mut rng) {
+                    Some((n, r)) => (n, r, true),
+                    None if agents.is_empty() => continue,
+                    None => {
+                        seq += 1;
+                        let name = agents.swap_remove(rng.gen_range(0..agents.len()));
+                        (name, format!("sa{k}-{seq}"), false)
+                    }
+                };
+                let body = json!({"agent": name, "request_id": rid});
+                let kind = OpKind::StopAgent {
+                    name: name.clone(),
+                    request_id: rid.clone(),
+                    retry,
+                };
+                match call(&client, &history, k, kind, "stop_agent", &body).await {
+                    Outcome::Ok { .. } => {}
+                    Outcome::Unknown { .. } => unknown_agent_stops.push((name, rid)),
+                    // Refused (e.g. `unavailable`): the agent is still there.
+                    Outcome::Failed { code, .. } if code != "not_found" => agents.push(name),
+                    Outcome::Failed { .. } => {}
+                }
+            }
+            Action::AgentRead => {
+                // One page holds them all: at most MAX_LIVE_AGENTS and the counter.
+                let kind = OpKind::ReadAgents {
+                    supervisor: parent.clone(),
+                };
+                let body = json!({"supervisor": parent});
+                call(&client, &history, k, kind, "list_agents", &body).await;
+            }
         }
         if w.think_ms > 0 {
             tokio::time::sleep(Duration::from_millis(w.think_ms)).await;

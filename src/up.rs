@@ -258,14 +258,27 @@ impl LocalCluster {
         loop {
             match client.call("cluster_status", &json!({})).await {
                 Ok(v) => {
-                    let up = v["nodes"]
-                        .as_array()
-                        .map(|a| a.iter().filter(|n| n["status"] == "up").count())
-                        .unwrap_or(0);
+                    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+                    let up = nodes.iter().filter(|n| n["status"] == "up").count();
                     if up >= n && v["leader"].is_u64() {
                         return Ok(v);
                     }
-                    last = format!("{up} of {n} nodes up");
+                    // Which nodes are not up, and why, for whoever reads the error.
+                    let others: Vec<String> = nodes
+                        .iter()
+                        .filter(|n| n["status"] != "up")
+                        .map(|n| {
+                            format!(
+                                "node {} {} (last contact {} ms ago)",
+                                n["id"], n["status"], n["last_contact_ms"]
+                            )
+                        })
+                        .collect();
+                    last = format!(
+                        "{up} of {n} nodes up, leader {}; {}",
+                        v["leader"],
+                        others.join(", ")
+                    );
                 }
                 Err(e) => last = e.to_string(),
             }

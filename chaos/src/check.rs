@@ -345,6 +345,51 @@ pub struct Kill {
     pub at_us: i64,
 }
 
+/// A SIGSTOP of a node process (wall clock, µs, read just after the signal was sent) and its
+/// SIGCONT (`to_us`; none if it was never continued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pause {
+    pub node: u64,
+    pub from_us: i64,
+    pub to_us: Option<i64>,
+}
+
+/// What the harness did to node processes, as the G1 checker needs it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessFaults {
+    /// Every node process that ended (killed, stopped, crashed).
+    pub kills: Vec<Kill>,
+    /// Every pause of a node process.
+    pub pauses: Vec<Pause>,
+    /// The nodes' `failure.lease_ms`, in µs.
+    pub lease_us: i64,
+}
+
+impl ProcessFaults {
+    /// The first kill of `node` at or after `from`.
+    fn killed_after(&self, node: u64, from: i64) -> Option<i64> {
+        self.kills
+            .iter()
+            .filter(|k| k.node == node && k.at_us >= from)
+            .map(|k| k.at_us)
+            .min()
+    }
+
+    /// When a run of `node` from `from` that wrote no stop line had to end because of a pause
+    /// longer than the lease, begun after `from`: the node's last lease was granted for a
+    /// heartbeat sent before the pause, so it ended within `lease_us` of the pause's start;
+    /// once continued, the node could only get a lease of a new term, and an agent never runs
+    /// into a term after the one it started in (`node::lease`).
+    fn lease_ended_in_pause(&self, node: u64, from: i64) -> Option<i64> {
+        self.pauses
+            .iter()
+            .filter(|p| p.node == node && p.from_us >= from)
+            .filter(|p| p.to_us.is_none_or(|to| to - p.from_us > self.lease_us))
+            .map(|p| p.from_us + self.lease_us)
+            .min()
+    }
+}
+
 /// One node's agent journal, read after the run, and when it was read (wall clock, µs): a run
 /// still open in it was running then, and nothing is known after.
 #[derive(Debug, Clone)]
@@ -363,6 +408,8 @@ pub enum RunEnd {
     LeaseLost,
     /// No stop line: the node process ended (the harness's kill record).
     Killed,
+    /// No stop line: the node was paused for longer than its lease, which ran out.
+    LeaseRanOutPaused,
     /// No stop line: the node started the agent again (after a restart of the node).
     StartedAgain,
     /// Still running when the journal was read.
@@ -385,20 +432,23 @@ pub struct Run {
 /// at its `until` when it has one (a lost lease: the agent could not act past it), else at its
 /// `t`. A run with no stop ends at the first kill of its node at or after its start, or at a
 /// later start of the same agent on the node (whichever is first), or, still open, when the
-/// journal was read.
-pub fn agent_runs(journals: &[NodeJournal], kills: &[Kill]) -> BTreeMap<String, Vec<Run>> {
+/// journal was read; and, killed or started again, no later than its lease could last through
+/// a pause longer than the lease (`ProcessFaults::lease_ended_in_pause`).
+pub fn agent_runs(journals: &[NodeJournal], procs: &ProcessFaults) -> BTreeMap<String, Vec<Run>> {
     let mut out: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for j in journals {
-        let killed_after = |from: i64| {
-            kills
-                .iter()
-                .filter(|k| k.node == j.node && k.at_us >= from)
-                .map(|k| k.at_us)
-                .min()
-        };
+        let killed_after = |from: i64| procs.killed_after(j.node, from);
         // Agent id to its open run: (epoch, start, start line's t).
         let mut open: BTreeMap<String, (u64, i64, String)> = BTreeMap::new();
         let mut close = |agent: &str, (epoch, from, started): (u64, i64, String), to, end| {
+            let (to, end) = match procs.lease_ended_in_pause(j.node, from) {
+                Some(paused)
+                    if paused < to && matches!(end, RunEnd::Killed | RunEnd::StartedAgain) =>
+                {
+                    (paused, RunEnd::LeaseRanOutPaused)
+                }
+                _ => (to, end),
+            };
             out.entry(agent.to_string()).or_default().push(Run {
                 node: j.node,
                 epoch,
@@ -451,6 +501,7 @@ fn describe_run(r: &Run, origin_us: i64) -> String {
         RunEnd::Stopped(why) => format!("stopped: {why}"),
         RunEnd::LeaseLost => "lease ran out".into(),
         RunEnd::Killed => "node killed".into(),
+        RunEnd::LeaseRanOutPaused => "lease ran out while paused".into(),
         RunEnd::StartedAgain => "started again".into(),
         RunEnd::Open => "still running when read".into(),
     };
@@ -465,13 +516,13 @@ fn describe_run(r: &Run, origin_us: i64) -> String {
 }
 
 /// G1: no agent ever ran on two nodes at once, by the nodes' journals and the harness's kill
-/// records (one clock: every process reads the same machine's wall clock, so no tolerance; a
+/// and pause records (one clock: every process reads the same machine's wall clock, so no tolerance; a
 /// run that ends exactly when another starts does not overlap it). `names` maps agent ids to
 /// names for the report; `origin_us` is the run's start (wall clock), so that times read as
 /// milliseconds of the run like the history's.
 pub fn g1_at_most_one(
     journals: &[NodeJournal],
-    kills: &[Kill],
+    procs: &ProcessFaults,
     names: &BTreeMap<String, String>,
     origin_us: i64,
 ) -> Verdict {
@@ -481,7 +532,7 @@ pub fn g1_at_most_one(
         checked: 0,
         violations: vec![],
     };
-    for (agent, mut runs) in agent_runs(journals, kills) {
+    for (agent, mut runs) in agent_runs(journals, procs) {
         v.checked += runs.len();
         runs.sort_by_key(|r| (r.from_us, r.to_us));
         let name = names
@@ -858,8 +909,21 @@ mod tests {
         }
     }
 
+    /// Kills and pauses, with a lease of one second.
+    fn procs(kills: &[Kill], pauses: &[Pause]) -> ProcessFaults {
+        ProcessFaults {
+            kills: kills.to_vec(),
+            pauses: pauses.to_vec(),
+            lease_us: 1_000_000,
+        }
+    }
+
     fn g1(journals: &[NodeJournal], kills: &[Kill]) -> Verdict {
-        g1_at_most_one(journals, kills, &BTreeMap::new(), us(0.0))
+        g1_paused(journals, kills, &[])
+    }
+
+    fn g1_paused(journals: &[NodeJournal], kills: &[Kill], pauses: &[Pause]) -> Verdict {
+        g1_at_most_one(journals, &procs(kills, pauses), &BTreeMap::new(), us(0.0))
     }
 
     #[test]
@@ -914,7 +978,7 @@ mod tests {
         };
         let v = g1(&[victim.clone(), other.clone()], &[kill]);
         assert!(v.ok() && v.checked == 3, "{v:?}");
-        let runs = agent_runs(std::slice::from_ref(&victim), &[kill]);
+        let runs = agent_runs(std::slice::from_ref(&victim), &procs(&[kill], &[]));
         let first = &runs.values().next().unwrap()[0];
         assert_eq!((first.to_us, &first.end), (us(3.0), &RunEnd::Killed));
         // Without the kill, the first run lasts until node 1 starts the agent again, across
@@ -957,6 +1021,58 @@ mod tests {
             "{:?}",
             v.violations
         );
+    }
+
+    #[test]
+    fn g1_ends_a_killed_node_s_runs_when_its_lease_ran_out_in_a_long_pause() {
+        // Node 1 runs the agent from 1 s, is paused from 2 s to 5 s (longer than its one-second
+        // lease), continued and killed at 5 s before writing anything; node 2 took the agent
+        // over at 4 s.
+        let victim = journal(1, vec![line(7, 1, "start", 1.0, None, None)]);
+        let other = journal(2, vec![line(7, 2, "start", 4.0, None, None)]);
+        let kill = Kill {
+            node: 1,
+            at_us: us(5.0),
+        };
+        let pause = |from: f64, to: f64| Pause {
+            node: 1,
+            from_us: us(from),
+            to_us: Some(us(to)),
+        };
+        let both = [victim.clone(), other.clone()];
+        assert!(
+            !g1(&both, &[kill]).ok(),
+            "without the pause the run lasts until the kill"
+        );
+        let v = g1_paused(&both, &[kill], &[pause(2.0, 5.0)]);
+        assert!(v.ok(), "{v:?}");
+        let runs = agent_runs(&both, &procs(&[kill], &[pause(2.0, 5.0)]));
+        let first = runs
+            .values()
+            .next()
+            .unwrap()
+            .iter()
+            .find(|r| r.node == 1)
+            .unwrap();
+        assert_eq!(
+            (first.to_us, &first.end),
+            (us(3.0), &RunEnd::LeaseRanOutPaused)
+        );
+        // A pause shorter than the lease leaves the lease (and the run) going.
+        assert!(!g1_paused(&both, &[kill], &[pause(2.0, 2.5)]).ok());
+        // A pause that began before the run does not end it; nor one on another node.
+        assert!(!g1_paused(&both, &[kill], &[pause(0.2, 0.9 + 2.0)]).ok());
+        let elsewhere = Pause {
+            node: 2,
+            ..pause(2.0, 5.0)
+        };
+        assert!(!g1_paused(&both, &[kill], &[elsewhere]).ok());
+        // A lease that ran out in the pause after node 2 had started: an overlap.
+        let late = [
+            victim,
+            journal(2, vec![line(7, 2, "start", 2.5, None, None)]),
+        ];
+        assert!(!g1_paused(&late, &[kill], &[pause(2.0, 5.0)]).ok());
     }
 
     #[test]

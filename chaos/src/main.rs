@@ -175,29 +175,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     let start_ms = history.now_ms();
                     let start_wall_us = wall_us();
                     if let Some((fault, target)) = world.inject(&kind, &mut rng, &current).await {
-                        let d = rng.gen_range(
-                            scenario.faults.duration_ms[0]..=scenario.faults.duration_ms[1],
-                        );
+                        let lasting = fault.map(|f| {
+                            let d = rng.gen_range(
+                                scenario.faults.duration_ms[0]..=scenario.faults.duration_ms[1],
+                            );
+                            (f, Instant::now() + Duration::from_millis(d))
+                        });
                         faults.push(FaultRecord {
                             kind,
                             target,
                             start_ms,
                             start_wall_us,
-                            healed_ms: None,
+                            // A fault over as soon as it was done (a rolling restart).
+                            healed_ms: lasting.is_none().then(|| history.now_ms()),
                         });
-                        active.push((
-                            fault,
-                            Instant::now() + Duration::from_millis(d),
-                            faults.len() - 1,
-                        ));
-                    } else if kind == "rolling_restart" {
-                        faults.push(FaultRecord {
-                            kind,
-                            target: "all".into(),
-                            start_ms,
-                            start_wall_us,
-                            healed_ms: Some(history.now_ms()),
-                        });
+                        if let Some((f, heal_at)) = lasting {
+                            active.push((f, heal_at, faults.len() - 1));
+                        }
                     }
                 }
             }
@@ -325,7 +319,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .collect();
     let mut verdicts = vec![check::g1_at_most_one(
         &journals,
-        &world.kills,
+        &world.procs,
         &names,
         history.start_wall_us(),
     )];
@@ -368,7 +362,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     println!(
         "chaos: {} node processes ended during the run, journals hold {} lines",
-        world.kills.len(),
+        world.procs.kills.len(),
         journals.iter().map(|j| j.entries.len()).sum::<usize>()
     );
     if let Ok(d) = &recovery {
@@ -393,7 +387,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let report = json!({
         "scenario": scenario.name, "seed": seed, "safety_s": scenario.safety_s,
         "faults": faults, "operations": counts, "verdicts": verdicts, "ok": ok,
-        "start_wall_us": history.start_wall_us(), "kills": world.kills,
+        "start_wall_us": history.start_wall_us(), "kills": world.procs.kills, "pauses": world.procs.pauses,
         "drains_cancelled_after_healing": undrained,
     });
     if let Some(path) = &args.report {

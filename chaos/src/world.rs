@@ -10,9 +10,10 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::json;
 use warden::client::Client;
+use warden::config::FailureConfig;
 use warden::up::{signal, LocalCluster, NatsServer};
 
-use crate::check::Kill;
+use crate::check::{Kill, Pause, ProcessFaults};
 use crate::history::wall_us;
 use crate::proxy::{free_port, Proxy};
 use crate::scenario::Scenario;
@@ -55,8 +56,8 @@ pub struct World {
     pub expected_down: BTreeMap<u64, bool>,
     pub crashes: Vec<String>,
     /// Every node process that ended (killed, stopped, crashed), with the wall-clock time by
-    /// which it had ended: the G1 checker ends the runs it left open there.
-    pub kills: Vec<Kill>,
+    /// which it had ended, and every pause: the G1 checker ends the runs they left open.
+    pub procs: ProcessFaults,
 }
 
 impl World {
@@ -129,7 +130,12 @@ impl World {
             client,
             expected_down: BTreeMap::new(),
             crashes: Vec::new(),
-            kills: Vec::new(),
+            procs: ProcessFaults {
+                kills: Vec::new(),
+                pauses: Vec::new(),
+                // The nodes run with the default failure settings.
+                lease_us: FailureConfig::default().lease_ms as i64 * 1_000,
+            },
         })
     }
 
@@ -153,7 +159,7 @@ impl World {
         for (id, status) in gone {
             self.cluster.nodes.remove(&id);
             // It ended at some moment before now: now is a safe end for what it ran.
-            self.kills.push(Kill {
+            self.procs.kills.push(Kill {
                 node: id,
                 at_us: wall_us(),
             });
@@ -167,13 +173,14 @@ impl World {
         }
     }
 
-    /// Injects one fault of `kind`, returning what it did.
+    /// Injects one fault of `kind`, returning its target and, for a fault that lasts until it
+    /// is healed, what to heal; `None` when the fault could not be injected now.
     pub async fn inject(
         &mut self,
         kind: &str,
         rng: &mut StdRng,
         active: &[Active],
-    ) -> Option<(Active, String)> {
+    ) -> Option<(Option<Active>, String)> {
         let busy: Vec<u64> = active
             .iter()
             .filter_map(|a| match a {
@@ -202,7 +209,7 @@ impl World {
                 if let Some(mut s) = self.nats[i].server.take() {
                     s.kill().await;
                 }
-                return Some((Active::NatsDown(i), format!("nats-{i}")));
+                return Some((Some(Active::NatsDown(i)), format!("nats-{i}")));
             }
             "rolling_restart" => {
                 if !busy.is_empty() {
@@ -211,7 +218,7 @@ impl World {
                 for id in self.proxies.keys().copied().collect::<Vec<_>>() {
                     self.expected_down.insert(id, true);
                     self.cluster.stop(id, Duration::from_secs(10)).await;
-                    self.kills.push(Kill {
+                    self.procs.kills.push(Kill {
                         node: id,
                         at_us: wall_us(),
                     });
@@ -224,7 +231,7 @@ impl World {
                     };
                     let _ = c.call("health", &json!({})).await; // wait until it answers again
                 }
-                return None;
+                return Some((None, "all".into()));
             }
             _ => pick(rng)?,
         };
@@ -233,7 +240,7 @@ impl World {
                 self.expected_down.insert(target, true);
                 self.cluster.kill(target).await;
                 // Read after the process was reaped: nothing ran there past this moment.
-                self.kills.push(Kill {
+                self.procs.kills.push(Kill {
                     node: target,
                     at_us: wall_us(),
                 });
@@ -242,6 +249,11 @@ impl World {
             "pause" | "pause_leader" => {
                 let pid = self.cluster.pid(target)?;
                 signal(pid, libc::SIGSTOP);
+                self.procs.pauses.push(Pause {
+                    node: target,
+                    from_us: wall_us(),
+                    to_us: None,
+                });
                 Active::Paused(target)
             }
             _ => {
@@ -249,7 +261,7 @@ impl World {
                 Active::Partitioned(target)
             }
         };
-        Some((fault, format!("node-{target}")))
+        Some((Some(fault), format!("node-{target}")))
     }
 
     /// Undoes one fault.
@@ -262,8 +274,14 @@ impl World {
                 self.expected_down.remove(&id);
             }
             Active::Paused(id) => {
+                // Read before the signal: the node runs again from then at the earliest.
+                let resumed = wall_us();
                 if let Some(pid) = self.cluster.pid(id) {
                     signal(pid, libc::SIGCONT);
+                }
+                let open = self.procs.pauses.iter_mut().rev();
+                if let Some(p) = open.filter(|p| p.node == id).find(|p| p.to_us.is_none()) {
+                    p.to_us = Some(resumed);
                 }
             }
             Active::Partitioned(id) => {

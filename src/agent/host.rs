@@ -80,6 +80,8 @@ struct Exit {
     reason: ExitReason,
     /// The instance killed itself because the node's lease ran out: not a crash.
     fenced: bool,
+    /// For a fenced exit, when the instance's lease ended.
+    lease_end: Option<Instant>,
 }
 
 /// A stop request: the shutdown timeout, whether to take a checkpoint first (a migration), and
@@ -100,6 +102,8 @@ struct Handover {
 struct Instance {
     epoch: u64,
     generation: u64,
+    /// The lease term it started in (`node::lease`): it may run only while that term lasts.
+    lease_term: u64,
     restart_requested: u64,
     /// Stops jump the mailbox queue: the task checks this first.
     stop: oneshot::Sender<StopRequest>,
@@ -268,7 +272,11 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 dirty = true;
             }
             Some(exit) = exits.recv() => host.on_exit(exit).await,
-            Ok(()) = grants.changed() => dirty = true,
+            Ok(()) = grants.changed() => {
+                // A grant after a lapse starts a new term: what ran in the old one stops.
+                host.fence_if_expired();
+                dirty = true;
+            }
             _ = sleep_until_opt(fence_at) => host.fence_if_expired(),
             Some(msg) = calls.next() => host.route(msg).await,
             Some((id, line)) = logs.recv() => host.publish_log(id, line).await,
@@ -287,6 +295,18 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     host.shutdown().await;
     drop(host);
     let _ = writer.await; // ends once the host's sender is gone
+}
+
+/// A monotonic instant as wall-clock time (for the journal).
+fn wall_time(at: Option<Instant>) -> Option<chrono::DateTime<Utc>> {
+    at.map(|u| {
+        let now = Instant::now();
+        let wall = Utc::now();
+        match u.checked_duration_since(now) {
+            Some(ahead) => wall + chrono::Duration::from_std(ahead).unwrap_or_default(),
+            None => wall - chrono::Duration::from_std(now - u).unwrap_or_default(),
+        }
+    })
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -322,31 +342,38 @@ impl Host {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The lease ran out: kill every local agent now. They may be placed elsewhere once the
-    /// leader's `down_after_ms` has passed, which is later by design (`node::lease`).
-    /// When the lease ran out, on the wall clock (for the journal).
-    fn lease_end_wall(&self) -> Option<chrono::DateTime<Utc>> {
-        self.node.lease.until().map(|u| {
-            let ago = Instant::now().saturating_duration_since(u);
-            Utc::now() - chrono::Duration::from_std(ago).unwrap_or_default()
-        })
-    }
-
+    /// Kills every local agent whose lease term is over: the lease ran out, or lapsed and
+    /// was granted again (the registry may have moved them meanwhile). They may be placed
+    /// elsewhere once the leader's `down_after_ms` has passed, which is later by design
+    /// (`node::lease`).
     fn fence_if_expired(&mut self) {
-        if self.node.lease.valid() || self.instances.is_empty() {
+        let lease = &self.node.lease;
+        let over: Vec<Uuid> = self
+            .instances
+            .iter()
+            .filter(|(_, inst)| !lease.valid_in(inst.lease_term))
+            .map(|(id, _)| *id)
+            .collect();
+        if over.is_empty() {
             return;
         }
-        let until = self.lease_end_wall();
         tracing::warn!(
-            agents = self.instances.len(),
-            "lost the lease: stopping every local agent"
+            agents = over.len(),
+            "lost the lease: stopping every agent started under it"
         );
-        for (id, inst) in std::mem::take(&mut self.instances) {
+        for id in over {
+            let Some(inst) = self.instances.remove(&id) else {
+                continue;
+            };
             // Aborting drops the agent at once (an exec process is killed on drop).
             inst.abort.abort();
+            let until = wall_time(lease.end_of(inst.lease_term));
             self.journal.stop(id, inst.epoch, "lease lost", until);
+            self.scheduled.remove(&id);
         }
-        self.scheduled.clear();
+        if !lease.valid() {
+            self.scheduled.clear();
+        }
         self.count_running();
     }
 
@@ -498,12 +525,14 @@ impl Host {
                 let (tx, rx) = mpsc::channel(MAILBOX);
                 let (stop, stop_rx) = oneshot::channel();
                 self.generation += 1;
+                let lease_term = self.node.lease.term();
                 let run = Run {
                     node: self.node.clone(),
                     me: self.me,
                     id: a.id,
                     epoch: a.epoch,
                     generation: self.generation,
+                    lease_term,
                     exits: self.exits.clone(),
                     calls,
                 };
@@ -513,6 +542,7 @@ impl Host {
                     Instance {
                         epoch: a.epoch,
                         generation: self.generation,
+                        lease_term,
                         restart_requested: a.restart_requested,
                         stop,
                         abort,
@@ -618,8 +648,8 @@ impl Host {
         let epoch = inst.epoch;
         if exit.fenced {
             // Started again by `reconcile` once the lease is back, like after a fence here.
-            let until = self.lease_end_wall();
-            self.journal.stop(exit.id, epoch, "lease lost", until);
+            self.journal
+                .stop(exit.id, epoch, "lease lost", wall_time(exit.lease_end));
             return;
         }
         let why = match &exit.reason {
@@ -909,7 +939,7 @@ impl Host {
             let why = format!("agent {target:?} is not running (status {status:?}); retry shortly");
             return answer(WireError::new(ErrorCode::Unavailable, why)).await;
         };
-        if !self.node.lease.valid() {
+        if !self.node.lease.valid_in(inst.lease_term) {
             let why = format!(
                 "node {} lost its lease; the agent may be moving; retry",
                 self.me
@@ -1043,6 +1073,7 @@ struct Run {
     id: Uuid,
     epoch: u64,
     generation: u64,
+    lease_term: u64,
     exits: mpsc::Sender<Exit>,
     /// Answers handed over by the agent's previous node.
     calls: Vec<RememberedCall>,
@@ -1062,9 +1093,11 @@ async fn agent_task(
         id,
         epoch,
         generation,
+        lease_term,
         exits,
         calls,
     } = run;
+    let lease = &node.lease;
     let mut ended = agent
         .take_exit()
         .unwrap_or_else(|| Box::pin(std::future::pending()));
@@ -1088,9 +1121,8 @@ async fn agent_task(
                     };
                     // A graceful stop never outlasts the lease: past it the agent is dropped
                     // (an exec process is killed on drop).
-                    let left = node
-                        .lease
-                        .until()
+                    let left = lease
+                        .end_of(lease_term)
                         .map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()));
                     if tokio::time::timeout(left, agent.stop(req.timeout_ms)).await.is_err() {
                         tracing::warn!(agent = %id, "the lease ran out while stopping; killed");
@@ -1117,19 +1149,26 @@ async fn agent_task(
             }
             r = &mut ended => break r,
             Ok(()) = expiries.changed() => {
-                if node.lease.valid() {
-                    continue; // renewed meanwhile
+                if lease.valid_in(lease_term) {
+                    continue; // renewed meanwhile, without a lapse
                 }
                 // The lease ran out: this instance may no longer run, whatever the host loop
                 // is busy with. Dropping the agent kills what it runs.
                 drop(agent);
-                let exit = Exit { id, generation, reason: ExitReason::Shutdown, fenced: true };
+                let lease_end = lease.end_of(lease_term);
+                let exit = Exit {
+                    id,
+                    generation,
+                    reason: ExitReason::Shutdown,
+                    fenced: true,
+                    lease_end,
+                };
                 let _ = exits.send(exit).await; // the host is gone when stopping
                 return;
             }
             m = rx.recv() => match m { Some(m) => m, None => break ExitReason::Shutdown },
         };
-        if !node.lease.valid() {
+        if !lease.valid_in(lease_term) {
             // Past the lease this instance may no longer act; the host is killing it.
             if let Msg::Call { reply, enc, .. } = *msg {
                 let err = WireError::new(
@@ -1208,6 +1247,7 @@ async fn agent_task(
         generation,
         reason,
         fenced: false,
+        lease_end: None,
     };
     let _ = exits.send(exit).await; // the host is gone when stopping
 }

@@ -55,17 +55,63 @@ struct LeaseState {
     until: Option<Instant>,
     /// Log index this node must have applied before it starts agents.
     min_applied: u64,
+    /// Counts unbroken leases: a grant that arrives once the lease has run out starts a new
+    /// term. An agent runs only in the term it started in (`valid_in`): after a lapse the
+    /// registry may have moved it while this node could not know, so it must not carry on.
+    term: u64,
+    /// When the previous term's lease ran out.
+    lapsed: Option<Instant>,
 }
 
 impl Lease {
-    /// Extends the lease to `sent + length` (never shortens it).
+    /// Extends the lease to `sent + length` (never shortens it). A grant that comes after the
+    /// lease ran out starts a new term, and wakes the agents of the old one (`expiries`) so
+    /// that they stop.
     pub fn renew(&self, sent: Instant, length: Duration, min_applied: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         let until = sent + length;
+        if until <= now {
+            return; // already over: it grants nothing
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let lapsed = st.until.is_none_or(|u| u <= now);
+        // The first grant ends no earlier term: nothing ran before it.
+        let ended_a_term = lapsed && st.until.is_some();
+        if lapsed {
+            st.term += 1;
+            st.lapsed = st.until;
+        }
         st.until = Some(st.until.map_or(until, |u| u.max(until)));
         st.min_applied = st.min_applied.max(min_applied);
         drop(st);
+        if ended_a_term {
+            self.expiries.send_modify(|n| *n += 1);
+        }
         self.grants.send_modify(|n| *n += 1);
+    }
+
+    /// The current term (see `LeaseState::term`).
+    pub fn term(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).term
+    }
+
+    /// Whether an agent started in `term` may still run: the lease is valid and has not
+    /// lapsed since.
+    pub fn valid_in(&self, term: u64) -> bool {
+        let st = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.term == term && st.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// When the lease of `term` ends or ended: the current lease's end, or for an earlier
+    /// term the moment the last lapse happened (the end of the previous term, and later than
+    /// the end of any before it, so never too early).
+    pub fn end_of(&self, term: u64) -> Option<Instant> {
+        let st = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.term == term {
+            st.until
+        } else {
+            st.lapsed
+        }
     }
 
     /// Changes with every grant.
@@ -396,6 +442,52 @@ mod tests {
         let expired = Lease::default();
         expired.renew(t - Duration::from_secs(2), Duration::from_secs(1), 0);
         assert!(!expired.valid());
+    }
+
+    #[test]
+    fn a_grant_after_a_lapse_starts_a_new_term_and_ends_the_old_one() {
+        let l = Lease::default();
+        let expiries = l.expiries();
+        let t = Instant::now();
+        l.renew(t, Duration::from_secs(60), 1);
+        let first = l.term();
+        assert!(l.valid_in(first));
+        // Renewals while the lease holds keep the term.
+        l.renew(t + Duration::from_millis(1), Duration::from_secs(60), 2);
+        assert_eq!(l.term(), first);
+        assert!(l.valid_in(first));
+
+        // A lease that ran out (as after a pause), then a fresh grant.
+        let lapsing = Lease::default();
+        let short = Duration::from_millis(30);
+        lapsing.renew(Instant::now(), short, 1);
+        let old = lapsing.term();
+        let old_end = lapsing.end_of(old).expect("granted");
+        while Instant::now() < old_end {
+            std::thread::yield_now();
+        }
+        let mut woken = lapsing.expiries();
+        woken.mark_unchanged();
+        lapsing.renew(Instant::now(), Duration::from_secs(60), 2);
+        assert!(lapsing.valid(), "the node holds a lease again");
+        assert!(
+            !lapsing.valid_in(old),
+            "an agent of the lapsed term must not carry on"
+        );
+        assert!(lapsing.valid_in(lapsing.term()));
+        assert_eq!(
+            lapsing.end_of(old),
+            Some(old_end),
+            "the old term ended then"
+        );
+        assert!(
+            woken.has_changed().unwrap_or(false),
+            "agents of the old term are woken to stop"
+        );
+        assert!(
+            !expiries.has_changed().unwrap_or(true),
+            "other leases untouched"
+        );
     }
 
     #[test]

@@ -99,6 +99,19 @@ fn verdict(
     }
 }
 
+/// Pure: whether node `id` was heard since `since` (this leader's term) and how long it has
+/// been silent, from when its last heartbeat came (`last`). The leader `me` hears itself: a
+/// node that an earlier leader marked suspect or down while it was cut off, and that leads
+/// now, is up again.
+fn silence(me: u64, id: u64, last: Option<Instant>, since: Instant, now: Instant) -> (bool, u64) {
+    if id == me {
+        return (true, 0);
+    }
+    let from = last.map_or(since, |t| t.max(since));
+    let silent = now.saturating_duration_since(from).as_millis() as u64;
+    (last.is_some_and(|t| t >= since), silent)
+}
+
 async fn detect(node: &Arc<Node>, since: Instant) {
     let me = node.cfg.id;
     let f = &node.cfg.failure;
@@ -108,7 +121,6 @@ async fn detect(node: &Arc<Node>, since: Instant) {
             .data()
             .nodes
             .values()
-            .filter(|n| n.id != me)
             .map(|n| (n.id, n.status))
             .collect()
     };
@@ -119,9 +131,7 @@ async fn detect(node: &Arc<Node>, since: Instant) {
             node.liveness.pardon(id);
         }
         let last = node.liveness.last(id);
-        let heard = last.is_some_and(|t| t >= since);
-        let from = last.map_or(since, |t| t.max(since));
-        let silent_ms = from.elapsed().as_millis() as u64;
+        let (heard, silent_ms) = silence(me, id, last, since, Instant::now());
         if let Some(v) = verdict(
             status,
             silent_ms,
@@ -285,5 +295,26 @@ mod tests {
         assert_eq!(v(NodeStatus::Down, 5_000, false), None, "down stays down");
         assert_eq!(v(NodeStatus::Left, 9_000, false), None);
         assert_eq!(v(NodeStatus::Joining, 9_000, false), None);
+    }
+
+    #[test]
+    fn a_leader_that_was_marked_suspect_or_down_marks_itself_up() {
+        let since = Instant::now();
+        let now = since + Duration::from_secs(3);
+        // Never heard over the network (a leader sends itself no heartbeat): itself is heard.
+        let (heard, silent) = silence(1, 1, None, since, now);
+        assert_eq!((heard, silent), (true, 0));
+        for status in [NodeStatus::Suspect, NodeStatus::Down] {
+            assert_eq!(
+                verdict(status, silent, heard, 500, 1_400),
+                Some(Verdict::Up)
+            );
+        }
+        // Another node never heard in this term is silent since the term began.
+        assert_eq!(silence(1, 2, None, since, now), (false, 3_000));
+        let before_term = since - Duration::from_secs(1);
+        assert_eq!(silence(1, 2, Some(before_term), since, now), (false, 3_000));
+        let recent = now - Duration::from_millis(40);
+        assert_eq!(silence(1, 2, Some(recent), since, now), (true, 40));
     }
 }

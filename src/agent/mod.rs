@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod exec;
 pub mod host;
 pub mod journal;
+pub mod mailbox;
 
 use std::collections::BTreeMap;
 use std::future::Future;

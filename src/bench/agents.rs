@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{figures, Figures};
+use crate::agent::journal::JournalEntry;
 use crate::bus;
 use crate::client::Client;
 use crate::protocol::{Envelope, ErrorCode};
+use crate::up::LocalCluster;
 
 /// Resident memory of a process, in bytes, from `/proc`.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
@@ -36,15 +38,22 @@ async fn call(c: &Client, agent: &str, body: &Value) -> Result<Value, ErrorCode>
 }
 
 /// Crashes a counter `rounds` times; each sample is the time from the crash's answer until
-/// the agent answers again.
-pub async fn restart_latency(c: &Client, rounds: usize) -> anyhow::Result<Figures> {
+/// the agent answers again, as a client sees it (so at least one NATS round trip). With a
+/// local cluster, also the restarts as the node journaled them: from the line of the crashed
+/// run's stop (written when the node saw the crash) to the line of the next start (written as
+/// the new instance starts), which is what an OTP restart time measures.
+pub async fn restart_latency(
+    c: &Client,
+    rounds: usize,
+    local: Option<&LocalCluster>,
+) -> anyhow::Result<(Figures, Option<Figures>)> {
     let sup = json!({"name": "bench-restart", "strategy": "one_for_one", "max_restarts": 1_000_000,
                      "max_seconds": 1, "backoff": {"initial_ms": 0, "max_ms": 0, "jitter": 0.0},
                      "request_id": "bench-restart-sup"});
     c.call("create_supervisor", &sup).await?;
     let agent = json!({"name": "bench-restart-c", "supervisor": "bench-restart", "kind": "counter",
                        "request_id": "bench-restart-agent"});
-    c.call("spawn_agent", &agent).await?;
+    let spawned = c.call("spawn_agent", &agent).await?;
     let get = json!({"op": "get"});
     let deadline = Instant::now() + Duration::from_secs(10);
     while call(c, "bench-restart-c", &get).await.is_err() {
@@ -71,10 +80,44 @@ pub async fn restart_latency(c: &Client, rounds: usize) -> anyhow::Result<Figure
         }
         samples.push(t.elapsed().as_micros() as u64);
     }
+    let elapsed = start.elapsed();
+    let record = c
+        .call("get_agent", &json!({"agent": "bench-restart-c"}))
+        .await?;
     let _ = c
         .call("stop_supervisor", &json!({"name": "bench-restart"}))
         .await; // cleanup only
-    Ok(figures(samples, 0, start.elapsed()))
+    let in_node = match (local, record["node"].as_u64(), spawned["id"].as_str()) {
+        (Some(cluster), Some(node), Some(id)) => {
+            let entries = crate::agent::journal::read_dir(&cluster.data_dir(node));
+            let gaps = journaled_restarts(&entries, id);
+            anyhow::ensure!(
+                gaps.len() >= rounds,
+                "node {node}'s journal holds {} restarts of the agent, not {rounds}",
+                gaps.len()
+            );
+            Some(figures(gaps, 0, elapsed))
+        }
+        _ => None,
+    };
+    Ok((figures(samples, 0, elapsed), in_node))
+}
+
+/// Microseconds from each journaled crash of `agent` to its next start.
+fn journaled_restarts(entries: &[JournalEntry], agent: &str) -> Vec<u64> {
+    let mut gaps = Vec::new();
+    let mut crashed_at = None;
+    for e in entries.iter().filter(|e| e.agent.to_string() == agent) {
+        match (e.ev.as_str(), crashed_at) {
+            ("stop", _) if e.reason.as_deref() == Some("crashed") => crashed_at = Some(e.t),
+            ("start", Some(at)) => {
+                gaps.push((e.t - at).num_microseconds().unwrap_or(0).max(0) as u64);
+                crashed_at = None;
+            }
+            _ => crashed_at = None,
+        }
+    }
+    gaps
 }
 
 /// Spawns `n` echo agents pinned to `node` in groups of 1,000, `concurrency` groups at a time,
@@ -125,8 +168,47 @@ pub async fn spawn_throughput(
     ))
 }
 
-/// Counts agents with a tag and status, page by page.
+/// Counts agents with a tag and status (one `find_agents {count: true}`).
 async fn count(c: &Client, tag: &str, status: &str) -> anyhow::Result<usize> {
-    let q = json!({"tag": tag, "status": status, "limit": 1000});
-    Ok(c.all_pages("find_agents", &q, "agents").await?.len())
+    let q = json!({"tag": tag, "status": status, "count": true});
+    let v = c.call("find_agents", &q).await?;
+    v["count"]
+        .as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| anyhow::anyhow!("find_agents answered no count: {v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_are_read_from_crash_to_next_start() {
+        let agent = uuid::Uuid::new_v4();
+        let other = uuid::Uuid::new_v4();
+        let at = |ms: i64, a: uuid::Uuid, ev: &str, reason: Option<&str>| JournalEntry {
+            t: chrono::DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap(),
+            node: 1,
+            agent: a,
+            epoch: 1,
+            ev: ev.into(),
+            reason: reason.map(Into::into),
+            until: None,
+        };
+        let entries = vec![
+            at(0, agent, "start", None),
+            at(10, agent, "stop", Some("crashed")),
+            at(11, other, "start", None),
+            at(12, agent, "start", None),
+            // A stop that is not a crash (a migration) is no restart.
+            at(20, agent, "stop", Some("migrating")),
+            at(25, agent, "start", None),
+            at(30, agent, "stop", Some("crashed")),
+            at(33, agent, "start", None),
+        ];
+        assert_eq!(
+            journaled_restarts(&entries, &agent.to_string()),
+            vec![2_000, 3_000]
+        );
+    }
 }

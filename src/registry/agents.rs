@@ -208,6 +208,9 @@ pub struct FindAgents {
     pub after: Option<String>,
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Answer only how many agents match (`{count}`), without paging.
+    #[serde(default)]
+    pub count: bool,
 }
 
 impl FindAgents {
@@ -251,6 +254,9 @@ impl FindAgents {
             .range((from, std::ops::Bound::Unbounded))
             .map(|(_, a)| a)
             .filter(matches);
+        if self.count {
+            return Ok(json!({ "count": candidates.count() }));
+        }
         let (page, more) = take_page(candidates, limit);
         let next = if more {
             page.last().map(|a| a.id)

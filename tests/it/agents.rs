@@ -381,6 +381,16 @@ async fn a_group_spawns_its_children_and_they_can_be_found() {
         .await
         .unwrap();
     assert_eq!(found["agents"].as_array().unwrap().len(), 5);
+    let count = |q: serde_json::Value| async move { c.call("find_agents", &q).await.unwrap() };
+    assert_eq!(
+        count(json!({"tag": "web", "status": "running", "count": true, "limit": 2})).await,
+        json!({"count": 5}),
+        "a count ignores paging"
+    );
+    assert_eq!(
+        count(json!({"tag": "web", "status": "failed", "count": true})).await,
+        json!({"count": 0})
+    );
     assert_eq!(
         call_agent(c, "pool-3", json!({"ping": 1})).await.unwrap(),
         json!({"ping": 1})

@@ -112,8 +112,12 @@ pub const MAX_SHUTDOWN_MS: u64 = 3_600_000;
 pub const MAX_GROUP: u32 = 10_000;
 
 /// sled's page cache. Its default (1 GiB) would let the cache, not the agents, decide a node's
-/// memory; the Raft log's recent entries and the state machine's hot records fit easily.
-pub const SLED_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+/// memory. The hot data is the log's recent entries (appended and read back for replication
+/// within moments) and the state machine's recently written records; everything else is read
+/// at start-up or when a lagging follower catches up, where a disk read is fine. 32 MiB holds
+/// the hot part and costs about 700 bytes less per agent than 128 MiB did with 100,000 agents
+/// (`warden bench --agents 100000`).
+pub const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Supervisors in the registry.
 pub const MAX_SUPERVISORS: usize = 1_000_000;

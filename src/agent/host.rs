@@ -175,6 +175,8 @@ impl Pending {
     }
 }
 
+/// How long the writer waits after the first new report before it sends what gathered.
+const REPORT_GATHER: Duration = Duration::from_millis(2);
 /// Reports (or handoffs) sent in one command: one Raft entry, well below the proposal size
 /// limit.
 const REPORTS_PER_WRITE: usize = 1_000;
@@ -1383,7 +1385,11 @@ async fn write_loop(
     let mut open = true;
     while open {
         tokio::select! {
-            _ = pending.notify.notified() => {}
+            _ = pending.notify.notified() => {
+                // Let a burst gather (a restart's `failed` and `running` become one report),
+                // so that churn costs the cluster fewer writes.
+                tokio::time::sleep(REPORT_GATHER).await;
+            }
             f = forget.recv() => match f {
                 Some(id) => forget_agent(&node, id).await,
                 None => open = false,

@@ -37,6 +37,16 @@ async fn call(c: &Client, agent: &str, body: &Value) -> Result<Value, ErrorCode>
     env.into_result().map_err(|e| e.code)
 }
 
+/// Restart latency three ways.
+pub struct Restarts {
+    /// Crash answer until the agent answers again, at a client.
+    pub client: Figures,
+    /// The reference for `client`: a plain call to the same agent, measured just before.
+    pub plain_call: Figures,
+    /// Crash seen until running again, inside the node (its journal; needs a local cluster).
+    pub in_node: Option<Figures>,
+}
+
 /// Crashes a counter `rounds` times; each sample is the time from the crash's answer until
 /// the agent answers again, as a client sees it (so at least one NATS round trip). With a
 /// local cluster, also the restarts as the node journaled them: from the line of the crashed
@@ -46,7 +56,7 @@ pub async fn restart_latency(
     c: &Client,
     rounds: usize,
     local: Option<&LocalCluster>,
-) -> anyhow::Result<(Figures, Option<Figures>)> {
+) -> anyhow::Result<Restarts> {
     let sup = json!({"name": "bench-restart", "strategy": "one_for_one", "max_restarts": 1_000_000,
                      "max_seconds": 1, "backoff": {"initial_ms": 0, "max_ms": 0, "jitter": 0.0},
                      "request_id": "bench-restart-sup"});
@@ -62,6 +72,16 @@ pub async fn restart_latency(
             "the restart benchmark's agent never started"
         );
     }
+    let start = Instant::now();
+    let mut plain = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        call(c, "bench-restart-c", &get)
+            .await
+            .map_err(|e| anyhow::anyhow!("a plain call failed: {e:?}"))?;
+        plain.push(t.elapsed().as_micros() as u64);
+    }
+    let plain_call = figures(plain, 0, start.elapsed());
     let start = Instant::now();
     let mut samples = Vec::new();
     for _ in 0..rounds {
@@ -100,7 +120,11 @@ pub async fn restart_latency(
         }
         _ => None,
     };
-    Ok((figures(samples, 0, elapsed), in_node))
+    Ok(Restarts {
+        client: figures(samples, 0, elapsed),
+        plain_call,
+        in_node,
+    })
 }
 
 /// Microseconds from each journaled crash of `agent` to its next start.

@@ -143,7 +143,8 @@ async fn bench_agents(
     rtt_us: u64,
 ) -> anyhow::Result<Value> {
     eprintln!("measuring agent restarts");
-    let (restart, in_node) = agents::restart_latency(client, 200, local).await?;
+    let restarts = agents::restart_latency(client, 1_000, local).await?;
+    let (restart, plain, in_node) = (restarts.client, restarts.plain_call, restarts.in_node);
     let rss = |id: u64| local.and_then(|c| c.pid(id)).and_then(agents::rss_bytes);
     let (host_before, replica_before) = (rss(1), rss(2));
     eprintln!("spawning {n} agents on node 1");
@@ -156,6 +157,8 @@ async fn bench_agents(
     let replica = per(replica_before, rss(2));
     Ok(json!({
         "restart": restart,
+        "plain_call": plain,
+        "restart_p99_vs_plain_call_p99": restart.p99_us as f64 / plain.p99_us.max(1) as f64,
         "nats_rtt_p50_us": rtt_us,
         "restart_p99_vs_nats_rtt": restart.p99_us as f64 / rtt_us.max(1) as f64,
         "restart_in_node": in_node,
@@ -179,8 +182,10 @@ fn print_agents(a: &Value) {
         None => println!("agent restart inside the node: needs --local (the bench reads the node's journal)"),
     }
     println!(
-        "agent restart seen by a client (crash answer until answering again): p50 {} us, p99 {} us = {:.1}x the NATS round trip ({} us p50)",
-        a["restart"]["p50_us"], a["restart"]["p99_us"], f("restart_p99_vs_nats_rtt"), a["nats_rtt_p50_us"]
+        "agent restart seen by a client (crash answer until answering again): p50 {} us, p99 {} us = {:.1}x a plain call to the agent (p50 {} us, p99 {} us), {:.1}x the NATS round trip ({} us p50)",
+        a["restart"]["p50_us"], a["restart"]["p99_us"], f("restart_p99_vs_plain_call_p99"),
+        a["plain_call"]["p50_us"], a["plain_call"]["p99_us"],
+        f("restart_p99_vs_nats_rtt"), a["nats_rtt_p50_us"]
     );
     println!(
         "spawn: {} agents acknowledged at {:.0}/s, all running at {:.0}/s",

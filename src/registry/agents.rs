@@ -39,6 +39,38 @@ pub enum AgentStatus {
     Migrating,
 }
 
+/// A small set of strings (an agent's tags or capabilities), kept as a sorted vector: every
+/// node holds one per agent, and a one-element `BTreeSet` allocates a whole B-tree leaf (about
+/// 280 bytes) where this allocates one slot. Encoded as a list, like the set it replaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<String>")]
+pub struct StringSet(Vec<String>);
+
+impl StringSet {
+    pub fn contains(&self, s: &str) -> bool {
+        self.0.binary_search_by(|x| x.as_str().cmp(s)).is_ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        self.0.iter()
+    }
+}
+
+impl From<Vec<String>> for StringSet {
+    fn from(mut v: Vec<String>) -> StringSet {
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        StringSet(v)
+    }
+}
+
+impl From<&BTreeSet<String>> for StringSet {
+    fn from(set: &BTreeSet<String>) -> StringSet {
+        StringSet(set.iter().cloned().collect())
+    }
+}
+
 /// An agent record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Agent {
@@ -49,8 +81,8 @@ pub struct Agent {
     pub restart: RestartType,
     /// Time allowed for a clean stop before the agent is killed; 0 is `brutal_kill`.
     pub shutdown_ms: u64,
-    pub tags: BTreeSet<String>,
-    pub capabilities: BTreeSet<String>,
+    pub tags: StringSet,
+    pub capabilities: StringSet,
     pub supervisor: String,
     /// Start order among its siblings.
     pub position: u64,
@@ -386,8 +418,8 @@ impl Registry {
             config: s.config.clone(),
             restart: s.restart,
             shutdown_ms: s.shutdown_ms,
-            tags: s.tags.clone(),
-            capabilities: s.capabilities.clone(),
+            tags: StringSet::from(&s.tags),
+            capabilities: StringSet::from(&s.capabilities),
             supervisor: sup_name,
             position: self.next_position,
             status: AgentStatus::Pending,

@@ -532,3 +532,17 @@ fn spread_puts_a_supervisor_s_children_in_different_zones() {
     nodes.sort_unstable();
     assert_eq!(nodes, [1, 2, 3]);
 }
+
+#[test]
+fn tag_sets_read_what_the_old_set_encoding_wrote_and_stay_sorted() {
+    use super::agents::StringSet;
+    let old: std::collections::BTreeSet<String> =
+        ["web".to_string(), "eu".to_string()].into_iter().collect();
+    // Records in sled and snapshots were written with a BTreeSet: a MessagePack list.
+    let bytes = rmp_serde::to_vec_named(&old).unwrap();
+    let read: StringSet = rmp_serde::from_slice(&bytes).unwrap();
+    assert!(read.contains("eu") && read.contains("web") && !read.contains("x"));
+    let json: StringSet = serde_json::from_value(json!(["web", "eu", "web"])).unwrap();
+    assert_eq!(json, read, "sorted and without duplicates");
+    assert_eq!(serde_json::to_value(&json).unwrap(), json!(["eu", "web"]));
+}

@@ -19,6 +19,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// A verdict with nothing checked yet.
+    pub fn new(guarantee: &'static str, what: &'static str) -> Verdict {
+        Verdict {
+            guarantee,
+            what,
+            checked: 0,
+            violations: Vec::new(),
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
@@ -115,12 +125,7 @@ fn stops_invoked_before(ops: &[Op], entity: Entity, name: &str, t_ms: u64) -> bo
 /// may have run, with the id it was acknowledged with; every acknowledged stop's supervisor or
 /// agent is gone.
 pub fn g2_acknowledged_writes(ops: &[Op], fin: &FinalState) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G2",
-        what: "no lost acknowledged command",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G2", "no lost acknowledged command");
     for o in ops {
         let (Some(w), Outcome::Ok { value }) = (write_of(o), &o.outcome) else {
             continue;
@@ -159,12 +164,7 @@ pub fn g2_acknowledged_writes(ops: &[Op], fin: &FinalState) -> Verdict {
 /// the value read back after healing. Each counter has one sequential client, so its values
 /// may only grow.
 pub fn g3_counters(ops: &[Op], finals: &BTreeMap<String, Option<i64>>) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G3",
-        what: "no lost acknowledged checkpoint (durable counters)",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G3", "no lost acknowledged checkpoint (durable counters)");
     let mut acked: BTreeMap<&str, Vec<(u64, u64, i64)>> = BTreeMap::new();
     for o in ops {
         let counter = match &o.kind {
@@ -210,12 +210,7 @@ pub fn g3_counters(ops: &[Op], finals: &BTreeMap<String, Option<i64>>) -> Verdic
 /// G6: a read of a supervisor's children (supervisors or agents) sees every create under it
 /// acknowledged before the read began, and no stop acknowledged before it.
 pub fn g6_linearizable_reads(ops: &[Op]) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G6",
-        what: "reads never miss an acknowledged write",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G6", "reads never miss an acknowledged write");
     for r in ops {
         let (Some((entity, scope, field)), Outcome::Ok { value }) = (read_of(r), &r.outcome) else {
             continue;
@@ -257,12 +252,7 @@ pub fn g6_linearizable_reads(ops: &[Op]) -> Verdict {
 
 /// G6 (leaders): at most one leader per term, from `leader_changed` events and status samples.
 pub fn g6_one_leader_per_term(observations: &[(u64, u64)]) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G6",
-        what: "one leader per term",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G6", "one leader per term");
     let mut by_term: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     for (term, leader) in observations {
         by_term.entry(*term).or_default().insert(*leader);
@@ -280,12 +270,7 @@ pub fn g6_one_leader_per_term(observations: &[(u64, u64)]) -> Verdict {
 /// G7: every acknowledged reply for one request id (a create, a spawn or an agent stop) is
 /// the same: the command took effect once.
 pub fn g7_idempotent_retries(ops: &[Op]) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G7",
-        what: "no duplicate from a retried command",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G7", "no duplicate from a retried command");
     let mut replies: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
     for o in ops {
         if let (Some(rid), Outcome::Ok { value }) = (request_of(o), &o.outcome) {
@@ -306,12 +291,7 @@ pub fn g7_idempotent_retries(ops: &[Op]) -> Verdict {
 /// G5: bad input is refused with a clear error, never accepted, never crashes a node, and
 /// leaves no trace in the registry.
 pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G5",
-        what: "bad input gets a clear error and changes nothing",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G5", "bad input gets a clear error and changes nothing");
     let clear = ["bad_request", "too_large"];
     for o in ops {
         let OpKind::BadInput { what } = &o.kind else {
@@ -526,12 +506,7 @@ pub fn g1_at_most_one(
     names: &BTreeMap<String, String>,
     origin_us: i64,
 ) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G1",
-        what: "no agent ran on two nodes at once (node journals)",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G1", "no agent ran on two nodes at once (node journals)");
     for (agent, mut runs) in agent_runs(journals, procs) {
         v.checked += runs.len();
         runs.sort_by_key(|r| (r.from_us, r.to_us));
@@ -558,12 +533,7 @@ pub fn g1_at_most_one(
 /// that is still in the registry (`records`: `list_agents` records, read at the deadline or
 /// once all ran) is `running`.
 pub fn g4_agents_run(wanted: &[String], records: &[Value], within_s: u64) -> Verdict {
-    let mut v = Verdict {
-        guarantee: "G4",
-        what: "every permanent agent runs again after healing",
-        checked: 0,
-        violations: vec![],
-    };
+    let mut v = Verdict::new("G4", "every permanent agent runs again after healing");
     for name in wanted {
         let Some(a) = records.iter().find(|a| a["name"] == name.as_str()) else {
             continue;

@@ -536,10 +536,12 @@ impl Host {
                 self.generation += 1;
                 let lease_term = self.node.lease.term();
                 let run = Run {
-                    node: self.node.clone(),
-                    me: self.me,
-                    id: a.id,
-                    epoch: a.epoch,
+                    who: Who {
+                        node: self.node.clone(),
+                        me: self.me,
+                        id: a.id,
+                        epoch: a.epoch,
+                    },
                     generation: self.generation,
                     lease_term,
                     exits: self.exits.clone(),
@@ -1082,10 +1084,7 @@ async fn send_envelope(
 
 /// Who an agent task is, and where it reports its end.
 struct Run {
-    node: Arc<Node>,
-    me: u64,
-    id: Uuid,
-    epoch: u64,
+    who: Who,
     generation: u64,
     lease_term: u64,
     exits: mpsc::UnboundedSender<Exit>,
@@ -1097,22 +1096,14 @@ struct Run {
 /// request is served before anything queued in the mailbox.
 async fn agent_task(run: Run, mut agent: Box<dyn Agent>, mailbox: Arc<AgentMailbox>) {
     let Run {
-        node,
-        me,
-        id,
-        epoch,
+        who: instance,
         generation,
         lease_term,
         exits,
         calls,
     } = run;
-    let instance = Who {
-        node,
-        me,
-        id,
-        epoch,
-    };
     let (node, lease) = (&instance.node, &instance.node.lease);
+    let (me, id, epoch) = (instance.me, instance.id, instance.epoch);
     let mut ended = agent
         .take_exit()
         .unwrap_or_else(|| Box::pin(std::future::pending()));

@@ -208,6 +208,7 @@ impl QuorumGate {
     pub async fn run(
         &self,
         raft: Raft,
+        floor: &crate::raft::read::ReadFloor,
         round_timeout: Duration,
         stopped: impl Future<Output = ()>,
     ) {
@@ -222,7 +223,7 @@ impl QuorumGate {
             if let Ok(Ok((read, _))) =
                 tokio::time::timeout(round_timeout, raft.get_read_log_id()).await
             {
-                let index = read.map_or(0, |l| l.index);
+                let index = floor.raise(&raft, read);
                 self.confirmed.send_replace(Some((start, index)));
             }
         }

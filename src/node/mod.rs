@@ -58,6 +58,8 @@ pub struct Node {
     /// On the leader: when each node was last heard from.
     pub liveness: lease::Liveness,
     quorum: lease::QuorumGate,
+    /// Raises read indexes over a restart as leader (see `raft::read`).
+    read_floor: crate::raft::read::ReadFloor,
     /// Agents running here, kept by the host for heartbeats.
     pub running: std::sync::atomic::AtomicU32,
 }
@@ -275,17 +277,33 @@ impl Node {
     }
 
     /// Confirms leadership with a quorum and waits until everything committed before the read
-    /// is applied, then reads. `None` when this node turns out not to lead.
+    /// is applied (from the read index raised by the node's `ReadFloor`), then reads. `None`
+    /// when this node turns out not to lead.
     async fn linearizable_read(&self, read: impl FnOnce(&Node) -> Outcome) -> Option<Outcome> {
-        let deadline = Duration::from_millis(limits::FORWARD_TIMEOUT_MS / 2);
-        match tokio::time::timeout(deadline, self.raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Some(read(self)),
-            Ok(Err(openraft::error::RaftError::APIError(_))) => None,
-            Ok(Err(e)) => Some(Err(WireError::new(ErrorCode::Unavailable, e.to_string()))),
-            Err(_) => Some(Err(WireError::new(
+        let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS / 2);
+        let late = |what: &str| {
+            Some(Err(WireError::new(
                 ErrorCode::Unavailable,
-                "the leader could not confirm its leadership with a quorum in time",
-            ))),
+                format!("the leader could not {what} in time"),
+            )))
+        };
+        let confirmed = tokio::time::timeout_at(deadline.into(), self.raft.get_read_log_id()).await;
+        let read_id = match confirmed {
+            Ok(Ok((read_id, _))) => read_id,
+            Ok(Err(openraft::error::RaftError::APIError(_))) => return None,
+            Ok(Err(e)) => return Some(Err(WireError::new(ErrorCode::Unavailable, e.to_string()))),
+            Err(_) => return late("confirm its leadership with a quorum"),
+        };
+        let index = self.read_floor.raise(&self.raft, read_id);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let applied = self
+            .raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await;
+        match applied {
+            Ok(_) => Some(read(self)),
+            Err(_) => late("apply the log up to the read index"),
         }
     }
 
@@ -398,6 +416,7 @@ pub async fn run_with_kinds(
         lease: lease::Lease::default(),
         liveness: lease::Liveness::default(),
         quorum: lease::QuorumGate::default(),
+        read_floor: Default::default(),
         running: Default::default(),
     });
 
@@ -423,7 +442,11 @@ pub async fn run_with_kinds(
     let gate = node.clone();
     let round = Duration::from_millis(cfg.failure.lease_ms);
     let stopped = flag(&stop_rx);
-    tasks.spawn(async move { gate.quorum.run(gate.raft.clone(), round, stopped).await });
+    tasks.spawn(async move {
+        gate.quorum
+            .run(gate.raft.clone(), &gate.read_floor, round, stopped)
+            .await
+    });
     tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
     let fencer = node.clone();
     let stopped = flag(&stop_rx);

@@ -2,6 +2,7 @@
 //! server. Membership changes live in `node::membership`, next to the commands that drive them.
 
 pub mod network;
+pub mod read;
 pub mod server;
 pub mod store;
 pub mod typ;

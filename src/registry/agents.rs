@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    page_limit, take_page, validate_name, validate_request_id, Child, Key, Outcome, Registry,
+    page_limit, take_page, validate_name, validate_request_id, Child, Outcome, Registry,
     RegistryEvent,
 };
 use crate::limits;
@@ -366,10 +366,7 @@ impl Registry {
             ids.remove(&id);
         }
         self.unplaced.remove(&id);
-        if self.data.checkpoints.remove(&id).is_some() {
-            self.touched.insert(Key::Checkpoint(id));
-        }
-        self.touched.insert(Key::Agent(id));
+        self.data.checkpoints.remove(&id);
         Some(a)
     }
 
@@ -437,7 +434,6 @@ impl Registry {
         };
         let reply = serde_json::to_value(&agent).map_err(super::internal)?;
         events.push(agent_event(&agent, "placed", time, json!({ "node": node })));
-        self.touched.insert(Key::Agent(id));
         self.insert_agent(agent);
         Ok(reply)
     }
@@ -481,7 +477,6 @@ impl Registry {
         }
         a.updated_at = time;
         let requested = a.restart_requested;
-        self.touched.insert(Key::Agent(id));
         if a.node.is_none() {
             // It waits on no node (it stopped while its node was lost): place it now.
             self.place_pending(time, events);
@@ -541,7 +536,6 @@ impl Registry {
                             json!({ "status": a.status, "error": r.error, "restarts": a.restarts });
                         events.push(agent_event(a, ev, time, data));
                     }
-                    self.touched.insert(Key::Agent(r.agent));
                     applied += 1;
                 }
                 _ => stale.push(r.agent),
@@ -600,8 +594,6 @@ impl Registry {
                 calls: Vec::new(),
             },
         );
-        self.touched.insert(Key::Agent(agent));
-        self.touched.insert(Key::Checkpoint(agent));
         Ok(json!({ "agent": agent, "checkpoint_seq": seq }))
     }
 }

@@ -5,8 +5,8 @@
 //! replies from the same log. Business rejections (a taken name, an unknown parent) are
 //! returned as data in the [`Outcome`], never as storage errors.
 //!
-//! The registry records which keys each apply touched ([`Registry::take_touched`]) so the
-//! store can persist only what changed.
+//! The registry lives in memory on every node; the store persists it as snapshots of its
+//! [`RegistryData`] (derived indexes are rebuilt by [`Registry::from_data`]).
 
 mod agents;
 mod moves;
@@ -156,16 +156,6 @@ impl RegistryCmd {
     }
 }
 
-/// A record key, as persisted by the store.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
-    Node(u64),
-    Supervisor(String),
-    Request(String),
-    Agent(Uuid),
-    Checkpoint(Uuid),
-}
-
 /// An event produced by applying a command. The publishing node adds its own id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegistryEvent {
@@ -208,8 +198,6 @@ pub struct Registry {
     by_node: BTreeMap<u64, BTreeSet<Uuid>>,
     /// Agents placed nowhere (no node could take them). Derived.
     unplaced: BTreeSet<Uuid>,
-    /// Keys changed since the last [`Registry::take_touched`].
-    touched: BTreeSet<Key>,
 }
 
 impl Default for Registry {
@@ -238,7 +226,6 @@ impl Registry {
             agent_names: BTreeMap::new(),
             by_node: BTreeMap::new(),
             unplaced: BTreeSet::new(),
-            touched: BTreeSet::new(),
         };
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
@@ -275,55 +262,6 @@ impl Registry {
     /// The registry's content.
     pub fn data(&self) -> &RegistryData {
         &self.data
-    }
-
-    /// Inserts one persisted record while loading from disk.
-    pub fn load_record(&mut self, record: Record) {
-        match record {
-            Record::Node(n) => {
-                self.data.nodes.insert(n.id, n);
-            }
-            Record::Supervisor(s) => self.insert_supervisor(s),
-            Record::Agent(a) => self.insert_agent(a),
-            Record::Checkpoint(c) => {
-                self.data.checkpoints.insert(c.agent, c);
-            }
-            Record::Request(id, r) => {
-                self.request_order.insert((r.time, id.clone()));
-                self.data.requests.insert(id, r);
-            }
-        }
-    }
-
-    /// The current record under `key`, or `None` when it was removed.
-    pub fn record(&self, key: &Key) -> Option<Record> {
-        match key {
-            Key::Node(id) => self.data.nodes.get(id).cloned().map(Record::Node),
-            Key::Supervisor(n) => self
-                .data
-                .supervisors
-                .get(n)
-                .cloned()
-                .map(Record::Supervisor),
-            Key::Request(id) => self
-                .data
-                .requests
-                .get(id)
-                .cloned()
-                .map(|r| Record::Request(id.clone(), r)),
-            Key::Agent(id) => self.data.agents.get(id).cloned().map(Record::Agent),
-            Key::Checkpoint(id) => self
-                .data
-                .checkpoints
-                .get(id)
-                .cloned()
-                .map(Record::Checkpoint),
-        }
-    }
-
-    /// Keys changed since the last call.
-    pub fn take_touched(&mut self) -> BTreeSet<Key> {
-        std::mem::take(&mut self.touched)
     }
 
     /// Looks up a node.
@@ -426,7 +364,6 @@ impl Registry {
         };
         self.data.requests.insert(rid.to_string(), record);
         self.request_order.insert((time, rid.to_string()));
-        self.touched.insert(Key::Request(rid.to_string()));
         while self.data.requests.len() > limits::MAX_REMEMBERED_REQUESTS {
             self.forget_oldest_request();
         }
@@ -448,7 +385,6 @@ impl Registry {
     fn forget_oldest_request(&mut self) {
         if let Some((_, rid)) = self.request_order.pop_first() {
             self.data.requests.remove(&rid);
-            self.touched.insert(Key::Request(rid));
         }
     }
 
@@ -504,7 +440,6 @@ impl Registry {
             ));
         }
         let reply = serde_json::to_value(&*node).map_err(internal)?;
-        self.touched.insert(Key::Node(id));
         self.place_pending(time, events);
         Ok(reply)
     }
@@ -528,7 +463,6 @@ impl Registry {
                 time,
                 json!({ "node_id": id, "name": node.name }),
             ));
-            self.touched.insert(Key::Node(id));
             // The departed node stops itself; what it ran comes back elsewhere.
             self.fail_over(time, id, events);
         }
@@ -614,7 +548,6 @@ impl Registry {
             data: reply.clone(),
         });
         self.insert_supervisor(sup);
-        self.touched.insert(Key::Supervisor(c.name.clone()));
         Ok(reply)
     }
 
@@ -690,7 +623,6 @@ impl Registry {
                         if let Some(siblings) = parent {
                             siblings.remove(&s.position);
                         }
-                        self.touched.insert(Key::Supervisor(n.clone()));
                         stopped.push(n.clone());
                     }
                 }

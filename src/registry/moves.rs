@@ -134,7 +134,6 @@ impl Registry {
             for s in self.subtree_supervisors(t) {
                 if let Some(sup) = self.data.supervisors.get_mut(&s) {
                     sup.node = Some(target);
-                    self.touched.insert(super::Key::Supervisor(s));
                 }
             }
         }
@@ -171,7 +170,6 @@ impl Registry {
                 a.seq += 1;
                 let data = json!({ "from": a.node, "to": target });
                 events.push(agent_event(a, "migrating", time, data));
-                self.touched.insert(super::Key::Agent(id));
                 *moving += 1;
             }
         }

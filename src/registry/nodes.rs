@@ -12,7 +12,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    agent_event, AgentStatus, Child, Key, NodeStatus, Outcome, Registry, RegistryEvent,
+    agent_event, AgentStatus, Child, NodeStatus, Outcome, Registry, RegistryEvent,
     SupervisorPlacement,
 };
 use crate::placement::{self, Candidate, Placement, Refusal};
@@ -141,7 +141,6 @@ impl Registry {
                 self.unplaced.insert(id);
             }
         }
-        self.touched.insert(Key::Agent(id));
     }
 
     /// Places agent `id` afresh: a new epoch on `target`, or pending on no node with the reason.
@@ -225,7 +224,6 @@ impl Registry {
             time,
             json!({ "node_id": id, "status": after, "was": before }),
         ));
-        self.touched.insert(Key::Node(id));
         match after {
             NodeStatus::Down => self.fail_over(time, id, events),
             NodeStatus::Up | NodeStatus::Draining => self.place_pending(time, events),
@@ -240,7 +238,6 @@ impl Registry {
             if let Some(n) = self.data.nodes.get_mut(&r.node_id) {
                 n.load = r.load;
                 n.updated_at = time;
-                self.touched.insert(Key::Node(r.node_id));
                 updated += 1;
             }
         }
@@ -283,7 +280,6 @@ impl Registry {
             ));
         }
         let status = node.status;
-        self.touched.insert(Key::Node(id));
         if cancel {
             self.place_pending(time, events);
         }
@@ -365,7 +361,6 @@ impl Registry {
         for s in self.subtree_supervisors(top) {
             if let Some(sup) = self.data.supervisors.get_mut(&s) {
                 sup.node = host;
-                self.touched.insert(Key::Supervisor(s));
             }
         }
         host

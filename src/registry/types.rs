@@ -262,19 +262,6 @@ pub struct RequestRecord {
     pub reply: Outcome,
 }
 
-/// One persisted record, as the store writes it under its [`super::Key`].
-// Records exist one at a time while they are written or loaded; boxing the agent would only
-// add an allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Record {
-    Node(NodeRecord),
-    Supervisor(Supervisor),
-    Request(String, RequestRecord),
-    Agent(super::Agent),
-    Checkpoint(super::Checkpoint),
-}
-
 /// Checks a name against `[A-Za-z0-9_-]{1,128}`.
 pub fn validate_name(field: &str, name: &str) -> Result<(), WireError> {
     let ok = !name.is_empty()

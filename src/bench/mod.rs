@@ -46,7 +46,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub etcd: bool,
     /// Also measure agents: restart latency, spawn throughput, and memory per idle agent with
-    /// this many agents on node 1 (memory needs --local).
+    /// this many agents on a follower (memory needs --local).
     #[arg(long, default_value_t = 0)]
     pub agents: usize,
     /// Only the agent benchmarks (skip the write benchmark).
@@ -145,16 +145,24 @@ async fn bench_agents(
     eprintln!("measuring agent restarts");
     let restarts = agents::restart_latency(client, 1_000, local).await?;
     let (restart, plain, in_node) = (restarts.client, restarts.plain_call, restarts.in_node);
+    // The agents go to a follower, and another follower is the replica: the two differ only
+    // by running the agents. The leader, which also publishes every event and drives
+    // replication, is reported on its own.
+    let status = client.call("cluster_status", &json!({})).await?;
+    let leader = status["leader"].as_u64().unwrap_or(1);
+    let mut followers = (1..=3).filter(|id| *id != leader);
+    let (host_id, replica_id) = (followers.next().unwrap_or(1), followers.next().unwrap_or(2));
     let rss = |id: u64| local.and_then(|c| c.pid(id)).and_then(agents::rss_bytes);
-    let (host_before, replica_before) = (rss(1), rss(2));
-    eprintln!("spawning {n} agents on node 1");
-    let (acked, running) = agents::spawn_throughput(client, n, 1, 8).await?;
+    let before = [rss(host_id), rss(replica_id), rss(leader)];
+    eprintln!("spawning {n} agents on node {host_id} (node {leader} leads)");
+    let (acked, running) = agents::spawn_throughput(client, n, host_id, 8).await?;
     let per = |before: Option<u64>, after: Option<u64>| match (before, after) {
         (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n as f64),
         _ => None,
     };
-    let host = per(host_before, rss(1));
-    let replica = per(replica_before, rss(2));
+    let host = per(before[0], rss(host_id));
+    let replica = per(before[1], rss(replica_id));
+    let on_leader = per(before[2], rss(leader));
     Ok(json!({
         "restart": restart,
         "plain_call": plain,
@@ -168,6 +176,7 @@ async fn bench_agents(
         "spawn_running_per_sec": running,
         "memory_per_agent_host_bytes": host,
         "memory_per_agent_replica_bytes": replica,
+        "memory_per_agent_leader_bytes": on_leader,
         "memory_host_vs_erlang_process": host.map(|h| h / ERLANG_PROCESS_BYTES),
     }))
 }
@@ -195,9 +204,10 @@ fn print_agents(a: &Value) {
     );
     match a["memory_per_agent_host_bytes"].as_f64() {
         Some(h) => println!(
-            "memory per idle agent: {h:.0} bytes on the node running it ({:.2}x an Erlang process's ~2.6 KB, issue's figure), {:.0} bytes on a node only replicating its record",
+            "memory per idle agent: {h:.0} bytes on the node running it ({:.2}x an Erlang process's ~2.6 KB, issue's figure), {:.0} bytes on a follower only replicating its record, {:.0} bytes on the leader",
             f("memory_host_vs_erlang_process"),
-            f("memory_per_agent_replica_bytes")
+            f("memory_per_agent_replica_bytes"),
+            f("memory_per_agent_leader_bytes")
         ),
         None => println!("memory per idle agent: needs --local (the bench reads the nodes' RSS)"),
     }

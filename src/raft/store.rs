@@ -9,9 +9,9 @@
 //! survives a process kill, not necessarily a power cut.
 //!
 //! The state machine lives in memory; its durable form is the latest snapshot plus the log
-//! after it. A snapshot is flushed before openraft hears it is built or installed, and openraft
-//! purges only entries a persisted snapshot covers, so the two always cover every committed
-//! entry. On start the registry is loaded from the snapshot and openraft re-applies the
+//! after it. A snapshot is flushed before openraft hears it is built or installed, an older
+//! snapshot never replaces a newer stored one, and the log is purged only up to the stored
+//! snapshot, so the two always cover every committed entry. On start the registry is loaded from the snapshot and openraft re-applies the
 //! committed entries after it (`get_initial_state`). Writing every changed record to sled on
 //! apply, as this store once did, made sled hold a second copy of the registry in its page
 //! cache (about 2.3 KB per agent at 50,000 agents, heaptrack) and cost a sled batch per apply.
@@ -53,6 +53,21 @@ pub struct SmState {
 
 /// Shared handle on the applied state, read by command handlers after a linearizable check.
 pub type SharedState = Arc<RwLock<SmState>>;
+
+/// The log id of the snapshot stored in the `snapshot` tree, shared by the state machine (which
+/// stores snapshots) and the log store (which must not purge past it while one is installed).
+#[derive(Debug)]
+struct Stored {
+    last_log_id: tokio::sync::watch::Sender<Option<LogId>>,
+    /// A snapshot is being received or installed.
+    installing: std::sync::atomic::AtomicBool,
+}
+
+type StoredMark = Arc<Stored>;
+
+/// How long a purge waits for the snapshot that covers it to be stored (an install still
+/// running in the state machine's task) before it gives up with a storage error.
+const PURGE_WAITS_FOR_SNAPSHOT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Appends waiting for the group-commit flusher; `append` waits when it is full.
 const FLUSH_QUEUE: usize = 1024;
@@ -111,21 +126,47 @@ impl Store {
             .name("warden-log-flush".into())
             .spawn(move || flush_loop(db, flush_rx))?;
         *self.flush_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(flush_task);
-        let log = LogStore {
-            db: self.db.clone(),
-            log: self.db.open_tree("log")?,
-            meta: self.db.open_tree("meta")?,
-            flusher,
-        };
+        let meta = self.db.open_tree("meta")?;
         let snapshot = self.db.open_tree("snapshot")?;
         let state = load_state(&snapshot)?;
+        let purged: Option<LogId> = match meta.get(PURGED)? {
+            Some(v) => rmp_serde::from_slice(&v)?,
+            None => None,
+        };
+        if purged.map(|l| l.index) > state.last_applied.map(|l| l.index) {
+            let old = !self.db.open_tree(OLD_SM_TREE)?.is_empty();
+            anyhow::bail!(
+                "the latest snapshot (up to log index {:?}) does not cover the purged log (up to \
+                 {:?}), so this data dir cannot rebuild the registry{}; move it away and start \
+                 the node on an empty one: it catches up from the leader",
+                state.last_applied.map(|l| l.index),
+                purged.map(|l| l.index),
+                if old {
+                    " (it was written by an older version, whose `sm` tree is kept)"
+                } else {
+                    ""
+                }
+            );
+        }
         if self.db.drop_tree(OLD_SM_TREE)? {
             tracing::info!("dropped the per-record state machine tree of an older version");
         }
+        let mark: StoredMark = Arc::new(Stored {
+            last_log_id: tokio::sync::watch::channel(state.last_applied).0,
+            installing: false.into(),
+        });
+        let log = LogStore {
+            db: self.db.clone(),
+            log: self.db.open_tree("log")?,
+            meta,
+            flusher,
+            stored: mark.clone(),
+        };
         let shared = Arc::new(RwLock::new(state));
         let sm = StateMachine {
             db: self.db.clone(),
             snapshot,
+            stored: mark,
             state: shared.clone(),
             events,
         };
@@ -178,12 +219,14 @@ pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// The stored snapshot's log id: entries are purged only up to it.
+    stored: StoredMark,
 }
 
-/// Group commit on a dedicated thread: flushes sled once for every append queued while the
-/// previous flush ran, then reports each append complete, in order. openraft runs `append`
-/// inside its core loop, so an inline flush would stall elections, replication and every other
-/// append; and sled's `flush_async` starts a new OS thread per call, which cost more than the
+/// Flushes on a dedicated thread: flushes sled once for every append queued while the previous
+/// flush ran, then reports each append complete, in order. openraft 0.9 waits in its core for
+/// each append's report, so in practice appends are flushed one at a time; the thread still
+/// saves sled's `flush_async`, which starts a new OS thread per call and cost more than the
 /// flush itself. Stops when every sender (the log store and its clones) is gone.
 fn flush_loop(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Some(first) = rx.blocking_recv() {
@@ -208,6 +251,12 @@ fn flush_loop(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
 }
 
 impl LogStore {
+    /// `purge` on an owned store, for a test that holds the future while installing.
+    #[cfg(test)]
+    async fn purge_owned(mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.purge(log_id).await
+    }
+
     fn read_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         let raw = self
             .meta
@@ -325,7 +374,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // The write is acknowledged to openraft (and so, through a quorum, to the client) only
-        // once the flusher has it on disk; returning now lets openraft go on meanwhile.
+        // once the flusher has it on disk. openraft 0.9 waits for that in its core before it
+        // replicates the entries, so a lone write pays the leader's flush, then a follower's.
         self.flusher.send(callback).await.map_err(|_| {
             io_err(
                 ErrorSubject::Logs,
@@ -348,6 +398,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The log and the stored snapshot must together cover every committed entry. openraft
+        // asks a follower to purge up to a snapshot it is still installing (in the state
+        // machine's task), so then wait until that snapshot is stored. (A snapshot openraft
+        // built is stored before openraft hears of it.)
+        let mut stored = self.stored.last_log_id.subscribe();
+        let covered = stored.wait_for(|s| {
+            s.map(|l| l.index) >= Some(log_id.index)
+                || !self
+                    .stored
+                    .installing
+                    .load(std::sync::atomic::Ordering::Acquire)
+        });
+        match tokio::time::timeout(PURGE_WAITS_FOR_SNAPSHOT, covered).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Delete,
+                    std::io::Error::other(format!(
+                        "no stored snapshot covers log index {}: the log is kept",
+                        log_id.index
+                    )),
+                ))
+            }
+        }
         // Record the purge point first: if we crash between the two steps, the log state still
         // reads correctly and the leftover entries are purged again later.
         self.write_meta(PURGED, &log_id)?;
@@ -383,6 +458,7 @@ struct SnapshotData {
 pub struct StateMachine {
     db: sled::Db,
     snapshot: sled::Tree,
+    stored: StoredMark,
     state: SharedState,
     events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
 }
@@ -397,13 +473,33 @@ impl StateMachine {
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, SmState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    fn store_snapshot(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
-        self.snapshot
-            .insert(CURRENT_SNAPSHOT, encode(stored)?)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        Ok(())
-    }
+/// Stores `snapshot` unless the stored one is at least as new, and notes it in `mark`: a
+/// snapshot built from an older copy can finish after a newer one was installed, and must not
+/// replace it (the log under the newer one may already be purged). The caller flushes.
+fn store_snapshot(
+    tree: &sled::Tree,
+    mark: &StoredMark,
+    snapshot: &StoredSnapshot,
+) -> Result<bool, StorageError> {
+    let encoded = encode(snapshot)?;
+    let new = snapshot.meta.last_log_id;
+    let mut result = Ok(false);
+    mark.last_log_id.send_if_modified(|stored| {
+        if stored.is_some() && *stored >= new {
+            return false;
+        }
+        result = tree
+            .insert(CURRENT_SNAPSHOT, encoded)
+            .map(|_| true)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e));
+        if matches!(result, Ok(true)) {
+            *stored = new;
+        }
+        result.is_ok()
+    });
+    result
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -468,11 +564,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: st.membership.clone(),
             data: st.registry.data().clone(),
             snapshot: self.snapshot.clone(),
+            stored: self.stored.clone(),
             db: self.db.clone(),
         }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        self.stored
+            .installing
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -486,11 +586,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let content: SnapshotData = rmp_serde::from_slice(&bytes)
             .map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
         let registry = Registry::from_data(content.registry);
-        self.store_snapshot(&StoredSnapshot {
+        let snapshot = StoredSnapshot {
             v: REGISTRY_VERSION,
             meta: meta.clone(),
             data: bytes,
-        })?;
+        };
+        store_snapshot(&self.snapshot, &self.stored, &snapshot)?;
+        self.stored
+            .installing
+            .store(false, std::sync::atomic::Ordering::Release);
+        // Wake a purge waiting for this install even if a newer snapshot was already stored.
+        self.stored.last_log_id.send_modify(|_| {});
         flush(&self.db)
             .await
             .map_err(|e| io_err(ErrorSubject::Snapshot(sig), ErrorVerb::Write, e))?;
@@ -522,6 +628,7 @@ pub struct SnapshotBuilder {
     membership: StoredMembership,
     data: RegistryData,
     snapshot: sled::Tree,
+    stored: StoredMark,
     db: sled::Db,
 }
 
@@ -548,12 +655,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        self.snapshot
-            .insert(CURRENT_SNAPSHOT, encode(&stored)?)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        flush(&self.db)
-            .await
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        // Not stored when a newer snapshot was installed meanwhile; openraft then drops this one.
+        if store_snapshot(&self.snapshot, &self.stored, &stored)? {
+            flush(&self.db)
+                .await
+                .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -650,6 +757,79 @@ mod tests {
         assert!(st.registry.supervisor("a").is_some());
         assert!(st.registry.supervisor("b").is_some());
         assert!(st.registry.supervisor("c").is_none());
+    }
+
+    /// Goal: a snapshot built from an older copy that finishes after a newer one was stored
+    /// (installed, say) does not replace it, so the stored snapshot still covers the purged log.
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm, _) = store.raft_parts(None).unwrap();
+        sm.apply([supervisor_entry(1, "a")]).await.unwrap();
+        let mut older = sm.get_snapshot_builder().await;
+        sm.apply([supervisor_entry(2, "b")]).await.unwrap();
+        let newer = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        older.build_snapshot().await.unwrap();
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id, newer.meta.last_log_id);
+        assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
+    }
+
+    /// Goal: while a snapshot is being installed, a purge of the log up to it waits until it
+    /// is stored (openraft queues that purge right after handing the install over), and a node
+    /// whose stored snapshot does not cover its purged log refuses to start with a clear error
+    /// instead of running with a hole.
+    #[tokio::test]
+    async fn the_log_is_never_purged_past_the_stored_snapshot() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (mut log, mut sm, _) = store.raft_parts(None).unwrap();
+        // A snapshot from a leader that applied two entries.
+        let other = tempfile::tempdir().unwrap();
+        let leader = Store::open(other.path()).unwrap();
+        let (_leader_log, mut leader_sm, _) = leader.raft_parts(None).unwrap();
+        leader_sm
+            .apply([supervisor_entry(1, "a"), supervisor_entry(2, "b")])
+            .await
+            .unwrap();
+        let snap = leader_sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let upto = snap.meta.last_log_id.unwrap();
+
+        let _receiving = sm.begin_receiving_snapshot().await.unwrap();
+        let mut purge = Box::pin(log.clone().purge_owned(upto));
+        assert!(
+            (&mut purge).now_or_never().is_none(),
+            "purge waits for the install"
+        );
+        sm.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        purge.await.unwrap();
+
+        // Purged past any stored snapshot (no install running): the data dir cannot restart.
+        let beyond = LogId::new(openraft::CommittedLeaderId::new(1, 1), 9);
+        log.purge(beyond).await.unwrap();
+        drop((log, sm));
+        store.close().await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let err = store.raft_parts(None).err().expect("refuses to start");
+        assert!(
+            err.to_string().contains("does not cover the purged log"),
+            "{err}"
+        );
     }
 
     /// Goal: the sled store meets every requirement openraft places on storage.

@@ -20,6 +20,20 @@ async fn create_many(c: &warden::client::Client, prefix: &str, n: usize) -> Vec<
     names
 }
 
+/// SIGKILLs nodes 1 to 3 together, starts them again and waits until all are up.
+async fn kill_and_restart_all(tc: &mut TestCluster) {
+    for id in 1..=3 {
+        tc.cluster.kill(id).await;
+    }
+    for id in 1..=3 {
+        tc.cluster.start_node(id, false).await.unwrap();
+    }
+    tc.cluster
+        .wait_ready(&tc.client, 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
 /// Goal: three nodes form a cluster; a write sent to any follower is forwarded, committed and
 /// visible through every node.
 /// Method: address each node's own subject for writes, then read through each node.
@@ -94,16 +108,7 @@ async fn every_acknowledged_write_survives_a_crash_of_all_nodes() {
         acked.extend(names.unwrap());
     }
     acked.sort();
-    for id in 1..=3 {
-        tc.cluster.kill(id).await;
-    }
-    for id in 1..=3 {
-        tc.cluster.start_node(id, false).await.unwrap();
-    }
-    tc.cluster
-        .wait_ready(&tc.client, 3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    kill_and_restart_all(&mut tc).await;
     assert_eq!(supervisor_names(&tc.client).await, acked);
 
     // A clean stop (SIGTERM) exits with success and is a restart, not a departure.
@@ -198,16 +203,7 @@ async fn a_late_node_catches_up_from_a_chunked_snapshot() {
         "the leader compacted: {health}"
     );
     // Every node killed and restarted: each resumes from its last snapshot plus its log.
-    for id in 1..=3 {
-        tc.cluster.kill(id).await;
-    }
-    for id in 1..=3 {
-        tc.cluster.start_node(id, false).await.unwrap();
-    }
-    tc.cluster
-        .wait_ready(&tc.client, 3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    kill_and_restart_all(&mut tc).await;
     let names = supervisor_names(&tc.client).await;
     let missing: Vec<_> = written.iter().filter(|w| !names.contains(w)).collect();
     assert!(

@@ -15,7 +15,7 @@
 //! checkpointed and stopped, then handed over (`handoff`) so its target starts it from that
 //! state. Every local start and stop goes into the node's journal (`agent::journal`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +86,23 @@ struct Exit {
     fenced: bool,
     /// For a fenced exit, when the instance's lease ended.
     lease_end: Option<Instant>,
+    /// The answer to the call that crashed the agent, sent once the host has acted on the
+    /// crash.
+    answer: Option<Box<Answer>>,
+}
+
+/// An answer to a call, to be sent later.
+struct Answer {
+    reply: String,
+    enc: Encoding,
+    epoch: u64,
+    result: Result<Value, WireError>,
+}
+
+impl Answer {
+    async fn send(self, node: &Node) {
+        send_envelope(node, self.reply, self.enc, Some(self.epoch), self.result).await;
+    }
 }
 
 /// A stop request: the shutdown timeout, whether to take a checkpoint first (a migration), and
@@ -155,6 +172,10 @@ impl Pending {
         out
     }
 
+    fn len(&self) -> usize {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Puts back reports that could not be sent, under anything newer.
     fn restore(&self, batch: Vec<AgentReport>) {
         for r in batch {
@@ -177,6 +198,11 @@ impl Pending {
 
 /// How long the writer waits after the first new report before it sends what gathered.
 const REPORT_GATHER: Duration = Duration::from_millis(2);
+/// The least time between two report writes while fewer than a full batch wait: a crash loop
+/// (or any trickle of changes) costs the cluster at most this many writes per second, each
+/// fsynced on every voter, instead of one per restart. A lone change is still written after
+/// `REPORT_GATHER`; a full batch goes at once, so bulk starts are not slowed.
+const REPORT_INTERVAL: Duration = Duration::from_millis(25);
 /// Reports (or handoffs) sent in one command: one Raft entry, well below the proposal size
 /// limit.
 const REPORTS_PER_WRITE: usize = 1_000;
@@ -193,7 +219,7 @@ struct Host {
     /// Agents that ended and must not run again (at this epoch and restart request).
     parked: BTreeMap<Uuid, (u64, u64)>,
     /// Restart history (ms since the host started) of each supervisor.
-    histories: BTreeMap<String, Vec<i64>>,
+    histories: BTreeMap<String, VecDeque<i64>>,
     /// Unbounded: each instance sends at most one exit, so it holds at most one per agent,
     /// and an agent task never waits to end.
     exits: mpsc::UnboundedSender<Exit>,
@@ -276,11 +302,19 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 }
                 dirty = true;
             }
-            Some(exit) = exits.recv() => {
+            Some(mut exit) = exits.recv() => {
+                let answer = exit.answer.take();
                 host.on_exit(exit).await;
                 // Restarts without a delay happen now: a timer would add up to a millisecond
                 // of its resolution to every restart.
                 host.start_due().await;
+                host.journal.flush();
+                // The call that crashed the agent is answered only now: a caller that retries
+                // at once finds the agent restarted, and the restart does not compete for the
+                // CPU with the traffic its answer sets off.
+                if let Some(answer) = answer {
+                    answer.send(&node).await;
+                }
             }
             Ok(()) = grants.changed() => {
                 // A grant after a lapse starts a new term: what ran in the old one stops.
@@ -668,7 +702,8 @@ impl Host {
             ExitReason::Crash(_) => "crashed",
             _ => "exited",
         };
-        self.journal.stop(exit.id, epoch, why, None);
+        // Written with the restart's start line, or once the host has acted on the exit.
+        self.journal.stop_held(exit.id, epoch, why);
         let supervisor = {
             let st = self.node.state_read();
             st.registry
@@ -747,7 +782,7 @@ impl Host {
                     .collect();
                 (policy, children, s.parent.clone())
             };
-            let history = self.histories.get(&sup).cloned().unwrap_or_default();
+            let history = self.histories.remove(&sup).unwrap_or_default();
             let now = self.now_ms();
             let plan = supervision::on_exit(
                 &policy,
@@ -755,10 +790,10 @@ impl Host {
                 &child,
                 &reason,
                 now,
-                &history,
+                history,
                 self.rng.gen(),
             );
-            self.histories.insert(sup.clone(), plan.restarts_ms.clone());
+            self.histories.insert(sup.clone(), plan.restarts_ms);
             let mut escalate = false;
             for action in plan.actions {
                 match action {
@@ -1112,10 +1147,12 @@ async fn agent_task(run: Run, mut agent: Box<dyn Agent>, mailbox: Arc<AgentMailb
     for c in calls {
         answered.remember(Some(c.id), &c.result);
     }
-    let reason = loop {
+    // The answer to a call that crashed the agent travels out of the loop, not in a variable
+    // beside it: what lives across the loop's awaits is what every idle agent costs.
+    let (reason, crash_answer) = loop {
         let next = tokio::select! {
             biased;
-            r = &mut ended => break r,
+            r = &mut ended => break (r, None),
             Ok(()) = expiries.changed() => {
                 if lease.valid_in(lease_term) {
                     continue; // renewed meanwhile, without a lapse
@@ -1132,6 +1169,7 @@ async fn agent_task(run: Run, mut agent: Box<dyn Agent>, mailbox: Arc<AgentMailb
                     reason: ExitReason::Shutdown,
                     fenced: true,
                     lease_end,
+                    answer: None,
                 };
                 let _ = exits.send(exit); // the host is gone when stopping
                 return;
@@ -1185,16 +1223,16 @@ async fn agent_task(run: Run, mut agent: Box<dyn Agent>, mailbox: Arc<AgentMailb
                     .await
                 {
                     Ok(Ok(())) | Ok(Err(AgentError::BadRequest(_))) => None,
-                    Ok(Err(AgentError::Crash(m))) => Some(m),
-                    Err(_) => Some("panicked handling a cast".into()),
+                    Ok(Err(AgentError::Crash(m))) => Some((m, None)),
+                    Err(_) => Some(("panicked handling a cast".into(), None)),
                 }
             }
             // Boxed, like every large await here: the task's own state is what an idle agent
             // costs, and a call's is needed only while it runs.
             call => Box::pin(handle_call(&instance, &mut agent, &mut answered, call)).await,
         };
-        if let Some(why) = crash {
-            break ExitReason::Crash(why);
+        if let Some((why, answer)) = crash {
+            break (ExitReason::Crash(why), answer);
         }
     };
     // Tell the host first, so that a restart is not held up by answering what was queued.
@@ -1204,8 +1242,13 @@ async fn agent_task(run: Run, mut agent: Box<dyn Agent>, mailbox: Arc<AgentMailb
         reason,
         fenced: false,
         lease_end: None,
+        answer: crash_answer,
     };
-    let _ = exits.send(exit); // the host is gone when stopping
+    // If the host is gone (the node is stopping), the crashed call is answered here.
+    let unsent = exits.send(exit).err().and_then(|e| e.0.answer);
+    if let Some(answer) = unsent {
+        Box::pin(answer.send(node)).await;
+    }
     let why = "the agent ended before handling this call; retry";
     Box::pin(refuse_queued(node, &mailbox, &answered, epoch, why)).await;
 }
@@ -1218,13 +1261,18 @@ struct Who {
     epoch: u64,
 }
 
-/// Handles one call and answers it; returns why the agent crashed, if it did.
+/// Why an agent crashed, and the answer to the call that crashed it (boxed: an idle agent's
+/// task keeps room for what its loop's awaits return).
+type Crashed = (String, Option<Box<Answer>>);
+
+/// Handles one call and answers it, unless it crashed the agent: then returns why, with the
+/// answer for the host to send once it has acted on the crash.
 async fn handle_call(
     who: &Who,
     agent: &mut Box<dyn Agent>,
     answered: &mut Answered,
     msg: Msg,
-) -> Option<String> {
+) -> Option<Crashed> {
     let Msg::Call {
         body,
         reply,
@@ -1268,11 +1316,18 @@ async fn handle_call(
             Some("panicked handling a call".to_string()),
         ),
     };
-    if crash.is_none() {
-        answered.remember(call_id, &result);
+    if let Some(why) = crash {
+        let answer = Answer {
+            reply,
+            enc,
+            epoch: who.epoch,
+            result,
+        };
+        return Some((why, Some(Box::new(answer))));
     }
+    answered.remember(call_id, &result);
     send_envelope(node, reply, enc, Some(who.epoch), result).await;
-    crash
+    None
 }
 
 /// Closes an ending instance's mailbox and answers the calls still queued: with the answer a
@@ -1374,12 +1429,18 @@ async fn write_loop(
     mut handoffs: mpsc::Receiver<HandoffItem>,
 ) {
     let mut open = true;
+    let mut last_reports: Option<Instant> = None;
     while open {
         tokio::select! {
             _ = pending.notify.notified() => {
                 // Let a burst gather (a restart's `failed` and `running` become one report),
                 // so that churn costs the cluster fewer writes.
                 tokio::time::sleep(REPORT_GATHER).await;
+                if let Some(at) = last_reports {
+                    if pending.len() < REPORTS_PER_WRITE {
+                        tokio::time::sleep_until((at + REPORT_INTERVAL).into()).await;
+                    }
+                }
             }
             f = forget.recv() => match f {
                 Some(id) => forget_agent(&node, id).await,
@@ -1429,6 +1490,7 @@ async fn write_loop(
             let body = crate::command::ReportAgents {
                 reports: batch.clone(),
             };
+            last_reports = Some(Instant::now());
             match node.write_internal("report_agents", &body).await {
                 Ok(_) => backoff = Duration::from_millis(20),
                 Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {

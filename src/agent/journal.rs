@@ -3,8 +3,12 @@
 //! which the agent could no longer act). It lives in `<data_dir>/agents.journal` and is what
 //! the chaos harness reads to check that no agent ever ran on two nodes at once (G1).
 //!
-//! Lines are written unbuffered, one `write` each, so a killed node loses none it wrote. The
-//! file turns over to `agents.journal.1` past `limits::JOURNAL_MAX_BYTES`.
+//! Lines are written unbuffered, one `write` each, so a killed node loses none it wrote, with
+//! one exception: the stop of a crashed agent is held (`stop_held`) until the next line or
+//! `flush`, which the host calls as soon as it has acted on the crash, so that a restart costs
+//! one `write` for both lines. A kill in those microseconds loses the stop line, which makes the
+//! agent look as if it ran longer: a checker can only be stricter for it. The file turns over to
+//! `agents.journal.1` past `limits::JOURNAL_MAX_BYTES`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +42,8 @@ pub struct Journal {
     file: Option<std::fs::File>,
     written: u64,
     me: u64,
+    /// Lines not written yet (`stop_held`); written before any later line.
+    held: Vec<u8>,
 }
 
 impl Journal {
@@ -64,6 +70,7 @@ impl Journal {
             file,
             written,
             me,
+            held: Vec::new(),
         }
     }
 
@@ -75,6 +82,18 @@ impl Journal {
         self.write("stop", agent, epoch, Some(reason), until);
     }
 
+    /// A stop timed now but written with the next line or at the next `flush`.
+    pub fn stop_held(&mut self, agent: Uuid, epoch: u64, reason: &str) {
+        self.hold("stop", agent, epoch, Some(reason), None);
+    }
+
+    /// Writes what is held.
+    pub fn flush(&mut self) {
+        if !self.held.is_empty() {
+            self.write_held();
+        }
+    }
+
     fn write(
         &mut self,
         ev: &str,
@@ -83,10 +102,35 @@ impl Journal {
         reason: Option<&str>,
         until: Option<DateTime<Utc>>,
     ) {
+        self.hold(ev, agent, epoch, reason, until);
+        self.write_held();
+    }
+
+    fn write_held(&mut self) {
+        let mut held = std::mem::take(&mut self.held);
         if self.written > limits::JOURNAL_MAX_BYTES {
             self.turn_over();
         }
-        let Some(f) = self.file.as_mut() else { return };
+        if let Some(f) = self.file.as_mut() {
+            match f.write_all(&held) {
+                Ok(()) => self.written += held.len() as u64,
+                Err(e) => tracing::warn!(error = %e, "cannot write the agent journal"),
+            }
+        }
+        // The buffer is kept for the next lines.
+        held.clear();
+        self.held = held;
+    }
+
+    /// Adds one line, timed now, to what is held.
+    fn hold(
+        &mut self,
+        ev: &str,
+        agent: Uuid,
+        epoch: u64,
+        reason: Option<&str>,
+        until: Option<DateTime<Utc>>,
+    ) {
         let entry = JournalEntry {
             t: Utc::now(),
             node: self.me,
@@ -96,13 +140,10 @@ impl Journal {
             reason: reason.map(str::to_string),
             until,
         };
-        let Ok(mut line) = serde_json::to_vec(&entry) else {
-            return;
-        };
-        line.push(b'\n');
-        match f.write_all(&line) {
-            Ok(()) => self.written += line.len() as u64,
-            Err(e) => tracing::warn!(error = %e, "cannot write the agent journal"),
+        let len = self.held.len();
+        match serde_json::to_writer(&mut self.held, &entry) {
+            Ok(()) => self.held.push(b'\n'),
+            Err(_) => self.held.truncate(len),
         }
     }
 
@@ -151,5 +192,27 @@ mod tests {
         assert_eq!((got[0].ev.as_str(), got[1].ev.as_str()), ("start", "stop"));
         assert_eq!(got[1].reason.as_deref(), Some("lease lost"));
         assert!(got[1].until.is_some() && got[0].node == 3);
+    }
+
+    /// Goal: a held stop (a crash about to be restarted) reaches the file before the next
+    /// line, or at a flush, and keeps its own time.
+    #[test]
+    fn a_held_stop_is_written_first_with_the_next_line_or_at_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Uuid::from_u128(7);
+        let mut j = Journal::open(dir.path(), 3);
+        j.start(a, 1);
+        j.stop_held(a, 1, "crashed");
+        assert_eq!(read_dir(dir.path()).len(), 1, "held, not written yet");
+        j.start(a, 1);
+        let got = read_dir(dir.path());
+        let evs: Vec<_> = got.iter().map(|e| e.ev.as_str()).collect();
+        assert_eq!(evs, ["start", "stop", "start"]);
+        assert!(got[1].t <= got[2].t);
+        j.stop_held(a, 1, "crashed");
+        j.flush();
+        let got = read_dir(dir.path());
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3].reason.as_deref(), Some("crashed"));
     }
 }

@@ -4,6 +4,8 @@
 //! list of actions for the runtime to carry out in order. `docs/runtime-semantics.md` states
 //! the rules in prose; the tests below pin each of them.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{Backoff, Strategy};
@@ -82,28 +84,31 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// Times (ms) of the restarts still inside the intensity window, oldest first.
-    pub restarts_ms: Vec<i64>,
+    /// Times (ms) of the restarts still inside the intensity window, oldest first; at most
+    /// `max_restarts + 1` of them (more cannot change a decision).
+    pub restarts_ms: VecDeque<i64>,
 }
 
 /// Plans the reaction to child `exited` ending with `reason` at `now_ms`. `restarts_ms` is the
-/// supervisor's restart history; `random` is uniform in [0, 1) and only spreads delays
-/// (jitter), so a seeded caller gets a reproducible plan.
+/// supervisor's restart history, oldest first, as the last plan returned it (it is taken, not
+/// copied: a crash loop under a generous intensity keeps thousands of entries); `random` is
+/// uniform in [0, 1) and only spreads delays (jitter), so a seeded caller gets a reproducible
+/// plan.
 pub fn on_exit(
     policy: &Policy,
     children: &[ChildState],
     exited: &str,
     reason: &ExitReason,
     now_ms: i64,
-    restarts_ms: &[i64],
+    mut restarts_ms: VecDeque<i64>,
     random: f64,
 ) -> Plan {
-    let unchanged = || Plan {
+    let unchanged = |restarts_ms| Plan {
         actions: Vec::new(),
-        restarts_ms: restarts_ms.to_vec(),
+        restarts_ms,
     };
     let Some(index) = children.iter().position(|c| c.id == exited) else {
-        return unchanged();
+        return unchanged(restarts_ms);
     };
     let child = &children[index];
     let restart_wanted = match child.restart {
@@ -113,7 +118,7 @@ pub fn on_exit(
     };
     if !restart_wanted {
         // No restart means no strategy either: siblings are left alone.
-        let mut plan = unchanged();
+        let mut plan = unchanged(restarts_ms);
         if child.restart == RestartType::Temporary {
             plan.actions.push(Action::Forget {
                 child: child.id.clone(),
@@ -125,12 +130,14 @@ pub fn on_exit(
     // Intensity: this restart plus those still inside the window. OTP gives up when more
     // than `max_restarts` restarts fall within `max_seconds`.
     let window_ms = i64::from(policy.max_seconds) * 1000;
-    let mut history: Vec<i64> = restarts_ms
-        .iter()
-        .copied()
-        .filter(|t| now_ms - t < window_ms)
-        .collect();
-    history.push(now_ms);
+    while restarts_ms.front().is_some_and(|t| now_ms - t >= window_ms) {
+        restarts_ms.pop_front();
+    }
+    restarts_ms.push_back(now_ms);
+    while restarts_ms.len() > policy.max_restarts as usize + 1 {
+        restarts_ms.pop_front();
+    }
+    let history = restarts_ms;
     let exceeded = history.len() > policy.max_restarts as usize;
     if exceeded && !policy.never_gives_up {
         // Stop every running child in reverse start order, then fail to the parent.

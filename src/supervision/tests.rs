@@ -68,7 +68,15 @@ fn check(
     history: &[i64],
     expected: &str,
 ) {
-    let plan = on_exit(p, &children(kids), exited, &reason, 100_000, history, 0.5);
+    let plan = on_exit(
+        p,
+        &children(kids),
+        exited,
+        &reason,
+        100_000,
+        history.to_vec().into(),
+        0.5,
+    );
     assert_eq!(render(&plan), expected);
 }
 
@@ -248,10 +256,40 @@ fn the_restart_history_keeps_only_the_window() {
         "a",
         &crash(),
         100_000,
-        &[90_000, 96_000],
+        [90_000, 96_000].into(),
         0.5,
     );
     assert_eq!(plan.restarts_ms, [96_000, 100_000]);
+}
+
+/// Goal: a crash loop under a generous intensity does not grow the history without bound:
+/// only the last `max_restarts + 1` restarts can change a decision, and the root (which never
+/// gives up) keeps cooling down once past its intensity.
+#[test]
+fn the_restart_history_keeps_at_most_one_more_than_the_intensity() {
+    let mut p = policy(Strategy::OneForOne, 2, 5);
+    p.never_gives_up = true;
+    let plan = on_exit(
+        &p,
+        &children("a:p"),
+        "a",
+        &crash(),
+        100_000,
+        [99_000, 99_500, 99_800].into(),
+        0.5,
+    );
+    assert_eq!(plan.restarts_ms, [99_500, 99_800, 100_000]);
+    assert_eq!(render(&plan), format!("start a +{}", p.backoff.max_ms));
+    let plan = on_exit(
+        &p,
+        &children("a:p"),
+        "a",
+        &crash(),
+        100_001,
+        plan.restarts_ms,
+        0.5,
+    );
+    assert_eq!(plan.restarts_ms, [99_800, 100_000, 100_001]);
 }
 
 #[test]
@@ -286,7 +324,7 @@ fn escalation_climbs_two_levels_under_each_parents_own_strategy() {
         "w1",
         &crash(),
         100_000,
-        &[99_000],
+        [99_000].into(),
         0.5,
     );
     assert_eq!(render(&plan), "stop w2; escalate");
@@ -300,7 +338,7 @@ fn escalation_climbs_two_levels_under_each_parents_own_strategy() {
         "inner",
         &reason,
         100_000,
-        &[],
+        [].into(),
         0.5,
     );
     assert_eq!(render(&plan), "stop b; stop a; escalate");
@@ -313,7 +351,7 @@ fn escalation_climbs_two_levels_under_each_parents_own_strategy() {
         "mid",
         &reason,
         100_000,
-        &[],
+        [].into(),
         0.5,
     );
     assert_eq!(

@@ -127,6 +127,48 @@ pub async fn restart_latency(
     })
 }
 
+/// Erlang/OTP's restart latency on this machine, now: `otp_restart.escript` crashes a
+/// permanent child of a one_for_one supervisor `rounds` times (the same intensity as the
+/// Warden benchmark's supervisor) and prints p50 and p99 in microseconds, from the child's
+/// crash to the supervisor starting the new one. `None` when `escript` is not on PATH or the
+/// run fails; the caller then falls back to the figure and says so.
+pub async fn otp_restart(rounds: usize) -> Option<(u64, u64)> {
+    let script = std::env::temp_dir().join(format!(
+        "warden-otp-restart-{}.escript",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&script, include_str!("otp_restart.escript")).ok()?;
+    let out = run_escript(&script, rounds).await;
+    let _ = std::fs::remove_file(&script); // a leftover temp file only
+    let (p50, p99) = out?;
+    Some((p50, p99))
+}
+
+async fn run_escript(script: &std::path::Path, rounds: usize) -> Option<(u64, u64)> {
+    let run = tokio::process::Command::new("escript")
+        .arg(script)
+        .arg(rounds.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .ok()?
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    // OTP's supervisor reports go to standard output too; the figures are the last line.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let mut nums = last.split_whitespace().map(|n| n.parse::<u64>());
+    match (nums.next(), nums.next()) {
+        (Some(Ok(p50)), Some(Ok(p99))) => Some((p50, p99)),
+        _ => None,
+    }
+}
+
 /// Microseconds from each journaled crash of `agent` to its next start.
 fn journaled_restarts(entries: &[JournalEntry], agent: &str) -> Vec<u64> {
     let mut gaps = Vec::new();

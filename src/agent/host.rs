@@ -1430,18 +1430,25 @@ async fn write_loop(
 ) {
     let mut open = true;
     let mut last_reports: Option<Instant> = None;
+    // When the reports waiting are to be written; `None` while none wait.
+    let mut due: Option<Instant> = None;
     while open {
         tokio::select! {
             _ = pending.notify.notified() => {
                 // Let a burst gather (a restart's `failed` and `running` become one report),
-                // so that churn costs the cluster fewer writes.
-                tokio::time::sleep(REPORT_GATHER).await;
-                if let Some(at) = last_reports {
+                // so that churn costs the cluster fewer writes; while changes keep coming,
+                // leave REPORT_INTERVAL between writes unless a full batch waits. A deadline,
+                // not a sleep: handoffs and forgets go meanwhile.
+                let mut at = Instant::now() + REPORT_GATHER;
+                if let Some(last) = last_reports {
                     if pending.len() < REPORTS_PER_WRITE {
-                        tokio::time::sleep_until((at + REPORT_INTERVAL).into()).await;
+                        at = at.max(last + REPORT_INTERVAL);
                     }
                 }
+                due = Some(due.map_or(at, |d| d.min(at)));
+                continue;
             }
+            _ = sleep_until_opt(due) => due = None,
             f = forget.recv() => match f {
                 Some(id) => forget_agent(&node, id).await,
                 None => open = false,

@@ -75,11 +75,13 @@ impl Journal {
     }
 
     pub fn start(&mut self, agent: Uuid, epoch: u64) {
-        self.write("start", agent, epoch, None, None);
+        self.hold("start", agent, epoch, None, None);
+        self.write_held();
     }
 
     pub fn stop(&mut self, agent: Uuid, epoch: u64, reason: &str, until: Option<DateTime<Utc>>) {
-        self.write("stop", agent, epoch, Some(reason), until);
+        self.hold("stop", agent, epoch, Some(reason), until);
+        self.write_held();
     }
 
     /// A stop timed now but written with the next line or at the next `flush`.
@@ -92,18 +94,6 @@ impl Journal {
         if !self.held.is_empty() {
             self.write_held();
         }
-    }
-
-    fn write(
-        &mut self,
-        ev: &str,
-        agent: Uuid,
-        epoch: u64,
-        reason: Option<&str>,
-        until: Option<DateTime<Utc>>,
-    ) {
-        self.hold(ev, agent, epoch, reason, until);
-        self.write_held();
     }
 
     fn write_held(&mut self) {

@@ -442,8 +442,14 @@ async fn cancel_drains(
     within: Duration,
 ) -> Vec<u64> {
     let deadline = Instant::now() + within;
+    let mut todo = drains.pending();
+    // A drain whose answer was lost under a fault may have been applied after its client's
+    // cancel: the registry, not the clients' bookkeeping, says which nodes still drain.
+    todo.extend(draining_in_registry(world, deadline).await);
+    todo.sort_unstable();
+    todo.dedup();
     let mut done = Vec::new();
-    for (i, node) in drains.pending().into_iter().enumerate() {
+    for (i, node) in todo.into_iter().enumerate() {
         while Instant::now() < deadline {
             let c = warden::client::Client {
                 deadline: deadline.saturating_duration_since(Instant::now()),
@@ -461,6 +467,27 @@ async fn cancel_drains(
         }
     }
     done
+}
+
+/// The nodes `cluster_status` shows draining, asked until `deadline` (none if it never
+/// answers: the recovery verdict then reports the cluster).
+async fn draining_in_registry(world: &World, deadline: Instant) -> Vec<u64> {
+    while Instant::now() < deadline {
+        if let Ok(v) = world.client.call("cluster_status", &json!({})).await {
+            return v["nodes"]
+                .as_array()
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .filter(|n| n["status"] == "draining")
+                        .filter_map(|n| n["id"].as_u64())
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Vec::new()
 }
 
 /// Every agent record, following pages.

@@ -284,7 +284,7 @@ impl FindAgents {
             .data
             .agents
             .range((from, std::ops::Bound::Unbounded))
-            .map(|(_, a)| a)
+            .map(|(_, a)| &**a)
             .filter(matches);
         if self.count {
             return Ok(json!({ "count": candidates.count() }));
@@ -310,7 +310,7 @@ impl Registry {
             Ok(id) => id,
             Err(_) => *self.agent_names.get(id_or_name)?,
         };
-        self.data.agents.get(&id)
+        self.data.agents.get(&id).map(|a| &**a)
     }
 
     /// An agent's last checkpoint.
@@ -324,7 +324,7 @@ impl Registry {
             .get(&node)
             .into_iter()
             .flat_map(|ids| ids.iter())
-            .filter_map(|id| self.data.agents.get(id))
+            .filter_map(|id| self.data.agents.get(id).map(|a| &**a))
     }
 
     /// How many agents are placed on `node`.
@@ -350,7 +350,7 @@ impl Registry {
                 self.unplaced.insert(a.id);
             }
         }
-        self.data.agents.insert(a.id, a);
+        self.data.agents.insert(a.id, Box::new(a));
     }
 
     /// Removes an agent record, its checkpoint and its index entries.
@@ -367,7 +367,7 @@ impl Registry {
         }
         self.unplaced.remove(&id);
         self.data.checkpoints.remove(&id);
-        Some(a)
+        Some(*a)
     }
 
     pub(super) fn spawn_agent(

@@ -176,7 +176,7 @@ pub struct RegistryData {
     pub supervisors: BTreeMap<String, Supervisor>,
     pub requests: BTreeMap<String, RequestRecord>,
     #[serde(default)]
-    pub agents: BTreeMap<Uuid, Agent>,
+    pub agents: BTreeMap<Uuid, Box<Agent>>,
     #[serde(default)]
     pub checkpoints: BTreeMap<Uuid, Checkpoint>,
 }
@@ -234,7 +234,7 @@ impl Registry {
             reg.insert_supervisor(s);
         }
         for a in agents.into_values() {
-            reg.insert_agent(a);
+            reg.insert_agent(*a);
         }
         reg
     }

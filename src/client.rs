@@ -2,7 +2,15 @@
 //! `warden bench` and the tests. It retries what is safe to retry until its deadline:
 //! `unavailable` and "no responders" always (nothing changed), and `timeout` only for
 //! commands that carry a `request_id` (the registry deduplicates them).
+//!
+//! Following the leader: every reply names the leader as the answering node knows it
+//! (`Warden-Leader`), and the client sends its next writes and reads to that node's own
+//! subject, which saves the hop from whichever node the shared queue picks to the leader. A
+//! node that no longer leads forwards as any node does; when the named node does not answer at
+//! all, the client forgets it and goes back to the shared queue.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -35,6 +43,10 @@ pub struct Client {
     pub deadline: Duration,
     /// Send to this node's own subject instead of the shared queue.
     pub node: Option<u64>,
+    /// Send writes and reads to the leader named by the last reply (when `node` is `None`).
+    pub follow_leader: bool,
+    /// The leader named by the last reply, plus one; 0 when unknown. Shared by clones.
+    pub leader: Arc<AtomicU64>,
 }
 
 /// Why a call failed.
@@ -66,6 +78,53 @@ impl Client {
             encoding: Encoding::Json,
             deadline: Duration::from_secs(10),
             node: None,
+            follow_leader: true,
+            leader: Arc::default(),
+        }
+    }
+
+    /// The leader named by the last reply, if any.
+    pub fn known_leader(&self) -> Option<u64> {
+        self.leader.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn learn_leader(&self, reply: &bus::Reply) {
+        let named = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(protocol::LEADER_HINT))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        if let Some(id) = named {
+            self.leader.store(id.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    fn forget_leader(&self, id: u64) {
+        // Only if no later reply named another meanwhile.
+        let _ = self.leader.compare_exchange(
+            id.saturating_add(1),
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Where `command` goes: the node asked for, else the known leader for what runs on the
+    /// leader, else the shared queue. Returns the leader it targets, if it does.
+    fn target(&self, command: &str) -> (String, Option<u64>) {
+        if let Some(n) = self.node {
+            return (self.subjects.node_cmd(n, command), None);
+        }
+        let on_leader = matches!(
+            crate::command::route_of(command),
+            Some(crate::command::Route::Read | crate::command::Route::Write)
+        );
+        match self
+            .known_leader()
+            .filter(|_| self.follow_leader && on_leader)
+        {
+            Some(l) => (self.subjects.node_cmd(l, command), Some(l)),
+            None => (self.subjects.cmd(command), None),
         }
     }
 
@@ -82,10 +141,6 @@ impl Client {
         let payload: bytes::Bytes = self.encoding.encode(body).into();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
-        let subject = match self.node {
-            Some(n) => self.subjects.node_cmd(n, command),
-            None => self.subjects.cmd(command),
-        };
         let mut delay = Duration::from_millis(20);
         loop {
             let left = self.deadline.saturating_sub(start.elapsed());
@@ -97,25 +152,42 @@ impl Client {
             } else {
                 left
             };
+            let (subject, leader) = self.target(command);
             let attempt = bus::request(
                 &self.nats,
-                subject.clone(),
+                subject,
                 Some(headers.clone()),
                 payload.clone(),
                 wait,
             )
             .await;
+            if let Ok(reply) = &attempt {
+                self.learn_leader(reply);
+            }
             let retryable = match attempt {
                 Ok(reply) => match answer(&reply.payload, retry_timeouts)? {
                     Ok(v) => return Ok(v),
                     Err(why) => why,
                 },
-                Err(RequestFailure::NoResponders) => "no node answers".to_string(),
-                Err(RequestFailure::TimedOut) if read => "a node did not answer in time".into(),
+                Err(RequestFailure::NoResponders) => match leader {
+                    // The leader we knew is gone and nothing reached it: ask the queue now.
+                    Some(l) => {
+                        self.forget_leader(l);
+                        continue;
+                    }
+                    None => "no node answers".to_string(),
+                },
                 Err(RequestFailure::TimedOut) => {
-                    return Err(CallError::NoAnswer(
-                        "timed out; the outcome is unknown".into(),
-                    ))
+                    // Paused or cut off: the next command tries the shared queue.
+                    if let Some(l) = leader {
+                        self.forget_leader(l);
+                    }
+                    if !read {
+                        return Err(CallError::NoAnswer(
+                            "timed out; the outcome is unknown".into(),
+                        ));
+                    }
+                    "a node did not answer in time".into()
                 }
                 Err(e) => return Err(CallError::NoAnswer(e.to_string())),
             };

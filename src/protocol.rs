@@ -16,6 +16,9 @@ pub const JSON: &str = "application/json";
 pub const MSGPACK: &str = "application/msgpack";
 /// Header a node adds when it forwards a command, counting hops to bound forwarding loops.
 pub const FORWARD_HOPS: &str = "Warden-Forward-Hops";
+/// Reply header: the leader as the answering node knows it, so that a client may send its next
+/// commands to `warden.<cluster>.node.<leader>.cmd.<command>` and save the forwarding hop.
+pub const LEADER_HINT: &str = "Warden-Leader";
 const NOT_AN_OBJECT: &str = "body must be an object (a map of field names to values)";
 
 /// Version of the reply envelope, carried in every reply as `v`.

@@ -181,8 +181,12 @@ pub async fn run_client(
     until: Instant,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    // Half the clients send to the leader the replies name, half to the shared queue: both
+    // paths meet the faults.
     let client = Client {
         deadline: Duration::from_millis(w.op_timeout_ms),
+        follow_leader: k % 2 == 1,
+        leader: Default::default(),
         ..client
     };
     let parent = parent_of(k);

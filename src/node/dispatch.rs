@@ -126,6 +126,9 @@ async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: B
     }
     let mut headers = HeaderMap::new();
     headers.insert(protocol::CONTENT_TYPE, enc.content_type());
+    if let Some(leader) = node.leader() {
+        headers.insert(protocol::LEADER_HINT, leader.to_string().as_str());
+    }
     if let Err(e) = node.client.publish_with_headers(reply, headers, body).await {
         tracing::debug!(error = %e, "could not send a reply");
     }

@@ -35,7 +35,7 @@ async fn kill_and_restart_all(tc: &mut TestCluster) {
 }
 
 /// Goal: three nodes form a cluster; a write sent to any follower is forwarded, committed and
-/// visible through every node.
+/// visible through every node, and its reply names the leader.
 /// Method: address each node's own subject for writes, then read through each node.
 #[tokio::test]
 async fn three_nodes_form_a_cluster_and_followers_forward_writes() {
@@ -50,10 +50,20 @@ async fn three_nodes_form_a_cluster_and_followers_forward_writes() {
     assert_eq!(roles, [json!("voter"), json!("voter"), json!("voter")]);
     let leader = status["leader"].as_u64().unwrap();
     for id in (1..=3).filter(|id| *id != leader) {
-        tc.via(id)
-            .call("create_supervisor", &json!({"name": format!("via-{id}")}))
+        // A client of its own, to see what this follower's reply says about the leader.
+        let c = warden::client::Client {
+            leader: Default::default(),
+            ..tc.via(id)
+        };
+        assert_eq!(c.known_leader(), None);
+        c.call("create_supervisor", &json!({"name": format!("via-{id}")}))
             .await
             .unwrap();
+        assert_eq!(
+            c.known_leader(),
+            Some(leader),
+            "node {id}'s reply names the leader (Warden-Leader)"
+        );
     }
     for id in 1..=3 {
         let names = supervisor_names(&tc.via(id)).await;

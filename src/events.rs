@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::raft::typ::RaftMetrics;
+use crate::raft::typ::ServerMetrics;
 use crate::registry::RegistryEvent;
 use crate::subjects::Subjects;
 
@@ -41,7 +41,7 @@ pub async fn publish_loop(
     client: async_nats::Client,
     subjects: Subjects,
     node: u64,
-    mut metrics: watch::Receiver<RaftMetrics>,
+    mut metrics: watch::Receiver<ServerMetrics>,
     mut events: mpsc::Receiver<Vec<RegistryEvent>>,
     stopped: impl Future<Output = ()>,
 ) {
@@ -78,7 +78,7 @@ pub async fn publish_loop(
                 }
                 let (state, term) = {
                     let m = metrics.borrow();
-                    (m.state, m.current_term)
+                    (m.state, m.vote.leader_id().term)
                 };
                 if state == openraft::ServerState::Leader && announced_term != Some(term) {
                     announced_term = Some(term);

@@ -500,7 +500,7 @@ async fn events_loop(
         node.client.clone(),
         node.subjects.clone(),
         node.cfg.id,
-        node.raft.metrics(),
+        node.raft.server_metrics(),
         events,
         stopped,
     )

@@ -29,6 +29,9 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::EmptyNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type LogState = openraft::LogState<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, openraft::EmptyNode>;
+/// Raft's server metrics (state, vote, leader, membership): they change only with those, not
+/// with every write.
+pub type ServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, openraft::EmptyNode>;
 pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
 pub type RpcError<E = openraft::error::Infallible> =
     openraft::error::RPCError<NodeId, openraft::EmptyNode, RaftError<E>>;

@@ -640,6 +640,15 @@ impl Host {
             return Handover::default();
         };
         self.count_running();
+        let lease = &self.node.lease;
+        if !lease.valid_in(inst.lease_term) {
+            // Past its lease the agent may not run even to stop (a parked one would be woken
+            // for it): it is dropped, as the fence does, and hands nothing over.
+            inst.mailbox.kill();
+            let until = wall_time(lease.end_of(inst.lease_term));
+            self.journal.stop(id, inst.epoch, "lease lost", until);
+            return Handover::default();
+        }
         let (done, wait) = oneshot::channel();
         let req = StopRequest {
             timeout_ms: inst.shutdown_ms,
@@ -1188,8 +1197,8 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
     let mut ended = ended.unwrap_or_else(|| Box::pin(std::future::pending()));
     let mut expiries = node.lease.expiries();
     // The answer to a call that crashed the agent travels out of the loop, not in a variable
-    // beside it: what lives across the loop's awaits is what every idle agent costs.
-    let (reason, crash_answer) = loop {
+    // beside it: what lives across the loop's awaits is what a running agent costs.
+    let end = loop {
         let waiting = if parks { mailbox.try_next() } else { None };
         let next = if let Some(n) = waiting {
             n
@@ -1206,27 +1215,12 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
         } else {
             tokio::select! {
             biased;
-            r = &mut ended => break (r, None),
+            r = &mut ended => break End::Exit(r, None),
             Ok(()) = expiries.changed() => {
                 if lease.valid_in(lease_term) {
                     continue; // renewed meanwhile, without a lapse
                 }
-                // The lease ran out: this instance may no longer run, whatever the host loop
-                // is busy with. Dropping the agent kills what it runs.
-                drop(agent);
-                let why = format!("node {me} lost its lease; retry");
-                Box::pin(refuse_queued(node, &mailbox, &answered, epoch, &why)).await;
-                let lease_end = lease.end_of(lease_term);
-                let exit = Exit {
-                    id,
-                    generation,
-                    reason: ExitReason::Shutdown,
-                    fenced: true,
-                    lease_end,
-                    answer: None,
-                };
-                let _ = exits.send(exit); // the host is gone when stopping
-                return;
+                break End::Fenced;
             }
             n = mailbox.next() => n,
             }
@@ -1261,7 +1255,7 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
             Next::Message(m) => m,
         };
         if !lease.valid_in(lease_term) {
-            // Past the lease this instance may no longer act; the host is killing it.
+            // Past the lease this instance may no longer act (a woken agent finds out here).
             if let Msg::Call { reply, enc, .. } = *msg {
                 let err = WireError::new(
                     ErrorCode::Unavailable,
@@ -1269,7 +1263,7 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
                 );
                 Box::pin(send_envelope(node, reply, enc, None, Err(err))).await;
             }
-            continue;
+            break End::Fenced;
         }
         let crash = match *msg {
             Msg::Cast { body } => {
@@ -1287,7 +1281,27 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
             call => Box::pin(handle_call(&instance, &mut agent, &mut answered, call)).await,
         };
         if let Some((why, answer)) = crash {
-            break (ExitReason::Crash(why), answer);
+            break End::Exit(ExitReason::Crash(why), answer);
+        }
+    };
+    let (reason, crash_answer) = match end {
+        End::Exit(reason, answer) => (reason, answer),
+        End::Fenced => {
+            // The lease ran out: this instance may no longer run, whatever the host loop is
+            // busy with. Dropping the agent kills what it runs.
+            drop(agent);
+            let why = format!("node {me} lost its lease; retry");
+            Box::pin(refuse_queued(node, &mailbox, &answered, epoch, &why)).await;
+            let exit = Exit {
+                id,
+                generation,
+                reason: ExitReason::Shutdown,
+                fenced: true,
+                lease_end: lease.end_of(lease_term),
+                answer: None,
+            };
+            let _ = exits.send(exit); // the host is gone when stopping
+            return;
         }
     };
     // Tell the host first, so that a restart is not held up by answering what was queued.
@@ -1306,6 +1320,15 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
     }
     let why = "the agent ended before handling this call; retry";
     Box::pin(refuse_queued(node, &mailbox, &answered, epoch, why)).await;
+}
+
+/// How an agent task's loop ended.
+enum End {
+    /// The agent ended (by itself, or crashed handling a message), with the answer to the call
+    /// that crashed it.
+    Exit(ExitReason, Option<Box<Answer>>),
+    /// Its node's lease ran out.
+    Fenced,
 }
 
 /// Who an instance is, as its calls need it.
@@ -1645,7 +1668,6 @@ mod tests {
         let task = future_size(agent_task);
         let mailbox = std::mem::size_of::<AgentMailbox>();
         let instance = std::mem::size_of::<Instance>();
-        eprintln!("task {task} B, mailbox {mailbox} B, instance {instance} B");
         assert!(task <= 800, "agent_task's state is {task} bytes");
         assert!(mailbox <= 176, "a mailbox is {mailbox} bytes");
         assert!(instance <= 48, "an instance is {instance} bytes");

@@ -112,7 +112,9 @@ impl<M, S, P> Mailbox<M, S, P> {
     }
 
     /// Records the task that runs the agent, for `kill`. Ignored when that task has parked
-    /// the agent already (it ended) or the mailbox is closed.
+    /// the agent already (it ended) or the mailbox is closed. Sound because one caller (the
+    /// host's loop) wakes agents and records their tasks: nothing can wake the agent again
+    /// between the wake and this call.
     pub fn running(&self, task: AbortHandle) {
         let mut st = self.lock();
         if st.parked.is_none() && !st.closed {

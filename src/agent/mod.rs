@@ -118,6 +118,12 @@ pub trait Agent: Send + 'static {
 
     /// Taken once, right after start: a future that resolves when the agent ends by itself
     /// (an `exec` process exiting). Plain agents never end by themselves: `None`.
+    ///
+    /// An agent that returns `None` is parked while idle: it has no task of its own between
+    /// messages, and when its node's lease runs out the host drops it at its next turn rather
+    /// than at once. So an agent that does work of its own between messages (a process, a
+    /// spawned task, a timer) must return its end here: then it keeps a task that watches the
+    /// lease and drops the agent the moment the lease ends.
     fn take_exit(&mut self) -> Option<BoxFuture<'static, ExitReason>> {
         None
     }

@@ -1177,8 +1177,8 @@ struct Run {
 /// whenever the mailbox is empty, and the task ends: an idle agent costs no task. The host
 /// runs a new task for it when a message or a stop arrives. Such an agent does nothing
 /// between messages, so it needs no lease watch while parked: the host drops it when the
-/// lease runs out (`fence_if_expired`), queues nothing for it past the lease, and a woken
-/// task checks the lease before each message.
+/// lease runs out (`fence_if_expired`), wakes it for nothing past the lease, and a woken task
+/// checks the lease before each message and drops the agent if it is over.
 async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
     let Run {
         who: instance,
@@ -1214,15 +1214,15 @@ async fn agent_task(run: Run, parked: Parked, mailbox: Arc<AgentMailbox>) {
             }
         } else {
             tokio::select! {
-            biased;
-            r = &mut ended => break End::Exit(r, None),
-            Ok(()) = expiries.changed() => {
-                if lease.valid_in(lease_term) {
-                    continue; // renewed meanwhile, without a lapse
+                biased;
+                r = &mut ended => break End::Exit(r, None),
+                Ok(()) = expiries.changed() => {
+                    if lease.valid_in(lease_term) {
+                        continue; // renewed meanwhile, without a lapse
+                    }
+                    break End::Fenced;
                 }
-                break End::Fenced;
-            }
-            n = mailbox.next() => n,
+                n = mailbox.next() => n,
             }
         };
         let msg = match next {

@@ -58,6 +58,20 @@ fn crash() -> ExitReason {
     ExitReason::Crash("boom".into())
 }
 
+/// The plan when `exited` ends with `reason` at `now_ms` after the restarts in `history`
+/// (jitter drawn mid-range).
+fn plan_at(
+    p: &Policy,
+    kids: &str,
+    exited: &str,
+    reason: &ExitReason,
+    now_ms: i64,
+    history: &[i64],
+) -> Plan {
+    let history = history.iter().copied().collect();
+    on_exit(p, &children(kids), exited, reason, now_ms, history, 0.5)
+}
+
 /// One case: the policy, the children, who exits and why, the restart history; then the plan.
 #[track_caller]
 fn check(
@@ -68,15 +82,7 @@ fn check(
     history: &[i64],
     expected: &str,
 ) {
-    let plan = on_exit(
-        p,
-        &children(kids),
-        exited,
-        &reason,
-        100_000,
-        history.to_vec().into(),
-        0.5,
-    );
+    let plan = plan_at(p, kids, exited, &reason, 100_000, history);
     assert_eq!(render(&plan), expected);
 }
 
@@ -250,15 +256,7 @@ fn jitter_spreads_delays_within_its_fraction() {
 #[test]
 fn the_restart_history_keeps_only_the_window() {
     let p = policy(Strategy::OneForOne, 5, 5);
-    let plan = on_exit(
-        &p,
-        &children("a:p"),
-        "a",
-        &crash(),
-        100_000,
-        [90_000, 96_000].into(),
-        0.5,
-    );
+    let plan = plan_at(&p, "a:p", "a", &crash(), 100_000, &[90_000, 96_000]);
     assert_eq!(plan.restarts_ms, [96_000, 100_000]);
 }
 
@@ -269,25 +267,16 @@ fn the_restart_history_keeps_only_the_window() {
 fn the_restart_history_keeps_at_most_one_more_than_the_intensity() {
     let mut p = policy(Strategy::OneForOne, 2, 5);
     p.never_gives_up = true;
-    let plan = on_exit(
-        &p,
-        &children("a:p"),
-        "a",
-        &crash(),
-        100_000,
-        [99_000, 99_500, 99_800].into(),
-        0.5,
-    );
+    let plan = plan_at(&p, "a:p", "a", &crash(), 100_000, &[99_000, 99_500, 99_800]);
     assert_eq!(plan.restarts_ms, [99_500, 99_800, 100_000]);
     assert_eq!(render(&plan), format!("start a +{}", p.backoff.max_ms));
-    let plan = on_exit(
+    let plan = plan_at(
         &p,
-        &children("a:p"),
+        "a:p",
         "a",
         &crash(),
         100_001,
-        plan.restarts_ms,
-        0.5,
+        &Vec::from(plan.restarts_ms),
     );
     assert_eq!(plan.restarts_ms, [99_800, 100_000, 100_001]);
 }
@@ -318,42 +307,18 @@ fn an_unknown_child_changes_nothing() {
 fn escalation_climbs_two_levels_under_each_parents_own_strategy() {
     // Level 2 (`inner`, one_for_one, intensity 1/5 s): its worker crashed once already.
     let inner = policy(Strategy::OneForOne, 1, 5);
-    let plan = on_exit(
-        &inner,
-        &children("w1:p w2:p"),
-        "w1",
-        &crash(),
-        100_000,
-        [99_000].into(),
-        0.5,
-    );
+    let plan = plan_at(&inner, "w1:p w2:p", "w1", &crash(), 100_000, &[99_000]);
     assert_eq!(render(&plan), "stop w2; escalate");
 
     // Level 1 (`mid`, rest_for_one, intensity 0): `inner` failing is one restart too many.
     let mid = policy(Strategy::RestForOne, 0, 5);
     let reason = ExitReason::Crash("child supervisor inner reached its restart intensity".into());
-    let plan = on_exit(
-        &mid,
-        &children("a:p inner:p b:p"),
-        "inner",
-        &reason,
-        100_000,
-        [].into(),
-        0.5,
-    );
+    let plan = plan_at(&mid, "a:p inner:p b:p", "inner", &reason, 100_000, &[]);
     assert_eq!(render(&plan), "stop b; stop a; escalate");
 
     // Level 0 (`top`, one_for_all, room to restart): restarts the whole subtree, in order.
     let top = policy(Strategy::OneForAll, 3, 5);
-    let plan = on_exit(
-        &top,
-        &children("x:p mid:p y:t"),
-        "mid",
-        &reason,
-        100_000,
-        [].into(),
-        0.5,
-    );
+    let plan = plan_at(&top, "x:p mid:p y:t", "mid", &reason, 100_000, &[]);
     assert_eq!(
         render(&plan),
         "stop y; stop x; start x +10; start mid +10; start y +10"

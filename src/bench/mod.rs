@@ -229,13 +229,13 @@ fn print_agents(a: &Value) {
 /// used when the run does not measure etcd itself (`--etcd`): (writers, writes/s).
 const ETCD_REFERENCE: &[(usize, f64)] = &[(1, 1_900.0), (64, 11_000.0), (256, 15_000.0)];
 
-/// Drives `n` etcd writers (one connection each, spread over the members) for `duration`.
+/// Drives `n` etcd writers (one connection each, the first to the leader, the others spread
+/// over the members) for `duration`.
 async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyhow::Result<Figures> {
+    let members = cluster.leader_first().await?;
     let mut conns = Vec::new();
     for w in 0..n {
-        conns.push(
-            etcd::Http::connect(&cluster.client_addrs[w % cluster.client_addrs.len()]).await?,
-        );
+        conns.push(etcd::Grpc::connect(&members[w % members.len()]).await?);
     }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

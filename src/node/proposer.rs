@@ -2,9 +2,10 @@
 //!
 //! Every write waits in a bounded queue; the batcher takes as many as are waiting (up to the
 //! byte and count limits), stamps them with the leader's clock and fresh ids, and proposes
-//! them as one log entry. Several batches are in flight at once, so while one is being
-//! replicated the next one fills up. One entry means one log append and one disk flush for
-//! the whole batch, which is what lets throughput grow with the number of writers.
+//! them as one log entry. While one batch is being committed the next one fills up (see
+//! `limits::MAX_PROPOSALS_IN_FLIGHT` for why one at a time). One entry means one log append,
+//! one disk flush per node and one replication round for the whole batch, which is what lets
+//! throughput grow with the number of writers.
 
 use std::future::Future;
 use std::sync::Arc;

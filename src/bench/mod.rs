@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
+    /// Send the writes through the cluster's shared queue group, as a NATS client that ignores
+    /// the `Warden-Leader` hint does: any node answers, and followers forward to the leader.
+    /// By default the bench client sends to the leader named by the last reply.
+    #[arg(long)]
+    pub shared_queue: bool,
 }
 
 /// Throughput and latency of one measurement.
@@ -356,7 +361,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 &json!({"name": parent, "request_id": format!("{parent}-parent")}),
             )
             .await?;
-        let c = client.clone();
+        let mut c = client.clone();
+        c.follow_leader = !args.shared_queue;
         let p = parent.clone();
         let warden = drive(n, duration, move |w, i| {
             let (c, p) = (c.clone(), p.clone());
@@ -387,6 +393,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         };
         rows.push(json!({
             "writers": n,
+            "path": if args.shared_queue { "shared_queue" } else { "leader" },
             "warden": warden,
             "nats_request_reply": raw,
             "latency_p50_vs_nats": warden.p50_us as f64 / raw.p50_us.max(1) as f64,
@@ -490,6 +497,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         if !rows.is_empty() {
             println!("vs_etcd: warden writes/s over {reference} writes/s");
+            if args.shared_queue {
+                println!("warden: writes through the shared queue group (followers forward)");
+            }
         }
         if let Some(a) = &agent_figures {
             print_agents(a);

@@ -88,17 +88,25 @@ impl Etcd {
 }
 
 impl Etcd {
-    /// The members' client addresses, the leader's first (as the members see it now).
-    pub async fn leader_first(&self) -> anyhow::Result<Vec<String>> {
+    /// The members' client addresses, the leader's first as the members see it now (in their
+    /// own order when none says it leads, say during an election).
+    pub async fn leader_first(&self) -> Vec<String> {
         let mut addrs = self.client_addrs.clone();
         for (i, addr) in self.client_addrs.iter().enumerate() {
-            let (member, leader) = Grpc::connect(addr).await?.status().await?;
-            if member == leader {
-                addrs.rotate_left(i);
-                break;
+            let status = match Grpc::connect(addr).await {
+                Ok(mut c) => c.status().await,
+                Err(e) => Err(e),
+            };
+            match status {
+                Ok((member, leader)) if member == leader => {
+                    addrs.rotate_left(i);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(addr, error = %e, "etcd member did not give its status"),
             }
         }
-        Ok(addrs)
+        addrs
     }
 }
 

@@ -56,6 +56,13 @@ pub const LEADER_WAIT_MS: u64 = 3_000;
 /// Deadline of a forwarded command: long enough for an election plus a commit.
 pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 
+/// How long the leader's batcher waits for a proposal's outcome before answering "outcome
+/// unknown" and proposing the next batch. openraft 0.9 keeps the reply pending while a cut-off
+/// leader cannot commit, and never sends it when the entry disappears under an installed
+/// snapshot; with one proposal in flight, an unbounded wait would stop every later write on the
+/// node. Below [`FORWARD_TIMEOUT_MS`], so a forwarding follower hears the leader's answer.
+pub const PROPOSAL_TIMEOUT_MS: u64 = 6_000;
+
 /// How long a stopping node lets commands in flight finish before abandoning them; below
 /// the node's overall 5 s stop budget.
 pub const DRAIN_GRACE_MS: u64 = 3_000;
@@ -159,6 +166,7 @@ const _: () = assert!(HANDOFF_BATCH_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_CHECKPOINT_BYTES <= HANDOFF_BATCH_BYTES);
 const _: () = assert!(MAX_CHECKPOINT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
+const _: () = assert!(PROPOSAL_TIMEOUT_MS < FORWARD_TIMEOUT_MS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
 const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);
 const _: () = assert!(NATS_DEFAULT_MAX_PAYLOAD_BYTES >= MIN_SERVER_MAX_PAYLOAD_BYTES);

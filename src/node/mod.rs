@@ -397,7 +397,11 @@ pub async fn run_with_kinds(
         }
     }
 
-    let (proposer, batcher) = proposer::Proposer::start(raft.clone(), flag(&stop_rx));
+    let (proposer, batcher) = proposer::Proposer::start(
+        raft.clone(),
+        Duration::from_millis(limits::PROPOSAL_TIMEOUT_MS),
+        flag(&stop_rx),
+    );
     let (forwarder, forward_batcher) =
         forward::Forwarder::start(client.clone(), subjects.clone(), flag(&stop_rx));
     let node = Arc::new(Node {

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -44,13 +45,18 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batcher; it runs until `stopped` resolves.
+    /// Starts the batcher; it runs until `stopped` resolves. A proposal without an outcome
+    /// after `timeout` is answered "unknown" (see `limits::PROPOSAL_TIMEOUT_MS`).
     pub fn start(
         raft: Raft,
+        timeout: Duration,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_CAPACITY);
-        (Proposer { tx }, tokio::spawn(batch_loop(raft, rx, stopped)))
+        (
+            Proposer { tx },
+            tokio::spawn(batch_loop(raft, rx, timeout, stopped)),
+        )
     }
 
     /// Proposes one command; `size` is its encoded request size, used to bound batches.
@@ -77,6 +83,7 @@ impl Proposer {
 async fn batch_loop(
     raft: Raft,
     mut rx: mpsc::Receiver<Pending>,
+    timeout: Duration,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits::MAX_PROPOSALS_IN_FLIGHT));
@@ -122,28 +129,38 @@ async fn batch_loop(
             let _permit = permit;
             let started = std::time::Instant::now();
             let commands = proposal.items.len();
-            let result = raft.client_write(proposal).await;
+            let result = tokio::time::timeout(timeout, raft.client_write(proposal)).await;
             tracing::debug!(
                 commands,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "proposal done"
             );
             let replies: Vec<_> = batch.into_iter().map(|p| p.reply).collect();
-            match result {
-                Ok(resp) => {
+            let err = match result {
+                Ok(Ok(resp)) => {
                     for (reply, outcome) in replies.into_iter().zip(resp.data) {
                         // The client may have given up waiting; its outcome is in the registry.
                         let _ = reply.send(Ok(outcome));
                     }
+                    return;
                 }
-                Err(e) => {
-                    // Whatever the error, the entry may already be in some log and may still
-                    // commit under the next leader: the outcome is unknown, never "failed".
-                    let err = ProposeError::Unknown(e.to_string());
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
+                // Whatever the error, the entry may already be in some log and may still
+                // commit under the next leader: the outcome is unknown, never "failed".
+                Ok(Err(e)) => ProposeError::Unknown(e.to_string()),
+                Err(_) => {
+                    tracing::warn!(
+                        commands,
+                        timeout_ms = timeout.as_millis() as u64,
+                        "a proposal got no outcome in time; its commands are answered unknown"
+                    );
+                    ProposeError::Unknown(format!(
+                        "not committed within {} ms",
+                        timeout.as_millis()
+                    ))
                 }
+            };
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
             }
         });
     }
@@ -154,4 +171,102 @@ async fn batch_loop(
     }
     // In-flight proposals may wait on a quorum that is gone; their callers hear "unknown".
     tasks.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real openraft instance on a sled store and a real nats-server.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::bus::NatsConfig;
+    use crate::config::RaftConfig;
+    use crate::raft::network::{Contacts, Network};
+    use crate::raft::store::Store;
+    use crate::subjects::Subjects;
+    use crate::up::NatsServer;
+
+    /// What: a proposal that can never commit is answered "unknown" after the timeout, and the
+    /// batcher goes on to the next one instead of waiting for it forever.
+    /// Method: a one-node cluster that starts to add a voter which does not exist, so every
+    /// later entry needs that voter's vote (joint consensus) and no entry commits again.
+    #[tokio::test]
+    async fn a_proposal_that_never_commits_does_not_stop_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
+        let cfg = NatsConfig {
+            url: nats.url.clone(),
+            ..Default::default()
+        };
+        let client = crate::bus::connect(&cfg, "proposer-test", false)
+            .await
+            .unwrap();
+        let store = Store::open(&dir.path().join("node-1")).unwrap();
+        let (log, sm, _state) = store.raft_parts(None).unwrap();
+        let network = Network {
+            client: client.clone(),
+            subjects: Subjects::new("proposer-test"),
+            contacts: Arc::new(Contacts::default()),
+            max_payload: client.server_info().max_payload,
+        };
+        let raft_cfg = Arc::new(RaftConfig::default().to_openraft("proposer-test").unwrap());
+        let raft = Raft::new(1, raft_cfg, network, log, sm).await.unwrap();
+        raft.initialize(BTreeMap::from([(1, openraft::EmptyNode {})]))
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "node 1 leads")
+            .await
+            .unwrap();
+        raft.add_learner(2, openraft::EmptyNode {}, false)
+            .await
+            .unwrap();
+        let stuck = raft.clone();
+        let change =
+            tokio::spawn(
+                async move { stuck.change_membership(BTreeSet::from([1, 2]), false).await },
+            );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .len()
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the joint membership was never appended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (proposer, batcher) =
+            Proposer::start(raft.clone(), Duration::from_millis(300), async {
+                let _ = stop_rx.await;
+            });
+        for attempt in 0..2 {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                proposer.propose(None, RegistryCmd::NodeLoads { loads: vec![] }, 16),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("proposal {attempt} got no answer: the batcher is stuck"));
+            assert!(
+                matches!(&answer, Err(ProposeError::Unknown(why)) if why.contains("300 ms")),
+                "proposal {attempt}: {answer:?}"
+            );
+        }
+
+        let _ = stop_tx.send(());
+        batcher.await.unwrap();
+        change.abort();
+        raft.shutdown().await.unwrap();
+    }
 }

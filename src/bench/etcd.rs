@@ -88,27 +88,37 @@ impl Etcd {
 }
 
 impl Etcd {
-    /// The members' client addresses, the leader's first as the members see it now (in their
-    /// own order when none says it leads, say during an election).
+    /// The members' client addresses, the leader's first. Waits up to 5 s for a member to say
+    /// it leads (say after an election); then keeps the members' own order.
     pub async fn leader_first(&self) -> Vec<String> {
         let mut addrs = self.client_addrs.clone();
-        for (i, addr) in self.client_addrs.iter().enumerate() {
-            let status = match Grpc::connect(addr).await {
-                Ok(mut c) => c.status().await,
-                Err(e) => Err(e),
-            };
-            match status {
-                Ok((member, leader)) if member == leader => {
-                    addrs.rotate_left(i);
-                    break;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for (i, addr) in self.client_addrs.iter().enumerate() {
+                let status = match Grpc::connect(addr).await {
+                    Ok(mut c) => c.status().await,
+                    Err(e) => Err(e),
+                };
+                match status {
+                    Ok((member, Some(leader))) if member == leader => {
+                        addrs.rotate_left(i);
+                        return addrs;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(addr, error = %e, "etcd member gave no status"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(addr, error = %e, "etcd member did not give its status"),
             }
+            if Instant::now() > deadline {
+                tracing::warn!("no etcd member says it leads; writers keep the members' order");
+                return addrs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        addrs
     }
 }
+
+/// How long one connection or call may take; a stalled member must not hang the bench.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A gRPC client for etcd's v3 API, the way etcd's own clients talk to it: one HTTP/2
 /// connection (the `h2` crate) and unary calls with hand-encoded protobuf, which for the two
@@ -120,6 +130,12 @@ pub struct Grpc {
 
 impl Grpc {
     pub async fn connect(addr: &str) -> anyhow::Result<Grpc> {
+        tokio::time::timeout(CALL_TIMEOUT, Self::connect_inner(addr))
+            .await
+            .with_context(|| format!("connecting to etcd at {addr} took over {CALL_TIMEOUT:?}"))?
+    }
+
+    async fn connect_inner(addr: &str) -> anyhow::Result<Grpc> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (send, connection) = h2::client::handshake(stream).await?;
@@ -137,6 +153,12 @@ impl Grpc {
 
     /// One unary call: `method` is `/package.Service/Method`, `message` the encoded request.
     async fn call(&mut self, method: &str, message: &[u8]) -> anyhow::Result<Bytes> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(method, message))
+            .await
+            .with_context(|| format!("etcd did not answer {method} within {CALL_TIMEOUT:?}"))?
+    }
+
+    async fn call_inner(&mut self, method: &str, message: &[u8]) -> anyhow::Result<Bytes> {
         let request = http::Request::post(format!("http://{}{method}", self.authority))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
@@ -173,8 +195,13 @@ impl Grpc {
                 .unwrap_or("");
             bail!("etcd answered grpc-status {status:?}: {message}");
         }
-        if reply.len() < 5 {
-            bail!("etcd's reply has no message");
+        // One message: not compressed, then its length, then the message itself.
+        let declared = reply
+            .get(1..5)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]));
+        match (reply.first(), declared) {
+            (Some(0), Some(len)) if len as usize == reply.len() - 5 => {}
+            _ => bail!("etcd's reply is not one uncompressed gRPC message"),
         }
         Ok(reply.freeze().slice(5..))
     }
@@ -189,8 +216,8 @@ impl Grpc {
         Ok(())
     }
 
-    /// This member's id and the id of the member it takes for the leader.
-    pub async fn status(&mut self) -> anyhow::Result<(u64, u64)> {
+    /// This member's id and the id of the member it takes for the leader, if it knows one.
+    pub async fn status(&mut self) -> anyhow::Result<(u64, Option<u64>)> {
         let reply = self.call("/etcdserverpb.Maintenance/Status", &[]).await?;
         // StatusResponse { ResponseHeader header = 1 { member_id = 2 }; leader = 4 }
         let (mut member, mut leader) = (None, None);
@@ -203,14 +230,13 @@ impl Grpc {
                         }
                     }
                 }
-                (4, Field::Varint(id)) => leader = Some(id),
+                // proto3 leaves out a zero: no field means no leader.
+                (4, Field::Varint(id)) if id != 0 => leader = Some(id),
                 _ => {}
             }
         }
-        match (member, leader) {
-            (Some(m), Some(l)) => Ok((m, l)),
-            _ => bail!("etcd's status names no member or leader"),
-        }
+        let member = member.context("etcd's status names no member")?;
+        Ok((member, leader))
     }
 }
 

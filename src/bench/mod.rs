@@ -245,6 +245,7 @@ async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyho
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (w, mut c) in conns.into_iter().enumerate() {
+        let addr = members[w % members.len()].clone();
         tasks.spawn(async move {
             let (mut lat, mut errors, mut i) = (Vec::new(), 0u64, 0u64);
             while start.elapsed() < duration {
@@ -254,7 +255,15 @@ async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyho
                     .await
                 {
                     Ok(()) => lat.push(t.elapsed().as_micros() as u64),
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        // A broken connection fails every call at once: connect again, or
+                        // stop this writer rather than spin.
+                        match etcd::Grpc::connect(&addr).await {
+                            Ok(fresh) => c = fresh,
+                            Err(_) => break,
+                        }
+                    }
                 }
                 i += 1;
             }

@@ -179,7 +179,7 @@ mod tests {
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::*;
     use crate::bus::NatsConfig;
@@ -229,22 +229,13 @@ mod tests {
             tokio::spawn(
                 async move { stuck.change_membership(BTreeSet::from([1, 2]), false).await },
             );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_joint_config()
-            .len()
-            < 2
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the joint membership was never appended"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.membership_config.membership().get_joint_config().len() == 2,
+                "the joint membership is appended",
+            )
+            .await
+            .unwrap();
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (proposer, batcher) =

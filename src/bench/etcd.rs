@@ -85,9 +85,7 @@ impl Etcd {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
 
-impl Etcd {
     /// The members' client addresses, the leader's first. Waits up to 5 s for a member to say
     /// it leads (say after an election); then keeps the members' own order.
     pub async fn leader_first(&self) -> Vec<String> {

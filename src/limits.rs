@@ -115,8 +115,15 @@ pub const MAX_AGENTS: usize = 1_000_000;
 /// below `MAX_REQUEST_BYTES`.
 pub const MAX_CHECKPOINT_BYTES: usize = 256 * 1024;
 
-/// Longest shutdown timeout an agent may ask for (one hour).
+/// Longest shutdown timeout an agent may ask for (one hour). Fits a `u32`, which is how the
+/// host keeps it per instance.
 pub const MAX_SHUTDOWN_MS: u64 = 3_600_000;
+const _: () = assert!(MAX_SHUTDOWN_MS <= u32::MAX as u64);
+
+/// How long past its `shutdown_ms` an agent's stop may run before the host aborts its task
+/// and drops it: room for the kind to finish what its timeout cut (an `exec` agent's SIGKILL
+/// and wait), while a kind whose stop ignores its timeout cannot hold the agent forever.
+pub const AGENT_STOP_GRACE_MS: u64 = 1_000;
 
 /// Children of one `spawn_agent_group`: one Raft entry creates them all.
 pub const MAX_GROUP: u32 = 10_000;

@@ -75,13 +75,21 @@ impl Subjects {
         format!("{}.agent.{id_or_name}.{op}", self.prefix)
     }
 
+    /// The agent (id or name) and operation of a subject `agent_all` matched, if it is one of
+    /// this cluster's agent subjects.
+    pub fn parse_agent<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        let (target, op) = rest.strip_prefix(".agent.")?.split_once('.')?;
+        let well_formed = !target.is_empty() && !op.is_empty() && !op.contains('.');
+        well_formed.then_some((target, op))
+    }
+
     /// Subject of the benchmark's raw request/reply reference responder.
     pub fn bench_echo(&self, run: &str) -> String {
         format!("{}.bench.{run}.echo", self.prefix)
     }
 
-    /// The last token of a subject (the command or RPC name), if the subject has `prefix_tokens`
-    /// tokens before it.
+    /// The last token of a subject (the command or RPC name).
     pub fn last_token(subject: &str) -> &str {
         subject.rsplit('.').next().unwrap_or(subject)
     }
@@ -102,5 +110,9 @@ mod tests {
         );
         assert_eq!(s.node_cmd(2, "health"), "warden.prod.node.2.cmd.health");
         assert_eq!(Subjects::last_token("warden.prod.cmd.health"), "health");
+        let call = s.agent("n1", "call");
+        assert_eq!(s.parse_agent(&call), Some(("n1", "call")));
+        assert_eq!(s.parse_agent("warden.other.agent.n1.call"), None);
+        assert_eq!(s.parse_agent("warden.prod.agent.n1"), None);
     }
 }

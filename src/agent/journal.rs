@@ -75,18 +75,32 @@ impl Journal {
     }
 
     pub fn start(&mut self, agent: Uuid, epoch: u64) {
-        self.hold("start", agent, epoch, None, None);
+        self.hold("start", agent, epoch, None, Utc::now(), None);
         self.write_held();
     }
 
+    /// A stop, timed now.
     pub fn stop(&mut self, agent: Uuid, epoch: u64, reason: &str, until: Option<DateTime<Utc>>) {
-        self.hold("stop", agent, epoch, Some(reason), until);
+        self.stop_at(agent, epoch, reason, Utc::now(), until);
+    }
+
+    /// A stop timed `at`: when the agent's task saw it stop, which may be a little before the
+    /// host writes the line (the host is busy, or the node was paused in between).
+    pub fn stop_at(
+        &mut self,
+        agent: Uuid,
+        epoch: u64,
+        reason: &str,
+        at: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    ) {
+        self.hold("stop", agent, epoch, Some(reason), at, until);
         self.write_held();
     }
 
-    /// A stop timed now but written with the next line or at the next `flush`.
-    pub fn stop_held(&mut self, agent: Uuid, epoch: u64, reason: &str) {
-        self.hold("stop", agent, epoch, Some(reason), None);
+    /// A stop timed `at` but written with the next line or at the next `flush`.
+    pub fn stop_held(&mut self, agent: Uuid, epoch: u64, reason: &str, at: DateTime<Utc>) {
+        self.hold("stop", agent, epoch, Some(reason), at, None);
     }
 
     /// Writes what is held.
@@ -112,17 +126,18 @@ impl Journal {
         self.held = held;
     }
 
-    /// Adds one line, timed now, to what is held.
+    /// Adds one line, timed `t`, to what is held.
     fn hold(
         &mut self,
         ev: &str,
         agent: Uuid,
         epoch: u64,
         reason: Option<&str>,
+        t: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
     ) {
         let entry = JournalEntry {
-            t: Utc::now(),
+            t,
             node: self.me,
             agent,
             epoch,
@@ -192,14 +207,14 @@ mod tests {
         let a = Uuid::from_u128(7);
         let mut j = Journal::open(dir.path(), 3);
         j.start(a, 1);
-        j.stop_held(a, 1, "crashed");
+        j.stop_held(a, 1, "crashed", Utc::now());
         assert_eq!(read_dir(dir.path()).len(), 1, "held, not written yet");
         j.start(a, 1);
         let got = read_dir(dir.path());
         let evs: Vec<_> = got.iter().map(|e| e.ev.as_str()).collect();
         assert_eq!(evs, ["start", "stop", "start"]);
         assert!(got[1].t <= got[2].t);
-        j.stop_held(a, 1, "crashed");
+        j.stop_held(a, 1, "crashed", Utc::now());
         j.flush();
         let got = read_dir(dir.path());
         assert_eq!(got.len(), 4);

@@ -114,6 +114,38 @@ impl Lease {
         }
     }
 
+    /// Runs `fut` while the lease of `term` holds, following renewals: `None` once the lease
+    /// has run out (or lapsed and started a new term), and then `fut` is dropped without being
+    /// polled again. The lease is checked before every poll, so `fut` never runs past the
+    /// lease's end, not even once after a pause of the whole process: an agent's graceful stop
+    /// gets all its `shutdown_ms` while the lease is renewed, and not a moment past it.
+    pub async fn while_valid<F: Future>(&self, term: u64, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut armed: Option<Instant> = None;
+        std::future::poll_fn(|cx| {
+            // Each pass either returns, waits, or re-arms the timer for a later end (a renewal
+            // came in): bounded by the renewals that arrive while it runs.
+            for _ in 0..4 {
+                if !self.valid_in(term) {
+                    return std::task::Poll::Ready(None);
+                }
+                let Some(end) = self.end_of(term) else {
+                    return std::task::Poll::Ready(None);
+                };
+                if armed != Some(end) {
+                    timer.as_mut().reset(end.into());
+                    armed = Some(end);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+            }
+            fut.as_mut().poll(cx).map(Some)
+        })
+        .await
+    }
+
     /// Changes with every grant.
     pub fn grants(&self) -> watch::Receiver<u64> {
         self.grants.subscribe()
@@ -429,6 +461,49 @@ fn resident_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Goal: work under `while_valid` gets all the time it needs while the lease is renewed,
+    /// and is cut when the lease really ends, never polled past that moment.
+    #[tokio::test]
+    async fn work_under_the_lease_runs_through_renewals_and_stops_at_its_end() {
+        let l = Arc::new(Lease::default());
+        let length = Duration::from_millis(200);
+        l.renew(Instant::now(), length, 0);
+        let term = l.term();
+        // Renewed every 20 ms for about 600 ms, three lease lengths: a 400 ms job finishes.
+        let renewer = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    l.renew(Instant::now(), length, 0);
+                }
+            })
+        };
+        let began = Instant::now();
+        let done = l
+            .while_valid(term, tokio::time::sleep(Duration::from_millis(400)))
+            .await;
+        assert_eq!(done, Some(()), "renewals keep the work going");
+        assert!(began.elapsed() >= Duration::from_millis(400));
+        renewer.await.unwrap();
+        // No more renewals: a job longer than what is left is cut at the lease's end, and
+        // every poll it got came before that end.
+        let end = l.end_of(term).unwrap();
+        let last_poll = Arc::new(Mutex::new(None));
+        let job = {
+            let last_poll = last_poll.clone();
+            let mut sleep = Box::pin(tokio::time::sleep(Duration::from_secs(10)));
+            std::future::poll_fn(move |cx| {
+                *last_poll.lock().unwrap() = Some(Instant::now());
+                sleep.as_mut().poll(cx)
+            })
+        };
+        let cut = tokio::time::timeout(Duration::from_secs(5), l.while_valid(term, job)).await;
+        assert_eq!(cut, Ok(None), "cut by the lease, long before the timeout");
+        let polled = last_poll.lock().unwrap().expect("polled while valid");
+        assert!(polled < end, "never polled at or past the lease's end");
+    }
 
     #[test]
     fn a_lease_only_grows_and_ends_on_time() {

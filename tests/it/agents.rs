@@ -403,3 +403,93 @@ async fn a_group_spawns_its_children_and_they_can_be_found() {
     let none = c.call("find_agents", &json!({"tag": "web"})).await.unwrap();
     assert_eq!(none["agents"], json!([]));
 }
+
+/// Latencies of calls to agent `name`, one after the other until `until(calls so far)`, sorted.
+async fn call_latencies(c: &Client, name: &str, until: impl Fn(usize) -> bool) -> Vec<Duration> {
+    let mut out = Vec::new();
+    while !until(out.len()) {
+        let began = std::time::Instant::now();
+        call_agent(c, name, json!({"op": "get"})).await.unwrap();
+        out.push(began.elapsed());
+    }
+    out.sort();
+    out
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn process_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// Goal: an agent whose graceful stop takes its whole `shutdown_ms` (5 s, five times the
+/// lease) delays no call to another agent on the same node, and really gets its 5 s while the
+/// lease is renewed: its process, which ignores SIGTERM, is killed only then.
+#[tokio::test]
+async fn a_slow_stop_delays_no_other_agent_and_gets_its_whole_shutdown_time() {
+    let node = InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec!["/bin/sh".into()];
+    })
+    .await;
+    let c = &node.client;
+    sup(c, "s", "root", "one_for_one", 10).await;
+    spawn(c, "quick", "s", json!({})).await;
+    let script = "trap '' TERM; while :; do sleep 0.2; done";
+    let body = json!({"name": "slow", "supervisor": "s", "kind": "exec", "shutdown_ms": 5000,
+                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    wait_agent(c, "slow", "the slow agent running", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    let status = call_agent(c, "slow", json!({"op": "status"}))
+        .await
+        .unwrap();
+    let pid = status["pid"].as_u64().unwrap();
+    assert!(process_alive(pid));
+
+    let before = call_latencies(c, "quick", |n| n >= 500).await;
+    c.call("stop_agent", &json!({"agent": "slow"}))
+        .await
+        .unwrap();
+    let asked = std::time::Instant::now();
+    let during = call_latencies(c, "quick", |_| {
+        asked.elapsed() >= Duration::from_millis(4_000)
+    })
+    .await;
+    assert!(
+        process_alive(pid),
+        "the process was cut before its 5 s: {:?} after the stop",
+        asked.elapsed()
+    );
+    let (p99_before, p99_during) = (p99(&before), p99(&during));
+    let worst = *during.last().unwrap();
+    assert!(
+        p99_during <= p99_before * 2,
+        "p99 {p99_during:?} during the slow stop against {p99_before:?} before it"
+    );
+    assert!(
+        worst <= Duration::from_millis(50),
+        "a call took {worst:?} during the slow stop"
+    );
+    let gone = wait_for(
+        "the process to be killed",
+        Duration::from_secs(10),
+        || async { (!process_alive(pid)).then(|| asked.elapsed()) },
+    )
+    .await;
+    assert!(
+        gone >= Duration::from_millis(4_900),
+        "killed {gone:?} after the stop, before its shutdown_ms"
+    );
+}

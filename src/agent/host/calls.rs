@@ -1,0 +1,206 @@
+//! Calls and casts to the agents of this node (`agent.<id-or-name>.call|cast`), and the
+//! answers and events the host sends. Routing never waits on an agent: a message is queued in
+//! the agent's mailbox (waking it if it is parked) or refused at once.
+
+use async_nats::HeaderMap;
+use chrono::Utc;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::task::Msg;
+use super::Host;
+use crate::agent::mailbox::Refused;
+use crate::events::{Event, EVENT_VERSION};
+use crate::node::Node;
+use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
+use crate::registry::AgentStatus;
+
+/// Header carrying an agent's epoch on calls (optional) and on their replies.
+pub const EPOCH_HEADER: &str = "Warden-Epoch";
+/// Header naming one logical call across its retries, so that an agent handles it once.
+pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
+
+impl Host {
+    /// Routes a call or cast to the local instance, or answers for agents nobody runs.
+    pub(super) async fn route(&mut self, msg: async_nats::Message) {
+        let Some((target, op)) = self.node.subjects.parse_agent(&msg.subject) else {
+            return;
+        };
+        let placed = {
+            let st = self.node.state_read();
+            st.registry.agent(target).map(|a| (a.id, a.node, a.status))
+        };
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(protocol::CONTENT_TYPE))
+            .map(|v| v.to_string());
+        let enc = Encoding::detect(ct.as_deref(), &msg.payload).unwrap_or(Encoding::Json);
+        let reply = msg.reply.as_ref().map(|r| r.to_string());
+        let answer = |err: WireError| {
+            let node = self.node.clone();
+            let reply = reply.clone();
+            async move {
+                if let Some(r) = reply {
+                    send_envelope(&node, r, enc, None, Err(err)).await;
+                }
+            }
+        };
+        let (id, status) = match placed {
+            Some((id, Some(n), status)) if n == self.me => (id, status),
+            Some(_) => return, // the node it is placed on answers
+            None => {
+                // Unknown everywhere: the leader says so, the others stay quiet.
+                if self.node.is_leader() {
+                    let why = format!("no agent {target:?}");
+                    answer(WireError::new(ErrorCode::NotFound, why)).await;
+                }
+                return;
+            }
+        };
+        let body = match enc.decode(&msg.payload) {
+            Ok(b) => b,
+            Err(e) => return answer(e).await,
+        };
+        if status == AgentStatus::Migrating {
+            let why = format!("agent {target:?} is moving to another node; retry");
+            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+        }
+        let Some(inst) = self.instances.get(&id) else {
+            let why = format!("agent {target:?} is not running (status {status:?}); retry shortly");
+            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+        };
+        if !self.node.lease.valid_in(inst.lease_term) {
+            let why = format!(
+                "node {} lost its lease; the agent may be moving; retry",
+                self.me
+            );
+            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+        }
+        let asked_epoch = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(EPOCH_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        if let Some(e) = asked_epoch.filter(|e| *e != inst.epoch) {
+            let why = format!(
+                "stale epoch: the call is for epoch {e}, the agent runs at epoch {}",
+                inst.epoch
+            );
+            return answer(WireError::new(ErrorCode::Conflict, why)).await;
+        }
+        let m = match (op, reply.clone()) {
+            ("call", Some(reply)) => {
+                let call_id = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(CALL_ID_HEADER))
+                    .map(|v| v.as_str().to_string())
+                    .filter(|v| !v.is_empty() && v.len() <= crate::limits::MAX_REQUEST_ID_LEN);
+                Msg::Call {
+                    body,
+                    reply,
+                    enc,
+                    call_id,
+                }
+            }
+            ("cast", _) => Msg::Cast { body },
+            ("call", None) => return,
+            _ => return answer(WireError::new(ErrorCode::BadRequest, "use .call or .cast")).await,
+        };
+        match inst.mailbox.push(Box::new(m)) {
+            Ok(None) => {}
+            Ok(Some(parked)) => self.wake(id, parked),
+            Err(Refused::Full(_)) => {
+                let why = "the agent's mailbox is full; retry";
+                answer(WireError::new(ErrorCode::Unavailable, why)).await
+            }
+            Err(Refused::Closed(_)) => {
+                let why = format!("agent {target:?} is restarting or stopping; retry shortly");
+                answer(WireError::new(ErrorCode::Unavailable, why)).await
+            }
+        }
+    }
+
+    /// Publishes a line an agent logged as a `log` event.
+    pub(super) async fn publish_log(&mut self, id: Uuid, line: String) {
+        let seq = self.log_seq.entry(id).or_default();
+        *seq += 1;
+        let epoch = self.instances.get(&id).map_or(0, |i| i.epoch);
+        let data = json!({ "line": line });
+        let ids = id.to_string();
+        let ev = Event {
+            v: EVENT_VERSION,
+            event: "log",
+            entity: "agent",
+            id: &ids,
+            time: Utc::now(),
+            node: self.me,
+            epoch,
+            seq: *seq,
+            data: &data,
+        };
+        publish(
+            &self.node,
+            self.node.subjects.event("agent", &ids, "log"),
+            &ev,
+        )
+        .await;
+    }
+
+    /// Says that supervisor `sup` gave up and escalated to `parent`.
+    pub(super) async fn publish_escalated(&self, sup: &str, parent: &str) {
+        let data = json!({ "supervisor": sup, "parent": parent });
+        let ev = Event {
+            v: EVENT_VERSION,
+            event: "escalated",
+            entity: "supervisor",
+            id: sup,
+            time: Utc::now(),
+            node: self.me,
+            epoch: 0,
+            seq: 0,
+            data: &data,
+        };
+        publish(
+            &self.node,
+            self.node.subjects.event("supervisor", sup, "escalated"),
+            &ev,
+        )
+        .await;
+    }
+}
+
+async fn publish(node: &Node, subject: String, ev: &Event<'_>) {
+    match serde_json::to_vec(ev) {
+        Ok(body) => {
+            if let Err(e) = node.client.publish(subject, body.into()).await {
+                tracing::debug!(error = %e, "could not publish an event");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not encode an event"),
+    }
+}
+
+/// Answers a call with the envelope of `result`, naming the agent's epoch when known.
+pub(super) async fn send_envelope(
+    node: &Node,
+    reply: String,
+    enc: Encoding,
+    epoch: Option<u64>,
+    result: Result<Value, WireError>,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert(protocol::CONTENT_TYPE, enc.content_type());
+    if let Some(e) = epoch {
+        headers.insert(EPOCH_HEADER, e.to_string().as_str());
+    }
+    let body = enc.encode(&Envelope::from_result(result));
+    if let Err(e) = node
+        .client
+        .publish_with_headers(reply, headers, body.into())
+        .await
+    {
+        tracing::debug!(error = %e, "could not answer an agent call");
+    }
+}

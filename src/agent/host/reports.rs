@@ -1,0 +1,246 @@
+//! The host's writes through Raft: agents' status reports (coalesced per agent and batched),
+//! hand-offs of migrating agents, and forgetting temporary agents that ended. One writer task
+//! owns them, so a slow or leaderless cluster delays these writes, never the host loop.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::sleep_until_opt;
+use crate::node::Node;
+use crate::protocol::ErrorCode;
+use crate::registry::{AgentReport, HandoffItem};
+
+/// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
+/// one per change bounds this to one entry per local agent, and nothing is ever dropped.
+#[derive(Default)]
+pub(super) struct Pending {
+    reports: std::sync::Mutex<BTreeMap<Uuid, AgentReport>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Pending {
+    pub(super) fn add(&self, r: AgentReport) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        match reports.get_mut(&r.agent) {
+            Some(old) if old.epoch == r.epoch => {
+                old.status = r.status;
+                old.restarts = old.restarts.saturating_add(r.restarts);
+                if r.error.is_some() {
+                    old.error = r.error;
+                }
+            }
+            _ => {
+                reports.insert(r.agent, r);
+            }
+        }
+        drop(reports);
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `max` reports.
+    fn take(&self, max: usize) -> Vec<AgentReport> {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        while out.len() < max {
+            match reports.pop_first() {
+                Some((_, r)) => out.push(r),
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Puts back reports that could not be sent, under anything newer.
+    fn restore(&self, batch: Vec<AgentReport>) {
+        for r in batch {
+            let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+            match reports.get_mut(&r.agent) {
+                Some(newer) if newer.epoch == r.epoch => {
+                    newer.restarts = newer.restarts.saturating_add(r.restarts);
+                    if newer.error.is_none() {
+                        newer.error = r.error;
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    reports.insert(r.agent, r);
+                }
+            }
+        }
+    }
+}
+
+/// How long the writer waits after the first new report before it sends what gathered.
+const REPORT_GATHER: Duration = Duration::from_millis(2);
+/// The least time between two report writes while fewer than a full batch wait: a crash loop
+/// (or any trickle of changes) costs the cluster at most this many writes per second, each
+/// fsynced on every voter, instead of one per restart. A lone change is still written after
+/// `REPORT_GATHER`; a full batch goes at once, so bulk starts are not slowed.
+const REPORT_INTERVAL: Duration = Duration::from_millis(25);
+/// Reports (or handoffs) sent in one command: one Raft entry, well below the proposal size
+/// limit.
+const REPORTS_PER_WRITE: usize = 1_000;
+/// What a handoff item costs in MessagePack besides its state and answers: an id, a node, an
+/// epoch and field names.
+const HANDOFF_ITEM_OVERHEAD_BYTES: usize = 96;
+
+/// Sends the host's reports (batched) and forgets through Raft, retrying while the cluster has
+/// no leader. Ends when the host is gone, after one last attempt to send what is pending.
+pub(super) async fn write_loop(
+    node: Arc<Node>,
+    pending: Arc<Pending>,
+    mut forget: mpsc::Receiver<Uuid>,
+    mut handoffs: mpsc::Receiver<HandoffItem>,
+) {
+    let mut open = true;
+    let mut last_reports: Option<Instant> = None;
+    // When the reports waiting are to be written; `None` while none wait.
+    let mut due: Option<Instant> = None;
+    while open {
+        tokio::select! {
+            _ = pending.notify.notified() => {
+                // Let a burst gather (a restart's `failed` and `running` become one report),
+                // so that churn costs the cluster fewer writes; while changes keep coming,
+                // leave REPORT_INTERVAL between writes unless a full batch waits. A deadline,
+                // not a sleep: handoffs and forgets go meanwhile.
+                let mut at = Instant::now() + REPORT_GATHER;
+                if let Some(last) = last_reports {
+                    if pending.len() < REPORTS_PER_WRITE {
+                        at = at.max(last + REPORT_INTERVAL);
+                    }
+                }
+                due = Some(due.map_or(at, |d| d.min(at)));
+                continue;
+            }
+            _ = sleep_until_opt(due) => due = None,
+            f = forget.recv() => match f {
+                Some(id) => forget_agent(&node, id).await,
+                None => open = false,
+            },
+            Some(first) = handoffs.recv() => {
+                // Bounded by count and by size (state, remembered answers and the item's
+                // own fields), so the command always fits one request.
+                let size = |it: &HandoffItem| {
+                    HANDOFF_ITEM_OVERHEAD_BYTES
+                        + it.state.as_ref().map_or(0, |s| s.len())
+                        + it.calls.iter().map(|c| c.id.len() + 64).sum::<usize>()
+                        + it
+                            .calls
+                            .iter()
+                            .map(|c| serde_json::to_vec(&c.result).map_or(0, |v| v.len()))
+                            .sum::<usize>()
+                };
+                let mut bytes = size(&first);
+                let mut batch = vec![first];
+                let mut next = None;
+                while batch.len() < REPORTS_PER_WRITE {
+                    match handoffs.try_recv() {
+                        Ok(it) if bytes + size(&it) <= crate::limits::HANDOFF_BATCH_BYTES => {
+                            bytes += size(&it);
+                            batch.push(it);
+                        }
+                        Ok(it) => {
+                            next = Some(it);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                send_handoff(&node, batch).await;
+                if let Some(it) = next {
+                    send_handoff(&node, vec![it]).await;
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let batch = pending.take(REPORTS_PER_WRITE);
+            if batch.is_empty() {
+                break;
+            }
+            let body = crate::command::ReportAgents {
+                reports: batch.clone(),
+            };
+            last_reports = Some(Instant::now());
+            match node.write_internal("report_agents", &body).await {
+                Ok(_) => backoff = Duration::from_millis(20),
+                Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                    // After a timeout the batch may have been applied: resend the statuses
+                    // but not the restart counts, which would be counted twice.
+                    let timed_out = e.code == ErrorCode::Timeout;
+                    let batch = batch
+                        .into_iter()
+                        .map(|r| {
+                            if timed_out {
+                                AgentReport { restarts: 0, ..r }
+                            } else {
+                                r
+                            }
+                        })
+                        .collect();
+                    pending.restore(batch);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent reports were refused");
+                }
+            }
+        }
+    }
+}
+
+/// Hands migrating agents over, retrying while the cluster has no leader. A retry after a
+/// timeout is safe: a handoff that was applied already is refused as stale.
+async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
+    let body = crate::command::Handoff { items };
+    let mut backoff = Duration::from_millis(10);
+    // About five minutes without a leader.
+    for _ in 0..300 {
+        match node.write_internal("handoff", &body).await {
+            Ok(_) => return,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a handoff was refused");
+                return;
+            }
+        }
+    }
+    // The agents stay `migrating` on this node; if it is lost they fail over from their
+    // last checkpoint.
+    tracing::warn!("gave up handing agents over");
+}
+
+/// Removes a temporary agent that ended, retrying while the cluster has no leader: a record
+/// left behind would never go away.
+async fn forget_agent(node: &Node, id: Uuid) {
+    let body = json!({ "agent": id.to_string() });
+    let mut backoff = Duration::from_millis(20);
+    for _ in 0..10 {
+        match node.write_internal("stop_agent", &body).await {
+            Ok(_) => return,
+            Err(e) if e.code == ErrorCode::NotFound => return,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(agent = %id, error = %e, "could not forget a temporary agent");
+                return;
+            }
+        }
+    }
+    tracing::warn!(agent = %id, "gave up forgetting a temporary agent; stop it with stop_agent");
+}

@@ -30,9 +30,6 @@ const CALL_RETRY_MAX_MS: u64 = 4;
 /// Longest wait for one attempt of a read before it is tried again.
 const READ_ATTEMPT_MS: u64 = 1_500;
 
-/// Commands that create something and so accept a `request_id`.
-pub const CREATING_COMMANDS: &[&str] = &["create_supervisor"];
-
 /// A command client for one cluster.
 #[derive(Clone)]
 pub struct Client {

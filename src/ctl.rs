@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value};
 
 use crate::bus::NatsConfig;
-use crate::client::{CallError, Client, CREATING_COMMANDS};
+use crate::client::{CallError, Client};
 use crate::protocol::Encoding;
 
 /// Command-line arguments of `warden ctl`.
@@ -78,7 +78,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // A create without a request_id gets one, so that this client's own retries are safe.
-    if CREATING_COMMANDS.contains(&name) && body.get("request_id").is_none() {
+    let creates = crate::command::spec(name).is_some_and(|s| s.creates);
+    if creates && body.get("request_id").is_none() {
         body["request_id"] = Value::String(uuid::Uuid::new_v4().to_string());
     }
     let mut client = Client::new(nats, &args.cluster);

@@ -19,6 +19,7 @@ pub mod placement;
 pub mod protocol;
 pub mod raft;
 pub mod registry;
+pub mod retry;
 pub mod subjects;
 pub mod supervision;
 pub mod up;

@@ -244,6 +244,78 @@ async fn count(c: &Client, tag: &str, status: &str) -> anyhow::Result<usize> {
         .ok_or_else(|| anyhow::anyhow!("find_agents answered no count: {v}"))
 }
 
+/// Calls to another agent on the node while one agent takes its whole graceful stop.
+pub struct SlowStop {
+    /// Plain calls to the quick agent, just before the stop: the reference.
+    pub plain_call: Figures,
+    /// The same calls while the other agent stops.
+    pub during_stop: Figures,
+    /// The slowest of those.
+    pub worst_during_us: u64,
+    pub shutdown_ms: u64,
+}
+
+/// Runs a `counter` and an `exec` agent that ignores SIGTERM on one node (a colocated
+/// supervisor), stops the exec agent with `shutdown_ms`, and times calls to the counter, one
+/// after the other, before and during that stop. Needs `exec` enabled with `/bin/sh` allowed
+/// on the nodes (`warden bench --local` does that).
+pub async fn slow_stop(c: &Client, shutdown_ms: u64) -> anyhow::Result<SlowStop> {
+    let sup = json!({"name": "bench-slow", "strategy": "one_for_one", "placement": "colocate",
+                     "request_id": "bench-slow-sup"});
+    c.call("create_supervisor", &sup).await?;
+    let quick = json!({"name": "bench-slow-quick", "supervisor": "bench-slow", "kind": "counter",
+                       "request_id": "bench-slow-quick"});
+    c.call("spawn_agent", &quick).await?;
+    let script = "trap '' TERM; while :; do sleep 0.2; done";
+    let slow = json!({"name": "bench-slow-stop", "supervisor": "bench-slow", "kind": "exec",
+                      "shutdown_ms": shutdown_ms, "request_id": "bench-slow-stop",
+                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
+    c.call("spawn_agent", &slow).await?;
+    let get = json!({"op": "get"});
+    let status = json!({"op": "status"});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(c, "bench-slow-quick", &get).await.is_err()
+        || call(c, "bench-slow-stop", &status).await.is_err()
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the slow-stop benchmark's agents never ran (is exec enabled, with /bin/sh allowed?)"
+        );
+    }
+    // Calls one after the other for `d`: their figures and the slowest.
+    let calls_for = |d: Duration| {
+        let get = &get;
+        async move {
+            let start = Instant::now();
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            while start.elapsed() < d {
+                let t = Instant::now();
+                match call(c, "bench-slow-quick", get).await {
+                    Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            let worst = lat.iter().copied().max().unwrap_or(0);
+            (figures(lat, errors, start.elapsed()), worst)
+        }
+    };
+    let during_ms = shutdown_ms.saturating_sub(500).max(500);
+    let (plain_call, _) = calls_for(Duration::from_millis(during_ms)).await;
+    c.call("stop_agent", &json!({"agent": "bench-slow-stop"}))
+        .await?;
+    let (during_stop, worst_during_us) = calls_for(Duration::from_millis(during_ms)).await;
+    let _ = c
+        .call("stop_supervisor", &json!({"name": "bench-slow"}))
+        .await; // cleanup only
+    Ok(SlowStop {
+        plain_call,
+        during_stop,
+        worst_during_us,
+        shutdown_ms,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

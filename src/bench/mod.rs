@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// time how long it is unavailable.
     #[arg(long, default_value_t = 0)]
     pub migrations: usize,
+    /// Slow stop: time calls to an agent while another agent on its node takes this many ms
+    /// to stop (an exec process that ignores SIGTERM), against plain calls just before. With
+    /// --local the nodes run exec with `/bin/sh` allowed; a remote cluster must allow it.
+    #[arg(long, default_value_t = 0)]
+    pub slow_stop_ms: u64,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -292,6 +297,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         _nats_server = Some(server);
         let mut cluster =
             LocalCluster::new(std::env::current_exe()?, dir, url.clone(), &args.cluster);
+        if args.slow_stop_ms > 0 {
+            // The slow-stop figure runs a shell that ignores SIGTERM.
+            cluster.config_toml = Some("[exec]\nenabled = true\nallow = [\"/bin/sh\"]\n".into());
+        }
         for id in 1..=3 {
             cluster.start_node(id, id == 1).await?;
         }
@@ -441,6 +450,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    let slow_stop = if args.slow_stop_ms > 0 {
+        eprintln!("measuring calls during a slow stop");
+        let s = agents::slow_stop(&client, args.slow_stop_ms).await?;
+        Some(json!({
+            "shutdown_ms": s.shutdown_ms,
+            "plain_call": s.plain_call,
+            "during_stop": s.during_stop,
+            "worst_during_us": s.worst_during_us,
+            "worst_vs_plain_p99": s.worst_during_us as f64 / s.plain_call.p99_us.max(1) as f64,
+            "p99_vs_plain_p99": s.during_stop.p99_us as f64 / s.plain_call.p99_us.max(1) as f64,
+        }))
+    } else {
+        None
+    };
+
     let agent_figures = if args.agents > 0 {
         Some(bench_agents(&client, _local.as_ref(), args.agents, reference_rtt_us).await?)
     } else {
@@ -452,6 +476,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "agents": agent_figures,
             "failover": failovers,
             "migration": migration,
+            "slow_stop": slow_stop,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -528,6 +553,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 m["p99_vs_nats_rtt"].as_f64().unwrap_or(0.0), m["nats_rtt_p50_us"],
             );
         }
+    }
+    if let (Some(s), false) = (&slow_stop, args.json) {
+        println!(
+            "calls during a {} ms graceful stop of another agent on the node: worst {} us = {:.1}x a plain call's p99 ({} us, measured just before), p99 {} us = {:.2}x; {} calls, {} errors",
+            s["shutdown_ms"], s["worst_during_us"],
+            s["worst_vs_plain_p99"].as_f64().unwrap_or(0.0), s["plain_call"]["p99_us"],
+            s["during_stop"]["p99_us"], s["p99_vs_plain_p99"].as_f64().unwrap_or(0.0),
+            s["during_stop"]["ops"], s["during_stop"]["errors"],
+        );
     }
     if let Some((cluster, dir)) = etcd_cluster {
         drop(cluster);

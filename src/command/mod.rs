@@ -17,30 +17,106 @@ pub use cluster::{JoinRequest, LeaveRequest};
 pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
 
-/// Every command name this node answers, in the order `warden ctl help` lists them.
-pub const COMMANDS: &[&str] = &[
-    "cluster_status",
-    "health",
-    "join",
-    "leave",
-    "create_supervisor",
-    "stop_supervisor",
-    "list_supervisors",
-    "get_supervision_tree",
-    "spawn_agent",
-    "add_child_to_supervisor",
-    "spawn_agent_group",
-    "stop_agent",
-    "restart_agent",
-    "get_agent",
-    "list_agents",
-    "find_agents",
-    "export_state",
-    "import_state",
-    "migrate_agent",
-    "drain_node",
-    "rebalance",
+/// Who may send a command. The trust boundary enforces it with NATS permissions per identity;
+/// until then it documents the intent (docs/security.md will carry the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Reads and events, without agent configs or checkpoints.
+    Viewer,
+    /// Also supervisors and agents: create, stop, call, migrate, export.
+    Operator,
+    /// Everything, including membership, drains, rebalancing and importing state.
+    Admin,
+    /// A node of the cluster speaking for itself: heartbeats, reports, checkpoints, hand-offs.
+    Node,
+}
+
+/// One command of the NATS interface: the single declaration that parsing, routing, `warden
+/// ctl` and the Rust client derive from.
+pub struct Spec {
+    /// Its name, the last token of its subject.
+    pub name: &'static str,
+    pub route: Route,
+    /// It creates something, so a client should send a `request_id` (`warden ctl` adds one);
+    /// every write accepts one.
+    pub creates: bool,
+    pub role: Role,
+    /// Decodes a body into the command (validated afterwards).
+    parse: fn(&Fields<'_>) -> Result<Command, WireError>,
+}
+
+impl Spec {
+    /// Whether clients use it (node-to-node commands are not listed).
+    pub fn public(&self) -> bool {
+        self.role != Role::Node
+    }
+}
+
+/// Every command, in the order `warden ctl help` lists them.
+#[rustfmt::skip]
+pub const TABLE: &[Spec] = &[
+    Spec { name: "cluster_status", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get::<NoFields>().map(|_| Command::ClusterStatus) },
+    Spec { name: "health", route: Route::Local, creates: false, role: Role::Viewer,
+           parse: |f| f.get::<NoFields>().map(|_| Command::Health) },
+    Spec { name: "join", route: Route::Membership, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::Join) },
+    Spec { name: "leave", route: Route::Membership, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::Leave) },
+    Spec { name: "create_supervisor", route: Route::Write, creates: true, role: Role::Operator,
+           parse: |f| f.get().map(Command::CreateSupervisor) },
+    Spec { name: "stop_supervisor", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::StopSupervisor) },
+    Spec { name: "list_supervisors", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::ListSupervisors) },
+    Spec { name: "get_supervision_tree", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::GetSupervisionTree) },
+    Spec { name: "spawn_agent", route: Route::Write, creates: true, role: Role::Operator,
+           parse: |f| f.get().map(Command::SpawnAgent) },
+    Spec { name: "add_child_to_supervisor", route: Route::Write, creates: true,
+           role: Role::Operator, parse: |f| f.get().map(Command::SpawnAgent) },
+    Spec { name: "spawn_agent_group", route: Route::Write, creates: true, role: Role::Operator,
+           parse: |f| f.get().map(Command::SpawnAgentGroup) },
+    Spec { name: "stop_agent", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::StopAgent) },
+    Spec { name: "restart_agent", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::RestartAgent) },
+    Spec { name: "get_agent", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::GetAgent) },
+    Spec { name: "list_agents", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::FindAgents) },
+    Spec { name: "find_agents", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::FindAgents) },
+    Spec { name: "export_state", route: Route::Read, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::ExportState) },
+    Spec { name: "import_state", route: Route::Write, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::ImportState) },
+    Spec { name: "migrate_agent", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::MigrateAgent) },
+    Spec { name: "drain_node", route: Route::Write, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::DrainNode) },
+    Spec { name: "rebalance", route: Route::Write, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::Rebalance) },
+    // Answered by the leader one by one, never batched behind writes.
+    Spec { name: "heartbeat", route: Route::Read, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::Heartbeat) },
+    Spec { name: "report_agents", route: Route::Write, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::ReportAgents) },
+    Spec { name: "checkpoint", route: Route::Write, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::Checkpoint) },
+    Spec { name: "handoff", route: Route::Write, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::Handoff) },
 ];
+
+/// The command named `name`, if there is one.
+pub fn spec(name: &str) -> Option<&'static Spec> {
+    TABLE.iter().find(|s| s.name == name)
+}
+
+/// The commands clients use, in `TABLE`'s order.
+pub fn public_names() -> impl Iterator<Item = &'static str> {
+    TABLE.iter().filter(|s| s.public()).map(|s| s.name)
+}
 
 /// `report_agents`: a hosting node's batch of observations; not for clients.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -109,199 +185,21 @@ impl Command {
     /// Parses the body of command `name`. Every failure is a `bad_request` that names the
     /// problem (unknown command, missing field, wrong type, invalid value).
     pub fn parse(name: &str, enc: Encoding, body: &[u8]) -> Result<Command, WireError> {
-        let cmd = match name {
-            "cluster_status" => Fields {
-                cmd: name,
-                enc,
-                body,
-            }
-            .get::<NoFields>()
-            .map(|_| Command::ClusterStatus)?,
-            "health" => Fields {
-                cmd: name,
-                enc,
-                body,
-            }
-            .get::<NoFields>()
-            .map(|_| Command::Health)?,
-            "join" => Command::Join(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "leave" => Command::Leave(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "create_supervisor" => Command::CreateSupervisor(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "stop_supervisor" => Command::StopSupervisor(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "list_supervisors" => Command::ListSupervisors(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "get_supervision_tree" => Command::GetSupervisionTree(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "spawn_agent" | "add_child_to_supervisor" => Command::SpawnAgent(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "spawn_agent_group" => Command::SpawnAgentGroup(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "stop_agent" => Command::StopAgent(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "restart_agent" => Command::RestartAgent(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "get_agent" => Command::GetAgent(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "list_agents" | "find_agents" => Command::FindAgents(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "export_state" => Command::ExportState(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "import_state" => Command::ImportState(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "report_agents" => Command::ReportAgents(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "checkpoint" => Command::Checkpoint(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "heartbeat" => Command::Heartbeat(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "migrate_agent" => Command::MigrateAgent(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "drain_node" => Command::DrainNode(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "rebalance" => Command::Rebalance(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            "handoff" => Command::Handoff(
-                Fields {
-                    cmd: name,
-                    enc,
-                    body,
-                }
-                .get()?,
-            ),
-            other => {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "unknown command {other:?}; known commands: {}",
-                        COMMANDS.join(", ")
-                    ),
-                ))
-            }
+        let Some(spec) = spec(name) else {
+            let known: Vec<&str> = public_names().collect();
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "unknown command {name:?}; known commands: {}",
+                    known.join(", ")
+                ),
+            ));
         };
+        let cmd = (spec.parse)(&Fields {
+            cmd: spec.name,
+            enc,
+            body,
+        })?;
         cmd.validate()?;
         Ok(cmd)
     }
@@ -332,71 +230,16 @@ impl Command {
             Command::Rebalance(r) => r.validate(),
         }
     }
-
-    /// Where this command runs.
-    pub fn route(&self) -> Route {
-        match self {
-            Command::Health => Route::Local,
-            Command::ClusterStatus
-            | Command::ListSupervisors(_)
-            | Command::GetSupervisionTree(_)
-            | Command::GetAgent(_)
-            | Command::FindAgents(_)
-            | Command::ExportState(_) => Route::Read,
-            Command::CreateSupervisor(_)
-            | Command::StopSupervisor(_)
-            | Command::SpawnAgent(_)
-            | Command::SpawnAgentGroup(_)
-            | Command::StopAgent(_)
-            | Command::RestartAgent(_)
-            | Command::ImportState(_)
-            | Command::ReportAgents(_)
-            | Command::Checkpoint(_)
-            | Command::MigrateAgent(_)
-            | Command::DrainNode(_)
-            | Command::Rebalance(_)
-            | Command::Handoff(_) => Route::Write,
-            // Answered by the leader one by one, never batched behind writes.
-            Command::Heartbeat(_) => Route::Read,
-            Command::Join(_) | Command::Leave(_) => Route::Membership,
-        }
-    }
 }
 
 /// Where command `name` runs, from its name alone, so that a follower can forward a command
 /// without parsing it. `None` for an unknown name.
 pub fn route_of(name: &str) -> Option<Route> {
-    Some(match name {
-        "health" => Route::Local,
-        "cluster_status"
-        | "list_supervisors"
-        | "get_supervision_tree"
-        | "get_agent"
-        | "list_agents"
-        | "find_agents"
-        | "export_state"
-        | "heartbeat" => Route::Read,
-        "create_supervisor"
-        | "stop_supervisor"
-        | "spawn_agent"
-        | "add_child_to_supervisor"
-        | "spawn_agent_group"
-        | "stop_agent"
-        | "restart_agent"
-        | "import_state"
-        | "report_agents"
-        | "checkpoint"
-        | "migrate_agent"
-        | "drain_node"
-        | "rebalance"
-        | "handoff" => Route::Write,
-        "join" | "leave" => Route::Membership,
-        _ => return None,
-    })
+    spec(name).map(|s| s.route)
 }
 
 /// A command's body, decoded on demand into the command's typed fields.
-struct Fields<'a> {
+pub struct Fields<'a> {
     cmd: &'a str,
     enc: Encoding,
     body: &'a [u8],
@@ -471,6 +314,20 @@ mod tests {
         check_bad("join", json!({"node_id": "one"}), "invalid type");
     }
 
+    /// Goal: the table names each command once, and every name parses to its own command.
+    #[test]
+    fn the_table_names_each_command_once() {
+        let mut names: Vec<&str> = TABLE.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a command is declared twice");
+        assert!(public_names().all(|n| spec(n).is_some_and(|s| s.role != Role::Node)));
+        assert_eq!(route_of("frobnicate"), None);
+        assert!(spec("spawn_agent").is_some_and(|s| s.creates));
+        assert!(spec("get_agent").is_some_and(|s| !s.creates && s.route == Route::Read));
+    }
+
     #[test]
     fn good_commands_parse_with_defaults() {
         let c = parse("create_supervisor", json!({"name": "web"})).unwrap();
@@ -483,6 +340,6 @@ mod tests {
             "OTP's default intensity"
         );
         assert_eq!(c.parent, None);
-        assert_eq!(parse("health", json!({})).unwrap().route(), Route::Local);
+        assert_eq!(route_of("health"), Some(Route::Local));
     }
 }

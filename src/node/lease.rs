@@ -401,7 +401,8 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
         };
         let sent = Instant::now();
         // No answer within the lease is no use: the lease would already be over.
-        let reply = tokio::time::timeout(length, node.write_internal("heartbeat", &hb)).await;
+        let reply =
+            tokio::time::timeout(length, node.write_own(super::OwnWrite::Heartbeat(hb))).await;
         match reply {
             Ok(Ok(v)) => match v["read_index"].as_u64() {
                 Some(index) => node.lease.renew(sent, length, index),

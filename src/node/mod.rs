@@ -22,7 +22,9 @@ use tokio::task::JoinSet;
 
 use crate::agent::Kinds;
 use crate::bus::{self, RequestFailure};
-use crate::command::{cluster, Command, JoinRequest};
+use crate::command::{
+    cluster, CheckpointRequest, Command, Handoff, Heartbeat, JoinRequest, ReportAgents,
+};
 use crate::config::NodeConfig;
 use crate::limits;
 use crate::protocol::{Encoding, Envelope, ErrorCode, WireError};
@@ -62,6 +64,69 @@ pub struct Node {
     read_floor: crate::raft::read::ReadFloor,
     /// Agents running here, kept by the host for heartbeats.
     pub running: std::sync::atomic::AtomicU32,
+}
+
+/// The writes a node makes for itself, typed: never parsed back from a wire message on the
+/// leader.
+#[derive(Debug)]
+pub enum OwnWrite {
+    /// Asks the leader for a lease (`node::lease`).
+    Heartbeat(Heartbeat),
+    /// The host's observations of its agents.
+    Reports(ReportAgents),
+    /// An agent's state from the node running it.
+    Checkpoint(CheckpointRequest),
+    /// Migrating agents this node has stopped, with their last state.
+    Handoff(Handoff),
+    /// A sibling on another node that a spread supervisor's strategy restarts.
+    RestartAgent(uuid::Uuid),
+    /// A temporary agent that ended and is forgotten.
+    Forget(uuid::Uuid),
+}
+
+impl OwnWrite {
+    /// The command it is, as `command::TABLE` names it.
+    fn name(&self) -> &'static str {
+        match self {
+            OwnWrite::Heartbeat(_) => "heartbeat",
+            OwnWrite::Reports(_) => "report_agents",
+            OwnWrite::Checkpoint(_) => "checkpoint",
+            OwnWrite::Handoff(_) => "handoff",
+            OwnWrite::RestartAgent(_) => "restart_agent",
+            OwnWrite::Forget(_) => "stop_agent",
+        }
+    }
+
+    /// Its body in MessagePack, as forwarded to a leader elsewhere.
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            OwnWrite::Heartbeat(h) => Encoding::Msgpack.encode(h),
+            OwnWrite::Reports(r) => Encoding::Msgpack.encode(r),
+            OwnWrite::Checkpoint(c) => Encoding::Msgpack.encode(c),
+            OwnWrite::Handoff(h) => Encoding::Msgpack.encode(h),
+            OwnWrite::RestartAgent(id) | OwnWrite::Forget(id) => {
+                Encoding::Msgpack.encode(&agent_ref(*id))
+            }
+        }
+    }
+
+    fn into_command(self) -> Command {
+        match self {
+            OwnWrite::Heartbeat(h) => Command::Heartbeat(h),
+            OwnWrite::Reports(r) => Command::ReportAgents(r),
+            OwnWrite::Checkpoint(c) => Command::Checkpoint(c),
+            OwnWrite::Handoff(h) => Command::Handoff(h),
+            OwnWrite::RestartAgent(id) => Command::RestartAgent(agent_ref(id)),
+            OwnWrite::Forget(id) => Command::StopAgent(agent_ref(id)),
+        }
+    }
+}
+
+fn agent_ref(id: uuid::Uuid) -> crate::command::AgentRef {
+    crate::command::AgentRef {
+        agent: id.to_string(),
+        request_id: None,
+    }
 }
 
 impl Node {
@@ -246,18 +311,23 @@ impl Node {
         })
     }
 
-    /// Sends a command as if a client had, wherever the leader is, and waits for its outcome.
-    /// The agent host reports and checkpoints through this.
-    pub async fn write_internal(
-        &self,
-        command: &str,
-        body: &impl serde::Serialize,
-    ) -> Result<Value, WireError> {
+    /// A write this node makes for itself (`OwnWrite`), wherever the leader is, and its
+    /// outcome. On the leader the typed command goes straight to the proposer; elsewhere its
+    /// body is encoded once and forwarded, as a client's would be.
+    pub async fn write_own(&self, w: OwnWrite) -> Result<Value, WireError> {
+        let payload = w.encode();
+        let name = w.name();
+        if let Some(out) = self
+            .execute_on_leader(w.into_command(), payload.len())
+            .await
+        {
+            return out;
+        }
         let req = forward::Request {
-            command: command.to_string(),
+            command: name.to_string(),
             content_type: Some(crate::protocol::MSGPACK.to_string()),
             hops: 0,
-            payload: Encoding::Msgpack.encode(body).into(),
+            payload: payload.into(),
         };
         let (_, reply) = dispatch::answer(self, req).await;
         Envelope::decode(&reply).and_then(Envelope::into_result)
@@ -612,5 +682,33 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         let jitter = rand::random::<u64>() % (delay_ms / 2 + 1);
         tokio::time::sleep(Duration::from_millis(delay_ms + jitter)).await;
         delay_ms = (delay_ms * 2).min(limits::JOIN_BACKOFF_MS_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: a node's own writes are commands of the table, sent to the leader, and their
+    /// bodies parse as the leader will parse them.
+    #[test]
+    fn own_writes_are_node_commands_of_the_table() {
+        let id = uuid::Uuid::from_u128(7);
+        let writes = [
+            OwnWrite::Heartbeat(Heartbeat {
+                node_id: 2,
+                load: Default::default(),
+            }),
+            OwnWrite::Reports(ReportAgents { reports: vec![] }),
+            OwnWrite::Handoff(Handoff { items: vec![] }),
+            OwnWrite::RestartAgent(id),
+            OwnWrite::Forget(id),
+        ];
+        for w in writes {
+            let spec = crate::command::spec(w.name()).expect("in the table");
+            assert_ne!(spec.route, crate::command::Route::Local, "{}", spec.name);
+            let parsed = Command::parse(w.name(), Encoding::Msgpack, &w.encode()).unwrap();
+            assert_eq!(parsed, w.into_command());
+        }
     }
 }

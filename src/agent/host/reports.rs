@@ -6,14 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::sleep_until_opt;
-use crate::node::Node;
+use crate::command::{Handoff, ReportAgents};
+use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
 use crate::registry::{AgentReport, HandoffItem};
+use crate::retry::Backoff;
 
 /// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
 /// one per change bounds this to one entry per local agent, and nothing is ever dropped.
@@ -161,18 +162,18 @@ pub(super) async fn write_loop(
                 }
             }
         }
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         loop {
             let batch = pending.take(REPORTS_PER_WRITE);
             if batch.is_empty() {
                 break;
             }
-            let body = crate::command::ReportAgents {
+            let body = ReportAgents {
                 reports: batch.clone(),
             };
             last_reports = Some(Instant::now());
-            match node.write_internal("report_agents", &body).await {
-                Ok(_) => backoff = Duration::from_millis(20),
+            match node.write_own(OwnWrite::Reports(body)).await {
+                Ok(_) => backoff.reset(),
                 Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
                     // After a timeout the batch may have been applied: resend the statuses
                     // but not the restart counts, which would be counted twice.
@@ -188,8 +189,7 @@ pub(super) async fn write_loop(
                         })
                         .collect();
                     pending.restore(batch);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "agent reports were refused");
@@ -202,15 +202,16 @@ pub(super) async fn write_loop(
 /// Hands migrating agents over, retrying while the cluster has no leader. A retry after a
 /// timeout is safe: a handoff that was applied already is refused as stale.
 async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
-    let body = crate::command::Handoff { items };
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     // About five minutes without a leader.
     for _ in 0..300 {
-        match node.write_internal("handoff", &body).await {
+        let write = OwnWrite::Handoff(Handoff {
+            items: items.clone(),
+        });
+        match node.write_own(write).await {
             Ok(_) => return,
             Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff.wait().await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "a handoff was refused");
@@ -226,15 +227,13 @@ async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
 /// Removes a temporary agent that ended, retrying while the cluster has no leader: a record
 /// left behind would never go away.
 async fn forget_agent(node: &Node, id: Uuid) {
-    let body = json!({ "agent": id.to_string() });
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     for _ in 0..10 {
-        match node.write_internal("stop_agent", &body).await {
+        match node.write_own(OwnWrite::Forget(id)).await {
             Ok(_) => return,
             Err(e) if e.code == ErrorCode::NotFound => return,
             Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
             }
             Err(e) => {
                 tracing::warn!(agent = %id, error = %e, "could not forget a temporary agent");

@@ -5,11 +5,11 @@
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::plan::Scheduled;
 use super::Host;
+use crate::node::OwnWrite;
 use crate::registry::{AgentStatus, Child, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
 
@@ -163,8 +163,7 @@ impl Host {
                 // A spread supervisor's sibling elsewhere: its node restarts it.
                 let node = self.node.clone();
                 self.tasks.spawn(async move {
-                    let body = json!({ "agent": id.to_string() });
-                    if let Err(e) = node.write_internal("restart_agent", &body).await {
+                    if let Err(e) = node.write_own(OwnWrite::RestartAgent(id)).await {
                         tracing::warn!(agent = %id, error = %e, "could not restart a remote sibling");
                     }
                 });

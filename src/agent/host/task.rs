@@ -516,10 +516,8 @@ async fn checkpoint(who: &Who, agent: &mut Box<dyn Agent>) -> Result<(), WireErr
         epoch: who.epoch,
         state,
     };
-    who.node
-        .write_internal("checkpoint", &req)
-        .await
-        .map(|_| ())
+    let write = crate::node::OwnWrite::Checkpoint(req);
+    who.node.write_own(write).await.map(|_| ())
 }
 
 /// A monotonic instant as wall-clock time (for the journal).

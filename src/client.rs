@@ -226,7 +226,7 @@ impl Client {
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
         let call_id = uuid::Uuid::new_v4().to_string();
-        headers.insert(crate::agent::host::CALL_ID_HEADER, call_id.as_str());
+        headers.insert(protocol::CALL_ID_HEADER, call_id.as_str());
         let subject = self.subjects.agent(agent, "call");
         // Short, flat retries: a migrating agent is back within milliseconds.
         let mut delay = Duration::from_millis(1);

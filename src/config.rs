@@ -11,6 +11,16 @@ use crate::bus::NatsConfig;
 use crate::limits;
 use crate::registry::{validate_labels, validate_name};
 
+/// The node's `[exec]` config section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// Off unless set: `exec` agents fail to start with a clear error.
+    pub enabled: bool,
+    /// Commands that may run, as absolute paths. A request names one of them exactly.
+    pub allow: Vec<PathBuf>,
+}
+
 /// A node's resolved configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,7 +47,7 @@ pub struct NodeConfig {
     pub failure: FailureConfig,
     pub placement: PlacementConfig,
     /// The `exec` kind: off unless enabled, and then only allow-listed commands.
-    pub exec: crate::agent::exec::ExecConfig,
+    pub exec: ExecConfig,
 }
 
 impl Default for NodeConfig {

@@ -268,11 +268,11 @@ pub fn render(command: &str, v: &Value) -> String {
 
 fn render_status(v: &Value) -> String {
     let mut out = format!(
-        "cluster {}  leader {}  term {}  commit {}  voters_max {}\n",
+        "cluster {}  leader {}  term {}  applied {}  voters_max {}\n",
         v["cluster"].as_str().unwrap_or("?"),
         v["leader"],
         v["term"],
-        v["commit_index"],
+        v["applied_index"],
         v["voters_max"]
     );
     out.push_str(&format!(

@@ -13,13 +13,11 @@ pub mod command;
 pub mod config;
 pub mod ctl;
 pub mod events;
-pub mod limits;
 pub mod node;
-pub mod placement;
 pub mod protocol;
 pub mod raft;
-pub mod registry;
 pub mod retry;
 pub mod subjects;
-pub mod supervision;
 pub mod up;
+
+pub use warden_core::{limits, placement, registry, supervision};

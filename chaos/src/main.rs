@@ -1,5 +1,5 @@
 //! `warden-chaos`: runs a scenario against real `warden node` processes and real
-//! `nats-server`s with faults from one seeded schedule, then checks the guarantees of SPEC.md
+//! `nats-server`s with faults from one seeded schedule, then checks the guarantees G1-G7 (`chaos/README.md` lists them)
 //! on the recorded history. Exits non-zero on any violation. See `chaos/README.md`.
 
 mod check;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
@@ -19,15 +19,7 @@ use tokio::sync::watch;
 use super::{Agent, AgentError, BoxFuture, Kind, LogSink, Reply, StartContext};
 use crate::supervision::ExitReason;
 
-/// The node's `[exec]` config section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExecConfig {
-    /// Off unless set: `exec` agents fail to start with a clear error.
-    pub enabled: bool,
-    /// Commands that may run, as absolute paths. A request names one of them exactly.
-    pub allow: Vec<PathBuf>,
-}
+pub use crate::config::ExecConfig;
 
 /// The `exec` kind.
 pub struct Exec {

@@ -8,7 +8,6 @@
 
 pub mod builtin;
 pub mod exec;
-pub mod host;
 pub mod journal;
 pub mod mailbox;
 

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
-use crate::registry::{Registry, SpawnAgent};
+use crate::registry::Registry;
+pub use crate::registry::SpawnAgentGroup;
 
 /// Names one agent by id or name: `{agent}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,51 +93,6 @@ impl ImportState {
             ));
         }
         Ok(bytes.into())
-    }
-}
-
-/// `spawn_agent_group {name, parent?, count, template, ...}`: a `simple_one_for_one`
-/// supervisor with `count` children from one template.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpawnAgentGroup {
-    pub name: String,
-    #[serde(default)]
-    pub parent: Option<String>,
-    pub count: u32,
-    pub template: SpawnAgent,
-    #[serde(default = "one")]
-    pub max_restarts: u32,
-    #[serde(default = "five")]
-    pub max_seconds: u32,
-    #[serde(default)]
-    pub request_id: Option<String>,
-}
-
-fn one() -> u32 {
-    1
-}
-fn five() -> u32 {
-    5
-}
-
-impl SpawnAgentGroup {
-    pub fn validate(&self) -> Result<(), WireError> {
-        crate::registry::validate_name("name", &self.name)?;
-        if self.count == 0 || self.count > limits::MAX_GROUP {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!("count must be between 1 and {}", limits::MAX_GROUP),
-            ));
-        }
-        if self.template.name.is_some() || self.template.supervisor.is_some() {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                "template: name and supervisor are set by the group",
-            ));
-        }
-        self.template.validate()?;
-        crate::registry::validate_request_id(&self.request_id)
     }
 }
 

@@ -103,6 +103,9 @@ pub fn cluster_status(
         "cluster": cluster,
         "leader": metrics.current_leader,
         "term": metrics.current_term,
+        "applied_index": metrics.last_applied.map(|l| l.index),
+        // Earlier versions named the applied index so; openraft 0.9's metrics have no commit
+        // index. Kept for their clients, with the same value.
         "commit_index": metrics.last_applied.map(|l| l.index),
         "last_log_index": metrics.last_log_index,
         "snapshot_index": metrics.snapshot.map(|l| l.index),

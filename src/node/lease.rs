@@ -4,7 +4,7 @@
 //! The leader notes when it received it, confirms with a quorum that it still leads (a fresh
 //! round of Raft heartbeats sent after that moment), and grants: the node may run its agents
 //! until `lease_ms` after the moment it *sent* the heartbeat, and once it has applied the log up
-//! to the leader's read index. A node without a valid lease runs nothing (`agent::host`).
+//! to the leader's read index. A node without a valid lease runs nothing (`node::host`).
 //!
 //! Why this gives at most one (G1): the leader declares a node down `down_after_ms` after it
 //! last received a heartbeat from it (or after it became leader, if later). A lease granted by

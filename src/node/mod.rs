@@ -5,6 +5,7 @@ mod batch;
 mod controller;
 mod dispatch;
 mod forward;
+pub mod host;
 pub mod lease;
 mod membership;
 mod proposer;
@@ -512,7 +513,7 @@ pub async fn run_with_kinds(
         .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
         .await?;
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
-    tasks.spawn(crate::agent::host::run(node.clone(), flag(&stop_rx)));
+    tasks.spawn(host::run(node.clone(), flag(&stop_rx)));
     let gate = node.clone();
     let round = Duration::from_millis(cfg.failure.lease_ms);
     let stopped = flag(&stop_rx);

@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use crate::registry::{Outcome, Proposal};
 
-/// Node ids are u64, as in SPEC.md.
+/// Node ids are u64, as `node_id` is on the wire (`docs/protocol.md`).
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(

@@ -95,7 +95,7 @@ async fn leader_crash_elects_a_new_leader_and_the_restarted_node_catches_up() {
     written.extend(create_many(&tc.client, "after", 10).await);
 
     tc.cluster.start_node(old, false).await.unwrap();
-    let commit = tc.status().await["commit_index"].as_u64().unwrap();
+    let commit = tc.status().await["applied_index"].as_u64().unwrap();
     tc.wait_applied(old, commit).await;
     let mut expected = written.clone();
     expected.push("root".into());
@@ -227,7 +227,7 @@ async fn a_late_node_catches_up_from_a_chunked_snapshot() {
         .wait_ready(&tc.client, 4, Duration::from_secs(30))
         .await
         .unwrap();
-    let commit = tc.status().await["commit_index"].as_u64().unwrap();
+    let commit = tc.status().await["applied_index"].as_u64().unwrap();
     tc.wait_applied(4, commit).await;
     let h4 = tc.via(4).call("health", &json!({})).await.unwrap();
     assert!(

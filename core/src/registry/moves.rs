@@ -13,8 +13,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{agent_event, AgentStatus, Outcome, Registry, RegistryEvent};
+use crate::error::{ErrorCode, WireError};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
-use crate::protocol::{ErrorCode, WireError};
 
 /// One agent handed over by its source node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ErrorCode, WireError};
+use crate::error::{ErrorCode, WireError};
 
 /// How an agent picks its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -75,9 +75,9 @@ impl Placement {
             _ => {}
         }
         if let Some(k) = &self.spread_by {
-            crate::registry::validate_name("placement.spread_by", k)?;
+            crate::names::validate_name("placement.spread_by", k)?;
         }
-        crate::registry::validate_labels(&self.constraints)
+        crate::names::validate_labels(&self.constraints)
     }
 
     fn spread_key(&self) -> &str {

@@ -18,12 +18,12 @@ use super::{
     page_limit, take_page, validate_name, validate_request_id, Child, Outcome, Registry,
     RegistryEvent,
 };
+use crate::error::{ErrorCode, WireError};
 use crate::limits;
 use crate::placement::Placement;
-use crate::protocol::{ErrorCode, WireError};
 use crate::supervision::RestartType;
 
-/// Lifecycle of an agent (SPEC.md's words).
+/// Lifecycle of an agent, as `get_agent` reports it (`docs/protocol.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
@@ -622,7 +622,7 @@ impl Registry {
         &mut self,
         time: DateTime<Utc>,
         id: Uuid,
-        g: &crate::command::agent::SpawnAgentGroup,
+        g: &SpawnAgentGroup,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         let names: Vec<String> = (0..g.count).map(|i| format!("{}-{i}", g.name)).collect();
@@ -707,5 +707,50 @@ impl Registry {
         let out = self.store_checkpoint(time, id, node, epoch, state, events)?;
         self.restart_agent(time, &id.to_string(), events)?;
         Ok(out)
+    }
+}
+
+/// `spawn_agent_group {name, parent?, count, template, ...}`: a `simple_one_for_one`
+/// supervisor with `count` children from one template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnAgentGroup {
+    pub name: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+    pub count: u32,
+    pub template: SpawnAgent,
+    #[serde(default = "one")]
+    pub max_restarts: u32,
+    #[serde(default = "five")]
+    pub max_seconds: u32,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn five() -> u32 {
+    5
+}
+
+impl SpawnAgentGroup {
+    pub fn validate(&self) -> Result<(), WireError> {
+        validate_name("name", &self.name)?;
+        if self.count == 0 || self.count > limits::MAX_GROUP {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("count must be between 1 and {}", limits::MAX_GROUP),
+            ));
+        }
+        if self.template.name.is_some() || self.template.supervisor.is_some() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "template: name and supervisor are set by the group",
+            ));
+        }
+        self.template.validate()?;
+        validate_request_id(&self.request_id)
     }
 }

@@ -8,7 +8,67 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{Backoff, Strategy};
+use crate::error::{ErrorCode, WireError};
+
+/// OTP restart strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    OneForOne,
+    OneForAll,
+    RestForOne,
+    SimpleOneForOne,
+}
+
+/// Restart backoff, applied on top of restart intensity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// Delay before the first restart, in milliseconds.
+    pub initial_ms: u64,
+    /// Largest delay, in milliseconds.
+    pub max_ms: u64,
+    /// Factor between consecutive delays.
+    pub multiplier: f64,
+    /// Random spread of each delay, as a fraction of it (0 to 1).
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 10,
+            max_ms: 10_000,
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    pub(crate) fn validate(&self) -> Result<(), WireError> {
+        let bad = |m: &str| {
+            Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("backoff: {m}"),
+            ))
+        };
+        if self.max_ms < self.initial_ms {
+            return bad("max_ms must be at least initial_ms");
+        }
+        if self.max_ms > 3_600_000 {
+            return bad("max_ms is at most 3600000 (one hour)");
+        }
+        if !(1.0..=100.0).contains(&self.multiplier) {
+            return bad("multiplier must be between 1 and 100");
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return bad("jitter must be between 0 and 1");
+        }
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests;

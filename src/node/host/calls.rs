@@ -12,13 +12,10 @@ use super::Host;
 use crate::agent::mailbox::Refused;
 use crate::events::{Event, EVENT_VERSION};
 use crate::node::Node;
-use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
+use crate::protocol::{
+    self, Encoding, Envelope, ErrorCode, WireError, CALL_ID_HEADER, EPOCH_HEADER,
+};
 use crate::registry::AgentStatus;
-
-/// Header carrying an agent's epoch on calls (optional) and on their replies.
-pub const EPOCH_HEADER: &str = "Warden-Epoch";
-/// Header naming one logical call across its retries, so that an agent handles it once.
-pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
 
 impl Host {
     /// Routes a call or cast to the local instance, or answers for agents nobody runs.

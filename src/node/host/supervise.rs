@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use uuid::Uuid;
 
-use super::plan::Scheduled;
 use super::Host;
 use crate::node::OwnWrite;
 use crate::registry::{AgentStatus, Child, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
+use warden_core::host_plan::Scheduled;
 
 impl Host {
     /// Applies supervisor `sup`'s strategy to child `child` having ended with `reason`, and

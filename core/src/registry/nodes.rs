@@ -15,8 +15,8 @@ use super::{
     agent_event, AgentStatus, Child, NodeStatus, Outcome, Registry, RegistryEvent,
     SupervisorPlacement,
 };
+use crate::error::{ErrorCode, WireError};
 use crate::placement::{self, Candidate, Placement, Refusal};
-use crate::protocol::{ErrorCode, WireError};
 use crate::supervision::RestartType;
 
 /// The fields of a `join`, as `register_node` takes them.

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Outcome;
+use crate::error::{ErrorCode, WireError};
 use crate::limits;
-use crate::protocol::{ErrorCode, WireError};
+pub use crate::names::{validate_labels, validate_name, validate_request_id};
+pub use crate::supervision::{Backoff, Strategy};
 
 /// Name of the supervisor that always exists at the top of the tree.
 pub const ROOT: &str = "root";
@@ -67,17 +69,6 @@ pub struct NodeLoad {
     pub mem_bytes: u64,
 }
 
-/// OTP restart strategies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    #[default]
-    OneForOne,
-    OneForAll,
-    RestForOne,
-    SimpleOneForOne,
-}
-
 /// Where a supervisor's children run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -87,55 +78,6 @@ pub enum SupervisorPlacement {
     Spread,
     /// The whole subtree runs on one node.
     Colocate,
-}
-
-/// Restart backoff, applied on top of restart intensity.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Backoff {
-    /// Delay before the first restart, in milliseconds.
-    pub initial_ms: u64,
-    /// Largest delay, in milliseconds.
-    pub max_ms: u64,
-    /// Factor between consecutive delays.
-    pub multiplier: f64,
-    /// Random spread of each delay, as a fraction of it (0 to 1).
-    pub jitter: f64,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial_ms: 10,
-            max_ms: 10_000,
-            multiplier: 2.0,
-            jitter: 0.2,
-        }
-    }
-}
-
-impl Backoff {
-    fn validate(&self) -> Result<(), WireError> {
-        let bad = |m: &str| {
-            Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!("backoff: {m}"),
-            ))
-        };
-        if self.max_ms < self.initial_ms {
-            return bad("max_ms must be at least initial_ms");
-        }
-        if self.max_ms > 3_600_000 {
-            return bad("max_ms is at most 3600000 (one hour)");
-        }
-        if !(1.0..=100.0).contains(&self.multiplier) {
-            return bad("multiplier must be between 1 and 100");
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return bad("jitter must be between 0 and 1");
-        }
-        Ok(())
-    }
 }
 
 /// A child of a supervisor.
@@ -260,60 +202,6 @@ pub struct RequestRecord {
     pub command: String,
     pub time: DateTime<Utc>,
     pub reply: Outcome,
-}
-
-/// Checks a name against `[A-Za-z0-9_-]{1,128}`.
-pub fn validate_name(field: &str, name: &str) -> Result<(), WireError> {
-    let ok = !name.is_empty()
-        && name.len() <= limits::MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(WireError::new(
-            ErrorCode::BadRequest,
-            format!("{field} {name:?} is invalid: use 1 to 128 of A-Z a-z 0-9 _ -"),
-        ))
-    }
-}
-
-/// Checks a `request_id`.
-pub fn validate_request_id(rid: &Option<String>) -> Result<(), WireError> {
-    match rid {
-        Some(r) if r.is_empty() || r.len() > limits::MAX_REQUEST_ID_LEN => Err(WireError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "request_id must be 1 to {} bytes",
-                limits::MAX_REQUEST_ID_LEN
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Checks a label map: bounded count and lengths, keys shaped like names.
-pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), WireError> {
-    if labels.len() > limits::MAX_LABELS {
-        return Err(WireError::new(
-            ErrorCode::BadRequest,
-            format!("at most {} labels", limits::MAX_LABELS),
-        ));
-    }
-    for (k, v) in labels {
-        validate_name("label key", k)?;
-        if v.len() > limits::MAX_LABEL_LEN {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "label {k:?}: values are at most {} bytes",
-                    limits::MAX_LABEL_LEN
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The page size of a listing: `limit` (1 to `limits::MAX_PAGE`), by default the maximum.

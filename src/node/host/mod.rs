@@ -28,7 +28,6 @@
 //! (`agent::journal`), timed when the agent truly stopped being able to act.
 
 mod calls;
-mod plan;
 mod reports;
 mod supervise;
 mod task;
@@ -45,17 +44,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-pub use calls::{CALL_ID_HEADER, EPOCH_HEADER};
-
-use super::journal::Journal;
-use super::mailbox::Mailbox;
-use super::{LogSink, StartContext};
+use crate::agent::journal::Journal;
+use crate::agent::mailbox::Mailbox;
+use crate::agent::{LogSink, StartContext};
 use crate::node::Node;
 use crate::registry::{AgentReport, AgentStatus, HandoffItem};
 use crate::supervision::{ExitReason, RestartType};
 use plan::{AsLocal, Desired, HostAction, LeaseView, Local, Scheduled};
 use reports::Pending;
 use task::{AgentMailbox, End, Exit, Handover, Parked, Run, StopRequest, TaskEvent, Who};
+use warden_core::host_plan as plan;
 
 /// Reconcile at least this often even when nothing is applied.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);

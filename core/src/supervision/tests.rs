@@ -3,7 +3,6 @@
 //! rendered as `stop x; forget y; start z +10; escalate`.
 
 use super::*;
-use crate::registry::Backoff;
 
 fn policy(strategy: Strategy, max_restarts: u32, max_seconds: u32) -> Policy {
     Policy {

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::error::{ErrorCode, WireError};
 use crate::limits;
-use crate::protocol::{ErrorCode, WireError};
 
 /// Version of the persisted registry records and snapshots.
 pub const REGISTRY_VERSION: u32 = 1;
@@ -113,7 +113,7 @@ pub enum RegistryCmd {
     RestartAgent {
         agent: String,
     },
-    SpawnAgentGroup(crate::command::agent::SpawnAgentGroup),
+    SpawnAgentGroup(SpawnAgentGroup),
     ImportState {
         agent: String,
         state: bytes::Bytes,

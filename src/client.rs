@@ -20,15 +20,9 @@ use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
 
-/// First wait for one attempt of an agent call before it is tried again (same call id); it
-/// doubles with every unanswered attempt up to `CALL_ATTEMPT_MAX_MS`.
-const CALL_ATTEMPT_FIRST_MS: u64 = 10;
-const CALL_ATTEMPT_MAX_MS: u64 = 1_000;
-/// Longest pause between retries of an agent call that was refused as `unavailable`.
-const CALL_RETRY_MAX_MS: u64 = 4;
-
-/// Longest wait for one attempt of a read before it is tried again.
-const READ_ATTEMPT_MS: u64 = 1_500;
+use crate::limits::{
+    CALL_ATTEMPT_FIRST_MS, CALL_ATTEMPT_MAX_MS, CALL_RETRY_MAX_MS, READ_ATTEMPT_MS,
+};
 
 /// A command client for one cluster.
 #[derive(Clone)]

@@ -69,7 +69,7 @@ pub async fn publish_loop(
                         seq: e.seq,
                         data: &e.data,
                     };
-                    publish(&client, subjects.event(e.entity, &e.id, e.event), &ev).await;
+                    publish(&client, &subjects, &ev).await;
                 }
             }
             changed = metrics.changed() => {
@@ -94,14 +94,17 @@ pub async fn publish_loop(
                         seq: term,
                         data: &data,
                     };
-                    publish(&client, subjects.event("node", &node.to_string(), "leader_changed"), &ev).await;
+                    publish(&client, &subjects, &ev).await;
                 }
             }
         }
     }
 }
 
-async fn publish(client: &async_nats::Client, subject: String, ev: &Event<'_>) {
+/// Publishes one event on its subject (`evt.<entity>.<id>.<event>`). The one way any part of a
+/// node publishes an event.
+pub async fn publish(client: &async_nats::Client, subjects: &Subjects, ev: &Event<'_>) {
+    let subject = subjects.event(ev.entity, ev.id, ev.event);
     // Events are best effort by design (see the module doc): a failed publish is logged.
     match serde_json::to_vec(ev) {
         Ok(body) => {

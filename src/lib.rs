@@ -20,4 +20,4 @@ pub mod retry;
 pub mod subjects;
 pub mod up;
 
-pub use warden_core::{limits, placement, registry, supervision};
+pub use warden_core::{limits, names, placement, registry, supervision};

@@ -1,5 +1,10 @@
 //! The one module that spells NATS subjects. Nothing else formats a subject.
 
+/// Raft RPC names, the last token of `raft.<node_id>.<rpc>`.
+pub const RPC_APPEND: &str = "append";
+pub const RPC_VOTE: &str = "vote";
+pub const RPC_SNAPSHOT: &str = "snapshot";
+
 /// Subjects of one cluster: everything lives under `warden.<cluster>`.
 #[derive(Debug, Clone)]
 pub struct Subjects {

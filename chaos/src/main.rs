@@ -109,7 +109,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut leader_events = world
         .client
         .nats
-        .subscribe("warden.chaos.evt.node.*.leader_changed")
+        .subscribe(world.client.subjects.event_filter("node.*.leader_changed"))
         .await?;
     let mut leaders: Vec<(u64, u64)> = Vec::new();
 

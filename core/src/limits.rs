@@ -177,3 +177,113 @@ const _: () = assert!(PROPOSAL_TIMEOUT_MS < FORWARD_TIMEOUT_MS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
 const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);
 const _: () = assert!(NATS_DEFAULT_MAX_PAYLOAD_BYTES >= MIN_SERVER_MAX_PAYLOAD_BYTES);
+
+// ---- A node's agent host (`node::host`) ----
+
+/// Messages waiting for one agent; a call beyond this is refused with `unavailable` at once.
+pub const AGENT_MAILBOX: usize = 256;
+
+/// Answers an agent instance remembers by call id: as many as its mailbox holds, so a retry
+/// queued behind a full mailbox still finds the first attempt's answer.
+pub const REMEMBERED_CALLS: usize = AGENT_MAILBOX;
+
+/// Bytes of remembered answers an agent carries to its next node in a hand-off: the most
+/// recent that fit, so a retry of a call answered just before a migration is not run twice.
+pub const HANDED_OVER_CALLS_BYTES: usize = 8 * 1024;
+
+/// What a hand-off item costs in MessagePack besides its state and answers: an id, a node,
+/// an epoch and field names.
+pub const HANDOFF_ITEM_OVERHEAD_BYTES: usize = 96;
+
+// One agent's hand-off always fits a batch on its own: its state, its answers, its fields.
+const _: () = assert!(
+    MAX_CHECKPOINT_BYTES + HANDED_OVER_CALLS_BYTES + HANDOFF_ITEM_OVERHEAD_BYTES
+        <= HANDOFF_BATCH_BYTES
+);
+
+/// The host reconciles at least this often even when nothing is applied.
+pub const RECONCILE_EVERY_MS: u64 = 500;
+
+/// When applies stream in, a reconcile waits after the previous one for this many times what
+/// that one cost, between `RECONCILE_GAP_MIN_MS` and `RECONCILE_GAP_MAX_MS`: a node with few
+/// agents reacts at once (a migrating agent is back in milliseconds), one with many does not
+/// spend all its time reconciling.
+pub const RECONCILE_GAP_FACTOR: u32 = 4;
+pub const RECONCILE_GAP_MIN_MS: u64 = 1;
+pub const RECONCILE_GAP_MAX_MS: u64 = 50;
+const _: () = assert!(RECONCILE_GAP_MIN_MS <= RECONCILE_GAP_MAX_MS);
+const _: () = assert!(RECONCILE_GAP_MAX_MS < RECONCILE_EVERY_MS);
+
+/// How long a scheduled start waits to be tried again while the node may not start agents
+/// (no lease, or the log not yet applied up to its read index).
+pub const START_RETRY_MS: u64 = 50;
+
+/// How long the report writer lets a burst gather after the first new report (a restart's
+/// `failed` and `running` become one report).
+pub const REPORT_GATHER_MS: u64 = 2;
+
+/// The least time between two report writes while fewer than a full batch wait: a crash loop
+/// (or any trickle of changes) costs the cluster at most this many writes per second, each
+/// fsynced on every voter, instead of one per restart. A lone change is still written after
+/// `REPORT_GATHER_MS`; a full batch goes at once, so bulk starts are not slowed.
+pub const REPORT_INTERVAL_MS: u64 = 25;
+
+/// The longest error a node reports for one of its agents (an agent's crash message, a failed
+/// start), in bytes; longer ones are cut. `get_agent` shows it as `last_error`.
+pub const MAX_REPORT_ERROR_BYTES: usize = 200;
+
+/// What a report costs in MessagePack besides its error: an id, a node, an epoch, a status, a
+/// count and field names.
+pub const REPORT_OVERHEAD_BYTES: usize = 96;
+
+/// Reports (or hand-offs) sent in one command: one Raft entry.
+pub const REPORTS_PER_WRITE: usize = 1_000;
+// A full batch of reports with the longest errors is still one request.
+const _: () = assert!(
+    REPORTS_PER_WRITE * (MAX_REPORT_ERROR_BYTES + REPORT_OVERHEAD_BYTES) <= MAX_REQUEST_BYTES
+);
+
+/// Log lines agents sent that wait to be published; past this a line is dropped, as logging
+/// must never block an agent.
+pub const AGENT_LOG_QUEUE: usize = 4 * 1024;
+
+/// Forgets and hand-offs waiting for the report writer: the host waits when this is full (a
+/// leaderless cluster), which bounds them without dropping any.
+pub const HOST_WRITE_QUEUE: usize = 16 * 1024;
+
+/// Tries of a hand-off while the cluster has no leader (with backoff up to 1 s: about five
+/// minutes); past them the agent stays `migrating` and fails over from its last checkpoint if
+/// its node is lost.
+pub const HANDOFF_TRIES: usize = 300;
+
+/// Tries to forget a temporary agent that ended, with backoff up to 2 s.
+pub const FORGET_TRIES: usize = 10;
+
+// ---- The rest of a node ----
+
+/// Events waiting for the publisher; beyond this a batch is dropped with a warning rather
+/// than slowing down `apply`.
+pub const EVENT_QUEUE: usize = 4 * 1024;
+
+/// Appends waiting for the log's group-commit flusher; `append` waits when it is full.
+pub const FLUSH_QUEUE: usize = 1024;
+
+/// How long a log purge waits for the snapshot that covers it to be stored (an install still
+/// running in the state machine's task) before it gives up with a storage error.
+pub const PURGE_WAITS_FOR_SNAPSHOT_MS: u64 = 60_000;
+
+/// Room left in a NATS message for headers and framing around a Raft RPC body.
+pub const RAFT_FRAMING_BYTES: usize = 4 * 1024;
+
+// ---- The Rust client ----
+
+/// First wait for one attempt of an agent call before it is tried again (same call id); it
+/// doubles with every unanswered attempt up to `CALL_ATTEMPT_MAX_MS`.
+pub const CALL_ATTEMPT_FIRST_MS: u64 = 10;
+pub const CALL_ATTEMPT_MAX_MS: u64 = 1_000;
+
+/// Longest pause between retries of an agent call that was refused as `unavailable`.
+pub const CALL_RETRY_MAX_MS: u64 = 4;
+
+/// Longest wait for one attempt of a read before it is tried again.
+pub const READ_ATTEMPT_MS: u64 = 1_500;

@@ -58,3 +58,29 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), WireErro
     }
     Ok(())
 }
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_keeps_short_strings_and_cuts_long_ones_on_a_character() {
+        assert_eq!(cut("short".into(), 10), "short");
+        assert_eq!(cut("abcdef".into(), 4), "abcd");
+        // "é" is two bytes: a cut inside it keeps the character out.
+        assert_eq!(cut("aéb".into(), 2), "a");
+        assert_eq!(cut("x".repeat(1_000), 200).len(), 200);
+    }
+}

@@ -1,7 +1,7 @@
 //! A Warden node: connects to NATS, opens its sled store, runs Raft, serves commands and
 //! publishes events until its shutdown future resolves.
 
-mod batch;
+pub(crate) mod batch;
 mod controller;
 mod dispatch;
 mod forward;
@@ -36,10 +36,6 @@ use crate::registry::{NodeStatus, Outcome, RegistryCmd};
 use crate::subjects::Subjects;
 
 pub use proposer::ProposeError;
-
-/// Events waiting for the publisher; beyond this a batch is dropped with a warning rather
-/// than slowing down `apply`.
-const EVENT_QUEUE: usize = 4 * 1024;
 
 /// Everything a command handler needs, shared by all tasks of the node.
 pub struct Node {
@@ -431,7 +427,7 @@ pub async fn run_with_kinds(
         limits::MIN_SERVER_MAX_PAYLOAD_BYTES
     );
     let store = Store::open(&cfg.data_dir)?;
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
     let (log, sm, state) = store.raft_parts(Some(events_tx))?;
     let contacts = Arc::new(Contacts::default());
     let network = Network {

@@ -14,13 +14,7 @@ use super::typ::*;
 use crate::bus::{self, RequestFailure};
 use crate::subjects::Subjects;
 
-/// RPC names, the last token of the subject.
-pub const RPC_APPEND: &str = "append";
-pub const RPC_VOTE: &str = "vote";
-pub const RPC_SNAPSHOT: &str = "snapshot";
-
-/// Room left in a NATS message for headers and framing around an RPC body.
-const FRAMING_BYTES: usize = 4 * 1024;
+use crate::subjects::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
 
 /// When each peer last answered a Raft RPC, as seen from this node. On the leader this is the
 /// "last contact" that `cluster_status` reports.
@@ -109,7 +103,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse, RpcError> {
         let n = rpc.entries.len() as u64;
         let body = Self::encode(&rpc).map_err(RpcError::Network)?;
-        if body.len() + FRAMING_BYTES > self.net.max_payload && n > 1 {
+        if body.len() + crate::limits::RAFT_FRAMING_BYTES > self.net.max_payload && n > 1 {
             // openraft answers this by sending fewer entries per message.
             return Err(RpcError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(n / 2),

@@ -8,9 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::network::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
 use super::typ::*;
 use crate::subjects::Subjects;
+use crate::subjects::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
 
 /// Subscribes to this node's Raft subjects. Returns once subscribed, so that peers can reach
 /// the node before it asks to join; the serving loop runs until `shutdown`.

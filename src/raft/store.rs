@@ -66,13 +66,6 @@ struct Stored {
 
 type StoredMark = Arc<Stored>;
 
-/// How long a purge waits for the snapshot that covers it to be stored (an install still
-/// running in the state machine's task) before it gives up with a storage error.
-const PURGE_WAITS_FOR_SNAPSHOT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Appends waiting for the group-commit flusher; `append` waits when it is full.
-const FLUSH_QUEUE: usize = 1024;
-
 /// Opens the sled database of one node and hands out the log store and state machine.
 pub struct Store {
     db: sled::Db,
@@ -121,7 +114,7 @@ impl Store {
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
-        let (flusher, flush_rx) = mpsc::channel(FLUSH_QUEUE);
+        let (flusher, flush_rx) = mpsc::channel(crate::limits::FLUSH_QUEUE);
         let db = self.db.clone();
         let flush_task = std::thread::Builder::new()
             .name("warden-log-flush".into())
@@ -426,7 +419,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     .installing
                     .load(std::sync::atomic::Ordering::Acquire)
         });
-        match tokio::time::timeout(PURGE_WAITS_FOR_SNAPSHOT, covered).await {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(crate::limits::PURGE_WAITS_FOR_SNAPSHOT_MS),
+            covered,
+        )
+        .await
+        {
             Ok(Ok(_)) => {}
             _ => {
                 return Err(io_err(

@@ -172,7 +172,7 @@ async fn escalation_climbs_two_levels_and_the_top_restarts_the_subtree() {
     let c = &node.client;
     let mut events = c
         .nats
-        .subscribe("warden.test.evt.supervisor.*.escalated")
+        .subscribe(c.subjects.event_filter("supervisor.*.escalated"))
         .await
         .unwrap();
     c.nats.flush().await.unwrap();
@@ -218,7 +218,7 @@ async fn exec_runs_real_processes_and_reports_their_output_and_exits() {
     let c = &node.client;
     let mut logs = c
         .nats
-        .subscribe("warden.test.evt.agent.*.log")
+        .subscribe(c.subjects.event_filter("agent.*.log"))
         .await
         .unwrap();
     c.nats.flush().await.unwrap();

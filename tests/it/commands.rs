@@ -16,20 +16,20 @@ async fn raw(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> (Option<String>, Envelope) {
-    let subject = format!("warden.{CLUSTER}.cmd.{command}");
+    let subject = warden::subjects::Subjects::new(CLUSTER).cmd(command);
     let mut req = async_nats::Request::new()
         .payload(body.into())
         .timeout(Some(Duration::from_secs(10)));
     if let Some(ct) = content_type {
         let mut h = HeaderMap::new();
-        h.insert("Content-Type", ct);
+        h.insert(warden::protocol::CONTENT_TYPE, ct);
         req = req.headers(h);
     }
     let msg = nats.send_request(subject, req).await.expect("a reply");
     let ct = msg
         .headers
         .as_ref()
-        .and_then(|h| h.get("Content-Type"))
+        .and_then(|h| h.get(warden::protocol::CONTENT_TYPE))
         .map(|v| v.to_string());
     let env = match ct.as_deref() {
         Some("application/msgpack") => {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::task::Msg;
 use super::Host;
 use crate::agent::mailbox::Refused;
-use crate::events::{Event, EVENT_VERSION};
+use crate::events::{self, Event, EVENT_VERSION};
 use crate::node::Node;
 use crate::protocol::{
     self, Encoding, Envelope, ErrorCode, WireError, CALL_ID_HEADER, EPOCH_HEADER,
@@ -137,12 +137,7 @@ impl Host {
             seq: *seq,
             data: &data,
         };
-        publish(
-            &self.node,
-            self.node.subjects.event("agent", &ids, "log"),
-            &ev,
-        )
-        .await;
+        events::publish(&self.node.client, &self.node.subjects, &ev).await;
     }
 
     /// Says that supervisor `sup` gave up and escalated to `parent`.
@@ -159,23 +154,7 @@ impl Host {
             seq: 0,
             data: &data,
         };
-        publish(
-            &self.node,
-            self.node.subjects.event("supervisor", sup, "escalated"),
-            &ev,
-        )
-        .await;
-    }
-}
-
-async fn publish(node: &Node, subject: String, ev: &Event<'_>) {
-    match serde_json::to_vec(ev) {
-        Ok(body) => {
-            if let Err(e) = node.client.publish(subject, body.into()).await {
-                tracing::debug!(error = %e, "could not publish an event");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "could not encode an event"),
+        events::publish(&self.node.client, &self.node.subjects, &ev).await;
     }
 }
 

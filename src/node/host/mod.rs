@@ -47,6 +47,7 @@ use uuid::Uuid;
 use crate::agent::journal::Journal;
 use crate::agent::mailbox::Mailbox;
 use crate::agent::{LogSink, StartContext};
+use crate::names::cut;
 use crate::node::Node;
 use crate::registry::{AgentReport, AgentStatus, HandoffItem};
 use crate::supervision::{ExitReason, RestartType};
@@ -55,16 +56,10 @@ use reports::Pending;
 use task::{AgentMailbox, End, Exit, Handover, Parked, Run, StopRequest, TaskEvent, Who};
 use warden_core::host_plan as plan;
 
-/// Reconcile at least this often even when nothing is applied.
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
-/// When applies stream in, a reconcile waits after the previous one for this many times what
-/// that one cost, within the bounds below: a node with few agents reacts at once (a migrating
-/// agent is back in milliseconds), one with many does not spend all its time reconciling.
-const RECONCILE_GAP_FACTOR: u32 = 4;
-const RECONCILE_GAP_MIN: Duration = Duration::from_millis(1);
-const RECONCILE_GAP_MAX: Duration = Duration::from_millis(50);
-/// How long a start waits to be tried again while the node may not start agents.
-const START_RETRY: Duration = Duration::from_millis(50);
+use crate::limits::{
+    AGENT_LOG_QUEUE, AGENT_MAILBOX, HOST_WRITE_QUEUE, RECONCILE_EVERY_MS, RECONCILE_GAP_FACTOR,
+    RECONCILE_GAP_MAX_MS, RECONCILE_GAP_MIN_MS, START_RETRY_MS,
+};
 
 /// A local instance that starts or runs.
 struct Instance {
@@ -186,10 +181,10 @@ pub(crate) struct Host {
 /// Runs the host until `stopped` resolves, then stops every local agent, last started first.
 pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (logs_tx, mut logs) = mpsc::channel(4096);
+    let (logs_tx, mut logs) = mpsc::channel(AGENT_LOG_QUEUE);
     let pending = Arc::new(Pending::default());
-    let (forget_tx, forget_rx) = mpsc::channel(16 * 1024);
-    let (handoff_tx, handoff_rx) = mpsc::channel(16 * 1024);
+    let (forget_tx, forget_rx) = mpsc::channel(HOST_WRITE_QUEUE);
+    let (handoff_tx, handoff_rx) = mpsc::channel(HOST_WRITE_QUEUE);
     let mut calls = match node.client.subscribe(node.subjects.agent_all()).await {
         Ok(s) => s,
         Err(e) => {
@@ -228,7 +223,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     };
     let mut metrics = node.raft.metrics();
     let mut grants = node.lease.grants();
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut tick = tokio::time::interval(Duration::from_millis(RECONCILE_EVERY_MS));
     let mut next_reconcile = Instant::now();
     let mut dirty = true;
     tokio::pin!(stopped);
@@ -283,7 +278,11 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 let began = Instant::now();
                 host.reconcile().await;
                 let spent = began.elapsed() * RECONCILE_GAP_FACTOR;
-                next_reconcile = Instant::now() + spent.clamp(RECONCILE_GAP_MIN, RECONCILE_GAP_MAX);
+                next_reconcile = Instant::now()
+                    + spent.clamp(
+                        Duration::from_millis(RECONCILE_GAP_MIN_MS),
+                        Duration::from_millis(RECONCILE_GAP_MAX_MS),
+                    );
             }
         }
     }
@@ -337,7 +336,7 @@ impl Host {
         if self.may_start() {
             Some(waiting)
         } else {
-            Some(waiting.max(Instant::now() + START_RETRY))
+            Some(waiting.max(Instant::now() + Duration::from_millis(START_RETRY_MS)))
         }
     }
 
@@ -518,7 +517,7 @@ impl Host {
             generation: self.generation,
             lease_term: self.node.lease.term(),
             restart_requested: a.restart_requested,
-            mailbox: Arc::new(Mailbox::new(task::MAILBOX)),
+            mailbox: Arc::new(Mailbox::new(AGENT_MAILBOX)),
             shutdown_ms: a.shutdown_ms.min(crate::limits::MAX_SHUTDOWN_MS) as u32,
             restarted,
         };
@@ -883,6 +882,7 @@ impl Host {
         error: Option<String>,
     ) {
         let restarts = u32::from(restarted);
+        let error = error.map(|e| cut(e, crate::limits::MAX_REPORT_ERROR_BYTES));
         let r = AgentReport {
             agent: *id,
             node: self.me,

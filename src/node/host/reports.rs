@@ -11,6 +11,10 @@ use uuid::Uuid;
 
 use super::sleep_until_opt;
 use crate::command::{Handoff, ReportAgents};
+use crate::limits::{
+    FORGET_TRIES, HANDOFF_BATCH_BYTES, HANDOFF_ITEM_OVERHEAD_BYTES, HANDOFF_TRIES,
+    REPORTS_PER_WRITE, REPORT_GATHER_MS, REPORT_INTERVAL_MS,
+};
 use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
 use crate::registry::{AgentReport, HandoffItem};
@@ -80,20 +84,6 @@ impl Pending {
     }
 }
 
-/// How long the writer waits after the first new report before it sends what gathered.
-const REPORT_GATHER: Duration = Duration::from_millis(2);
-/// The least time between two report writes while fewer than a full batch wait: a crash loop
-/// (or any trickle of changes) costs the cluster at most this many writes per second, each
-/// fsynced on every voter, instead of one per restart. A lone change is still written after
-/// `REPORT_GATHER`; a full batch goes at once, so bulk starts are not slowed.
-const REPORT_INTERVAL: Duration = Duration::from_millis(25);
-/// Reports (or handoffs) sent in one command: one Raft entry, well below the proposal size
-/// limit.
-const REPORTS_PER_WRITE: usize = 1_000;
-/// What a handoff item costs in MessagePack besides its state and answers: an id, a node, an
-/// epoch and field names.
-const HANDOFF_ITEM_OVERHEAD_BYTES: usize = 96;
-
 /// Sends the host's reports (batched) and forgets through Raft, retrying while the cluster has
 /// no leader. Ends when the host is gone, after one last attempt to send what is pending.
 pub(super) async fn write_loop(
@@ -113,10 +103,10 @@ pub(super) async fn write_loop(
                 // so that churn costs the cluster fewer writes; while changes keep coming,
                 // leave REPORT_INTERVAL between writes unless a full batch waits. A deadline,
                 // not a sleep: handoffs and forgets go meanwhile.
-                let mut at = Instant::now() + REPORT_GATHER;
+                let mut at = Instant::now() + Duration::from_millis(REPORT_GATHER_MS);
                 if let Some(last) = last_reports {
                     if pending.len() < REPORTS_PER_WRITE {
-                        at = at.max(last + REPORT_INTERVAL);
+                        at = at.max(last + Duration::from_millis(REPORT_INTERVAL_MS));
                     }
                 }
                 due = Some(due.map_or(at, |d| d.min(at)));
@@ -140,22 +130,15 @@ pub(super) async fn write_loop(
                             .map(|c| serde_json::to_vec(&c.result).map_or(0, |v| v.len()))
                             .sum::<usize>()
                 };
-                let mut bytes = size(&first);
-                let mut batch = vec![first];
                 let mut next = None;
-                while batch.len() < REPORTS_PER_WRITE {
-                    match handoffs.try_recv() {
-                        Ok(it) if bytes + size(&it) <= crate::limits::HANDOFF_BATCH_BYTES => {
-                            bytes += size(&it);
-                            batch.push(it);
-                        }
-                        Ok(it) => {
-                            next = Some(it);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let batch = crate::node::batch::gather(
+                    first,
+                    &mut handoffs,
+                    &mut next,
+                    REPORTS_PER_WRITE,
+                    HANDOFF_BATCH_BYTES,
+                    size,
+                );
                 send_handoff(&node, batch).await;
                 if let Some(it) = next {
                     send_handoff(&node, vec![it]).await;
@@ -204,7 +187,7 @@ pub(super) async fn write_loop(
 async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     // About five minutes without a leader.
-    for _ in 0..300 {
+    for _ in 0..HANDOFF_TRIES {
         let write = OwnWrite::Handoff(Handoff {
             items: items.clone(),
         });
@@ -228,7 +211,7 @@ async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
 /// left behind would never go away.
 async fn forget_agent(node: &Node, id: Uuid) {
     let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
-    for _ in 0..10 {
+    for _ in 0..FORGET_TRIES {
         match node.write_own(OwnWrite::Forget(id)).await {
             Ok(_) => return,
             Err(e) if e.code == ErrorCode::NotFound => return,

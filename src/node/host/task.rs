@@ -23,18 +23,11 @@ use super::calls::send_envelope;
 use crate::agent::mailbox::{Mailbox, Next, Park};
 use crate::agent::{Agent, AgentError, BoxFuture};
 use crate::command::CheckpointRequest;
+use crate::limits::{HANDED_OVER_CALLS_BYTES, REMEMBERED_CALLS};
 use crate::node::Node;
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::RememberedCall;
 use crate::supervision::ExitReason;
-
-/// Messages waiting for one agent; a call beyond this is refused with `unavailable`.
-pub(super) const MAILBOX: usize = 256;
-/// Answers an agent instance remembers by call id: as many as its mailbox holds, so a retry
-/// queued behind a full mailbox still finds the first attempt's answer.
-const REMEMBERED_CALLS: usize = MAILBOX;
-/// Bytes of remembered answers an agent carries to its next node.
-const HANDED_OVER_CALLS_BYTES: usize = 8 * 1024;
 
 pub(super) enum Msg {
     Call {

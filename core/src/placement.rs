@@ -240,7 +240,7 @@ pub struct Movable<'a> {
 }
 
 /// One planned move.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     pub agent: uuid::Uuid,
     pub from: u64,

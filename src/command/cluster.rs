@@ -23,6 +23,14 @@ pub struct JoinRequest {
     /// Agents it may hold; 0 is unlimited.
     #[serde(default)]
     pub capacity: u32,
+    /// The version of the log, snapshots and node-to-node messages the node speaks
+    /// (`registry::REGISTRY_VERSION`); a node of version 1 sent none.
+    #[serde(default = "version_1")]
+    pub protocol_version: u32,
+}
+
+fn version_1() -> u32 {
+    1
 }
 
 impl JoinRequest {

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod placement;
+pub mod reply;
 pub mod supervisor;
 
 use serde::de::DeserializeOwned;

@@ -30,6 +30,18 @@ fn raft_err(e: impl std::fmt::Display) -> WireError {
 
 /// Handles `join` on the leader.
 pub async fn join(node: &Node, req: JoinRequest) -> Result<Value, WireError> {
+    if req.protocol_version != crate::registry::REGISTRY_VERSION {
+        return Err(WireError::new(
+            ErrorCode::Conflict,
+            format!(
+                "node {} speaks protocol version {}, this cluster version {}: run the same \
+                 Warden version on every node (README, \"Upgrading\")",
+                req.node_id,
+                req.protocol_version,
+                crate::registry::REGISTRY_VERSION
+            ),
+        ));
+    }
     let _guard = node.membership_lock.lock().await;
     if node.registry_node_status(req.node_id) == Some(NodeStatus::Left) {
         return Err(WireError::new(

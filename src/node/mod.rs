@@ -32,7 +32,7 @@ use crate::protocol::{Encoding, Envelope, ErrorCode, WireError};
 use crate::raft::network::{Contacts, Network};
 use crate::raft::store::{SharedState, Store};
 use crate::raft::typ::{Raft, RaftMetrics};
-use crate::registry::{NodeStatus, Outcome, RegistryCmd};
+use crate::registry::{NodeStatus, RegistryCmd};
 use crate::subjects::Subjects;
 
 pub use proposer::ProposeError;
@@ -126,6 +126,9 @@ fn agent_ref(id: uuid::Uuid) -> crate::command::AgentRef {
     }
 }
 
+/// A command's reply: its result, or why it was refused.
+type Reply = Result<Value, WireError>;
+
 impl Node {
     /// Whether this node is the Raft leader right now (as far as it knows).
     pub fn is_leader(&self) -> bool {
@@ -168,7 +171,7 @@ impl Node {
         size: usize,
     ) -> Result<Value, WireError> {
         match self.proposer.propose(request_id, cmd, size).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => crate::command::reply::render(outcome),
             Err(ProposeError::NotLeader) => Err(WireError::new(
                 ErrorCode::Unavailable,
                 "this node stopped leading; retry",
@@ -188,7 +191,7 @@ impl Node {
     }
 
     /// Runs a command that must run on the leader. Returns `None` if this node does not lead.
-    async fn execute_on_leader(&self, cmd: Command, size: usize) -> Option<Outcome> {
+    async fn execute_on_leader(&self, cmd: Command, size: usize) -> Option<Reply> {
         if !self.is_leader() {
             return None;
         }
@@ -337,8 +340,8 @@ impl Node {
     /// A linearizable read of the registry.
     async fn read_registry(
         &self,
-        read: impl FnOnce(&crate::registry::Registry) -> Outcome,
-    ) -> Option<Outcome> {
+        read: impl FnOnce(&crate::registry::Registry) -> Reply,
+    ) -> Option<Reply> {
         self.linearizable_read(|node| read(&node.state_read().registry))
             .await
     }
@@ -346,7 +349,7 @@ impl Node {
     /// Confirms leadership with a quorum and waits until everything committed before the read
     /// is applied (from the read index raised by the node's `ReadFloor`), then reads. `None`
     /// when this node turns out not to lead.
-    async fn linearizable_read(&self, read: impl FnOnce(&Node) -> Outcome) -> Option<Outcome> {
+    async fn linearizable_read(&self, read: impl FnOnce(&Node) -> Reply) -> Option<Reply> {
         let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS / 2);
         let late = |what: &str| {
             Some(Err(WireError::new(
@@ -380,6 +383,7 @@ impl Node {
         let mut h = cluster::health(&self.cfg.name, &self.cfg.cluster, uptime, &metrics);
         h["labels"] = serde_json::to_value(&self.cfg.labels).unwrap_or_default();
         h["running_agents"] = self.running_agents().into();
+        h["protocol_version"] = crate::registry::REGISTRY_VERSION.into();
         let left = self
             .lease
             .until()
@@ -652,6 +656,7 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         labels: node.cfg.labels.clone(),
         kinds: node.kinds.names(),
         capacity: node.cfg.capacity,
+        protocol_version: crate::registry::REGISTRY_VERSION,
     };
     let body = Encoding::Msgpack.encode(&req);
     let mut delay_ms = 50;
@@ -669,7 +674,11 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
                 tracing::info!(role = %v["role"], "joined the cluster");
                 return Ok(());
             }
-            Ok(Err(e)) if e.code == ErrorCode::Conflict => return Err(e),
+            // Refused for good: it left earlier, or it speaks another version (an older leader
+            // does not know the version field at all, and says `bad_request`).
+            Ok(Err(e)) if matches!(e.code, ErrorCode::Conflict | ErrorCode::BadRequest) => {
+                return Err(e)
+            }
             Ok(Err(e)) => tracing::info!(error = %e, "join not accepted yet; retrying"),
             Err(RequestFailure::NoResponders) => {
                 tracing::debug!("no cluster member answers yet; retrying join")

@@ -178,6 +178,14 @@ fn load_state(snapshot: &sled::Tree) -> anyhow::Result<SmState> {
     let stored: StoredSnapshot = rmp_serde::from_slice(&raw).context("stored snapshot")?;
     let content: SnapshotData =
         rmp_serde::from_slice(&stored.data).context("stored snapshot's registry")?;
+    if content.registry.v > REGISTRY_VERSION {
+        anyhow::bail!(
+            "this data dir was written by a newer Warden (registry version {}; this one reads \
+             up to {REGISTRY_VERSION}): run that version or newer, or start this node with a \
+             new id and an empty data dir",
+            content.registry.v
+        );
+    }
     Ok(SmState {
         registry: Registry::from_data(content.registry),
         last_applied: stored.meta.last_log_id,
@@ -543,6 +551,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         "applied index must only grow"
                     );
                 }
+                if let EntryPayload::Normal(p) = &entry.payload {
+                    if p.v > REGISTRY_VERSION {
+                        // Written by a newer leader: its meaning is unknown here. Stop
+                        // applying rather than guess (a node of another version cannot join).
+                        let why = format!(
+                            "log entry {} is of registry version {}; this node reads up to \
+                             {REGISTRY_VERSION}: upgrade it",
+                            entry.log_id.index, p.v
+                        );
+                        tracing::error!("{why}");
+                        return Err(StorageIOError::read_logs(AnyError::error(why)).into());
+                    }
+                }
                 st.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => replies.push(Vec::new()),
@@ -599,6 +620,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sig = Some(meta.signature());
         let content: SnapshotData = rmp_serde::from_slice(&bytes)
             .map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
+        if content.registry.v > REGISTRY_VERSION {
+            let why = format!(
+                "a snapshot of registry version {}; this node reads up to {REGISTRY_VERSION}",
+                content.registry.v
+            );
+            return Err(io_err(
+                ErrorSubject::Snapshot(sig),
+                ErrorVerb::Read,
+                std::io::Error::other(why),
+            ));
+        }
         let registry = Registry::from_data(content.registry);
         let snapshot = StoredSnapshot {
             v: REGISTRY_VERSION,
@@ -809,6 +841,22 @@ mod tests {
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, newer.meta.last_log_id);
         assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
+    }
+
+    /// Goal: a node never guesses at data of a newer version: a log entry written by a newer
+    /// Warden stops the apply with an error that says to upgrade, and changes nothing.
+    #[tokio::test]
+    async fn a_log_entry_of_a_newer_version_is_refused_not_guessed_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm, _) = store.raft_parts(None).unwrap();
+        let mut entry = supervisor_entry(1, "a");
+        if let EntryPayload::Normal(p) = &mut entry.payload {
+            p.v = REGISTRY_VERSION + 1;
+        }
+        let err = sm.apply([entry]).await.expect_err("refused");
+        assert!(err.to_string().contains("upgrade"), "{err}");
+        assert!(sm.read_state().registry.supervisor("a").is_none());
     }
 
     /// Goal: while a snapshot is being installed, a purge of the log up to it waits until it

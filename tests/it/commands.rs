@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use serde_json::{json, Value};
+use warden::client::CallError;
 use warden::protocol::{Encoding, Envelope, ErrorCode};
 
 use crate::support::{supervisor_names, InProcessNode, CLUSTER};
@@ -340,4 +341,24 @@ async fn list_supervisors_pages_through_everything_in_order() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
+}
+
+/// Goal: a node of another protocol version is refused at `join` with a message that says
+/// what to do, and the cluster's membership is unchanged.
+#[tokio::test]
+async fn a_node_of_another_version_is_refused_at_join() {
+    let node = InProcessNode::start().await;
+    let old = json!({"node_id": 7, "name": "old-node"});
+    let err = node.client.call("join", &old).await.unwrap_err();
+    let CallError::Reply(e) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(e.code, ErrorCode::Conflict, "{e}");
+    assert!(e.message.contains("protocol version 1"), "{e}");
+    let status = node
+        .client
+        .call("cluster_status", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 1, "{status}");
 }

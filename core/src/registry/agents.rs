@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    page_limit, take_page, validate_name, validate_request_id, Child, Outcome, Registry,
+    page_limit, take_page, validate_name, validate_request_id, Applied, Child, Outcome, Registry,
     RegistryEvent,
 };
 use crate::error::{ErrorCode, WireError};
@@ -131,7 +131,8 @@ pub struct Checkpoint {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RememberedCall {
     pub id: String,
-    pub result: Outcome,
+    /// The agent's answer, as its caller got it.
+    pub result: Result<Value, WireError>,
 }
 
 fn default_shutdown_ms() -> u64 {
@@ -432,7 +433,7 @@ impl Registry {
             updated_at: time,
             seq: 1,
         };
-        let reply = serde_json::to_value(&agent).map_err(super::internal)?;
+        let reply = Applied::AgentSpawned(Box::new(agent.clone()));
         events.push(agent_event(&agent, "placed", time, json!({ "node": node })));
         self.insert_agent(agent);
         Ok(reply)
@@ -456,7 +457,10 @@ impl Registry {
             time,
             json!({ "reason": "stop_agent" }),
         ));
-        Ok(json!({ "id": a.id, "name": a.name, "status": "stopped" }))
+        Ok(Applied::AgentStopped {
+            id: a.id,
+            name: a.name,
+        })
     }
 
     pub(super) fn restart_agent(
@@ -481,7 +485,10 @@ impl Registry {
             // It waits on no node (it stopped while its node was lost): place it now.
             self.place_pending(time, events);
         }
-        Ok(json!({ "id": id, "restart_requested": requested }))
+        Ok(Applied::RestartRequested {
+            id,
+            restart_requested: requested,
+        })
     }
 
     /// A placement refusal as the client reads it, naming a colocated subtree's host.
@@ -541,7 +548,7 @@ impl Registry {
                 _ => stale.push(r.agent),
             }
         }
-        Ok(json!({ "applied": applied, "stale": stale }))
+        Ok(Applied::Reported { applied, stale })
     }
 
     pub(super) fn store_checkpoint(
@@ -594,7 +601,10 @@ impl Registry {
                 calls: Vec::new(),
             },
         );
-        Ok(json!({ "agent": agent, "checkpoint_seq": seq }))
+        Ok(Applied::Checkpointed {
+            agent,
+            checkpoint_seq: seq,
+        })
     }
 }
 
@@ -675,10 +685,13 @@ impl Registry {
                 crate::placement::choose(&req, &self.candidates()).map_err(|r| r.to_wire())?
             }
         };
-        let mut created = self.create_supervisor(time, id, &sup, events)?;
+        let mut supervisor = match self.create_supervisor(time, id, &sup, events)? {
+            Applied::SupervisorCreated(s) => s,
+            other => return Ok(other), // create_supervisor answers nothing else
+        };
+        supervisor.node = Some(host);
         if let Some(s) = self.data.supervisors.get_mut(&g.name) {
             s.node = Some(host);
-            created["node"] = json!(host);
         }
         let mut ids = Vec::new();
         for (i, name) in names.into_iter().enumerate() {
@@ -688,10 +701,14 @@ impl Registry {
                 ..g.template.clone()
             };
             let child_id = Uuid::from_u128(id.as_u128().wrapping_add(i as u128 + 1));
-            let out = self.spawn_agent(time, child_id, &child, events)?;
-            ids.push(out["id"].clone());
+            if let Applied::AgentSpawned(a) = self.spawn_agent(time, child_id, &child, events)? {
+                ids.push(a.id);
+            }
         }
-        Ok(json!({ "supervisor": created, "agents": ids }))
+        Ok(Applied::GroupSpawned {
+            supervisor,
+            agents: ids,
+        })
     }
 
     /// `import_state`: replaces an agent's checkpoint and asks its node to restart it from it.

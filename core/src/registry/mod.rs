@@ -11,11 +11,13 @@
 mod agents;
 mod moves;
 mod nodes;
+mod outcome;
 mod types;
 
 pub use agents::*;
 pub use moves::*;
 pub use nodes::*;
+pub use outcome::*;
 pub use types::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,11 +30,11 @@ use uuid::Uuid;
 use crate::error::{ErrorCode, WireError};
 use crate::limits;
 
-/// Version of the persisted registry records and snapshots.
-pub const REGISTRY_VERSION: u32 = 1;
-
-/// The outcome of one command: the reply's result, or a rejection.
-pub type Outcome = Result<Value, WireError>;
+/// Version of the persisted registry records, log entries and snapshots, and of what nodes
+/// say to each other: a node joins only a cluster of its own version. 2: outcomes are typed
+/// (`Applied`) and `request_id` records keep a fingerprint of the command; a version-1
+/// snapshot converts on load (its remembered replies become `Applied::Legacy`).
+pub const REGISTRY_VERSION: u32 = 2;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -282,18 +284,23 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         self.expire_requests(time);
-        if let Some(rid) = &item.request_id {
+        let fingerprint = item.request_id.as_ref().map(|_| fingerprint(&item.cmd));
+        if let (Some(rid), Some(fp)) = (&item.request_id, fingerprint) {
             if let Some(prev) = self.data.requests.get(rid) {
-                if prev.command != item.cmd.name() {
+                // A version-1 record has no fingerprint (0): its command name is all there is.
+                let same = prev.command == item.cmd.name()
+                    && (prev.fingerprint == 0 || prev.fingerprint == fp);
+                if !same {
                     return Err(WireError::new(
                         ErrorCode::Conflict,
                         format!(
-                            "request_id {rid:?} was already used for `{}`; use a fresh one",
+                            "request_id {rid:?} was already used for another command (`{}`); \
+                             use a fresh one",
                             prev.command
                         ),
                     ));
                 }
-                return prev.reply.clone();
+                return prev.outcome.clone();
             }
         }
         let outcome = match &item.cmd {
@@ -350,17 +357,25 @@ impl Registry {
             // Room opened: agents waiting for a node may fit now.
             self.place_pending(time, events);
         }
-        if let Some(rid) = &item.request_id {
-            self.remember_request(time, rid, item.cmd.name(), &outcome);
+        if let (Some(rid), Some(fp)) = (&item.request_id, fingerprint) {
+            self.remember_request(time, rid, item.cmd.name(), fp, &outcome);
         }
         outcome
     }
 
-    fn remember_request(&mut self, time: DateTime<Utc>, rid: &str, command: &str, out: &Outcome) {
+    fn remember_request(
+        &mut self,
+        time: DateTime<Utc>,
+        rid: &str,
+        command: &str,
+        fingerprint: u64,
+        out: &Outcome,
+    ) {
         let record = RequestRecord {
             command: command.to_string(),
+            fingerprint,
             time,
-            reply: out.clone(),
+            outcome: out.clone(),
         };
         self.data.requests.insert(rid.to_string(), record);
         self.request_order.insert((time, rid.to_string()));
@@ -439,7 +454,7 @@ impl Registry {
                 json!({ "node_id": id, "name": node.name, "labels": node.labels }),
             ));
         }
-        let reply = serde_json::to_value(&*node).map_err(internal)?;
+        let reply = Applied::NodeJoined(Box::new(node.clone()));
         self.place_pending(time, events);
         Ok(reply)
     }
@@ -466,7 +481,7 @@ impl Registry {
             // The departed node stops itself; what it ran comes back elsewhere.
             self.fail_over(time, id, events);
         }
-        Ok(json!({ "node_id": id, "status": "left" }))
+        Ok(Applied::NodeLeft { node_id: id })
     }
 
     fn create_supervisor(
@@ -537,7 +552,7 @@ impl Registry {
             created_at: time,
             seq: 1,
         };
-        let reply = serde_json::to_value(&sup).map_err(internal)?;
+        let data = serde_json::to_value(&sup).map_err(internal)?;
         events.push(RegistryEvent {
             entity: "supervisor",
             id: sup.name.clone(),
@@ -545,8 +560,9 @@ impl Registry {
             time,
             epoch: 0,
             seq: sup.seq,
-            data: reply.clone(),
+            data,
         });
+        let reply = Applied::SupervisorCreated(Box::new(sup.clone()));
         self.insert_supervisor(sup);
         Ok(reply)
     }
@@ -631,7 +647,10 @@ impl Registry {
         // The reply stays far below max_payload however large the subtree was.
         let count = stopped.len();
         stopped.truncate(limits::MAX_NAMES_IN_REPLY);
-        Ok(json!({ "stopped": stopped, "stopped_count": count }))
+        Ok(Applied::SupervisorStopped {
+            stopped,
+            stopped_count: count as u64,
+        })
     }
 
     /// The supervisor `name` and everything below it, in start order (pre-order).

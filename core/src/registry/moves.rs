@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{agent_event, AgentStatus, Outcome, Registry, RegistryEvent};
+use super::{agent_event, AgentStatus, Applied, Moved, Outcome, Registry, RegistryEvent};
 use crate::error::{ErrorCode, WireError};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
 
@@ -142,7 +142,13 @@ impl Registry {
             self.start_move(time, *u, target, events, &mut moving);
         }
         let epoch = self.data.agents.get(&id).map_or(0, |a| a.epoch);
-        Ok(json!({ "agent": id, "from": from, "to": target, "epoch": epoch, "moving": moving }))
+        Ok(Applied::Migrating {
+            agent: id,
+            from,
+            to: target,
+            epoch,
+            moving: moving as u64,
+        })
     }
 
     /// Marks one agent as migrating to `target`; a stopped one just moves.
@@ -204,10 +210,14 @@ impl Registry {
             if let (Ok(to), Some(a)) = (target, self.data.agents.get(&it.agent)) {
                 let data = json!({ "from": it.node, "to": to });
                 events.push(agent_event(a, "migrated", time, data));
-                moved.push(json!({ "agent": it.agent, "to": to, "epoch": a.epoch }));
+                moved.push(Moved {
+                    agent: it.agent,
+                    to,
+                    epoch: a.epoch,
+                });
             }
         }
-        Ok(json!({ "moved": moved, "stale": stale }))
+        Ok(Applied::HandedOff { moved, stale })
     }
 
     /// Whether `migrate_agent` could move agent `a` now (a drain skips those it could not, so
@@ -264,6 +274,6 @@ impl Registry {
         for m in &moves {
             self.start_move(time, m.agent, m.to, events, &mut moving);
         }
-        Ok(json!({ "moves": moves, "dry_run": false }))
+        Ok(Applied::Rebalancing { moves })
     }
 }

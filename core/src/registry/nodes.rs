@@ -12,7 +12,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    agent_event, AgentStatus, Child, NodeStatus, Outcome, Registry, RegistryEvent,
+    agent_event, AgentStatus, Applied, Child, NodeStatus, Outcome, Registry, RegistryEvent,
     SupervisorPlacement,
 };
 use crate::error::{ErrorCode, WireError};
@@ -207,7 +207,10 @@ impl Registry {
             _ => before,
         };
         if after == before {
-            return Ok(json!({ "node_id": id, "status": before }));
+            return Ok(Applied::NodeStatus {
+                node_id: id,
+                status: before,
+            });
         }
         node.status = after;
         node.updated_at = time;
@@ -229,7 +232,10 @@ impl Registry {
             NodeStatus::Up | NodeStatus::Draining => self.place_pending(time, events),
             _ => {}
         }
-        Ok(json!({ "node_id": id, "status": after }))
+        Ok(Applied::NodeStatus {
+            node_id: id,
+            status: after,
+        })
     }
 
     pub(super) fn node_loads(&mut self, time: DateTime<Utc>, loads: &[LoadReport]) -> Outcome {
@@ -241,7 +247,7 @@ impl Registry {
                 updated += 1;
             }
         }
-        Ok(json!({ "updated": updated }))
+        Ok(Applied::LoadsRecorded { updated })
     }
 
     pub(super) fn drain_node(
@@ -287,12 +293,12 @@ impl Registry {
             .agents_on(id)
             .filter(|a| a.placement.pinned() == Some(id))
             .count();
-        Ok(json!({
-            "node_id": id,
-            "status": status,
-            "agents": self.load(id),
-            "pinned_stay": pinned,
-        }))
+        Ok(Applied::Drain {
+            node_id: id,
+            status,
+            agents: self.load(id) as u64,
+            pinned_stay: pinned as u64,
+        })
     }
 
     /// The top supervisors of the colocated subtrees running on `node`.

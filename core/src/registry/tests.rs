@@ -67,9 +67,13 @@ fn supervisors_nest_and_stop_as_a_subtree_in_reverse_start_order() {
         cmd: RegistryCmd::StopSupervisor { name: "a".into() },
     };
     let out = reg.apply(t(6), &item, &mut events).unwrap();
+    let names = ["c", "d", "b", "a"].map(String::from).to_vec();
     assert_eq!(
         out,
-        json!({"stopped": ["c", "d", "b", "a"], "stopped_count": 4})
+        Applied::SupervisorStopped {
+            stopped: names,
+            stopped_count: 4
+        }
     );
     let stopped: Vec<_> = events.iter().map(|e| (e.id.as_str(), e.event)).collect();
     assert_eq!(
@@ -140,6 +144,56 @@ fn a_request_id_creates_once_and_replies_the_same() {
         ),
         ErrorCode::Conflict,
     );
+    // So is reusing it for the same command with other fields: the record keeps a
+    // fingerprint of the whole command, not only its name.
+    check_code(
+        run(&mut reg, 5, Some("r1"), create("b", None)),
+        ErrorCode::Conflict,
+    );
+    assert!(!reg.data().supervisors.contains_key("b"));
+}
+
+/// Goal: a snapshot of version 1, whose request records kept rendered replies, loads: a retry
+/// of such a request gets the reply it got then, and the registry is of the current version.
+#[test]
+fn a_version_1_snapshot_converts_and_keeps_answering_retries() {
+    #[derive(serde::Serialize)]
+    struct V1Record {
+        command: String,
+        time: DateTime<Utc>,
+        reply: Result<Value, WireError>,
+    }
+    #[derive(serde::Serialize)]
+    struct V1Data {
+        v: u32,
+        nodes: BTreeMap<u64, NodeRecord>,
+        supervisors: BTreeMap<String, Supervisor>,
+        requests: BTreeMap<String, V1Record>,
+    }
+    let mut reg = Registry::default();
+    run(&mut reg, 1, None, create("a", None)).unwrap();
+    let old_reply = json!({"name": "a", "rendered": "by version 1"});
+    let v1 = V1Data {
+        v: 1,
+        nodes: BTreeMap::new(),
+        supervisors: reg.data().supervisors.clone(),
+        requests: [(
+            "r1".to_string(),
+            V1Record {
+                command: "create_supervisor".into(),
+                time: t(1),
+                reply: Ok(old_reply.clone()),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let bytes = rmp_serde::to_vec_named(&v1).unwrap();
+    let data: RegistryData = rmp_serde::from_slice(&bytes).unwrap();
+    let mut loaded = Registry::from_data(data);
+    assert_eq!(loaded.data().v, REGISTRY_VERSION);
+    let retry = run(&mut loaded, 2, Some("r1"), create("a", None)).unwrap();
+    assert_eq!(retry, Applied::Legacy(old_reply));
 }
 
 #[test]
@@ -253,11 +307,15 @@ fn stopping_a_huge_subtree_bounds_the_names_in_the_reply() {
         RegistryCmd::StopSupervisor { name: "top".into() },
     )
     .unwrap();
-    assert_eq!(out["stopped_count"], n + 1);
-    assert_eq!(
-        out["stopped"].as_array().unwrap().len(),
-        limits::MAX_NAMES_IN_REPLY
-    );
+    let Applied::SupervisorStopped {
+        stopped,
+        stopped_count,
+    } = out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(stopped_count, n as u64 + 1);
+    assert_eq!(stopped.len(), limits::MAX_NAMES_IN_REPLY);
     assert_eq!(reg.data().supervisors.len(), 1, "only root is left");
 }
 
@@ -344,7 +402,10 @@ fn a_down_node_s_agents_fail_over_at_a_new_epoch_and_temporaries_are_forgotten()
 fn a_migration_hands_the_state_over_and_fences_the_source() {
     let mut reg = three_nodes();
     let out = run(&mut reg, 10, None, spawn("m", ROOT, "permanent", json!({}))).unwrap();
-    let id: Uuid = serde_json::from_value(out["id"].clone()).unwrap();
+    let Applied::AgentSpawned(a) = out else {
+        panic!("{out:?}")
+    };
+    let id = a.id;
     let migrate = |to| RegistryCmd::MigrateAgent {
         agent: "m".into(),
         to,
@@ -358,9 +419,9 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         ErrorCode::Capacity,
     );
     let out = run(&mut reg, 12, None, migrate(Some(3))).unwrap();
-    assert_eq!(
-        (out["from"].as_u64(), out["to"].as_u64()),
-        (Some(1), Some(3))
+    assert!(
+        matches!(out, Applied::Migrating { from: 1, to: 3, .. }),
+        "{out:?}"
     );
     check_code(run(&mut reg, 13, None, migrate(None)), ErrorCode::Conflict);
     // The source's report does not end the migration.
@@ -391,7 +452,10 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         items: vec![item.clone()],
     };
     let out = run(&mut reg, 15, None, handoff.clone()).unwrap();
-    assert_eq!(out["moved"][0]["to"], 3);
+    let Applied::HandedOff { moved, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(moved[0].to, 3);
     let a = reg.agent("m").unwrap();
     assert_eq!(
         (a.node, a.epoch, a.status),
@@ -405,8 +469,11 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
     );
     let out = run(&mut reg, 16, None, handoff).unwrap();
     assert_eq!(
-        out["stale"][0],
-        json!(id),
+        out,
+        Applied::HandedOff {
+            moved: vec![],
+            stale: vec![id]
+        },
         "a repeated handoff changes nothing"
     );
 }
@@ -457,7 +524,10 @@ fn a_colocated_subtree_lives_and_moves_on_one_node() {
         },
     )
     .unwrap();
-    assert_eq!(out["moving"], 3, "migrating one moves the whole subtree");
+    assert!(
+        matches!(out, Applied::Migrating { moving: 3, .. }),
+        "migrating one moves the whole subtree: {out:?}"
+    );
 }
 
 #[test]
@@ -503,9 +573,11 @@ fn a_draining_node_takes_nothing_new_and_rebalance_evens_out() {
     run(&mut reg, 14, None, cancel).unwrap();
     let out = run(&mut reg, 15, None, RegistryCmd::Rebalance { max_moves: 10 }).unwrap();
     // 6/0/1 becomes 3/2/2 (or 2/2/3): every move goes from node 1.
-    let moves = out["moves"].as_array().unwrap();
+    let Applied::Rebalancing { moves } = out else {
+        panic!("{out:?}")
+    };
     assert!(
-        moves.len() >= 3 && moves.iter().all(|m| m["from"] == 1),
+        moves.len() >= 3 && moves.iter().all(|m| m.from == 1),
         "{moves:?}"
     );
     let migrating = reg

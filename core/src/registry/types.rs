@@ -196,12 +196,49 @@ impl CreateSupervisor {
     }
 }
 
-/// A remembered `request_id` with the reply it got.
+/// A remembered `request_id`: the command it was used for (its name and a fingerprint), when,
+/// and the typed outcome it got, enough to answer a retry the same way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredRequestRecord")]
 pub struct RequestRecord {
     pub command: String,
+    /// `outcome::fingerprint` of the command; 0 for a record of version 1, which had none.
+    pub fingerprint: u64,
     pub time: DateTime<Utc>,
-    pub reply: Outcome,
+    pub outcome: Outcome,
+}
+
+/// A `RequestRecord` as snapshots hold it, of either version: version 1 kept the rendered
+/// reply (`reply`), version 2 the typed outcome and a fingerprint.
+#[derive(Deserialize)]
+struct StoredRequestRecord {
+    command: String,
+    #[serde(default)]
+    fingerprint: u64,
+    time: DateTime<Utc>,
+    #[serde(default)]
+    outcome: Option<Outcome>,
+    #[serde(default)]
+    reply: Option<Result<serde_json::Value, WireError>>,
+}
+
+impl From<StoredRequestRecord> for RequestRecord {
+    fn from(r: StoredRequestRecord) -> RequestRecord {
+        let outcome = match (r.outcome, r.reply) {
+            (Some(o), _) => o,
+            (None, Some(reply)) => reply.map(super::Applied::Legacy),
+            (None, None) => Err(WireError::new(
+                ErrorCode::Internal,
+                "this request_id's outcome was not kept; use a fresh one",
+            )),
+        };
+        RequestRecord {
+            command: r.command,
+            fingerprint: r.fingerprint,
+            time: r.time,
+            outcome,
+        }
+    }
 }
 
 /// The page size of a listing: `limit` (1 to `limits::MAX_PAGE`), by default the maximum.

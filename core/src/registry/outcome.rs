@@ -1,0 +1,124 @@
+//! What an applied command did, as data. `Registry::apply` returns it; a `request_id` record
+//! keeps it (with a fingerprint of the command) to answer a retry the same way; the command
+//! edge renders it as the reply (`warden::command::reply`). No reply field name and no JSON
+//! lives in the replicated state for a command that succeeded, so renaming a reply field
+//! changes neither the log nor the snapshots.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Agent, NodeRecord, NodeStatus, Supervisor};
+use crate::error::WireError;
+use crate::placement::Move;
+
+/// The outcome of one command: what it did, or why it was refused (nothing changed).
+pub type Outcome = Result<Applied, WireError>;
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Applied {
+    /// `join`: the node's record.
+    NodeJoined(Box<NodeRecord>),
+    /// `leave`.
+    NodeLeft { node_id: u64 },
+    /// The failure detector's verdict, as it stands after the command.
+    NodeStatus { node_id: u64, status: NodeStatus },
+    /// The loads the leader recorded: how many nodes it knew.
+    LoadsRecorded { updated: u64 },
+    /// `drain_node` (or its cancel): the node's status, its agents, and how many of them are
+    /// pinned there and stay.
+    Drain {
+        node_id: u64,
+        status: NodeStatus,
+        agents: u64,
+        pinned_stay: u64,
+    },
+    /// `migrate_agent`: the agent (with its colocated subtree, `moving` agents in all) is on
+    /// its way from `from` to `to`, at `epoch`.
+    Migrating {
+        agent: Uuid,
+        from: u64,
+        to: u64,
+        epoch: u64,
+        moving: u64,
+    },
+    /// A source node's `handoff`: the agents that moved, and those it no longer owned.
+    HandedOff { moved: Vec<Moved>, stale: Vec<Uuid> },
+    /// `rebalance`: the moves begun.
+    Rebalancing { moves: Vec<Move> },
+    /// `create_supervisor`: the supervisor's record.
+    SupervisorCreated(Box<Supervisor>),
+    /// `stop_supervisor`: the first `MAX_NAMES_IN_REPLY` names stopped (children first), and
+    /// how many in all.
+    SupervisorStopped {
+        stopped: Vec<String>,
+        stopped_count: u64,
+    },
+    /// `spawn_agent`: the agent's record as placed.
+    AgentSpawned(Box<Agent>),
+    /// `stop_agent`.
+    AgentStopped { id: Uuid, name: Option<String> },
+    /// `restart_agent`: the agent's restart request count after it.
+    RestartRequested { id: Uuid, restart_requested: u64 },
+    /// `spawn_agent_group`: the group's supervisor and its agents' ids, in order.
+    GroupSpawned {
+        supervisor: Box<Supervisor>,
+        agents: Vec<Uuid>,
+    },
+    /// A node's `report_agents`: how many reports applied, and the agents they were stale for.
+    Reported { applied: u64, stale: Vec<Uuid> },
+    /// `checkpoint` or `import_state`: the agent's new checkpoint sequence number.
+    Checkpointed { agent: Uuid, checkpoint_seq: u64 },
+    /// A reply remembered by a registry of version 1, which kept rendered replies; answered as
+    /// it was. Such records expire with the rest (`REQUEST_ID_TTL_SECS`).
+    Legacy(Value),
+}
+
+/// One agent a `handoff` moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Moved {
+    pub agent: Uuid,
+    pub to: u64,
+    pub epoch: u64,
+}
+
+/// A fingerprint of a command: FNV-1a (64 bits) over its JSON encoding. Deterministic on
+/// every replica for the same log entry, and stable across builds (it is replicated state: a
+/// `request_id` record keeps it, and a retry whose command differs is refused).
+pub fn fingerprint(cmd: &impl Serialize) -> u64 {
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    // Writing into a hasher cannot fail; a command that cannot be encoded gets the hash of
+    // what was written before the error, still the same on every replica.
+    let _ = serde_json::to_writer(&mut h, cmd);
+    h.0
+}
+
+struct Fnv(u64);
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for b in buf {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_fnv1a_of_the_json_and_tell_commands_apart() {
+        // FNV-1a of `"a"` (three bytes with the quotes), pinned: the value is replicated state.
+        assert_eq!(fingerprint(&"a"), 0xd427_2417_d7c7_7eea);
+        assert_ne!(fingerprint(&("x", 1)), fingerprint(&("x", 2)));
+        assert_eq!(fingerprint(&("x", 1)), fingerprint(&("x", 1)));
+    }
+}

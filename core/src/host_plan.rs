@@ -201,12 +201,13 @@ pub fn reconcile<I: AsLocal, S>(v: &View<'_, I, S>) -> Vec<HostAction> {
 }
 
 /// What the scheduled starts ask for at `now`: the starts that are due, and the scheduled
-/// entries to drop because an instance already runs. A start whose agent is still stopping
-/// stays scheduled (it goes once the stop is over). Nothing starts without `may_start`.
-pub fn due<I, S>(
+/// entries to drop because an instance already runs. A start whose agent is `busy` (an
+/// instance of it is stopping, or waits for its turn to stop) stays scheduled: it goes once
+/// that instance has stopped. Nothing starts without `may_start`.
+pub fn due<I>(
     scheduled: &BTreeMap<Uuid, Scheduled>,
     instances: &BTreeMap<Uuid, I>,
-    stopping: &BTreeMap<Uuid, S>,
+    busy: impl Fn(&Uuid) -> bool,
     lease: LeaseView,
     now: Instant,
 ) -> Due {
@@ -215,7 +216,7 @@ pub fn due<I, S>(
         return out;
     }
     for (id, s) in scheduled {
-        if s.at > now || stopping.contains_key(id) {
+        if s.at > now || busy(id) {
             continue;
         }
         if instances.contains_key(id) {

@@ -214,6 +214,12 @@ pub const RECONCILE_GAP_MAX_MS: u64 = 50;
 const _: () = assert!(RECONCILE_GAP_MIN_MS <= RECONCILE_GAP_MAX_MS);
 const _: () = assert!(RECONCILE_GAP_MAX_MS < RECONCILE_EVERY_MS);
 
+/// How long a stopping node gives its agents to stop (one after the other, each by its
+/// `shutdown_ms`) while it still renews its lease and serves; past it the rest are dropped (an
+/// `exec` process is killed) and the node goes on stopping. Below the 90 s a service manager
+/// such as systemd waits by default before it kills.
+pub const AGENT_STOP_BUDGET_MS: u64 = 60_000;
+
 /// How long a scheduled start waits to be tried again while the node may not start agents
 /// (no lease, or the log not yet applied up to its read index).
 pub const START_RETRY_MS: u64 = 50;

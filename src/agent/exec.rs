@@ -136,6 +136,20 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Dropping the agent (a lease lost, a stop cut, the node stopping) kills its process: the
+/// `Child`, and with it `kill_on_drop`, lives in the task that waits for the exit, so without
+/// this the process would outlive its agent. Only the process itself: its own children, and a
+/// node killed with SIGKILL, are the next step (process groups and a parent-death signal).
+impl Drop for ExecAgent {
+    fn drop(&mut self) {
+        // Not exited as far as the waiter knows. The waiter reaps before it says so, so the
+        // pid can only have been reused in the moment between the two.
+        if self.exit.borrow().is_none() {
+            signal(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
 impl Agent for ExecAgent {
     fn call(&mut self, msg: Value) -> BoxFuture<'_, Result<Reply, AgentError>> {
         Box::pin(async move {
@@ -277,5 +291,24 @@ mod tests {
         ready(rx).await;
         b.stop(5_000).await;
         assert_eq!(exit.await, ExitReason::Normal, "ended by itself on SIGTERM");
+    }
+
+    /// Goal: an agent dropped without a stop (a lease lost, a stop cut short) takes its
+    /// process with it, even one that ignores SIGTERM.
+    #[tokio::test]
+    async fn dropping_the_agent_kills_its_process() {
+        let k = allowed(&["/bin/sh"]);
+        let mut a = k
+            .start(ctx(json!({"command": "/bin/sh",
+                               "args": ["-c", "trap '' TERM; while :; do sleep 0.05; done"]})))
+            .await
+            .unwrap();
+        let exit = a.take_exit().unwrap();
+        drop(a);
+        let ended = tokio::time::timeout(Duration::from_secs(10), exit).await;
+        assert!(
+            matches!(&ended, Ok(ExitReason::Crash(m)) if m.contains("SIGKILL")),
+            "{ended:?}"
+        );
     }
 }

@@ -95,6 +95,16 @@ impl Lease {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).term
     }
 
+    /// The term an agent may start in now, read at once with the lease it belongs to: `None`
+    /// unless the lease is valid and `applied` (the node's applied log index) has reached the
+    /// grant's read index, so that a term granted a moment ago is never paired with a check of
+    /// the one before.
+    pub fn start_term(&self, applied: u64) -> Option<u64> {
+        let st = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let valid = st.until.is_some_and(|u| Instant::now() < u);
+        (valid && applied >= st.min_applied).then_some(st.term)
+    }
+
     /// Whether an agent started in `term` may still run: the lease is valid and has not
     /// lapsed since.
     pub fn valid_in(&self, term: u64) -> bool {

@@ -513,7 +513,10 @@ pub async fn run_with_kinds(
         .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
         .await?;
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
-    tasks.spawn(host::run(node.clone(), flag(&stop_rx)));
+    // The host stops first, on its own signal, while heartbeats, Raft and the command path
+    // still run: its agents' graceful stops keep their lease (see the shutdown below).
+    let (host_stop_tx, host_stop_rx) = watch::channel(false);
+    let mut host_task = tokio::spawn(host::run(node.clone(), flag(&host_stop_rx)));
     let gate = node.clone();
     let round = Duration::from_millis(cfg.failure.lease_ms);
     let stopped = flag(&stop_rx);
@@ -541,7 +544,19 @@ pub async fn run_with_kinds(
         _ = left.next() => tracing::warn!("this node left the cluster; stopping"),
         _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
     }
-    // Stop taking work first, then stop Raft, then make sure everything is on disk.
+    // Stop the agents first, each by its shutdown setting, last started first, while the
+    // node still renews its lease; past the budget the rest are dropped (an exec process is
+    // killed). Then stop taking work, then stop Raft, then make sure everything is on disk.
+    let _ = host_stop_tx.send(true);
+    let budget = Duration::from_millis(limits::AGENT_STOP_BUDGET_MS);
+    if tokio::time::timeout(budget, &mut host_task).await.is_err() {
+        tracing::warn!(
+            budget_ms = limits::AGENT_STOP_BUDGET_MS,
+            "agents did not all stop within the budget; dropping the rest"
+        );
+        host_task.abort();
+        let _ = host_task.await;
+    }
     let _ = stop_tx.send(true); // receivers may all be gone already; that is fine
     let drain = async {
         while tasks.join_next().await.is_some() {}

@@ -493,3 +493,63 @@ async fn a_slow_stop_delays_no_other_agent_and_gets_its_whole_shutdown_time() {
         "killed {gone:?} after the stop, before its shutdown_ms"
     );
 }
+
+/// One call to an agent, not retried: its answer or error code.
+async fn call_once(c: &Client, agent: &str, body: Value) -> Result<Value, ErrorCode> {
+    let subject = c.subjects.agent(agent, "call");
+    let payload = serde_json::to_vec(&body).unwrap().into();
+    let req = async_nats::Request::new()
+        .payload(payload)
+        .timeout(Some(Duration::from_secs(5)));
+    let reply = c.nats.send_request(subject, req).await.unwrap();
+    let env = warden::protocol::Envelope::decode(&reply.payload).unwrap();
+    env.into_result().map_err(|e| e.code)
+}
+
+/// Goal: one_for_all stops the siblings one after the other, last started first, and starts
+/// anything again only once all have stopped, as OTP does, however long a sibling's stop
+/// takes: the crashed child stays down meanwhile (nothing restarts it early because it was
+/// seen stopped), and a sibling waiting for its turn still answers calls.
+#[tokio::test]
+async fn one_for_all_restarts_nothing_before_every_sibling_has_stopped() {
+    let node = InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec!["/bin/sh".into()];
+    })
+    .await;
+    let c = &node.client;
+    sup(c, "all", "root", "one_for_all", 10).await;
+    spawn(c, "first", "all", json!({})).await;
+    spawn(c, "second", "all", json!({})).await;
+    // Started last, so stopped first: it ignores SIGTERM and takes its whole 1.5 s.
+    let script = "trap '' TERM; while :; do sleep 0.1; done";
+    let slow = json!({"name": "slow", "supervisor": "all", "kind": "exec", "shutdown_ms": 1500,
+                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
+    c.call("spawn_agent", &slow).await.unwrap();
+    wait_agent(c, "slow", "the slow sibling running", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    crash(c, "second").await;
+    let crashed = std::time::Instant::now();
+    while crashed.elapsed() < Duration::from_millis(1_000) {
+        let down = call_once(c, "second", json!({"op": "get"})).await;
+        assert_eq!(
+            down,
+            Err(ErrorCode::Unavailable),
+            "the crashed child answered {:?} after the crash, before its siblings stopped",
+            crashed.elapsed()
+        );
+        let waiting = call_once(c, "first", json!({"op": "get"})).await;
+        assert!(
+            waiting.is_ok(),
+            "a sibling waiting for its turn to stop answered {waiting:?}"
+        );
+    }
+    for name in ["first", "second", "slow"] {
+        wait_agent(c, name, &format!("{name} restarted"), |a| {
+            restarts(a) == 1 && a["status"] == "running"
+        })
+        .await;
+    }
+}

@@ -280,16 +280,11 @@ fn a_pending_restart_goes_when_its_backoff_is_over_and_its_old_instance_has_stop
     // 3 still stops; 4 runs already (the start is moot).
     let stopping: BTreeMap<Uuid, ()> = [(id(3), ())].into_iter().collect();
     let instances: BTreeMap<Uuid, Local> = [(id(4), local(1, 1))].into_iter().collect();
-    let d = due(&scheduled, &instances, &stopping, HELD, now);
+    let busy = |id: &Uuid| stopping.contains_key(id);
+    let d = due(&scheduled, &instances, busy, HELD, now);
     assert_eq!(d.start, vec![(id(1), true)]);
     assert_eq!(d.drop, vec![id(4)]);
-    let d = due(
-        &scheduled,
-        &instances,
-        &BTreeMap::<Uuid, ()>::new(),
-        HELD,
-        later,
-    );
+    let d = due(&scheduled, &instances, |_: &Uuid| false, HELD, later);
     assert_eq!(d.start, vec![(id(1), true), (id(2), true), (id(3), false)]);
     // Nothing starts without a lease, however late.
     let lapsed = LeaseView {
@@ -297,7 +292,7 @@ fn a_pending_restart_goes_when_its_backoff_is_over_and_its_old_instance_has_stop
         ..HELD
     };
     assert_eq!(
-        due(&scheduled, &instances, &stopping, lapsed, later),
+        due(&scheduled, &instances, busy, lapsed, later),
         Due::default()
     );
 }

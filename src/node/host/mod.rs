@@ -121,6 +121,10 @@ struct Turn {
     starts: Vec<(String, u64)>,
 }
 
+/// How far ahead a start held by a `Turn` is scheduled: it is never due before the turn
+/// replaces it with the time its plan asked for.
+const HOLD_SECS: u64 = 24 * 3600;
+
 /// A stop to begin: the agent, why, whether to checkpoint it first, and what follows.
 type NextStop = (Uuid, &'static str, bool, Then);
 
@@ -330,7 +334,7 @@ impl Host {
         let waiting = self
             .scheduled
             .iter()
-            .filter(|(id, _)| !self.stopping.contains_key(id))
+            .filter(|(id, _)| !self.stopping.contains_key(id) && !self.queued.contains(id))
             .map(|(_, s)| s.at)
             .min()?;
         if self.may_start() {
@@ -462,10 +466,11 @@ impl Host {
 
     /// Starts what is scheduled and due (`plan::due`).
     fn start_due(&mut self) {
+        let busy = |id: &Uuid| self.stopping.contains_key(id) || self.queued.contains(id);
         let due = plan::due(
             &self.scheduled,
             &self.instances,
-            &self.stopping,
+            busy,
             self.lease_view(),
             Instant::now(),
         );
@@ -481,6 +486,11 @@ impl Host {
     /// Starts agent `id` from its record and last checkpoint: the kind's `start` runs in the
     /// agent's own task, and the agent counts as running once it has succeeded.
     fn start(&mut self, id: Uuid, restarted: bool) {
+        // The term and the check that this node may start agents, read together: the lease
+        // may have lapsed and been granted again since the plan was made.
+        let Some(lease_term) = self.node.lease.start_term(self.node.applied_index()) else {
+            return;
+        };
         let found = {
             let st = self.node.state_read();
             st.registry
@@ -515,7 +525,7 @@ impl Host {
         let inst = Instance {
             epoch: a.epoch,
             generation: self.generation,
-            lease_term: self.node.lease.term(),
+            lease_term,
             restart_requested: a.restart_requested,
             mailbox: Arc::new(Mailbox::new(AGENT_MAILBOX)),
             shutdown_ms: a.shutdown_ms.min(crate::limits::MAX_SHUTDOWN_MS) as u32,
@@ -680,6 +690,20 @@ impl Host {
             .into_iter()
             .filter(|id| self.queued.insert(*id))
             .collect();
+        if !ids.is_empty() {
+            // What the turn will start is held until it has stopped everything: neither a
+            // reconcile nor an earlier schedule starts it meanwhile (OTP stops all, then
+            // starts; and a restart keeps its backoff and counts against the intensity).
+            let held = Scheduled {
+                at: Instant::now() + Duration::from_secs(HOLD_SECS),
+                restart: true,
+            };
+            for (child, _) in &starts {
+                for id in self.local_agents_of(child) {
+                    self.scheduled.insert(id, held);
+                }
+            }
+        }
         let turn = Turn {
             rest: ids,
             reason,
@@ -789,10 +813,14 @@ impl Host {
     /// Kills what outlasted its stop's time.
     async fn kill_overdue(&mut self) {
         let now = Instant::now();
-        while let Some(&(at, id)) = self.stop_deadlines.first() {
-            if at > now {
+        while self
+            .stop_deadlines
+            .first()
+            .is_some_and(|(at, _)| *at <= now)
+        {
+            let Some((_, id)) = self.stop_deadlines.pop_first() else {
                 break;
-            }
+            };
             let Some(s) = self.take_stopping(id) else {
                 continue;
             };
@@ -919,9 +947,17 @@ impl Host {
                     Some(TaskEvent::Ended(exit)) => {
                         if self.stopping.get(&exit.id).is_some_and(|s| s.generation == exit.generation) {
                             self.finish_stop(exit).await;
-                        } else if let Some(inst) = self.instances.remove(&exit.id) {
+                        } else if self
+                            .instances
+                            .get(&exit.id)
+                            .is_some_and(|i| i.generation == exit.generation)
+                        {
                             // Ended by itself meanwhile: nothing restarts while stopping.
-                            self.journal.stop_at(exit.id, inst.epoch, "node stopping", exit.at, None);
+                            if let Some(inst) = self.instances.remove(&exit.id) {
+                                inst.mailbox.kill();
+                                let at = exit.at;
+                                self.journal.stop_at(exit.id, inst.epoch, "node stopping", at, None);
+                            }
                         }
                     }
                     Some(TaskEvent::Started { .. }) => {}

@@ -138,7 +138,7 @@ impl Host {
     /// The agents of a child placed on this node, in start order. Siblings on other nodes are
     /// restarted by their own node when their start comes (`schedule_child`), which stops
     /// them first.
-    fn local_agents_of(&self, child: &str) -> Vec<Uuid> {
+    pub(super) fn local_agents_of(&self, child: &str) -> Vec<Uuid> {
         let mut ids = self.agents_of(child);
         ids.retain(|id| self.is_local(id));
         ids

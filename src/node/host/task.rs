@@ -197,7 +197,16 @@ pub(super) async fn start_task(
     for c in calls {
         answered.remember(Some(c.id), &c.result);
     }
-    run.ended = agent.take_exit();
+    run.ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.take_exit())) {
+        Ok(ended) => ended,
+        Err(_) => {
+            drop(agent);
+            run.send(End::FailedStart("the kind panicked in take_exit".into()));
+            let why = "the agent did not start; retry";
+            refuse_queued(&run.who, &mailbox, &Answered::default(), why).await;
+            return;
+        }
+    };
     let started = TaskEvent::Started {
         id: run.who.id,
         generation: run.generation,
@@ -259,6 +268,10 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
                 }
             }
         } else {
+            // An expiry announced before this task subscribed is not seen by `expiries`.
+            if !lease.valid_in(run.lease_term) {
+                break LoopEnd::Fenced;
+            }
             tokio::select! {
                 biased;
                 r = &mut ended => break LoopEnd::Exit(r, None),
@@ -289,23 +302,31 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
             }
             break LoopEnd::Fenced;
         }
-        let crash = match *msg {
+        // A message is handled only while the lease holds: one still running when the lease
+        // ends is cut there, unanswered (its caller retries and reaches the agent wherever it
+        // runs next), and the agent is dropped. Boxed, like every large await here: the
+        // task's own state is what an idle agent costs, and a message's is needed only while
+        // it runs.
+        let handled = match *msg {
             Msg::Cast { body } => {
-                match std::panic::AssertUnwindSafe(agent.cast(body))
-                    .catch_unwind()
+                let cast = std::panic::AssertUnwindSafe(agent.cast(body)).catch_unwind();
+                Box::pin(lease.while_valid(run.lease_term, cast))
                     .await
-                {
-                    Ok(Ok(())) | Ok(Err(AgentError::BadRequest(_))) => None,
-                    Ok(Err(AgentError::Crash(m))) => Some((m, None)),
-                    Err(_) => Some(("panicked handling a cast".into(), None)),
-                }
+                    .map(|out| match out {
+                        Ok(Ok(())) | Ok(Err(AgentError::BadRequest(_))) => None,
+                        Ok(Err(AgentError::Crash(m))) => Some((m, None)),
+                        Err(_) => Some(("panicked handling a cast".into(), None)),
+                    })
             }
-            // Boxed, like every large await here: the task's own state is what an idle agent
-            // costs, and a call's is needed only while it runs.
-            call => Box::pin(handle_call(who, &mut agent, &mut answered, call)).await,
+            call => {
+                let call = handle_call(who, &mut agent, &mut answered, call);
+                Box::pin(lease.while_valid(run.lease_term, call)).await
+            }
         };
-        if let Some((why, answer)) = crash {
-            break LoopEnd::Exit(ExitReason::Crash(why), answer);
+        match handled {
+            None => break LoopEnd::Fenced,
+            Some(Some((why, answer))) => break LoopEnd::Exit(ExitReason::Crash(why), answer),
+            Some(None) => {}
         }
     };
     // The agent can no longer act once dropped: the exit's time is taken after this.
@@ -341,7 +362,7 @@ async fn stop(
     let lease = &run.who.node.lease;
     let handover = if req.checkpoint {
         Handover {
-            state: agent.checkpoint(),
+            state: checkpoint_of(&mut agent),
             calls: answered.carried(),
         }
     } else {
@@ -500,7 +521,7 @@ impl Answered {
 
 /// Checkpoints the agent through Raft and waits until it is committed.
 async fn checkpoint(who: &Who, agent: &mut Box<dyn Agent>) -> Result<(), WireError> {
-    let Some(state) = agent.checkpoint() else {
+    let Some(state) = checkpoint_of(agent) else {
         return Ok(());
     };
     let req = CheckpointRequest {
@@ -511,6 +532,16 @@ async fn checkpoint(who: &Who, agent: &mut Box<dyn Agent>) -> Result<(), WireErr
     };
     let write = crate::node::OwnWrite::Checkpoint(req);
     who.node.write_own(write).await.map(|_| ())
+}
+
+/// The agent's state for a checkpoint; a kind that panics producing it has none to give.
+fn checkpoint_of(agent: &mut Box<dyn Agent>) -> Option<bytes::Bytes> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.checkpoint())).unwrap_or_else(
+        |_| {
+            tracing::warn!("an agent's kind panicked taking a checkpoint");
+            None
+        },
+    )
 }
 
 /// A monotonic instant as wall-clock time (for the journal).

@@ -117,11 +117,7 @@ async fn each_strategy_restarts_exactly_its_children() {
 /// restarted after a crash but not after a normal exit.
 #[tokio::test]
 async fn temporary_and_transient_children_follow_otp() {
-    let node = InProcessNode::start_with(|cfg| {
-        cfg.exec.enabled = true;
-        cfg.exec.allow = vec!["/bin/sh".into()];
-    })
-    .await;
+    let node = node_with_exec().await;
     let c = &node.client;
     sup(c, "s", "root", "one_for_all", 10).await;
     spawn(c, "keep", "s", json!({})).await;
@@ -210,11 +206,7 @@ async fn escalation_climbs_two_levels_and_the_top_restarts_the_subtree() {
 /// crash that a permanent child is restarted after, and exec stays off without config.
 #[tokio::test]
 async fn exec_runs_real_processes_and_reports_their_output_and_exits() {
-    let node = InProcessNode::start_with(|cfg| {
-        cfg.exec.enabled = true;
-        cfg.exec.allow = vec!["/bin/sh".into()];
-    })
-    .await;
+    let node = node_with_exec().await;
     let c = &node.client;
     let mut logs = c
         .nats
@@ -404,6 +396,29 @@ async fn a_group_spawns_its_children_and_they_can_be_found() {
     assert_eq!(none["agents"], json!([]));
 }
 
+/// An in-process node that runs `exec` agents of `/bin/sh`.
+async fn node_with_exec() -> InProcessNode {
+    InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec!["/bin/sh".into()];
+    })
+    .await
+}
+
+/// Spawns an `exec` agent whose shell ignores SIGTERM, so its graceful stop takes its whole
+/// `shutdown_ms`, and waits until it runs.
+async fn spawn_deaf(c: &Client, name: &str, supervisor: &str, shutdown_ms: u64) {
+    let script = "trap '' TERM; while :; do sleep 0.1; done";
+    let body = json!({"name": name, "supervisor": supervisor, "kind": "exec",
+                      "shutdown_ms": shutdown_ms,
+                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    wait_agent(c, name, &format!("{name} running"), |a| {
+        a["status"] == "running"
+    })
+    .await;
+}
+
 /// Latencies of calls to agent `name`, one after the other until `until(calls so far)`, sorted.
 async fn call_latencies(c: &Client, name: &str, until: impl Fn(usize) -> bool) -> Vec<Duration> {
     let mut out = Vec::new();
@@ -436,22 +451,11 @@ fn process_alive(pid: u64) -> bool {
 /// lease is renewed: its process, which ignores SIGTERM, is killed only then.
 #[tokio::test]
 async fn a_slow_stop_delays_no_other_agent_and_gets_its_whole_shutdown_time() {
-    let node = InProcessNode::start_with(|cfg| {
-        cfg.exec.enabled = true;
-        cfg.exec.allow = vec!["/bin/sh".into()];
-    })
-    .await;
+    let node = node_with_exec().await;
     let c = &node.client;
     sup(c, "s", "root", "one_for_one", 10).await;
     spawn(c, "quick", "s", json!({})).await;
-    let script = "trap '' TERM; while :; do sleep 0.2; done";
-    let body = json!({"name": "slow", "supervisor": "s", "kind": "exec", "shutdown_ms": 5000,
-                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
-    c.call("spawn_agent", &body).await.unwrap();
-    wait_agent(c, "slow", "the slow agent running", |a| {
-        a["status"] == "running"
-    })
-    .await;
+    spawn_deaf(c, "slow", "s", 5_000).await;
     let status = call_agent(c, "slow", json!({"op": "status"}))
         .await
         .unwrap();
@@ -512,24 +516,13 @@ async fn call_once(c: &Client, agent: &str, body: Value) -> Result<Value, ErrorC
 /// seen stopped), and a sibling waiting for its turn still answers calls.
 #[tokio::test]
 async fn one_for_all_restarts_nothing_before_every_sibling_has_stopped() {
-    let node = InProcessNode::start_with(|cfg| {
-        cfg.exec.enabled = true;
-        cfg.exec.allow = vec!["/bin/sh".into()];
-    })
-    .await;
+    let node = node_with_exec().await;
     let c = &node.client;
     sup(c, "all", "root", "one_for_all", 10).await;
     spawn(c, "first", "all", json!({})).await;
     spawn(c, "second", "all", json!({})).await;
     // Started last, so stopped first: it ignores SIGTERM and takes its whole 1.5 s.
-    let script = "trap '' TERM; while :; do sleep 0.1; done";
-    let slow = json!({"name": "slow", "supervisor": "all", "kind": "exec", "shutdown_ms": 1500,
-                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
-    c.call("spawn_agent", &slow).await.unwrap();
-    wait_agent(c, "slow", "the slow sibling running", |a| {
-        a["status"] == "running"
-    })
-    .await;
+    spawn_deaf(c, "slow", "all", 1_500).await;
     crash(c, "second").await;
     let crashed = std::time::Instant::now();
     while crashed.elapsed() < Duration::from_millis(1_000) {

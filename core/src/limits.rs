@@ -64,8 +64,22 @@ pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 pub const PROPOSAL_TIMEOUT_MS: u64 = 6_000;
 
 /// How long a stopping node lets commands in flight finish before abandoning them; below
-/// the node's overall 5 s stop budget.
+/// the node's stop budget.
 pub const DRAIN_GRACE_MS: u64 = 3_000;
+
+/// How long a stopping node waits for its tasks (after its agents have stopped) before it
+/// abandons them and shuts Raft down.
+pub const NODE_STOP_BUDGET_MS: u64 = 5_000;
+const _: () = assert!(DRAIN_GRACE_MS < NODE_STOP_BUDGET_MS);
+
+/// Pause before a follower looks for the leader again when the one it knew was unreachable
+/// (nothing reached it, so looking again is safe).
+pub const LEADER_RETRY_MS: u64 = 20;
+
+/// Pause before Raft retries an unreachable peer. openraft's default, 500 ms, delays a
+/// restarted node's catch-up; an unreachable peer answers at once (no responders), so sooner
+/// costs little.
+pub const RAFT_UNREACHABLE_RETRY_MS: u64 = 100;
 
 /// Writes a follower forwards to the leader in one NATS message. Forwarding one by one costs
 /// four message routings per write; batching makes that a fraction of one.

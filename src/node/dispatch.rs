@@ -276,7 +276,7 @@ async fn forward(node: &Node, req: &Request, deadline: Instant) -> Forward {
             Forwarded::Reply(body) => return Forward::Done(Answer::Forwarded(body)),
             // The leader we knew is gone and nothing reached it: safe to look again.
             Forwarded::Unreachable if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(limits::LEADER_RETRY_MS)).await;
             }
             Forwarded::Unreachable => {
                 return Forward::Failed(WireError::new(

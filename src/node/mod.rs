@@ -564,11 +564,12 @@ pub async fn run_with_kinds(
         let _ = forward_batcher.await;
         let _ = rpc.await;
     };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop within 5 s");
+    let budget = Duration::from_millis(limits::NODE_STOP_BUDGET_MS);
+    if tokio::time::timeout(budget, drain).await.is_err() {
+        tracing::warn!(
+            budget_ms = limits::NODE_STOP_BUDGET_MS,
+            "some tasks did not stop within the budget"
+        );
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");

@@ -131,8 +131,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 
     fn backoff(&self) -> Backoff {
-        // openraft's default waits 500 ms after an unreachable peer, which delays a restarted
-        // node's catch-up; NoResponders is cheap, so retry sooner.
-        Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+        let pause = Duration::from_millis(crate::limits::RAFT_UNREACHABLE_RETRY_MS);
+        Backoff::new(std::iter::repeat(pause))
     }
 }

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
+use crate::retry::Backoff;
 use crate::subjects::Subjects;
 
 use crate::limits::{
@@ -132,7 +133,7 @@ impl Client {
         let payload: bytes::Bytes = self.encoding.encode(body).into();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
-        let mut delay = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
             let left = self.deadline.saturating_sub(start.elapsed());
             if left.is_zero() {
@@ -182,11 +183,10 @@ impl Client {
                 }
                 Err(e) => return Err(CallError::NoAnswer(e.to_string())),
             };
-            if start.elapsed() + delay >= self.deadline {
+            if start.elapsed() + backoff.peek() >= self.deadline {
                 return Err(CallError::NoAnswer(retryable));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            backoff.wait().await;
         }
     }
 
@@ -223,7 +223,10 @@ impl Client {
         headers.insert(protocol::CALL_ID_HEADER, call_id.as_str());
         let subject = self.subjects.agent(agent, "call");
         // Short, flat retries: a migrating agent is back within milliseconds.
-        let mut delay = Duration::from_millis(1);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(1),
+            Duration::from_millis(CALL_RETRY_MAX_MS),
+        );
         // An attempt lost while the agent moved is retried soon; a slow agent gets more time
         // per attempt, and its retries are answered from its memory of the call id.
         let mut attempt_wait = Duration::from_millis(CALL_ATTEMPT_FIRST_MS);
@@ -255,11 +258,10 @@ impl Client {
                 }
                 Err(e) => return Err(CallError::NoAnswer(e.to_string())),
             };
-            if start.elapsed() + delay >= self.deadline {
+            if start.elapsed() + backoff.peek() >= self.deadline {
                 return Err(CallError::NoAnswer(retryable));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(CALL_RETRY_MAX_MS));
+            backoff.wait().await;
         }
     }
 }

@@ -20,6 +20,12 @@ impl Backoff {
         }
     }
 
+    /// The pause `next_pause` would give, without taking it (to see whether it still fits a
+    /// deadline).
+    pub fn peek(&self) -> Duration {
+        self.next
+    }
+
     /// The pause to take now; the next one doubles, up to `max`.
     pub fn next_pause(&mut self) -> Duration {
         let pause = self.next;
@@ -48,6 +54,7 @@ mod tests {
         let mut b = Backoff::new(ms(10), ms(35));
         let got: Vec<_> = (0..4).map(|_| b.next_pause()).collect();
         assert_eq!(got, [ms(10), ms(20), ms(35), ms(35)]);
+        assert_eq!(b.peek(), ms(35));
         b.reset();
         assert_eq!(b.next_pause(), ms(10));
     }

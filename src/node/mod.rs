@@ -675,7 +675,10 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         protocol_version: crate::registry::REGISTRY_VERSION,
     };
     let body = Encoding::Msgpack.encode(&req);
-    let mut delay_ms = 50;
+    let mut backoff = crate::retry::Backoff::new(
+        Duration::from_millis(50),
+        Duration::from_millis(limits::JOIN_BACKOFF_MS_MAX),
+    );
     loop {
         let reply = bus::request(
             &node.client,
@@ -701,9 +704,10 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
             }
             Err(e) => tracing::info!(error = %e, "join request failed; retrying"),
         }
-        let jitter = rand::random::<u64>() % (delay_ms / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(delay_ms + jitter)).await;
-        delay_ms = (delay_ms * 2).min(limits::JOIN_BACKOFF_MS_MAX);
+        // Spread by up to half the pause, so that nodes started together do not retry together.
+        let pause = backoff.next_pause();
+        let jitter = rand::random::<u64>() % (pause.as_millis() as u64 / 2 + 1);
+        tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
     }
 }
 

@@ -8,21 +8,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Header naming the body's encoding.
-pub const CONTENT_TYPE: &str = "Content-Type";
 /// `Content-Type` value for JSON.
 pub const JSON: &str = "application/json";
 /// `Content-Type` value for MessagePack.
 pub const MSGPACK: &str = "application/msgpack";
-/// Header a node adds when it forwards a command, counting hops to bound forwarding loops.
-pub const FORWARD_HOPS: &str = "Warden-Forward-Hops";
-/// Reply header: the leader as the answering node knows it, so that a client may send its next
-/// commands to `warden.<cluster>.node.<leader>.cmd.<command>` and save the forwarding hop.
-pub const LEADER_HINT: &str = "Warden-Leader";
-/// Header carrying an agent's epoch on calls (optional) and on their replies.
-pub const EPOCH_HEADER: &str = "Warden-Epoch";
-/// Header naming one logical call across its retries, so that an agent handles it once.
-pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
+/// The header names live with the subjects, the other half of how a message is addressed.
+pub use crate::subjects::{CALL_ID_HEADER, CONTENT_TYPE, EPOCH_HEADER, FORWARD_HOPS, LEADER_HINT};
 const NOT_AN_OBJECT: &str = "body must be an object (a map of field names to values)";
 
 /// Version of the reply envelope, carried in every reply as `v`.

@@ -1,4 +1,17 @@
-//! The one module that spells NATS subjects. Nothing else formats a subject.
+//! The one module that spells NATS subjects and header names. Nothing else formats or parses a
+//! subject, and nothing else spells a header (`protocol` re-exports the names).
+
+/// Header naming the body's encoding.
+pub const CONTENT_TYPE: &str = "Content-Type";
+/// Header a node adds when it forwards a command, counting hops to bound forwarding loops.
+pub const FORWARD_HOPS: &str = "Warden-Forward-Hops";
+/// Reply header: the leader as the answering node knows it, so that a client may send its next
+/// commands to `warden.<cluster>.node.<leader>.cmd.<command>` and save the forwarding hop.
+pub const LEADER_HINT: &str = "Warden-Leader";
+/// Header carrying an agent's epoch on calls (optional) and on their replies.
+pub const EPOCH_HEADER: &str = "Warden-Epoch";
+/// Header naming one logical call across its retries, so that an agent handles it once.
+pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
 
 /// Raft RPC names, the last token of `raft.<node_id>.<rpc>`.
 pub const RPC_APPEND: &str = "append";

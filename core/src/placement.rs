@@ -143,7 +143,7 @@ pub struct Request<'a> {
 }
 
 /// Why no node was chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
     /// No node, up or not, runs one of the kinds.
     UnknownKind(String),
@@ -167,12 +167,12 @@ impl Refusal {
         }
     }
 
-    pub fn to_wire(&self) -> WireError {
-        let code = match self {
+    /// The reply envelope's error code for it.
+    pub fn code(&self) -> ErrorCode {
+        match self {
             Refusal::UnknownKind(_) => ErrorCode::BadRequest,
             _ => ErrorCode::Capacity,
-        };
-        WireError::new(code, self.describe())
+        }
     }
 }
 

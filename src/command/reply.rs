@@ -8,9 +8,11 @@ use serde_json::{json, Value};
 use crate::protocol::{ErrorCode, WireError};
 use crate::registry::{Applied, Outcome};
 
-/// The reply to a write: its outcome rendered, or its rejection.
+/// The reply to a write: its outcome rendered, or its refusal with the message for people.
 pub fn render(outcome: Outcome) -> Result<Value, WireError> {
-    outcome.and_then(|a| render_applied(&a))
+    outcome
+        .map_err(WireError::from)
+        .and_then(|a| render_applied(&a))
 }
 
 /// The reply body for what a write did.

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
-    page_limit, take_page, validate_name, validate_request_id, Applied, Child, Outcome, Registry,
-    RegistryEvent,
+    page_limit, take_page, validate_name, validate_request_id, Applied, Child, Outcome, Refused,
+    Registry, RegistryEvent,
 };
 use crate::error::{ErrorCode, WireError};
 use crate::limits;
@@ -300,8 +300,10 @@ impl FindAgents {
     }
 }
 
-fn not_found(agent: &str) -> WireError {
-    WireError::new(ErrorCode::NotFound, format!("no agent {agent:?}"))
+fn not_found(agent: &str) -> Refused {
+    Refused::NoAgent {
+        agent: agent.to_string(),
+    }
 }
 
 impl Registry {
@@ -383,27 +385,17 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| super::ROOT.to_string());
         if !self.data.supervisors.contains_key(&sup_name) {
-            return Err(WireError::new(
-                ErrorCode::NotFound,
-                format!("supervisor {sup_name:?} does not exist"),
-            ));
+            return Err(Refused::NoSupervisorForAgent { name: sup_name });
         }
         if let Some(n) = &s.name {
             if self.agent_names.contains_key(n) {
-                return Err(WireError::new(
-                    ErrorCode::Conflict,
-                    format!("an agent named {n:?} already exists"),
-                ));
+                return Err(Refused::AgentExists { name: n.clone() });
             }
         }
         if self.data.agents.len() >= limits::MAX_AGENTS {
-            return Err(WireError::new(
-                ErrorCode::Capacity,
-                format!(
-                    "the registry holds its maximum of {} agents",
-                    limits::MAX_AGENTS
-                ),
-            ));
+            return Err(Refused::TooManyAgents {
+                max: limits::MAX_AGENTS as u64,
+            });
         }
         let placement = s.placement.clone().unwrap_or_default();
         let node = self
@@ -492,16 +484,13 @@ impl Registry {
     }
 
     /// A placement refusal as the client reads it, naming a colocated subtree's host.
-    fn refusal(&self, sup: &str, r: crate::placement::Refusal) -> WireError {
+    fn refusal(&self, sup: &str, r: crate::placement::Refusal) -> Refused {
         match self.data.supervisors.get(sup).and_then(|s| s.node) {
-            Some(host) if r == crate::placement::Refusal::NoRoom => WireError::new(
-                ErrorCode::Capacity,
-                format!(
-                    "supervisor {sup:?} keeps its subtree on node {host}, which is not up or \
-                     does not run the kind"
-                ),
-            ),
-            _ => r.to_wire(),
+            Some(host) if r == crate::placement::Refusal::NoRoom => Refused::HostUnavailable {
+                supervisor: sup.to_string(),
+                node: host,
+            },
+            _ => Refused::Placement(r),
         }
     }
 
@@ -564,23 +553,17 @@ impl Registry {
             return Err(not_found(&agent.to_string()));
         };
         if a.node != Some(node) || a.epoch != epoch {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "stale checkpoint: agent {agent} is at epoch {}, not {epoch}",
-                    a.epoch
-                ),
-            ));
+            return Err(Refused::StaleCheckpoint {
+                agent,
+                epoch: a.epoch,
+                asked: epoch,
+            });
         }
         if state.len() > limits::MAX_CHECKPOINT_BYTES {
-            return Err(WireError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "checkpoint is {} bytes; the limit is {}",
-                    state.len(),
-                    limits::MAX_CHECKPOINT_BYTES
-                ),
-            ));
+            return Err(Refused::CheckpointTooLarge {
+                bytes: state.len() as u64,
+                max: limits::MAX_CHECKPOINT_BYTES as u64,
+            });
         }
         let seq = self.data.checkpoints.get(&agent).map_or(1, |c| c.seq + 1);
         a.seq += 1;
@@ -637,10 +620,9 @@ impl Registry {
     ) -> Outcome {
         let names: Vec<String> = (0..g.count).map(|i| format!("{}-{i}", g.name)).collect();
         if let Some(taken) = names.iter().find(|n| self.agent_names.contains_key(*n)) {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!("an agent named {taken:?} already exists"),
-            ));
+            return Err(Refused::AgentExists {
+                name: taken.clone(),
+            });
         }
         let sup = super::CreateSupervisor {
             name: g.name.clone(),
@@ -654,17 +636,13 @@ impl Registry {
         };
         // Check placement and room before changing anything, so a refusal leaves no half group.
         if self.data.agents.len() + g.count as usize > limits::MAX_AGENTS {
-            return Err(WireError::new(
-                ErrorCode::Capacity,
-                format!("the registry holds at most {} agents", limits::MAX_AGENTS),
-            ));
+            return Err(Refused::GroupTooLarge {
+                max: limits::MAX_AGENTS as u64,
+            });
         }
         let parent = g.parent.clone().unwrap_or_else(|| super::ROOT.to_string());
         if !self.data.supervisors.contains_key(&parent) {
-            return Err(WireError::new(
-                ErrorCode::NotFound,
-                format!("parent supervisor {parent:?} does not exist"),
-            ));
+            return Err(Refused::NoParent { name: parent });
         }
         // The group runs on one node: its parent's, or one with room for all of it.
         let placement = g.template.placement.clone().unwrap_or_default();
@@ -682,7 +660,7 @@ impl Registry {
                     exclude: None,
                     siblings: &none,
                 };
-                crate::placement::choose(&req, &self.candidates()).map_err(|r| r.to_wire())?
+                crate::placement::choose(&req, &self.candidates()).map_err(Refused::Placement)?
             }
         };
         let mut supervisor = match self.create_supervisor(time, id, &sup, events)? {

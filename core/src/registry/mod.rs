@@ -12,12 +12,14 @@ mod agents;
 mod moves;
 mod nodes;
 mod outcome;
+mod refused;
 mod types;
 
 pub use agents::*;
 pub use moves::*;
 pub use nodes::*;
 pub use outcome::*;
+pub use refused::*;
 pub use types::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::error::{ErrorCode, WireError};
 use crate::limits;
 
 /// Version of the persisted registry records, log entries and snapshots, and of what nodes
@@ -291,14 +292,10 @@ impl Registry {
                 let same = prev.command == item.cmd.name()
                     && (prev.fingerprint == 0 || prev.fingerprint == fp);
                 if !same {
-                    return Err(WireError::new(
-                        ErrorCode::Conflict,
-                        format!(
-                            "request_id {rid:?} was already used for another command (`{}`); \
-                             use a fresh one",
-                            prev.command
-                        ),
-                    ));
+                    return Err(Refused::RequestIdReused {
+                        request_id: rid.clone(),
+                        command: prev.command.clone(),
+                    });
                 }
                 return prev.outcome.clone();
             }
@@ -424,10 +421,7 @@ impl Registry {
             seq: 0,
         });
         if node.status == NodeStatus::Left {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!("node {id} left the cluster for good; start it with a new id"),
-            ));
+            return Err(Refused::NodeLeftForGood { node: id });
         }
         let before = node.status;
         node.name = j.name.to_string();
@@ -466,7 +460,7 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         let Some(node) = self.data.nodes.get_mut(&id) else {
-            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+            return Err(Refused::NoNode { node: id });
         };
         if node.status != NodeStatus::Left {
             node.status = NodeStatus::Left;
@@ -492,45 +486,27 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         if self.data.supervisors.contains_key(&c.name) {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!("a supervisor named {:?} already exists", c.name),
-            ));
+            return Err(Refused::SupervisorExists {
+                name: c.name.clone(),
+            });
         }
         if self.data.supervisors.len() >= limits::MAX_SUPERVISORS {
-            return Err(WireError::new(
-                ErrorCode::Capacity,
-                format!(
-                    "the registry holds its maximum of {} supervisors",
-                    limits::MAX_SUPERVISORS
-                ),
-            ));
+            return Err(Refused::TooManySupervisors {
+                max: limits::MAX_SUPERVISORS as u64,
+            });
         }
         let parent_name = c.parent.clone().unwrap_or_else(|| ROOT.to_string());
         let Some(parent) = self.data.supervisors.get(&parent_name) else {
-            return Err(WireError::new(
-                ErrorCode::NotFound,
-                format!("parent supervisor {parent_name:?} does not exist"),
-            ));
+            return Err(Refused::NoParent { name: parent_name });
         };
         let parent_node = parent.node;
         if parent.strategy == Strategy::SimpleOneForOne {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "parent {parent_name:?} is simple_one_for_one: its children all come from \
-                     its template, so it cannot hold a nested supervisor"
-                ),
-            ));
+            return Err(Refused::ParentIsSimple { name: parent_name });
         }
         if self.depth(&parent_name) + 1 > limits::MAX_SUPERVISOR_DEPTH {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "supervisors nest at most {} levels deep",
-                    limits::MAX_SUPERVISOR_DEPTH
-                ),
-            ));
+            return Err(Refused::TooDeep {
+                max: limits::MAX_SUPERVISOR_DEPTH as u64,
+            });
         }
         let sup = Supervisor {
             id,
@@ -552,7 +528,8 @@ impl Registry {
             created_at: time,
             seq: 1,
         };
-        let data = serde_json::to_value(&sup).map_err(internal)?;
+        // A record always encodes; the event says nothing rather than refuse the command.
+        let data = serde_json::to_value(&sup).unwrap_or_default();
         events.push(RegistryEvent {
             entity: "supervisor",
             id: sup.name.clone(),
@@ -595,16 +572,12 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         if name == ROOT {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                "the root supervisor cannot be stopped",
-            ));
+            return Err(Refused::RootStops);
         }
         if !self.data.supervisors.contains_key(name) {
-            return Err(WireError::new(
-                ErrorCode::NotFound,
-                format!("no supervisor named {name:?}"),
-            ));
+            return Err(Refused::NoSupervisor {
+                name: name.to_string(),
+            });
         }
         // Stop order is the reverse of start order, children before their supervisor, as in
         // OTP: collect the subtree in start order (pre-order) and stop it backwards. The nodes
@@ -721,10 +694,6 @@ impl Registry {
         }
         Some(node)
     }
-}
-
-fn internal(e: serde_json::Error) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("cannot encode reply: {e}"))
 }
 
 #[cfg(test)]

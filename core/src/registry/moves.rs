@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{agent_event, AgentStatus, Applied, Moved, Outcome, Registry, RegistryEvent};
-use crate::error::{ErrorCode, WireError};
+use super::{agent_event, AgentStatus, Applied, Moved, Outcome, Refused, Registry, RegistryEvent};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
 
 /// One agent handed over by its source node.
@@ -28,10 +27,6 @@ pub struct HandoffItem {
     /// Its last answered calls (bounded by the source), kept with the checkpoint.
     #[serde(default)]
     pub calls: Vec<super::RememberedCall>,
-}
-
-fn conflict(m: String) -> WireError {
-    WireError::new(ErrorCode::Conflict, m)
 }
 
 impl Registry {
@@ -59,30 +54,24 @@ impl Registry {
         to: Option<u64>,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
-        let a = self
-            .agent(agent)
-            .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("no agent {agent:?}")))?;
+        let a = self.agent(agent).ok_or_else(|| Refused::NoAgent {
+            agent: agent.to_string(),
+        })?;
+        let agent = agent.to_string();
         if a.status == AgentStatus::Migrating {
-            return Err(conflict(format!(
-                "agent {agent:?} is already migrating to node {}",
-                a.migrating_to.unwrap_or(0)
-            )));
+            let to = a.migrating_to.unwrap_or(0);
+            return Err(Refused::AlreadyMigrating { agent, to });
         }
         let Some(from) = a.node else {
-            return Err(conflict(format!(
-                "agent {agent:?} waits for a node ({}); there is nothing to migrate",
-                a.pending_reason.as_deref().unwrap_or("no node can take it")
-            )));
+            let why = a.pending_reason.as_deref().unwrap_or("no node can take it");
+            let why = why.to_string();
+            return Err(Refused::NothingToMigrate { agent, why });
         };
-        if let Some(pin) = a.placement.pinned() {
-            return Err(conflict(format!(
-                "agent {agent:?} is pinned to node {pin} and cannot move"
-            )));
+        if let Some(node) = a.placement.pinned() {
+            return Err(Refused::Pinned { agent, node });
         }
         if to == Some(from) {
-            return Err(conflict(format!(
-                "agent {agent:?} already runs on node {from}"
-            )));
+            return Err(Refused::AlreadyThere { agent, node: from });
         }
         let id = a.id;
         let top = self.colocated_top(&a.supervisor);
@@ -121,14 +110,8 @@ impl Registry {
             siblings: &siblings,
         };
         let target = placement::choose(&req, &self.candidates()).map_err(|r| match r {
-            Refusal::PinnedUnavailable(t) => WireError::new(
-                ErrorCode::Capacity,
-                format!(
-                    "node {t} cannot take it: it is not up, lacks the kind, fails the \
-                     constraints or is full"
-                ),
-            ),
-            other => other.to_wire(),
+            Refusal::PinnedUnavailable(node) => Refused::TargetUnavailable { node },
+            other => Refused::Placement(other),
         })?;
         if let Some(t) = &top {
             for s in self.subtree_supervisors(t) {

@@ -12,10 +12,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    agent_event, AgentStatus, Applied, Child, NodeStatus, Outcome, Registry, RegistryEvent,
-    SupervisorPlacement,
+    agent_event, AgentStatus, Applied, Child, NodeStatus, Outcome, Refused, Registry,
+    RegistryEvent, SupervisorPlacement,
 };
-use crate::error::{ErrorCode, WireError};
 use crate::placement::{self, Candidate, Placement, Refusal};
 use crate::supervision::RestartType;
 
@@ -193,7 +192,7 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         let Some(node) = self.data.nodes.get_mut(&id) else {
-            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+            return Err(Refused::NoNode { node: id });
         };
         let before = node.status;
         let after = match (before, status) {
@@ -258,13 +257,10 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         let Some(node) = self.data.nodes.get_mut(&id) else {
-            return Err(WireError::new(ErrorCode::NotFound, format!("no node {id}")));
+            return Err(Refused::NoNode { node: id });
         };
         if node.status == NodeStatus::Left {
-            return Err(WireError::new(
-                ErrorCode::Conflict,
-                format!("node {id} left the cluster"),
-            ));
+            return Err(Refused::NodeLeft { node: id });
         }
         node.drain = !cancel;
         let before = node.status;

@@ -1,19 +1,18 @@
 //! What an applied command did, as data. `Registry::apply` returns it; a `request_id` record
 //! keeps it (with a fingerprint of the command) to answer a retry the same way; the command
 //! edge renders it as the reply (`warden::command::reply`). No reply field name and no JSON
-//! lives in the replicated state for a command that succeeded, so renaming a reply field
-//! changes neither the log nor the snapshots.
+//! lives in the replicated state, so renaming a reply field changes neither the log nor the
+//! snapshots. A refusal is typed the same way (`Refused`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Agent, NodeRecord, NodeStatus, Supervisor};
-use crate::error::WireError;
+use super::{Agent, NodeRecord, NodeStatus, Refused, Supervisor};
 use crate::placement::Move;
 
 /// The outcome of one command: what it did, or why it was refused (nothing changed).
-pub type Outcome = Result<Applied, WireError>;
+pub type Outcome = Result<Applied, Refused>;
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

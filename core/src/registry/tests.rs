@@ -1,6 +1,7 @@
 //! Registry behaviour on plain data: no Raft, no storage, no clock.
 
 use super::*;
+use crate::error::{ErrorCode, WireError};
 
 fn t(secs: i64) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp(1_700_000_000 + secs, 0).unwrap()
@@ -47,7 +48,7 @@ fn render(reg: &Registry) -> String {
 
 #[track_caller]
 fn check_code(out: Outcome, code: ErrorCode) {
-    assert_eq!(out.unwrap_err().code, code);
+    assert_eq!(out.unwrap_err().code(), code);
 }
 
 #[test]
@@ -151,6 +152,24 @@ fn a_request_id_creates_once_and_replies_the_same() {
         ErrorCode::Conflict,
     );
     assert!(!reg.data().supervisors.contains_key("b"));
+}
+
+/// Goal: a refusal is remembered as data, not as text: a retry with the same request_id gets
+/// the same refusal, the record holds the typed reason, and the message a client reads is
+/// produced from it.
+#[test]
+fn a_refusal_is_remembered_as_data_and_reads_as_before() {
+    let mut reg = Registry::default();
+    run(&mut reg, 1, None, create("a", None)).unwrap();
+    let first = run(&mut reg, 2, Some("r"), create("a", None));
+    let again = run(&mut reg, 3, Some("r"), create("a", None));
+    let exists = Refused::SupervisorExists { name: "a".into() };
+    assert_eq!(first, Err(exists.clone()));
+    assert_eq!(again, Err(exists.clone()));
+    assert_eq!(reg.data().requests["r"].outcome, Err(exists.clone()));
+    let wire = WireError::from(exists);
+    assert_eq!(wire.code, ErrorCode::Conflict);
+    assert_eq!(wire.message, "a supervisor named \"a\" already exists");
 }
 
 /// Goal: a snapshot of version 1, whose request records kept rendered replies, loads: a retry

@@ -226,11 +226,13 @@ impl From<StoredRequestRecord> for RequestRecord {
     fn from(r: StoredRequestRecord) -> RequestRecord {
         let outcome = match (r.outcome, r.reply) {
             (Some(o), _) => o,
-            (None, Some(reply)) => reply.map(super::Applied::Legacy),
-            (None, None) => Err(WireError::new(
+            (None, Some(reply)) => reply
+                .map(super::Applied::Legacy)
+                .map_err(super::Refused::Legacy),
+            (None, None) => Err(super::Refused::Legacy(WireError::new(
                 ErrorCode::Internal,
                 "this request_id's outcome was not kept; use a fresh one",
-            )),
+            ))),
         };
         RequestRecord {
             command: r.command,

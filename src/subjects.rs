@@ -12,6 +12,9 @@ pub const LEADER_HINT: &str = "Warden-Leader";
 pub const EPOCH_HEADER: &str = "Warden-Epoch";
 /// Header naming one logical call across its retries, so that an agent handles it once.
 pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
+/// Header on every Raft RPC and its reply: the protocol version (`REGISTRY_VERSION`) of the
+/// node that sent it. Nodes of different versions do not exchange Raft messages.
+pub const PROTOCOL_HEADER: &str = "Warden-Protocol";
 
 /// Raft RPC names, the last token of `raft.<node_id>.<rpc>`.
 pub const RPC_APPEND: &str = "append";

@@ -539,10 +539,29 @@ pub async fn run_with_kinds(
     tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
 
     let mut left = left;
+    // A Raft that stopped with a fatal error (storage, or a log entry of a newer version)
+    // applies nothing more: the node must not go on running agents the registry may be
+    // moving. It stops, says why, and exits with an error for its service manager.
+    let mut raft_metrics = raft.metrics();
+    let raft_failed = async move {
+        loop {
+            if let Err(e) = &raft_metrics.borrow().running_state {
+                return e.to_string();
+            }
+            if raft_metrics.changed().await.is_err() {
+                return "Raft's metrics ended".to_string();
+            }
+        }
+    };
+    let mut fatal = None;
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
         _ = left.next() => tracing::warn!("this node left the cluster; stopping"),
         _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
+        why = raft_failed => {
+            tracing::error!(error = %why, "Raft stopped with a fatal error; stopping the node");
+            fatal = Some(why);
+        }
     }
     // Stop the agents first, each by its shutdown setting, last started first, while the
     // node still renews its lease; past the budget the rest are dropped (an exec process is
@@ -579,7 +598,10 @@ pub async fn run_with_kinds(
         tracing::debug!(error = %e, "final NATS flush failed");
     }
     tracing::info!("node stopped");
-    Ok(())
+    match fatal {
+        Some(why) => anyhow::bail!("Raft stopped with a fatal error: {why}"),
+        None => Ok(()),
+    }
 }
 
 async fn events_loop(

@@ -121,6 +121,10 @@ async fn batch_loop(
                     id: Uuid::new_v4(),
                     request_id: p.request_id.clone(),
                     cmd: p.cmd.clone(),
+                    fingerprint: p
+                        .request_id
+                        .as_ref()
+                        .map(|_| crate::registry::fingerprint(&p.cmd)),
                 })
                 .collect(),
         };

@@ -773,6 +773,7 @@ mod tests {
                     id: uuid::Uuid::from_u128(index.into()),
                     request_id: None,
                     cmd,
+                    fingerprint: None,
                 }],
             }),
         }

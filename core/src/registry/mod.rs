@@ -55,6 +55,11 @@ pub struct Stamped {
     /// The client's idempotency key, if it sent one.
     pub request_id: Option<String>,
     pub cmd: RegistryCmd,
+    /// With a `request_id`: the leader's `fingerprint` of `cmd`. Every replica compares and
+    /// keeps this one rather than its own, so they agree even if their builds encode a
+    /// command differently (an entry of version 1 has none: each replica computes it).
+    #[serde(default)]
+    pub fingerprint: Option<u64>,
 }
 
 /// The commands that change the registry.
@@ -285,7 +290,10 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
         self.expire_requests(time);
-        let fingerprint = item.request_id.as_ref().map(|_| fingerprint(&item.cmd));
+        let fingerprint = item
+            .request_id
+            .as_ref()
+            .map(|_| item.fingerprint.unwrap_or_else(|| fingerprint(&item.cmd)));
         if let (Some(rid), Some(fp)) = (&item.request_id, fingerprint) {
             if let Some(prev) = self.data.requests.get(rid) {
                 // A version-1 record has no fingerprint (0): its command name is all there is.

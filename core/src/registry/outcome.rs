@@ -82,9 +82,11 @@ pub struct Moved {
     pub epoch: u64,
 }
 
-/// A fingerprint of a command: FNV-1a (64 bits) over its JSON encoding. Deterministic on
-/// every replica for the same log entry, and stable across builds (it is replicated state: a
-/// `request_id` record keeps it, and a retry whose command differs is refused).
+/// A fingerprint of a command: FNV-1a (64 bits) over its JSON encoding. The leader computes
+/// it and stamps it into the log entry (`Stamped::fingerprint`), so every replica keeps the
+/// same one. It may differ between builds (serde_json's float text, a command's fields), so a
+/// retry that spans an upgrade may be refused as a different command: safe (nothing runs
+/// twice), and the client retries with a fresh id after reading the state.
 pub fn fingerprint(cmd: &impl Serialize) -> u64 {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     // Writing into a hasher cannot fail; a command that cannot be encoded gets the hash of

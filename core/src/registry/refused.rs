@@ -152,8 +152,8 @@ impl fmt::Display for Refused {
                 command,
             } => write!(
                 f,
-                "request_id {request_id:?} was already used for another command (`{command}`); \
-                 use a fresh one"
+                "request_id {request_id:?} was already used for a different command or the \
+                 same command with other fields (`{command}`); use a fresh one"
             ),
             NodeLeftForGood { node } => {
                 write!(

@@ -25,6 +25,7 @@ fn run(reg: &mut Registry, at: i64, rid: Option<&str>, cmd: RegistryCmd) -> Outc
         id: Uuid::from_u128(at as u128 + 1),
         request_id: rid.map(Into::into),
         cmd,
+        fingerprint: None,
     };
     reg.apply(t(at), &item, &mut Vec::new())
 }
@@ -66,6 +67,7 @@ fn supervisors_nest_and_stop_as_a_subtree_in_reverse_start_order() {
         id: Uuid::nil(),
         request_id: None,
         cmd: RegistryCmd::StopSupervisor { name: "a".into() },
+        fingerprint: None,
     };
     let out = reg.apply(t(6), &item, &mut events).unwrap();
     let names = ["c", "d", "b", "a"].map(String::from).to_vec();
@@ -240,6 +242,7 @@ fn nodes_join_once_and_cannot_return_after_leaving() {
         id: Uuid::nil(),
         request_id: None,
         cmd,
+        fingerprint: None,
     };
     reg.apply(t(1), &s(join()), &mut events).unwrap();
     reg.apply(t(2), &s(join()), &mut events).unwrap();
@@ -642,4 +645,147 @@ fn tag_sets_read_what_the_old_set_encoding_wrote_and_stay_sorted() {
     let json: StringSet = serde_json::from_value(json!(["web", "eu", "web"])).unwrap();
     assert_eq!(json, read, "sorted and without duplicates");
     assert_eq!(serde_json::to_value(&json).unwrap(), json!(["eu", "web"]));
+}
+
+/// Goal: every outcome a request record can keep survives a snapshot (MessagePack with field
+/// names, as the store writes them) unchanged, inside the record as it is stored.
+#[test]
+fn every_outcome_survives_a_snapshot_round_trip() {
+    let mut reg = three_nodes();
+    let sup = run(&mut reg, 10, None, create("s", None)).unwrap();
+    let agent = run(&mut reg, 11, None, spawn("m", "s", "permanent", json!({}))).unwrap();
+    let node = reg.node(1).cloned().unwrap();
+    let id = Uuid::from_u128(9);
+    let move_ = crate::placement::Move {
+        agent: id,
+        from: 1,
+        to: 2,
+    };
+    let supervisor = Box::new(reg.supervisor("s").cloned().unwrap());
+    let applied = vec![
+        sup,
+        agent,
+        Applied::NodeJoined(Box::new(node)),
+        Applied::NodeLeft { node_id: 3 },
+        Applied::NodeStatus {
+            node_id: 2,
+            status: NodeStatus::Suspect,
+        },
+        Applied::LoadsRecorded { updated: 3 },
+        Applied::Drain {
+            node_id: 1,
+            status: NodeStatus::Draining,
+            agents: 4,
+            pinned_stay: 1,
+        },
+        Applied::Migrating {
+            agent: id,
+            from: 1,
+            to: 2,
+            epoch: 3,
+            moving: 1,
+        },
+        Applied::HandedOff {
+            moved: vec![Moved {
+                agent: id,
+                to: 2,
+                epoch: 4,
+            }],
+            stale: vec![id],
+        },
+        Applied::Rebalancing { moves: vec![move_] },
+        Applied::SupervisorStopped {
+            stopped: vec!["a".into()],
+            stopped_count: 1,
+        },
+        Applied::AgentStopped {
+            id,
+            name: Some("m".into()),
+        },
+        Applied::RestartRequested {
+            id,
+            restart_requested: 2,
+        },
+        Applied::GroupSpawned {
+            supervisor,
+            agents: vec![id],
+        },
+        Applied::Reported {
+            applied: 1,
+            stale: vec![id],
+        },
+        Applied::Checkpointed {
+            agent: id,
+            checkpoint_seq: 5,
+        },
+        Applied::Legacy(json!({"rendered": [1, "x", null]})),
+        Applied::Legacy(Value::Null),
+    ];
+    let refused = vec![
+        Refused::RequestIdReused {
+            request_id: "r".into(),
+            command: "spawn_agent".into(),
+        },
+        Refused::NodeLeftForGood { node: 1 },
+        Refused::NoNode { node: 1 },
+        Refused::NodeLeft { node: 1 },
+        Refused::SupervisorExists { name: "s".into() },
+        Refused::TooManySupervisors { max: 1 },
+        Refused::NoParent { name: "p".into() },
+        Refused::ParentIsSimple { name: "p".into() },
+        Refused::TooDeep { max: 8 },
+        Refused::RootStops,
+        Refused::NoSupervisor { name: "s".into() },
+        Refused::NoSupervisorForAgent { name: "s".into() },
+        Refused::AgentExists { name: "a".into() },
+        Refused::TooManyAgents { max: 1 },
+        Refused::GroupTooLarge { max: 1 },
+        Refused::NoAgent { agent: "a".into() },
+        Refused::HostUnavailable {
+            supervisor: "s".into(),
+            node: 2,
+        },
+        Refused::Placement(crate::placement::Refusal::NoRoom),
+        Refused::Placement(crate::placement::Refusal::UnknownKind("k".into())),
+        Refused::Placement(crate::placement::Refusal::PinnedUnavailable(3)),
+        Refused::StaleCheckpoint {
+            agent: id,
+            epoch: 2,
+            asked: 1,
+        },
+        Refused::CheckpointTooLarge { bytes: 9, max: 8 },
+        Refused::AlreadyMigrating {
+            agent: "a".into(),
+            to: 2,
+        },
+        Refused::NothingToMigrate {
+            agent: "a".into(),
+            why: "no room".into(),
+        },
+        Refused::Pinned {
+            agent: "a".into(),
+            node: 1,
+        },
+        Refused::AlreadyThere {
+            agent: "a".into(),
+            node: 1,
+        },
+        Refused::TargetUnavailable { node: 2 },
+        Refused::Legacy(WireError::new(ErrorCode::Conflict, "old text")),
+    ];
+    let outcomes = applied
+        .into_iter()
+        .map(Ok)
+        .chain(refused.into_iter().map(Err));
+    for outcome in outcomes {
+        let record = RequestRecord {
+            command: "create_supervisor".into(),
+            fingerprint: 7,
+            time: t(1),
+            outcome,
+        };
+        let bytes = rmp_serde::to_vec_named(&record).unwrap();
+        let read: RequestRecord = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(read, record);
+    }
 }

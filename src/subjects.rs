@@ -12,11 +12,10 @@ pub const LEADER_HINT: &str = "Warden-Leader";
 pub const EPOCH_HEADER: &str = "Warden-Epoch";
 /// Header naming one logical call across its retries, so that an agent handles it once.
 pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
-/// Header on every Raft RPC and its reply: the protocol version (`REGISTRY_VERSION`) of the
-/// node that sent it. Nodes of different versions do not exchange Raft messages.
-pub const PROTOCOL_HEADER: &str = "Warden-Protocol";
 
-/// Raft RPC names, the last token of `raft.<node_id>.<rpc>`.
+use crate::registry::REGISTRY_VERSION;
+
+/// Raft RPC names, the last token of `raft.<node_id>.v<version>.<rpc>`.
 pub const RPC_APPEND: &str = "append";
 pub const RPC_VOTE: &str = "vote";
 pub const RPC_SNAPSHOT: &str = "snapshot";
@@ -66,14 +65,18 @@ impl Subjects {
         format!("{}.node.{node}.fwd", self.prefix)
     }
 
-    /// A Raft RPC to one node: `warden.<cluster>.raft.<node_id>.<rpc>`.
+    /// A Raft RPC to one node: `warden.<cluster>.raft.<node_id>.v<version>.<rpc>`. The
+    /// protocol version (`REGISTRY_VERSION`) is part of the subject, so nodes of different
+    /// versions never exchange a Raft message: each finds no responder at the other's (a
+    /// version-1 node used `raft.<node_id>.<rpc>`), and openraft treats the peer as
+    /// unreachable. It costs nothing per message, unlike a header.
     pub fn raft(&self, node: u64, rpc: &str) -> String {
-        format!("{}.raft.{node}.{rpc}", self.prefix)
+        format!("{}.raft.{node}.v{}.{rpc}", self.prefix, REGISTRY_VERSION)
     }
 
-    /// Wildcard one node subscribes to for its Raft RPCs.
+    /// Wildcard one node subscribes to for its Raft RPCs, of its own protocol version.
     pub fn raft_all(&self, node: u64) -> String {
-        format!("{}.raft.{node}.*", self.prefix)
+        format!("{}.raft.{node}.v{}.*", self.prefix, REGISTRY_VERSION)
     }
 
     /// An event: `warden.<cluster>.evt.<entity>.<id>.<event>`.
@@ -124,7 +127,8 @@ mod tests {
     fn subjects_follow_the_spec() {
         let s = Subjects::new("prod");
         assert_eq!(s.cmd("health"), "warden.prod.cmd.health");
-        assert_eq!(s.raft(3, "vote"), "warden.prod.raft.3.vote");
+        assert_eq!(s.raft(3, "vote"), "warden.prod.raft.3.v2.vote");
+        assert_eq!(s.raft_all(3), "warden.prod.raft.3.v2.*");
         assert_eq!(
             s.event("node", "2", "joined"),
             "warden.prod.evt.node.2.joined"

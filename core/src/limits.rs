@@ -72,6 +72,9 @@ pub const DRAIN_GRACE_MS: u64 = 3_000;
 pub const NODE_STOP_BUDGET_MS: u64 = 5_000;
 const _: () = assert!(DRAIN_GRACE_MS < NODE_STOP_BUDGET_MS);
 
+/// How often a node looks whether its Raft stopped with a fatal error (then it stops too).
+pub const FATAL_CHECK_MS: u64 = 1_000;
+
 /// Pause before a follower looks for the leader again when the one it knew was unreachable
 /// (nothing reached it, so looking again is safe).
 pub const LEADER_RETRY_MS: u64 = 20;

@@ -542,14 +542,15 @@ pub async fn run_with_kinds(
     // A Raft that stopped with a fatal error (storage, or a log entry of a newer version)
     // applies nothing more: the node must not go on running agents the registry may be
     // moving. It stops, says why, and exits with an error for its service manager.
-    let mut raft_metrics = raft.metrics();
+    // Looked at every second, not on every metrics change: those come with every write, and
+    // waking this task for each would cost throughput.
+    let raft_metrics = raft.metrics();
     let raft_failed = async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(limits::FATAL_CHECK_MS));
         loop {
+            tick.tick().await;
             if let Err(e) = &raft_metrics.borrow().running_state {
                 return e.to_string();
-            }
-            if raft_metrics.changed().await.is_err() {
-                return "Raft's metrics ended".to_string();
             }
         }
     };

@@ -14,8 +14,7 @@ use super::typ::*;
 use crate::bus::{self, RequestFailure};
 use crate::subjects::Subjects;
 
-use crate::registry::REGISTRY_VERSION;
-use crate::subjects::{PROTOCOL_HEADER, RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
+use crate::subjects::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
 
 /// When each peer last answered a Raft RPC, as seen from this node. On the leader this is the
 /// "last contact" that `cluster_status` reports.
@@ -78,28 +77,15 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let subject = self.net.subjects.raft(self.target, rpc);
-        let reply = bus::request(
-            &self.net.client,
-            subject,
-            Some(protocol_headers()),
-            body.into(),
-            timeout,
-        )
-        .await
-        .map_err(|e| match e {
-            // Unreachable makes openraft back off before the next try (see `backoff`).
-            RequestFailure::NoResponders => RpcError::Unreachable(Unreachable::new(&e)),
-            _ => RpcError::Network(NetworkError::new(&e)),
-        })?;
-        let theirs = protocol_of(reply.headers.as_ref());
-        if theirs != REGISTRY_VERSION {
-            // A node of another version: no Raft message crosses between them, either way.
-            let e = std::io::Error::other(format!(
-                "node {} speaks protocol version {theirs}, this node {REGISTRY_VERSION}",
-                self.target
-            ));
-            return Err(RpcError::Unreachable(Unreachable::new(&e)));
-        }
+        // The subject names this node's protocol version: a peer of another version has no
+        // responder there, and is unreachable (`Subjects::raft`).
+        let reply = bus::request(&self.net.client, subject, None, body.into(), timeout)
+            .await
+            .map_err(|e| match e {
+                // Unreachable makes openraft back off before the next try (see `backoff`).
+                RequestFailure::NoResponders => RpcError::Unreachable(Unreachable::new(&e)),
+                _ => RpcError::Network(NetworkError::new(&e)),
+            })?;
         self.net.contacts.touch(self.target);
         let result: Result<Resp, RaftError<E>> = rmp_serde::from_slice(&reply.payload)
             .map_err(|e| RpcError::Network(NetworkError::new(&e)))?;
@@ -149,37 +135,5 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     fn backoff(&self) -> Backoff {
         let pause = Duration::from_millis(crate::limits::RAFT_UNREACHABLE_RETRY_MS);
         Backoff::new(std::iter::repeat(pause))
-    }
-}
-
-/// Headers that name this node's protocol version, on every Raft RPC and its reply.
-pub(crate) fn protocol_headers() -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(PROTOCOL_HEADER, REGISTRY_VERSION.to_string().as_str());
-    h
-}
-
-/// The protocol version a Raft message's headers name; 1 without the header (version 1 sent
-/// none).
-pub(crate) fn protocol_of(headers: Option<&async_nats::HeaderMap>) -> u32 {
-    headers
-        .and_then(|h| h.get(PROTOCOL_HEADER))
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Goal: a Raft message names its sender's protocol version, and one without the header
-    /// is from version 1, which sent none.
-    #[test]
-    fn raft_messages_carry_the_protocol_version() {
-        assert_eq!(protocol_of(Some(&protocol_headers())), REGISTRY_VERSION);
-        assert_eq!(protocol_of(None), 1);
-        let mut other = async_nats::HeaderMap::new();
-        other.insert(PROTOCOL_HEADER, "99");
-        assert_eq!(protocol_of(Some(&other)), 99);
     }
 }

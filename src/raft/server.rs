@@ -46,22 +46,6 @@ async fn serve(raft: Raft, client: async_nats::Client, msg: async_nats::Message)
         return;
     };
     let rpc = Subjects::last_token(&msg.subject);
-    let theirs = super::network::protocol_of(msg.headers.as_ref());
-    if theirs != crate::registry::REGISTRY_VERSION {
-        // Answered with our version and no body: the sender sees the mismatch at once (a
-        // node of version 1, which sends no version, fails to decode the empty reply). Raft
-        // never hears from a node of another version.
-        tracing::debug!(
-            rpc,
-            version = theirs,
-            "a Raft RPC from another protocol version"
-        );
-        let headers = super::network::protocol_headers();
-        let _ = client
-            .publish_with_headers(reply, headers, bytes::Bytes::new())
-            .await;
-        return;
-    }
     let body = match rpc {
         RPC_APPEND => {
             answer(&msg.payload, |r: AppendEntriesRequest| {
@@ -83,11 +67,7 @@ async fn serve(raft: Raft, client: async_nats::Client, msg: async_nats::Message)
     };
     match body {
         Ok(body) => {
-            let headers = super::network::protocol_headers();
-            if let Err(e) = client
-                .publish_with_headers(reply, headers, body.into())
-                .await
-            {
+            if let Err(e) = client.publish(reply, body.into()).await {
                 tracing::debug!(error = %e, "could not reply to a Raft RPC");
             }
         }

@@ -310,7 +310,10 @@ impl Host {
     /// Whether agents may start here now: a valid lease, and the log applied up to its read
     /// index so that this node sees every move decided before the grant.
     fn may_start(&self) -> bool {
-        self.node.lease.valid() && self.node.applied_index() >= self.node.lease.min_applied()
+        self.node
+            .lease
+            .start_term(self.node.applied_index())
+            .is_some()
     }
 
     fn lease_view(&self) -> LeaseView {
@@ -541,15 +544,19 @@ impl Host {
 
     /// What an agent task of instance `inst` needs to know.
     fn run_of(&self, id: Uuid, inst: &Instance) -> Run {
+        self.run_for(id, inst.epoch, inst.generation, inst.lease_term)
+    }
+
+    fn run_for(&self, id: Uuid, epoch: u64, generation: u64, lease_term: u64) -> Run {
         Run {
             who: Who {
                 node: self.node.clone(),
                 me: self.me,
                 id,
-                epoch: inst.epoch,
+                epoch,
             },
-            generation: inst.generation,
-            lease_term: inst.lease_term,
+            generation,
+            lease_term,
             events: self.events.clone(),
             ended: None,
         }
@@ -559,26 +566,14 @@ impl Host {
     /// `tasks`: a JoinSet entry per agent would cost memory for nothing; the mailbox holds the
     /// abort handle while the task runs.
     fn wake(&self, id: Uuid, parked: Parked) {
-        let mailbox = match (self.instances.get(&id), self.stopping.get(&id)) {
+        let (run, mailbox) = match (self.instances.get(&id), self.stopping.get(&id)) {
             (Some(inst), _) => (self.run_of(id, inst), inst.mailbox.clone()),
             (None, Some(s)) => {
-                let run = Run {
-                    who: Who {
-                        node: self.node.clone(),
-                        me: self.me,
-                        id,
-                        epoch: s.epoch,
-                    },
-                    generation: s.generation,
-                    lease_term: s.lease_term,
-                    events: self.events.clone(),
-                    ended: None,
-                };
+                let run = self.run_for(id, s.epoch, s.generation, s.lease_term);
                 (run, s.mailbox.clone())
             }
             (None, None) => return, // dropping the agent ends it
         };
-        let (run, mailbox) = mailbox;
         let task = tokio::spawn(task::agent_task(run, parked, mailbox.clone()));
         mailbox.running(task.abort_handle());
     }

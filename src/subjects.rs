@@ -15,6 +15,45 @@ pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
 
 use crate::registry::REGISTRY_VERSION;
 
+/// Token after the cluster's prefix under which all node-to-node traffic lives.
+pub const INTERNAL: &str = "internal";
+/// The `to` token of own commands that any member may answer.
+const ANY: &str = "any";
+/// Kinds of internal messages, the token after `<from>.<to>`.
+pub const FORWARD: &str = "fwd";
+pub const RELAY: &str = "relay";
+pub const OWN: &str = "own";
+pub const RAFT: &str = "raft";
+
+/// Whom an internal message is for.
+#[derive(Debug, Clone, Copy)]
+enum To {
+    Node(u64),
+    Any,
+}
+
+impl std::fmt::Display for To {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            To::Node(n) => write!(f, "{n}"),
+            To::Any => f.write_str(ANY),
+        }
+    }
+}
+
+/// An internal subject, taken apart: `internal.<from>.<to>.<kind>.<...name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Internal<'a> {
+    /// The sender, as the subject says: NATS lets only its identity publish there.
+    pub from: u64,
+    /// The addressee; `None` for any member.
+    pub to: Option<u64>,
+    /// `fwd`, `relay`, `own` or `raft`.
+    pub kind: &'a str,
+    /// The last token: the command or RPC name; empty for a forward batch.
+    pub name: &'a str,
+}
+
 /// Raft RPC names, the last token of `raft.<node_id>.v<version>.<rpc>`.
 pub const RPC_APPEND: &str = "append";
 pub const RPC_VOTE: &str = "vote";
@@ -49,8 +88,8 @@ impl Subjects {
         format!("{}.cmd", self.prefix)
     }
 
-    /// A command addressed to one node: `warden.<cluster>.node.<id>.cmd.<command>`. Used for
-    /// forwarding to the leader, and by operators who want one node's answer (`health`).
+    /// A command addressed to one node: `warden.<cluster>.node.<id>.cmd.<command>`. Clients
+    /// use it to reach the leader directly, or for one node's answer (`health`).
     pub fn node_cmd(&self, node: u64, command: &str) -> String {
         format!("{}.node.{node}.cmd.{command}", self.prefix)
     }
@@ -60,23 +99,101 @@ impl Subjects {
         format!("{}.node.{node}.cmd.*", self.prefix)
     }
 
-    /// Batches of writes a follower forwards to the leader: `warden.<cluster>.node.<id>.fwd`.
-    pub fn node_forward(&self, node: u64) -> String {
-        format!("{}.node.{node}.fwd", self.prefix)
+    /// The internal prefix: all node-to-node traffic, and nothing a client may publish.
+    pub fn internal_prefix(&self) -> String {
+        format!("{}.{INTERNAL}", self.prefix)
     }
 
-    /// A Raft RPC to one node: `warden.<cluster>.raft.<node_id>.v<version>.<rpc>`. The
+    /// Node-to-node traffic from `from` to `to`:
+    /// `warden.<cluster>.internal.<from>.<to>.<tail>`. Only node `from`'s identity may publish
+    /// under `internal.<from>`, and only node `to`'s may subscribe to `internal.*.<to>`, so
+    /// the receiver reads who sent a message from the subject, never from its body.
+    fn internal(&self, from: u64, to: To, tail: &str) -> String {
+        format!("{}.{INTERNAL}.{from}.{to}.{tail}", self.prefix)
+    }
+
+    /// Wildcard for `tail` sent to `me` by any node.
+    fn internal_to(&self, me: To, tail: &str) -> String {
+        format!("{}.{INTERNAL}.*.{me}.{tail}", self.prefix)
+    }
+
+    /// A Raft RPC from `from` to `to`: `internal.<from>.<to>.raft.v<version>.<rpc>`. The
     /// protocol version (`REGISTRY_VERSION`) is part of the subject, so nodes of different
-    /// versions never exchange a Raft message: each finds no responder at the other's (a
-    /// version-1 node used `raft.<node_id>.<rpc>`), and openraft treats the peer as
-    /// unreachable. It costs nothing per message, unlike a header.
-    pub fn raft(&self, node: u64, rpc: &str) -> String {
-        format!("{}.raft.{node}.v{}.{rpc}", self.prefix, REGISTRY_VERSION)
+    /// versions never exchange a Raft message: each finds no responder at the other's, and
+    /// openraft treats the peer as unreachable. It costs nothing per message, unlike a header.
+    pub fn raft(&self, from: u64, to: u64, rpc: &str) -> String {
+        self.internal(from, To::Node(to), &format!("raft.v{REGISTRY_VERSION}.{rpc}"))
     }
 
     /// Wildcard one node subscribes to for its Raft RPCs, of its own protocol version.
-    pub fn raft_all(&self, node: u64) -> String {
-        format!("{}.raft.{node}.v{}.*", self.prefix, REGISTRY_VERSION)
+    pub fn raft_to(&self, me: u64) -> String {
+        self.internal_to(To::Node(me), &format!("raft.v{REGISTRY_VERSION}.*"))
+    }
+
+    /// A batch of writes `from` forwards to the leader `to`: `internal.<from>.<to>.fwd`.
+    pub fn forward(&self, from: u64, to: u64) -> String {
+        self.internal(from, To::Node(to), FORWARD)
+    }
+
+    /// Wildcard of the batches forwarded to `me`.
+    pub fn forward_to(&self, me: u64) -> String {
+        self.internal_to(To::Node(me), FORWARD)
+    }
+
+    /// A client's command that `from` relays, alone, to the leader `to`:
+    /// `internal.<from>.<to>.relay.<command>`.
+    pub fn relay(&self, from: u64, to: u64, command: &str) -> String {
+        self.internal(from, To::Node(to), &format!("{RELAY}.{command}"))
+    }
+
+    /// Wildcard of the commands relayed to `me`.
+    pub fn relay_to(&self, me: u64) -> String {
+        self.internal_to(To::Node(me), &format!("{RELAY}.*"))
+    }
+
+    /// A node's own command to the leader `to`, or to whichever member answers (`None`, for
+    /// a node that does not know the leader yet): `internal.<from>.<to|any>.own.<command>`.
+    pub fn own(&self, from: u64, to: Option<u64>, command: &str) -> String {
+        let to = to.map_or(To::Any, To::Node);
+        self.internal(from, to, &format!("{OWN}.{command}"))
+    }
+
+    /// Wildcard of the own commands sent to `me`.
+    pub fn own_to(&self, me: u64) -> String {
+        self.internal_to(To::Node(me), &format!("{OWN}.*"))
+    }
+
+    /// Wildcard of the own commands sent to any member; members share it as a queue group.
+    pub fn own_to_any(&self) -> String {
+        self.internal_to(To::Any, &format!("{OWN}.*"))
+    }
+
+    /// Queue group of `own_to_any`.
+    pub fn own_any_queue(&self) -> String {
+        format!("{}.{INTERNAL}.any", self.prefix)
+    }
+
+    /// The parts of an internal subject of this cluster, if `subject` is one.
+    pub fn parse_internal<'a>(&self, subject: &'a str) -> Option<Internal<'a>> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?
+            .strip_prefix(INTERNAL)?
+            .strip_prefix('.')?;
+        let mut parts = rest.splitn(4, '.');
+        let from = parts.next()?.parse().ok()?;
+        let to = match parts.next()? {
+            ANY => None,
+            n => Some(n.parse().ok()?),
+        };
+        let kind = parts.next()?;
+        let name = parts.next().map_or("", Self::last_token);
+        Some(Internal {
+            from,
+            to,
+            kind,
+            name,
+        })
     }
 
     /// An event: `warden.<cluster>.evt.<entity>.<id>.<event>`.
@@ -127,8 +244,21 @@ mod tests {
     fn subjects_follow_the_spec() {
         let s = Subjects::new("prod");
         assert_eq!(s.cmd("health"), "warden.prod.cmd.health");
-        assert_eq!(s.raft(3, "vote"), "warden.prod.raft.3.v2.vote");
-        assert_eq!(s.raft_all(3), "warden.prod.raft.3.v2.*");
+        assert_eq!(s.raft(1, 3, "vote"), "warden.prod.internal.1.3.raft.v3.vote");
+        assert_eq!(s.raft_to(3), "warden.prod.internal.*.3.raft.v3.*");
+        assert_eq!(s.forward(2, 1), "warden.prod.internal.2.1.fwd");
+        assert_eq!(s.own(2, None, "join"), "warden.prod.internal.2.any.own.join");
+        let own = s.own(2, Some(1), "heartbeat");
+        let parsed = s.parse_internal(&own).unwrap();
+        assert_eq!((parsed.from, parsed.to), (2, Some(1)));
+        assert_eq!((parsed.kind, parsed.name), ("own", "heartbeat"));
+        let vote = s.raft(1, 3, "vote");
+        let parsed = s.parse_internal(&vote).unwrap();
+        assert_eq!((parsed.from, parsed.kind, parsed.name), (1, "raft", "vote"));
+        let fwd = s.forward(2, 1);
+        assert_eq!(s.parse_internal(&fwd).map(|p| (p.kind, p.name)), Some(("fwd", "")));
+        assert_eq!(s.parse_internal("warden.prod.internal.x.1.own.join"), None);
+        assert_eq!(s.parse_internal("warden.other.internal.2.1.own.join"), None);
         assert_eq!(
             s.event("node", "2", "joined"),
             "warden.prod.evt.node.2.joined"

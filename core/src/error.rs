@@ -25,6 +25,9 @@ pub enum ErrorCode {
     TooLarge,
     /// A bug or a storage failure on the node.
     Internal,
+    /// The sender's identity may not do this (NATS refused the subject, or a node spoke for
+    /// another node); nothing changed.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -39,6 +42,7 @@ impl ErrorCode {
             ErrorCode::Capacity => "capacity",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

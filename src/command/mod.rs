@@ -205,6 +205,20 @@ impl Command {
         Ok(cmd)
     }
 
+    /// The nodes this command speaks for. A node may send such a command only for itself
+    /// (`node::dispatch`, "Origin"); a client's `join` or `leave` acts on a node instead.
+    pub fn speaks_for(&self) -> Vec<u64> {
+        match self {
+            Command::Heartbeat(h) => vec![h.node_id],
+            Command::Join(j) => vec![j.node_id],
+            Command::Leave(l) => vec![l.node_id],
+            Command::ReportAgents(r) => r.reports.iter().map(|r| r.node).collect(),
+            Command::Checkpoint(c) => vec![c.node],
+            Command::Handoff(h) => h.items.iter().map(|i| i.node).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn validate(&self) -> Result<(), WireError> {
         match self {
             Command::ClusterStatus | Command::Health | Command::Leave(_) => Ok(()),

@@ -1,10 +1,17 @@
 //! Serving commands: decode, validate, run locally or on the leader, and reply in the
 //! request's encoding. Every node answers `warden.<cluster>.cmd.*` in one queue group and its
-//! own `warden.<cluster>.node.<id>.cmd.*`. A node that does not lead forwards the request,
-//! unparsed, to the leader: writes in batches (`forward`), reads and membership changes one by
-//! one to the leader's own subject. The leader validates everything, so bad input gets the
-//! same clear error wherever it lands; a follower parses a request itself only when it cannot
-//! reach a leader, to still tell bad input apart from an unavailable cluster.
+//! own `warden.<cluster>.node.<id>.cmd.*`. A node that does not lead forwards a client's
+//! request, unparsed, to the leader: writes in batches (`forward`), reads and membership
+//! changes one by one (`internal.<me>.<leader>.relay.<command>`). The leader validates
+//! everything, so bad input gets the same clear error wherever it lands; a follower parses a
+//! request itself only when it cannot reach a leader, to still tell bad input apart from an
+//! unavailable cluster.
+//!
+//! Who sent a command is read from the subject it arrived on (`Origin`), never from its body.
+//! Node commands (heartbeats, reports, checkpoints, handoffs, a node's own join) come only
+//! from the node they speak for, on `internal.<node>.<leader>.own.<command>` or in its own
+//! forward batches, and are answered only by the leader: a node never relays another node's
+//! command, so no node can speak for another (`docs/security.md`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +25,7 @@ use tokio::task::JoinSet;
 use super::forward::{remaining, ForwardBatch, ForwardReplies, Forwarded, Request};
 use super::Node;
 use crate::bus::{self, RequestFailure};
-use crate::command::{route_of, Command, Route};
+use crate::command::{route_of, spec, Command, Role, Route};
 use crate::limits;
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
@@ -28,8 +35,21 @@ use crate::subjects::Subjects;
 pub enum Feed {
     /// Client commands, one per message.
     Commands,
-    /// Batches of writes forwarded by followers.
+    /// A client's command relayed by another node, one per message.
+    Relayed,
+    /// A node's own command, one per message, from the node the subject names.
+    Own,
+    /// Batches of writes forwarded by followers: clients' writes and the sender's own.
     Forwarded,
+}
+
+/// Who sent a command, as the subject it arrived on says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client, whose role NATS checked on the command's subject (or a node relaying it).
+    Client,
+    /// Node `n` itself, on a subject that only its identity may publish on.
+    Node(u64),
 }
 
 /// Serves `sub` until `stopped` resolves.
@@ -52,15 +72,15 @@ pub async fn serve(
                         let node = node.clone();
                         tasks.spawn(async move {
                             match feed {
-                                Feed::Commands => handle(&node, msg).await,
                                 Feed::Forwarded => handle_batch(&node, msg).await,
+                                _ => handle(&node, msg, feed).await,
                             }
                             drop(permit);
                         });
                     }
                     Err(_) => {
                         // A forwarded batch gets no answer: its sender times out ("unknown").
-                        if let Feed::Commands = feed {
+                        if !matches!(feed, Feed::Forwarded) {
                             let err = WireError::new(
                                 ErrorCode::Unavailable,
                                 "the node is handling too many commands; retry with backoff",
@@ -102,6 +122,7 @@ fn request_of(msg: &async_nats::Message) -> Request {
             .and_then(|h| h.parse().ok())
             .unwrap_or(0),
         payload: msg.payload.clone(),
+        own: false,
     }
 }
 
@@ -134,19 +155,35 @@ async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: B
     }
 }
 
-async fn handle(node: &Node, msg: async_nats::Message) {
+/// The node that sent an internal message, as its subject says.
+fn sender(node: &Node, msg: &async_nats::Message) -> Option<u64> {
+    node.subjects.parse_internal(&msg.subject).map(|s| s.from)
+}
+
+async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
     if msg.reply.is_none() {
         tracing::debug!(subject = %msg.subject, "ignoring a command sent without a reply subject");
         return;
     }
+    let origin = match feed {
+        Feed::Own => match sender(node, &msg) {
+            Some(from) => Origin::Node(from),
+            None => return,
+        },
+        _ => Origin::Client,
+    };
     let req = request_of(&msg);
-    let (enc, body) = answer(node, req).await;
+    let (enc, body) = answer(node, req, origin).await;
     send(node, &msg, enc, body).await;
 }
 
-/// Answers a batch of forwarded writes, each as if it had arrived here itself.
+/// Answers a batch of forwarded writes, each as if it had arrived here itself: the sender's
+/// own commands as its own, the rest as the clients' it relays.
 async fn handle_batch(node: &Node, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else {
+        return;
+    };
+    let Some(from) = sender(node, &msg) else {
         return;
     };
     let batch: ForwardBatch = match rmp_serde::from_slice(&msg.payload) {
@@ -157,10 +194,14 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
             return;
         }
     };
-    let answers = batch
-        .items
-        .into_iter()
-        .map(|req| async move { answer(node, req).await.1 });
+    let answers = batch.items.into_iter().map(|req| async move {
+        let origin = if req.own {
+            Origin::Node(from)
+        } else {
+            Origin::Client
+        };
+        answer(node, req, origin).await.1
+    });
     let items = futures::future::join_all(answers).await;
     match rmp_serde::to_vec_named(&ForwardReplies { v: batch.v, items }) {
         Ok(body) => {
@@ -173,13 +214,13 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
 }
 
 /// Answers one request: the reply's encoding and its encoded envelope.
-pub async fn answer(node: &Node, req: Request) -> (Encoding, Bytes) {
+async fn answer(node: &Node, req: Request, origin: Origin) -> (Encoding, Bytes) {
     // An unusable Content-Type still gets an answer, in JSON.
     let enc = match Encoding::detect(req.content_type.as_deref(), &req.payload) {
         Ok(enc) => enc,
         Err(e) => return (Encoding::Json, encode(Encoding::Json, Err(e))),
     };
-    match process(node, &req, enc).await {
+    match process(node, &req, enc, origin).await {
         Answer::Local(result) => (enc, encode(enc, result)),
         Answer::Forwarded(body) => (enc, body),
     }
@@ -195,7 +236,7 @@ fn parse(req: &Request, enc: Encoding) -> Result<Command, WireError> {
     Command::parse(&req.command, enc, &req.payload)
 }
 
-async fn process(node: &Node, req: &Request, enc: Encoding) -> Answer {
+async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> Answer {
     if req.payload.len() > limits::MAX_REQUEST_BYTES {
         return Answer::Local(Err(WireError::new(
             ErrorCode::TooLarge,
@@ -203,6 +244,18 @@ async fn process(node: &Node, req: &Request, enc: Encoding) -> Answer {
                 "request is {} bytes; the limit is {} bytes",
                 req.payload.len(),
                 limits::MAX_REQUEST_BYTES
+            ),
+        )));
+    }
+    if let Origin::Node(from) = origin {
+        return Answer::Local(own_command(node, req, enc, from).await);
+    }
+    if spec(&req.command).is_some_and(|s| s.role == Role::Node) {
+        return Answer::Local(Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{:?} is a node-to-node command; nodes send it on their internal subjects",
+                req.command
             ),
         )));
     }
@@ -228,6 +281,38 @@ async fn process(node: &Node, req: &Request, enc: Encoding) -> Answer {
         }
     }
 }
+
+/// A node's own command: answered here if this node leads and the command speaks only for its
+/// sender; never relayed, so the leader always knows who really sent it.
+async fn own_command(node: &Node, req: &Request, enc: Encoding, from: u64) -> Reply {
+    let cmd = parse(req, enc)?;
+    if let Some(other) = cmd.speaks_for().into_iter().find(|&n| n != from) {
+        return Err(WireError::new(
+            ErrorCode::Forbidden,
+            format!("node {from} may not speak for node {other}"),
+        ));
+    }
+    let not_leader = || {
+        WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} does not lead (the leader is {:?}); nothing changed: send it to the \
+                 leader",
+                node.cfg.id,
+                node.leader()
+            ),
+        )
+    };
+    if !node.is_leader() {
+        return Err(not_leader());
+    }
+    match node.execute_on_leader(cmd, req.payload.len()).await {
+        Some(out) => out,
+        None => Err(not_leader()),
+    }
+}
+
+type Reply = Result<serde_json::Value, WireError>;
 
 enum Forward {
     Done(Answer),
@@ -263,6 +348,7 @@ async fn forward(node: &Node, req: &Request, deadline: Instant) -> Forward {
         };
         let onward = Request {
             hops: req.hops + 1,
+            own: false,
             ..req.clone()
         };
         let result = if route_of(&req.command) == Some(Route::Write) {
@@ -289,14 +375,14 @@ async fn forward(node: &Node, req: &Request, deadline: Instant) -> Forward {
     }
 }
 
-/// Forwards one command to the leader's own command subject.
+/// Relays one client command to the leader.
 async fn forward_one(node: &Node, leader: u64, req: Request, deadline: Instant) -> Forwarded {
     let mut headers = HeaderMap::new();
     if let Some(ct) = &req.content_type {
         headers.insert(protocol::CONTENT_TYPE, ct.as_str());
     }
     headers.insert(protocol::FORWARD_HOPS, req.hops.to_string().as_str());
-    let subject = node.subjects.node_cmd(leader, &req.command);
+    let subject = node.subjects.relay(node.cfg.id, leader, &req.command);
     match bus::request(
         &node.client,
         subject,
@@ -313,7 +399,7 @@ async fn forward_one(node: &Node, leader: u64, req: Request, deadline: Instant) 
 }
 
 /// Waits until some leader is known, or the deadline passes.
-async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u64> {
+pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u64> {
     let mut metrics = node.raft.metrics();
     let leader_wait = Instant::now() + Duration::from_millis(limits::LEADER_WAIT_MS);
     let until = deadline.min(leader_wait);

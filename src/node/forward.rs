@@ -3,9 +3,11 @@
 //! Every node answers the shared command queue, so about two thirds of writes land on a
 //! follower. Forwarding each as its own NATS request costs four message routings per write;
 //! this batcher sends everything waiting for the same leader as one message to
-//! `warden.<cluster>.node.<leader>.fwd`, and the leader answers with one message holding each
-//! reply, in order. Reads and membership changes are forwarded one by one instead: their
-//! replies can be large, and a batch must fit in one NATS message.
+//! `warden.<cluster>.internal.<me>.<leader>.fwd`, and the leader answers with one message
+//! holding each reply, in order. Reads and membership changes are forwarded one by one
+//! instead: their replies can be large, and a batch must fit in one NATS message. A node's own
+//! writes (reports, checkpoints, handoffs) travel in the same batches, marked `own`: the
+//! leader takes them as the sender's, whom the subject names.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -32,6 +34,9 @@ pub struct Request {
     /// How many times it was forwarded already.
     pub hops: u32,
     pub payload: Bytes,
+    /// The forwarding node's own command, rather than a client's it relays.
+    #[serde(default)]
+    pub own: bool,
 }
 
 /// A batch of forwarded writes.
@@ -76,12 +81,13 @@ impl Forwarder {
     pub fn start(
         client: async_nats::Client,
         subjects: Subjects,
+        me: u64,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> (Forwarder, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_CAPACITY);
         (
             Forwarder { tx },
-            tokio::spawn(batch_loop(client, subjects, rx, stopped)),
+            tokio::spawn(batch_loop(client, subjects, me, rx, stopped)),
         )
     }
 
@@ -111,6 +117,7 @@ impl Forwarder {
 async fn batch_loop(
     client: async_nats::Client,
     subjects: Subjects,
+    me: u64,
     mut rx: mpsc::Receiver<Pending>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -149,7 +156,7 @@ async fn batch_loop(
         tasks.spawn(async move {
             let _permit = permit;
             for (leader, batch) in by_leader {
-                send_batch(&client, &subjects, leader, batch).await;
+                send_batch(&client, subjects.forward(me, leader), leader, batch).await;
             }
         });
     }
@@ -158,7 +165,7 @@ async fn batch_loop(
 
 async fn send_batch(
     client: &async_nats::Client,
-    subjects: &Subjects,
+    subject: String,
     leader: u64,
     batch: Vec<Pending>,
 ) {
@@ -176,14 +183,7 @@ async fn send_batch(
         }
     };
     let timeout = Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
-    let answer = bus::request(
-        client,
-        subjects.node_forward(leader),
-        None,
-        body.into(),
-        timeout,
-    )
-    .await;
+    let answer = bus::request(client, subject, None, body.into(), timeout).await;
     let outcome: Vec<Forwarded> = match answer {
         Ok(reply) => match rmp_serde::from_slice::<ForwardReplies>(&reply.payload) {
             Ok(r) if r.items.len() == n => r.items.into_iter().map(Forwarded::Reply).collect(),

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -313,24 +312,81 @@ impl Node {
 
     /// A write this node makes for itself (`OwnWrite`), wherever the leader is, and its
     /// outcome. On the leader the typed command goes straight to the proposer; elsewhere its
-    /// body is encoded once and forwarded, as a client's would be.
+    /// body is encoded once and sent to the leader as this node's own command (writes in the
+    /// forward batches, heartbeats alone), which the leader answers only if it still leads.
+    /// Retried while nothing reached a leader, up to `FORWARD_TIMEOUT_MS`.
     pub async fn write_own(&self, w: OwnWrite) -> Result<Value, WireError> {
-        let payload = w.encode();
+        let payload: bytes::Bytes = w.encode().into();
         let name = w.name();
-        if let Some(out) = self
-            .execute_on_leader(w.into_command(), payload.len())
-            .await
-        {
-            return out;
+        let cmd = w.into_command();
+        let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
+        let unavailable = |why: &str| Err(WireError::new(ErrorCode::Unavailable, why));
+        loop {
+            if let Some(out) = self.execute_on_leader(cmd.clone(), payload.len()).await {
+                return out;
+            }
+            let leader = match dispatch::wait_for_leader(self, deadline).await {
+                Some(l) => l,
+                None => return unavailable("no leader: the cluster has no quorum right now"),
+            };
+            let sent = if leader == self.cfg.id {
+                None // it became leader, or just stopped: look again
+            } else {
+                Some(self.send_own(leader, name, payload.clone(), deadline).await)
+            };
+            match sent {
+                Some(forward::Forwarded::Reply(body)) => {
+                    match Envelope::decode(&body).and_then(Envelope::into_result) {
+                        // It did not lead any more: nothing changed, ask the next one.
+                        Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
+                            tracing::debug!(error = %e, name, "own write not taken; retrying")
+                        }
+                        out => return out,
+                    }
+                }
+                Some(forward::Forwarded::NoAnswer) => {
+                    return Err(WireError::new(
+                        ErrorCode::Timeout,
+                        "the leader did not answer in time; the write may or may not have \
+                         taken effect",
+                    ))
+                }
+                Some(forward::Forwarded::Unreachable) | None => {}
+            }
+            if Instant::now() >= deadline {
+                return unavailable("could not reach the leader; nothing changed");
+            }
+            tokio::time::sleep(Duration::from_millis(limits::LEADER_RETRY_MS)).await;
         }
-        let req = forward::Request {
-            command: name.to_string(),
-            content_type: Some(crate::protocol::MSGPACK.to_string()),
-            hops: 0,
-            payload: payload.into(),
-        };
-        let (_, reply) = dispatch::answer(self, req).await;
-        Envelope::decode(&reply).and_then(Envelope::into_result)
+    }
+
+    /// Sends this node's own command to `leader`: writes in a forward batch, the rest alone.
+    async fn send_own(
+        &self,
+        leader: u64,
+        name: &str,
+        payload: bytes::Bytes,
+        deadline: Instant,
+    ) -> forward::Forwarded {
+        let within = forward::remaining(deadline);
+        if crate::command::route_of(name) == Some(crate::command::Route::Write) {
+            let req = forward::Request {
+                command: name.to_string(),
+                content_type: Some(crate::protocol::MSGPACK.to_string()),
+                hops: 0,
+                payload,
+                own: true,
+            };
+            return self.forwarder.forward(leader, req, within).await;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
+        let subject = self.subjects.own(self.cfg.id, Some(leader), name);
+        match bus::request(&self.client, subject, Some(headers), payload, within).await {
+            Ok(reply) => forward::Forwarded::Reply(reply.payload),
+            Err(RequestFailure::NoResponders) => forward::Forwarded::Unreachable,
+            Err(_) => forward::Forwarded::NoAnswer,
+        }
     }
 
     pub(crate) fn state_read(&self) -> std::sync::RwLockReadGuard<'_, crate::raft::store::SmState> {
@@ -435,6 +491,7 @@ pub async fn run_with_kinds(
     let (log, sm, state) = store.raft_parts(Some(events_tx))?;
     let contacts = Arc::new(Contacts::default());
     let network = Network {
+        me: cfg.id,
         client: client.clone(),
         subjects: subjects.clone(),
         contacts: contacts.clone(),
@@ -474,7 +531,7 @@ pub async fn run_with_kinds(
         flag(&stop_rx),
     );
     let (forwarder, forward_batcher) =
-        forward::Forwarder::start(client.clone(), subjects.clone(), flag(&stop_rx));
+        forward::Forwarder::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         client: client.clone(),
@@ -495,23 +552,18 @@ pub async fn run_with_kinds(
         running: Default::default(),
     });
 
-    let direct = client.subscribe(subjects.node_cmd_all(cfg.id)).await?;
-    tasks.spawn(dispatch::serve(
-        node.clone(),
-        direct,
-        dispatch::Feed::Commands,
-        flag(&stop_rx),
-    ));
-    let forwarded = client.subscribe(subjects.node_forward(cfg.id)).await?;
-    tasks.spawn(dispatch::serve(
-        node.clone(),
-        forwarded,
-        dispatch::Feed::Forwarded,
-        flag(&stop_rx),
-    ));
-    let left = client
-        .subscribe(subjects.event("node", &cfg.id.to_string(), "left"))
-        .await?;
+    // What is addressed to this node: clients' commands, and from other nodes their relayed
+    // commands, their own commands and their forward batches.
+    let feeds = [
+        (subjects.node_cmd_all(cfg.id), dispatch::Feed::Commands),
+        (subjects.relay_to(cfg.id), dispatch::Feed::Relayed),
+        (subjects.own_to(cfg.id), dispatch::Feed::Own),
+        (subjects.forward_to(cfg.id), dispatch::Feed::Forwarded),
+    ];
+    for (subject, feed) in feeds {
+        let sub = client.subscribe(subject).await?;
+        tasks.spawn(dispatch::serve(node.clone(), sub, feed, flag(&stop_rx)));
+    }
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
     // The host stops first, on its own signal, while heartbeats, Raft and the command path
     // still run: its agents' graceful stops keep their lease (see the shutdown below).
@@ -538,30 +590,36 @@ pub async fn run_with_kinds(
     client.flush().await?;
     tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
 
-    let mut left = left;
     // A Raft that stopped with a fatal error (storage, or a log entry of a newer version)
     // applies nothing more: the node must not go on running agents the registry may be
     // moving. It stops, says why, and exits with an error for its service manager.
     // Looked at every second, not on every metrics change: those come with every write, and
     // waking this task for each would cost throughput.
-    let raft_metrics = raft.metrics();
-    let raft_failed = async move {
+    // A node also leaves when the registry it applied says it left: told by the committed
+    // state, never by a message anyone could publish.
+    let watched = node.clone();
+    let watchdog = async move {
         let mut tick = tokio::time::interval(Duration::from_millis(limits::FATAL_CHECK_MS));
         loop {
             tick.tick().await;
-            if let Err(e) = &raft_metrics.borrow().running_state {
-                return e.to_string();
+            if let Err(e) = &watched.raft.metrics().borrow().running_state {
+                return Some(e.to_string());
+            }
+            if watched.registry_node_status(watched.cfg.id) == Some(NodeStatus::Left) {
+                return None;
             }
         }
     };
     let mut fatal = None;
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
-        _ = left.next() => tracing::warn!("this node left the cluster; stopping"),
         _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
-        why = raft_failed => {
-            tracing::error!(error = %why, "Raft stopped with a fatal error; stopping the node");
-            fatal = Some(why);
+        why = watchdog => match why {
+            Some(why) => {
+                tracing::error!(error = %why, "Raft stopped with a fatal error; stopping the node");
+                fatal = Some(why);
+            }
+            None => tracing::warn!("this node left the cluster; stopping"),
         }
     }
     // Stop the agents first, each by its shutdown setting, last started first, while the
@@ -654,6 +712,7 @@ async fn join_then_serve(
                 };
                 tokio::join!(
                     dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
+                    serve_any(node.clone(), stopped.clone()),
                     refresh
                 );
             }
@@ -669,7 +728,12 @@ async fn join_then_serve(
         accepted = join_phase => if !accepted { return },
     }
     match subscribe_queue(&node).await {
-        Ok(sub) => dispatch::serve(node, sub, dispatch::Feed::Commands, stopped).await,
+        Ok(sub) => {
+            tokio::join!(
+                dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
+                serve_any(node.clone(), stopped)
+            );
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not subscribe to commands");
             let _ = stop.send(true);
@@ -684,6 +748,19 @@ async fn subscribe_queue(node: &Node) -> anyhow::Result<async_nats::Subscriber> 
         .await?;
     node.client.flush().await?;
     Ok(sub)
+}
+
+/// Members answer the own commands sent to any of them (a joining node's `join`): the leader
+/// takes it, the others name the leader.
+async fn serve_any(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+    let sub = node
+        .client
+        .queue_subscribe(node.subjects.own_to_any(), node.subjects.own_any_queue())
+        .await;
+    match sub {
+        Ok(sub) => dispatch::serve(node, sub, dispatch::Feed::Own, stopped).await,
+        Err(e) => tracing::error!(error = %e, "could not subscribe to joins"),
+    }
 }
 
 /// Sends `join` until the leader accepts it. Errors only when the cluster refuses the node for
@@ -702,15 +779,28 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         Duration::from_millis(50),
         Duration::from_millis(limits::JOIN_BACKOFF_MS_MAX),
     );
+    // Sent to the leader as far as this node knows it, else to any member, which names it.
+    let mut hint: Option<u64> = None;
     loop {
+        let to = hint.or_else(|| node.leader()).filter(|&l| l != node.cfg.id);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
         let reply = bus::request(
             &node.client,
-            node.subjects.cmd("join"),
-            None,
+            node.subjects.own(node.cfg.id, to, "join"),
+            Some(headers),
             body.clone().into(),
             Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000),
         )
         .await;
+        hint = match &reply {
+            Ok(r) => r
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::protocol::LEADER_HINT))
+                .and_then(|v| v.as_str().parse().ok()),
+            Err(_) => None,
+        };
         match reply.map(|r| Envelope::decode(&r.payload).and_then(Envelope::into_result)) {
             Ok(Ok(v)) => {
                 tracing::info!(role = %v["role"], "joined the cluster");

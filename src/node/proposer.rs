@@ -211,6 +211,7 @@ mod tests {
         let store = Store::open(&dir.path().join("node-1")).unwrap();
         let (log, sm, _state) = store.raft_parts(None).unwrap();
         let network = Network {
+            me: 1,
             client: client.clone(),
             subjects: Subjects::new("proposer-test"),
             contacts: Arc::new(Contacts::default()),

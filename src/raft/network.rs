@@ -1,5 +1,6 @@
-//! Raft's network client: each RPC is a NATS request to `warden.<cluster>.raft.<id>.<rpc>`
-//! with an rmp-serde payload, answered by the peer's `raft::server`.
+//! Raft's network client: each RPC is a NATS request to
+//! `warden.<cluster>.internal.<me>.<peer>.raft.v<n>.<rpc>` with an rmp-serde payload, answered
+//! by the peer's `raft::server`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ impl Contacts {
 /// Creates one [`PeerClient`] per target node.
 #[derive(Clone)]
 pub struct Network {
+    /// This node: the sender of every RPC.
+    pub me: NodeId,
     pub client: async_nats::Client,
     pub subjects: Subjects,
     pub contacts: Arc<Contacts>,
@@ -76,7 +79,7 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let subject = self.net.subjects.raft(self.target, rpc);
+        let subject = self.net.subjects.raft(self.net.me, self.target, rpc);
         // The subject names this node's protocol version: a peer of another version has no
         // responder there, and is unreachable (`Subjects::raft`).
         let reply = bus::request(&self.net.client, subject, None, body.into(), timeout)

@@ -1,5 +1,8 @@
-//! Raft's RPC server: answers `warden.<cluster>.raft.<my_id>.<rpc>` by handing each request to
-//! the local openraft instance and replying with its rmp-serde encoded result.
+//! Raft's RPC server: answers `warden.<cluster>.internal.<from>.<my_id>.raft.v<n>.<rpc>` by
+//! handing each request to the local openraft instance and replying with its rmp-serde encoded
+//! result. The sender is the `<from>` of the subject, which only its identity may publish on;
+//! a request whose body speaks for another node (its vote names another candidate or leader)
+//! is dropped, so a node's credential cannot campaign or lead as another node.
 
 use std::future::Future;
 
@@ -21,7 +24,7 @@ pub async fn start(
     raft: Raft,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut sub = client.subscribe(subjects.raft_all(id)).await?;
+    let mut sub = client.subscribe(subjects.raft_to(id)).await?;
     client.flush().await?;
     Ok(tokio::spawn(async move {
         let mut tasks = JoinSet::new();
@@ -33,7 +36,10 @@ pub async fn start(
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
                     let (raft, client) = (raft.clone(), client.clone());
-                    tasks.spawn(async move { serve(raft, client, msg).await });
+                    let Some(from) = subjects.parse_internal(&msg.subject).map(|s| s.from) else {
+                        continue;
+                    };
+                    tasks.spawn(async move { serve(raft, client, from, msg).await });
                 }
             }
         }
@@ -41,21 +47,21 @@ pub async fn start(
     }))
 }
 
-async fn serve(raft: Raft, client: async_nats::Client, msg: async_nats::Message) {
+async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else {
         return;
     };
     let rpc = Subjects::last_token(&msg.subject);
     let body = match rpc {
         RPC_APPEND => {
-            answer(&msg.payload, |r: AppendEntriesRequest| {
+            answer(&msg.payload, from, |r: &AppendEntriesRequest| r.vote, |r| {
                 raft.append_entries(r)
             })
             .await
         }
-        RPC_VOTE => answer(&msg.payload, |r: VoteRequest| raft.vote(r)).await,
+        RPC_VOTE => answer(&msg.payload, from, |r: &VoteRequest| r.vote, |r| raft.vote(r)).await,
         RPC_SNAPSHOT => {
-            answer(&msg.payload, |r: InstallSnapshotRequest| {
+            answer(&msg.payload, from, |r: &InstallSnapshotRequest| r.vote, |r| {
                 raft.install_snapshot(r)
             })
             .await
@@ -77,7 +83,14 @@ async fn serve(raft: Raft, client: async_nats::Client, msg: async_nats::Message)
     }
 }
 
-async fn answer<Req, Resp, E, F, Fut>(payload: &[u8], handle: F) -> anyhow::Result<Vec<u8>>
+/// Decodes a request, checks that the node its vote names (the candidate, or the leader) is
+/// the sender, and hands it to `handle`.
+async fn answer<Req, Resp, E, F, Fut>(
+    payload: &[u8],
+    from: NodeId,
+    vote: impl FnOnce(&Req) -> Vote,
+    handle: F,
+) -> anyhow::Result<Vec<u8>>
 where
     Req: DeserializeOwned,
     Resp: Serialize,
@@ -86,6 +99,11 @@ where
     Fut: Future<Output = Result<Resp, E>>,
 {
     let req: Req = rmp_serde::from_slice(payload)?;
+    let speaks_for = vote(&req).leader_id().voted_for();
+    anyhow::ensure!(
+        speaks_for == Some(from),
+        "node {from} sent a request for node {speaks_for:?}; dropped"
+    );
     let result = handle(req).await;
     Ok(rmp_serde::to_vec_named(&result)?)
 }

@@ -34,8 +34,10 @@ use crate::limits;
 /// Version of the persisted registry records, log entries and snapshots, and of what nodes
 /// say to each other: a node joins only a cluster of its own version. 2: outcomes are typed
 /// (`Applied`) and `request_id` records keep a fingerprint of the command; a version-1
-/// snapshot converts on load (its remembered replies become `Applied::Legacy`).
-pub const REGISTRY_VERSION: u32 = 2;
+/// snapshot converts on load (its remembered replies become `Applied::Legacy`). 3: nothing
+/// persisted changed, but node-to-node traffic moved under `warden.<cluster>.internal`, with
+/// the sender in the subject (`docs/security.md`), so version-2 nodes cannot talk to it.
+pub const REGISTRY_VERSION: u32 = 3;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

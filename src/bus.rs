@@ -37,6 +37,10 @@ pub struct NatsConfig {
     pub ping_interval_ms: u64,
     /// Timeout of one connection attempt, in ms.
     pub connect_timeout_ms: u64,
+    /// A Warden identity (`warden auth`): its nkey, and its own inbox prefix. Set from the
+    /// node's `auth` key or `--auth`, never read from this section.
+    #[serde(skip)]
+    pub identity: Option<crate::auth::Identity>,
 }
 
 impl Default for NatsConfig {
@@ -54,6 +58,81 @@ impl Default for NatsConfig {
             tls_key_file: None,
             ping_interval_ms: 2_000,
             connect_timeout_ms: 2_000,
+            identity: None,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Whether the connection presents any credential at all.
+    pub fn has_credentials(&self) -> bool {
+        self.identity.is_some()
+            || self.creds_file.is_some()
+            || self.token.is_some()
+            || self.user.is_some()
+            || self.nkey_seed.is_some()
+    }
+}
+
+/// The permission violations NATS reported on one connection. async-nats reports them as
+/// connection events, not on the request (which just times out): whoever sends can watch
+/// this to turn them into a clear `forbidden` at once.
+#[derive(Clone)]
+pub struct Violations(tokio::sync::broadcast::Sender<Violation>);
+
+/// One refusal by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// A publish refused (else a subscription).
+    pub publish: bool,
+    /// The subject refused.
+    pub subject: String,
+    /// The server's words.
+    pub message: String,
+}
+
+impl Violation {
+    /// Reads a server error; `None` unless it is a permissions violation.
+    pub fn parse(message: &str) -> Option<Violation> {
+        let lower = message.to_ascii_lowercase();
+        if !lower.starts_with("permissions violation") {
+            return None;
+        }
+        let subject = message.split('"').nth(1).unwrap_or_default().to_string();
+        Some(Violation {
+            publish: lower.contains("for publish"),
+            subject,
+            message: message.to_string(),
+        })
+    }
+}
+
+impl Violations {
+    fn new() -> Violations {
+        Violations(tokio::sync::broadcast::channel(limits::VIOLATION_QUEUE).0)
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Violation> {
+        self.0.subscribe()
+    }
+}
+
+/// Waits for a violation that concerns a request to `subject`: its publish, or any
+/// subscription (the reply inbox's). Pending forever when there is none.
+pub async fn refused(
+    rx: Option<&mut tokio::sync::broadcast::Receiver<Violation>>,
+    subject: &str,
+) -> Violation {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(v) if !v.publish || v.subject == subject => return v,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return std::future::pending().await
+            }
         }
     }
 }
@@ -61,19 +140,45 @@ impl Default for NatsConfig {
 /// Connects to NATS. With `retry`, the first connection is retried until it succeeds (nodes
 /// start before or after their server); without, a failure is reported at once (`ctl`).
 pub async fn connect(cfg: &NatsConfig, name: &str, retry: bool) -> anyhow::Result<Client> {
+    Ok(connect_watched(cfg, name, retry).await?.0)
+}
+
+/// Connects like `connect`, and also returns the connection's permission violations.
+pub async fn connect_watched(
+    cfg: &NatsConfig,
+    name: &str,
+    retry: bool,
+) -> anyhow::Result<(Client, Violations)> {
+    let violations = Violations::new();
+    let tx = violations.0.clone();
     let mut opts = ConnectOptions::new()
         .name(name)
         .ping_interval(Duration::from_millis(cfg.ping_interval_ms))
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
         .subscription_capacity(limits::SUBSCRIPTION_CAPACITY)
-        .event_callback(|ev| async move {
-            match ev {
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::error!(sid, "NATS subscription overflowed: messages were dropped")
+        .event_callback(move |ev| {
+            let tx = tx.clone();
+            async move {
+                match ev {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::error!(sid, "NATS subscription overflowed: messages were dropped")
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(e)) => {
+                        match Violation::parse(&e) {
+                            Some(v) => {
+                                tracing::warn!(error = %e, "NATS refused this identity");
+                                let _ = tx.send(v); // nobody may be watching
+                            }
+                            None => tracing::warn!(error = %e, "NATS server error"),
+                        }
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(error = %e, "NATS server error")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS event"),
             }
         });
     if retry {
@@ -95,6 +200,15 @@ pub async fn connect(cfg: &NatsConfig, name: &str, retry: bool) -> anyhow::Resul
     }
     if let Some(seed) = &cfg.nkey_seed {
         opts = opts.nkey(seed.clone());
+    }
+    if let Some(id) = &cfg.identity {
+        opts = opts
+            .nkey(id.seed().to_string())
+            .custom_inbox_prefix(&id.inbox_prefix);
+        if let Some(ca) = &id.ca {
+            // `warden auth init --tls` wrote a CA next to the seed: the server is TLS only.
+            opts = opts.require_tls(true).add_root_certificates(ca.clone());
+        }
     }
     if cfg.tls_required {
         opts = opts.require_tls(true);
@@ -120,7 +234,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str, retry: bool) -> anyhow::Resul
         .connect(servers)
         .await
         .with_context(|| format!("connect to NATS at {}", cfg.url))?;
-    Ok(client)
+    Ok((client, violations))
 }
 
 /// Why a request failed, classified at the transport edge.

@@ -39,6 +39,9 @@ pub struct Client {
     pub follow_leader: bool,
     /// The leader named by the last reply, plus one; 0 when unknown. Shared by clones.
     pub leader: Arc<AtomicU64>,
+    /// The connection's permission violations (`bus::connect_watched`), when watched: a
+    /// request that NATS refuses then fails at once with `forbidden`, instead of timing out.
+    pub violations: Option<bus::Violations>,
 }
 
 /// Why a call failed.
@@ -72,6 +75,39 @@ impl Client {
             node: None,
             follow_leader: true,
             leader: Arc::default(),
+            violations: None,
+        }
+    }
+
+    /// A client that turns NATS's refusals into `forbidden` errors.
+    pub fn watched(nats: async_nats::Client, violations: bus::Violations, cluster: &str) -> Client {
+        Client {
+            violations: Some(violations),
+            ..Client::new(nats, cluster)
+        }
+    }
+
+    /// One request, failed at once with `forbidden` if NATS refuses it (its publish, or the
+    /// subscription to this identity's inbox).
+    async fn request(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+        wait: Duration,
+    ) -> Result<Result<bus::Reply, RequestFailure>, CallError> {
+        let mut rx = self.violations.as_ref().map(|v| v.subscribe());
+        let refused = bus::refused(rx.as_mut(), &subject);
+        let sent = bus::request(&self.nats, subject.clone(), Some(headers), payload, wait);
+        tokio::select! {
+            r = sent => Ok(r),
+            v = refused => Err(CallError::Reply(WireError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "NATS refused this identity: {} (docs/security.md says what each role may do)",
+                    v.message
+                ),
+            ))),
         }
     }
 
@@ -145,14 +181,9 @@ impl Client {
                 left
             };
             let (subject, leader) = self.target(command);
-            let attempt = bus::request(
-                &self.nats,
-                subject,
-                Some(headers.clone()),
-                payload.clone(),
-                wait,
-            )
-            .await;
+            let attempt = self
+                .request(subject, headers.clone(), payload.clone(), wait)
+                .await?;
             if let Ok(reply) = &attempt {
                 self.learn_leader(reply);
             }
@@ -235,14 +266,14 @@ impl Client {
             if left.is_zero() {
                 return Err(CallError::NoAnswer("deadline passed".into()));
             }
-            let attempt = bus::request(
-                &self.nats,
-                subject.clone(),
-                Some(headers.clone()),
-                payload.clone(),
-                left.min(attempt_wait),
-            )
-            .await;
+            let attempt = self
+                .request(
+                    subject.clone(),
+                    headers.clone(),
+                    payload.clone(),
+                    left.min(attempt_wait),
+                )
+                .await?;
             let retryable = match attempt {
                 Ok(reply) => match answer(&reply.payload, false)? {
                     Ok(v) => return Ok(v),

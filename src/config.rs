@@ -42,6 +42,10 @@ pub struct NodeConfig {
     pub capacity: u32,
     /// Raft voters the leader keeps: 1, 3 or 5; further nodes join as learners.
     pub voters_max: usize,
+    /// This node's identity: its seed file from `warden auth` (`node-<id>.nk`). Without one
+    /// (and without other NATS credentials) the node warns that the cluster is open to anyone
+    /// on its NATS server.
+    pub auth: Option<PathBuf>,
     pub nats: NatsConfig,
     pub raft: RaftConfig,
     pub failure: FailureConfig,
@@ -61,6 +65,7 @@ impl Default for NodeConfig {
             labels: BTreeMap::new(),
             capacity: 0,
             voters_max: 3,
+            auth: None,
             nats: NatsConfig::default(),
             raft: RaftConfig::default(),
             failure: FailureConfig::default(),
@@ -300,6 +305,18 @@ impl NodeConfig {
             if !cmd.is_absolute() {
                 bail!("exec.allow lists absolute paths only, not {cmd:?}");
             }
+        }
+        if let Some(path) = &self.auth {
+            let me = crate::auth::node_identity(self.id);
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            if crate::auth::node_of(stem).is_some_and(|other| other != self.id) {
+                bail!(
+                    "node {} cannot use {path:?}: that is the identity of {stem}",
+                    self.id
+                );
+            }
+            let identity = crate::auth::Identity::load(path, &self.cluster, Some(&me))?;
+            self.nats.identity = Some(identity);
         }
         Ok(self)
     }

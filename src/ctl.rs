@@ -16,12 +16,17 @@ use crate::protocol::Encoding;
 /// Command-line arguments of `warden ctl`.
 #[derive(Args, Debug)]
 pub struct CtlArgs {
-    /// NATS URL(s).
-    #[arg(long, env = "WARDEN_NATS", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
-    /// Cluster name.
-    #[arg(long, env = "WARDEN_CLUSTER", default_value = "default")]
-    pub cluster: String,
+    /// NATS URL(s) [default: that of the `warden up` cluster in ./.warden/up, else
+    /// nats://127.0.0.1:4222].
+    #[arg(long, env = "WARDEN_NATS")]
+    pub nats: Option<String>,
+    /// Cluster name [default: that of the `warden up` cluster, else `default`].
+    #[arg(long, env = "WARDEN_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Your identity: a seed file written by `warden auth` (`admin.nk`, ...); its file name
+    /// is the identity's name [default: the admin of the `warden up` cluster, if any].
+    #[arg(long, env = "WARDEN_AUTH")]
+    pub auth: Option<std::path::PathBuf>,
     /// NATS token.
     #[arg(long, env = "WARDEN_NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -46,6 +51,38 @@ pub struct CtlArgs {
     pub command: Vec<String>,
 }
 
+/// Where and as whom `ctl` connects, after defaults.
+struct Target {
+    url: String,
+    cluster: String,
+    auth: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// Flags and environment first; what they leave open comes from a `warden up` cluster
+    /// started in this directory, unless they name any credential of their own.
+    fn resolve(args: &CtlArgs) -> Target {
+        let own_credentials = args.auth.is_some() || args.token.is_some() || args.creds.is_some();
+        let local = match (&args.nats, own_credentials) {
+            (None, false) => crate::up::Local::read(std::path::Path::new(crate::up::DEFAULT_DIR)),
+            _ => None,
+        };
+        Target {
+            url: args
+                .nats
+                .clone()
+                .or_else(|| local.as_ref().map(|l| l.nats.clone()))
+                .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            cluster: args
+                .cluster
+                .clone()
+                .or_else(|| local.as_ref().map(|l| l.cluster.clone()))
+                .unwrap_or_else(|| "default".into()),
+            auth: args.auth.clone().or_else(|| local.and_then(|l| l.auth)),
+        }
+    }
+}
+
 /// Runs `warden ctl`.
 pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let (name, rest) = args.command.split_first().expect("clap requires a command");
@@ -55,19 +92,27 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         "ls" | "supervisors" => "list_supervisors",
         other => other,
     };
+    let target = Target::resolve(&args);
+    let identity = match &target.auth {
+        Some(path) => Some(crate::auth::Identity::load(path, &target.cluster, None)?),
+        None => None,
+    };
     let nats_cfg = NatsConfig {
-        url: args.nats.clone(),
+        url: target.url.clone(),
         token: args.token.clone(),
         creds_file: args.creds.clone(),
+        identity,
         ..NatsConfig::default()
     };
-    let nats = crate::bus::connect(&nats_cfg, "warden-ctl", false).await?;
+    let (nats, violations) = crate::bus::connect_watched(&nats_cfg, "warden-ctl", false).await?;
+    let mut client = Client::watched(nats, violations, &target.cluster);
+    client.deadline = Duration::from_millis(args.timeout_ms);
     match name {
         "watch" => {
             let filter = rest.first().map(String::as_str);
-            return watch(&nats, &args.cluster, filter, args.json).await;
+            return watch(&client, filter, args.json).await;
         }
-        "call" | "cast" => return call_agent(&nats, &args, name, rest).await,
+        "call" | "cast" => return call_agent(&client, &args, name, rest).await,
         _ => {}
     }
     let mut body = match parse_fields(rest) {
@@ -82,8 +127,6 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     if creates && body.get("request_id").is_none() {
         body["request_id"] = Value::String(uuid::Uuid::new_v4().to_string());
     }
-    let mut client = Client::new(nats, &args.cluster);
-    client.deadline = Duration::from_millis(args.timeout_ms);
     client.node = args.node;
     if args.msgpack {
         client.encoding = Encoding::Msgpack;
@@ -107,7 +150,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         Err(CallError::NoAnswer(why)) => {
             eprintln!(
                 "error: no answer from cluster {:?} at {} ({why}); is a node running?",
-                args.cluster, args.nats
+                target.cluster, target.url
             );
             Ok(ExitCode::from(3))
         }
@@ -117,7 +160,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
 /// `warden ctl call <agent> <json>` and `cast`: retried while the agent is not running (it may
 /// be starting or restarting) until the deadline.
 async fn call_agent(
-    nats: &async_nats::Client,
+    client: &Client,
     args: &CtlArgs,
     op: &str,
     rest: &[String],
@@ -133,17 +176,24 @@ async fn call_agent(
             return Ok(ExitCode::from(2));
         }
     };
-    let subjects = crate::subjects::Subjects::new(&args.cluster);
     let payload: bytes::Bytes = serde_json::to_vec(&body)?.into();
     if op == "cast" {
-        nats.publish(subjects.agent(agent, "cast"), payload).await?;
-        nats.flush().await?;
+        let subject = client.subjects.agent(agent, "cast");
+        let mut refusals = client.violations.as_ref().map(|v| v.subscribe());
+        client.nats.publish(subject.clone(), payload).await?;
+        client.nats.flush().await?;
+        // The server sends a refusal before it answers the flush, but the client reports it
+        // on another task: give that a moment.
+        let refused = crate::bus::refused(refusals.as_mut(), &subject);
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(250), refused).await {
+            eprintln!(
+                "error: forbidden: NATS refused this identity: {}",
+                v.message
+            );
+            return Ok(ExitCode::from(1));
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let client = crate::client::Client {
-        deadline: Duration::from_millis(args.timeout_ms),
-        ..crate::client::Client::new(nats.clone(), &args.cluster)
-    };
     match client.call_agent(agent, &body).await {
         Ok(v) => {
             println!(
@@ -206,17 +256,19 @@ fn insert_path(obj: &mut Value, path: &[&str], value: Value) -> Result<(), ()> {
 }
 
 /// Streams events matching `filter` (default: all) until interrupted.
-async fn watch(
-    nats: &async_nats::Client,
-    cluster: &str,
-    filter: Option<&str>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let subjects = crate::subjects::Subjects::new(cluster);
-    let mut sub = nats
-        .subscribe(subjects.event_filter(filter.unwrap_or(">")))
-        .await?;
-    while let Some(msg) = sub.next().await {
+async fn watch(client: &Client, filter: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let subject = client.subjects.event_filter(filter.unwrap_or(">"));
+    let mut refusals = client.violations.as_ref().map(|v| v.subscribe());
+    let mut sub = client.nats.subscribe(subject.clone()).await?;
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            v = crate::bus::refused(refusals.as_mut(), &subject) => {
+                eprintln!("error: forbidden: NATS refused this identity: {}", v.message);
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let Some(msg) = msg else { break };
         let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
         if json {
             println!("{v}");

@@ -6,6 +6,7 @@
 //! invariants; `docs/protocol.md` has the wire contract.
 
 pub mod agent;
+pub mod auth;
 pub mod bench;
 pub mod bus;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod protocol;
 pub mod raft;
 pub mod retry;
 pub mod subjects;
+pub mod tls;
 pub mod up;
 
 pub use warden_core::{limits, names, placement, registry, supervision};

@@ -27,6 +27,9 @@ enum Cmd {
     Up(warden::up::UpArgs),
     /// Measure a running cluster through the NATS command path.
     Bench(warden::bench::BenchArgs),
+    /// Write and change the identities NATS enforces (docs/security.md).
+    #[command(subcommand)]
+    Auth(warden::auth::AuthCmd),
 }
 
 /// Flags win over `WARDEN_*` environment variables, which win over the config file.
@@ -70,6 +73,9 @@ struct NodeArgs {
     /// NATS credentials file.
     #[arg(long, env = "WARDEN_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
+    /// This node's identity: its seed file from `warden auth` (node-<id>.nk).
+    #[arg(long, env = "WARDEN_AUTH")]
+    auth: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -113,6 +119,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.nats_creds {
             cfg.nats.creds_file = Some(v);
+        }
+        if let Some(v) = self.auth {
+            cfg.auth = Some(v);
         }
         cfg.finish()
     }
@@ -164,6 +173,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warden::up::run(args, shutdown_signal()).await
         }
         Cmd::Bench(args) => warden::bench::run(args).await,
+        Cmd::Auth(cmd) => {
+            warden::auth::run(cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

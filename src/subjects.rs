@@ -94,6 +94,11 @@ impl Subjects {
         format!("{}.node.{node}.cmd.{command}", self.prefix)
     }
 
+    /// `command` addressed to any one node: what a client role is allowed to publish.
+    pub fn node_cmd_any(&self, command: &str) -> String {
+        format!("{}.node.*.cmd.{command}", self.prefix)
+    }
+
     /// Wildcard one node subscribes to for commands addressed to it.
     pub fn node_cmd_all(&self, node: u64) -> String {
         format!("{}.node.{node}.cmd.*", self.prefix)
@@ -122,7 +127,11 @@ impl Subjects {
     /// versions never exchange a Raft message: each finds no responder at the other's, and
     /// openraft treats the peer as unreachable. It costs nothing per message, unlike a header.
     pub fn raft(&self, from: u64, to: u64, rpc: &str) -> String {
-        self.internal(from, To::Node(to), &format!("raft.v{REGISTRY_VERSION}.{rpc}"))
+        self.internal(
+            from,
+            To::Node(to),
+            &format!("raft.v{REGISTRY_VERSION}.{rpc}"),
+        )
     }
 
     /// Wildcard one node subscribes to for its Raft RPCs, of its own protocol version.
@@ -230,6 +239,11 @@ impl Subjects {
         format!("{}.bench.{run}.echo", self.prefix)
     }
 
+    /// Everything of `warden bench`'s reference responders.
+    pub fn bench_all(&self) -> String {
+        format!("{}.bench.>", self.prefix)
+    }
+
     /// The last token of a subject (the command or RPC name).
     pub fn last_token(subject: &str) -> &str {
         subject.rsplit('.').next().unwrap_or(subject)
@@ -244,10 +258,16 @@ mod tests {
     fn subjects_follow_the_spec() {
         let s = Subjects::new("prod");
         assert_eq!(s.cmd("health"), "warden.prod.cmd.health");
-        assert_eq!(s.raft(1, 3, "vote"), "warden.prod.internal.1.3.raft.v3.vote");
+        assert_eq!(
+            s.raft(1, 3, "vote"),
+            "warden.prod.internal.1.3.raft.v3.vote"
+        );
         assert_eq!(s.raft_to(3), "warden.prod.internal.*.3.raft.v3.*");
         assert_eq!(s.forward(2, 1), "warden.prod.internal.2.1.fwd");
-        assert_eq!(s.own(2, None, "join"), "warden.prod.internal.2.any.own.join");
+        assert_eq!(
+            s.own(2, None, "join"),
+            "warden.prod.internal.2.any.own.join"
+        );
         let own = s.own(2, Some(1), "heartbeat");
         let parsed = s.parse_internal(&own).unwrap();
         assert_eq!((parsed.from, parsed.to), (2, Some(1)));
@@ -256,7 +276,10 @@ mod tests {
         let parsed = s.parse_internal(&vote).unwrap();
         assert_eq!((parsed.from, parsed.kind, parsed.name), (1, "raft", "vote"));
         let fwd = s.forward(2, 1);
-        assert_eq!(s.parse_internal(&fwd).map(|p| (p.kind, p.name)), Some(("fwd", "")));
+        assert_eq!(
+            s.parse_internal(&fwd).map(|p| (p.kind, p.name)),
+            Some(("fwd", ""))
+        );
         assert_eq!(s.parse_internal("warden.prod.internal.x.1.own.join"), None);
         assert_eq!(s.parse_internal("warden.other.internal.2.1.own.join"), None);
         assert_eq!(

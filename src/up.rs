@@ -17,14 +17,42 @@ use tokio::process::{Child, Command};
 
 use crate::client::Client;
 
+/// Where `warden up` keeps its cluster by default, relative to the working directory.
+pub const DEFAULT_DIR: &str = ".warden/up";
+/// The file in that directory that tells `warden ctl` how to reach the cluster.
+const LOCAL_FILE: &str = "client.json";
+
+/// How to reach the cluster `warden up` runs: read by `warden ctl` when no flag says otherwise.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Local {
+    pub nats: String,
+    pub cluster: String,
+    /// The admin identity's seed file.
+    pub auth: Option<PathBuf>,
+}
+
+impl Local {
+    /// The cluster `warden up` runs from `dir`, if it runs one.
+    pub fn read(dir: &Path) -> Option<Local> {
+        let text = std::fs::read_to_string(dir.join(LOCAL_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join(LOCAL_FILE), serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+}
+
 /// Command-line arguments of `warden up`.
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Use this NATS server instead of starting one.
+    /// Use this NATS server instead of starting one. Run it with the config `warden up`
+    /// writes (`<dir>/auth/nats-server.conf`), or pass --no-auth.
     #[arg(long)]
     pub nats: Option<String>,
-    /// Directory for the nodes' data and logs.
-    #[arg(long, default_value = ".warden/up")]
+    /// Directory for the nodes' data, logs and identities.
+    #[arg(long, default_value = DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Cluster name.
     #[arg(long, default_value = "default")]
@@ -35,6 +63,44 @@ pub struct UpArgs {
     /// Delete the data directory first.
     #[arg(long)]
     pub fresh: bool,
+    /// Run without identities: anyone who reaches the NATS server can act as any node.
+    #[arg(long)]
+    pub no_auth: bool,
+}
+
+/// The nats-server arguments that load the config in identity directory `auth`.
+pub fn auth_args(auth: &Path) -> Vec<String> {
+    vec![
+        "-c".into(),
+        auth.join(crate::auth::SERVER_FILE)
+            .to_string_lossy()
+            .into_owned(),
+    ]
+}
+
+/// A client connection as identity `name` of the identities in `auth` (none: anonymous).
+pub async fn connect_as(
+    url: &str,
+    cluster: &str,
+    auth: Option<&Path>,
+    name: &str,
+) -> anyhow::Result<Client> {
+    let identity = match auth {
+        Some(dir) => Some(crate::auth::Identity::load(
+            &crate::auth::seed_path(dir, name),
+            cluster,
+            None,
+        )?),
+        None => None,
+    };
+    let cfg = crate::bus::NatsConfig {
+        url: url.to_string(),
+        identity,
+        ..Default::default()
+    };
+    let (nc, violations) =
+        crate::bus::connect_watched(&cfg, &format!("warden-{name}"), false).await?;
+    Ok(Client::watched(nc, violations, cluster))
 }
 
 /// A `nats-server` child process.
@@ -134,6 +200,9 @@ pub struct LocalCluster {
     pub config_toml: Option<String>,
     /// NATS URL of individual nodes, when not `nats_url` (a proxy per node, say).
     pub node_nats: BTreeMap<u64, String>,
+    /// The identity directory (`warden auth`): node `id` connects as `node-<id>`. Without
+    /// one, nodes connect anonymously.
+    pub auth: Option<PathBuf>,
     pub nodes: BTreeMap<u64, Child>,
 }
 
@@ -147,6 +216,7 @@ impl LocalCluster {
             cluster: cluster.to_string(),
             config_toml: None,
             node_nats: BTreeMap::new(),
+            auth: None,
             nodes: BTreeMap::new(),
         }
     }
@@ -180,6 +250,10 @@ impl LocalCluster {
         if bootstrap {
             cmd.arg("--bootstrap");
         }
+        if let Some(dir) = &self.auth {
+            let seed = crate::auth::seed_path(dir, &crate::auth::node_identity(id));
+            cmd.arg("--auth").arg(seed);
+        }
         if let Some(toml) = &self.config_toml {
             let path = self.dir.join(format!("node-{id}.toml"));
             std::fs::write(&path, toml)?;
@@ -190,6 +264,7 @@ impl LocalCluster {
             "WARDEN_CONFIG",
             "WARDEN_BOOTSTRAP",
             "WARDEN_DATA_DIR",
+            "WARDEN_AUTH",
         ] {
             cmd.env_remove(var);
         }
@@ -296,11 +371,17 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
         std::fs::remove_dir_all(&args.dir).with_context(|| format!("remove {:?}", args.dir))?;
     }
     std::fs::create_dir_all(&args.dir)?;
+    // Identities: made once, kept across runs (like the data), extended if --nodes grew.
+    let auth = (!args.no_auth).then(|| args.dir.join("auth"));
+    if let Some(dir) = &auth {
+        crate::auth::ensure(dir, &args.cluster, args.nodes)?;
+    }
     let mut nats = None;
     let url = match &args.nats {
         Some(u) => u.clone(),
         None => {
-            let server = NatsServer::start(&args.dir, &[]).await?;
+            let extra = auth.as_deref().map(auth_args).unwrap_or_default();
+            let server = NatsServer::start(&args.dir, &extra).await?;
             let url = server.url.clone();
             nats = Some(server);
             url
@@ -308,28 +389,37 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
     };
     let bin = std::env::current_exe().context("find the warden binary")?;
     let mut cluster = LocalCluster::new(bin, args.dir.clone(), url.clone(), &args.cluster);
+    cluster.auth = auth.clone();
     let initialized = cluster.data_dir(1).exists();
     for id in 1..=args.nodes {
         cluster.start_node(id, id == 1 && !initialized).await?;
     }
-    let nc = crate::bus::connect(
-        &crate::bus::NatsConfig {
-            url: url.clone(),
-            ..Default::default()
-        },
-        "warden-up",
-        false,
-    )
-    .await?;
-    let client = Client::new(nc, &args.cluster);
+    let client = connect_as(&url, &args.cluster, auth.as_deref(), "admin").await?;
     let status = cluster
         .wait_ready(&client, args.nodes as usize, Duration::from_secs(60))
         .await?;
+    let admin = match &auth {
+        Some(dir) => Some(std::fs::canonicalize(crate::auth::seed_path(dir, "admin"))?),
+        None => None,
+    };
+    Local {
+        nats: url.clone(),
+        cluster: args.cluster.clone(),
+        auth: admin.clone(),
+    }
+    .write(&args.dir)?;
     let story = demo(&client).await;
     let tree = client.call("get_supervision_tree", &json!({})).await.ok();
 
+    let security = match &admin {
+        Some(path) => format!(
+            "identities in {:?} (`warden ctl` uses the admin's, {path:?})",
+            args.dir.join("auth")
+        ),
+        None => "no identities: anyone on that NATS server can act as any node".into(),
+    };
     println!(
-        "\nWarden cluster {:?} is up: {} nodes, NATS at {url}\n",
+        "\nWarden cluster {:?} is up: {} nodes, NATS at {url}, {security}\n",
         args.cluster, args.nodes
     );
     print!("{}", crate::ctl::render("cluster_status", &status));
@@ -340,16 +430,18 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
     if let Some(story) = story {
         println!("\n{story}");
     }
-    println!("\nTalk to it from another terminal:");
-    println!("  warden ctl --nats {url} status");
-    println!("  warden ctl --nats {url} create_supervisor name=web strategy=one_for_all");
-    println!("  warden ctl --nats {url} tree");
-    println!("  warden ctl --nats {url} call hits op=add n=1");
-    println!("  warden ctl --nats {url} call hits op=crash");
-    println!("  warden ctl --nats {url} watch");
+    println!("\nTalk to it from another terminal, in this directory:");
+    println!("  warden ctl status");
+    println!("  warden ctl create_supervisor name=web strategy=one_for_all");
+    println!("  warden ctl tree");
+    println!("  warden ctl call hits op=add n=1");
+    println!("  warden ctl call hits op=crash");
+    println!("  warden ctl watch");
     println!("Logs and data: {:?}. Ctrl-C stops everything.", args.dir);
     shutdown.await;
     println!("stopping...");
+    let _ = std::fs::remove_file(args.dir.join(LOCAL_FILE)); // ctl no longer finds it
+
     cluster.stop_all(Duration::from_secs(10)).await;
     if let Some(mut n) = nats {
         n.kill().await;

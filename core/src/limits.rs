@@ -10,6 +10,10 @@ pub const NATS_DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// The smallest server `max_payload` we run against: a full Raft batch must fit in one message.
 pub const MIN_SERVER_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
+/// Permission violations a connection keeps for whoever watches them (`bus::Violations`);
+/// a watcher that falls further behind skips the oldest.
+pub const VIOLATION_QUEUE: usize = 64;
+
 /// Largest command body a client may send. Big enough for a 256 KiB checkpoint with its
 /// envelope, small enough that a batch of commands plus Raft framing stays under
 /// `max_payload`. Larger requests get `too_large` before anything is proposed.

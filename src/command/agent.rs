@@ -30,13 +30,18 @@ impl AgentRef {
         crate::registry::validate_request_id(&self.request_id)
     }
 
-    /// `get_agent`: the record, with its checkpoint's sequence number and size.
+    /// `get_agent`: the record without its config (a viewer may read it; a config may hold
+    /// secrets, which `export_state` hands to operators), with its checkpoint's sequence
+    /// number and size.
     pub fn get(&self, reg: &Registry) -> Result<Value, WireError> {
         let a = reg
             .agent(&self.agent)
             .ok_or_else(|| not_found(&self.agent))?;
         let mut v = serde_json::to_value(a)
             .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+        if let Some(record) = v.as_object_mut() {
+            record.remove("config");
+        }
         if let Some(c) = reg.checkpoint(a.id) {
             v["checkpoint"] =
                 json!({ "seq": c.seq, "epoch": c.epoch, "bytes": c.state.len(), "time": c.time });
@@ -44,18 +49,18 @@ impl AgentRef {
         Ok(v)
     }
 
-    /// `export_state`: the last checkpoint's bytes (MessagePack), base64 in JSON.
+    /// `export_state`: the agent's config and its last checkpoint's bytes (MessagePack),
+    /// base64 in JSON; `seq`, `epoch` and `state` are null while it has no checkpoint.
     pub fn export(&self, reg: &Registry) -> Result<Value, WireError> {
         let a = reg
             .agent(&self.agent)
             .ok_or_else(|| not_found(&self.agent))?;
-        let c = reg.checkpoint(a.id).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::NotFound,
-                format!("agent {:?} has no checkpoint yet", self.agent),
-            )
-        })?;
-        Ok(json!({ "agent": a.id, "seq": c.seq, "epoch": c.epoch, "state": base64(&c.state) }))
+        Ok(match reg.checkpoint(a.id) {
+            Some(c) => json!({ "agent": a.id, "config": a.config, "seq": c.seq,
+                               "epoch": c.epoch, "state": base64(&c.state) }),
+            None => json!({ "agent": a.id, "config": a.config, "seq": null, "epoch": null,
+                            "state": null }),
+        })
     }
 }
 

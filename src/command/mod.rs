@@ -18,9 +18,10 @@ pub use cluster::{JoinRequest, LeaveRequest};
 pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
 
-/// Who may send a command. The trust boundary enforces it with NATS permissions per identity;
-/// until then it documents the intent (docs/security.md will carry the table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who may send a command. NATS enforces it: `auth::permissions` turns each identity's role
+/// into the subjects it may publish on (docs/security.md has the table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Reads and events, without agent configs or checkpoints.
     Viewer,
@@ -30,6 +31,33 @@ pub enum Role {
     Admin,
     /// A node of the cluster speaking for itself: heartbeats, reports, checkpoints, hand-offs.
     Node,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Node => "node",
+        }
+    }
+
+    /// Whether this role may send what `needed` may: client roles nest (viewer within
+    /// operator within admin); only a node sends node commands, and a node sends no client
+    /// command of its own accord (it relays them).
+    pub fn allows(self, needed: Role) -> bool {
+        let rank = |r: Role| match r {
+            Role::Viewer => Some(0),
+            Role::Operator => Some(1),
+            Role::Admin => Some(2),
+            Role::Node => None,
+        };
+        match (rank(self), rank(needed)) {
+            (Some(have), Some(need)) => have >= need,
+            _ => self == needed,
+        }
+    }
 }
 
 /// One command of the NATS interface: the single declaration that parsing, routing, `warden

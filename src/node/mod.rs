@@ -473,13 +473,25 @@ pub async fn run_with_kinds(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let subjects = Subjects::new(&cfg.cluster);
-    let client = bus::connect(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
+    let (client, violations) =
+        bus::connect_watched(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
     // With retry_on_initial_connect the client may not be connected yet: a flush waits for
     // the connection, after which the server's INFO (and its max_payload) is known.
     client
         .flush()
         .await
         .context("wait for the NATS connection")?;
+    if !cfg.nats.has_credentials() {
+        tracing::warn!(
+            "no NATS identity (--auth): this cluster is open to anyone on its NATS server, who \
+             can stop, impersonate or outvote its nodes; see docs/security.md"
+        );
+    } else if !client.server_info().auth_required {
+        tracing::warn!(
+            "the NATS server does not require authentication: anyone on it can act as any \
+             node; run it with the config `warden auth init` writes (docs/security.md)"
+        );
+    }
     let max_payload = client.server_info().max_payload;
     anyhow::ensure!(
         max_payload >= limits::MIN_SERVER_MAX_PAYLOAD_BYTES,
@@ -610,14 +622,37 @@ pub async fn run_with_kinds(
             }
         }
     };
+    // A node whose subscriptions NATS refuses cannot do its part: it holds another node's
+    // identity, or the server's users are stale.
+    let mut refusals = violations.subscribe();
+    let refused = async move {
+        loop {
+            match refusals.recv().await {
+                Ok(v) if !v.publish => return v,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    };
     let mut fatal = None;
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
+        v = refused => {
+            let why = format!(
+                "NATS refused this node's subscription to {:?}: its identity is not node-{}'s, \
+                 or the server's users are out of date (docs/security.md)",
+                v.subject, cfg.id
+            );
+            tracing::error!("{why}; stopping the node");
+            fatal = Some(why);
+        }
         _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
         why = watchdog => match why {
             Some(why) => {
                 tracing::error!(error = %why, "Raft stopped with a fatal error; stopping the node");
-                fatal = Some(why);
+                fatal = Some(format!("Raft stopped with a fatal error: {why}"));
             }
             None => tracing::warn!("this node left the cluster; stopping"),
         }
@@ -658,7 +693,7 @@ pub async fn run_with_kinds(
     }
     tracing::info!("node stopped");
     match fatal {
-        Some(why) => anyhow::bail!("Raft stopped with a fatal error: {why}"),
+        Some(why) => anyhow::bail!("{why}"),
         None => Ok(()),
     }
 }

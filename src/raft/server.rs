@@ -54,16 +54,30 @@ async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_
     let rpc = Subjects::last_token(&msg.subject);
     let body = match rpc {
         RPC_APPEND => {
-            answer(&msg.payload, from, |r: &AppendEntriesRequest| r.vote, |r| {
-                raft.append_entries(r)
-            })
+            answer(
+                &msg.payload,
+                from,
+                |r: &AppendEntriesRequest| r.vote,
+                |r| raft.append_entries(r),
+            )
             .await
         }
-        RPC_VOTE => answer(&msg.payload, from, |r: &VoteRequest| r.vote, |r| raft.vote(r)).await,
+        RPC_VOTE => {
+            answer(
+                &msg.payload,
+                from,
+                |r: &VoteRequest| r.vote,
+                |r| raft.vote(r),
+            )
+            .await
+        }
         RPC_SNAPSHOT => {
-            answer(&msg.payload, from, |r: &InstallSnapshotRequest| r.vote, |r| {
-                raft.install_snapshot(r)
-            })
+            answer(
+                &msg.payload,
+                from,
+                |r: &InstallSnapshotRequest| r.vote,
+                |r| raft.install_snapshot(r),
+            )
             .await
         }
         other => {

@@ -5,4 +5,5 @@ mod agents;
 mod cluster;
 mod commands;
 mod placement;
+mod security;
 mod support;

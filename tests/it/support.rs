@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use warden::bus::NatsConfig;
 use warden::client::Client;
 use warden::config::NodeConfig;
-use warden::up::{LocalCluster, NatsServer};
+use warden::up::{auth_args, connect_as, LocalCluster, NatsServer};
 
 pub const CLUSTER: &str = "test";
 
@@ -32,24 +31,47 @@ where
     }
 }
 
-pub async fn connect(url: &str) -> async_nats::Client {
-    warden::bus::connect(
-        &NatsConfig {
-            url: url.into(),
-            ..Default::default()
-        },
-        "test",
-        false,
-    )
-    .await
-    .expect("connect to the test nats-server")
+/// A nats-server running the config `warden auth` writes, with its identity directory: every
+/// test runs with auth on, as production should.
+pub struct Nats {
+    pub server: NatsServer,
+    /// The identities: `node-1..node-(n+2)`, `admin`, `operator`, `viewer`.
+    pub auth: std::path::PathBuf,
+}
+
+impl Nats {
+    /// Starts nats-server in `dir` with identities for nodes 1..=`nodes`.
+    pub async fn start(dir: &std::path::Path, nodes: u64) -> Nats {
+        let auth = dir.join("auth");
+        warden::auth::ensure(&auth, CLUSTER, nodes).unwrap();
+        let server = NatsServer::start(dir, &auth_args(&auth)).await.unwrap();
+        Nats { server, auth }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+
+    /// A client connected as identity `name`.
+    pub async fn client(&self, name: &str) -> Client {
+        connect_as(self.url(), CLUSTER, Some(&self.auth), name)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {name}: {e:#}"))
+    }
+
+    /// Makes nats-server read its config again (identities added, rotated or revoked).
+    pub fn reload(&self) {
+        let pid = self.server.pid().expect("nats-server runs");
+        warden::up::signal(pid, libc::SIGHUP);
+    }
 }
 
 /// Nodes as separate OS processes.
 pub struct TestCluster {
     pub cluster: LocalCluster,
+    /// A client with the admin identity.
     pub client: Client,
-    _nats: NatsServer,
+    pub nats: Nats,
     _dir: TempDir,
 }
 
@@ -57,15 +79,20 @@ impl TestCluster {
     /// Starts nats-server and `n` nodes (node 1 bootstraps), and waits until all are up.
     pub async fn start(n: u64, config_toml: Option<&str>) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
+        let nats = Nats::start(dir.path(), n + 2).await;
         let bin = env!("CARGO_BIN_EXE_warden").into();
-        let mut cluster =
-            LocalCluster::new(bin, dir.path().join("nodes"), nats.url.clone(), CLUSTER);
+        let mut cluster = LocalCluster::new(
+            bin,
+            dir.path().join("nodes"),
+            nats.url().to_string(),
+            CLUSTER,
+        );
         cluster.config_toml = config_toml.map(str::to_string);
+        cluster.auth = Some(nats.auth.clone());
         for id in 1..=n {
             cluster.start_node(id, id == 1).await.unwrap();
         }
-        let client = Client::new(connect(&nats.url).await, CLUSTER);
+        let client = nats.client("admin").await;
         cluster
             .wait_ready(&client, n as usize, Duration::from_secs(30))
             .await
@@ -73,7 +100,7 @@ impl TestCluster {
         TestCluster {
             cluster,
             client,
-            _nats: nats,
+            nats,
             _dir: dir,
         }
     }
@@ -130,8 +157,9 @@ pub async fn supervisor_names(client: &Client) -> Vec<String> {
 
 /// One node running inside the test process, on its own nats-server.
 pub struct InProcessNode {
+    /// A client with the admin identity.
     pub client: Client,
-    _nats: NatsServer,
+    pub nats: Nats,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -145,22 +173,23 @@ impl InProcessNode {
     /// Starts a node whose config `tweak` may change first.
     pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> InProcessNode {
         let dir = tempfile::tempdir().unwrap();
-        let nats = NatsServer::start(dir.path(), &[]).await.unwrap();
+        let nats = Nats::start(dir.path(), 1).await;
         let mut cfg = NodeConfig {
             id: 1,
             cluster: CLUSTER.into(),
             data_dir: dir.path().join("node-1"),
             bootstrap: true,
+            auth: Some(warden::auth::seed_path(&nats.auth, "node-1")),
             ..Default::default()
         };
-        cfg.nats.url = nats.url.clone();
+        cfg.nats.url = nats.url().to_string();
         tweak(&mut cfg);
         let cfg = cfg.finish().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(warden::node::run(cfg, async move {
             let _ = stopped.await;
         }));
-        let client = Client::new(connect(&nats.url).await, CLUSTER);
+        let client = nats.client("admin").await;
         wait_for(
             "the in-process node to lead",
             Duration::from_secs(20),
@@ -175,7 +204,7 @@ impl InProcessNode {
         .await;
         InProcessNode {
             client,
-            _nats: nats,
+            nats,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

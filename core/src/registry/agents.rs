@@ -296,7 +296,19 @@ impl FindAgents {
         } else {
             None
         };
-        Ok(json!({ "agents": page, "next": next }))
+        // Records without their configs: a viewer may list agents, and a config may hold
+        // secrets (`export_state` hands it to operators).
+        let records: Vec<Value> = page
+            .iter()
+            .map(|a| {
+                let mut v = serde_json::to_value(a).unwrap_or(Value::Null);
+                if let Some(record) = v.as_object_mut() {
+                    record.remove("config");
+                }
+                v
+            })
+            .collect();
+        Ok(json!({ "agents": records, "next": next }))
     }
 }
 

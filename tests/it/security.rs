@@ -1,0 +1,435 @@
+//! The trust boundary (docs/security.md): identities and roles that nats-server itself
+//! enforces, with the config `warden auth` writes, against real nodes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warden::auth::{seed_path, Identity};
+use warden::bus::{self, NatsConfig, Violation, Violations};
+use warden::client::{CallError, Client};
+use warden::protocol::{Encoding, Envelope, ErrorCode};
+use warden::subjects::Subjects;
+
+use crate::support::{wait_agent, wait_for, InProcessNode, Nats, TestCluster, CLUSTER};
+
+/// A raw connection as identity `name`, with its permission violations.
+async fn raw_as(nats: &Nats, name: &str) -> (async_nats::Client, Violations) {
+    let cfg = NatsConfig {
+        url: nats.url().to_string(),
+        identity: Some(Identity::load(&seed_path(&nats.auth, name), CLUSTER, None).unwrap()),
+        ..Default::default()
+    };
+    bus::connect_watched(&cfg, name, false).await.unwrap()
+}
+
+/// Waits for NATS to refuse something on `subject` (a publish to it, or a subscription).
+async fn refusal(rx: &mut tokio::sync::broadcast::Receiver<Violation>, subject: &str) -> Violation {
+    let wait = async {
+        loop {
+            let v = rx.recv().await.expect("the connection's violations");
+            if v.subject == subject {
+                return v;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .unwrap_or_else(|_| panic!("NATS did not refuse {subject}"))
+}
+
+/// Asserts that `command` is refused to `client` with a clear `forbidden` at once.
+async fn forbidden(client: &Client, command: &str, body: Value) {
+    let start = Instant::now();
+    match client.call(command, &body).await {
+        Err(CallError::Reply(e)) => {
+            assert_eq!(e.code, ErrorCode::Forbidden, "{command}: {}", e.message);
+            assert!(
+                e.message.contains(command),
+                "names the subject: {}",
+                e.message
+            );
+        }
+        other => panic!("{command} should be forbidden: {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{command}: refused at once, not after a timeout ({:?})",
+        start.elapsed()
+    );
+}
+
+async fn names(client: &Client) -> Vec<String> {
+    crate::support::supervisor_names(client).await
+}
+
+/// Goal: each role can do what its row of docs/security.md allows, and is refused the rest
+/// with a clear `forbidden` that changes nothing; viewers read events but no one reads
+/// another identity's replies; an anonymous connection is refused.
+#[tokio::test]
+async fn each_role_may_do_what_its_row_allows_and_nothing_more() {
+    let node = InProcessNode::start().await;
+    let viewer = node.nats.client("viewer").await;
+    let operator = node.nats.client("operator").await;
+    let admin = &node.client;
+
+    // The viewer watches events, reads, and changes nothing.
+    let (viewer_raw, viewer_refusals) = raw_as(&node.nats, "viewer").await;
+    let events = Subjects::new(CLUSTER).event_filter("supervisor.>");
+    let mut watch = viewer_raw.subscribe(events).await.unwrap();
+    viewer_raw.flush().await.unwrap();
+    viewer.call("cluster_status", &json!({})).await.unwrap();
+    for (command, body) in [
+        ("create_supervisor", json!({"name": "by-viewer"})),
+        (
+            "spawn_agent",
+            json!({"supervisor": "root", "kind": "counter"}),
+        ),
+        ("export_state", json!({"agent": "x"})),
+        ("join", json!({"node_id": 9, "name": "n9"})),
+    ] {
+        forbidden(&viewer, command, body).await;
+    }
+    match viewer.call_agent("anyone", &json!({})).await {
+        Err(CallError::Reply(e)) => assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message),
+        other => panic!("a viewer cannot call agents: {other:?}"),
+    }
+    assert_eq!(names(admin).await, ["root"], "nothing changed");
+
+    // The operator runs supervisors and agents, and no more.
+    let created = operator
+        .call(
+            "create_supervisor",
+            &json!({"name": "team", "request_id": "t1"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created["name"], "team");
+    let ev = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut watch))
+        .await
+        .expect("the viewer sees the event")
+        .unwrap();
+    let ev: Value = serde_json::from_slice(&ev.payload).unwrap();
+    assert_eq!(ev["id"], "team");
+    let body = json!({"supervisor": "team", "name": "c", "kind": "counter",
+                      "config": {"durable": true}, "request_id": "c1"});
+    operator.call("spawn_agent", &body).await.unwrap();
+    wait_agent(&operator, "c", "the counter to run", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    let v = operator
+        .call_agent("c", &json!({"op": "add", "n": 2}))
+        .await
+        .unwrap();
+    assert_eq!(v["value"], 2);
+    for (command, body) in [
+        ("join", json!({"node_id": 9, "name": "n9"})),
+        ("leave", json!({"node_id": 1})),
+        ("drain_node", json!({"node": 1})),
+        ("rebalance", json!({})),
+        ("import_state", json!({"agent": "c", "state": "kA=="})),
+    ] {
+        forbidden(&operator, command, body).await;
+    }
+    // No client role sends node commands: NATS refuses them before any node sees them.
+    for client in [&viewer, &operator, admin] {
+        forbidden(client, "heartbeat", json!({"node_id": 1})).await;
+    }
+    let agent = admin
+        .call("get_agent", &json!({"agent": "c"}))
+        .await
+        .unwrap();
+    assert_eq!(agent["status"], "running", "the drain was refused");
+
+    // The admin does everything.
+    let moves = admin
+        .call("rebalance", &json!({"dry_run": true}))
+        .await
+        .unwrap();
+    assert_eq!(moves["dry_run"], true);
+
+    // Nobody reads another identity's replies.
+    let mut refusals = viewer_refusals.subscribe();
+    let stolen = format!("{}.>", warden::auth::inbox_prefix(CLUSTER, "admin"));
+    let _sub = viewer_raw.subscribe(stolen.clone()).await.unwrap();
+    viewer_raw.flush().await.unwrap();
+    let v = refusal(&mut refusals, &stolen).await;
+    assert!(!v.publish, "{v:?}");
+
+    // No credentials, no connection.
+    let anonymous = NatsConfig {
+        url: node.nats.url().to_string(),
+        ..Default::default()
+    };
+    assert!(bus::connect(&anonymous, "anonymous", false).await.is_err());
+    node.shutdown().await.unwrap();
+}
+
+/// Goal: G8 with real node processes: node 2's identity can neither speak as node 3 (NATS
+/// refuses the subject) nor speak for it on its own subjects (the leader refuses), nor listen
+/// to what is addressed to node 3; no client can stop a node, publish Raft traffic or join a
+/// node unless it is an admin.
+#[tokio::test]
+async fn a_node_identity_speaks_and_listens_only_as_itself() {
+    let tc = TestCluster::start(3, None).await;
+    let leader = tc.leader().await;
+    let s = Subjects::new(CLUSTER);
+    let (node2, node2_violations) = raw_as(&tc.nats, "node-2").await;
+    let mut refusals = node2_violations.subscribe();
+    let heartbeat = |node: u64| Encoding::Json.encode(&json!({"node_id": node}));
+
+    // Node 2 cannot publish as node 3.
+    let as_3 = s.own(3, Some(leader), "heartbeat");
+    node2
+        .publish(as_3.clone(), heartbeat(3).into())
+        .await
+        .unwrap();
+    node2.flush().await.unwrap();
+    assert!(refusal(&mut refusals, &as_3).await.publish);
+
+    // On its own subject, it cannot speak for node 3 either.
+    for (command, body) in [
+        ("heartbeat", heartbeat(3)),
+        (
+            "report_agents",
+            Encoding::Json.encode(&json!({"reports": [{"agent": uuid::Uuid::nil(),
+                "node": 3, "epoch": 1, "status": "running", "restarts": 0, "error": null}]})),
+        ),
+    ] {
+        let subject = s.own(2, Some(leader), command);
+        let reply = bus::request(&node2, subject, None, body.into(), Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{command}: the leader answers: {e}"));
+        let err = Envelope::decode(&reply.payload)
+            .and_then(Envelope::into_result)
+            .expect_err(command);
+        assert_eq!(err.code, ErrorCode::Forbidden, "{command}: {}", err.message);
+        assert!(
+            err.message.contains("node 2 may not speak for node 3"),
+            "{}",
+            err.message
+        );
+    }
+
+    // Nor listen to what is addressed to node 3 (it could answer as node 3).
+    for subject in [
+        format!("{}.*.3.>", s.internal_prefix()),
+        s.node_cmd_all(3),
+        format!("{}.>", warden::auth::inbox_prefix(CLUSTER, "node-3")),
+    ] {
+        let _sub = node2.subscribe(subject.clone()).await.unwrap();
+        node2.flush().await.unwrap();
+        assert!(!refusal(&mut refusals, &subject).await.publish, "{subject}");
+    }
+
+    // Clients: no stopping a node by its event, no Raft, no join below admin.
+    let (admin, admin_violations) = raw_as(&tc.nats, "admin").await;
+    let mut refusals = admin_violations.subscribe();
+    for subject in [
+        s.event("node", "2", "left"),
+        s.raft(1, 2, "vote"),
+        s.raft(leader, 2, "append"),
+        s.forward(1, leader),
+    ] {
+        admin.publish(subject.clone(), "{}".into()).await.unwrap();
+        admin.flush().await.unwrap();
+        assert!(refusal(&mut refusals, &subject).await.publish, "{subject}");
+    }
+    let operator = tc.nats.client("operator").await;
+    forbidden(&operator, "join", json!({"node_id": 4, "name": "n4"})).await;
+    forbidden(&operator, "leave", json!({"node_id": 2})).await;
+
+    // Node 2 still runs and the cluster still writes.
+    let health = tc.via(2).call("health", &json!({})).await.unwrap();
+    assert_eq!(health["node_id"], 2);
+    tc.client
+        .call(
+            "create_supervisor",
+            &json!({"name": "still-writes", "request_id": "w"}),
+        )
+        .await
+        .unwrap();
+    let status = tc.status().await;
+    let up = status["nodes"].as_array().unwrap();
+    assert!(up.iter().all(|n| n["status"] == "up"), "{status}");
+}
+
+/// Connects as identity `name` with the seed at `seed`, or fails.
+async fn try_connect(nats: &Nats, seed: &Path) -> anyhow::Result<Client> {
+    let identity = Identity::load(seed, CLUSTER, None)?;
+    let cfg = NatsConfig {
+        url: nats.url().to_string(),
+        identity: Some(identity),
+        ..Default::default()
+    };
+    let (nc, violations) = bus::connect_watched(&cfg, "rotating", false).await?;
+    Ok(Client::watched(nc, violations, CLUSTER))
+}
+
+/// Goal: adding, rotating and revoking an identity take effect when nats-server reloads its
+/// config, without restarting the server or the cluster, and leave the others alone.
+#[tokio::test]
+async fn identities_are_added_rotated_and_revoked_with_a_config_reload() {
+    let node = InProcessNode::start().await;
+    let dir = &node.nats.auth;
+    let others = std::fs::read_to_string(seed_path(dir, "operator")).unwrap();
+    warden::auth::run(warden::auth::AuthCmd::Add {
+        out: dir.clone(),
+        name: "alice".into(),
+        role: Some(warden::command::Role::Operator),
+    })
+    .unwrap();
+    let alice = seed_path(dir, "alice");
+    assert!(
+        try_connect(&node.nats, &alice).await.is_err(),
+        "not before the reload"
+    );
+    node.nats.reload();
+    let client = wait_for("alice to be let in", Duration::from_secs(10), || async {
+        try_connect(&node.nats, &alice).await.ok()
+    })
+    .await;
+    client
+        .call(
+            "create_supervisor",
+            &json!({"name": "alices", "request_id": "a1"}),
+        )
+        .await
+        .unwrap();
+    forbidden(&client, "drain_node", json!({"node": 1})).await;
+
+    // Rotation: the old key stops working, the new one works.
+    let old = tempfile::tempdir().unwrap();
+    let old_seed = old.path().join("alice.nk");
+    std::fs::copy(&alice, &old_seed).unwrap();
+    warden::auth::run(warden::auth::AuthCmd::Rotate {
+        out: dir.clone(),
+        name: "alice".into(),
+    })
+    .unwrap();
+    node.nats.reload();
+    wait_for(
+        "the old key to be refused",
+        Duration::from_secs(10),
+        || async {
+            try_connect(&node.nats, &old_seed)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let mut rotated = try_connect(&node.nats, &alice).await.unwrap();
+    rotated.deadline = Duration::from_secs(2);
+    rotated.call("cluster_status", &json!({})).await.unwrap();
+
+    // Revocation closes the door, and the seed is gone.
+    warden::auth::run(warden::auth::AuthCmd::Revoke {
+        out: dir.clone(),
+        name: "alice".into(),
+    })
+    .unwrap();
+    assert!(!alice.exists());
+    node.nats.reload();
+    wait_for("alice to be refused", Duration::from_secs(10), || async {
+        try_connect(&node.nats, &old_seed)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        rotated.call("cluster_status", &json!({})).await.is_err(),
+        "a revoked identity's open connection no longer works"
+    );
+    // Nobody else was touched: the node and the admin still work, the operator's key is the same.
+    assert_eq!(
+        std::fs::read_to_string(seed_path(dir, "operator")).unwrap(),
+        others
+    );
+    node.client
+        .call("cluster_status", &json!({}))
+        .await
+        .unwrap();
+    node.nats
+        .client("operator")
+        .await
+        .call("health", &json!({}))
+        .await
+        .unwrap();
+    node.shutdown().await.unwrap();
+}
+
+/// Kills `warden up` on drop: SIGTERM first, so that it stops the nodes and the nats-server
+/// it started, then SIGKILL if it is still there after a bounded wait.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        warden::up::signal(self.0.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Goal: `warden up` is secure by default (its NATS refuses anonymous connections) and
+/// `warden ctl` run in the same directory works against it with no flags at all.
+#[tokio::test]
+async fn warden_up_runs_with_auth_and_ctl_needs_no_flags() {
+    let cwd = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_warden");
+    let clean = |cmd: &mut std::process::Command| {
+        for var in [
+            "WARDEN_NATS",
+            "WARDEN_AUTH",
+            "WARDEN_CLUSTER",
+            "WARDEN_NATS_TOKEN",
+        ] {
+            cmd.env_remove(var);
+        }
+    };
+    let mut up = std::process::Command::new(bin);
+    up.args(["up", "--nodes", "1"])
+        .current_dir(cwd.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    clean(&mut up);
+    let _up = Up(up.spawn().unwrap());
+    let local = cwd.path().join(warden::up::DEFAULT_DIR);
+    let found = wait_for("warden up to be ready", Duration::from_secs(90), || {
+        let local = local.clone();
+        async move { warden::up::Local::read(&local) }
+    })
+    .await;
+    assert!(found.auth.is_some(), "up runs with identities: {found:?}");
+
+    let mut ctl = std::process::Command::new(bin);
+    ctl.args(["ctl", "--json", "status"])
+        .current_dir(cwd.path());
+    clean(&mut ctl);
+    let out = ctl.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["leader"], 1, "{status}");
+
+    let anonymous = NatsConfig {
+        url: found.nats.clone(),
+        ..Default::default()
+    };
+    assert!(
+        bus::connect(&anonymous, "anonymous", false).await.is_err(),
+        "up's NATS refuses anonymous connections"
+    );
+}

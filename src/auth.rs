@@ -294,8 +294,10 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server config `init` writes: NATS on `port`, the users included, TLS if asked.
-fn server_config(cluster: &str, port: u16, tls: bool) -> String {
+/// The server config `init` writes into `dir`: NATS on `port`, the users included, TLS if
+/// asked (nats-server reads certificate paths from its working directory, unlike includes,
+/// so they are absolute).
+fn server_config(dir: &Path, cluster: &str, port: u16, tls: bool) -> anyhow::Result<String> {
     let mut out = format!(
         "# nats-server config for Warden cluster {cluster:?}, written by `warden auth init`.\n\
          # Run: nats-server -c {SERVER_FILE}   (command-line flags override what is here)\n\
@@ -305,14 +307,15 @@ fn server_config(cluster: &str, port: u16, tls: bool) -> String {
          include \"{USERS_FILE}\"\n"
     );
     if tls {
+        let dir = std::fs::canonicalize(dir).with_context(|| format!("resolve {dir:?}"))?;
         let _ = writeln!(
             out,
-            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 2\n}}",
-            crate::tls::SERVER_CERT_FILE,
-            crate::tls::SERVER_KEY_FILE
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 2\n}}",
+            dir.join(crate::tls::SERVER_CERT_FILE),
+            dir.join(crate::tls::SERVER_KEY_FILE)
         );
     }
-    out
+    Ok(out)
 }
 
 /// `warden auth`: writes and changes a cluster's identities.
@@ -336,6 +339,9 @@ pub enum AuthCmd {
         /// Also write a CA and certificates, and turn TLS on in nats-server.conf.
         #[arg(long)]
         tls: bool,
+        /// Do nothing if DIR holds identities already (for a container's first start).
+        #[arg(long)]
+        if_absent: bool,
     },
     /// Adds one identity (node-<id>, admin, operator, viewer, or any name with --role).
     Add {
@@ -384,7 +390,12 @@ pub fn run(cmd: AuthCmd) -> anyhow::Result<()> {
             cluster,
             port,
             tls,
+            if_absent,
         } => {
+            if if_absent && out.join(IDENTITIES_FILE).exists() {
+                println!("{out:?} holds identities already; nothing to do");
+                return Ok(());
+            }
             init(&out, &cluster, nodes, port, tls)?;
             println!(
                 "Wrote {} identities for cluster {cluster:?} to {out:?}.\n\
@@ -483,7 +494,7 @@ pub fn init(dir: &Path, cluster: &str, nodes: u64, port: u16, tls: bool) -> anyh
     }
     write_atomic(
         &dir.join(SERVER_FILE),
-        server_config(cluster, port, tls).as_bytes(),
+        server_config(dir, cluster, port, tls)?.as_bytes(),
         0o644,
     )?;
     Ok(())

@@ -89,7 +89,7 @@ impl Client {
 
     /// One request, failed at once with `forbidden` if NATS refuses it (its publish, or the
     /// subscription to this identity's inbox).
-    async fn request(
+    pub async fn request(
         &self,
         subject: String,
         headers: HeaderMap,

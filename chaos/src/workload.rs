@@ -463,11 +463,16 @@ async fn bad_input(client: &Client, history: &History, k: usize, rng: &mut StdRn
     let (what, command, body) = &cases[rng.gen_range(0..cases.len())];
     let invoke_ms = history.now_ms();
     let subject = client.subjects.cmd(command);
-    let req = async_nats::Request::new()
-        .payload(body.clone().into())
-        .timeout(Some(client.deadline));
-    let out = match client.nats.send_request(subject, req).await {
-        Ok(msg) => {
+    let sent = client
+        .request(
+            subject,
+            async_nats::HeaderMap::new(),
+            body.clone().into(),
+            client.deadline,
+        )
+        .await;
+    let out = match sent {
+        Ok(Ok(msg)) => {
             match warden::protocol::Envelope::decode(&msg.payload).map(|e| e.into_result()) {
                 Ok(Ok(v)) => Outcome::Ok { value: v },
                 Ok(Err(e)) => outcome(Err(CallError::Reply(e))),
@@ -477,7 +482,9 @@ async fn bad_input(client: &Client, history: &History, k: usize, rng: &mut StdRn
                 },
             }
         }
-        Err(e) => Outcome::Unknown { why: e.to_string() },
+        // NATS refused it (an unknown command is no identity's to send).
+        Err(e) => outcome(Err(e)),
+        Ok(Err(e)) => Outcome::Unknown { why: e.to_string() },
     };
     history.record(Op {
         client: k,

@@ -66,15 +66,19 @@ impl World {
         let n = s.nats_servers as usize;
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        // Identities on, as in production: every node and the harness's client connect with
+        // their own nkey, limited to their roles.
+        let auth = dir.join("auth");
+        warden::auth::ensure(&auth, "chaos", s.nodes)?;
         let mut nats = Vec::new();
         for i in 0..n {
-            let mut args = Vec::new();
+            let mut args = warden::up::auth_args(&auth);
             if n > 1 {
                 let all: Vec<String> = routes
                     .iter()
                     .map(|p| format!("nats://127.0.0.1:{p}"))
                     .collect();
-                args = vec![
+                args.extend([
                     "-n".into(),
                     format!("n{i}"),
                     "--cluster_name".into(),
@@ -83,7 +87,7 @@ impl World {
                     format!("nats://127.0.0.1:{}", routes[i]),
                     "--routes".into(),
                     all.join(","),
-                ];
+                ]);
             }
             let server = NatsServer::start_on(&dir, Some(ports[i]), &args).await?;
             nats.push(Nats {
@@ -94,6 +98,7 @@ impl World {
         }
         let mut proxies = BTreeMap::new();
         let mut cluster = LocalCluster::new(bin, dir.join("nodes"), String::new(), "chaos");
+        cluster.auth = Some(auth.clone());
         for id in 1..=s.nodes {
             let server = ((id - 1) as usize) % n;
             let proxy = Proxy::start(format!("127.0.0.1:{}", ports[server])).await?;
@@ -109,16 +114,7 @@ impl World {
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect();
-        let nc = warden::bus::connect(
-            &warden::bus::NatsConfig {
-                url: all.join(","),
-                ..Default::default()
-            },
-            "warden-chaos",
-            false,
-        )
-        .await?;
-        let client = Client::new(nc, "chaos");
+        let client = warden::up::connect_as(&all.join(","), "chaos", Some(&auth), "admin").await?;
         cluster
             .wait_ready(&client, s.nodes as usize, Duration::from_secs(60))
             .await?;

@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// NATS URL of a running cluster (ignored with --local).
     #[arg(long, env = "WARDEN_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// The identity to run as against a running cluster: an admin seed file (the reference
+    /// responder needs `bench.>`). With --local the bench makes its own identities.
+    #[arg(long, env = "WARDEN_AUTH")]
+    pub auth: Option<std::path::PathBuf>,
     /// Cluster name.
     #[arg(long, env = "WARDEN_CLUSTER", default_value = "default")]
     pub cluster: String,
@@ -289,14 +293,20 @@ async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyho
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut _local = None;
     let mut _nats_server = None;
+    let mut seed = args.auth.clone();
     let url = if args.local {
         let dir = std::env::temp_dir().join(format!("warden-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let server = NatsServer::start(&dir, &[]).await?;
+        // With identities, as production runs: permission checks are part of the cost.
+        let auth = dir.join("auth");
+        crate::auth::ensure(&auth, &args.cluster, 3)?;
+        seed = Some(crate::auth::seed_path(&auth, "admin"));
+        let server = NatsServer::start(&dir, &crate::up::auth_args(&auth)).await?;
         let url = server.url.clone();
         _nats_server = Some(server);
         let mut cluster =
             LocalCluster::new(std::env::current_exe()?, dir, url.clone(), &args.cluster);
+        cluster.auth = Some(auth);
         if args.slow_stop_ms > 0 {
             // The slow-stop figure runs a shell that ignores SIGTERM.
             cluster.config_toml = Some("[exec]\nenabled = true\nallow = [\"/bin/sh\"]\n".into());
@@ -316,9 +326,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let identity = match &seed {
+        Some(path) => Some(crate::auth::Identity::load(path, &args.cluster, None)?),
+        None => None,
+    };
     let nats = bus::connect(
         &NatsConfig {
             url: url.clone(),
+            identity: identity.clone(),
             ..Default::default()
         },
         "warden-bench",
@@ -338,6 +353,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let responder = bus::connect(
         &NatsConfig {
             url,
+            identity,
             ..Default::default()
         },
         "warden-bench-echo",

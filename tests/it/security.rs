@@ -433,3 +433,57 @@ async fn warden_up_runs_with_auth_and_ctl_needs_no_flags() {
         "up's NATS refuses anonymous connections"
     );
 }
+
+/// Goal: with `warden auth init --tls`, a node and a client whose seed has the CA next to it
+/// connect over TLS and work; a client that does not trust that CA cannot connect at all.
+#[tokio::test]
+async fn with_tls_nodes_and_clients_connect_encrypted() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth");
+    warden::auth::init(&auth, CLUSTER, 1, 4222, true).unwrap();
+    let server = warden::up::NatsServer::start(dir.path(), &warden::up::auth_args(&auth))
+        .await
+        .unwrap();
+    let mut cfg = warden::config::NodeConfig {
+        id: 1,
+        cluster: CLUSTER.into(),
+        data_dir: dir.path().join("node-1"),
+        bootstrap: true,
+        auth: Some(seed_path(&auth, "node-1")),
+        ..Default::default()
+    };
+    cfg.nats.url = server.url.clone();
+    let cfg = cfg.finish().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(warden::node::run(cfg, async move {
+        let _ = stopped.await;
+    }));
+    let client = warden::up::connect_as(&server.url, CLUSTER, Some(&auth), "admin")
+        .await
+        .unwrap();
+    wait_for("the node over TLS", Duration::from_secs(20), || {
+        let c = client.clone();
+        async move {
+            let s = c.call("cluster_status", &json!({})).await.ok()?;
+            (s["leader"] == 1).then_some(())
+        }
+    })
+    .await;
+
+    // The same identity without the CA: the server requires TLS, and its certificate is not
+    // trusted.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let copied = elsewhere.path().join("admin.nk");
+    std::fs::copy(seed_path(&auth, "admin"), &copied).unwrap();
+    let identity = Identity::load(&copied, CLUSTER, None).unwrap();
+    assert!(identity.ca.is_none());
+    let cfg = NatsConfig {
+        url: server.url.clone(),
+        identity: Some(identity),
+        ..Default::default()
+    };
+    assert!(bus::connect(&cfg, "untrusting", false).await.is_err());
+
+    let _ = stop.send(());
+    node.await.unwrap().unwrap();
+}

@@ -10,8 +10,7 @@ COPY config ./config
 RUN cargo build --release --locked --bin warden
 
 FROM debian:bookworm-slim
-RUN useradd --system --home /var/lib/warden --create-home warden \
-    && mkdir -p /etc/warden/auth && chown warden /etc/warden/auth && chmod 0755 /etc/warden/auth
+RUN useradd --system --home /var/lib/warden --create-home warden
 COPY --from=build /src/target/release/warden /usr/local/bin/warden
 USER warden
 WORKDIR /var/lib/warden

@@ -96,8 +96,6 @@ pub struct Identities {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
-    /// May answer requests sent to it (to their reply subjects, once each).
-    pub allow_responses: bool,
 }
 
 /// The permissions of identity `name` with `role` in `cluster`.
@@ -108,17 +106,24 @@ pub fn permissions(cluster: &str, name: &str, role: Role) -> anyhow::Result<Perm
     if role == Role::Node {
         let id = node_of(name).with_context(|| format!("{name:?} is not a node identity"))?;
         let internal = s.internal_prefix();
+        // No `allow_responses`: it would let a node publish on any reply subject of any
+        // message it receives, chosen by whoever sent it, so also on another node's subjects.
+        // A node answers peers on subjects that name it (`peers`), and clients in their
+        // inboxes; it makes no request of its own to an inbox.
         return Ok(Permissions {
-            publish: vec![format!("{internal}.{id}.>"), events],
+            publish: vec![
+                format!("{internal}.{id}.>"),
+                s.any_replies(),
+                events,
+                format!("_INBOX.{cluster}.>"),
+            ],
             subscribe: vec![
                 s.cmd_all(),
                 s.node_cmd_all(id),
                 s.agent_all(),
                 format!("{internal}.*.{id}.>"),
-                s.own_to_any(),
-                inbox,
+                s.leader_queries(),
             ],
-            allow_responses: true,
         });
     }
     let mut publish = Vec::new();
@@ -132,15 +137,13 @@ pub fn permissions(cluster: &str, name: &str, role: Role) -> anyhow::Result<Perm
         publish.push(s.agent("*", "cast"));
     }
     if role == Role::Admin {
-        // `warden bench` against a running cluster answers its own reference requests.
+        // `warden bench` against a running cluster answers its own reference requests, in
+        // its own inbox.
         publish.push(s.bench_all());
+        publish.push(format!("{}.>", inbox_prefix(cluster, name)));
         subscribe.push(s.bench_all());
     }
-    Ok(Permissions {
-        publish,
-        subscribe,
-        allow_responses: role == Role::Admin,
-    })
+    Ok(Permissions { publish, subscribe })
 }
 
 /// Checks that no client permission reaches the internal subjects: the boundary's invariant.
@@ -164,8 +167,22 @@ impl Identities {
         let ids: Identities = toml::from_str(&text).with_context(|| format!("parse {path:?}"))?;
         crate::registry::validate_name("cluster", &ids.cluster)
             .map_err(|e| anyhow::anyhow!("{path:?}: {}", e.message))?;
+        let mut names = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeSet::new();
         for r in &ids.identities {
             validate_identity_name(&r.name)?;
+            let role = role_for(&r.name, Some(r.role)).with_context(|| format!("{path:?}"))?;
+            if role != r.role {
+                bail!("{path:?}: {} cannot have role {}", r.name, r.role.as_str());
+            }
+            if !r.public_key.starts_with('U')
+                || nkeys::KeyPair::from_public_key(&r.public_key).is_err()
+            {
+                bail!("{path:?}: {} has no valid user public key", r.name);
+            }
+            if !names.insert(r.name.as_str()) || !keys.insert(r.public_key.as_str()) {
+                bail!("{path:?}: identity {} or its key appears twice", r.name);
+            }
         }
         Ok(ids)
     }
@@ -203,9 +220,6 @@ impl Identities {
                 "        subscribe: {{ allow: [{}] }}",
                 list(&p.subscribe)
             )?;
-            if p.allow_responses {
-                writeln!(out, "        allow_responses: true")?;
-            }
             writeln!(out, "      }}\n    }}")?;
         }
         writeln!(out, "  ]\n}}")?;
@@ -277,20 +291,32 @@ pub fn seed_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.{SEED_EXT}"))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+/// Writes `path` whole or not at all, with `mode` from the first byte on: through a new
+/// temporary file (created, never reused, so no earlier file's mode or a symlink applies),
+/// then a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{path:?} has no file name"))?;
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("write {tmp:?}"))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {path:?}"))?;
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("write {path:?}"));
+    }
     Ok(())
 }
 
@@ -580,9 +606,26 @@ impl Identity {
         })
     }
 
-    /// The nkey seed, for the NATS connection only.
-    pub fn seed(&self) -> &str {
-        &self.seed
+    /// Signs a server's connection nonce with the seed in the identity's file, read now (a
+    /// rotated seed put in its place is used from the next connection on); with the seed
+    /// read at start if the file is gone or broken.
+    pub fn sign(&self, nonce: &[u8]) -> Result<async_nats::Auth, async_nats::AuthError> {
+        let fresh = std::fs::read_to_string(&self.path).ok().and_then(|text| {
+            let seed = text.lines().map(str::trim).find(|l| l.starts_with("SU"))?;
+            nkeys::KeyPair::from_seed(seed).ok()
+        });
+        let key = match fresh {
+            Some(k) => k,
+            None => nkeys::KeyPair::from_seed(&self.seed)
+                .map_err(|e| async_nats::AuthError::new(format!("bad seed: {e}")))?,
+        };
+        let signature = key
+            .sign(nonce)
+            .map_err(|e| async_nats::AuthError::new(format!("cannot sign: {e}")))?;
+        let mut auth = async_nats::Auth::new();
+        auth.nkey = Some(key.public_key());
+        auth.signature = Some(signature);
+        Ok(auth)
     }
 
     /// Its public key.
@@ -601,6 +644,11 @@ pub fn command_table() -> String {
         String::from("| command | who may send it | subjects | who answers |\n|---|---|---|---|\n");
     for spec in TABLE.iter() {
         let (who, subjects) = match spec.role {
+            // Heartbeats travel alone, never batched behind writes.
+            Role::Node if spec.route == Route::Read => (
+                "the node it speaks for".to_string(),
+                format!("`internal.<node>.<leader>.own.{}`", spec.name),
+            ),
             Role::Node => (
                 "the node it speaks for".to_string(),
                 format!(
@@ -660,15 +708,21 @@ mod tests {
     #[test]
     fn a_node_speaks_and_listens_only_as_itself() {
         let p = permissions("prod", "node-2", Role::Node).unwrap();
+        // Under `internal`, only as itself, and answers to leader queries (which carry no
+        // authority); replies to clients in their inboxes; no `allow_responses` anywhere.
         assert_eq!(
             p.publish,
-            vec!["warden.prod.internal.2.>", "warden.prod.evt.>"]
+            vec![
+                "warden.prod.internal.2.>",
+                "warden.prod.internal.any.*.reply.*",
+                "warden.prod.evt.>",
+                "_INBOX.prod.>"
+            ]
         );
         assert!(p
             .subscribe
             .contains(&"warden.prod.internal.*.2.>".to_string()));
         assert!(!p.subscribe.iter().any(|s| s.contains(".3.")), "{p:?}");
-        assert!(p.allow_responses);
         assert!(permissions("prod", "admin", Role::Node).is_err());
     }
 

@@ -151,7 +151,21 @@ pub async fn connect_watched(
 ) -> anyhow::Result<(Client, Violations)> {
     let violations = Violations::new();
     let tx = violations.0.clone();
-    let mut opts = ConnectOptions::new()
+    let opts = match &cfg.identity {
+        // The seed file is read again at every (re)connection, so that a node whose key was
+        // rotated (new seed in place, then a server reload) reconnects with the new key.
+        Some(id) => {
+            let prefix = id.inbox_prefix.clone();
+            let id = id.clone();
+            ConnectOptions::with_auth_callback(move |nonce| {
+                let id = id.clone();
+                async move { id.sign(&nonce) }
+            })
+            .custom_inbox_prefix(prefix)
+        }
+        None => ConnectOptions::new(),
+    };
+    let mut opts = opts
         .name(name)
         .ping_interval(Duration::from_millis(cfg.ping_interval_ms))
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
@@ -202,9 +216,6 @@ pub async fn connect_watched(
         opts = opts.nkey(seed.clone());
     }
     if let Some(id) = &cfg.identity {
-        opts = opts
-            .nkey(id.seed().to_string())
-            .custom_inbox_prefix(&id.inbox_prefix);
         if let Some(ca) = &id.ca {
             // `warden auth init --tls` wrote a CA next to the seed: the server is TLS only.
             opts = opts.require_tls(true).add_root_certificates(ca.clone());

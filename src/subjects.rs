@@ -24,6 +24,15 @@ pub const FORWARD: &str = "fwd";
 pub const RELAY: &str = "relay";
 pub const OWN: &str = "own";
 pub const RAFT: &str = "raft";
+pub const LEADER: &str = "leader";
+pub const REPLY: &str = "reply";
+
+/// A node id as a subject token: canonical decimal only (no sign, no leading zero), so that
+/// one id has one spelling and a permission on `internal.2` covers every subject of node 2.
+fn id_token(t: &str) -> Option<u64> {
+    let n: u64 = t.parse().ok()?;
+    (n.to_string() == t).then_some(n)
+}
 
 /// Whom an internal message is for.
 #[derive(Debug, Clone, Copy)]
@@ -160,11 +169,9 @@ impl Subjects {
         self.internal_to(To::Node(me), &format!("{RELAY}.*"))
     }
 
-    /// A node's own command to the leader `to`, or to whichever member answers (`None`, for
-    /// a node that does not know the leader yet): `internal.<from>.<to|any>.own.<command>`.
-    pub fn own(&self, from: u64, to: Option<u64>, command: &str) -> String {
-        let to = to.map_or(To::Any, To::Node);
-        self.internal(from, to, &format!("{OWN}.{command}"))
+    /// A node's own command to the leader `to`: `internal.<from>.<to>.own.<command>`.
+    pub fn own(&self, from: u64, to: u64, command: &str) -> String {
+        self.internal(from, To::Node(to), &format!("{OWN}.{command}"))
     }
 
     /// Wildcard of the own commands sent to `me`.
@@ -172,14 +179,71 @@ impl Subjects {
         self.internal_to(To::Node(me), &format!("{OWN}.*"))
     }
 
-    /// Wildcard of the own commands sent to any member; members share it as a queue group.
-    pub fn own_to_any(&self) -> String {
-        self.internal_to(To::Any, &format!("{OWN}.*"))
+    /// A node's question to any member: who leads? (`internal.<from>.any.leader`). The answer
+    /// is a hint, worth what its unknown sender is.
+    pub fn leader_query(&self, from: u64) -> String {
+        self.internal(from, To::Any, LEADER)
     }
 
-    /// Queue group of `own_to_any`.
-    pub fn own_any_queue(&self) -> String {
+    /// Wildcard of the leader queries; members share it as a queue group.
+    pub fn leader_queries(&self) -> String {
+        self.internal_to(To::Any, LEADER)
+    }
+
+    /// Queue group of `leader_queries`.
+    pub fn leader_query_queue(&self) -> String {
         format!("{}.{INTERNAL}.any", self.prefix)
+    }
+
+    /// The reply subject of request `id` from `me` to `to` (any member when `None`):
+    /// `internal.<to|any>.<me>.reply.<id>`. Only `to` may publish on it: a node replies to
+    /// another only on a subject that names it (`peers`).
+    pub fn reply(&self, to: Option<u64>, me: u64, id: u64) -> String {
+        let to = to.map_or(To::Any, To::Node);
+        format!("{}.{INTERNAL}.{to}.{me}.{REPLY}.{id}", self.prefix)
+    }
+
+    /// Wildcard of the replies to `me`'s requests.
+    pub fn replies_to(&self, me: u64) -> String {
+        format!("{}.{INTERNAL}.*.{me}.{REPLY}.*", self.prefix)
+    }
+
+    /// The replies any member may publish: answers to leader queries.
+    pub fn any_replies(&self) -> String {
+        format!("{}.{INTERNAL}.{ANY}.*.{REPLY}.*", self.prefix)
+    }
+
+    /// The responder (`None` for any member), requester and id of a reply subject.
+    pub fn parse_reply(&self, subject: &str) -> Option<(Option<u64>, u64, u64)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?
+            .strip_prefix(INTERNAL)?
+            .strip_prefix('.')?;
+        let mut parts = rest.split('.');
+        let from = match parts.next()? {
+            ANY => None,
+            t => Some(id_token(t)?),
+        };
+        let to = id_token(parts.next()?)?;
+        if parts.next()? != REPLY {
+            return None;
+        }
+        let id = id_token(parts.next()?)?;
+        parts.next().is_none().then_some((from, to, id))
+    }
+
+    /// Whether `reply` is where node `me` (any member: `None`) answers `requester`: the only
+    /// reply subjects a node answers a peer on.
+    pub fn is_reply_for(&self, reply: &str, me: Option<u64>, requester: u64) -> bool {
+        matches!(self.parse_reply(reply), Some((from, to, _)) if from == me && to == requester)
+    }
+
+    /// Whether a client's reply subject is one a node may answer on: anything outside the
+    /// Warden subject space (with auth on, nats-server allows only `_INBOX.<cluster>.>`), so no
+    /// client can make a node publish an event, a cast or node-to-node traffic.
+    pub fn is_client_reply(reply: &str) -> bool {
+        !reply.starts_with("warden.")
     }
 
     /// The parts of an internal subject of this cluster, if `subject` is one.
@@ -190,10 +254,10 @@ impl Subjects {
             .strip_prefix(INTERNAL)?
             .strip_prefix('.')?;
         let mut parts = rest.splitn(4, '.');
-        let from = parts.next()?.parse().ok()?;
+        let from = id_token(parts.next()?)?;
         let to = match parts.next()? {
             ANY => None,
-            n => Some(n.parse().ok()?),
+            n => Some(id_token(n)?),
         };
         let kind = parts.next()?;
         let name = parts.next().map_or("", Self::last_token);
@@ -264,11 +328,7 @@ mod tests {
         );
         assert_eq!(s.raft_to(3), "warden.prod.internal.*.3.raft.v3.*");
         assert_eq!(s.forward(2, 1), "warden.prod.internal.2.1.fwd");
-        assert_eq!(
-            s.own(2, None, "join"),
-            "warden.prod.internal.2.any.own.join"
-        );
-        let own = s.own(2, Some(1), "heartbeat");
+        let own = s.own(2, 1, "heartbeat");
         let parsed = s.parse_internal(&own).unwrap();
         assert_eq!((parsed.from, parsed.to), (2, Some(1)));
         assert_eq!((parsed.kind, parsed.name), ("own", "heartbeat"));
@@ -281,6 +341,18 @@ mod tests {
             Some(("fwd", ""))
         );
         assert_eq!(s.parse_internal("warden.prod.internal.x.1.own.join"), None);
+        assert_eq!(s.parse_internal("warden.prod.internal.02.1.own.join"), None);
+        assert_eq!(s.parse_internal("warden.prod.internal.+2.1.own.join"), None);
+        let reply = s.reply(Some(3), 2, 17);
+        assert_eq!(reply, "warden.prod.internal.3.2.reply.17");
+        assert_eq!(s.parse_reply(&reply), Some((Some(3), 2, 17)));
+        assert!(s.is_reply_for(&reply, Some(3), 2));
+        assert!(!s.is_reply_for(&reply, Some(3), 4));
+        assert!(!s.is_reply_for(&reply, None, 2));
+        assert_eq!(s.parse_reply(&s.reply(None, 2, 1)), Some((None, 2, 1)));
+        assert_eq!(s.parse_reply("warden.prod.internal.3.2.reply.17.x"), None);
+        assert!(!Subjects::is_client_reply("warden.prod.evt.node.2.left"));
+        assert!(Subjects::is_client_reply("_INBOX.prod.viewer.abc.1"));
         assert_eq!(s.parse_internal("warden.other.internal.2.1.own.join"), None);
         assert_eq!(
             s.event("node", "2", "joined"),

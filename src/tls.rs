@@ -51,16 +51,5 @@ pub fn write_certificates(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn write(dir: &Path, name: &str, text: String, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&path)
-        .with_context(|| format!("write {path:?}"))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    crate::auth::write_atomic(&dir.join(name), text.as_bytes(), mode)
 }

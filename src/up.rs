@@ -32,15 +32,33 @@ pub struct Local {
 }
 
 impl Local {
-    /// The cluster `warden up` runs from `dir`, if it runs one.
+    /// The cluster `warden up` runs from `dir`, if it runs one. Only a file of this user's
+    /// that nobody else may write, naming a seed inside `dir`, is believed: `ctl` would
+    /// otherwise sign in wherever a planted file points it, with a seed of its choosing.
     pub fn read(dir: &Path) -> Option<Local> {
-        let text = std::fs::read_to_string(dir.join(LOCAL_FILE)).ok()?;
-        serde_json::from_str(&text).ok()
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join(LOCAL_FILE);
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return None;
+        }
+        let local: Local = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+        let inside = |p: &Path| {
+            let dir = std::fs::canonicalize(dir).ok();
+            let seed = std::fs::canonicalize(p).ok();
+            matches!((dir, seed), (Some(d), Some(s)) if s.starts_with(&d))
+        };
+        match &local.auth {
+            Some(seed) if !inside(seed) => None,
+            _ => Some(local),
+        }
     }
 
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        std::fs::write(dir.join(LOCAL_FILE), serde_json::to_vec_pretty(self)?)?;
-        Ok(())
+        let json = serde_json::to_vec_pretty(self)?;
+        crate::auth::write_atomic(&dir.join(LOCAL_FILE), &json, 0o600)
     }
 }
 
@@ -377,28 +395,70 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
         crate::auth::ensure(dir, &args.cluster, args.nodes)?;
     }
     let mut nats = None;
+    let mut cluster = None;
+    tokio::pin!(shutdown);
+    // Everything started is stopped on the way out, also when a signal comes during start-up.
+    let started = tokio::select! {
+        r = start(&args, auth.as_deref(), &mut nats, &mut cluster) => Some(r),
+        _ = &mut shutdown => None,
+    };
+    if let Some(Err(e)) = &started {
+        eprintln!("error: {e:#}");
+    }
+    if matches!(started, Some(Ok(()))) {
+        shutdown.await;
+    }
+    println!("stopping...");
+    let _ = std::fs::remove_file(args.dir.join(LOCAL_FILE)); // ctl no longer finds it
+    if let Some(cluster) = &mut cluster {
+        cluster.stop_all(Duration::from_secs(10)).await;
+    }
+    if let Some(mut n) = nats {
+        n.kill().await;
+    }
+    println!("stopped");
+    Ok(match started {
+        Some(Err(_)) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Starts NATS (unless given one) and the nodes, waits for the cluster, runs the demo and says
+/// how to reach it. What it starts goes into `nats` and `cluster`, so that the caller stops it
+/// whatever happens here.
+async fn start(
+    args: &UpArgs,
+    auth: Option<&Path>,
+    nats: &mut Option<NatsServer>,
+    cluster: &mut Option<LocalCluster>,
+) -> anyhow::Result<()> {
     let url = match &args.nats {
         Some(u) => u.clone(),
         None => {
-            let extra = auth.as_deref().map(auth_args).unwrap_or_default();
+            let extra = auth.map(auth_args).unwrap_or_default();
             let server = NatsServer::start(&args.dir, &extra).await?;
             let url = server.url.clone();
-            nats = Some(server);
+            *nats = Some(server);
             url
         }
     };
     let bin = std::env::current_exe().context("find the warden binary")?;
-    let mut cluster = LocalCluster::new(bin, args.dir.clone(), url.clone(), &args.cluster);
-    cluster.auth = auth.clone();
+    let cluster = cluster.insert(LocalCluster::new(
+        bin,
+        args.dir.clone(),
+        url.clone(),
+        &args.cluster,
+    ));
+    cluster.auth = auth.map(Path::to_path_buf);
     let initialized = cluster.data_dir(1).exists();
     for id in 1..=args.nodes {
         cluster.start_node(id, id == 1 && !initialized).await?;
     }
-    let client = connect_as(&url, &args.cluster, auth.as_deref(), "admin").await?;
+    let client = connect_as(&url, &args.cluster, auth, "admin").await?;
     let status = cluster
         .wait_ready(&client, args.nodes as usize, Duration::from_secs(60))
         .await?;
-    let admin = match &auth {
+    let admin = match auth {
         Some(dir) => Some(std::fs::canonicalize(crate::auth::seed_path(dir, "admin"))?),
         None => None,
     };
@@ -438,16 +498,7 @@ pub async fn run(args: UpArgs, shutdown: impl Future<Output = ()>) -> anyhow::Re
     println!("  warden ctl call hits op=crash");
     println!("  warden ctl watch");
     println!("Logs and data: {:?}. Ctrl-C stops everything.", args.dir);
-    shutdown.await;
-    println!("stopping...");
-    let _ = std::fs::remove_file(args.dir.join(LOCAL_FILE)); // ctl no longer finds it
-
-    cluster.stop_all(Duration::from_secs(10)).await;
-    if let Some(mut n) = nats {
-        n.kill().await;
-    }
-    println!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// A small tree so a new user sees agents, a crash and a restart. Creating it twice is

@@ -302,7 +302,8 @@ pub fn g7_idempotent_retries(ops: &[Op]) -> Verdict {
 /// leaves no trace in the registry.
 pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict {
     let mut v = Verdict::new("G5", "bad input gets a clear error and changes nothing");
-    let clear = ["bad_request", "too_large"];
+    // `forbidden`: NATS itself refused it (an unknown command is no identity's to send).
+    let clear = ["bad_request", "too_large", "forbidden"];
     for o in ops {
         let OpKind::BadInput { what } = &o.kind else {
             continue;

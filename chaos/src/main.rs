@@ -53,7 +53,25 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // On SIGTERM or SIGINT the run is dropped, and with it every process it started (each is
+    // killed when its handle drops): an interrupted harness leaves nothing running.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            eprintln!("chaos: error: cannot install signal handlers");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = tokio::select! {
+        r = run(args) => r,
+        _ = term.recv() => Err(anyhow::anyhow!("interrupted; stopped everything it started")),
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted; stopped everything it started")),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

@@ -10,6 +10,14 @@ pub const NATS_DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// The smallest server `max_payload` we run against: a full Raft batch must fit in one message.
 pub const MIN_SERVER_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
+/// Longest pause between two tries of a node's own write that a leader did not take: with
+/// doubling from `LEADER_RETRY_MS`, about a dozen tries within `FORWARD_TIMEOUT_MS`.
+pub const OWN_WRITE_RETRY_MAX_MS: u64 = 1_000;
+
+/// Requests a node may have in flight to its peers (`peers::Peers`) at once; more fail at
+/// once, as if the peer were unreachable.
+pub const MAX_PEER_REQUESTS: usize = 8_192;
+
 /// Permission violations a connection keeps for whoever watches them (`bus::Violations`);
 /// a watcher that falls further behind skips the oldest.
 pub const VIOLATION_QUEUE: usize = 64;

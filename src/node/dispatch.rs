@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 
 use super::forward::{remaining, ForwardBatch, ForwardReplies, Forwarded, Request};
 use super::Node;
-use crate::bus::{self, RequestFailure};
+use crate::bus::RequestFailure;
 use crate::command::{route_of, spec, Command, Role, Route};
 use crate::limits;
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
@@ -67,7 +67,17 @@ pub async fn serve(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
-                match node.inflight.clone().try_acquire_owned() {
+                if !may_answer(&node, &msg, feed) {
+                    tracing::debug!(subject = %msg.subject, "ignoring a request without a reply subject this node may answer on");
+                    continue;
+                }
+                // Nodes' traffic has its own permits: a flood of client commands must not
+                // starve heartbeats and hand-offs.
+                let permits = match feed {
+                    Feed::Commands => &node.inflight,
+                    _ => &node.inflight_internal,
+                };
+                match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let node = node.clone();
                         tasks.spawn(async move {
@@ -105,6 +115,21 @@ pub async fn serve(
         .is_err()
     {
         tasks.abort_all();
+    }
+}
+
+/// Whether this node may answer `msg` on its reply subject: a client's anywhere outside the
+/// Warden subject space, a peer's only on the reply subject that names this node and the
+/// sender (`peers`). Anything else would let the sender make this node publish somewhere it
+/// chose: an event, a cast, or another node's subjects.
+fn may_answer(node: &Node, msg: &async_nats::Message, feed: Feed) -> bool {
+    let Some(reply) = msg.reply.as_deref() else {
+        return false;
+    };
+    match feed {
+        Feed::Commands => Subjects::is_client_reply(reply),
+        _ => sender(node, msg)
+            .is_some_and(|from| node.subjects.is_reply_for(reply, Some(node.cfg.id), from)),
     }
 }
 
@@ -161,10 +186,6 @@ fn sender(node: &Node, msg: &async_nats::Message) -> Option<u64> {
 }
 
 async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
-    if msg.reply.is_none() {
-        tracing::debug!(subject = %msg.subject, "ignoring a command sent without a reply subject");
-        return;
-    }
     let origin = match feed {
         Feed::Own => match sender(node, &msg) {
             Some(from) => Origin::Node(from),
@@ -383,14 +404,16 @@ async fn forward_one(node: &Node, leader: u64, req: Request, deadline: Instant) 
     }
     headers.insert(protocol::FORWARD_HOPS, req.hops.to_string().as_str());
     let subject = node.subjects.relay(node.cfg.id, leader, &req.command);
-    match bus::request(
-        &node.client,
-        subject,
-        Some(headers),
-        req.payload,
-        remaining(deadline),
-    )
-    .await
+    match node
+        .peers
+        .request(
+            Some(leader),
+            subject,
+            Some(headers),
+            req.payload,
+            remaining(deadline),
+        )
+        .await
     {
         Ok(reply) => Forwarded::Reply(reply.payload),
         Err(RequestFailure::NoResponders) => Forwarded::Unreachable,

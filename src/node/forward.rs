@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::bus::{self, RequestFailure};
+use crate::bus::RequestFailure;
 use crate::limits;
+use crate::peers::Peers;
 use crate::subjects::Subjects;
 
 /// Version of the forwarding messages.
@@ -79,7 +80,7 @@ pub struct Forwarder {
 impl Forwarder {
     /// Starts the batcher; it runs until `stopped` resolves.
     pub fn start(
-        client: async_nats::Client,
+        peers: Arc<Peers>,
         subjects: Subjects,
         me: u64,
         stopped: impl Future<Output = ()> + Send + 'static,
@@ -87,7 +88,7 @@ impl Forwarder {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_CAPACITY);
         (
             Forwarder { tx },
-            tokio::spawn(batch_loop(client, subjects, me, rx, stopped)),
+            tokio::spawn(batch_loop(peers, subjects, me, rx, stopped)),
         )
     }
 
@@ -115,7 +116,7 @@ impl Forwarder {
 }
 
 async fn batch_loop(
-    client: async_nats::Client,
+    peers: Arc<Peers>,
     subjects: Subjects,
     me: u64,
     mut rx: mpsc::Receiver<Pending>,
@@ -152,23 +153,18 @@ async fn batch_loop(
             by_leader.entry(p.leader).or_default().push(p);
         }
         // A leader change mid-batch is rare; the extra groups share the one permit.
-        let (client, subjects) = (client.clone(), subjects.clone());
+        let (peers, subjects) = (peers.clone(), subjects.clone());
         tasks.spawn(async move {
             let _permit = permit;
             for (leader, batch) in by_leader {
-                send_batch(&client, subjects.forward(me, leader), leader, batch).await;
+                send_batch(&peers, subjects.forward(me, leader), leader, batch).await;
             }
         });
     }
     tasks.abort_all();
 }
 
-async fn send_batch(
-    client: &async_nats::Client,
-    subject: String,
-    leader: u64,
-    batch: Vec<Pending>,
-) {
+async fn send_batch(peers: &Peers, subject: String, leader: u64, batch: Vec<Pending>) {
     let (requests, replies): (Vec<Request>, Vec<_>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let n = requests.len();
@@ -183,7 +179,9 @@ async fn send_batch(
         }
     };
     let timeout = Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
-    let answer = bus::request(client, subject, None, body.into(), timeout).await;
+    let answer = peers
+        .request(Some(leader), subject, None, body.into(), timeout)
+        .await;
     let outcome: Vec<Forwarded> = match answer {
         Ok(reply) => match rmp_serde::from_slice::<ForwardReplies>(&reply.payload) {
             Ok(r) if r.items.len() == n => r.items.into_iter().map(Forwarded::Reply).collect(),

@@ -46,10 +46,16 @@ pub struct Node {
     pub contacts: Arc<Contacts>,
     proposer: proposer::Proposer,
     forwarder: forward::Forwarder,
+    /// Requests to other nodes (`peers`).
+    peers: Arc<crate::peers::Peers>,
     /// The agent kinds this node runs.
     pub kinds: Kinds,
     membership_lock: tokio::sync::Mutex<()>,
+    /// Clients' commands being handled.
     inflight: Arc<Semaphore>,
+    /// Other nodes' requests being handled: apart from clients', so that no client flood
+    /// starves heartbeats, reports and hand-offs.
+    inflight_internal: Arc<Semaphore>,
     started: Instant,
     /// This node's lease: whether it may run agents now.
     pub lease: lease::Lease,
@@ -320,6 +326,12 @@ impl Node {
         let name = w.name();
         let cmd = w.into_command();
         let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
+        // Unavailable means nothing changed, but also that the leader is busy, moving, or
+        // judging this node: retries slow down, a handful in all.
+        let mut backoff = crate::retry::Backoff::new(
+            Duration::from_millis(limits::LEADER_RETRY_MS),
+            Duration::from_millis(limits::OWN_WRITE_RETRY_MAX_MS),
+        );
         let unavailable = |why: &str| Err(WireError::new(ErrorCode::Unavailable, why));
         loop {
             if let Some(out) = self.execute_on_leader(cmd.clone(), payload.len()).await {
@@ -353,10 +365,10 @@ impl Node {
                 }
                 Some(forward::Forwarded::Unreachable) | None => {}
             }
-            if Instant::now() >= deadline {
+            if Instant::now() + backoff.peek() >= deadline {
                 return unavailable("could not reach the leader; nothing changed");
             }
-            tokio::time::sleep(Duration::from_millis(limits::LEADER_RETRY_MS)).await;
+            backoff.wait().await;
         }
     }
 
@@ -381,8 +393,12 @@ impl Node {
         }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
-        let subject = self.subjects.own(self.cfg.id, Some(leader), name);
-        match bus::request(&self.client, subject, Some(headers), payload, within).await {
+        let subject = self.subjects.own(self.cfg.id, leader, name);
+        let sent = self
+            .peers
+            .request(Some(leader), subject, Some(headers), payload, within)
+            .await;
+        match sent {
             Ok(reply) => forward::Forwarded::Reply(reply.payload),
             Err(RequestFailure::NoResponders) => forward::Forwarded::Unreachable,
             Err(_) => forward::Forwarded::NoAnswer,
@@ -475,6 +491,8 @@ pub async fn run_with_kinds(
     let subjects = Subjects::new(&cfg.cluster);
     let (client, violations) =
         bus::connect_watched(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
+    // Watched from the start: a subscription refused while starting up counts too.
+    let mut refusals = violations.subscribe();
     // With retry_on_initial_connect the client may not be connected yet: a flush waits for
     // the connection, after which the server's INFO (and its max_payload) is known.
     client
@@ -502,9 +520,13 @@ pub async fn run_with_kinds(
     let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
     let (log, sm, state) = store.raft_parts(Some(events_tx))?;
     let contacts = Arc::new(Contacts::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (peers, peers_task) =
+        crate::peers::Peers::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx))
+            .await?;
     let network = Network {
         me: cfg.id,
-        client: client.clone(),
+        peers: peers.clone(),
         subjects: subjects.clone(),
         contacts: contacts.clone(),
         max_payload,
@@ -514,7 +536,6 @@ pub async fn run_with_kinds(
         .await
         .context("start raft")?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let rpc = crate::raft::server::start(
         client.clone(),
@@ -543,7 +564,7 @@ pub async fn run_with_kinds(
         flag(&stop_rx),
     );
     let (forwarder, forward_batcher) =
-        forward::Forwarder::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
+        forward::Forwarder::start(peers.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         client: client.clone(),
@@ -553,9 +574,11 @@ pub async fn run_with_kinds(
         contacts,
         proposer,
         forwarder,
+        peers,
         kinds,
         membership_lock: tokio::sync::Mutex::new(()),
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
+        inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         started: Instant::now(),
         lease: lease::Lease::default(),
         liveness: lease::Liveness::default(),
@@ -624,7 +647,6 @@ pub async fn run_with_kinds(
     };
     // A node whose subscriptions NATS refuses cannot do its part: it holds another node's
     // identity, or the server's users are stale.
-    let mut refusals = violations.subscribe();
     let refused = async move {
         loop {
             match refusals.recv().await {
@@ -676,6 +698,7 @@ pub async fn run_with_kinds(
         let _ = batcher.await; // a panicked batcher has nothing left to drain
         let _ = forward_batcher.await;
         let _ = rpc.await;
+        let _ = peers_task.await;
     };
     let budget = Duration::from_millis(limits::NODE_STOP_BUDGET_MS);
     if tokio::time::timeout(budget, drain).await.is_err() {
@@ -747,7 +770,7 @@ async fn join_then_serve(
                 };
                 tokio::join!(
                     dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
-                    serve_any(node.clone(), stopped.clone()),
+                    serve_leader_queries(node.clone(), stopped.clone()),
                     refresh
                 );
             }
@@ -766,7 +789,7 @@ async fn join_then_serve(
         Ok(sub) => {
             tokio::join!(
                 dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
-                serve_any(node.clone(), stopped)
+                serve_leader_queries(node.clone(), stopped)
             );
         }
         Err(e) => {
@@ -785,19 +808,6 @@ async fn subscribe_queue(node: &Node) -> anyhow::Result<async_nats::Subscriber> 
     Ok(sub)
 }
 
-/// Members answer the own commands sent to any of them (a joining node's `join`): the leader
-/// takes it, the others name the leader.
-async fn serve_any(node: Arc<Node>, stopped: impl Future<Output = ()>) {
-    let sub = node
-        .client
-        .queue_subscribe(node.subjects.own_to_any(), node.subjects.own_any_queue())
-        .await;
-    match sub {
-        Ok(sub) => dispatch::serve(node, sub, dispatch::Feed::Own, stopped).await,
-        Err(e) => tracing::error!(error = %e, "could not subscribe to joins"),
-    }
-}
-
 /// Sends `join` until the leader accepts it. Errors only when the cluster refuses the node for
 /// good (it left earlier).
 async fn join_loop(node: &Node) -> Result<(), WireError> {
@@ -814,49 +824,142 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         Duration::from_millis(50),
         Duration::from_millis(limits::JOIN_BACKOFF_MS_MAX),
     );
-    // Sent to the leader as far as this node knows it, else to any member, which names it.
+    // Sent to the leader as far as this node knows it, else to the one a member names.
     let mut hint: Option<u64> = None;
+    let me = node.cfg.id;
     loop {
-        let to = hint.or_else(|| node.leader()).filter(|&l| l != node.cfg.id);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
-        let reply = bus::request(
-            &node.client,
-            node.subjects.own(node.cfg.id, to, "join"),
-            Some(headers),
-            body.clone().into(),
-            Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000),
-        )
-        .await;
-        hint = match &reply {
-            Ok(r) => r
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::protocol::LEADER_HINT))
-                .and_then(|v| v.as_str().parse().ok()),
-            Err(_) => None,
+        let outcome = if node.is_leader() {
+            // It leads (a cluster it bootstrapped, or a restart): it registers itself.
+            let own = node.execute_on_leader(Command::Join(req.clone()), body.len());
+            own.await.map(Ok)
+        } else {
+            let known = hint.take().or_else(|| node.leader()).filter(|&l| l != me);
+            let target = match known {
+                Some(l) => Some(l),
+                None => ask_leader(node).await.filter(|&l| l != me),
+            };
+            match target {
+                Some(l) => {
+                    let (outcome, named) = send_join(node, l, &body).await;
+                    hint = named.filter(|&n| n != l);
+                    Some(outcome)
+                }
+                None => None,
+            }
         };
-        match reply.map(|r| Envelope::decode(&r.payload).and_then(Envelope::into_result)) {
-            Ok(Ok(v)) => {
+        match outcome {
+            Some(Ok(Ok(v))) => {
                 tracing::info!(role = %v["role"], "joined the cluster");
                 return Ok(());
             }
             // Refused for good: it left earlier, or it speaks another version (an older leader
             // does not know the version field at all, and says `bad_request`).
-            Ok(Err(e)) if matches!(e.code, ErrorCode::Conflict | ErrorCode::BadRequest) => {
+            Some(Ok(Err(e))) if matches!(e.code, ErrorCode::Conflict | ErrorCode::BadRequest) => {
                 return Err(e)
             }
-            Ok(Err(e)) => tracing::info!(error = %e, "join not accepted yet; retrying"),
-            Err(RequestFailure::NoResponders) => {
-                tracing::debug!("no cluster member answers yet; retrying join")
+            Some(Ok(Err(e))) => tracing::info!(error = %e, "join not accepted yet; retrying"),
+            Some(Err(RequestFailure::NoResponders)) => {
+                tracing::debug!("the leader named does not answer; retrying join")
             }
-            Err(e) => tracing::info!(error = %e, "join request failed; retrying"),
+            Some(Err(e)) => tracing::info!(error = %e, "join request failed; retrying"),
+            None => tracing::debug!("no leader known yet; retrying join"),
         }
         // Spread by up to half the pause, so that nodes started together do not retry together.
         let pause = backoff.next_pause();
         let jitter = rand::random::<u64>() % (pause.as_millis() as u64 / 2 + 1);
         tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
     }
+}
+
+/// The outcome of a request: the reply's result, or why none came.
+type Sent = Result<Result<Value, WireError>, RequestFailure>;
+
+/// Sends this node's `join` to `leader`; also returns the leader the reply names, if any (a
+/// node that no longer leads says who does).
+async fn send_join(node: &Node, leader: u64, body: &[u8]) -> (Sent, Option<u64>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
+    let reply = node
+        .peers
+        .request(
+            Some(leader),
+            node.subjects.own(node.cfg.id, leader, "join"),
+            Some(headers),
+            body.to_vec().into(),
+            Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000),
+        )
+        .await;
+    match reply {
+        Ok(r) => {
+            let named = r
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::protocol::LEADER_HINT))
+                .and_then(|v| v.as_str().parse().ok());
+            let out = Envelope::decode(&r.payload).and_then(Envelope::into_result);
+            (Ok(out), named)
+        }
+        Err(e) => (Err(e), None),
+    }
+}
+
+/// Asks any member who leads. The answer is only a hint: whoever it names must still accept
+/// the join on a subject only it may answer on.
+async fn ask_leader(node: &Node) -> Option<u64> {
+    let reply = node
+        .peers
+        .request(
+            None,
+            node.subjects.leader_query(node.cfg.id),
+            None,
+            bytes::Bytes::new(),
+            Duration::from_millis(limits::LEADER_WAIT_MS),
+        )
+        .await
+        .ok()?;
+    let v = Envelope::decode(&reply.payload)
+        .and_then(Envelope::into_result)
+        .ok()?;
+    v["leader"].as_u64()
+}
+
+/// Answers other nodes' `leader` queries (as one queue group of members) until `stopped`.
+async fn serve_leader_queries(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+    let sub = node
+        .client
+        .queue_subscribe(
+            node.subjects.leader_queries(),
+            node.subjects.leader_query_queue(),
+        )
+        .await;
+    let mut sub = match sub {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "could not subscribe to leader queries");
+            return;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut stopped => break,
+            m = futures::StreamExt::next(&mut sub) => match m { Some(m) => m, None => break },
+        };
+        let from = node.subjects.parse_internal(&msg.subject).map(|s| s.from);
+        let Some(reply) = msg.reply.as_deref() else {
+            continue;
+        };
+        if !from.is_some_and(|f| node.subjects.is_reply_for(reply, None, f)) {
+            continue;
+        }
+        let body = Encoding::Json.encode(&Envelope::from_result(Ok(
+            serde_json::json!({ "leader": node.leader() }),
+        )));
+        if let Err(e) = node.client.publish(reply.to_string(), body.into()).await {
+            tracing::debug!(error = %e, "could not answer a leader query");
+        }
+    }
+    let _ = sub.unsubscribe().await;
 }
 
 #[cfg(test)]

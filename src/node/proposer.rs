@@ -210,9 +210,17 @@ mod tests {
             .unwrap();
         let store = Store::open(&dir.path().join("node-1")).unwrap();
         let (log, sm, _state) = store.raft_parts(None).unwrap();
+        let (peers, _router) = crate::peers::Peers::start(
+            client.clone(),
+            Subjects::new("proposer-test"),
+            1,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
         let network = Network {
             me: 1,
-            client: client.clone(),
+            peers,
             subjects: Subjects::new("proposer-test"),
             contacts: Arc::new(Contacts::default()),
             max_payload: client.server_info().max_payload,

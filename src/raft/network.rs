@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::typ::*;
-use crate::bus::{self, RequestFailure};
+use crate::bus::RequestFailure;
 use crate::subjects::Subjects;
 
 use crate::subjects::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
@@ -44,7 +44,8 @@ impl Contacts {
 pub struct Network {
     /// This node: the sender of every RPC.
     pub me: NodeId,
-    pub client: async_nats::Client,
+    /// Requests to peers, answered on subjects that name them.
+    pub peers: Arc<crate::peers::Peers>,
     pub subjects: Subjects,
     pub contacts: Arc<Contacts>,
     /// The server's `max_payload`, read at connect time.
@@ -82,7 +83,10 @@ impl PeerClient {
         let subject = self.net.subjects.raft(self.net.me, self.target, rpc);
         // The subject names this node's protocol version: a peer of another version has no
         // responder there, and is unreachable (`Subjects::raft`).
-        let reply = bus::request(&self.net.client, subject, None, body.into(), timeout)
+        let reply = self
+            .net
+            .peers
+            .request(Some(self.target), subject, None, body.into(), timeout)
             .await
             .map_err(|e| match e {
                 // Unreachable makes openraft back off before the next try (see `backoff`).

@@ -39,6 +39,12 @@ pub async fn start(
                     let Some(from) = subjects.parse_internal(&msg.subject).map(|s| s.from) else {
                         continue;
                     };
+                    // Answered only where only this node may publish and only the sender
+                    // listens (`peers`).
+                    match &msg.reply {
+                        Some(r) if subjects.is_reply_for(r, Some(id), from) => {}
+                        _ => continue,
+                    }
                     tasks.spawn(async move { serve(raft, client, from, msg).await });
                 }
             }

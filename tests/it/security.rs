@@ -11,7 +11,7 @@ use warden::client::{CallError, Client};
 use warden::protocol::{Encoding, Envelope, ErrorCode};
 use warden::subjects::Subjects;
 
-use crate::support::{wait_agent, wait_for, InProcessNode, Nats, TestCluster, CLUSTER};
+use crate::support::{wait_agent, wait_for, Nats, TestCluster, CLUSTER};
 
 /// A raw connection as identity `name`, with its permission violations.
 async fn raw_as(nats: &Nats, name: &str) -> (async_nats::Client, Violations) {
@@ -63,12 +63,12 @@ async fn names(client: &Client) -> Vec<String> {
     crate::support::supervisor_names(client).await
 }
 
-/// Goal: each role can do what its row of docs/security.md allows, and is refused the rest
+/// Goal: against a node process, each role can do what its row of docs/security.md allows, and is refused the rest
 /// with a clear `forbidden` that changes nothing; viewers read events but no one reads
 /// another identity's replies; an anonymous connection is refused.
 #[tokio::test]
 async fn each_role_may_do_what_its_row_allows_and_nothing_more() {
-    let node = InProcessNode::start().await;
+    let node = TestCluster::start(1, None).await;
     let viewer = node.nats.client("viewer").await;
     let operator = node.nats.client("operator").await;
     let admin = &node.client;
@@ -157,13 +157,55 @@ async fn each_role_may_do_what_its_row_allows_and_nothing_more() {
     let v = refusal(&mut refusals, &stolen).await;
     assert!(!v.publish, "{v:?}");
 
+    // Nobody gets a subject as a reply subject: an admin that sends itself a bench request
+    // whose reply is a Raft subject may still not publish there.
+    let (admin_raw, admin_violations) = raw_as(&node.nats, "admin").await;
+    let mut admin_refusals = admin_violations.subscribe();
+    let s = Subjects::new(CLUSTER);
+    let mut bench = admin_raw.subscribe(s.bench_echo("x")).await.unwrap();
+    admin_raw.flush().await.unwrap();
+    let raft = s.raft(2, 1, "append");
+    admin_raw
+        .publish_with_reply(s.bench_echo("x"), raft.clone(), "".into())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut bench))
+        .await
+        .expect("its own request comes back")
+        .unwrap();
+    admin_raw
+        .publish(got.reply.unwrap(), "{}".into())
+        .await
+        .unwrap();
+    admin_raw.flush().await.unwrap();
+    assert!(refusal(&mut admin_refusals, &raft).await.publish);
+
+    // A node answers a client only outside the Warden subject space: a viewer cannot make it
+    // publish an event (or a cast) by choosing the reply subject.
+    let forged = s.event("node", "1", "left");
+    let mut events = admin_raw.subscribe(forged.clone()).await.unwrap();
+    admin_raw.flush().await.unwrap();
+    viewer_raw
+        .publish_with_reply(s.node_cmd(1, "health"), forged.clone(), "{}".into())
+        .await
+        .unwrap();
+    viewer.call("health", &json!({})).await.unwrap();
+    let leaked = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut events),
+    )
+    .await;
+    assert!(
+        leaked.is_err(),
+        "the node published on {forged}: {leaked:?}"
+    );
+
     // No credentials, no connection.
     let anonymous = NatsConfig {
         url: node.nats.url().to_string(),
         ..Default::default()
     };
     assert!(bus::connect(&anonymous, "anonymous", false).await.is_err());
-    node.shutdown().await.unwrap();
 }
 
 /// Goal: G8 with real node processes: node 2's identity can neither speak as node 3 (NATS
@@ -180,7 +222,7 @@ async fn a_node_identity_speaks_and_listens_only_as_itself() {
     let heartbeat = |node: u64| Encoding::Json.encode(&json!({"node_id": node}));
 
     // Node 2 cannot publish as node 3.
-    let as_3 = s.own(3, Some(leader), "heartbeat");
+    let as_3 = s.own(3, leader, "heartbeat");
     node2
         .publish(as_3.clone(), heartbeat(3).into())
         .await
@@ -197,10 +239,31 @@ async fn a_node_identity_speaks_and_listens_only_as_itself() {
                 "node": 3, "epoch": 1, "status": "running", "restarts": 0, "error": null}]})),
         ),
     ] {
-        let subject = s.own(2, Some(leader), command);
-        let reply = bus::request(&node2, subject, None, body.into(), Duration::from_secs(5))
+        // As a node asks a peer: the answer comes on a subject only the leader may publish on.
+        let mut replies = node2.subscribe(s.replies_to(2)).await.unwrap();
+        node2.flush().await.unwrap();
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(warden::protocol::CONTENT_TYPE, "application/json");
+        let reply_to = s.reply(Some(leader), 2, 1_000_000 + body.len() as u64);
+        node2
+            .publish_with_reply_and_headers(
+                s.own(2, leader, command),
+                reply_to.clone(),
+                h,
+                body.into(),
+            )
             .await
-            .unwrap_or_else(|e| panic!("{command}: the leader answers: {e}"));
+            .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let m = futures::StreamExt::next(&mut replies).await.unwrap();
+                if m.subject.as_str() == reply_to {
+                    return m;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{command}: the leader answers"));
         let err = Envelope::decode(&reply.payload)
             .and_then(Envelope::into_result)
             .expect_err(command);
@@ -211,6 +274,37 @@ async fn a_node_identity_speaks_and_listens_only_as_itself() {
             err.message
         );
     }
+
+    // Nor get another node's subject as a reply subject: sending itself a message whose reply
+    // subject is node 3's gives it no right to publish there (no `allow_responses`).
+    let trap = s.own(3, leader, "heartbeat");
+    let mut own_inbox = node2
+        .subscribe(format!("{}.2.2.>", s.internal_prefix()))
+        .await
+        .unwrap();
+    node2.flush().await.unwrap();
+    node2
+        .publish_with_reply(
+            format!("{}.2.2.own.x", s.internal_prefix()),
+            trap.clone(),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut own_inbox),
+    )
+    .await
+    .expect("its own message comes back")
+    .unwrap();
+    assert_eq!(got.reply.as_deref(), Some(trap.as_str()));
+    node2
+        .publish(trap.clone(), heartbeat(3).into())
+        .await
+        .unwrap();
+    node2.flush().await.unwrap();
+    assert!(refusal(&mut refusals, &trap).await.publish);
 
     // Nor listen to what is addressed to node 3 (it could answer as node 3).
     for subject in [
@@ -271,7 +365,7 @@ async fn try_connect(nats: &Nats, seed: &Path) -> anyhow::Result<Client> {
 /// config, without restarting the server or the cluster, and leave the others alone.
 #[tokio::test]
 async fn identities_are_added_rotated_and_revoked_with_a_config_reload() {
-    let node = InProcessNode::start().await;
+    let node = TestCluster::start(1, None).await;
     let dir = &node.nats.auth;
     let others = std::fs::read_to_string(seed_path(dir, "operator")).unwrap();
     warden::auth::run(warden::auth::AuthCmd::Add {
@@ -358,7 +452,6 @@ async fn identities_are_added_rotated_and_revoked_with_a_config_reload() {
         .call("health", &json!({}))
         .await
         .unwrap();
-    node.shutdown().await.unwrap();
 }
 
 /// Kills `warden up` on drop: SIGTERM first, so that it stops the nodes and the nats-server

@@ -159,7 +159,7 @@ pub async fn supervisor_names(client: &Client) -> Vec<String> {
 pub struct InProcessNode {
     /// A client with the admin identity.
     pub client: Client,
-    pub nats: Nats,
+    _nats: Nats,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -204,7 +204,7 @@ impl InProcessNode {
         .await;
         InProcessNode {
             client,
-            nats,
+            _nats: nats,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

@@ -33,7 +33,13 @@ impl Host {
             .and_then(|h| h.get(protocol::CONTENT_TYPE))
             .map(|v| v.to_string());
         let enc = Encoding::detect(ct.as_deref(), &msg.payload).unwrap_or(Encoding::Json);
-        let reply = msg.reply.as_ref().map(|r| r.to_string());
+        // A reply subject inside the Warden space would make this node publish where the
+        // caller chose (an event, a cast): such a call is dropped.
+        let reply = msg
+            .reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .filter(|r| crate::subjects::Subjects::is_client_reply(r));
         let answer = |err: WireError| {
             let node = self.node.clone();
             let reply = reply.clone();

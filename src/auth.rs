@@ -371,8 +371,10 @@ pub enum AuthCmd {
     },
     /// Adds one identity (node-<id>, admin, operator, viewer, or any name with --role).
     Add {
+        /// The identity directory `init` wrote.
         #[arg(long)]
         out: PathBuf,
+        /// The new identity's name.
         name: String,
         /// The role of an identity whose name does not imply one.
         #[arg(long, value_parser = parse_role)]
@@ -380,19 +382,24 @@ pub enum AuthCmd {
     },
     /// Gives an identity a new key; the old one stops working at the server's next reload.
     Rotate {
+        /// The identity directory `init` wrote.
         #[arg(long)]
         out: PathBuf,
+        /// The identity's name.
         name: String,
     },
     /// Removes an identity and its seed; its connections are closed at the server's next
     /// reload.
     Revoke {
+        /// The identity directory `init` wrote.
         #[arg(long)]
         out: PathBuf,
+        /// The identity's name.
         name: String,
     },
     /// Lists the identities with their roles, public keys and inbox prefixes.
     List {
+        /// The identity directory `init` wrote.
         #[arg(long)]
         out: PathBuf,
     },

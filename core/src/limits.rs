@@ -14,6 +14,10 @@ pub const MIN_SERVER_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// doubling from `LEADER_RETRY_MS`, about a dozen tries within `FORWARD_TIMEOUT_MS`.
 pub const OWN_WRITE_RETRY_MAX_MS: u64 = 1_000;
 
+/// How long a stopping node waits for its last NATS flush (its last replies and events) before
+/// it exits anyway: the server may be unreachable.
+pub const FINAL_FLUSH_MS: u64 = 2_000;
+
 /// Requests a node may have in flight to its peers (`peers::Peers`) at once; more fail at
 /// once, as if the peer were unreachable.
 pub const MAX_PEER_REQUESTS: usize = 8_192;

@@ -707,12 +707,20 @@ pub async fn run_with_kinds(
             "some tasks did not stop within the budget"
         );
     }
-    if let Err(e) = raft.shutdown().await {
-        tracing::warn!(error = %e, "raft did not shut down cleanly");
+    let budget = Duration::from_millis(limits::NODE_STOP_BUDGET_MS);
+    match tokio::time::timeout(budget, raft.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "raft did not shut down cleanly"),
+        Err(_) => tracing::warn!("raft did not shut down within the budget"),
     }
     store.close().await?;
-    if let Err(e) = client.flush().await {
-        tracing::debug!(error = %e, "final NATS flush failed");
+    // A flush waits for the server's answer, which never comes while NATS is unreachable:
+    // a node must still stop (everything is on disk by now).
+    let flush = Duration::from_millis(limits::FINAL_FLUSH_MS);
+    match tokio::time::timeout(flush, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "final NATS flush failed"),
+        Err(_) => tracing::info!("NATS unreachable; stopping without a final flush"),
     }
     tracing::info!("node stopped");
     match fatal {

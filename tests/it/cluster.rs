@@ -237,3 +237,15 @@ async fn a_late_node_catches_up_from_a_chunked_snapshot() {
     let names = supervisor_names(&tc.client).await;
     assert!(written.iter().all(|w| names.contains(w)));
 }
+
+/// Goal: a node stops cleanly on SIGTERM even when its NATS server is gone (its last flush
+/// would wait for the server forever).
+#[tokio::test]
+async fn a_node_stops_on_sigterm_even_when_nats_is_gone() {
+    let mut tc = TestCluster::start(1, None).await;
+    tc.nats.server.kill().await;
+    assert!(
+        tc.cluster.stop(1, Duration::from_secs(30)).await,
+        "the node exits by itself, with success"
+    );
+}

@@ -8,4 +8,5 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo nextest run --workspace --profile ci
 cargo build --quiet --bin warden -p warden
 cargo build --quiet --bin warden-chaos -p warden-chaos
-target/debug/warden-chaos --scenario chaos/scenarios/ci.toml --warden target/debug/warden
+bin="${CARGO_TARGET_DIR:-target}/debug"
+"$bin/warden-chaos" --scenario chaos/scenarios/ci.toml --warden "$bin/warden"

@@ -66,7 +66,9 @@ impl Peers {
             client,
             subjects,
             me,
-            next: AtomicU64::new(1),
+            // Not from 1: a late reply to a request of this node's previous process must not
+            // match a request of this one.
+            next: AtomicU64::new(rand::random::<u64>() >> 1),
             waiting: Mutex::new(HashMap::new()),
         });
         let router = peers.clone();
@@ -109,8 +111,8 @@ impl Peers {
         }
     }
 
-    /// Sends `payload` on `subject` to node `to` (any member when `None`) and waits up to
-    /// `timeout` for its reply.
+    /// Sends this node's own request (Raft, its own writes, forward batches, joins) on
+    /// `subject` to node `to` (any member when `None`) and waits up to `timeout` for its reply.
     pub async fn request(
         &self,
         to: Option<u64>,
@@ -119,18 +121,74 @@ impl Peers {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Reply, RequestFailure> {
+        self.send(
+            to,
+            subject,
+            headers,
+            payload,
+            timeout,
+            limits::MAX_PEER_REQUESTS,
+        )
+        .await
+    }
+
+    /// Relays a client's command: like `request`, but only while `PEER_RESERVE` places stay
+    /// free for the node's own requests, so that no client flood starves its heartbeats and
+    /// votes.
+    pub async fn relay(
+        &self,
+        to: u64,
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, RequestFailure> {
+        let cap = limits::MAX_PEER_REQUESTS - limits::PEER_RESERVE;
+        self.send(Some(to), subject, headers, payload, timeout, cap)
+            .await
+    }
+
+    async fn send(
+        &self,
+        to: Option<u64>,
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<Reply, RequestFailure> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let mut table = self.table();
-            if table.len() >= limits::MAX_PEER_REQUESTS {
-                return Err(RequestFailure::Other(
-                    "too many requests to peers in flight".into(),
-                ));
+            if table.len() >= cap {
+                // Nothing sent: as safe to retry as an unreachable peer.
+                return Err(RequestFailure::NoResponders);
             }
             table.insert(id, Waiting { from: to, tx });
         }
         let _forget = Forget { peers: self, id };
+        // One deadline for sending and answering: a publish can wait while NATS reconnects.
+        match tokio::time::timeout(
+            timeout,
+            self.exchange(to, id, subject, headers, payload, rx),
+        )
+        .await
+        {
+            Ok(out) => out,
+            Err(_) => Err(RequestFailure::TimedOut),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        to: Option<u64>,
+        id: u64,
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        rx: oneshot::Receiver<async_nats::Message>,
+    ) -> Result<Reply, RequestFailure> {
         let reply = self.subjects.reply(to, self.me, id);
         let sent = match headers {
             Some(h) => {
@@ -144,17 +202,19 @@ impl Peers {
                     .await
             }
         };
-        sent.map_err(|e| RequestFailure::Other(e.to_string()))?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(msg)) if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
+        if sent.is_err() {
+            // Nothing left this node (the connection is closing).
+            return Err(RequestFailure::NoResponders);
+        }
+        match rx.await {
+            Ok(msg) if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
                 Err(RequestFailure::NoResponders)
             }
-            Ok(Ok(msg)) => Ok(Reply {
+            Ok(msg) => Ok(Reply {
                 headers: msg.headers,
                 payload: msg.payload,
             }),
-            Ok(Err(_)) => Err(RequestFailure::Other("the reply router stopped".into())),
-            Err(_) => Err(RequestFailure::TimedOut),
+            Err(_) => Err(RequestFailure::Other("the reply router stopped".into())),
         }
     }
 }

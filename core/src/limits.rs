@@ -22,6 +22,10 @@ pub const FINAL_FLUSH_MS: u64 = 2_000;
 /// once, as if the peer were unreachable.
 pub const MAX_PEER_REQUESTS: usize = 8_192;
 
+/// Of `MAX_PEER_REQUESTS`, the places that relayed client commands may not take: the node's
+/// own heartbeats, votes and writes always have room.
+pub const PEER_RESERVE: usize = 1_024;
+
 /// Permission violations a connection keeps for whoever watches them (`bus::Violations`);
 /// a watcher that falls further behind skips the oldest.
 pub const VIOLATION_QUEUE: usize = 64;
@@ -208,6 +212,7 @@ const _: () = assert!(MAX_CHECKPOINT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
 const _: () = assert!(PROPOSAL_TIMEOUT_MS < FORWARD_TIMEOUT_MS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
+const _: () = assert!(PEER_RESERVE < MAX_PEER_REQUESTS);
 const _: () = assert!((SNAPSHOT_CHUNK_BYTES as usize) < MIN_SERVER_MAX_PAYLOAD_BYTES / 2);
 const _: () = assert!(NATS_DEFAULT_MAX_PAYLOAD_BYTES >= MIN_SERVER_MAX_PAYLOAD_BYTES);
 

@@ -406,8 +406,8 @@ async fn forward_one(node: &Node, leader: u64, req: Request, deadline: Instant) 
     let subject = node.subjects.relay(node.cfg.id, leader, &req.command);
     match node
         .peers
-        .request(
-            Some(leader),
+        .relay(
+            leader,
             subject,
             Some(headers),
             req.payload,

@@ -834,6 +834,9 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
     );
     // Sent to the leader as far as this node knows it, else to the one a member names.
     let mut hint: Option<u64> = None;
+    // A leader that did not answer: Raft may still name it (a vote from a leader that is
+    // gone), so ask the members instead until someone else is named.
+    let mut silent: Option<u64> = None;
     let me = node.cfg.id;
     loop {
         let outcome = if node.is_leader() {
@@ -841,7 +844,10 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
             let own = node.execute_on_leader(Command::Join(req.clone()), body.len());
             own.await.map(Ok)
         } else {
-            let known = hint.take().or_else(|| node.leader()).filter(|&l| l != me);
+            let known = hint
+                .take()
+                .or_else(|| node.leader())
+                .filter(|&l| l != me && Some(l) != silent);
             let target = match known {
                 Some(l) => Some(l),
                 None => ask_leader(node).await.filter(|&l| l != me),
@@ -850,6 +856,7 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
                 Some(l) => {
                     let (outcome, named) = send_join(node, l, &body).await;
                     hint = named.filter(|&n| n != l);
+                    silent = outcome.is_err().then_some(l);
                     Some(outcome)
                 }
                 None => None,

@@ -71,7 +71,7 @@ impl Encoding {
                     format!("body is not valid JSON: {e}"),
                 )
             })?,
-            Encoding::Msgpack => rmp_serde::from_slice(body).map_err(|e| {
+            Encoding::Msgpack => body_from_msgpack(body).map_err(|e| {
                 WireError::new(
                     ErrorCode::BadRequest,
                     format!("body is neither JSON nor valid MessagePack: {e}"),
@@ -99,7 +99,7 @@ impl Encoding {
             })
         };
         let msgpack = |bytes: &[u8]| {
-            rmp_serde::from_slice(bytes).map_err(|e| match e {
+            body_from_msgpack(bytes).map_err(|e| match e {
                 // serde's own messages (missing field, wrong type) come as `Syntax`.
                 rmp_serde::decode::Error::Syntax(m) => m,
                 other => format!("body is not valid MessagePack: {other}"),
@@ -123,7 +123,7 @@ impl Encoding {
                 );
             }
             (Encoding::Msgpack, Some(_)) => {
-                return Err(match rmp_serde::from_slice::<serde::de::IgnoredAny>(body) {
+                return Err(match body_from_msgpack::<serde::de::IgnoredAny>(body) {
                     Ok(_) => WireError::new(ErrorCode::BadRequest, NOT_AN_OBJECT),
                     Err(e) => WireError::new(
                         ErrorCode::BadRequest,
@@ -198,6 +198,27 @@ impl Envelope {
         serde_json::from_value(value)
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("malformed reply: {e}")))
     }
+}
+
+/// Decodes a client's MessagePack body, nested at most `MAX_BODY_DEPTH` deep (as serde_json
+/// does for JSON bodies).
+fn body_from_msgpack<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(crate::limits::MAX_BODY_DEPTH);
+    T::deserialize(&mut de)
+}
+
+/// Decodes what nodes write and send each other (forward batches, log entries, Raft
+/// messages, snapshots), nested at most `MAX_DECODE_DEPTH` deep: the one bound of every
+/// internal decoder, far above anything a client can get accepted (`limits`).
+pub fn from_msgpack<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(crate::limits::MAX_DECODE_DEPTH);
+    T::deserialize(&mut de)
 }
 
 #[cfg(test)]

@@ -165,6 +165,33 @@ pub const AGENT_STOP_GRACE_MS: u64 = 1_000;
 /// Children of one `spawn_agent_group`: one Raft entry creates them all.
 pub const MAX_GROUP: u32 = 10_000;
 
+/// An agent's `config`, encoded as JSON: every record of the agent carries it (the registry,
+/// snapshots, exports), so it stays small; bigger data belongs in the agent's state.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
+/// How deep a `config` may nest. Far below every decoder's bound (`MAX_DECODE_DEPTH`), so
+/// that a config accepted from a client decodes wherever it is read again, wrapped in a log
+/// entry, a Raft message or a snapshot.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
+/// A `spawn_agent_group`'s template config times its count: the records the group adds to
+/// the registry at once.
+pub const MAX_GROUP_CONFIG_BYTES: usize = 8 * 1024 * 1024;
+
+/// Nesting a client's request body may have: serde_json's own recursion limit, applied to
+/// MessagePack bodies too, so both encodings accept the same shapes.
+pub const MAX_BODY_DEPTH: usize = 128;
+
+/// Nesting every internal decoder allows (forward batches, log entries, Raft messages,
+/// snapshots): rmp-serde's default, named so that one bound holds everywhere.
+pub const MAX_DECODE_DEPTH: usize = 1024;
+
+// What a client gets accepted is at most a config of `MAX_CONFIG_DEPTH` levels inside a
+// command (typed, a few levels), inside a proposal, a log entry and a Raft message or a
+// snapshot: all far within the internal decoders' bound.
+const _: () = assert!(MAX_CONFIG_DEPTH + 64 <= MAX_DECODE_DEPTH);
+const _: () = assert!(MAX_CONFIG_DEPTH < MAX_BODY_DEPTH);
+
 /// sled's page cache. Its default (1 GiB) would let the cache, not the agents, decide a node's
 /// memory. The hot data is the log's recent entries (appended and read back for replication
 /// within moments) and the state machine's recently written records; everything else is read
@@ -224,6 +251,11 @@ pub const AGENT_MAILBOX: usize = 256;
 /// Answers an agent instance remembers by call id: as many as its mailbox holds, so a retry
 /// queued behind a full mailbox still finds the first attempt's answer.
 pub const REMEMBERED_CALLS: usize = AGENT_MAILBOX;
+
+/// Bytes of answers one agent instance remembers by call id (with `REMEMBERED_CALLS`), so
+/// that the memory of a node's agents is bounded whatever their answers' size.
+pub const REMEMBERED_CALLS_BYTES: usize = 256 * 1024;
+const _: () = assert!(HANDED_OVER_CALLS_BYTES <= REMEMBERED_CALLS_BYTES);
 
 /// Bytes of remembered answers an agent carries to its next node in a hand-off: the most
 /// recent that fit, so a retry of a call answered just before a migration is not run twice.

@@ -71,9 +71,68 @@ pub fn cut(mut s: String, max: usize) -> String {
     s
 }
 
+/// Checks an agent's `config`: at most `MAX_CONFIG_BYTES` encoded as JSON and
+/// `MAX_CONFIG_DEPTH` levels deep, so that every record holding it stays small and decodes
+/// wherever it is read (log entries, snapshots, Raft messages). Returns its encoded size.
+pub fn validate_config(config: &serde_json::Value) -> Result<usize, WireError> {
+    // Depth first, without recursion: a deep value must not exhaust the stack here.
+    let mut stack = vec![(config, 1usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        if depth > limits::MAX_CONFIG_DEPTH {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "config is nested more than {} levels deep",
+                    limits::MAX_CONFIG_DEPTH
+                ),
+            ));
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    let bytes = serde_json::to_vec(config)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if bytes > limits::MAX_CONFIG_BYTES {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "config is {bytes} bytes as JSON; the limit is {} bytes",
+                limits::MAX_CONFIG_BYTES
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn nested(depth: usize) -> serde_json::Value {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = json!([v]);
+        }
+        v
+    }
+
+    /// Goal: a config is bounded in depth and in size, with the error each deserves.
+    #[test]
+    fn configs_are_bounded_in_depth_and_size() {
+        assert!(validate_config(&json!({"durable": true})).is_ok());
+        assert!(validate_config(&nested(limits::MAX_CONFIG_DEPTH)).is_ok());
+        let deep = validate_config(&nested(limits::MAX_CONFIG_DEPTH + 1)).unwrap_err();
+        assert_eq!(deep.code, ErrorCode::BadRequest);
+        assert!(deep.message.contains("levels"), "{}", deep.message);
+        let big = json!({"pad": "x".repeat(limits::MAX_CONFIG_BYTES)});
+        assert_eq!(validate_config(&big).unwrap_err().code, ErrorCode::TooLarge);
+    }
 
     #[test]
     fn cut_keeps_short_strings_and_cuts_long_ones_on_a_character() {

@@ -95,7 +95,7 @@ pub async fn serve(
                                 ErrorCode::Unavailable,
                                 "the node is handling too many commands; retry with backoff",
                             );
-                            let req = request_of(&msg);
+                            let req = request_of(&msg, feed);
                             let enc = Encoding::detect(req.content_type.as_deref(), &req.payload)
                                 .unwrap_or(Encoding::Json);
                             send(&node, &msg, enc, encode(enc, Err(err))).await;
@@ -133,19 +133,23 @@ fn may_answer(node: &Node, msg: &async_nats::Message, feed: Feed) -> bool {
     }
 }
 
-fn request_of(msg: &async_nats::Message) -> Request {
+/// A command as received. Only a relaying node's count of hops is believed: a client's
+/// `Warden-Forward-Hops` could otherwise stop its command from ever reaching the leader.
+fn request_of(msg: &async_nats::Message, feed: Feed) -> Request {
     let header = |name| {
         msg.headers
             .as_ref()
             .and_then(|h| h.get(name))
             .map(|v| v.to_string())
     };
+    let hops = match feed {
+        Feed::Relayed => header(protocol::FORWARD_HOPS).and_then(|h| h.parse().ok()),
+        _ => None,
+    };
     Request {
         command: Subjects::last_token(&msg.subject).to_string(),
         content_type: header(protocol::CONTENT_TYPE),
-        hops: header(protocol::FORWARD_HOPS)
-            .and_then(|h| h.parse().ok())
-            .unwrap_or(0),
+        hops: hops.unwrap_or(0),
         payload: msg.payload.clone(),
         own: false,
     }
@@ -193,7 +197,7 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         },
         _ => Origin::Client,
     };
-    let req = request_of(&msg);
+    let req = request_of(&msg, feed);
     let (enc, body) = answer(node, req, origin).await;
     send(node, &msg, enc, body).await;
 }
@@ -207,7 +211,7 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
     let Some(from) = sender(node, &msg) else {
         return;
     };
-    let batch: ForwardBatch = match rmp_serde::from_slice(&msg.payload) {
+    let batch: ForwardBatch = match crate::protocol::from_msgpack(&msg.payload) {
         Ok(b) => b,
         Err(e) => {
             // From an incompatible peer; it times out and reports "unknown".

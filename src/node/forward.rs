@@ -183,7 +183,7 @@ async fn send_batch(peers: &Peers, subject: String, leader: u64, batch: Vec<Pend
         .request(Some(leader), subject, None, body.into(), timeout)
         .await;
     let outcome: Vec<Forwarded> = match answer {
-        Ok(reply) => match rmp_serde::from_slice::<ForwardReplies>(&reply.payload) {
+        Ok(reply) => match crate::protocol::from_msgpack::<ForwardReplies>(&reply.payload) {
             Ok(r) if r.items.len() == n => r.items.into_iter().map(Forwarded::Reply).collect(),
             _ => {
                 tracing::warn!(leader, "malformed forward reply");

@@ -94,7 +94,7 @@ impl PeerClient {
                 _ => RpcError::Network(NetworkError::new(&e)),
             })?;
         self.net.contacts.touch(self.target);
-        let result: Result<Resp, RaftError<E>> = rmp_serde::from_slice(&reply.payload)
+        let result: Result<Resp, RaftError<E>> = crate::protocol::from_msgpack(&reply.payload)
             .map_err(|e| RpcError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RpcError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -118,7 +118,7 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp, E>>,
 {
-    let req: Req = rmp_serde::from_slice(payload)?;
+    let req: Req = crate::protocol::from_msgpack(payload)?;
     let speaks_for = vote(&req).leader_id().voted_for();
     anyhow::ensure!(
         speaks_for == Some(from),

@@ -124,7 +124,7 @@ impl Store {
         let snapshot = self.db.open_tree("snapshot")?;
         let state = load_state(&snapshot)?;
         let purged: Option<LogId> = match meta.get(PURGED)? {
-            Some(v) => rmp_serde::from_slice(&v)?,
+            Some(v) => crate::protocol::from_msgpack(&v)?,
             None => None,
         };
         if purged.map(|l| l.index) > state.last_applied.map(|l| l.index) {
@@ -175,9 +175,9 @@ fn load_state(snapshot: &sled::Tree) -> anyhow::Result<SmState> {
     let Some(raw) = snapshot.get(CURRENT_SNAPSHOT)? else {
         return Ok(SmState::default());
     };
-    let stored: StoredSnapshot = rmp_serde::from_slice(&raw).context("stored snapshot")?;
+    let stored: StoredSnapshot = crate::protocol::from_msgpack(&raw).context("stored snapshot")?;
     let content: SnapshotData =
-        rmp_serde::from_slice(&stored.data).context("stored snapshot's registry")?;
+        crate::protocol::from_msgpack(&stored.data).context("stored snapshot's registry")?;
     if content.registry.v > REGISTRY_VERSION {
         anyhow::bail!(
             "this data dir was written by a newer Warden (registry version {}; this one reads \
@@ -266,7 +266,7 @@ impl LogStore {
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
         match raw {
             None => Ok(None),
-            Some(v) => rmp_serde::from_slice(&v)
+            Some(v) => crate::protocol::from_msgpack(&v)
                 .map(Some)
                 .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e)),
         }
@@ -305,7 +305,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for kv in iter {
             let (_, v) = kv.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let entry: Entry = rmp_serde::from_slice(&v)
+            let entry: Entry = crate::protocol::from_msgpack(&v)
                 .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             out.push(entry);
         }
@@ -324,7 +324,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         let last_log_id = match last {
             Some((_, v)) => {
-                let entry: Entry = rmp_serde::from_slice(&v)
+                let entry: Entry = crate::protocol::from_msgpack(&v)
                     .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
                 Some(entry.log_id)
             }
@@ -618,7 +618,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let content: SnapshotData = rmp_serde::from_slice(&bytes)
+        let content: SnapshotData = crate::protocol::from_msgpack(&bytes)
             .map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
         if content.registry.v > REGISTRY_VERSION {
             let why = format!(
@@ -659,7 +659,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .get(CURRENT_SNAPSHOT)
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let stored: StoredSnapshot = rmp_serde::from_slice(&raw)
+        let stored: StoredSnapshot = crate::protocol::from_msgpack(&raw)
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
             meta: stored.meta,

@@ -249,3 +249,24 @@ async fn a_node_stops_on_sigterm_even_when_nats_is_gone() {
         "the node exits by itself, with success"
     );
 }
+
+/// Goal: a client cannot stop its own command from reaching the leader by sending a
+/// `Warden-Forward-Hops` header: only relaying nodes' hop counts are believed.
+#[tokio::test]
+async fn a_clients_forward_hops_header_is_ignored() {
+    let tc = TestCluster::start(3, None).await;
+    let leader = tc.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let subject = warden::subjects::Subjects::new(crate::support::CLUSTER)
+        .node_cmd(follower, "create_supervisor");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(warden::protocol::FORWARD_HOPS, "99");
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(br#"{"name":"hopped","request_id":"h1"}"#.to_vec().into())
+        .timeout(Some(Duration::from_secs(10)));
+    let reply = tc.client.nats.send_request(subject, req).await.unwrap();
+    let env = warden::protocol::Envelope::decode(&reply.payload).unwrap();
+    let v = env.into_result().expect("the follower forwards it anyway");
+    assert_eq!(v["name"], "hopped");
+}

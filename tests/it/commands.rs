@@ -107,6 +107,21 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .unwrap();
 
     let j = |v: Value| serde_json::to_vec(&v).unwrap();
+    // A MessagePack spawn_agent whose config is arrays nested `depth` deep, built byte by byte
+    // (as a hostile client would; no encoder recursion).
+    let deep = |depth: usize| {
+        let mut b = vec![0x83];
+        for (k, v) in [("supervisor", "root"), ("kind", "counter")] {
+            b.extend(rmp_serde::to_vec(k).unwrap());
+            b.extend(rmp_serde::to_vec(v).unwrap());
+        }
+        b.extend(rmp_serde::to_vec("config").unwrap());
+        b.extend(std::iter::repeat_n(0x91u8, depth));
+        b.push(0x01);
+        b
+    };
+    let big_config = json!({"pad": "x".repeat(100 * 1024)});
+    let group_config = json!({"pad": "x".repeat(60 * 1024)});
     // (command, Content-Type, body, expected code, words the message must contain)
     type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, ErrorCode, &'a str);
     let cases: Vec<Case> = vec![
@@ -222,6 +237,35 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             ErrorCode::TooLarge,
             "limit",
         ),
+        (
+            "spawn_agent",
+            Some("application/msgpack"),
+            deep(1_019),
+            ErrorCode::BadRequest,
+            "depth",
+        ),
+        (
+            "spawn_agent",
+            Some("application/msgpack"),
+            deep(100),
+            ErrorCode::BadRequest,
+            "levels",
+        ),
+        (
+            "spawn_agent",
+            None,
+            j(json!({"supervisor": "root", "kind": "counter", "config": big_config})),
+            ErrorCode::TooLarge,
+            "config",
+        ),
+        (
+            "spawn_agent_group",
+            None,
+            j(json!({"name": "g", "count": 200,
+                     "template": {"kind": "counter", "config": group_config}})),
+            ErrorCode::TooLarge,
+            "a group's configs",
+        ),
     ];
     for (command, ct, body, code, needle) in cases {
         let (_, env) = raw(nats, command, ct, body).await;
@@ -252,6 +296,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         health["raft_state"], "leader",
         "the node is still up and leading"
     );
+    // And it still writes: nothing poisoned its log.
+    node.client
+        .call("create_supervisor", &json!({"name": "after-poison"}))
+        .await
+        .unwrap();
     node.shutdown().await.unwrap();
 }
 

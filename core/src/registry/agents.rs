@@ -202,6 +202,7 @@ impl SpawnAgent {
         if let Some(p) = &self.placement {
             p.validate()?;
         }
+        crate::names::validate_config(&self.config)?;
         validate_request_id(&self.request_id)
     }
 }
@@ -758,6 +759,19 @@ impl SpawnAgentGroup {
             ));
         }
         self.template.validate()?;
+        let each = crate::names::validate_config(&self.template.config)?;
+        let total = each.saturating_mul(self.count as usize);
+        if total > limits::MAX_GROUP_CONFIG_BYTES {
+            return Err(WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{} agents with a {each}-byte config make {total} bytes; a group's configs \
+                     total at most {} bytes",
+                    self.count,
+                    limits::MAX_GROUP_CONFIG_BYTES
+                ),
+            ));
+        }
         validate_request_id(&self.request_id)
     }
 }

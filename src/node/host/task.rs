@@ -23,7 +23,7 @@ use super::calls::send_envelope;
 use crate::agent::mailbox::{Mailbox, Next, Park};
 use crate::agent::{Agent, AgentError, BoxFuture};
 use crate::command::CheckpointRequest;
-use crate::limits::{HANDED_OVER_CALLS_BYTES, REMEMBERED_CALLS};
+use crate::limits::{HANDED_OVER_CALLS_BYTES, REMEMBERED_CALLS, REMEMBERED_CALLS_BYTES};
 use crate::node::Node;
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::RememberedCall;
@@ -476,10 +476,13 @@ async fn refuse_queued(who: &Who, mailbox: &AgentMailbox, answered: &Answered, w
 }
 
 /// The last answers of one agent instance by call id; empty (and unallocated) for callers
-/// that send no id.
+/// that send no id. Bounded in count (`REMEMBERED_CALLS`) and in bytes
+/// (`REMEMBERED_CALLS_BYTES`): the oldest go first, and an answer bigger than the byte bound
+/// is not remembered (a retry of that call runs it again).
 #[derive(Default)]
 pub(super) struct Answered {
-    recent: std::collections::VecDeque<(String, Result<Value, WireError>)>,
+    recent: std::collections::VecDeque<(String, Result<Value, WireError>, usize)>,
+    bytes: usize,
 }
 
 impl Answered {
@@ -487,24 +490,32 @@ impl Answered {
         let id = id.as_ref()?;
         self.recent
             .iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, r)| r.clone())
+            .find(|(k, _, _)| k == id)
+            .map(|(_, r, _)| r.clone())
     }
 
     fn remember(&mut self, id: Option<String>, result: &Result<Value, WireError>) {
         let Some(id) = id else { return };
-        if self.recent.len() >= REMEMBERED_CALLS {
-            self.recent.pop_front();
+        let size = id.len() + serde_json::to_vec(result).map_or(usize::MAX, |v| v.len());
+        if size > REMEMBERED_CALLS_BYTES {
+            return;
         }
-        self.recent.push_back((id, result.clone()));
+        while self.recent.len() >= REMEMBERED_CALLS || self.bytes + size > REMEMBERED_CALLS_BYTES {
+            match self.recent.pop_front() {
+                Some((_, _, s)) => self.bytes -= s,
+                None => break,
+            }
+        }
+        self.bytes += size;
+        self.recent.push_back((id, result.clone(), size));
     }
 
     /// The most recent answers that fit in `HANDED_OVER_CALLS_BYTES`, oldest first.
     fn carried(&self) -> Vec<RememberedCall> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (id, result) in self.recent.iter().rev() {
-            let size = id.len() + serde_json::to_vec(result).map_or(usize::MAX, |v| v.len());
+        for (id, result, size) in self.recent.iter().rev() {
+            let size = *size;
             if bytes + size > HANDED_OVER_CALLS_BYTES {
                 continue; // a large answer is not carried; smaller ones still are
             }
@@ -577,5 +588,25 @@ mod tests {
         assert!(task <= 800, "agent_task's state is {task} bytes");
         assert!(mailbox <= 176, "a mailbox is {mailbox} bytes");
         assert!(instance <= 48, "an instance is {instance} bytes");
+    }
+
+    /// Goal: an agent's memory of answered calls is bounded in bytes as well as in count,
+    /// oldest first, and an answer too big to keep is not kept.
+    #[test]
+    fn remembered_answers_are_bounded_in_bytes() {
+        let mut a = Answered::default();
+        let answer = |n: usize| Ok(serde_json::json!({ "pad": "x".repeat(n) }));
+        for i in 0..10 {
+            a.remember(Some(format!("c{i}")), &answer(REMEMBERED_CALLS_BYTES / 4));
+        }
+        assert!(a.bytes <= REMEMBERED_CALLS_BYTES, "{} bytes kept", a.bytes);
+        assert!(a.get(&Some("c9".into())).is_some(), "the newest is kept");
+        assert!(a.get(&Some("c0".into())).is_none(), "the oldest went first");
+        a.remember(Some("huge".into()), &answer(REMEMBERED_CALLS_BYTES + 1));
+        assert!(a.get(&Some("huge".into())).is_none());
+        assert!(
+            a.get(&Some("c9".into())).is_some(),
+            "a huge answer evicts nothing"
+        );
     }
 }

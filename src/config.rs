@@ -12,13 +12,26 @@ use crate::limits;
 use crate::registry::{validate_labels, validate_name};
 
 /// The node's `[exec]` config section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecConfig {
     /// Off unless set: `exec` agents fail to start with a clear error.
     pub enabled: bool,
     /// Commands that may run, as absolute paths. A request names one of them exactly.
     pub allow: Vec<PathBuf>,
+    /// The node's environment variables an exec process gets; it gets no other (never a
+    /// `WARDEN_*` one: the node's identity and settings are not the agent's business).
+    pub pass_env: Vec<String>,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            enabled: false,
+            allow: Vec::new(),
+            pass_env: ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec(),
+        }
+    }
 }
 
 /// A node's resolved configuration.
@@ -304,6 +317,11 @@ impl NodeConfig {
         for cmd in &self.exec.allow {
             if !cmd.is_absolute() {
                 bail!("exec.allow lists absolute paths only, not {cmd:?}");
+            }
+        }
+        for name in &self.exec.pass_env {
+            if name.starts_with("WARDEN_") || name.is_empty() || name.contains('=') {
+                bail!("exec.pass_env cannot pass {name:?}");
             }
         }
         if let Some(path) = &self.auth {

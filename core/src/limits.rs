@@ -252,6 +252,10 @@ pub const AGENT_MAILBOX: usize = 256;
 /// queued behind a full mailbox still finds the first attempt's answer.
 pub const REMEMBERED_CALLS: usize = AGENT_MAILBOX;
 
+/// Longest output line of an `exec` process that is logged; the rest of a longer line is
+/// dropped, so a process cannot make its node hold an unbounded line.
+pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
+
 /// Bytes of answers one agent instance remembers by call id (with `REMEMBERED_CALLS`), so
 /// that the memory of a node's agents is bounded whatever their answers' size.
 pub const REMEMBERED_CALLS_BYTES: usize = 256 * 1024;

@@ -63,15 +63,45 @@ impl Kind for Exec {
                     spec.command
                 ));
             }
+            if let Some(bad) = spec.env.keys().find(|k| refused_env(k)) {
+                return Err(format!("exec: the config may not set {bad:?}"));
+            }
             let mut cmd = tokio::process::Command::new(&spec.command);
+            // Only what the node passes on, then what the config sets: never the node's
+            // `WARDEN_*` settings, among them the path to its identity.
+            cmd.env_clear();
+            for name in &cfg.pass_env {
+                if let Some(v) = std::env::var_os(name) {
+                    cmd.env(name, v);
+                }
+            }
             cmd.args(&spec.args)
                 .envs(&spec.env)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
+                // Its own process group: a stop or a kill reaches its children too.
+                .process_group(0)
                 .kill_on_drop(true);
             if let Some(dir) = &spec.cwd {
                 cmd.current_dir(dir);
+            }
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: the closure runs in the child between fork and exec and calls only
+            // async-signal-safe functions (prctl, getppid, raise).
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Dies with the node, even a SIGKILLed one. Linux sends the signal when
+                    // the forking thread ends: the runtime's worker threads live as long as
+                    // the node.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        libc::raise(libc::SIGKILL); // the node died before the prctl
+                    }
+                    Ok(())
+                });
             }
             let mut child = cmd
                 .spawn()
@@ -109,11 +139,54 @@ impl Kind for Exec {
     }
 }
 
-/// Sends each output line to the log sink; ends with the stream.
+/// Environment variables an agent's config may not set: the node's own settings, and the
+/// dynamic loader's, which would run other code inside an allowed command.
+fn refused_env(name: &str) -> bool {
+    name.starts_with("WARDEN_") || name.starts_with("LD_") || name.is_empty() || name.contains('=')
+}
+
+/// Sends each output line to the log sink, at most `MAX_LOG_LINE_BYTES` of it (the rest of a
+/// longer line is dropped), bytes that are not UTF-8 replaced; ends with the stream. It
+/// keeps reading whatever comes, so that the process never blocks on a full pipe.
 async fn forward_lines(out: Box<dyn tokio::io::AsyncRead + Send + Unpin>, log: LogSink) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.line(line);
+    use tokio::io::AsyncReadExt;
+    let max = crate::limits::MAX_LOG_LINE_BYTES;
+    let mut reader = BufReader::new(out);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        let n = match (&mut reader)
+            .take(max as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let complete = buf.last() == Some(&b'\n');
+        if !complete && buf.len() >= max {
+            // Too long: skip to the end of the line, in bounded reads.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                match (&mut reader)
+                    .take(max as u64)
+                    .read_until(b'\n', &mut rest)
+                    .await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if rest.last() == Some(&b'\n') => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+            buf.pop();
+        }
+        log.line(String::from_utf8_lossy(&buf).into_owned());
     }
 }
 
@@ -129,23 +202,25 @@ async fn wait_exit(mut rx: watch::Receiver<Option<ExitReason>>) -> ExitReason {
     }
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid yields ESRCH.
+/// Signals the process group an exec process leads (its pid is the group's id).
+fn signal_group(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale group yields ESRCH.
     unsafe {
-        libc::kill(pid as i32, sig);
+        libc::kill(-(pid as i32), sig);
     }
 }
 
-/// Dropping the agent (a lease lost, a stop cut, the node stopping) kills its process: the
-/// `Child`, and with it `kill_on_drop`, lives in the task that waits for the exit, so without
-/// this the process would outlive its agent. Only the process itself: its own children, and a
-/// node killed with SIGKILL, are the next step (process groups and a parent-death signal).
+/// Dropping the agent (a lease lost, a stop cut, the node stopping) kills its process group:
+/// the `Child`, and with it `kill_on_drop`, lives in the task that waits for the exit, so
+/// without this the process would outlive its agent. A SIGKILLed node takes its processes
+/// with it by their parent-death signal; their own children stay in the group only as long as
+/// they do not leave it.
 impl Drop for ExecAgent {
     fn drop(&mut self) {
         // Not exited as far as the waiter knows. The waiter reaps before it says so, so the
-        // pid can only have been reused in the moment between the two.
+        // group's id can only have been reused in the moment between the two.
         if self.exit.borrow().is_none() {
-            signal(self.pid, libc::SIGKILL);
+            signal_group(self.pid, libc::SIGKILL);
         }
     }
 }
@@ -178,7 +253,7 @@ impl Agent for ExecAgent {
                 return;
             }
             if timeout_ms > 0 {
-                signal(self.pid, libc::SIGTERM);
+                signal_group(self.pid, libc::SIGTERM);
                 let waited = tokio::time::timeout(
                     Duration::from_millis(timeout_ms),
                     wait_exit(self.exit.clone()),
@@ -187,7 +262,7 @@ impl Agent for ExecAgent {
                     return;
                 }
             }
-            signal(self.pid, libc::SIGKILL);
+            signal_group(self.pid, libc::SIGKILL);
             let _ = wait_exit(self.exit.clone()).await; // it ends: SIGKILL cannot be caught
         })
     }
@@ -211,6 +286,7 @@ mod tests {
         Exec::new(ExecConfig {
             enabled: true,
             allow: paths.iter().map(PathBuf::from).collect(),
+            ..Default::default()
         })
     }
 
@@ -310,5 +386,103 @@ mod tests {
             matches!(&ended, Ok(ExitReason::Crash(m)) if m.contains("SIGKILL")),
             "{ended:?}"
         );
+    }
+
+    /// Starts `script` under /bin/sh with a log sink the test reads.
+    async fn with_log(
+        k: &Exec,
+        script: &str,
+    ) -> (
+        Box<dyn Agent>,
+        tokio::sync::mpsc::Receiver<(uuid::Uuid, String)>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let ctx = StartContext {
+            id: uuid::Uuid::nil(),
+            name: None,
+            config: json!({"command": "/bin/sh", "args": ["-c", script]}),
+            state: None,
+            log: LogSink::new(tx, uuid::Uuid::nil()),
+        };
+        (k.start(ctx).await.unwrap(), rx)
+    }
+
+    async fn lines_until(
+        rx: &mut tokio::sync::mpsc::Receiver<(uuid::Uuid, String)>,
+        last: &str,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let wait = async {
+            while let Some((_, line)) = rx.recv().await {
+                let done = line == last;
+                out.push(line);
+                if done {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the script's output");
+        out
+    }
+
+    /// Goal: an exec process gets only the variables the node passes on, never a `WARDEN_*`
+    /// one, and a config may not set the node's or the loader's variables.
+    #[tokio::test]
+    async fn an_exec_process_sees_no_warden_variable() {
+        // nextest runs each test in its own process: setting a variable here touches no other.
+        std::env::set_var("WARDEN_PROBE", "secret");
+        let k = allowed(&["/bin/sh"]);
+        let (_a, mut rx) = with_log(&k, "env; echo end").await;
+        let env = lines_until(&mut rx, "end").await;
+        assert!(!env.iter().any(|l| l.starts_with("WARDEN_")), "{env:?}");
+        assert!(env.iter().any(|l| l.starts_with("PATH=")), "{env:?}");
+        for name in ["WARDEN_AUTH", "LD_PRELOAD"] {
+            let cfg = json!({"command": "/bin/sh", "args": ["-c", "true"], "env": {name: "x"}});
+            let err = k.start(ctx(cfg)).await.err().unwrap();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    /// Goal: a stop reaches the process's own children: the whole group goes.
+    #[tokio::test]
+    async fn a_stop_kills_the_process_group() {
+        let k = allowed(&["/bin/sh"]);
+        let script = "trap '' TERM; sleep 1000 & echo $!; echo ready; wait";
+        let (mut a, mut rx) = with_log(&k, script).await;
+        let out = lines_until(&mut rx, "ready").await;
+        let child: i32 = out[0].parse().unwrap();
+        a.stop(200).await;
+        let gone = || {
+            // Gone, or a zombie waiting for init: either way it runs no more.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !gone() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child {child} survived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Goal: output is read whatever it holds: bytes that are not UTF-8 and overlong lines
+    /// neither stop the reader nor grow a line past its bound.
+    #[tokio::test]
+    async fn output_lines_are_bounded_and_survive_bad_bytes() {
+        let k = allowed(&["/bin/sh"]);
+        let max = crate::limits::MAX_LOG_LINE_BYTES;
+        let script = format!(
+            "printf 'a\\377b\\n'; head -c {} /dev/zero | tr '\\0' x; echo; echo end",
+            max * 3
+        );
+        let (_a, mut rx) = with_log(&k, &script).await;
+        let out = lines_until(&mut rx, "end").await;
+        assert_eq!(out[0], "a\u{fffd}b");
+        assert_eq!(out[1].len(), max, "an overlong line is cut");
+        assert_eq!(out[2], "end", "and the rest of it skipped: {:?}", &out[2..]);
     }
 }

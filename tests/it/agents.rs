@@ -547,3 +547,33 @@ async fn one_for_all_restarts_nothing_before_every_sibling_has_stopped() {
         .await;
     }
 }
+
+/// Goal: SIGKILL of a node leaves none of its exec processes running: they die with it by
+/// their parent-death signal.
+#[tokio::test]
+async fn a_sigkilled_node_leaves_no_exec_process() {
+    let config = "[exec]\nenabled = true\nallow = [\"/bin/sh\"]\n";
+    let mut tc = crate::support::TestCluster::start(1, Some(config)).await;
+    let c = tc.client.clone();
+    spawn_deaf(&c, "orphan", "root", 5_000).await;
+    wait_agent(&c, "orphan", "the exec agent to run", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    let status = call_agent(&c, "orphan", json!({"op": "status"}))
+        .await
+        .unwrap();
+    let pid = status["pid"].as_i64().unwrap();
+    tc.cluster.kill(1).await;
+    wait_for(
+        "the exec process to die with its node",
+        Duration::from_secs(10),
+        || async move {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+            // Gone, or a zombie waiting for init: it runs no more.
+            stat.map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+                .then_some(())
+        },
+    )
+    .await;
+}

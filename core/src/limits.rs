@@ -18,6 +18,12 @@ pub const OWN_WRITE_RETRY_MAX_MS: u64 = 1_000;
 /// it exits anyway: the server may be unreachable.
 pub const FINAL_FLUSH_MS: u64 = 2_000;
 
+/// How long the leader waits, holding the membership lock, for a joining learner to catch up
+/// before it says `unavailable`: below the joining node's own wait for the answer
+/// (`FORWARD_TIMEOUT_MS` + 2 s), so that its retry finds the lock free.
+pub const JOIN_CATCH_UP_MS: u64 = 6_000;
+const _: () = assert!(JOIN_CATCH_UP_MS < FORWARD_TIMEOUT_MS);
+
 /// Requests a node may have in flight to its peers (`peers::Peers`) at once; more fail at
 /// once, as if the peer were unreachable.
 pub const MAX_PEER_REQUESTS: usize = 8_192;

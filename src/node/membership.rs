@@ -53,12 +53,17 @@ pub async fn join(node: &Node, req: JoinRequest) -> Result<Value, WireError> {
         ));
     }
     let (voters, learners) = members(node);
-    if !voters.contains(&req.node_id) && !learners.contains(&req.node_id) {
-        // Blocking: returns once the learner has caught up, so promoting it next is safe.
-        node.raft
-            .add_learner(req.node_id, EmptyNode {}, true)
-            .await
-            .map_err(raft_err)?;
+    if !voters.contains(&req.node_id) {
+        if !learners.contains(&req.node_id) {
+            node.raft
+                .add_learner(req.node_id, EmptyNode {}, false)
+                .await
+                .map_err(raft_err)?;
+        }
+        // Promoting a learner that lags would stall writes until it caught up: wait until it
+        // has, but boundedly, so that a node that never answers cannot hold the membership
+        // lock. Its retried join waits again; replication goes on meanwhile.
+        caught_up(node, req.node_id).await?;
     }
     let (voters, _) = members(node);
     if !voters.contains(&req.node_id) && voters.len() < node.cfg.voters_max {
@@ -85,6 +90,36 @@ pub async fn join(node: &Node, req: JoinRequest) -> Result<Value, WireError> {
     Ok(json!({ "node": record, "role": role, "leader": node.cfg.id }))
 }
 
+/// Waits up to `JOIN_CATCH_UP_MS` until learner `id` holds the leader's log as it is now.
+async fn caught_up(node: &Node, id: u64) -> Result<(), WireError> {
+    let target = node.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let within = std::time::Duration::from_millis(crate::limits::JOIN_CATCH_UP_MS);
+    let matched = |m: &crate::raft::typ::RaftMetrics| {
+        let index = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id))
+            .and_then(|l| l.as_ref())
+            .map(|l| l.index);
+        index.is_some_and(|i| i >= target)
+    };
+    node.raft
+        .wait(Some(within))
+        .metrics(matched, "a joining learner to catch up")
+        .await
+        .map(|_| ())
+        .map_err(|_| {
+            WireError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node {id} has not caught up with the log within {} ms; it is a learner \
+                     meanwhile, and its retried join promotes it once it has",
+                    crate::limits::JOIN_CATCH_UP_MS
+                ),
+            )
+        })
+}
+
 /// Handles `leave` on the leader.
 pub async fn leave(node: &Node, req: LeaveRequest) -> Result<Value, WireError> {
     let _guard = node.membership_lock.lock().await;
@@ -107,7 +142,7 @@ pub async fn leave(node: &Node, req: LeaveRequest) -> Result<Value, WireError> {
     }
     // Record the departure first, while this node surely still leads; the membership change
     // below may hand leadership away when the leader itself is leaving.
-    let out = node
+    let removed = node
         .propose(
             RegistryCmd::RemoveNode {
                 node_id: req.node_id,
@@ -115,7 +150,15 @@ pub async fn leave(node: &Node, req: LeaveRequest) -> Result<Value, WireError> {
             None,
             64,
         )
-        .await?;
+        .await;
+    let out = match removed {
+        Ok(v) => v,
+        // A learner whose join never finished: only Raft knows it.
+        Err(e) if e.code == ErrorCode::NotFound => {
+            json!({ "node_id": req.node_id, "status": "left" })
+        }
+        Err(e) => return Err(e),
+    };
     let change = if is_voter {
         ChangeMembers::RemoveVoters(BTreeSet::from([req.node_id]))
     } else {

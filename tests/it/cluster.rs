@@ -270,3 +270,46 @@ async fn a_clients_forward_hops_header_is_ignored() {
     let v = env.into_result().expect("the follower forwards it anyway");
     assert_eq!(v["name"], "hopped");
 }
+
+/// Goal: a `join` for a node that never answers fails after a bounded wait instead of holding
+/// the membership lock: the ghost can be removed again, and a real node still joins.
+#[tokio::test]
+async fn a_join_for_a_node_that_never_answers_gives_up_and_frees_the_lock() {
+    let mut tc = TestCluster::start(1, None).await;
+    let subject = warden::subjects::Subjects::new(crate::support::CLUSTER).cmd("join");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(warden::protocol::CONTENT_TYPE, "application/json");
+    let body = br#"{"node_id": 9, "name": "ghost", "protocol_version": 3}"#.to_vec();
+    let started = std::time::Instant::now();
+    let reply = tc
+        .client
+        .request(subject, headers, body.into(), Duration::from_secs(20))
+        .await
+        .expect("not refused by NATS")
+        .expect("an answer");
+    let err = warden::protocol::Envelope::decode(&reply.payload)
+        .and_then(warden::protocol::Envelope::into_result)
+        .expect_err("the ghost never catches up");
+    assert_eq!(
+        err.code,
+        warden::protocol::ErrorCode::Unavailable,
+        "{}",
+        err.message
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = tc
+        .client
+        .call("leave", &json!({"node_id": 9}))
+        .await
+        .unwrap();
+    assert_eq!(out["status"], "left");
+    tc.cluster.start_node(2, false).await.unwrap();
+    tc.cluster
+        .wait_ready(&tc.client, 2, Duration::from_secs(30))
+        .await
+        .unwrap();
+}

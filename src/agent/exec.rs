@@ -331,40 +331,20 @@ mod tests {
     #[tokio::test]
     async fn stop_sends_sigterm_then_sigkill_after_the_timeout() {
         let k = allowed(&["/bin/sh"]);
-        let started = |script: &str| {
-            let (tx, rx) = tokio::sync::mpsc::channel(16);
-            let ctx = StartContext {
-                id: uuid::Uuid::nil(),
-                name: None,
-                config: json!({"command": "/bin/sh", "args": ["-c", script]}),
-                state: None,
-                log: LogSink::new(tx, uuid::Uuid::nil()),
-            };
-            (ctx, rx)
-        };
-        let ready = |mut rx: tokio::sync::mpsc::Receiver<(uuid::Uuid, String)>| async move {
-            while let Some((_, line)) = rx.recv().await {
-                if line == "ready" {
-                    return;
-                }
-            }
-            panic!("the script never said ready");
-        };
-
-        let (ctx, rx) = started("trap '' TERM; echo ready; while :; do sleep 0.05; done");
-        let mut a = k.start(ctx).await.unwrap();
+        let script = "trap '' TERM; echo ready; while :; do sleep 0.05; done";
+        let (mut a, mut rx) = with_log(&k, script).await;
         let exit = a.take_exit().unwrap();
-        ready(rx).await;
+        lines_until(&mut rx, "ready").await;
         a.stop(200).await;
         assert!(
             matches!(exit.await, ExitReason::Crash(m) if m.contains("SIGKILL")),
             "killed"
         );
 
-        let (ctx, rx) = started("trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done");
-        let mut b = k.start(ctx).await.unwrap();
+        let script = "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done";
+        let (mut b, mut rx) = with_log(&k, script).await;
         let exit = b.take_exit().unwrap();
-        ready(rx).await;
+        lines_until(&mut rx, "ready").await;
         b.stop(5_000).await;
         assert_eq!(exit.await, ExitReason::Normal, "ended by itself on SIGTERM");
     }
@@ -459,14 +439,15 @@ mod tests {
             std::fs::read_to_string(format!("/proc/{child}/stat"))
                 .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !gone() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the child {child} survived"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Not our child to wait for: its state is watched until the deadline.
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let watched = async {
+            while !gone() {
+                tick.tick().await;
+            }
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(10), watched).await;
+        assert!(ended.is_ok(), "the child {child} survived");
     }
 
     /// Goal: output is read whatever it holds: bytes that are not UTF-8 and overlong lines

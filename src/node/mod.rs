@@ -833,30 +833,35 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         Duration::from_millis(limits::JOIN_BACKOFF_MS_MAX),
     );
     // Sent to the leader as far as this node knows it, else to the one a member names.
-    let mut hint: Option<u64> = None;
-    // A leader that did not answer: Raft may still name it (a vote from a leader that is
-    // gone), so ask the members instead until someone else is named.
+    // A node that did not take it (silent, or not the leader) is not asked again next time:
+    // Raft may still name a leader that is gone.
     let mut silent: Option<u64> = None;
     let me = node.cfg.id;
+    let payload: bytes::Bytes = body.into();
     loop {
         let outcome = if node.is_leader() {
             // It leads (a cluster it bootstrapped, or a restart): it registers itself.
-            let own = node.execute_on_leader(Command::Join(req.clone()), body.len());
+            let own = node.execute_on_leader(Command::Join(req.clone()), payload.len());
             own.await.map(Ok)
         } else {
-            let known = hint
-                .take()
-                .or_else(|| node.leader())
-                .filter(|&l| l != me && Some(l) != silent);
+            let known = node.leader().filter(|&l| l != me && Some(l) != silent);
             let target = match known {
                 Some(l) => Some(l),
                 None => ask_leader(node).await.filter(|&l| l != me),
             };
             match target {
                 Some(l) => {
-                    let (outcome, named) = send_join(node, l, &body).await;
-                    hint = named.filter(|&n| n != l);
-                    silent = outcome.is_err().then_some(l);
+                    let deadline =
+                        Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000);
+                    let sent = node.send_own(l, "join", payload.clone(), deadline).await;
+                    let outcome = match sent {
+                        forward::Forwarded::Reply(body) => {
+                            Ok(Envelope::decode(&body).and_then(Envelope::into_result))
+                        }
+                        forward::Forwarded::Unreachable => Err(RequestFailure::NoResponders),
+                        forward::Forwarded::NoAnswer => Err(RequestFailure::TimedOut),
+                    };
+                    silent = (!matches!(outcome, Ok(Ok(_)))).then_some(l);
                     Some(outcome)
                 }
                 None => None,
@@ -883,38 +888,6 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
         let pause = backoff.next_pause();
         let jitter = rand::random::<u64>() % (pause.as_millis() as u64 / 2 + 1);
         tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
-    }
-}
-
-/// The outcome of a request: the reply's result, or why none came.
-type Sent = Result<Result<Value, WireError>, RequestFailure>;
-
-/// Sends this node's `join` to `leader`; also returns the leader the reply names, if any (a
-/// node that no longer leads says who does).
-async fn send_join(node: &Node, leader: u64, body: &[u8]) -> (Sent, Option<u64>) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(crate::protocol::CONTENT_TYPE, crate::protocol::MSGPACK);
-    let reply = node
-        .peers
-        .request(
-            Some(leader),
-            node.subjects.own(node.cfg.id, leader, "join"),
-            Some(headers),
-            body.to_vec().into(),
-            Duration::from_millis(limits::FORWARD_TIMEOUT_MS + 2_000),
-        )
-        .await;
-    match reply {
-        Ok(r) => {
-            let named = r
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::protocol::LEADER_HINT))
-                .and_then(|v| v.as_str().parse().ok());
-            let out = Envelope::decode(&r.payload).and_then(Envelope::into_result);
-            (Ok(out), named)
-        }
-        Err(e) => (Err(e), None),
     }
 }
 

@@ -455,21 +455,25 @@ async fn identities_are_added_rotated_and_revoked_with_a_config_reload() {
 }
 
 /// Kills `warden up` on drop: SIGTERM first, so that it stops the nodes and the nats-server
-/// it started, then SIGKILL if it is still there after a bounded wait.
-struct Up(std::process::Child);
+/// it started, then SIGKILL if it has not exited within a bounded wait.
+struct Up(Option<std::process::Child>);
 
 impl Drop for Up {
     fn drop(&mut self) {
-        warden::up::signal(self.0.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let pid = child.id();
+        warden::up::signal(pid, libc::SIGTERM);
+        // `wait` blocks: it runs on a thread of its own, and the drop waits for its word.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            warden::up::signal(pid, libc::SIGKILL);
+            let _ = rx.recv_timeout(Duration::from_secs(5));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -495,7 +499,7 @@ async fn warden_up_runs_with_auth_and_ctl_needs_no_flags() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     clean(&mut up);
-    let _up = Up(up.spawn().unwrap());
+    let _up = Up(Some(up.spawn().unwrap()));
     let local = cwd.path().join(warden::up::DEFAULT_DIR);
     let found = wait_for("warden up to be ready", Duration::from_secs(90), || {
         let local = local.clone();

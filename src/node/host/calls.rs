@@ -165,19 +165,21 @@ impl Host {
 }
 
 /// Answers a call with the envelope of `result`, naming the agent's epoch when known.
+/// Returns the body's size, which is what remembering the answer costs.
 pub(super) async fn send_envelope(
     node: &Node,
     reply: String,
     enc: Encoding,
     epoch: Option<u64>,
     result: Result<Value, WireError>,
-) {
+) -> usize {
     let mut headers = HeaderMap::new();
     headers.insert(protocol::CONTENT_TYPE, enc.content_type());
     if let Some(e) = epoch {
         headers.insert(EPOCH_HEADER, e.to_string().as_str());
     }
     let body = enc.encode(&Envelope::from_result(result));
+    let size = body.len();
     if let Err(e) = node
         .client
         .publish_with_headers(reply, headers, body.into())
@@ -185,4 +187,5 @@ pub(super) async fn send_envelope(
     {
         tracing::debug!(error = %e, "could not answer an agent call");
     }
+    size
 }

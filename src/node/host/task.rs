@@ -195,7 +195,8 @@ pub(super) async fn start_task(
     };
     let mut answered = Answered::default();
     for c in calls {
-        answered.remember(Some(c.id), &c.result);
+        let size = serde_json::to_vec(&c.result).map_or(usize::MAX, |v| v.len());
+        answered.remember(c.id, c.result, size);
     }
     run.ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.take_exit())) {
         Ok(ended) => ended,
@@ -450,8 +451,12 @@ async fn handle_call(
         };
         return Some((why, Some(Box::new(answer))));
     }
-    answered.remember(call_id, &result);
-    send_envelope(node, reply, enc, Some(who.epoch), result).await;
+    // Remembered at the size of the answer as sent: encoded once, for the caller.
+    let kept = call_id.map(|id| (id, result.clone()));
+    let size = send_envelope(node, reply, enc, Some(who.epoch), result).await;
+    if let Some((id, result)) = kept {
+        answered.remember(id, result, size);
+    }
     None
 }
 
@@ -494,9 +499,9 @@ impl Answered {
             .map(|(_, r, _)| r.clone())
     }
 
-    fn remember(&mut self, id: Option<String>, result: &Result<Value, WireError>) {
-        let Some(id) = id else { return };
-        let size = id.len() + serde_json::to_vec(result).map_or(usize::MAX, |v| v.len());
+    /// Keeps `result` for call `id`; `size` is what its answer takes encoded.
+    fn remember(&mut self, id: String, result: Result<Value, WireError>, size: usize) {
+        let size = id.len().saturating_add(size);
         if size > REMEMBERED_CALLS_BYTES {
             return;
         }
@@ -507,7 +512,7 @@ impl Answered {
             }
         }
         self.bytes += size;
-        self.recent.push_back((id, result.clone(), size));
+        self.recent.push_back((id, result, size));
     }
 
     /// The most recent answers that fit in `HANDED_OVER_CALLS_BYTES`, oldest first.
@@ -597,12 +602,14 @@ mod tests {
         let mut a = Answered::default();
         let answer = |n: usize| Ok(serde_json::json!({ "pad": "x".repeat(n) }));
         for i in 0..10 {
-            a.remember(Some(format!("c{i}")), &answer(REMEMBERED_CALLS_BYTES / 4));
+            let n = REMEMBERED_CALLS_BYTES / 4;
+            a.remember(format!("c{i}"), answer(n), n);
         }
         assert!(a.bytes <= REMEMBERED_CALLS_BYTES, "{} bytes kept", a.bytes);
         assert!(a.get(&Some("c9".into())).is_some(), "the newest is kept");
         assert!(a.get(&Some("c0".into())).is_none(), "the oldest went first");
-        a.remember(Some("huge".into()), &answer(REMEMBERED_CALLS_BYTES + 1));
+        let n = REMEMBERED_CALLS_BYTES + 1;
+        a.remember("huge".into(), answer(n), n);
         assert!(a.get(&Some("huge".into())).is_none());
         assert!(
             a.get(&Some("c9".into())).is_some(),

@@ -59,6 +59,10 @@ pub struct NodeConfig {
     /// (and without other NATS credentials) the node warns that the cluster is open to anyone
     /// on its NATS server.
     pub auth: Option<PathBuf>,
+    /// Most time (ms) from SIGTERM to exit, whatever state Raft or NATS is in. The node's
+    /// agents get all of it but `limits::STOP_TAIL_MS` to stop, one after the other; the rest
+    /// are then dropped (an `exec` process group is killed).
+    pub stop_timeout_ms: u64,
     pub nats: NatsConfig,
     pub raft: RaftConfig,
     pub failure: FailureConfig,
@@ -79,6 +83,7 @@ impl Default for NodeConfig {
             capacity: 0,
             voters_max: 3,
             auth: None,
+            stop_timeout_ms: limits::DEFAULT_STOP_TIMEOUT_MS,
             nats: NatsConfig::default(),
             raft: RaftConfig::default(),
             failure: FailureConfig::default(),
@@ -310,6 +315,15 @@ impl NodeConfig {
         }
         if !limits::VOTERS_MAX_ALLOWED.contains(&self.voters_max) {
             bail!("voters_max must be 1, 3 or 5, not {}", self.voters_max);
+        }
+        let stop = limits::MIN_STOP_TIMEOUT_MS..=limits::MAX_STOP_TIMEOUT_MS;
+        if !stop.contains(&self.stop_timeout_ms) {
+            bail!(
+                "stop_timeout_ms must be between {} and {}, not {}",
+                stop.start(),
+                stop.end(),
+                self.stop_timeout_ms
+            );
         }
         self.failure.validate()?;
         self.placement.validate()?;

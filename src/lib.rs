@@ -14,6 +14,7 @@ pub mod command;
 pub mod config;
 pub mod ctl;
 pub mod events;
+pub mod faults;
 pub mod node;
 pub mod peers;
 pub mod protocol;

@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use warden::config::{parse_labels, NodeConfig};
+use warden::limits;
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +78,9 @@ struct NodeArgs {
     /// This node's identity: its seed file from `warden auth` (node-<id>.nk).
     #[arg(long, env = "WARDEN_AUTH")]
     auth: Option<PathBuf>,
+    /// Most time from SIGTERM to exit, in ms [default: 5000].
+    #[arg(long, env = "WARDEN_STOP_TIMEOUT_MS")]
+    stop_timeout_ms: Option<u64>,
 }
 
 impl NodeArgs {
@@ -123,6 +128,9 @@ impl NodeArgs {
         if let Some(v) = self.auth {
             cfg.auth = Some(v);
         }
+        if let Some(v) = self.stop_timeout_ms {
+            cfg.stop_timeout_ms = v;
+        }
         cfg.finish()
     }
 }
@@ -141,8 +149,32 @@ fn install_tracing() {
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed at once, not when the future is
 /// first polled: a signal during start-up must stop what was started, not kill the process
-/// and leave its children behind.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// and leave its children behind. With `backstop`, the process exits (status 1) that long
+/// after the signal whatever it is doing: a stop has a bound even if one of its steps ignores
+/// its own.
+fn shutdown_signal(backstop: Option<Duration>) -> impl std::future::Future<Output = ()> {
+    let signalled = signal_received();
+    async move {
+        signalled.await;
+        if let Some(after) = backstop {
+            // A thread, not a task: it must fire even if the runtime is stuck.
+            let spawned = std::thread::Builder::new()
+                .name("warden-stop-backstop".into())
+                .spawn(move || {
+                    std::thread::sleep(after);
+                    eprintln!(
+                        "error: the node did not stop within {after:?} of the signal; exiting"
+                    );
+                    std::process::exit(1);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the stop backstop");
+            }
+        }
+    }
+}
+
+fn signal_received() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let handlers = (
         signal(SignalKind::terminate()),
@@ -169,13 +201,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(args) => {
             install_tracing();
             let cfg = args.resolve()?;
-            warden::node::run(cfg, shutdown_signal()).await?;
+            let backstop = Duration::from_millis(cfg.stop_timeout_ms + limits::STOP_BACKSTOP_MS);
+            warden::node::run(cfg, shutdown_signal(Some(backstop))).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ctl(args) => warden::ctl::run(args).await,
         Cmd::Up(args) => {
             install_tracing();
-            warden::up::run(args, shutdown_signal()).await
+            warden::up::run(args, shutdown_signal(None)).await
         }
         Cmd::Bench(args) => warden::bench::run(args).await,
         Cmd::Auth(cmd) => {

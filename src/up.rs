@@ -221,6 +221,8 @@ pub struct LocalCluster {
     /// The identity directory (`warden auth`): node `id` connects as `node-<id>`. Without
     /// one, nodes connect anonymously.
     pub auth: Option<PathBuf>,
+    /// Extra environment variables of individual nodes (a test's failpoint, say).
+    pub node_env: BTreeMap<u64, Vec<(String, String)>>,
     pub nodes: BTreeMap<u64, Child>,
 }
 
@@ -235,6 +237,7 @@ impl LocalCluster {
             config_toml: None,
             node_nats: BTreeMap::new(),
             auth: None,
+            node_env: BTreeMap::new(),
             nodes: BTreeMap::new(),
         }
     }
@@ -283,8 +286,13 @@ impl LocalCluster {
             "WARDEN_BOOTSTRAP",
             "WARDEN_DATA_DIR",
             "WARDEN_AUTH",
+            "WARDEN_STOP_TIMEOUT_MS",
+            crate::faults::LOG_WRITES_ENV,
         ] {
             cmd.env_remove(var);
+        }
+        for (k, v) in self.node_env.get(&id).into_iter().flatten() {
+            cmd.env(k, v);
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -299,6 +307,21 @@ impl LocalCluster {
     /// Process id of node `id`, if running.
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.nodes.get(&id).and_then(|c| c.id())
+    }
+
+    /// Waits up to `within` for node `id` to exit by itself; its exit status if it did.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.nodes.get_mut(&id)?;
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .ok()?
+            .ok()?;
+        self.nodes.remove(&id);
+        Some(status)
     }
 
     /// SIGKILLs node `id` and waits for it.

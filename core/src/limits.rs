@@ -89,17 +89,39 @@ pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 /// node. Below [`FORWARD_TIMEOUT_MS`], so a forwarding follower hears the leader's answer.
 pub const PROPOSAL_TIMEOUT_MS: u64 = 6_000;
 
-/// How long a stopping node lets commands in flight finish before abandoning them; below
-/// the node's stop budget.
+/// How long a stopping node lets commands in flight finish before abandoning them, at most;
+/// the node's stop deadline (`stop_timeout_ms`) may cut it shorter.
 pub const DRAIN_GRACE_MS: u64 = 3_000;
 
-/// How long a stopping node waits for its tasks (after its agents have stopped) before it
-/// abandons them and shuts Raft down.
-pub const NODE_STOP_BUDGET_MS: u64 = 5_000;
-const _: () = assert!(DRAIN_GRACE_MS < NODE_STOP_BUDGET_MS);
+/// A node's `stop_timeout_ms` by default: from SIGTERM to exit, whatever state Raft or NATS is
+/// in. Agents get all of it but [`STOP_TAIL_MS`]; past that the rest are dropped (an `exec`
+/// process group is killed). A node running agents whose stops take longer raises it, as one
+/// raises a container's stop grace period.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 5_000;
 
-/// How often a node looks whether its Raft stopped with a fatal error (then it stops too).
-pub const FATAL_CHECK_MS: u64 = 1_000;
+/// The least and most `stop_timeout_ms` a node accepts. The most stays below the 90 s a
+/// service manager such as systemd waits by default before it kills.
+pub const MIN_STOP_TIMEOUT_MS: u64 = 2_000;
+pub const MAX_STOP_TIMEOUT_MS: u64 = 85_000;
+
+/// Of a node's stop timeout, what it keeps after its agents: to end its tasks, shut Raft down,
+/// flush sled and NATS. Split by `node::run` into fixed shares.
+pub const STOP_TAIL_MS: u64 = 1_000;
+const _: () = assert!(STOP_TAIL_MS * 2 <= MIN_STOP_TIMEOUT_MS);
+
+/// How far past its stop timeout the `warden` process exits anyway (status 1), should some
+/// step of the stop ignore its own bound: the last line of defence, not the plan.
+pub const STOP_BACKSTOP_MS: u64 = 2_000;
+
+/// How a node stops after a fatal error (its Raft stopped, storage failed): it stops
+/// heartbeating at once, drops its agents without a graceful stop (they are placed elsewhere
+/// once its lease runs out) and exits within this, non-zero, for its service manager.
+pub const FATAL_STOP_MS: u64 = 600;
+
+/// How often a node looks whether its Raft stopped with a fatal error. With
+/// [`FATAL_STOP_MS`], the node is gone within a second of the error.
+pub const FATAL_CHECK_MS: u64 = 100;
+const _: () = assert!(FATAL_CHECK_MS + FATAL_STOP_MS < 1_000);
 
 /// Pause before a follower looks for the leader again when the one it knew was unreachable
 /// (nothing reached it, so looking again is safe).
@@ -293,12 +315,6 @@ pub const RECONCILE_GAP_MIN_MS: u64 = 1;
 pub const RECONCILE_GAP_MAX_MS: u64 = 50;
 const _: () = assert!(RECONCILE_GAP_MIN_MS <= RECONCILE_GAP_MAX_MS);
 const _: () = assert!(RECONCILE_GAP_MAX_MS < RECONCILE_EVERY_MS);
-
-/// How long a stopping node gives its agents to stop (one after the other, each by its
-/// `shutdown_ms`) while it still renews its lease and serves; past it the rest are dropped (an
-/// `exec` process is killed) and the node goes on stopping. Below the 90 s a service manager
-/// such as systemd waits by default before it kills.
-pub const AGENT_STOP_BUDGET_MS: u64 = 60_000;
 
 /// How long a scheduled start waits to be tried again while the node may not start agents
 /// (no lease, or the log not yet applied up to its read index).

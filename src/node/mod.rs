@@ -9,32 +9,31 @@ pub mod host;
 pub mod lease;
 mod membership;
 mod proposer;
+mod run;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Semaphore};
 
 use crate::agent::Kinds;
-use crate::bus::{self, RequestFailure};
+use crate::bus::RequestFailure;
 use crate::command::{
     cluster, CheckpointRequest, Command, Handoff, Heartbeat, JoinRequest, ReportAgents,
 };
 use crate::config::NodeConfig;
 use crate::limits;
 use crate::protocol::{Encoding, Envelope, ErrorCode, WireError};
-use crate::raft::network::{Contacts, Network};
-use crate::raft::store::{SharedState, Store};
+use crate::raft::network::Contacts;
+use crate::raft::store::SharedState;
 use crate::raft::typ::{Raft, RaftMetrics};
 use crate::registry::{NodeStatus, RegistryCmd};
 use crate::subjects::Subjects;
 
 pub use proposer::ProposeError;
+pub use run::{run, run_with_kinds};
 
 /// Everything a command handler needs, shared by all tasks of the node.
 pub struct Node {
@@ -472,277 +471,6 @@ fn flag(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static
         // An error means the sender is gone, which also means "stop".
         let _ = rx.wait_for(|stop| *stop).await;
     }
-}
-
-/// Runs a node with the built-in kinds until `shutdown` resolves (or the node is removed from
-/// the cluster). A stop is a restart: the node stays in the membership.
-pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let kinds = Kinds::builtin(cfg.exec.clone());
-    run_with_kinds(cfg, kinds, shutdown).await
-}
-
-/// Runs a node with the given kinds: how a Rust program embeds a node with its own kinds
-/// (start from `Kinds::builtin` and `register` more).
-pub async fn run_with_kinds(
-    cfg: NodeConfig,
-    kinds: Kinds,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let subjects = Subjects::new(&cfg.cluster);
-    let (client, violations) =
-        bus::connect_watched(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
-    // Watched from the start: a subscription refused while starting up counts too.
-    let mut refusals = violations.subscribe();
-    // With retry_on_initial_connect the client may not be connected yet: a flush waits for
-    // the connection, after which the server's INFO (and its max_payload) is known.
-    client
-        .flush()
-        .await
-        .context("wait for the NATS connection")?;
-    if !cfg.nats.has_credentials() {
-        tracing::warn!(
-            "no NATS identity (--auth): this cluster is open to anyone on its NATS server, who \
-             can stop, impersonate or outvote its nodes; see docs/security.md"
-        );
-    } else if !client.server_info().auth_required {
-        tracing::warn!(
-            "the NATS server does not require authentication: anyone on it can act as any \
-             node; run it with the config `warden auth init` writes (docs/security.md)"
-        );
-    }
-    let max_payload = client.server_info().max_payload;
-    anyhow::ensure!(
-        max_payload >= limits::MIN_SERVER_MAX_PAYLOAD_BYTES,
-        "the NATS server's max_payload is {max_payload} bytes; Warden needs at least {}",
-        limits::MIN_SERVER_MAX_PAYLOAD_BYTES
-    );
-    let store = Store::open(&cfg.data_dir)?;
-    let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
-    let (log, sm, state) = store.raft_parts(Some(events_tx))?;
-    let contacts = Arc::new(Contacts::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (peers, peers_task) =
-        crate::peers::Peers::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx))
-            .await?;
-    let network = Network {
-        me: cfg.id,
-        peers: peers.clone(),
-        subjects: subjects.clone(),
-        contacts: contacts.clone(),
-        max_payload,
-    };
-    let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
-    let raft = Raft::new(cfg.id, raft_cfg, network, log, sm)
-        .await
-        .context("start raft")?;
-
-    let mut tasks = JoinSet::new();
-    let rpc = crate::raft::server::start(
-        client.clone(),
-        subjects.clone(),
-        cfg.id,
-        raft.clone(),
-        flag(&stop_rx),
-    )
-    .await?;
-
-    if cfg.bootstrap {
-        if raft.is_initialized().await? {
-            tracing::info!("data dir already initialized; --bootstrap has nothing to do");
-        } else {
-            let members = BTreeMap::from([(cfg.id, openraft::EmptyNode {})]);
-            raft.initialize(members)
-                .await
-                .context("bootstrap the cluster")?;
-            tracing::info!(id = cfg.id, "bootstrapped a new cluster");
-        }
-    }
-
-    let (proposer, batcher) = proposer::Proposer::start(
-        raft.clone(),
-        Duration::from_millis(limits::PROPOSAL_TIMEOUT_MS),
-        flag(&stop_rx),
-    );
-    let (forwarder, forward_batcher) =
-        forward::Forwarder::start(peers.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
-    let node = Arc::new(Node {
-        cfg: cfg.clone(),
-        client: client.clone(),
-        subjects: subjects.clone(),
-        raft: raft.clone(),
-        state,
-        contacts,
-        proposer,
-        forwarder,
-        peers,
-        kinds,
-        membership_lock: tokio::sync::Mutex::new(()),
-        inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
-        inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
-        started: Instant::now(),
-        lease: lease::Lease::default(),
-        liveness: lease::Liveness::default(),
-        quorum: lease::QuorumGate::default(),
-        read_floor: Default::default(),
-        running: Default::default(),
-    });
-
-    // What is addressed to this node: clients' commands, and from other nodes their relayed
-    // commands, their own commands and their forward batches.
-    let feeds = [
-        (subjects.node_cmd_all(cfg.id), dispatch::Feed::Commands),
-        (subjects.relay_to(cfg.id), dispatch::Feed::Relayed),
-        (subjects.own_to(cfg.id), dispatch::Feed::Own),
-        (subjects.forward_to(cfg.id), dispatch::Feed::Forwarded),
-    ];
-    for (subject, feed) in feeds {
-        let sub = client.subscribe(subject).await?;
-        tasks.spawn(dispatch::serve(node.clone(), sub, feed, flag(&stop_rx)));
-    }
-    tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
-    // The host stops first, on its own signal, while heartbeats, Raft and the command path
-    // still run: its agents' graceful stops keep their lease (see the shutdown below).
-    let (host_stop_tx, host_stop_rx) = watch::channel(false);
-    let mut host_task = tokio::spawn(host::run(node.clone(), flag(&host_stop_rx)));
-    let gate = node.clone();
-    let round = Duration::from_millis(cfg.failure.lease_ms);
-    let stopped = flag(&stop_rx);
-    tasks.spawn(async move {
-        gate.quorum
-            .run(gate.raft.clone(), &gate.read_floor, round, stopped)
-            .await
-    });
-    tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
-    let fencer = node.clone();
-    let stopped = flag(&stop_rx);
-    tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
-    tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
-    tasks.spawn(join_then_serve(
-        node.clone(),
-        flag(&stop_rx),
-        stop_tx.clone(),
-    ));
-    client.flush().await?;
-    tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
-
-    // A Raft that stopped with a fatal error (storage, or a log entry of a newer version)
-    // applies nothing more: the node must not go on running agents the registry may be
-    // moving. It stops, says why, and exits with an error for its service manager.
-    // Looked at every second, not on every metrics change: those come with every write, and
-    // waking this task for each would cost throughput.
-    // A node also leaves when the registry it applied says it left: told by the committed
-    // state, never by a message anyone could publish.
-    let watched = node.clone();
-    let watchdog = async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(limits::FATAL_CHECK_MS));
-        loop {
-            tick.tick().await;
-            if let Err(e) = &watched.raft.metrics().borrow().running_state {
-                return Some(e.to_string());
-            }
-            if watched.registry_node_status(watched.cfg.id) == Some(NodeStatus::Left) {
-                return None;
-            }
-        }
-    };
-    // A node whose subscriptions NATS refuses cannot do its part: it holds another node's
-    // identity, or the server's users are stale.
-    let refused = async move {
-        loop {
-            match refusals.recv().await {
-                Ok(v) if !v.publish => return v,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    std::future::pending::<()>().await
-                }
-            }
-        }
-    };
-    let mut fatal = None;
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
-        v = refused => {
-            let why = format!(
-                "NATS refused this node's subscription to {:?}: its identity is not node-{}'s, \
-                 or the server's users are out of date (docs/security.md)",
-                v.subject, cfg.id
-            );
-            tracing::error!("{why}; stopping the node");
-            fatal = Some(why);
-        }
-        _ = flag(&stop_rx) => tracing::warn!("stopping: this node cannot be part of the cluster"),
-        why = watchdog => match why {
-            Some(why) => {
-                tracing::error!(error = %why, "Raft stopped with a fatal error; stopping the node");
-                fatal = Some(format!("Raft stopped with a fatal error: {why}"));
-            }
-            None => tracing::warn!("this node left the cluster; stopping"),
-        }
-    }
-    // Stop the agents first, each by its shutdown setting, last started first, while the
-    // node still renews its lease; past the budget the rest are dropped (an exec process is
-    // killed). Then stop taking work, then stop Raft, then make sure everything is on disk.
-    let _ = host_stop_tx.send(true);
-    let budget = Duration::from_millis(limits::AGENT_STOP_BUDGET_MS);
-    if tokio::time::timeout(budget, &mut host_task).await.is_err() {
-        tracing::warn!(
-            budget_ms = limits::AGENT_STOP_BUDGET_MS,
-            "agents did not all stop within the budget; dropping the rest"
-        );
-        host_task.abort();
-        let _ = host_task.await;
-    }
-    let _ = stop_tx.send(true); // receivers may all be gone already; that is fine
-    let drain = async {
-        while tasks.join_next().await.is_some() {}
-        let _ = batcher.await; // a panicked batcher has nothing left to drain
-        let _ = forward_batcher.await;
-        let _ = rpc.await;
-        let _ = peers_task.await;
-    };
-    let budget = Duration::from_millis(limits::NODE_STOP_BUDGET_MS);
-    if tokio::time::timeout(budget, drain).await.is_err() {
-        tracing::warn!(
-            budget_ms = limits::NODE_STOP_BUDGET_MS,
-            "some tasks did not stop within the budget"
-        );
-    }
-    let budget = Duration::from_millis(limits::NODE_STOP_BUDGET_MS);
-    match tokio::time::timeout(budget, raft.shutdown()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "raft did not shut down cleanly"),
-        Err(_) => tracing::warn!("raft did not shut down within the budget"),
-    }
-    store.close().await?;
-    // A flush waits for the server's answer, which never comes while NATS is unreachable:
-    // a node must still stop (everything is on disk by now).
-    let flush = Duration::from_millis(limits::FINAL_FLUSH_MS);
-    match tokio::time::timeout(flush, client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "final NATS flush failed"),
-        Err(_) => tracing::info!("NATS unreachable; stopping without a final flush"),
-    }
-    tracing::info!("node stopped");
-    match fatal {
-        Some(why) => anyhow::bail!("{why}"),
-        None => Ok(()),
-    }
-}
-
-async fn events_loop(
-    node: Arc<Node>,
-    events: mpsc::Receiver<Vec<crate::registry::RegistryEvent>>,
-    stopped: impl Future<Output = ()>,
-) {
-    crate::events::publish_loop(
-        node.client.clone(),
-        node.subjects.clone(),
-        node.cfg.id,
-        node.raft.server_metrics(),
-        events,
-        stopped,
-    )
-    .await
 }
 
 /// Asks the cluster to accept this node (retrying with backoff), then serves the shared

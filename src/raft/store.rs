@@ -155,6 +155,7 @@ impl Store {
             meta,
             flusher,
             stored: mark.clone(),
+            faults: Arc::new(crate::faults::Faults::from_env()),
         };
         let shared = Arc::new(RwLock::new(state));
         let sm = StateMachine {
@@ -223,6 +224,8 @@ pub struct LogStore {
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
     /// The stored snapshot's log id: entries are purged only up to it.
     stored: StoredMark,
+    /// Failpoints a test armed (`crate::faults`; none in a release build).
+    faults: Arc<crate::faults::Faults>,
 }
 
 /// Flushes on a dedicated thread: flushes sled once for every append queued while the previous
@@ -372,6 +375,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // sled's process-wide write lock and writes a batch marker, which cost 50 to 130 us per
         // append on this machine, about a tenth of a lone write, paid on the leader and again
         // on each follower. Several entries go in one batch, which amortizes that.
+        if self.faults.log_write_fails() {
+            let e = std::io::Error::other("failpoint: the Raft log cannot be written");
+            return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
+        }
         let mut entries = entries.into_iter();
         match (entries.next(), entries.next()) {
             (None, _) => {}

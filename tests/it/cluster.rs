@@ -238,16 +238,113 @@ async fn a_late_node_catches_up_from_a_chunked_snapshot() {
     assert!(written.iter().all(|w| names.contains(w)));
 }
 
-/// Goal: a node stops cleanly on SIGTERM even when its NATS server is gone (its last flush
-/// would wait for the server forever).
+/// Goal: a node stops cleanly within its stop timeout (5 s by default) of SIGTERM even when its
+/// NATS server is gone (its last flush would wait for the server forever).
 #[tokio::test]
-async fn a_node_stops_on_sigterm_even_when_nats_is_gone() {
+async fn a_node_stops_on_sigterm_within_5_s_even_when_nats_is_gone() {
     let mut tc = TestCluster::start(1, None).await;
     tc.nats.server.kill().await;
     assert!(
-        tc.cluster.stop(1, Duration::from_secs(30)).await,
-        "the node exits by itself, with success"
+        tc.cluster.stop(1, Duration::from_secs(5)).await,
+        "the node exits by itself, with success, within 5 s"
     );
+}
+
+/// Goal: a node that is still starting (its NATS server is not there) stops within 5 s of
+/// SIGTERM, with success, instead of waiting for NATS forever.
+#[tokio::test]
+async fn a_node_stops_on_sigterm_during_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cluster = warden::up::LocalCluster::new(
+        env!("CARGO_BIN_EXE_warden").into(),
+        dir.path().join("nodes"),
+        format!("nats://127.0.0.1:{port}"),
+        crate::support::CLUSTER,
+    );
+    cluster.start_node(1, true).await.unwrap();
+    let log = dir.path().join("nodes").join("node-1.log");
+    wait_for("the node to be starting", Duration::from_secs(20), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(log).ok()?;
+            text.contains("connecting to NATS").then_some(())
+        }
+    })
+    .await;
+    assert!(
+        cluster.stop(1, Duration::from_secs(5)).await,
+        "the node exits by itself, with success, within 5 s"
+    );
+}
+
+/// Goal: a node whose Raft log cannot be written stops heartbeating and exits non-zero within
+/// a second, and its agents run elsewhere.
+/// Method: node 3 runs with the log-write failpoint (debug builds); the trigger file is made,
+/// then a write through node 1 makes node 3 append.
+#[tokio::test]
+async fn a_node_whose_log_store_fails_exits_at_once_and_its_agents_move() {
+    let victim = 3;
+    let mut trigger = std::path::PathBuf::new();
+    let mut tc = TestCluster::start_tweaked(3, None, |cluster, dir| {
+        trigger = dir.join("node-3-disk-fails");
+        let var = warden::faults::LOG_WRITES_ENV.to_string();
+        let value = trigger.to_string_lossy().into_owned();
+        cluster.node_env.insert(victim, vec![(var, value)]);
+    })
+    .await;
+    let c = tc.via(1);
+    for i in 0..9 {
+        let body = json!({"name": format!("w{i}"), "kind": "counter"});
+        c.call("spawn_agent", &body).await.unwrap();
+    }
+    let on_victim: Vec<String> = wait_for("every agent to run", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            let v = c.call("list_agents", &json!({})).await.ok()?;
+            let agents = v["agents"].as_array()?.clone();
+            let all_running = agents.len() == 9 && agents.iter().all(|a| a["status"] == "running");
+            all_running.then(|| {
+                agents
+                    .iter()
+                    .filter(|a| a["node"] == victim)
+                    .map(|a| a["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+        }
+    })
+    .await;
+    assert!(
+        !on_victim.is_empty(),
+        "placement spreads agents over all nodes"
+    );
+
+    std::fs::write(&trigger, b"").unwrap();
+    let began = std::time::Instant::now();
+    c.call("create_supervisor", &json!({"name": "after-the-fault"}))
+        .await
+        .unwrap();
+    let status = tc
+        .cluster
+        .wait_exit(
+            victim,
+            Duration::from_secs(1).saturating_sub(began.elapsed()),
+        )
+        .await
+        .expect("the node exits within a second of the write it cannot log");
+    assert!(!status.success(), "a fatal error exits non-zero: {status}");
+
+    for name in on_victim {
+        crate::support::wait_agent(&c, &name, "the agent to run elsewhere", |a| {
+            a["status"] == "running" && a["node"] != victim
+        })
+        .await;
+    }
 }
 
 /// Goal: a client cannot stop its own command from reaching the leader by sending a

@@ -78,6 +78,15 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts nats-server and `n` nodes (node 1 bootstraps), and waits until all are up.
     pub async fn start(n: u64, config_toml: Option<&str>) -> TestCluster {
+        Self::start_tweaked(n, config_toml, |_, _| {}).await
+    }
+
+    /// Like `start`, with the launcher changed by `tweak` (given the test's directory) first.
+    pub async fn start_tweaked(
+        n: u64,
+        config_toml: Option<&str>,
+        tweak: impl FnOnce(&mut LocalCluster, &std::path::Path),
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let nats = Nats::start(dir.path(), n + 2).await;
         let bin = env!("CARGO_BIN_EXE_warden").into();
@@ -89,6 +98,7 @@ impl TestCluster {
         );
         cluster.config_toml = config_toml.map(str::to_string);
         cluster.auth = Some(nats.auth.clone());
+        tweak(&mut cluster, dir.path());
         for id in 1..=n {
             cluster.start_node(id, id == 1).await.unwrap();
         }

@@ -1,0 +1,409 @@
+//! A node's life: start-up, serving, and a stop that always ends.
+//!
+//! A stop has one deadline, `stop_timeout_ms` after it was asked for, whatever state Raft or
+//! NATS is in: start-up is abandoned, agents stop gracefully until `STOP_TAIL_MS` before it,
+//! and each later step (tasks, Raft, sled, the last NATS flush) gets its share of the tail.
+//! A fatal error (Raft stopped, storage failed) skips the graceful part: the node stops
+//! heartbeating at once, drops its agents, and exits non-zero within `FATAL_STOP_MS`, so that
+//! its agents fail over and its service manager restarts it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::{controller, dispatch, flag, forward, host, join_then_serve, lease, proposer, Node};
+use crate::agent::Kinds;
+use crate::bus::{self, Violation};
+use crate::config::NodeConfig;
+use crate::limits;
+use crate::raft::network::{Contacts, Network};
+use crate::raft::store::Store;
+use crate::raft::typ::Raft;
+use crate::registry::NodeStatus;
+use crate::subjects::Subjects;
+
+/// Runs a node with the built-in kinds until `shutdown` resolves (or the node is removed from
+/// the cluster). A stop is a restart: the node stays in the membership.
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let kinds = Kinds::builtin(cfg.exec.clone());
+    run_with_kinds(cfg, kinds, shutdown).await
+}
+
+/// Runs a node with the given kinds: how a Rust program embeds a node with its own kinds
+/// (start from `Kinds::builtin` and `register` more).
+pub async fn run_with_kinds(
+    cfg: NodeConfig,
+    kinds: Kinds,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Start-up may wait for NATS forever (a server that is not there yet): a stop asked for
+    // meanwhile abandons it. What was started goes with it: the tasks end with their stop
+    // flag's sender, Raft with its last handle, and nothing was acknowledged to anyone yet.
+    let running = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+        running = start(cfg, kinds) => running?,
+    };
+    running.serve(shutdown).await
+}
+
+/// A started node: everything its stop must end, in order.
+struct Running {
+    node: Arc<Node>,
+    client: async_nats::Client,
+    refusals: tokio::sync::broadcast::Receiver<Violation>,
+    store: Store,
+    raft: Raft,
+    tasks: JoinSet<()>,
+    /// Tasks that end with the stop flag, joined after `tasks`.
+    helpers: Vec<JoinHandle<()>>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    host_stop_tx: watch::Sender<bool>,
+    host_task: JoinHandle<()>,
+}
+
+async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
+    let subjects = Subjects::new(&cfg.cluster);
+    tracing::info!(id = cfg.id, nats = %cfg.nats.url, "starting; connecting to NATS");
+    let (client, violations) =
+        bus::connect_watched(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
+    // Watched from the start: a subscription refused while starting up counts too.
+    let refusals = violations.subscribe();
+    // With retry_on_initial_connect the client may not be connected yet: a flush waits for
+    // the connection, after which the server's INFO (and its max_payload) is known.
+    client
+        .flush()
+        .await
+        .context("wait for the NATS connection")?;
+    if !cfg.nats.has_credentials() {
+        tracing::warn!(
+            "no NATS identity (--auth): this cluster is open to anyone on its NATS server, who \
+             can stop, impersonate or outvote its nodes; see docs/security.md"
+        );
+    } else if !client.server_info().auth_required {
+        tracing::warn!(
+            "the NATS server does not require authentication: anyone on it can act as any \
+             node; run it with the config `warden auth init` writes (docs/security.md)"
+        );
+    }
+    let max_payload = client.server_info().max_payload;
+    anyhow::ensure!(
+        max_payload >= limits::MIN_SERVER_MAX_PAYLOAD_BYTES,
+        "the NATS server's max_payload is {max_payload} bytes; Warden needs at least {}",
+        limits::MIN_SERVER_MAX_PAYLOAD_BYTES
+    );
+    let store = Store::open(&cfg.data_dir)?;
+    let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
+    let (log, sm, state) = store.raft_parts(Some(events_tx))?;
+    let contacts = Arc::new(Contacts::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (peers, peers_task) =
+        crate::peers::Peers::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx))
+            .await?;
+    let network = Network {
+        me: cfg.id,
+        peers: peers.clone(),
+        subjects: subjects.clone(),
+        contacts: contacts.clone(),
+        max_payload,
+    };
+    let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
+    let raft = Raft::new(cfg.id, raft_cfg, network, log, sm)
+        .await
+        .context("start raft")?;
+
+    let mut tasks = JoinSet::new();
+    let rpc = crate::raft::server::start(
+        client.clone(),
+        subjects.clone(),
+        cfg.id,
+        raft.clone(),
+        flag(&stop_rx),
+    )
+    .await?;
+
+    if cfg.bootstrap {
+        if raft.is_initialized().await? {
+            tracing::info!("data dir already initialized; --bootstrap has nothing to do");
+        } else {
+            let members = BTreeMap::from([(cfg.id, openraft::EmptyNode {})]);
+            raft.initialize(members)
+                .await
+                .context("bootstrap the cluster")?;
+            tracing::info!(id = cfg.id, "bootstrapped a new cluster");
+        }
+    }
+
+    let (proposer, batcher) = proposer::Proposer::start(
+        raft.clone(),
+        Duration::from_millis(limits::PROPOSAL_TIMEOUT_MS),
+        flag(&stop_rx),
+    );
+    let (forwarder, forward_batcher) =
+        forward::Forwarder::start(peers.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        client: client.clone(),
+        subjects: subjects.clone(),
+        raft: raft.clone(),
+        state,
+        contacts,
+        proposer,
+        forwarder,
+        peers,
+        kinds,
+        membership_lock: tokio::sync::Mutex::new(()),
+        inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
+        inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
+        started: std::time::Instant::now(),
+        lease: lease::Lease::default(),
+        liveness: lease::Liveness::default(),
+        quorum: lease::QuorumGate::default(),
+        read_floor: Default::default(),
+        running: Default::default(),
+    });
+
+    // What is addressed to this node: clients' commands, and from other nodes their relayed
+    // commands, their own commands and their forward batches.
+    let feeds = [
+        (subjects.node_cmd_all(cfg.id), dispatch::Feed::Commands),
+        (subjects.relay_to(cfg.id), dispatch::Feed::Relayed),
+        (subjects.own_to(cfg.id), dispatch::Feed::Own),
+        (subjects.forward_to(cfg.id), dispatch::Feed::Forwarded),
+    ];
+    for (subject, feed) in feeds {
+        let sub = client.subscribe(subject).await?;
+        tasks.spawn(dispatch::serve(node.clone(), sub, feed, flag(&stop_rx)));
+    }
+    tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
+    // The host stops first, on its own signal, while heartbeats, Raft and the command path
+    // still run: its agents' graceful stops keep their lease (see `Running::stop`).
+    let (host_stop_tx, host_stop_rx) = watch::channel(false);
+    let host_task = tokio::spawn(host::run(node.clone(), flag(&host_stop_rx)));
+    let gate = node.clone();
+    let round = Duration::from_millis(cfg.failure.lease_ms);
+    let stopped = flag(&stop_rx);
+    tasks.spawn(async move {
+        gate.quorum
+            .run(gate.raft.clone(), &gate.read_floor, round, stopped)
+            .await
+    });
+    tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
+    let fencer = node.clone();
+    let stopped = flag(&stop_rx);
+    tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
+    tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
+    tasks.spawn(join_then_serve(
+        node.clone(),
+        flag(&stop_rx),
+        stop_tx.clone(),
+    ));
+    client.flush().await?;
+    tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
+    let helpers = vec![batcher, forward_batcher, rpc, peers_task];
+    Ok(Running {
+        node,
+        client,
+        refusals,
+        store,
+        raft,
+        tasks,
+        helpers,
+        stop_tx,
+        stop_rx,
+        host_stop_tx,
+        host_task,
+    })
+}
+
+/// Why a node stopped.
+enum Why {
+    /// Asked to (a signal, the embedding program), or it left the cluster: a graceful stop.
+    Asked,
+    /// It cannot do its part but nothing is broken (NATS refuses its subscriptions): a
+    /// graceful stop, then an error for its service manager.
+    Refused(String),
+    /// Raft stopped with a fatal error: stop at once, then an error.
+    Fatal(String),
+}
+
+impl Running {
+    async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let why = tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutting down");
+                Why::Asked
+            }
+            v = refused(&mut self.refusals) => {
+                let why = format!(
+                    "NATS refused this node's subscription to {:?}: its identity is not \
+                     node-{}'s, or the server's users are out of date (docs/security.md)",
+                    v.subject, self.node.cfg.id
+                );
+                tracing::error!("{why}; stopping the node");
+                Why::Refused(why)
+            }
+            _ = flag(&self.stop_rx) => {
+                tracing::warn!("stopping: this node cannot be part of the cluster");
+                Why::Asked
+            }
+            why = watchdog(&self.node) => match why {
+                Some(why) => {
+                    tracing::error!(
+                        error = %why,
+                        "Raft stopped with a fatal error; stopping the node at once"
+                    );
+                    Why::Fatal(format!("Raft stopped with a fatal error: {why}"))
+                }
+                None => {
+                    tracing::warn!("this node left the cluster; stopping");
+                    Why::Asked
+                }
+            }
+        };
+        let result = match &why {
+            Why::Asked => Ok(()),
+            Why::Refused(why) | Why::Fatal(why) => Err(anyhow::anyhow!("{why}")),
+        };
+        self.stop(matches!(why, Why::Fatal(_))).await;
+        result
+    }
+
+    /// Stops everything within the node's stop timeout (or `FATAL_STOP_MS` after a fatal
+    /// error), in order: agents, then the tasks that take work and renew the lease, then Raft,
+    /// then sled and NATS.
+    async fn stop(mut self, fatal: bool) {
+        let now = Instant::now();
+        let tail = Duration::from_millis(if fatal {
+            limits::FATAL_STOP_MS
+        } else {
+            limits::STOP_TAIL_MS
+        });
+        let deadline = if fatal {
+            now + tail
+        } else {
+            now + Duration::from_millis(self.node.cfg.stop_timeout_ms)
+        };
+        // Shares of the tail: tasks until 40% of it is left, Raft until 20%, sled until 5%.
+        let share = |left_pct: u32| deadline - tail * left_pct / 100;
+        if fatal {
+            // No graceful stop: this node's log may be unwritable and its applied state
+            // stale, so it stops heartbeating now and drops its agents (an exec process
+            // group is killed); the registry places them elsewhere once its lease is out.
+            let _ = self.stop_tx.send(true);
+            self.host_task.abort();
+            let _ = self.host_task.await;
+        } else {
+            // Agents first, each by its shutdown setting, last started first, while the node
+            // still renews its lease; past their share the rest are dropped.
+            let _ = self.host_stop_tx.send(true);
+            if tokio::time::timeout_at(deadline - tail, &mut self.host_task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    stop_timeout_ms = self.node.cfg.stop_timeout_ms,
+                    "agents did not all stop in time; dropping the rest"
+                );
+                self.host_task.abort();
+                let _ = self.host_task.await;
+            }
+            let _ = self.stop_tx.send(true); // receivers may all be gone already; that is fine
+        }
+        let mut tasks = self.tasks;
+        let helpers = self.helpers;
+        let drain = async move {
+            while tasks.join_next().await.is_some() {}
+            for h in helpers {
+                let _ = h.await; // a panicked helper has nothing left to drain
+            }
+        };
+        if tokio::time::timeout_at(share(40), drain).await.is_err() {
+            tracing::warn!("some tasks did not stop in time; abandoning them");
+        }
+        match tokio::time::timeout_at(share(20), self.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "raft did not shut down cleanly"),
+            Err(_) => tracing::warn!("raft did not shut down in time"),
+        }
+        // Everything acknowledged is on disk already (the log is flushed before a write is
+        // acknowledged); this flush only spares the next start some work.
+        match tokio::time::timeout_at(share(5), self.store.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing the store failed"),
+            Err(_) => tracing::warn!("the store did not close in time"),
+        }
+        // The last replies and events: a flush waits for the server's answer, which never
+        // comes while NATS is unreachable, so it is skipped then and bounded otherwise.
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            let until =
+                deadline.min(Instant::now() + Duration::from_millis(limits::FINAL_FLUSH_MS));
+            match tokio::time::timeout_at(until, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "final NATS flush failed"),
+                Err(_) => tracing::info!("NATS did not answer; stopping without a final flush"),
+            }
+        } else {
+            tracing::info!("NATS unreachable; stopping without a final flush");
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+/// Resolves with the reason when Raft stopped with a fatal error (storage, or a log entry of
+/// a newer version), or with `None` when the registry this node applied says it left: told by
+/// the committed state, never by a message anyone could publish. Looked at every
+/// `FATAL_CHECK_MS`, not on every metrics change: those come with every write, and waking for
+/// each would cost throughput.
+async fn watchdog(node: &Node) -> Option<String> {
+    let mut tick = tokio::time::interval(Duration::from_millis(limits::FATAL_CHECK_MS));
+    loop {
+        tick.tick().await;
+        if let Err(e) = &node.raft.metrics().borrow().running_state {
+            return Some(e.to_string());
+        }
+        if node.registry_node_status(node.cfg.id) == Some(NodeStatus::Left) {
+            return None;
+        }
+    }
+}
+
+/// Resolves when NATS refuses one of this node's subscriptions: it holds another node's
+/// identity, or the server's users are stale. It cannot do its part.
+async fn refused(refusals: &mut tokio::sync::broadcast::Receiver<Violation>) -> Violation {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match refusals.recv().await {
+            Ok(v) if !v.publish => return v,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+async fn events_loop(
+    node: Arc<Node>,
+    events: mpsc::Receiver<Vec<crate::registry::RegistryEvent>>,
+    stopped: impl Future<Output = ()>,
+) {
+    crate::events::publish_loop(
+        node.client.clone(),
+        node.subjects.clone(),
+        node.cfg.id,
+        node.raft.server_metrics(),
+        events,
+        stopped,
+    )
+    .await
+}

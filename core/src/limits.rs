@@ -161,6 +161,20 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// bounds the table to tens of MiB while covering any realistic retry window.
 pub const MAX_REMEMBERED_REQUESTS: usize = 100_000;
 
+/// Bytes the remembered `request_id`s may hold in all (`registry::request_weight`: the typed
+/// outcome's encoded length, the id, a fixed overhead), on every replica. The oldest is
+/// forgotten first, so a flood of large outcomes (agents with 64 KiB configs, groups of 10,000
+/// ids) shortens the retry window instead of growing memory: about 1,000 of the largest
+/// spawns, 100,000 typical ones.
+pub const MAX_REMEMBERED_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// What one remembered `request_id` costs beyond its outcome and id: the record's fields, its
+/// map entry and its entry in the expiry order.
+pub const REQUEST_RECORD_OVERHEAD_BYTES: usize = 160;
+const _: () = assert!(
+    MAX_REMEMBERED_REQUEST_BYTES >= 512 * (MAX_CONFIG_BYTES + REQUEST_RECORD_OVERHEAD_BYTES)
+);
+
 /// A remembered `request_id` is forgotten after this long even when the table is not full.
 pub const REQUEST_ID_TTL_SECS: i64 = 24 * 3600;
 

@@ -197,6 +197,8 @@ pub struct Registry {
     data: RegistryData,
     /// `request_id`s ordered by the time they were first seen, for expiry. Derived.
     request_order: BTreeSet<(DateTime<Utc>, String)>,
+    /// What the remembered `request_id`s weigh in all (`request_weight`). Derived.
+    request_bytes: usize,
     /// Children of each supervisor by position (start order). Derived from the children's
     /// `parent` and `position`.
     children: BTreeMap<String, BTreeMap<u64, Child>>,
@@ -228,9 +230,15 @@ impl Registry {
             .iter()
             .map(|(k, r)| (r.time, k.clone()))
             .collect();
+        let request_bytes = data
+            .requests
+            .iter()
+            .map(|(k, r)| request_weight(k, &r.command, &r.outcome))
+            .sum();
         let mut reg = Registry {
             data: RegistryData::default(),
             request_order,
+            request_bytes,
             children: BTreeMap::new(),
             next_position: 1,
             agent_names: BTreeMap::new(),
@@ -384,11 +392,23 @@ impl Registry {
             time,
             outcome: out.clone(),
         };
+        // `apply` answers a known id from its record, so a record is only ever added.
+        debug_assert!(!self.data.requests.contains_key(rid));
+        self.request_bytes += request_weight(rid, command, out);
         self.data.requests.insert(rid.to_string(), record);
         self.request_order.insert((time, rid.to_string()));
-        while self.data.requests.len() > limits::MAX_REMEMBERED_REQUESTS {
-            self.forget_oldest_request();
+        while self.data.requests.len() > limits::MAX_REMEMBERED_REQUESTS
+            || self.request_bytes > limits::MAX_REMEMBERED_REQUEST_BYTES
+        {
+            if !self.forget_oldest_request() {
+                break;
+            }
         }
+    }
+
+    /// What the remembered `request_id`s weigh in all (`request_weight`).
+    pub fn remembered_request_bytes(&self) -> usize {
+        self.request_bytes
     }
 
     /// Forgets `request_id`s older than the TTL. Driven by proposal time, so every replica
@@ -400,14 +420,22 @@ impl Registry {
             .first()
             .is_some_and(|(t, _)| *t < horizon)
         {
-            self.forget_oldest_request();
+            if !self.forget_oldest_request() {
+                break;
+            }
         }
     }
 
-    fn forget_oldest_request(&mut self) {
-        if let Some((_, rid)) = self.request_order.pop_first() {
-            self.data.requests.remove(&rid);
+    /// Forgets the oldest remembered `request_id`; false if none is left.
+    fn forget_oldest_request(&mut self) -> bool {
+        let Some((_, rid)) = self.request_order.pop_first() else {
+            return false;
+        };
+        if let Some(r) = self.data.requests.remove(&rid) {
+            let w = request_weight(&rid, &r.command, &r.outcome);
+            self.request_bytes = self.request_bytes.saturating_sub(w);
         }
+        true
     }
 
     fn register_node(

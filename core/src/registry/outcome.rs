@@ -95,6 +95,29 @@ pub fn fingerprint(cmd: &impl Serialize) -> u64 {
     h.0
 }
 
+/// Bytes a remembered `request_id` holds: its outcome's JSON length (counted, not built), its
+/// id, its command's name and a fixed overhead for the record and its index entries. Every
+/// replica counts the same for the same record, so they forget the same ones.
+pub fn request_weight(rid: &str, command: &str, outcome: &Outcome) -> usize {
+    let mut n = Counted(0);
+    // Counting cannot fail; an outcome that cannot be encoded weighs what was written.
+    let _ = serde_json::to_writer(&mut n, outcome);
+    n.0 + 2 * rid.len() + command.len() + crate::limits::REQUEST_RECORD_OVERHEAD_BYTES
+}
+
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Fnv(u64);
 
 impl std::io::Write for Fnv {

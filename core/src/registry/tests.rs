@@ -227,6 +227,52 @@ fn request_ids_expire_by_proposal_time() {
     assert!(reg.data().requests.contains_key("new"));
 }
 
+/// Goal: remembered request ids are bounded in bytes, not only in count: a flood of spawns
+/// with the largest configs forgets the oldest ids first, the newest still answer a retry
+/// identically, and the bookkeeping matches the records after a snapshot round trip.
+#[test]
+fn remembered_request_ids_are_bounded_in_bytes() {
+    let mut reg = three_nodes();
+    let big = "x".repeat(limits::MAX_CONFIG_BYTES - 64);
+    let spawn_big = |i: usize| {
+        let v = json!({"name": format!("a{i}"), "kind": "counter", "config": {"blob": big}});
+        RegistryCmd::SpawnAgent(serde_json::from_value(v).unwrap())
+    };
+    let n = limits::MAX_REMEMBERED_REQUEST_BYTES / limits::MAX_CONFIG_BYTES + 64;
+    let mut last = None;
+    for i in 0..n {
+        let out = run(
+            &mut reg,
+            10 + i as i64,
+            Some(&format!("r{i}")),
+            spawn_big(i),
+        )
+        .unwrap();
+        assert!(reg.remembered_request_bytes() <= limits::MAX_REMEMBERED_REQUEST_BYTES);
+        last = Some(out);
+    }
+    let kept = reg.data().requests.len();
+    assert!(
+        kept < n,
+        "the byte bound forgot the oldest ids ({kept} of {n} kept)"
+    );
+    assert!(!reg.data().requests.contains_key("r0"));
+    assert!(reg.data().requests.contains_key(&format!("r{}", n - 1)));
+    let at = 10 + n as i64;
+    let retry = run(&mut reg, at, Some(&format!("r{}", n - 1)), spawn_big(n - 1)).unwrap();
+    assert_eq!(
+        Some(retry),
+        last,
+        "the newest id answers its retry identically"
+    );
+    assert_eq!(reg.data().agents.len(), n, "the retry created nothing");
+    let rebuilt = Registry::from_data(reg.data().clone());
+    assert_eq!(
+        rebuilt.remembered_request_bytes(),
+        reg.remembered_request_bytes()
+    );
+}
+
 #[test]
 fn nodes_join_once_and_cannot_return_after_leaving() {
     let mut reg = Registry::default();

@@ -15,6 +15,7 @@ pub mod config;
 pub mod ctl;
 pub mod events;
 pub mod faults;
+pub mod inputs;
 pub mod node;
 pub mod peers;
 pub mod protocol;

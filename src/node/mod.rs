@@ -32,6 +32,7 @@ use crate::raft::typ::{Raft, RaftMetrics};
 use crate::registry::{NodeStatus, RegistryCmd};
 use crate::subjects::Subjects;
 
+pub use forward::{ForwardBatch, Request};
 pub use proposer::ProposeError;
 pub use run::{run, run_with_kinds};
 

@@ -177,21 +177,32 @@ fn load_state(snapshot: &sled::Tree) -> anyhow::Result<SmState> {
         return Ok(SmState::default());
     };
     let stored: StoredSnapshot = crate::protocol::from_msgpack(&raw).context("stored snapshot")?;
-    let content: SnapshotData =
-        crate::protocol::from_msgpack(&stored.data).context("stored snapshot's registry")?;
-    if content.registry.v > REGISTRY_VERSION {
-        anyhow::bail!(
-            "this data dir was written by a newer Warden (registry version {}; this one reads \
-             up to {REGISTRY_VERSION}): run that version or newer, or start this node with a \
-             new id and an empty data dir",
-            content.registry.v
-        );
-    }
+    let registry = registry_from_snapshot(&stored.data).map_err(|e| {
+        anyhow::anyhow!(
+            "stored snapshot: {e}; run that version or newer, or start this node with a new id \
+             and an empty data dir"
+        )
+    })?;
     Ok(SmState {
-        registry: Registry::from_data(content.registry),
+        registry,
         last_applied: stored.meta.last_log_id,
         membership: stored.meta.last_membership,
     })
+}
+
+/// The registry a snapshot's bytes hold (from this node's disk, or installed from the
+/// leader), refused if it cannot be decoded or was written by a newer version.
+pub fn registry_from_snapshot(bytes: &[u8]) -> Result<Registry, String> {
+    let content: SnapshotData = crate::protocol::from_msgpack(bytes)
+        .map_err(|e| format!("cannot decode the snapshot's registry: {e}"))?;
+    if content.registry.v > REGISTRY_VERSION {
+        return Err(format!(
+            "the snapshot was written by a newer Warden (registry version {}; this one reads up \
+             to {REGISTRY_VERSION})",
+            content.registry.v
+        ));
+    }
+    Ok(Registry::from_data(content.registry))
 }
 
 /// Flushes sled on the blocking pool. sled's own `flush_async` starts a new OS thread per call.
@@ -625,20 +636,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let content: SnapshotData = crate::protocol::from_msgpack(&bytes)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
-        if content.registry.v > REGISTRY_VERSION {
-            let why = format!(
-                "a snapshot of registry version {}; this node reads up to {REGISTRY_VERSION}",
-                content.registry.v
-            );
-            return Err(io_err(
-                ErrorSubject::Snapshot(sig),
+        let registry = registry_from_snapshot(&bytes).map_err(|why| {
+            io_err(
+                ErrorSubject::Snapshot(sig.clone()),
                 ErrorVerb::Read,
                 std::io::Error::other(why),
-            ));
-        }
-        let registry = Registry::from_data(content.registry);
+            )
+        })?;
         let snapshot = StoredSnapshot {
             v: REGISTRY_VERSION,
             meta: meta.clone(),

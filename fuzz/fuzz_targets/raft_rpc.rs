@@ -1,0 +1,15 @@
+//! A peer's Raft RPC request body, of each kind a node answers.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use warden::inputs::RaftRpc;
+
+fuzz_target!(|data: &[u8]| {
+    let [pick, body @ ..] = data else { return };
+    let rpc = match pick % 3 {
+        0 => RaftRpc::AppendEntries,
+        1 => RaftRpc::Vote,
+        _ => RaftRpc::InstallSnapshot,
+    };
+    let _ = warden::inputs::raft_rpc(rpc, body);
+});

@@ -311,6 +311,9 @@ pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict
         v.checked += 1;
         match &o.outcome {
             Outcome::Failed { code, .. } if clear.contains(&code.as_str()) => {}
+            // A poison call to an agent that is not running here now never reached it.
+            Outcome::Failed { code, .. }
+                if code == "unavailable" && what.ends_with(crate::hostile::AGENT_CALL) => {}
             // No answer at all happens under faults and is not a wrong answer.
             Outcome::Unknown { .. } => {}
             // Accepted, `unavailable` (which would hide the real problem) or anything else.
@@ -318,6 +321,20 @@ pub fn g5_bad_input(ops: &[Op], fin: &FinalState, crashes: &[String]) -> Verdict
                 .violations
                 .push(format!("{what} at {} ms got {other:?}", o.invoke_ms)),
         }
+    }
+    // Forged internal messages: NATS refuses them at once, so some of them must come back
+    // `forbidden` (a fault may swallow any one of them).
+    let forged = ops.iter().filter(|o| {
+        matches!(&o.kind, OpKind::BadInput { what } if what.starts_with(crate::hostile::FORGED))
+    });
+    let (sent, refused) = forged.fold((0, 0), |(n, r), o| {
+        let forbidden = matches!(&o.outcome, Outcome::Failed { code, .. } if code == "forbidden");
+        (n + 1, r + usize::from(forbidden))
+    });
+    if sent >= 5 && refused == 0 {
+        v.violations.push(format!(
+            "NATS refused none of {sent} forged internal messages"
+        ));
     }
     let names = fin.supervisors.keys().chain(fin.agents.keys());
     for name in names.filter(|n| n.starts_with("bad")) {
@@ -854,6 +871,26 @@ mod tests {
         assert!(!g5_bad_input(&[bad(Outcome::Ok { value: json!({}) })], &fin(&[]), &[]).ok());
         assert!(!g5_bad_input(std::slice::from_ref(&refused), &fin(&[("bad-1", "1")]), &[]).ok());
         assert!(!g5_bad_input(&[refused], &fin(&[]), &["node 2 exited".into()]).ok());
+        // Forged internal messages that NATS never refused: its permissions are not enforced.
+        let forged = |outcome| Op {
+            kind: OpKind::BadInput {
+                what: format!("{} heartbeat", crate::hostile::FORGED),
+            },
+            ..bad(outcome)
+        };
+        let unanswered = vec![
+            forged(Outcome::Unknown {
+                why: "timeout".into()
+            });
+            5
+        ];
+        assert!(!g5_bad_input(&unanswered, &fin(&[]), &[]).ok());
+        let mut some_refused = unanswered;
+        some_refused[2] = forged(Outcome::Failed {
+            code: "forbidden".into(),
+            message: String::new(),
+        });
+        assert!(g5_bad_input(&some_refused, &fin(&[]), &[]).ok());
     }
 
     /// Wall-clock µs of second `s` of the test's day.

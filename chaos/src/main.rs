@@ -4,6 +4,7 @@
 
 mod check;
 mod history;
+mod hostile;
 mod proxy;
 mod scenario;
 mod workload;
@@ -158,6 +159,29 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             c,
             history.clone(),
             drains.clone(),
+            until,
+        ));
+    }
+
+    if scenario.workload.hostile_ms > 0 {
+        let hostile = world.connect("operator").await?;
+        let counters = if scenario.workload.uses_counters() {
+            (0..scenario.workload.clients)
+                .map(workload::counter_of)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        clients.spawn(hostile::run(
+            seed,
+            warden::client::Client {
+                deadline: Duration::from_millis(scenario.workload.op_timeout_ms),
+                ..hostile
+            },
+            history.clone(),
+            scenario.nodes,
+            counters,
+            Duration::from_millis(scenario.workload.hostile_ms),
             until,
         ));
     }
@@ -375,6 +399,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         );
     }
     println!("chaos: operations {counts}");
+    println!("chaos: bad input answered {}", bad_input_answers(&ops));
     if !undrained.is_empty() {
         println!("chaos: drains cancelled after healing: nodes {undrained:?}");
     }
@@ -418,6 +443,24 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         println!("chaos: logs and data kept in {}", dir.display());
     }
     Ok(ok)
+}
+
+/// How each kind of bad input was answered: `{what: {code: count}}`.
+fn bad_input_answers(ops: &[history::Op]) -> Value {
+    let mut answers = serde_json::Map::new();
+    for o in ops {
+        let history::OpKind::BadInput { what } = &o.kind else {
+            continue;
+        };
+        let code = match &o.outcome {
+            history::Outcome::Ok { .. } => "ok",
+            history::Outcome::Failed { code, .. } => code.as_str(),
+            history::Outcome::Unknown { .. } => "unknown",
+        };
+        let e = answers.entry(what.clone()).or_insert_with(|| json!({}));
+        e[code] = json!(e[code].as_u64().unwrap_or(0) + 1);
+    }
+    Value::Object(answers)
 }
 
 fn op_counts(ops: &[history::Op]) -> Value {

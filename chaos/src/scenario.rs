@@ -63,6 +63,9 @@ pub struct Workload {
     /// Pause between one client's operations, in ms.
     #[serde(default)]
     pub think_ms: u64,
+    /// Pause between the hostile client's sends (`hostile.rs`), in ms; 0 runs none.
+    #[serde(default)]
+    pub hostile_ms: u64,
 }
 
 impl Workload {

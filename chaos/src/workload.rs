@@ -463,15 +463,30 @@ async fn bad_input(client: &Client, history: &History, k: usize, rng: &mut StdRn
     let (what, command, body) = &cases[rng.gen_range(0..cases.len())];
     let invoke_ms = history.now_ms();
     let subject = client.subjects.cmd(command);
+    let out = send_raw(client, subject, async_nats::HeaderMap::new(), body.clone()).await;
+    history.record(Op {
+        client: k,
+        kind: OpKind::BadInput {
+            what: what.to_string(),
+        },
+        invoke_ms,
+        complete_ms: history.now_ms(),
+        outcome: out,
+    });
+}
+
+/// Sends raw bytes as a request on `subject` and reads the answer as a command's reply:
+/// NATS's refusal is `forbidden`, no answer is unknown.
+pub async fn send_raw(
+    client: &Client,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    body: Vec<u8>,
+) -> Outcome {
     let sent = client
-        .request(
-            subject,
-            async_nats::HeaderMap::new(),
-            body.clone().into(),
-            client.deadline,
-        )
+        .request(subject, headers, body.into(), client.deadline)
         .await;
-    let out = match sent {
+    match sent {
         Ok(Ok(msg)) => {
             match warden::protocol::Envelope::decode(&msg.payload).map(|e| e.into_result()) {
                 Ok(Ok(v)) => Outcome::Ok { value: v },
@@ -485,16 +500,7 @@ async fn bad_input(client: &Client, history: &History, k: usize, rng: &mut StdRn
         // NATS refused it (an unknown command is no identity's to send).
         Err(e) => outcome(Err(e)),
         Ok(Err(e)) => Outcome::Unknown { why: e.to_string() },
-    };
-    history.record(Op {
-        client: k,
-        kind: OpKind::BadInput {
-            what: what.to_string(),
-        },
-        invoke_ms,
-        complete_ms: history.now_ms(),
-        outcome: out,
-    });
+    }
 }
 
 /// One call to an agent, as any NATS client would make it. No retry: an unanswered call is

@@ -48,6 +48,9 @@ struct Nats {
 
 pub struct World {
     pub dir: PathBuf,
+    /// The NATS URLs of every server, comma-separated, and the identities' directory.
+    urls: String,
+    auth: PathBuf,
     nats: Vec<Nats>,
     pub proxies: BTreeMap<u64, Proxy>,
     pub cluster: LocalCluster,
@@ -114,12 +117,15 @@ impl World {
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
             .collect();
-        let client = warden::up::connect_as(&all.join(","), "chaos", Some(&auth), "admin").await?;
+        let urls = all.join(",");
+        let client = warden::up::connect_as(&urls, "chaos", Some(&auth), "admin").await?;
         cluster
             .wait_ready(&client, s.nodes as usize, Duration::from_secs(60))
             .await?;
         Ok(World {
             dir,
+            urls,
+            auth,
             nats,
             proxies,
             cluster,
@@ -142,6 +148,11 @@ impl World {
             ..self.client.clone()
         };
         c.call("cluster_status", &json!({})).await.ok()?["leader"].as_u64()
+    }
+
+    /// A client connected to every server as `identity` (`admin`, `operator`, `viewer`).
+    pub async fn connect(&self, identity: &str) -> anyhow::Result<Client> {
+        warden::up::connect_as(&self.urls, "chaos", Some(&self.auth), identity).await
     }
 
     /// Notes nodes that exited without the harness asking: crashes (G5: never on input).

@@ -17,11 +17,21 @@ use crate::registry::{validate_labels, validate_name};
 pub struct ExecConfig {
     /// Off unless set: `exec` agents fail to start with a clear error.
     pub enabled: bool,
-    /// Commands that may run, as absolute paths. A request names one of them exactly.
-    pub allow: Vec<PathBuf>,
+    /// What may run: absolute paths (any arguments, any working directory), or rules that
+    /// fix more (`ExecRule`). A request names a command exactly; the first entry for it that
+    /// the request satisfies decides.
+    pub allow: Vec<AllowEntry>,
     /// The node's environment variables an exec process gets; it gets no other (never a
     /// `WARDEN_*` one: the node's identity and settings are not the agent's business).
     pub pass_env: Vec<String>,
+    /// The binary that runs an exec process under a small supervisor (`warden exec-shim`):
+    /// it kills the process's whole tree, grandchildren that left its group included, when
+    /// the agent stops, is dropped, or its node dies, even by SIGKILL. `warden node` sets it
+    /// to itself; a program embedding a node sets it to a `warden` binary (or calls
+    /// `agent::exec_shim::run_if_invoked` first in its `main` and names itself). Without one,
+    /// an exec process is a direct child, killed with its node by its parent-death signal,
+    /// and its own children outlive a SIGKILLed node.
+    pub shim: Option<PathBuf>,
 }
 
 impl Default for ExecConfig {
@@ -30,7 +40,108 @@ impl Default for ExecConfig {
             enabled: false,
             allow: Vec::new(),
             pass_env: ["PATH", "LANG", "LC_ALL", "TZ"].map(String::from).to_vec(),
+            shim: None,
         }
+    }
+}
+
+/// One entry of `[exec] allow`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AllowEntry {
+    /// This command, with any arguments, in any working directory, as the node's user.
+    Path(PathBuf),
+    Rule(ExecRule),
+}
+
+impl From<&str> for AllowEntry {
+    fn from(path: &str) -> Self {
+        AllowEntry::Path(path.into())
+    }
+}
+
+impl From<PathBuf> for AllowEntry {
+    fn from(path: PathBuf) -> Self {
+        AllowEntry::Path(path)
+    }
+}
+
+impl AllowEntry {
+    /// The command it allows.
+    pub fn command(&self) -> &Path {
+        match self {
+            AllowEntry::Path(p) => p,
+            AllowEntry::Rule(r) => &r.command,
+        }
+    }
+}
+
+/// A command allowed with its arguments' prefix, working directory, user and limits fixed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRule {
+    /// Absolute path of the command.
+    pub command: PathBuf,
+    /// A request's arguments must begin with these.
+    #[serde(default)]
+    pub args_prefix: Vec<String>,
+    /// The process runs here; a request may name no other directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// The user and group it runs as (the node needs the privilege to switch).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    #[serde(default)]
+    pub rlimits: Rlimits,
+}
+
+/// Resource limits of an exec process (setrlimit, soft and hard alike), inherited by its
+/// children. Unset is the node's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimits {
+    /// Open files (RLIMIT_NOFILE).
+    #[serde(default)]
+    pub nofile: Option<u64>,
+    /// Processes of its user (RLIMIT_NPROC).
+    #[serde(default)]
+    pub nproc: Option<u64>,
+    /// Address space, in bytes (RLIMIT_AS).
+    #[serde(default)]
+    pub as_bytes: Option<u64>,
+    /// CPU time, in seconds (RLIMIT_CPU).
+    #[serde(default)]
+    pub cpu_s: Option<u64>,
+    /// Largest file it may write, in bytes (RLIMIT_FSIZE).
+    #[serde(default)]
+    pub fsize_bytes: Option<u64>,
+}
+
+impl ExecConfig {
+    /// Checks the allow-list, the variables passed on and the shim.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for entry in &self.allow {
+            let cmd = entry.command();
+            if !cmd.is_absolute() {
+                bail!("exec.allow lists absolute paths only, not {cmd:?}");
+            }
+            if let AllowEntry::Rule(r) = entry {
+                if r.cwd.as_ref().is_some_and(|d| !d.is_absolute()) {
+                    bail!("exec.allow: the cwd of {cmd:?} must be an absolute path");
+                }
+            }
+        }
+        for name in &self.pass_env {
+            if name.starts_with("WARDEN_") || name.is_empty() || name.contains('=') {
+                bail!("exec.pass_env cannot pass {name:?}");
+            }
+        }
+        if self.shim.as_ref().is_some_and(|p| !p.is_absolute()) {
+            bail!("exec.shim must be an absolute path");
+        }
+        Ok(())
     }
 }
 
@@ -328,16 +439,7 @@ impl NodeConfig {
         self.failure.validate()?;
         self.placement.validate()?;
         self.raft.validate()?;
-        for cmd in &self.exec.allow {
-            if !cmd.is_absolute() {
-                bail!("exec.allow lists absolute paths only, not {cmd:?}");
-            }
-        }
-        for name in &self.exec.pass_env {
-            if name.starts_with("WARDEN_") || name.is_empty() || name.contains('=') {
-                bail!("exec.pass_env cannot pass {name:?}");
-            }
-        }
+        self.exec.validate()?;
         if let Some(path) = &self.auth {
             let me = crate::auth::node_identity(self.id);
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");

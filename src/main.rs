@@ -131,6 +131,13 @@ impl NodeArgs {
         if let Some(v) = self.stop_timeout_ms {
             cfg.stop_timeout_ms = v;
         }
+        if cfg.exec.shim.is_none() {
+            // This very binary runs exec agents' shims (`warden exec-shim`).
+            match std::env::current_exe() {
+                Ok(me) => cfg.exec.shim = Some(me),
+                Err(e) => eprintln!("warning: exec agents run without their shim: {e}"),
+            }
+        }
         cfg.finish()
     }
 }
@@ -218,10 +225,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // An exec agent's shim is this binary too; it runs before any thread is started.
+    warden::agent::exec_shim::run_if_invoked();
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // A task still blocked (a disk that hangs) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -89,6 +89,10 @@ pub const FORWARD_TIMEOUT_MS: u64 = 8_000;
 /// node. Below [`FORWARD_TIMEOUT_MS`], so a forwarding follower hears the leader's answer.
 pub const PROPOSAL_TIMEOUT_MS: u64 = 6_000;
 
+/// How long an exec agent's stop waits, once its time is up and the shim's lifeline closed,
+/// for the shim to kill the process tree and exit, before it SIGKILLs the process group.
+pub const EXEC_SHIM_EXIT_MS: u64 = 2_000;
+
 /// How long a stopping node lets commands in flight finish before abandoning them, at most;
 /// the node's stop deadline (`stop_timeout_ms`) may cut it shorter.
 pub const DRAIN_GRACE_MS: u64 = 3_000;

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 use super::{Agent, AgentError, BoxFuture, Kind, LogSink, Reply, StartContext};
 use crate::supervision::ExitReason;
 
-pub use crate::config::ExecConfig;
+pub use crate::config::{AllowEntry, ExecConfig, ExecRule, Rlimits};
 
 /// The `exec` kind.
 pub struct Exec {
@@ -57,16 +58,30 @@ impl Kind for Exec {
             }
             let spec: ExecSpec =
                 serde_json::from_value(ctx.config).map_err(|e| format!("exec config: {e}"))?;
-            if !cfg.allow.iter().any(|a| a == &spec.command) {
-                return Err(format!(
-                    "exec: {:?} is not on this node's allow-list ([exec] allow)",
-                    spec.command
-                ));
-            }
+            let permit = permit(&cfg.allow, &spec)?;
             if let Some(bad) = spec.env.keys().find(|k| refused_env(k)) {
                 return Err(format!("exec: the config may not set {bad:?}"));
             }
-            let mut cmd = tokio::process::Command::new(&spec.command);
+            runnable(&spec.command)?;
+            let mut cmd = match &cfg.shim {
+                // The shim runs the command and kills its whole tree when the lifeline (its
+                // stdin, whose other end the agent holds) closes (`exec_shim`).
+                // Limits go to the command only: the shim is a bigger binary.
+                Some(shim) => {
+                    let mut cmd = tokio::process::Command::new(shim);
+                    cmd.arg(super::exec_shim::SUBCOMMAND)
+                        .args(super::exec_shim::rlimit_args(&permit.rlimits))
+                        .arg("--")
+                        .arg(&spec.command)
+                        .stdin(Stdio::piped());
+                    cmd
+                }
+                None => {
+                    let mut cmd = tokio::process::Command::new(&spec.command);
+                    cmd.stdin(Stdio::null());
+                    cmd
+                }
+            };
             // Only what the node passes on, then what the config sets: never the node's
             // `WARDEN_*` settings, among them the path to its identity.
             cmd.env_clear();
@@ -77,28 +92,42 @@ impl Kind for Exec {
             }
             cmd.args(&spec.args)
                 .envs(&spec.env)
-                .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 // Its own process group: a stop or a kill reaches its children too.
                 .process_group(0)
                 .kill_on_drop(true);
-            if let Some(dir) = &spec.cwd {
+            if let Some(dir) = &permit.cwd {
                 cmd.current_dir(dir);
             }
+            if let Some(gid) = permit.gid {
+                cmd.gid(gid);
+            }
+            if let Some(uid) = permit.uid {
+                cmd.uid(uid);
+            }
+            let direct = cfg.shim.is_none();
+            let limits = if direct {
+                permit.rlimits
+            } else {
+                Rlimits::default()
+            };
             let parent = std::process::id() as libc::pid_t;
             // SAFETY: the closure runs in the child between fork and exec and calls only
-            // async-signal-safe functions (prctl, getppid, raise).
+            // async-signal-safe functions (setrlimit, prctl, getppid, raise).
             unsafe {
                 cmd.pre_exec(move || {
-                    // Dies with the node, even a SIGKILLed one. Linux sends the signal when
-                    // the forking thread ends: the runtime's worker threads live as long as
-                    // the node.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent {
-                        libc::raise(libc::SIGKILL); // the node died before the prctl
+                    set_rlimits(&limits)?;
+                    if direct {
+                        // Without the shim: dies with the node, even a SIGKILLed one. Linux
+                        // sends the signal when the forking thread ends: the runtime's worker
+                        // threads live as long as the node.
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        if libc::getppid() != parent {
+                            libc::raise(libc::SIGKILL); // the node died before the prctl
+                        }
                     }
                     Ok(())
                 });
@@ -122,6 +151,7 @@ impl Kind for Exec {
             {
                 tokio::spawn(forward_lines(out, ctx.log.clone()));
             }
+            let lifeline = Mutex::new(child.stdin.take());
             let (tx, exit) = watch::channel(None);
             tokio::spawn(async move {
                 let reason = match child.wait().await {
@@ -134,10 +164,109 @@ impl Kind for Exec {
                 };
                 let _ = tx.send(Some(reason)); // nobody waiting is fine
             });
-            Ok(Box::new(ExecAgent { pid, exit }) as Box<dyn Agent>)
+            Ok(Box::new(ExecAgent {
+                pid,
+                exit,
+                lifeline,
+            }) as Box<dyn Agent>)
         })
     }
 }
+
+/// How an allowed command may run: where, as whom, within what limits.
+#[derive(Debug, Default, PartialEq)]
+struct Permit {
+    cwd: Option<PathBuf>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    rlimits: Rlimits,
+}
+
+/// The first entry of the allow-list that lets `spec` run, and how; or why none does.
+fn permit(allow: &[AllowEntry], spec: &ExecSpec) -> Result<Permit, String> {
+    let mut why = None;
+    for entry in allow.iter().filter(|e| e.command() == spec.command) {
+        let rule = match entry {
+            AllowEntry::Path(_) => {
+                return Ok(Permit {
+                    cwd: spec.cwd.clone(),
+                    ..Default::default()
+                })
+            }
+            AllowEntry::Rule(r) => r,
+        };
+        if !spec.args.starts_with(&rule.args_prefix) {
+            why = Some(format!(
+                "exec: {:?} may run here only with arguments starting {:?}",
+                spec.command, rule.args_prefix
+            ));
+            continue;
+        }
+        if let (Some(fixed), Some(asked)) = (&rule.cwd, &spec.cwd) {
+            if fixed != asked {
+                why = Some(format!(
+                    "exec: {:?} runs here only in {fixed:?}, not {asked:?}",
+                    spec.command
+                ));
+                continue;
+            }
+        }
+        return Ok(Permit {
+            cwd: rule.cwd.clone().or_else(|| spec.cwd.clone()),
+            uid: rule.uid,
+            gid: rule.gid,
+            rlimits: rule.rlimits,
+        });
+    }
+    Err(why.unwrap_or_else(|| {
+        format!(
+            "exec: {:?} is not on this node's allow-list ([exec] allow)",
+            spec.command
+        )
+    }))
+}
+
+/// Refuses at start, with a clear error, a command that is missing or not executable (the
+/// shim would only report it as a crash).
+fn runnable(command: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(command) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("exec: {command:?} is not an executable file")),
+        Err(e) => Err(format!("exec {command:?}: {e}")),
+    }
+}
+
+/// Applies the limits to the calling process: in the child, before exec. Async-signal-safe.
+pub(super) fn set_rlimits(l: &Rlimits) -> std::io::Result<()> {
+    for (resource, value) in rlimit_table(l) {
+        if let Some(v) = value {
+            let lim = libc::rlimit {
+                rlim_cur: v as libc::rlim_t,
+                rlim_max: v as libc::rlim_t,
+            };
+            // SAFETY: setrlimit reads the struct passed.
+            if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each limit with its resource and its name on the shim's command line.
+pub(super) fn rlimit_table(l: &Rlimits) -> [(RlimitResource, Option<u64>); 5] {
+    [
+        (libc::RLIMIT_NOFILE, l.nofile),
+        (libc::RLIMIT_NPROC, l.nproc),
+        (libc::RLIMIT_AS, l.as_bytes),
+        (libc::RLIMIT_CPU, l.cpu_s),
+        (libc::RLIMIT_FSIZE, l.fsize_bytes),
+    ]
+}
+
+/// The type of a resource number `setrlimit` takes on this platform.
+pub(super) type RlimitResource = libc::__rlimit_resource_t;
 
 /// Environment variables an agent's config may not set: the node's own settings, and the
 /// dynamic loader's, which would run other code inside an allowed command.
@@ -191,8 +320,37 @@ async fn forward_lines(out: Box<dyn tokio::io::AsyncRead + Send + Unpin>, log: L
 }
 
 struct ExecAgent {
+    /// The process group's leader: the shim, or the command itself without one.
     pid: u32,
     exit: watch::Receiver<Option<ExitReason>>,
+    /// The write end of the shim's stdin (none without a shim): closed when a stop's time is
+    /// up, or when the agent is dropped (or by the kernel when the node dies), it tells the
+    /// shim to kill the whole tree.
+    lifeline: Mutex<Option<tokio::process::ChildStdin>>,
+}
+
+impl ExecAgent {
+    /// Whether a shim runs the command (it was started with a lifeline).
+    fn shimmed(&self) -> bool {
+        self.lifeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Kills the process and everything it started. With a shim: closes its lifeline, so
+    /// that it kills the whole tree, orphans that left the group included, before it exits;
+    /// a SIGKILL of the group would kill the shim first. Without one: SIGKILLs the group.
+    fn kill(&self) {
+        let shim = self
+            .lifeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if shim.is_none() {
+            signal_group(self.pid, libc::SIGKILL);
+        }
+    }
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<ExitReason>>) -> ExitReason {
@@ -220,7 +378,7 @@ impl Drop for ExecAgent {
         // Not exited as far as the waiter knows. The waiter reaps before it says so, so the
         // group's id can only have been reused in the moment between the two.
         if self.exit.borrow().is_none() {
-            signal_group(self.pid, libc::SIGKILL);
+            self.kill();
         }
     }
 }
@@ -262,7 +420,19 @@ impl Agent for ExecAgent {
                     return;
                 }
             }
-            signal_group(self.pid, libc::SIGKILL);
+            let shimmed = self.shimmed();
+            self.kill();
+            if shimmed {
+                // The shim kills the tree and exits; should it not, the group goes by force.
+                let grace = Duration::from_millis(crate::limits::EXEC_SHIM_EXIT_MS);
+                if tokio::time::timeout(grace, wait_exit(self.exit.clone()))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                signal_group(self.pid, libc::SIGKILL);
+            }
             let _ = wait_exit(self.exit.clone()).await; // it ends: SIGKILL cannot be caught
         })
     }
@@ -285,7 +455,7 @@ mod tests {
     fn allowed(paths: &[&str]) -> Exec {
         Exec::new(ExecConfig {
             enabled: true,
-            allow: paths.iter().map(PathBuf::from).collect(),
+            allow: paths.iter().map(|p| AllowEntry::from(*p)).collect(),
             ..Default::default()
         })
     }

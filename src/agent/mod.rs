@@ -8,6 +8,7 @@
 
 pub mod builtin;
 pub mod exec;
+pub mod exec_shim;
 pub mod journal;
 pub mod mailbox;
 

@@ -401,6 +401,7 @@ async fn node_with_exec() -> InProcessNode {
     InProcessNode::start_with(|cfg| {
         cfg.exec.enabled = true;
         cfg.exec.allow = vec!["/bin/sh".into()];
+        cfg.exec.shim = Some(env!("CARGO_BIN_EXE_warden").into());
     })
     .await
 }
@@ -548,8 +549,141 @@ async fn one_for_all_restarts_nothing_before_every_sibling_has_stopped() {
     }
 }
 
-/// Goal: SIGKILL of a node leaves none of its exec processes running: they die with it by
-/// their parent-death signal.
+/// Pids of the live `sleep` processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("sleep\0") && cmdline.contains(marker) && process_alive(*pid)
+        })
+        .collect()
+}
+
+/// A number no other test run uses for its processes' command lines (this process's id).
+fn unique_marker() -> u32 {
+    7_000_000 + std::process::id() % 1_000_000
+}
+
+/// A shell that starts a grandchild in the agent's process group and one that leaves it
+/// (`setsid`), both sleeping with `marker` in their command lines, and ignores SIGTERM.
+fn tree_script(marker: u32) -> String {
+    format!("trap '' TERM; setsid sleep {marker}1 & sleep {marker}2 & wait")
+}
+
+/// Goal: an exec agent's whole tree goes when it stops: grandchildren in its process group and
+/// one that left it with `setsid` (adopted by the shim) are gone once the stop is done.
+#[tokio::test]
+async fn a_stopped_exec_agent_leaves_no_descendant() {
+    let node = node_with_exec().await;
+    let c = &node.client;
+    let marker = unique_marker();
+    let body = json!({"name": "tree", "kind": "exec", "shutdown_ms": 200,
+                      "config": {"command": "/bin/sh", "args": ["-c", tree_script(marker)]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    wait_for(
+        "both grandchildren to run",
+        Duration::from_secs(20),
+        || async { (processes_with(&marker.to_string()).len() == 2).then_some(()) },
+    )
+    .await;
+    c.call("stop_agent", &json!({"agent": "tree"}))
+        .await
+        .unwrap();
+    wait_for(
+        "every descendant to be gone",
+        Duration::from_secs(10),
+        || async { processes_with(&marker.to_string()).is_empty().then_some(()) },
+    )
+    .await;
+}
+
+/// Goal: an allow-list rule fixes what a request may not choose: arguments must start with its
+/// prefix, the working directory is its own, its limits apply, and it runs as its user (as
+/// root; elsewhere switching user is refused with a clear error).
+#[tokio::test]
+async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().to_path_buf();
+    let rule = warden::agent::exec::ExecRule {
+        command: "/bin/sh".into(),
+        args_prefix: vec!["-c".into()],
+        cwd: Some(cwd.clone()),
+        uid: Some(65_534),
+        gid: Some(65_534),
+        rlimits: warden::agent::exec::Rlimits {
+            nofile: Some(64),
+            ..Default::default()
+        },
+    };
+    let node = InProcessNode::start_with(|cfg| {
+        cfg.exec.enabled = true;
+        cfg.exec.allow = vec![warden::agent::exec::AllowEntry::Rule(rule)];
+        cfg.exec.shim = Some(env!("CARGO_BIN_EXE_warden").into());
+    })
+    .await;
+    let c = &node.client;
+    let mut logs = c
+        .nats
+        .subscribe(c.subjects.event_filter("agent.*.log"))
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    let spawn = |name: &str, config: Value| json!({"name": name, "kind": "exec", "config": config});
+    let script = "echo \"$(pwd) $(ulimit -n) $(id -u)\"; sleep 30";
+    c.call(
+        "spawn_agent",
+        &spawn(
+            "ruled",
+            json!({"command": "/bin/sh", "args": ["-c", script]}),
+        ),
+    )
+    .await
+    .unwrap();
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut logs))
+                .await
+                .expect("a log event")
+                .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["data"]["line"], format!("{} 64 65534", cwd.display()));
+    } else {
+        let a = wait_agent(c, "ruled", "a user switch to be refused", |a| {
+            a["status"] == "failed"
+        })
+        .await;
+        assert!(a["last_error"].as_str().unwrap().contains("exec"), "{a}");
+    }
+    for (name, config, why) in [
+        (
+            "no-prefix",
+            json!({"command": "/bin/sh", "args": ["/etc/passwd"]}),
+            "starting",
+        ),
+        (
+            "elsewhere",
+            json!({"command": "/bin/sh", "args": ["-c", "true"], "cwd": "/"}),
+            "runs here only in",
+        ),
+    ] {
+        c.call("spawn_agent", &spawn(name, config)).await.unwrap();
+        let a = wait_agent(c, name, "a request outside the rule to fail", |a| {
+            a["status"] == "failed"
+        })
+        .await;
+        assert!(a["last_error"].as_str().unwrap().contains(why), "{a}");
+    }
+}
+
+/// Goal: SIGKILL of a node leaves none of its exec processes running, nor their children:
+/// the shim sees its lifeline close and kills the whole tree, a grandchild that left the
+/// process group included.
 #[tokio::test]
 async fn a_sigkilled_node_leaves_no_exec_process() {
     let config = "[exec]\nenabled = true\nallow = [\"/bin/sh\"]\n";
@@ -564,14 +698,22 @@ async fn a_sigkilled_node_leaves_no_exec_process() {
         .await
         .unwrap();
     let pid = status["pid"].as_i64().unwrap();
+    let marker = unique_marker();
+    let body = json!({"name": "tree", "kind": "exec",
+                      "config": {"command": "/bin/sh", "args": ["-c", tree_script(marker)]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    wait_for(
+        "both grandchildren to run",
+        Duration::from_secs(20),
+        || async { (processes_with(&marker.to_string()).len() == 2).then_some(()) },
+    )
+    .await;
     tc.cluster.kill(1).await;
     wait_for(
-        "the exec process to die with its node",
+        "the exec process and every descendant to die with their node",
         Duration::from_secs(10),
         || async move {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-            // Gone, or a zombie waiting for init: it runs no more.
-            stat.map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+            (!process_alive(pid as u64) && processes_with(&marker.to_string()).is_empty())
                 .then_some(())
         },
     )

@@ -64,6 +64,10 @@ struct Running {
     refusals: tokio::sync::broadcast::Receiver<Violation>,
     store: Store,
     raft: Raft,
+    /// The tasks that take commands in: they stop first, and drain what is in flight while
+    /// everything they need (peers, the proposer, Raft, heartbeats) still runs.
+    intake: JoinSet<()>,
+    intake_tx: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Tasks that end with the stop flag, joined after `tasks`.
     helpers: Vec<JoinHandle<()>>,
@@ -124,6 +128,8 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         .context("start raft")?;
 
     let mut tasks = JoinSet::new();
+    let mut intake = JoinSet::new();
+    let (intake_tx, intake_rx) = watch::channel(false);
     let rpc = crate::raft::server::start(
         client.clone(),
         subjects.clone(),
@@ -184,7 +190,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     ];
     for (subject, feed) in feeds {
         let sub = client.subscribe(subject).await?;
-        tasks.spawn(dispatch::serve(node.clone(), sub, feed, flag(&stop_rx)));
+        intake.spawn(dispatch::serve(node.clone(), sub, feed, flag(&intake_rx)));
     }
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
     // The host stops first, on its own signal, while heartbeats, Raft and the command path
@@ -204,9 +210,9 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let stopped = flag(&stop_rx);
     tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
     tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
-    tasks.spawn(join_then_serve(
+    intake.spawn(join_then_serve(
         node.clone(),
-        flag(&stop_rx),
+        flag(&intake_rx),
         stop_tx.clone(),
     ));
     client.flush().await?;
@@ -218,6 +224,8 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         refusals,
         store,
         raft,
+        intake,
+        intake_tx,
         tasks,
         helpers,
         stop_tx,
@@ -281,8 +289,9 @@ impl Running {
     }
 
     /// Stops everything within the node's stop timeout (or `FATAL_STOP_MS` after a fatal
-    /// error), in order: agents, then the tasks that take work and renew the lease, then Raft,
-    /// then sled and NATS.
+    /// error), in order: agents; then the intake of commands, whose in-flight commands finish
+    /// (a relayed `leave` of this very node is answered after it learned it left); then the
+    /// other tasks (heartbeats, peers, the proposer); then Raft, sled and NATS.
     async fn stop(mut self, fatal: bool) {
         let now = Instant::now();
         let tail = Duration::from_millis(if fatal {
@@ -295,13 +304,15 @@ impl Running {
         } else {
             now + Duration::from_millis(self.node.cfg.stop_timeout_ms)
         };
-        // Shares of the tail: tasks until 40% of it is left, Raft until 20%, sled until 5%.
+        // Shares of the tail: intake until 60% of it is left, the other tasks until 40%, Raft
+        // until 20%, sled until 5%.
         let share = |left_pct: u32| deadline - tail * left_pct / 100;
         if fatal {
             // No graceful stop: this node's log may be unwritable and its applied state
             // stale, so it stops heartbeating now and drops its agents (an exec process
             // group is killed); the registry places them elsewhere once its lease is out.
             let _ = self.stop_tx.send(true);
+            let _ = self.intake_tx.send(true);
             self.host_task.abort();
             let _ = self.host_task.await;
         } else {
@@ -319,7 +330,14 @@ impl Running {
                 self.host_task.abort();
                 let _ = self.host_task.await;
             }
-            let _ = self.stop_tx.send(true); // receivers may all be gone already; that is fine
+            // Receivers may all be gone already; that is fine.
+            let _ = self.intake_tx.send(true);
+            let mut intake = self.intake;
+            let drain = async move { while intake.join_next().await.is_some() {} };
+            if tokio::time::timeout_at(share(60), drain).await.is_err() {
+                tracing::warn!("commands in flight did not finish in time; abandoning them");
+            }
+            let _ = self.stop_tx.send(true);
         }
         let mut tasks = self.tasks;
         let helpers = self.helpers;

@@ -354,7 +354,7 @@ impl Registry {
             .entry(a.supervisor.clone())
             .or_default()
             .insert(a.position, Child::Agent { id: a.id });
-        self.next_position = self.next_position.max(a.position + 1);
+        self.data.next_position = self.data.next_position.max(a.position + 1);
         if let Some(n) = &a.name {
             self.agent_names.insert(n.clone(), a.id);
         }
@@ -405,6 +405,9 @@ impl Registry {
                 return Err(Refused::AgentExists { name: n.clone() });
             }
         }
+        if self.data.agents.contains_key(&id) {
+            return Err(Refused::IdTaken { id });
+        }
         if self.data.agents.len() >= limits::MAX_AGENTS {
             return Err(Refused::TooManyAgents {
                 max: limits::MAX_AGENTS as u64,
@@ -424,7 +427,7 @@ impl Registry {
             tags: StringSet::from(&s.tags),
             capabilities: StringSet::from(&s.capabilities),
             supervisor: sup_name,
-            position: self.next_position,
+            position: self.data.next_position,
             status: AgentStatus::Pending,
             node: Some(node),
             placement,
@@ -604,6 +607,11 @@ impl Registry {
     }
 }
 
+/// The id of a group's `i`th agent: derived from the command's stamped id.
+fn group_child_id(group: Uuid, i: u32) -> Uuid {
+    Uuid::from_u128(group.as_u128().wrapping_add(u128::from(i) + 1))
+}
+
 pub(super) fn agent_event(
     a: &Agent,
     event: &'static str,
@@ -647,7 +655,14 @@ impl Registry {
             placement: super::SupervisorPlacement::Colocate,
             request_id: None,
         };
-        // Check placement and room before changing anything, so a refusal leaves no half group.
+        // Check ids, placement and room before changing anything, so a refusal leaves no half
+        // group.
+        if let Some(taken) = (0..g.count)
+            .map(|i| group_child_id(id, i))
+            .find(|c| self.data.agents.contains_key(c))
+        {
+            return Err(Refused::IdTaken { id: taken });
+        }
         if self.data.agents.len() + g.count as usize > limits::MAX_AGENTS {
             return Err(Refused::GroupTooLarge {
                 max: limits::MAX_AGENTS as u64,
@@ -691,7 +706,7 @@ impl Registry {
                 name: Some(name),
                 ..g.template.clone()
             };
-            let child_id = Uuid::from_u128(id.as_u128().wrapping_add(i as u128 + 1));
+            let child_id = group_child_id(id, i as u32);
             if let Applied::AgentSpawned(a) = self.spawn_agent(time, child_id, &child, events)? {
                 ids.push(a.id);
             }

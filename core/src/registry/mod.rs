@@ -189,6 +189,11 @@ pub struct RegistryData {
     pub agents: BTreeMap<Uuid, Box<Agent>>,
     #[serde(default)]
     pub checkpoints: BTreeMap<Uuid, Checkpoint>,
+    /// The position the next supervisor or agent gets: above every one ever given, not only
+    /// those left, so that every replica numbers alike however it got here (0 in a snapshot
+    /// written before it was kept: one above the highest left).
+    #[serde(default)]
+    pub next_position: u64,
 }
 
 /// The registry with its derived indexes.
@@ -202,8 +207,6 @@ pub struct Registry {
     /// Children of each supervisor by position (start order). Derived from the children's
     /// `parent` and `position`.
     children: BTreeMap<String, BTreeMap<u64, Child>>,
-    /// Next free position; above every existing one. Derived.
-    next_position: u64,
     /// Agent ids by name. Derived.
     agent_names: BTreeMap<String, Uuid>,
     /// Agents placed on each node. Derived.
@@ -240,13 +243,13 @@ impl Registry {
             request_order,
             request_bytes,
             children: BTreeMap::new(),
-            next_position: 1,
             agent_names: BTreeMap::new(),
             by_node: BTreeMap::new(),
             unplaced: BTreeSet::new(),
         };
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
+        data.next_position = data.next_position.max(1);
         reg.data = data;
         for s in sups.into_values() {
             reg.insert_supervisor(s);
@@ -268,7 +271,7 @@ impl Registry {
                 .or_default()
                 .insert(s.position, child);
         }
-        self.next_position = self.next_position.max(s.position + 1);
+        self.data.next_position = self.data.next_position.max(s.position + 1);
         self.data.supervisors.insert(s.name.clone(), s);
     }
 
@@ -555,7 +558,7 @@ impl Registry {
             max_seconds: c.max_seconds,
             backoff: c.backoff.clone(),
             placement: c.placement,
-            position: self.next_position,
+            position: self.data.next_position,
             // A colocated subtree runs on one node: a supervisor below one inherits its node,
             // a new colocated one takes the least loaded open node. Spread ones have none.
             node: match (parent_node, c.placement) {

@@ -64,6 +64,11 @@ pub enum Refused {
     GroupTooLarge {
         max: u64,
     },
+    /// The id the leader drew for a new agent (or one derived from it, in a group) is in use.
+    /// With random ids this does not happen; the registry refuses rather than overwrite.
+    IdTaken {
+        id: Uuid,
+    },
     NoAgent {
         agent: String,
     },
@@ -120,6 +125,7 @@ impl Refused {
             | ParentIsSimple { .. }
             | RootStops
             | AgentExists { .. }
+            | IdTaken { .. }
             | StaleCheckpoint { .. }
             | AlreadyMigrating { .. }
             | NothingToMigrate { .. }
@@ -180,6 +186,10 @@ impl fmt::Display for Refused {
             AgentExists { name } => write!(f, "an agent named {name:?} already exists"),
             TooManyAgents { max } => write!(f, "the registry holds its maximum of {max} agents"),
             GroupTooLarge { max } => write!(f, "the registry holds at most {max} agents"),
+            IdTaken { id } => write!(
+                f,
+                "the id {id} drawn for a new agent is in use; send the command again"
+            ),
             NoAgent { agent } => write!(f, "no agent {agent:?}"),
             HostUnavailable { supervisor, node } => write!(
                 f,

@@ -273,6 +273,51 @@ fn remembered_request_ids_are_bounded_in_bytes() {
     );
 }
 
+/// Goal: a replica restored from a snapshot numbers new children as one that never
+/// restarted: the next position is replicated state, not the highest one left plus one
+/// (stopping the newest child used to lower it on a restored replica only).
+#[test]
+fn a_restored_replica_numbers_new_children_as_the_others_do() {
+    let mut live = Registry::default();
+    run(&mut live, 1, None, create("a", None)).unwrap();
+    run(&mut live, 2, None, create("b", None)).unwrap();
+    run(
+        &mut live,
+        3,
+        None,
+        RegistryCmd::StopSupervisor { name: "b".into() },
+    )
+    .unwrap();
+    let mut restored = Registry::from_data(live.data().clone());
+    let after = |reg: &mut Registry| run(reg, 4, None, create("c", None)).unwrap();
+    assert_eq!(after(&mut restored), after(&mut live));
+    assert_eq!(restored.data(), live.data());
+}
+
+/// Goal: an id already in use is refused, never overwritten: a spawn, or a group whose derived
+/// agent ids meet an existing agent's, changes nothing (it used to replace the record and
+/// leave the old supervisor's index pointing at it).
+#[test]
+fn a_new_agent_never_takes_an_id_in_use() {
+    let mut reg = three_nodes();
+    let spawn_named = |name: &str| spawn(name, ROOT, "permanent", Value::Null);
+    run(&mut reg, 10, None, spawn_named("a")).unwrap();
+    let before = reg.data().clone();
+    check_code(
+        run(&mut reg, 10, None, spawn_named("b")),
+        ErrorCode::Conflict,
+    );
+    // A group stamped one below: its first agent's id is `a`'s.
+    let group: SpawnAgentGroup =
+        serde_json::from_value(json!({"name": "g", "count": 2, "template": {"kind": "counter"}}))
+            .unwrap();
+    check_code(
+        run(&mut reg, 9, None, RegistryCmd::SpawnAgentGroup(group)),
+        ErrorCode::Conflict,
+    );
+    assert_eq!(reg.data(), &before);
+}
+
 #[test]
 fn nodes_join_once_and_cannot_return_after_leaving() {
     let mut reg = Registry::default();

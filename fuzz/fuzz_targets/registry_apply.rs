@@ -11,7 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use warden_core::registry::{Registry, RegistryCmd, RegistryData, Stamped};
+use warden_core::registry::{FindAgents, Registry, RegistryCmd, RegistryData, Stamped};
 
 const NODES: [u64; 4] = [1, 2, 3, 4];
 const SUPERVISORS: [&str; 5] = ["root", "s1", "s2", "s3", "nope"];
@@ -163,6 +163,35 @@ fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
     })
 }
 
+/// A `find_agents` query over the pools' values, by one field or several, paged or counted.
+fn query(u: &mut Unstructured, reg: &Registry) -> Result<FindAgents> {
+    let mut q = json!({});
+    if u.ratio(1, 3)? {
+        q["tag"] = json!(if u.arbitrary()? { "t1" } else { "t2" });
+    }
+    if u.ratio(1, 3)? {
+        q["kind"] = json!(pick(u, &KINDS)?);
+    }
+    if u.ratio(1, 3)? {
+        q["status"] = json!(pick(u, &AGENT_STATUS)?);
+    }
+    if u.ratio(1, 4)? {
+        q["supervisor"] = json!(pick(u, &SUPERVISORS)?);
+    }
+    if u.ratio(1, 4)? {
+        q["node"] = json!(node(u)?);
+    }
+    if u.ratio(1, 4)? {
+        q["after"] = json!(agent_id(u, reg)?.to_string());
+    }
+    if u.ratio(1, 3)? {
+        q["count"] = json!(true);
+    } else {
+        q["limit"] = json!(u.int_in_range(1..=5)?);
+    }
+    Ok(serde_json::from_value(q).expect("a query the pools make is valid"))
+}
+
 /// The registry's content but its remembered request ids, which a refusal may add to.
 fn content(d: &RegistryData) -> RegistryData {
     RegistryData {
@@ -225,6 +254,18 @@ fn run(data: &[u8]) -> Result<()> {
         let twin_out = twin.apply(time, &item, &mut Vec::new());
         assert_eq!(out, twin_out, "two replicas answered {item:?} differently");
         events.clear();
+        let q = query(&mut u, &reg)?;
+        let indexed = q.answer(&reg);
+        assert_eq!(
+            indexed,
+            q.answer_by_scan(&reg),
+            "the indexes answered {q:?} wrongly"
+        );
+        assert_eq!(
+            indexed,
+            q.answer(&twin),
+            "two replicas answered {q:?} differently"
+        );
         if u.ratio(1, 8)? {
             if std::env::var_os("FUZZ_TRACE").is_some() {
                 eprintln!("restore twin");

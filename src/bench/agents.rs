@@ -186,23 +186,45 @@ fn journaled_restarts(entries: &[JournalEntry], agent: &str) -> Vec<u64> {
     gaps
 }
 
+/// What `spawn_throughput` made, for the query benchmark.
+pub struct Spawned {
+    /// Acknowledged agents/s, and running agents/s.
+    pub acked_per_sec: f64,
+    pub running_per_sec: f64,
+    /// The tag every 50th group carries (2% of the agents from 50 groups on), and how many
+    /// agents carry it.
+    pub rare_tag: String,
+    pub rare: usize,
+    /// One group's supervisor, and one agent's name.
+    pub group: String,
+    pub agent: String,
+}
+
 /// Spawns `n` echo agents pinned to `node` in groups of 1,000, `concurrency` groups at a time,
-/// and waits until all run. Returns (acknowledged agents/s, running agents/s).
+/// and waits until all run. Every 50th group also carries a rare tag.
 pub async fn spawn_throughput(
     c: &Client,
     n: usize,
     node: u64,
     concurrency: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Spawned> {
     let run = uuid::Uuid::new_v4().simple().to_string();
+    let run = &run[..8];
+    let (tag, rare_tag) = (format!("bench-{run}"), format!("bench-{run}-rare"));
     let groups = n.div_ceil(1000);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut rare = 0;
     for g in 0..groups {
         let count = (n - g * 1000).min(1000);
-        let body = json!({"name": format!("bench-{}-{g}", &run[..8]), "count": count,
-                          "template": {"kind": "echo", "tags": [format!("bench-{}", &run[..8])],
+        let mut tags = vec![tag.clone()];
+        if g % 50 == 0 {
+            tags.push(rare_tag.clone());
+            rare += count;
+        }
+        let body = json!({"name": format!("bench-{run}-{g}"), "count": count,
+                          "template": {"kind": "echo", "tags": tags,
                                        "placement": {"node": node}},
                           "request_id": format!("bench-{run}-{g}")});
         let (c, sem) = (c.clone(), sem.clone());
@@ -215,7 +237,6 @@ pub async fn spawn_throughput(
         r??;
     }
     let acked = start.elapsed();
-    let tag = format!("bench-{}", &run[..8]);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if count(c, &tag, "running").await? >= n {
@@ -228,10 +249,58 @@ pub async fn spawn_throughput(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let running = start.elapsed();
-    Ok((
-        n as f64 / acked.as_secs_f64(),
-        n as f64 / running.as_secs_f64(),
-    ))
+    Ok(Spawned {
+        acked_per_sec: n as f64 / acked.as_secs_f64(),
+        running_per_sec: n as f64 / running.as_secs_f64(),
+        rare_tag,
+        rare,
+        group: format!("bench-{run}-{}", groups / 2),
+        agent: format!("bench-{run}-{}-0", groups / 2),
+    })
+}
+
+/// Query latencies over the agents `spawn_throughput` made, each query `rounds` times one
+/// after the other: `get_agent` (the reference), a page of 10 by the rare tag, a count by it,
+/// and a page of 10 of one group's supervisor.
+pub async fn query_latency(
+    c: &Client,
+    s: &Spawned,
+    rounds: usize,
+) -> anyhow::Result<[(&'static str, Figures); 4]> {
+    let queries = [
+        ("get_agent", "get_agent", json!({"agent": s.agent})),
+        (
+            "find_agents_tag_page",
+            "find_agents",
+            json!({"tag": s.rare_tag, "limit": 10}),
+        ),
+        (
+            "find_agents_tag_count",
+            "find_agents",
+            json!({"tag": s.rare_tag, "count": true}),
+        ),
+        (
+            "list_agents_supervisor_page",
+            "list_agents",
+            json!({"supervisor": s.group, "limit": 10}),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (label, command, body) in queries {
+        let start = Instant::now();
+        let mut lat = Vec::with_capacity(rounds);
+        let mut errors = 0;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            match c.call(command, &body).await {
+                Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                Err(_) => errors += 1,
+            }
+        }
+        out.push((label, figures(lat, errors, start.elapsed())));
+    }
+    out.try_into()
+        .map_err(|_| anyhow::anyhow!("four queries, four figures"))
 }
 
 /// Counts agents with a tag and status (one `find_agents {count: true}`).

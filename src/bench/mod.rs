@@ -176,7 +176,22 @@ async fn bench_agents(
     let rss = |id: u64| local.and_then(|c| c.pid(id)).and_then(agents::rss_bytes);
     let before = [rss(host_id), rss(replica_id), rss(leader)];
     eprintln!("spawning {n} agents on node {host_id} (node {leader} leads)");
-    let (acked, running) = agents::spawn_throughput(client, n, host_id, 8).await?;
+    let spawned = agents::spawn_throughput(client, n, host_id, 8).await?;
+    let (acked, running) = (spawned.acked_per_sec, spawned.running_per_sec);
+    eprintln!("measuring queries over {n} agents");
+    let queries = agents::query_latency(client, &spawned, 500).await?;
+    let get_p50 = queries[0].1.p50_us.max(1) as f64;
+    let queries: serde_json::Map<String, Value> = queries
+        .iter()
+        .map(|(label, f)| {
+            let v = json!({
+                "figures": f,
+                "p50_vs_get_agent": f.p50_us as f64 / get_p50,
+                "p50_vs_nats_rtt": f.p50_us as f64 / rtt_us.max(1) as f64,
+            });
+            (label.to_string(), v)
+        })
+        .collect();
     let per = |before: Option<u64>, after: Option<u64>| match (before, after) {
         (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / n as f64),
         _ => None,
@@ -202,6 +217,8 @@ async fn bench_agents(
         "memory_per_agent_replica_bytes": replica,
         "memory_per_agent_leader_bytes": on_leader,
         "memory_host_vs_erlang_process": host.map(|h| h / ERLANG_PROCESS_BYTES),
+        "queries": queries,
+        "rare_tag_agents": spawned.rare,
     }))
 }
 
@@ -228,6 +245,14 @@ fn print_agents(a: &Value) {
         f("spawn_acked_per_sec"),
         f("spawn_running_per_sec")
     );
+    for (label, q) in a["queries"].as_object().into_iter().flatten() {
+        println!(
+            "query {label} over {} agents ({} with the rare tag): p50 {} us, p99 {} us = {:.2}x get_agent's p50, {:.1}x the NATS round trip",
+            a["agents"], a["rare_tag_agents"], q["figures"]["p50_us"], q["figures"]["p99_us"],
+            q["p50_vs_get_agent"].as_f64().unwrap_or(f64::NAN),
+            q["p50_vs_nats_rtt"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     match a["memory_per_agent_host_bytes"].as_f64() {
         Some(h) => println!(
             "memory per idle agent: {h:.0} bytes on the node running it ({:.2}x an Erlang process's ~2.6 KB, issue's figure), {:.0} bytes on a follower only replicating its record, {:.0} bytes on the leader",

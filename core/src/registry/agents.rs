@@ -24,7 +24,7 @@ use crate::placement::Placement;
 use crate::supervision::RestartType;
 
 /// Lifecycle of an agent, as `get_agent` reports it (`docs/protocol.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     /// Placed (or waiting for a node), not started yet.
@@ -264,13 +264,51 @@ impl FindAgents {
             .transpose()
     }
 
-    /// Answers from the registry.
+    /// Answers from the registry's indexes: pages through the smallest set of agents that
+    /// has one of the asked values, filtering by the others; counts by one field without
+    /// walking.
     pub fn answer(&self, reg: &Registry) -> Result<Value, WireError> {
+        self.answer_from(reg, true)
+    }
+
+    /// Answers by walking every agent: the oracle the indexes are checked against (tests,
+    /// fuzzing). Never on a command's path.
+    #[doc(hidden)]
+    pub fn answer_by_scan(&self, reg: &Registry) -> Result<Value, WireError> {
+        self.answer_from(reg, false)
+    }
+
+    fn answer_from(&self, reg: &Registry, indexed: bool) -> Result<Value, WireError> {
         let limit = page_limit(self.limit)?;
-        let from = match self.after_id()? {
+        let after = self.after_id()?;
+        let from = match after {
             Some(a) => std::ops::Bound::Excluded(a),
             None => std::ops::Bound::Unbounded,
         };
+        let empty = BTreeSet::new();
+        let mut sets: Vec<&BTreeSet<Uuid>> = Vec::new();
+        if indexed {
+            let ix = &reg.index;
+            let asked = [
+                self.tag.as_ref().map(|t| ix.by_tag.get(t)),
+                self.capability.as_ref().map(|c| ix.by_capability.get(c)),
+                self.kind.as_ref().map(|k| ix.by_kind.get(k)),
+                self.status.as_ref().map(|st| ix.by_status.get(st)),
+                self.supervisor
+                    .as_ref()
+                    .map(|sup| ix.by_supervisor.get(sup)),
+                self.node.as_ref().map(|n| reg.by_node.get(n)),
+            ];
+            // A value no agent has: an empty set.
+            sets.extend(asked.into_iter().flatten().map(|s| s.unwrap_or(&empty)));
+            if self.count && after.is_none() {
+                match sets.as_slice() {
+                    [] => return Ok(json!({ "count": reg.data.agents.len() })),
+                    [only] => return Ok(json!({ "count": only.len() })),
+                    _ => {}
+                }
+            }
+        }
         let matches = |a: &&Agent| {
             self.tag.as_ref().is_none_or(|t| a.tags.contains(t))
                 && self
@@ -282,12 +320,16 @@ impl FindAgents {
                 && self.status.is_none_or(|s| a.status == s)
                 && self.supervisor.as_ref().is_none_or(|s| &a.supervisor == s)
         };
-        let candidates = reg
-            .data
-            .agents
-            .range((from, std::ops::Bound::Unbounded))
-            .map(|(_, a)| &**a)
-            .filter(matches);
+        let range = (from, std::ops::Bound::Unbounded);
+        let candidates: Box<dyn Iterator<Item = &Agent>> =
+            match sets.into_iter().min_by_key(|s| s.len()) {
+                Some(ids) => Box::new(
+                    ids.range(range)
+                        .filter_map(|id| reg.data.agents.get(id).map(|a| &**a)),
+                ),
+                None => Box::new(reg.data.agents.range(range).map(|(_, a)| &**a)),
+            };
+        let candidates = candidates.filter(matches);
         if self.count {
             return Ok(json!({ "count": candidates.count() }));
         }
@@ -366,6 +408,7 @@ impl Registry {
                 self.unplaced.insert(a.id);
             }
         }
+        self.index.insert(&a);
         self.data.agents.insert(a.id, Box::new(a));
     }
 
@@ -378,10 +421,16 @@ impl Registry {
         if let Some(n) = &a.name {
             self.agent_names.remove(n);
         }
-        if let Some(ids) = a.node.and_then(|n| self.by_node.get_mut(&n)) {
-            ids.remove(&id);
+        if let Some(n) = a.node {
+            if let Some(ids) = self.by_node.get_mut(&n) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_node.remove(&n);
+                }
+            }
         }
         self.unplaced.remove(&id);
+        self.index.remove(&a);
         self.data.checkpoints.remove(&id);
         Some(*a)
     }
@@ -485,6 +534,8 @@ impl Registry {
         a.restart_requested += 1;
         // An agent that ended for good (a transient one that finished) starts again too.
         if matches!(a.status, AgentStatus::Stopped | AgentStatus::Failed) {
+            self.index
+                .status_changed(id, a.status, AgentStatus::Pending);
             a.status = AgentStatus::Pending;
         }
         a.updated_at = time;
@@ -537,6 +588,7 @@ impl Registry {
                         _ => None,
                     };
                     a.restarts = a.restarts.saturating_add(r.restarts);
+                    self.index.status_changed(a.id, a.status, status);
                     a.status = status;
                     if r.error.is_some() {
                         a.last_error = r.error.clone();

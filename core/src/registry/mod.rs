@@ -9,6 +9,7 @@
 //! [`RegistryData`] (derived indexes are rebuilt by [`Registry::from_data`]).
 
 mod agents;
+mod index;
 mod moves;
 mod nodes;
 mod outcome;
@@ -213,6 +214,8 @@ pub struct Registry {
     by_node: BTreeMap<u64, BTreeSet<Uuid>>,
     /// Agents placed nowhere (no node could take them). Derived.
     unplaced: BTreeSet<Uuid>,
+    /// Agents by tag, capability, kind, status and supervisor, for queries. Derived.
+    index: index::AgentIndex,
 }
 
 impl Default for Registry {
@@ -246,6 +249,7 @@ impl Registry {
             agent_names: BTreeMap::new(),
             by_node: BTreeMap::new(),
             unplaced: BTreeSet::new(),
+            index: Default::default(),
         };
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);

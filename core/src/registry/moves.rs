@@ -153,6 +153,8 @@ impl Registry {
             AgentStatus::Stopped => self.replace_agent(time, id, Ok(target), "migration", events),
             AgentStatus::Migrating => {}
             _ => {
+                self.index
+                    .status_changed(id, a.status, AgentStatus::Migrating);
                 a.status = AgentStatus::Migrating;
                 a.migrating_to = Some(target);
                 a.updated_at = time;

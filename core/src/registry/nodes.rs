@@ -125,6 +125,9 @@ impl Registry {
             Some(old) => {
                 if let Some(ids) = self.by_node.get_mut(&old) {
                     ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_node.remove(&old);
+                    }
                 }
             }
             None => {
@@ -167,6 +170,8 @@ impl Registry {
         a.updated_at = time;
         a.seq += 1;
         if a.status != AgentStatus::Stopped {
+            self.index
+                .status_changed(id, a.status, AgentStatus::Pending);
             a.status = AgentStatus::Pending;
         }
         match target {

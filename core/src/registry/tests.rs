@@ -318,6 +318,85 @@ fn a_new_agent_never_takes_an_id_in_use() {
     assert_eq!(reg.data(), &before);
 }
 
+/// Goal: `find_agents` from the indexes answers exactly as a walk over every agent, paged
+/// and counted, by each field and by several, while agents are spawned, stopped, fail over,
+/// migrate and report; and the indexes a snapshot rebuilds are the ones `apply` kept.
+#[test]
+fn indexed_queries_answer_as_a_scan_and_survive_a_snapshot() {
+    let mut reg = three_nodes();
+    let mut at = 10;
+    let mut step = |reg: &mut Registry, cmd: RegistryCmd| {
+        at += 1;
+        let _ = run(reg, at, None, cmd);
+    };
+    step(&mut reg, create("s", None));
+    for i in 0..40 {
+        let v = json!({
+            "supervisor": if i % 3 == 0 { "s" } else { ROOT }, "name": format!("a{i}"),
+            "kind": if i % 2 == 0 { "counter" } else { "echo" },
+            "tags": if i % 5 == 0 { json!(["hot", "t"]) } else { json!(["t"]) },
+            "capabilities": if i % 7 == 0 { json!(["gpu"]) } else { json!([]) },
+        });
+        step(
+            &mut reg,
+            RegistryCmd::SpawnAgent(serde_json::from_value(v).unwrap()),
+        );
+    }
+    let ids: Vec<Uuid> = reg.data().agents.keys().copied().collect();
+    let report = |i: usize, status: AgentStatus| {
+        let a = &reg.data().agents[&ids[i]];
+        AgentReport {
+            agent: a.id,
+            node: a.node.unwrap(),
+            epoch: a.epoch,
+            status,
+            restarts: 0,
+            error: None,
+        }
+    };
+    let reports = vec![
+        report(1, AgentStatus::Running),
+        report(2, AgentStatus::Running),
+        report(3, AgentStatus::Failed),
+    ];
+    step(&mut reg, RegistryCmd::ReportAgents { reports });
+    step(&mut reg, RegistryCmd::StopAgent { agent: "a4".into() });
+    step(
+        &mut reg,
+        RegistryCmd::MigrateAgent {
+            agent: "a1".into(),
+            to: None,
+        },
+    );
+    step(&mut reg, status(2, NodeStatus::Down));
+    step(&mut reg, RegistryCmd::RestartAgent { agent: "a3".into() });
+    step(&mut reg, RegistryCmd::StopSupervisor { name: "s".into() });
+    let queries = [
+        json!({}),
+        json!({"tag": "hot"}),
+        json!({"tag": "nobody"}),
+        json!({"tag": "t", "kind": "echo"}),
+        json!({"capability": "gpu"}),
+        json!({"status": "pending"}),
+        json!({"status": "running", "node": 1}),
+        json!({"node": 3}),
+        json!({"supervisor": ROOT, "tag": "hot"}),
+        json!({"kind": "counter", "limit": 3}),
+        json!({"kind": "counter", "limit": 3, "after": ids[10].to_string()}),
+        json!({"tag": "t", "count": true}),
+        json!({"tag": "t", "kind": "echo", "count": true}),
+        json!({"count": true}),
+        json!({"node": 1, "count": true, "after": ids[5].to_string()}),
+    ];
+    for q in queries {
+        let f: FindAgents = serde_json::from_value(q.clone()).unwrap();
+        assert_eq!(f.answer(&reg), f.answer_by_scan(&reg), "{q}");
+    }
+    let rebuilt = Registry::from_data(reg.data().clone());
+    assert_eq!(rebuilt.index, reg.index);
+    assert_eq!(rebuilt.by_node, reg.by_node);
+}
+
 #[test]
 fn nodes_join_once_and_cannot_return_after_leaving() {
     let mut reg = Registry::default();

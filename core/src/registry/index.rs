@@ -1,0 +1,82 @@
+//! Agents by the fields `find_agents` and `list_agents` filter on: tag, capability, kind,
+//! status and supervisor (by node is `Registry::by_node`). Derived state: kept by `apply`
+//! through `insert`, `remove` and `status_changed`, rebuilt from a snapshot by
+//! `Registry::from_data`. Each maps a value to the ids of the agents that have it, in id order,
+//! so a query pages through the smallest matching set from its `after` id, and counts by one
+//! field in O(log n), instead of scanning every agent.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use uuid::Uuid;
+
+use super::{Agent, AgentStatus};
+
+/// Ids by value of one field.
+pub(super) type ByValue<K> = BTreeMap<K, BTreeSet<Uuid>>;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct AgentIndex {
+    pub(super) by_tag: ByValue<String>,
+    pub(super) by_capability: ByValue<String>,
+    pub(super) by_kind: ByValue<String>,
+    pub(super) by_status: ByValue<AgentStatus>,
+    pub(super) by_supervisor: ByValue<String>,
+}
+
+fn add<K: Ord + Clone>(map: &mut ByValue<K>, key: &K, id: Uuid) {
+    match map.get_mut(key) {
+        Some(ids) => {
+            ids.insert(id);
+        }
+        None => {
+            map.insert(key.clone(), BTreeSet::from([id]));
+        }
+    }
+}
+
+/// Removes `id` under `key`, and the key once no agent has that value: a value no agent has
+/// costs nothing.
+fn drop_id<K: Ord>(map: &mut ByValue<K>, key: &K, id: Uuid) {
+    if let Some(ids) = map.get_mut(key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl AgentIndex {
+    /// Indexes a new agent record.
+    pub(super) fn insert(&mut self, a: &Agent) {
+        for t in a.tags.iter() {
+            add(&mut self.by_tag, t, a.id);
+        }
+        for c in a.capabilities.iter() {
+            add(&mut self.by_capability, c, a.id);
+        }
+        add(&mut self.by_kind, &a.kind, a.id);
+        add(&mut self.by_status, &a.status, a.id);
+        add(&mut self.by_supervisor, &a.supervisor, a.id);
+    }
+
+    /// Forgets a removed agent record.
+    pub(super) fn remove(&mut self, a: &Agent) {
+        for t in a.tags.iter() {
+            drop_id(&mut self.by_tag, t, a.id);
+        }
+        for c in a.capabilities.iter() {
+            drop_id(&mut self.by_capability, c, a.id);
+        }
+        drop_id(&mut self.by_kind, &a.kind, a.id);
+        drop_id(&mut self.by_status, &a.status, a.id);
+        drop_id(&mut self.by_supervisor, &a.supervisor, a.id);
+    }
+
+    /// An agent's status changed from `from` to `to`.
+    pub(super) fn status_changed(&mut self, id: Uuid, from: AgentStatus, to: AgentStatus) {
+        if from != to {
+            drop_id(&mut self.by_status, &from, id);
+            add(&mut self.by_status, &to, id);
+        }
+    }
+}

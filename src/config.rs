@@ -213,8 +213,12 @@ pub struct RaftConfig {
     /// A follower that hears no leader for a random time in [min, max] ms starts an election.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot (and compact the log) after this many entries since the last one.
+    /// Build a snapshot (and compact the log) after this many entries since the last one...
     pub snapshot_after_entries: u64,
+    /// ...or once the entries appended since the last one take this many bytes, whichever
+    /// comes first: a few large entries (checkpoints, groups) must not grow the log and a
+    /// restart's replay without bound.
+    pub snapshot_after_bytes: u64,
     /// Entries kept in the log behind the snapshot, so slightly lagging followers catch up
     /// from the log rather than a snapshot.
     pub keep_entries_after_snapshot: u64,
@@ -231,6 +235,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_after_entries: 10_000,
+            snapshot_after_bytes: limits::DEFAULT_SNAPSHOT_AFTER_BYTES,
             keep_entries_after_snapshot: 1_000,
             install_snapshot_timeout_ms: 5_000,
             snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
@@ -260,6 +265,12 @@ impl RaftConfig {
         if self.snapshot_after_entries == 0 {
             bail!("raft.snapshot_after_entries must be positive");
         }
+        if self.snapshot_after_bytes < limits::MIN_SNAPSHOT_AFTER_BYTES {
+            bail!(
+                "raft.snapshot_after_bytes must be at least {}",
+                limits::MIN_SNAPSHOT_AFTER_BYTES
+            );
+        }
         Ok(())
     }
 
@@ -272,7 +283,8 @@ impl RaftConfig {
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             max_payload_entries: limits::MAX_APPEND_ENTRIES,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            // The node decides when (`raft::snapshots`): by entries or by bytes.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
             ..Default::default()

@@ -54,6 +54,17 @@ pub const MAX_PROPOSAL_COMMANDS: usize = 512;
 /// (see `raft::network`), so this only bounds the common case.
 pub const MAX_APPEND_ENTRIES: u64 = 64;
 
+/// A snapshot is built once the log entries appended since the last one take this many bytes
+/// (`raft.snapshot_after_bytes`), if `snapshot_after_entries` has not come first: a restart
+/// replays at most about this much, and the log on disk stays about this size.
+pub const DEFAULT_SNAPSHOT_AFTER_BYTES: u64 = 64 * 1024 * 1024;
+pub const MIN_SNAPSHOT_AFTER_BYTES: u64 = 1024 * 1024;
+
+/// How often a node looks whether its log has grown enough for a snapshot, and how long it
+/// waits for one it asked for before it may ask again.
+pub const SNAPSHOT_CHECK_MS: u64 = 250;
+pub const SNAPSHOT_RETRIGGER_MS: u64 = 30_000;
+
 /// Snapshot chunk size: openraft's default (3 MiB) is above NATS's `max_payload`.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 256 * 1024;
 

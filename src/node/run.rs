@@ -210,6 +210,13 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let stopped = flag(&stop_rx);
     tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
     tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
+    tasks.spawn(crate::raft::snapshots::trigger_loop(
+        raft.clone(),
+        store.log_bytes(),
+        cfg.raft.snapshot_after_entries,
+        cfg.raft.snapshot_after_bytes,
+        flag(&stop_rx),
+    ));
     intake.spawn(join_then_serve(
         node.clone(),
         flag(&intake_rx),

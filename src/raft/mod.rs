@@ -4,5 +4,6 @@
 pub mod network;
 pub mod read;
 pub mod server;
+pub mod snapshots;
 pub mod store;
 pub mod typ;

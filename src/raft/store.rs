@@ -66,10 +66,40 @@ struct Stored {
 
 type StoredMark = Arc<Stored>;
 
+/// Bytes appended to the log, in all and as of the last snapshot: what the snapshot trigger
+/// (`raft::snapshots`) weighs the log by.
+#[derive(Debug, Default)]
+pub struct LogBytes {
+    appended: std::sync::atomic::AtomicU64,
+    at_snapshot: std::sync::atomic::AtomicU64,
+}
+
+impl LogBytes {
+    fn add(&self, n: usize) {
+        self.appended
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A snapshot now covers what was appended so far (approximately: entries appended while
+    /// it is copied count as covered).
+    fn snapshot_taken(&self) {
+        let now = self.appended.load(std::sync::atomic::Ordering::Relaxed);
+        self.at_snapshot
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes appended since the last snapshot was built or installed (or since start).
+    pub fn since_snapshot(&self) -> u64 {
+        let all = self.appended.load(std::sync::atomic::Ordering::Relaxed);
+        all.saturating_sub(self.at_snapshot.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// Opens the sled database of one node and hands out the log store and state machine.
 pub struct Store {
     db: sled::Db,
     flush_task: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    log_bytes: Arc<LogBytes>,
 }
 
 impl Store {
@@ -85,7 +115,13 @@ impl Store {
         Ok(Store {
             db,
             flush_task: Default::default(),
+            log_bytes: Default::default(),
         })
+    }
+
+    /// What the log has grown by since the last snapshot.
+    pub fn log_bytes(&self) -> Arc<LogBytes> {
+        self.log_bytes.clone()
     }
 
     /// Waits for the log flusher to finish (it stops once Raft has dropped the log store) and
@@ -156,6 +192,7 @@ impl Store {
             flusher,
             stored: mark.clone(),
             faults: Arc::new(crate::faults::Faults::from_env()),
+            bytes: self.log_bytes.clone(),
         };
         let shared = Arc::new(RwLock::new(state));
         let sm = StateMachine {
@@ -164,6 +201,7 @@ impl Store {
             stored: mark,
             state: shared.clone(),
             events,
+            log_bytes: self.log_bytes.clone(),
         };
         Ok((log, sm, shared))
     }
@@ -237,6 +275,7 @@ pub struct LogStore {
     stored: StoredMark,
     /// Failpoints a test armed (`crate::faults`; none in a release build).
     faults: Arc<crate::faults::Faults>,
+    bytes: Arc<LogBytes>,
 }
 
 /// Flushes on a dedicated thread: flushes sled once for every append queued while the previous
@@ -394,14 +433,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         match (entries.next(), entries.next()) {
             (None, _) => {}
             (Some(only), None) => {
+                let bytes = encode(&only)?;
+                self.bytes.add(bytes.len());
                 self.log
-                    .insert(only.log_id.index.to_be_bytes(), encode(&only)?)
+                    .insert(only.log_id.index.to_be_bytes(), bytes)
                     .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             }
             (Some(first), Some(second)) => {
                 let mut batch = sled::Batch::default();
                 for entry in [first, second].into_iter().chain(entries) {
-                    batch.insert(&entry.log_id.index.to_be_bytes(), encode(&entry)?);
+                    let bytes = encode(&entry)?;
+                    self.bytes.add(bytes.len());
+                    batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
                 }
                 self.log
                     .apply_batch(batch)
@@ -501,6 +544,7 @@ pub struct StateMachine {
     stored: StoredMark,
     state: SharedState,
     events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
+    log_bytes: Arc<LogBytes>,
 }
 
 impl StateMachine {
@@ -612,6 +656,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The copy is taken here, in order with `apply`, because apply keeps running while the
         // snapshot is built.
         let st = self.read_state();
+        self.log_bytes.snapshot_taken();
         SnapshotBuilder {
             last_applied: st.last_applied,
             membership: st.membership.clone(),
@@ -657,6 +702,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         flush(&self.db)
             .await
             .map_err(|e| io_err(ErrorSubject::Snapshot(sig), ErrorVerb::Write, e))?;
+        self.log_bytes.snapshot_taken();
         let mut st = self.write_state();
         st.registry = registry;
         st.last_applied = meta.last_log_id;

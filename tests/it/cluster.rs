@@ -347,6 +347,34 @@ async fn a_node_whose_log_store_fails_exits_at_once_and_its_agents_move() {
     }
 }
 
+/// Goal: a snapshot is built once the log has grown by `raft.snapshot_after_bytes`, long
+/// before `snapshot_after_entries`: a few large entries do not grow the log without bound.
+#[tokio::test]
+async fn a_snapshot_is_built_by_log_bytes_not_only_by_entries() {
+    let node = crate::support::InProcessNode::start_with(|cfg| {
+        cfg.raft.snapshot_after_entries = 100_000;
+        cfg.raft.snapshot_after_bytes = 1024 * 1024;
+    })
+    .await;
+    let c = &node.client;
+    c.call("spawn_agent", &json!({"name": "big", "kind": "echo"}))
+        .await
+        .unwrap();
+    let before = c.call("health", &json!({})).await.unwrap();
+    assert!(before["snapshot_index"].is_null(), "{before}");
+    // 200 KiB of zeros, base64: six of them pass 1 MiB in a dozen entries.
+    let state = "AAAA".repeat(200 * 1024 / 3);
+    for _ in 0..6 {
+        let body = json!({"agent": "big", "state": state});
+        c.call("import_state", &body).await.unwrap();
+    }
+    wait_for("a snapshot by size", Duration::from_secs(20), || async {
+        let h = c.call("health", &json!({})).await.ok()?;
+        h["snapshot_index"].as_u64().map(|_| ())
+    })
+    .await;
+}
+
 /// Goal: a client cannot stop its own command from reaching the leader by sending a
 /// `Warden-Forward-Hops` header: only relaying nodes' hop counts are believed.
 #[tokio::test]

@@ -95,6 +95,12 @@ pub struct ExecRule {
     pub gid: Option<u32>,
     #[serde(default)]
     pub rlimits: Rlimits,
+    /// The environment variables a request may set (none by default): a rule that fixes the
+    /// arguments must not let `BASH_ENV`, `PERL5OPT`, `NODE_OPTIONS` and the like run other
+    /// code. A plain path entry lets a request set any but `WARDEN_*` and `LD_*` (its
+    /// arguments are free anyway).
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 /// Resource limits of an exec process (setrlimit, soft and hard alike), inherited by its
@@ -130,6 +136,10 @@ impl ExecConfig {
             if let AllowEntry::Rule(r) = entry {
                 if r.cwd.as_ref().is_some_and(|d| !d.is_absolute()) {
                     bail!("exec.allow: the cwd of {cmd:?} must be an absolute path");
+                }
+                // Without a gid, the process would keep the node's group (root's, often).
+                if r.uid.is_some() && r.gid.is_none() {
+                    bail!("exec.allow: the rule for {cmd:?} sets uid, so it must set gid too");
                 }
             }
         }

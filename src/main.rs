@@ -132,11 +132,9 @@ impl NodeArgs {
             cfg.stop_timeout_ms = v;
         }
         if cfg.exec.shim.is_none() {
-            // This very binary runs exec agents' shims (`warden exec-shim`).
-            match std::env::current_exe() {
-                Ok(me) => cfg.exec.shim = Some(me),
-                Err(e) => eprintln!("warning: exec agents run without their shim: {e}"),
-            }
+            // This very binary runs exec agents' shims (`warden exec-shim`): by the link to
+            // the running executable, which holds even if the file is replaced or removed.
+            cfg.exec.shim = Some(PathBuf::from("/proc/self/exe"));
         }
         cfg.finish()
     }
@@ -238,7 +236,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(run(cli));
     // A task still blocked (a disk that hangs) must not hold the exit.
-    runtime.shutdown_timeout(Duration::from_millis(500));
+    runtime.shutdown_timeout(Duration::from_millis(limits::RUNTIME_SHUTDOWN_MS));
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -102,7 +102,9 @@ pub const PROPOSAL_TIMEOUT_MS: u64 = 6_000;
 
 /// How long an exec agent's stop waits, once its time is up and the shim's lifeline closed,
 /// for the shim to kill the process tree and exit, before it SIGKILLs the process group.
-pub const EXEC_SHIM_EXIT_MS: u64 = 2_000;
+/// Within the host's grace for a stop, so the host never drops the agent first.
+pub const EXEC_SHIM_EXIT_MS: u64 = 500;
+const _: () = assert!(EXEC_SHIM_EXIT_MS < AGENT_STOP_GRACE_MS);
 
 /// How long a stopping node lets commands in flight finish before abandoning them, at most;
 /// the node's stop deadline (`stop_timeout_ms`) may cut it shorter.
@@ -131,12 +133,17 @@ pub const STOP_BACKSTOP_MS: u64 = 2_000;
 /// How a node stops after a fatal error (its Raft stopped, storage failed): it stops
 /// heartbeating at once, drops its agents without a graceful stop (they are placed elsewhere
 /// once its lease runs out) and exits within this, non-zero, for its service manager.
-pub const FATAL_STOP_MS: u64 = 600;
+pub const FATAL_STOP_MS: u64 = 500;
+
+/// How long the `warden` binary lets its runtime's tasks end after the node returned (a task
+/// blocked on a hanging disk must not hold the exit).
+pub const RUNTIME_SHUTDOWN_MS: u64 = 200;
 
 /// How often a node looks whether its Raft stopped with a fatal error. With
-/// [`FATAL_STOP_MS`], the node is gone within a second of the error.
+/// [`FATAL_STOP_MS`] and [`RUNTIME_SHUTDOWN_MS`], the process is gone within a second of the
+/// error.
 pub const FATAL_CHECK_MS: u64 = 100;
-const _: () = assert!(FATAL_CHECK_MS + FATAL_STOP_MS < 1_000);
+const _: () = assert!(FATAL_CHECK_MS + FATAL_STOP_MS + RUNTIME_SHUTDOWN_MS < 1_000);
 
 /// Pause before a follower looks for the leader again when the one it knew was unreachable
 /// (nothing reached it, so looking again is safe).

@@ -63,14 +63,21 @@ impl Kind for Exec {
                 return Err(format!("exec: the config may not set {bad:?}"));
             }
             runnable(&spec.command)?;
+            let direct = cfg.shim.is_none();
             let mut cmd = match &cfg.shim {
                 // The shim runs the command and kills its whole tree when the lifeline (its
-                // stdin, whose other end the agent holds) closes (`exec_shim`).
-                // Limits go to the command only: the shim is a bigger binary.
+                // stdin, whose other end the agent holds) closes (`exec_shim`). It stays the
+                // node's user: the command drops to the rule's user and takes its limits
+                // just before its own exec, and cannot signal or trace its shim then.
                 Some(shim) => {
+                    let opts = super::exec_shim::ShimOptions {
+                        rlimits: permit.rlimits,
+                        uid: permit.uid,
+                        gid: permit.gid,
+                    };
                     let mut cmd = tokio::process::Command::new(shim);
                     cmd.arg(super::exec_shim::SUBCOMMAND)
-                        .args(super::exec_shim::rlimit_args(&permit.rlimits))
+                        .args(super::exec_shim::option_args(&opts))
                         .arg("--")
                         .arg(&spec.command)
                         .stdin(Stdio::piped());
@@ -79,6 +86,12 @@ impl Kind for Exec {
                 None => {
                     let mut cmd = tokio::process::Command::new(&spec.command);
                     cmd.stdin(Stdio::null());
+                    if let Some(gid) = permit.gid {
+                        cmd.gid(gid);
+                    }
+                    if let Some(uid) = permit.uid {
+                        cmd.uid(uid);
+                    }
                     cmd
                 }
             };
@@ -94,19 +107,12 @@ impl Kind for Exec {
                 .envs(&spec.env)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                // Its own process group: a stop or a kill reaches its children too.
-                .process_group(0)
-                .kill_on_drop(true);
+                // With a shim, the lifeline is the way to kill: a SIGKILL on drop would take
+                // the shim before it killed the tree.
+                .kill_on_drop(direct);
             if let Some(dir) = &permit.cwd {
                 cmd.current_dir(dir);
             }
-            if let Some(gid) = permit.gid {
-                cmd.gid(gid);
-            }
-            if let Some(uid) = permit.uid {
-                cmd.uid(uid);
-            }
-            let direct = cfg.shim.is_none();
             let limits = if direct {
                 permit.rlimits
             } else {
@@ -114,9 +120,14 @@ impl Kind for Exec {
             };
             let parent = std::process::id() as libc::pid_t;
             // SAFETY: the closure runs in the child between fork and exec and calls only
-            // async-signal-safe functions (setrlimit, prctl, getppid, raise).
+            // async-signal-safe functions (setsid, setrlimit, prctl, getppid, raise).
             unsafe {
                 cmd.pre_exec(move || {
+                    // A session of its own: a new process group, which a stop or a kill
+                    // reaches whole, and no way back into the node's group or terminal.
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     set_rlimits(&limits)?;
                     if direct {
                         // Without the shim: dies with the node, even a SIGKILLed one. Linux
@@ -154,7 +165,14 @@ impl Kind for Exec {
             let lifeline = Mutex::new(child.stdin.take());
             let (tx, exit) = watch::channel(None);
             tokio::spawn(async move {
-                let reason = match child.wait().await {
+                let waited = child.wait().await;
+                if !direct {
+                    // The shim is gone: should it have been killed before it cleaned up (by
+                    // its command, running as the same user), what is left of its group goes
+                    // now. Its pid names the group until the group is empty.
+                    signal_group(pid, libc::SIGKILL);
+                }
+                let reason = match waited {
                     Ok(s) if s.success() => ExitReason::Normal,
                     Ok(s) => ExitReason::Crash(match s.code() {
                         Some(code) => format!("exited with status {code}"),
@@ -167,6 +185,7 @@ impl Kind for Exec {
             Ok(Box::new(ExecAgent {
                 pid,
                 exit,
+                shimmed: !direct,
                 lifeline,
             }) as Box<dyn Agent>)
         })
@@ -180,6 +199,8 @@ struct Permit {
     uid: Option<u32>,
     gid: Option<u32>,
     rlimits: Rlimits,
+    /// The variables a request may set; `None`: any but the refused ones.
+    env: Option<Vec<String>>,
 }
 
 /// The first entry of the allow-list that lets `spec` run, and how; or why none does.
@@ -211,11 +232,19 @@ fn permit(allow: &[AllowEntry], spec: &ExecSpec) -> Result<Permit, String> {
                 continue;
             }
         }
+        if let Some(name) = spec.env.keys().find(|k| !rule.env.contains(k)) {
+            why = Some(format!(
+                "exec: {:?} may not be given {name:?} here (its rule allows {:?})",
+                spec.command, rule.env
+            ));
+            continue;
+        }
         return Ok(Permit {
             cwd: rule.cwd.clone().or_else(|| spec.cwd.clone()),
             uid: rule.uid,
             gid: rule.gid,
             rlimits: rule.rlimits,
+            env: Some(rule.env.clone()),
         });
     }
     Err(why.unwrap_or_else(|| {
@@ -323,6 +352,9 @@ struct ExecAgent {
     /// The process group's leader: the shim, or the command itself without one.
     pid: u32,
     exit: watch::Receiver<Option<ExitReason>>,
+    /// A shim runs the command: killing is closing the lifeline, never a SIGKILL of the group,
+    /// which would take the shim before it killed the tree.
+    shimmed: bool,
     /// The write end of the shim's stdin (none without a shim): closed when a stop's time is
     /// up, or when the agent is dropped (or by the kernel when the node dies), it tells the
     /// shim to kill the whole tree.
@@ -330,24 +362,18 @@ struct ExecAgent {
 }
 
 impl ExecAgent {
-    /// Whether a shim runs the command (it was started with a lifeline).
-    fn shimmed(&self) -> bool {
-        self.lifeline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-
     /// Kills the process and everything it started. With a shim: closes its lifeline, so
-    /// that it kills the whole tree, orphans that left the group included, before it exits;
-    /// a SIGKILL of the group would kill the shim first. Without one: SIGKILLs the group.
+    /// that it kills the whole tree, orphans that left the group included, before it exits.
+    /// Without one: SIGKILLs the group.
     fn kill(&self) {
-        let shim = self
-            .lifeline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if shim.is_none() {
+        if self.shimmed {
+            drop(
+                self.lifeline
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(),
+            );
+        } else {
             signal_group(self.pid, libc::SIGKILL);
         }
     }
@@ -420,9 +446,8 @@ impl Agent for ExecAgent {
                     return;
                 }
             }
-            let shimmed = self.shimmed();
             self.kill();
-            if shimmed {
+            if self.shimmed {
                 // The shim kills the tree and exits; should it not, the group goes by force.
                 let grace = Duration::from_millis(crate::limits::EXEC_SHIM_EXIT_MS);
                 if tokio::time::timeout(grace, wait_exit(self.exit.clone()))

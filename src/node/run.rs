@@ -321,7 +321,7 @@ impl Running {
             let _ = self.stop_tx.send(true);
             let _ = self.intake_tx.send(true);
             self.host_task.abort();
-            let _ = self.host_task.await;
+            let _ = tokio::time::timeout_at(share(60), &mut self.host_task).await;
         } else {
             // Agents first, each by its shutdown setting, last started first, while the node
             // still renews its lease; past their share the rest are dropped.
@@ -335,7 +335,7 @@ impl Running {
                     "agents did not all stop in time; dropping the rest"
                 );
                 self.host_task.abort();
-                let _ = self.host_task.await;
+                let _ = tokio::time::timeout_at(share(60), &mut self.host_task).await;
             }
             // Receivers may all be gone already; that is fine.
             let _ = self.intake_tx.send(true);

@@ -619,6 +619,7 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
             nofile: Some(64),
             ..Default::default()
         },
+        env: Vec::new(),
     };
     let node = InProcessNode::start_with(|cfg| {
         cfg.exec.enabled = true;
@@ -670,6 +671,11 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
             "elsewhere",
             json!({"command": "/bin/sh", "args": ["-c", "true"], "cwd": "/"}),
             "runs here only in",
+        ),
+        (
+            "bash-env",
+            json!({"command": "/bin/sh", "args": ["-c", "true"], "env": {"BASH_ENV": "/x"}}),
+            "may not be given",
         ),
     ] {
         c.call("spawn_agent", &spawn(name, config)).await.unwrap();

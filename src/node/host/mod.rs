@@ -295,6 +295,22 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let _ = writer.await; // ends once the host's sender is gone
 }
 
+/// A host that ends without its orderly shutdown (its task aborted: a stop past its budget, a
+/// fatal error) kills every agent it still has, so that none runs on once the node no longer
+/// watches it: each agent task is aborted, which drops the agent (an exec agent's shim then
+/// kills its process tree).
+impl Drop for Host {
+    fn drop(&mut self) {
+        for inst in self.instances.values() {
+            inst.mailbox.kill();
+        }
+        for s in self.stopping.values() {
+            s.mailbox.kill();
+        }
+        self.tasks.abort_all();
+    }
+}
+
 pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t.into()).await,

@@ -159,6 +159,15 @@ impl Store {
         let meta = self.db.open_tree("meta")?;
         let snapshot = self.db.open_tree("snapshot")?;
         let state = load_state(&snapshot)?;
+        // What the log holds beyond the snapshot counts toward the next one by bytes: a node
+        // that restarts often must still snapshot by size.
+        let log_tree = self.db.open_tree("log")?;
+        let after = state.last_applied.map_or(0, |l| l.index + 1);
+        let mut pending = 0usize;
+        for kv in log_tree.range(after.to_be_bytes()..) {
+            pending += kv?.1.len();
+        }
+        self.log_bytes.add(pending);
         let purged: Option<LogId> = match meta.get(PURGED)? {
             Some(v) => crate::protocol::from_msgpack(&v)?,
             None => None,
@@ -877,6 +886,27 @@ mod tests {
         assert!(st.registry.supervisor("a").is_some());
         assert!(st.registry.supervisor("b").is_some());
         assert!(st.registry.supervisor("c").is_none());
+    }
+
+    /// Goal: a node that restarts counts what its log holds beyond its snapshot toward the
+    /// next snapshot by size, so that restarting often cannot keep the log from being
+    /// compacted; building a snapshot starts the count again.
+    #[tokio::test]
+    async fn the_log_bytes_past_the_snapshot_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let log = store.db.open_tree("log").unwrap();
+            for i in 1..=3u64 {
+                log.insert(i.to_be_bytes(), vec![0u8; 1000]).unwrap();
+            }
+            store.db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm, _) = store.raft_parts(None).unwrap();
+        assert_eq!(store.log_bytes().since_snapshot(), 3000);
+        let _ = sm.get_snapshot_builder().await;
+        assert_eq!(store.log_bytes().since_snapshot(), 0);
     }
 
     /// Goal: a snapshot built from an older copy that finishes after a newer one was stored

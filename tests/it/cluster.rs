@@ -404,7 +404,9 @@ async fn a_join_for_a_node_that_never_answers_gives_up_and_frees_the_lock() {
     let subject = warden::subjects::Subjects::new(crate::support::CLUSTER).cmd("join");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(warden::protocol::CONTENT_TYPE, "application/json");
-    let body = br#"{"node_id": 9, "name": "ghost", "protocol_version": 3}"#.to_vec();
+    let version = warden::registry::REGISTRY_VERSION;
+    let body =
+        format!(r#"{{"node_id": 9, "name": "ghost", "protocol_version": {version}}}"#).into_bytes();
     let started = std::time::Instant::now();
     let reply = tc
         .client

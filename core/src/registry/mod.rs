@@ -38,7 +38,10 @@ use crate::limits;
 /// snapshot converts on load (its remembered replies become `Applied::Legacy`). 3: nothing
 /// persisted changed, but node-to-node traffic moved under `warden.<cluster>.internal`, with
 /// the sender in the subject (`docs/security.md`), so version-2 nodes cannot talk to it.
-pub const REGISTRY_VERSION: u32 = 3;
+/// 4: snapshots keep the next position (`RegistryData::next_position`; a version-3 snapshot
+/// computes it on load), and a remembered outcome may be the refusal `IdTaken`, which a
+/// version-3 node could not read.
+pub const REGISTRY_VERSION: u32 = 4;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -379,7 +382,10 @@ impl Registry {
             // Room opened: agents waiting for a node may fit now.
             self.place_pending(time, events);
         }
-        if let (Some(rid), Some(fp)) = (&item.request_id, fingerprint) {
+        // An id that was in use is the leader's draw, not the command's fault: a retry with
+        // the same request_id gets a fresh id, so that refusal is not remembered.
+        let redraw = matches!(outcome, Err(Refused::IdTaken { .. }));
+        if let (Some(rid), Some(fp), false) = (&item.request_id, fingerprint, redraw) {
             self.remember_request(time, rid, item.cmd.name(), fp, &outcome);
         }
         outcome

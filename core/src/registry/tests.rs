@@ -316,6 +316,13 @@ fn a_new_agent_never_takes_an_id_in_use() {
         ErrorCode::Conflict,
     );
     assert_eq!(reg.data(), &before);
+    // The refusal is the leader's draw, not the command's: a retry under the same request id
+    // gets a fresh id and runs, rather than the remembered refusal.
+    check_code(
+        run(&mut reg, 10, Some("again"), spawn_named("b")),
+        ErrorCode::Conflict,
+    );
+    run(&mut reg, 11, Some("again"), spawn_named("b")).unwrap();
 }
 
 /// Goal: `find_agents` from the indexes answers exactly as a walk over every agent, paged

@@ -569,10 +569,22 @@ fn unique_marker() -> u32 {
     7_000_000 + std::process::id() % 1_000_000
 }
 
-/// A shell that starts a grandchild in the agent's process group and one that leaves it
-/// (`setsid`), both sleeping with `marker` in their command lines, and ignores SIGTERM.
-fn tree_script(marker: u32) -> String {
-    format!("trap '' TERM; setsid sleep {marker}1 & sleep {marker}2 & wait")
+/// Spawns the exec agent `tree`: a shell that ignores SIGTERM and starts a grandchild in the
+/// agent's process group and one that leaves it (`setsid`), both sleeping with the returned
+/// marker in their command lines; waits until both run.
+async fn spawn_tree(c: &Client, shutdown_ms: u64) -> u32 {
+    let marker = unique_marker();
+    let script = format!("trap '' TERM; setsid sleep {marker}1 & sleep {marker}2 & wait");
+    let body = json!({"name": "tree", "kind": "exec", "shutdown_ms": shutdown_ms,
+                      "config": {"command": "/bin/sh", "args": ["-c", script]}});
+    c.call("spawn_agent", &body).await.unwrap();
+    wait_for(
+        "both grandchildren to run",
+        Duration::from_secs(20),
+        || async { (processes_with(&marker.to_string()).len() == 2).then_some(()) },
+    )
+    .await;
+    marker
 }
 
 /// Goal: an exec agent's whole tree goes when it stops: grandchildren in its process group and
@@ -581,16 +593,7 @@ fn tree_script(marker: u32) -> String {
 async fn a_stopped_exec_agent_leaves_no_descendant() {
     let node = node_with_exec().await;
     let c = &node.client;
-    let marker = unique_marker();
-    let body = json!({"name": "tree", "kind": "exec", "shutdown_ms": 200,
-                      "config": {"command": "/bin/sh", "args": ["-c", tree_script(marker)]}});
-    c.call("spawn_agent", &body).await.unwrap();
-    wait_for(
-        "both grandchildren to run",
-        Duration::from_secs(20),
-        || async { (processes_with(&marker.to_string()).len() == 2).then_some(()) },
-    )
-    .await;
+    let marker = spawn_tree(c, 200).await;
     c.call("stop_agent", &json!({"agent": "tree"}))
         .await
         .unwrap();
@@ -704,16 +707,7 @@ async fn a_sigkilled_node_leaves_no_exec_process() {
         .await
         .unwrap();
     let pid = status["pid"].as_i64().unwrap();
-    let marker = unique_marker();
-    let body = json!({"name": "tree", "kind": "exec",
-                      "config": {"command": "/bin/sh", "args": ["-c", tree_script(marker)]}});
-    c.call("spawn_agent", &body).await.unwrap();
-    wait_for(
-        "both grandchildren to run",
-        Duration::from_secs(20),
-        || async { (processes_with(&marker.to_string()).len() == 2).then_some(()) },
-    )
-    .await;
+    let marker = spawn_tree(&c, 5_000).await;
     tc.cluster.kill(1).await;
     wait_for(
         "the exec process and every descendant to die with their node",

@@ -204,7 +204,7 @@ fn run(data: &[u8]) -> Result<()> {
     let mut u = Unstructured::new(data);
     let mut reg = Registry::default();
     let mut twin = Registry::default();
-    let mut time = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+    let mut time = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).expect("a fixed, valid time");
     let mut events = Vec::new();
     for step in 0..64u128 {
         if u.is_empty() {

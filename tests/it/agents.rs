@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use warden::client::Client;
 use warden::protocol::ErrorCode;
 
-use crate::support::{call_agent, wait_agent, wait_for, InProcessNode};
+use crate::support::{call_agent, events, wait_agent, wait_for, InProcessNode};
 
 async fn sup(c: &Client, name: &str, parent: &str, strategy: &str, max_restarts: u32) {
     let body = json!({"name": name, "parent": parent, "strategy": strategy,
@@ -166,12 +166,7 @@ async fn temporary_and_transient_children_follow_otp() {
 async fn escalation_climbs_two_levels_and_the_top_restarts_the_subtree() {
     let node = InProcessNode::start().await;
     let c = &node.client;
-    let mut events = c
-        .nats
-        .subscribe(c.subjects.event_filter("supervisor.*.escalated"))
-        .await
-        .unwrap();
-    c.nats.flush().await.unwrap();
+    let mut events = events(c, "supervisor.*.escalated").await;
     sup(c, "top", "root", "one_for_all", 10).await;
     sup(c, "mid", "top", "one_for_one", 0).await;
     sup(c, "inner", "mid", "one_for_one", 0).await;
@@ -208,12 +203,7 @@ async fn escalation_climbs_two_levels_and_the_top_restarts_the_subtree() {
 async fn exec_runs_real_processes_and_reports_their_output_and_exits() {
     let node = node_with_exec().await;
     let c = &node.client;
-    let mut logs = c
-        .nats
-        .subscribe(c.subjects.event_filter("agent.*.log"))
-        .await
-        .unwrap();
-    c.nats.flush().await.unwrap();
+    let mut logs = events(c, "agent.*.log").await;
     sup(c, "s", "root", "one_for_one", 10).await;
     let body = json!({"name": "job", "supervisor": "s", "kind": "exec",
                       "config": {"command": "/bin/sh", "args": ["-c", "echo hello; sleep 0.2; exit 3"]}});
@@ -631,12 +621,7 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
     })
     .await;
     let c = &node.client;
-    let mut logs = c
-        .nats
-        .subscribe(c.subjects.event_filter("agent.*.log"))
-        .await
-        .unwrap();
-    c.nats.flush().await.unwrap();
+    let mut logs = events(c, "agent.*.log").await;
     let spawn = |name: &str, config: Value| json!({"name": name, "kind": "exec", "config": config});
     let script = "echo \"$(pwd) $(ulimit -n) $(id -u)\"; sleep 30";
     c.call(

@@ -269,3 +269,15 @@ pub async fn call_agent(
         }
     })
 }
+
+/// A subscription to the events matching `filter` (`agent.*.log`, say), in place at the
+/// server before it returns.
+pub async fn events(c: &Client, filter: &str) -> async_nats::Subscriber {
+    let sub = c
+        .nats
+        .subscribe(c.subjects.event_filter(filter))
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    sub
+}

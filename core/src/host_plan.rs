@@ -8,6 +8,7 @@
 //! here and tested with plain data in `tests`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::time::Instant;
 
 use uuid::Uuid;
@@ -105,7 +106,10 @@ pub enum HostAction {
 /// The host's state, as the planner reads it. `S` is whatever the host keeps per stopping
 /// instance: only its presence counts.
 pub struct View<'a, I, S> {
-    /// The registry's agents placed on this node.
+    /// The ids this plan is about: a node with many agents reconciles them a range of ids at
+    /// a time. Instances outside it are left alone.
+    pub within: (Bound<Uuid>, Bound<Uuid>),
+    /// The registry's agents placed on this node, those `within`.
     pub desired: &'a BTreeMap<Uuid, Desired>,
     /// Local instances that start or run (not those stopping).
     pub instances: &'a BTreeMap<Uuid, I>,
@@ -136,12 +140,17 @@ pub fn fences<I: AsLocal>(instances: &BTreeMap<Uuid, I>, lease: LeaseView) -> Ve
 /// away (last first), then starts. A restart waiting for its backoff is left to `due`.
 pub fn reconcile<I: AsLocal, S>(v: &View<'_, I, S>) -> Vec<HostAction> {
     let mut out = Vec::new();
-    let fenced: BTreeSet<Uuid> = fences(v.instances, v.lease).into_iter().collect();
+    let fenced: BTreeSet<Uuid> = v
+        .instances
+        .range(v.within)
+        .filter(|(_, i)| !v.lease.holds(i.local().lease_term))
+        .map(|(id, _)| *id)
+        .collect();
     out.extend(fenced.iter().map(|id| HostAction::Fence(*id)));
     // A fenced instance is gone once the fence is carried out, before anything below.
     let live = |id: &Uuid| v.instances.get(id).filter(|_| !fenced.contains(id));
     // Stop what should no longer run here.
-    for (id, inst) in v.instances.iter().rev() {
+    for (id, inst) in v.instances.range(v.within).rev() {
         if live(id).is_none() {
             continue;
         }

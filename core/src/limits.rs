@@ -229,6 +229,17 @@ pub const AGENT_STOP_GRACE_MS: u64 = 1_000;
 /// Children of one `spawn_agent_group`: one Raft entry creates them all.
 pub const MAX_GROUP: u32 = 10_000;
 
+/// Records one step of an apply adds or removes at most (`Registry::apply_step`): a node
+/// applies a large command in steps of this size and lets its other work (Raft's heartbeats
+/// and votes, lease renewals, readers) run between two, so that no apply holds a thread or
+/// the state's lock for long. About 2 ms of a release build's time.
+pub const APPLY_STEP_AGENTS: u32 = 1_000;
+
+/// How long a node applies log entries before it lets its other tasks run (ms). A step
+/// (`APPLY_STEP_AGENTS`) is never cut, so a slice lasts at most this plus one step; far
+/// below Raft's heartbeat interval.
+pub const APPLY_SLICE_MS: u64 = 5;
+
 /// An agent's `config`, encoded as JSON: every record of the agent carries it (the registry,
 /// snapshots, exports), so it stays small; bigger data belongs in the agent's state.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
@@ -289,6 +300,11 @@ pub const REBALANCE_MOVES_MAX: usize = 1_000;
 /// agents run, and any difference in clock rate (ppm, far below it).
 pub const LEASE_MARGIN_MS: u64 = 300;
 
+/// Heartbeats a node has in flight at once (`node::lease::heartbeat_loop`): it sends one per
+/// interval without waiting for the grant of the one before, and each waits at most the
+/// lease, so the default timing has about 10 in flight when grants are slow.
+pub const MAX_HEARTBEATS_IN_FLIGHT: usize = 16;
+
 /// Bytes of agent state in one `handoff`: several small agents move in one entry, a large one
 /// alone, and the request stays below `MAX_REQUEST_BYTES`.
 pub const HANDOFF_BATCH_BYTES: usize = 280 * 1024;
@@ -347,6 +363,12 @@ pub const RECONCILE_EVERY_MS: u64 = 500;
 /// agents reacts at once (a migrating agent is back in milliseconds), one with many does not
 /// spend all its time reconciling.
 pub const RECONCILE_GAP_FACTOR: u32 = 4;
+
+/// A reconcile goes over the agents placed on its node this many ids at a time, one chunk
+/// per turn of the host's loop: a turn (the state's read lock, the plan, the starts it asks
+/// for) stays short however many agents the node runs, and calls, task events and lease
+/// changes are served between two chunks.
+pub const RECONCILE_CHUNK: usize = 256;
 pub const RECONCILE_GAP_MIN_MS: u64 = 1;
 pub const RECONCILE_GAP_MAX_MS: u64 = 50;
 const _: () = assert!(RECONCILE_GAP_MIN_MS <= RECONCILE_GAP_MAX_MS);

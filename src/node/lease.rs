@@ -389,17 +389,34 @@ pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
 }
 
 /// Sends heartbeats until `stopped`, extending this node's lease with each grant.
+///
+/// One goes every `heartbeat_interval_ms` whether or not the one before was answered: the
+/// leader counts a node alive from the heartbeats it receives, and a grant waits for a quorum
+/// round, which a loaded cluster may take long to finish. Each heartbeat waits at most the
+/// lease for its grant, so about `lease_ms / heartbeat_interval_ms` are in flight at once, and
+/// never more than `limits::MAX_HEARTBEATS_IN_FLIGHT`.
 pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) {
     let every = Duration::from_millis(node.cfg.failure.heartbeat_interval_ms);
     let length = Duration::from_millis(node.cfg.failure.lease_ms);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cpu = CpuSampler::default();
+    let mut flying = tokio::task::JoinSet::new();
     tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = &mut stopped => return,
+            _ = &mut stopped => return, // dropping `flying` aborts what is in flight
+            Some(done) = flying.join_next(), if !flying.is_empty() => {
+                if let Ok((sent, reply)) = done {
+                    on_grant(&node, sent, length, reply);
+                }
+                continue;
+            }
             _ = tick.tick() => {}
+        }
+        if flying.len() >= crate::limits::MAX_HEARTBEATS_IN_FLIGHT {
+            tracing::debug!("heartbeats in flight at their bound; this one is skipped");
+            continue;
         }
         let hb = Heartbeat {
             node_id: node.cfg.id,
@@ -410,17 +427,29 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
             },
         };
         let sent = Instant::now();
-        // No answer within the lease is no use: the lease would already be over.
-        let reply =
-            tokio::time::timeout(length, node.write_own(super::OwnWrite::Heartbeat(hb))).await;
-        match reply {
-            Ok(Ok(v)) => match v["read_index"].as_u64() {
-                Some(index) => node.lease.renew(sent, length, index),
-                None => tracing::warn!(reply = %v, "a heartbeat grant without a read index"),
-            },
-            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not granted"),
-            Err(_) => tracing::debug!("heartbeat not answered within the lease"),
-        }
+        let n = node.clone();
+        flying.spawn(async move {
+            // No answer within the lease is no use: the lease would already be over.
+            let write = n.write_own(super::OwnWrite::Heartbeat(hb));
+            (sent, tokio::time::timeout(length, write).await)
+        });
+    }
+}
+
+/// Extends the lease with the grant of a heartbeat sent at `sent`.
+fn on_grant(
+    node: &Node,
+    sent: Instant,
+    length: Duration,
+    reply: Result<Result<Value, WireError>, tokio::time::error::Elapsed>,
+) {
+    match reply {
+        Ok(Ok(v)) => match v["read_index"].as_u64() {
+            Some(index) => node.lease.renew(sent, length, index),
+            None => tracing::warn!(reply = %v, "a heartbeat grant without a read index"),
+        },
+        Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not granted"),
+        Err(_) => tracing::debug!("heartbeat not answered within the lease"),
     }
 }
 

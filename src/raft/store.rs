@@ -26,6 +26,7 @@ use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
@@ -34,7 +35,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::typ::*;
-use crate::registry::{Registry, RegistryData, RegistryEvent, REGISTRY_VERSION};
+use crate::registry::{Registry, RegistryData, RegistryEvent, Step, Unfinished, REGISTRY_VERSION};
+use chrono::{DateTime, Utc};
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
@@ -566,6 +568,75 @@ impl StateMachine {
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, SmState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Applies what it can of `a` under the lock, in steps of at most
+    /// `limits::APPLY_STEP_AGENTS` records, until the entry is applied (true) or
+    /// `limits::APPLY_SLICE_MS` have passed since `slice` began (false: yield, then call
+    /// again). The entry counts as applied only once all of it is.
+    fn apply_slice(
+        &self,
+        a: &mut Applying,
+        events: &mut Vec<RegistryEvent>,
+        slice: Instant,
+    ) -> bool {
+        let budget = Duration::from_millis(crate::limits::APPLY_SLICE_MS);
+        let mut st = self.write_state();
+        if let Some(prev) = st.last_applied {
+            assert!(a.log_id.index > prev.index, "applied index must only grow");
+        }
+        let st = &mut *st;
+        loop {
+            let step = match (a.rest.take(), &a.payload) {
+                (Some(rest), _) => Some(st.registry.resume(a.time, rest, events)),
+                (None, EntryPayload::Normal(p)) => p
+                    .items
+                    .get(a.outcomes.len())
+                    .map(|item| st.registry.apply_step(p.time, item, events)),
+                (None, EntryPayload::Membership(m)) => {
+                    st.membership = StoredMembership::new(Some(a.log_id), m.clone());
+                    None
+                }
+                (None, EntryPayload::Blank) => None,
+            };
+            match step {
+                None => {
+                    st.last_applied = Some(a.log_id);
+                    return true;
+                }
+                Some(Step::Done(outcome)) => a.outcomes.push(outcome),
+                Some(Step::More(rest)) => a.rest = Some(rest),
+            }
+            if slice.elapsed() >= budget {
+                return false;
+            }
+        }
+    }
+}
+
+/// One log entry being applied, perhaps over several slices (`StateMachine::apply_slice`).
+struct Applying {
+    log_id: LogId,
+    time: DateTime<Utc>,
+    payload: EntryPayload<TypeConfig>,
+    outcomes: Vec<crate::registry::Outcome>,
+    /// The command of `payload` applied in part, if any.
+    rest: Option<Unfinished>,
+}
+
+impl Applying {
+    fn new(entry: Entry) -> Self {
+        let time = match &entry.payload {
+            EntryPayload::Normal(p) => p.time,
+            _ => DateTime::<Utc>::UNIX_EPOCH,
+        };
+        Applying {
+            log_id: entry.log_id,
+            time,
+            payload: entry.payload,
+            outcomes: Vec::new(),
+            rest: None,
+        }
+    }
 }
 
 /// Stores `snapshot` unless the stored one is at least as new, and notes it in `mark`: a
@@ -613,45 +684,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut replies = Vec::new();
         let mut events = Vec::new();
-        {
-            let mut st = self.write_state();
-            for entry in entries {
-                if let Some(prev) = st.last_applied {
-                    assert!(
-                        entry.log_id.index > prev.index,
-                        "applied index must only grow"
+        let mut slice = Instant::now();
+        for entry in entries {
+            if let EntryPayload::Normal(p) = &entry.payload {
+                if p.v > REGISTRY_VERSION {
+                    // Written by a newer leader: its meaning is unknown here. Stop applying
+                    // rather than guess (a node of another version cannot join).
+                    let why = format!(
+                        "log entry {} is of registry version {}; this node reads up to \
+                         {REGISTRY_VERSION}: upgrade it",
+                        entry.log_id.index, p.v
                     );
-                }
-                if let EntryPayload::Normal(p) = &entry.payload {
-                    if p.v > REGISTRY_VERSION {
-                        // Written by a newer leader: its meaning is unknown here. Stop
-                        // applying rather than guess (a node of another version cannot join).
-                        let why = format!(
-                            "log entry {} is of registry version {}; this node reads up to \
-                             {REGISTRY_VERSION}: upgrade it",
-                            entry.log_id.index, p.v
-                        );
-                        tracing::error!("{why}");
-                        return Err(StorageIOError::read_logs(AnyError::error(why)).into());
-                    }
-                }
-                st.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => replies.push(Vec::new()),
-                    EntryPayload::Normal(p) => {
-                        let out: Vec<_> = p
-                            .items
-                            .iter()
-                            .map(|i| st.registry.apply(p.time, i, &mut events))
-                            .collect();
-                        replies.push(out);
-                    }
-                    EntryPayload::Membership(m) => {
-                        st.membership = StoredMembership::new(Some(entry.log_id), m);
-                        replies.push(Vec::new());
-                    }
+                    tracing::error!("{why}");
+                    return Err(StorageIOError::read_logs(AnyError::error(why)).into());
                 }
             }
+            let mut applying = Applying::new(entry);
+            // Bounded slices of work under the lock, and a yield between two: Raft's
+            // heartbeats, lease renewals and readers run while a large entry applies.
+            while !self.apply_slice(&mut applying, &mut events, slice) {
+                tokio::task::yield_now().await;
+                slice = Instant::now();
+            }
+            replies.push(applying.outcomes);
         }
         if let (Some(tx), false) = (&self.events, events.is_empty()) {
             if tx.try_send(events).is_err() {
@@ -746,13 +801,20 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        // Serialize the copy in place rather than cloning it once more.
+        // Serialize the copy in place rather than cloning it once more, on a blocking thread:
+        // with many agents it takes long, and the runtime's threads run Raft and the leases.
         let content = SnapshotData {
             v: REGISTRY_VERSION,
             registry: std::mem::take(&mut self.data),
         };
-        let data = encode(&content)?;
+        let (content, data) = tokio::task::spawn_blocking(move || {
+            let data = encode(&content);
+            (content, data)
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         self.data = content.registry;
+        let data = data?;
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, uuid::Uuid::new_v4()),
             None => format!("empty-{}", uuid::Uuid::new_v4()),

@@ -5,5 +5,6 @@ mod agents;
 mod cluster;
 mod commands;
 mod placement;
+mod scale;
 mod security;
 mod support;

@@ -43,6 +43,7 @@ struct World {
     ended: BTreeMap<Uuid, (u64, u64)>,
     handed_off: BTreeMap<Uuid, u64>,
     lease: LeaseView,
+    within: (Bound<Uuid>, Bound<Uuid>),
 }
 
 impl World {
@@ -55,11 +56,13 @@ impl World {
             ended: BTreeMap::new(),
             handed_off: BTreeMap::new(),
             lease: HELD,
+            within: (Bound::Unbounded, Bound::Unbounded),
         }
     }
 
     fn plan(&self) -> String {
         let v = View {
+            within: self.within,
             desired: &self.desired,
             instances: &self.instances,
             stopping: &self.stopping,
@@ -129,6 +132,24 @@ fn an_agent_running_here_but_moved_or_removed_stops_last_first() {
     assert_eq!(
         w.plan(),
         "stop 3 (moved or removed); stop 1 (moved or removed)"
+    );
+}
+
+#[test]
+fn a_plan_over_a_range_of_ids_leaves_the_instances_outside_it_alone() {
+    // A host with many agents plans a range of ids at a time, from the registry's agents in
+    // that range: 1 and 4 are not among them, but only 3 is in the range (2..=3).
+    let mut w = World::new(
+        &[desired(2, 1, AgentStatus::Pending)],
+        &[(1, local(1, 1)), (3, local(1, 1)), (4, local(1, 7))],
+    );
+    w.within = (Bound::Excluded(id(1)), Bound::Included(id(3)));
+    assert_eq!(w.plan(), "stop 3 (moved or removed); start 2");
+    // The whole range plans them all: 4 ran in another lease term.
+    w.within = (Bound::Unbounded, Bound::Unbounded);
+    assert_eq!(
+        w.plan(),
+        "fence 4; stop 3 (moved or removed); stop 1 (moved or removed); start 2"
     );
 }
 

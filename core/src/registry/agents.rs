@@ -385,6 +385,19 @@ impl Registry {
             .filter_map(|id| self.data.agents.get(id).map(|a| &**a))
     }
 
+    /// Agents placed on `node` with an id in `ids`, by id.
+    pub fn agents_on_within(
+        &self,
+        node: u64,
+        ids: (std::ops::Bound<Uuid>, std::ops::Bound<Uuid>),
+    ) -> impl Iterator<Item = &Agent> {
+        self.by_node
+            .get(&node)
+            .into_iter()
+            .flat_map(move |set| set.range(ids))
+            .filter_map(|id| self.data.agents.get(id).map(|a| &**a))
+    }
+
     /// How many agents are placed on `node`.
     pub fn load(&self, node: u64) -> usize {
         self.by_node.get(&node).map_or(0, |ids| ids.len())
@@ -659,6 +672,11 @@ impl Registry {
     }
 }
 
+/// The name of a group's `i`th agent.
+fn group_child_name(group: &str, i: u32) -> String {
+    format!("{group}-{i}")
+}
+
 /// The id of a group's `i`th agent: derived from the command's stamped id.
 fn group_child_id(group: Uuid, i: u32) -> Uuid {
     Uuid::from_u128(group.as_u128().wrapping_add(u128::from(i) + 1))
@@ -681,21 +699,42 @@ pub(super) fn agent_event(
     }
 }
 
+/// A `spawn_agent_group` past its checks: its supervisor exists, and its children are
+/// added `limits::APPLY_STEP_AGENTS` at a time.
+#[derive(Debug)]
+pub(super) struct GroupWork {
+    id: Uuid,
+    group: SpawnAgentGroup,
+    supervisor: super::Supervisor,
+    next: u32,
+    agents: Vec<Uuid>,
+}
+
+impl GroupWork {
+    pub(super) fn finished(self) -> Applied {
+        Applied::GroupSpawned {
+            supervisor: Box::new(self.supervisor),
+            agents: self.agents,
+        }
+    }
+}
+
 impl Registry {
     /// `spawn_agent_group`: a `simple_one_for_one` supervisor and `count` agents named
     /// `<name>-<i>`, all or nothing. Child ids are derived from the command's stamped id.
+    /// Checks everything and creates the supervisor; `spawn_group_step` adds the children.
     pub(super) fn spawn_agent_group(
         &mut self,
         time: DateTime<Utc>,
         id: Uuid,
         g: &SpawnAgentGroup,
         events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
-        let names: Vec<String> = (0..g.count).map(|i| format!("{}-{i}", g.name)).collect();
-        if let Some(taken) = names.iter().find(|n| self.agent_names.contains_key(*n)) {
-            return Err(Refused::AgentExists {
-                name: taken.clone(),
-            });
+    ) -> Result<super::Work, Refused> {
+        if let Some(taken) = (0..g.count)
+            .map(|i| group_child_name(&g.name, i))
+            .find(|n| self.agent_names.contains_key(n))
+        {
+            return Err(Refused::AgentExists { name: taken });
         }
         let sup = super::CreateSupervisor {
             name: g.name.clone(),
@@ -743,30 +782,44 @@ impl Registry {
                 crate::placement::choose(&req, &self.candidates()).map_err(Refused::Placement)?
             }
         };
-        let mut supervisor = match self.create_supervisor(time, id, &sup, events)? {
-            Applied::SupervisorCreated(s) => s,
-            other => return Ok(other), // create_supervisor answers nothing else
-        };
+        let mut supervisor = self.new_supervisor(time, id, &sup, events)?;
         supervisor.node = Some(host);
         if let Some(s) = self.data.supervisors.get_mut(&g.name) {
             s.node = Some(host);
         }
-        let mut ids = Vec::new();
-        for (i, name) in names.into_iter().enumerate() {
+        Ok(super::Work::Group(Box::new(GroupWork {
+            id,
+            group: g.clone(),
+            supervisor,
+            next: 0,
+            agents: Vec::with_capacity(g.count as usize),
+        })))
+    }
+
+    /// Adds the next `limits::APPLY_STEP_AGENTS` children of a group; true once all are in.
+    pub(super) fn spawn_group_step(
+        &mut self,
+        time: DateTime<Utc>,
+        w: &mut GroupWork,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Result<bool, Refused> {
+        let end = w
+            .group
+            .count
+            .min(w.next.saturating_add(limits::APPLY_STEP_AGENTS));
+        for i in w.next..end {
             let child = SpawnAgent {
-                supervisor: Some(g.name.clone()),
-                name: Some(name),
-                ..g.template.clone()
+                supervisor: Some(w.group.name.clone()),
+                name: Some(group_child_name(&w.group.name, i)),
+                ..w.group.template.clone()
             };
-            let child_id = group_child_id(id, i as u32);
+            let child_id = group_child_id(w.id, i);
             if let Applied::AgentSpawned(a) = self.spawn_agent(time, child_id, &child, events)? {
-                ids.push(a.id);
+                w.agents.push(a.id);
             }
         }
-        Ok(Applied::GroupSpawned {
-            supervisor,
-            agents: ids,
-        })
+        w.next = end;
+        Ok(end == w.group.count)
     }
 
     /// `import_state`: replaces an agent's checkpoint and asks its node to restart it from it.

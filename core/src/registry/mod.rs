@@ -170,6 +170,45 @@ impl RegistryCmd {
     }
 }
 
+/// What `Registry::apply_step` and `Registry::resume` leave: the command's outcome, or what
+/// is left of it.
+#[derive(Debug)]
+pub enum Step {
+    Done(Outcome),
+    More(Unfinished),
+}
+
+/// A command applied in part: only `Registry::resume` reads it.
+#[derive(Debug)]
+pub struct Unfinished {
+    work: Work,
+    request: Option<Request>,
+}
+
+#[derive(Debug)]
+enum Work {
+    Group(Box<agents::GroupWork>),
+    /// A node's agents placed elsewhere, then the node command's answer.
+    FailOver(nodes::FailOverWork, Applied),
+}
+
+/// The request id a command's outcome is remembered under.
+#[derive(Debug)]
+struct Request {
+    id: String,
+    command: &'static str,
+    fingerprint: u64,
+}
+
+fn request_of(item: &Stamped, fingerprint: Option<u64>) -> Option<Request> {
+    let (id, fingerprint) = (item.request_id.clone()?, fingerprint?);
+    Some(Request {
+        id,
+        command: item.cmd.name(),
+        fingerprint,
+    })
+}
+
 /// An event produced by applying a command. The publishing node adds its own id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegistryEvent {
@@ -302,13 +341,32 @@ impl Registry {
         self.data.supervisors.get(name)
     }
 
-    /// Applies one stamped command at the proposal's `time`.
+    /// Applies one stamped command at the proposal's `time`, all of it.
     pub fn apply(
         &mut self,
         time: DateTime<Utc>,
         item: &Stamped,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
+        let mut step = self.apply_step(time, item, events);
+        loop {
+            match step {
+                Step::Done(outcome) => return outcome,
+                Step::More(rest) => step = self.resume(time, rest, events),
+            }
+        }
+    }
+
+    /// Applies the first bounded step of one stamped command (`limits::APPLY_STEP_AGENTS`
+    /// records at most): its outcome, or what is left of it, which `resume` carries on. The
+    /// caller applies nothing else in between, so every replica ends in the same state however
+    /// it paced the steps; a reader between two steps sees the command half applied.
+    pub fn apply_step(
+        &mut self,
+        time: DateTime<Utc>,
+        item: &Stamped,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Step {
         self.expire_requests(time);
         let fingerprint = item
             .request_id
@@ -320,12 +378,12 @@ impl Registry {
                 let same = prev.command == item.cmd.name()
                     && (prev.fingerprint == 0 || prev.fingerprint == fp);
                 if !same {
-                    return Err(Refused::RequestIdReused {
+                    return Step::Done(Err(Refused::RequestIdReused {
                         request_id: rid.clone(),
                         command: prev.command.clone(),
-                    });
+                    }));
                 }
-                return prev.outcome.clone();
+                return Step::Done(prev.outcome.clone());
             }
         }
         let outcome = match &item.cmd {
@@ -345,9 +403,19 @@ impl Registry {
                 };
                 self.register_node(time, &join, events)
             }
-            RegistryCmd::RemoveNode { node_id } => self.remove_node(time, *node_id, events),
+            RegistryCmd::RemoveNode { node_id } => {
+                let step = self.remove_node(time, *node_id, events);
+                match self.then_fail_over(time, step, request_of(item, fingerprint), events) {
+                    Ok(step) => return step,
+                    Err(outcome) => outcome,
+                }
+            }
             RegistryCmd::SetNodeStatus { node_id, status } => {
-                self.set_node_status(time, *node_id, *status, events)
+                let step = self.set_node_status(time, *node_id, *status, events);
+                match self.then_fail_over(time, step, request_of(item, fingerprint), events) {
+                    Ok(step) => return step,
+                    Err(outcome) => outcome,
+                }
             }
             RegistryCmd::NodeLoads { loads } => self.node_loads(time, loads),
             RegistryCmd::DrainNode { node_id, cancel } => {
@@ -361,7 +429,18 @@ impl Registry {
             RegistryCmd::SpawnAgent(a) => self.spawn_agent(time, item.id, a, events),
             RegistryCmd::StopAgent { agent } => self.stop_agent(time, agent, events),
             RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent, events),
-            RegistryCmd::SpawnAgentGroup(g) => self.spawn_agent_group(time, item.id, g, events),
+            RegistryCmd::SpawnAgentGroup(g) => {
+                match self.spawn_agent_group(time, item.id, g, events) {
+                    Ok(work) => {
+                        let rest = Unfinished {
+                            work,
+                            request: request_of(item, fingerprint),
+                        };
+                        return self.resume(time, rest, events);
+                    }
+                    Err(refused) => Err(refused),
+                }
+            }
             RegistryCmd::ImportState { agent, state } => {
                 self.import_state(time, agent, state, events)
             }
@@ -373,20 +452,88 @@ impl Registry {
                 state,
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
         };
-        if outcome.is_ok()
-            && matches!(
-                item.cmd,
-                RegistryCmd::StopAgent { .. } | RegistryCmd::StopSupervisor { .. }
-            )
-        {
+        let frees_room = matches!(
+            item.cmd,
+            RegistryCmd::StopAgent { .. } | RegistryCmd::StopSupervisor { .. }
+        );
+        Step::Done(self.finish(
+            time,
+            request_of(item, fingerprint),
+            frees_room,
+            outcome,
+            events,
+        ))
+    }
+
+    /// A node command's answer, and the fail-over it began if any: the first step of that
+    /// (`Ok`), or the outcome when there is none (`Err`).
+    fn then_fail_over(
+        &mut self,
+        time: DateTime<Utc>,
+        step: Result<(Applied, Option<nodes::FailOverWork>), Refused>,
+        request: Option<Request>,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Result<Step, Outcome> {
+        match step {
+            Ok((answer, Some(work))) => {
+                let rest = Unfinished {
+                    work: Work::FailOver(work, answer),
+                    request,
+                };
+                Ok(self.resume(time, rest, events))
+            }
+            Ok((answer, None)) => Err(Ok(answer)),
+            Err(refused) => Err(Err(refused)),
+        }
+    }
+
+    /// Applies the next bounded step of a command `apply_step` began.
+    pub fn resume(
+        &mut self,
+        time: DateTime<Utc>,
+        rest: Unfinished,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Step {
+        let Unfinished { work, request } = rest;
+        let outcome = match work {
+            Work::Group(mut group) => match self.spawn_group_step(time, &mut group, events) {
+                Ok(false) => {
+                    let work = Work::Group(group);
+                    return Step::More(Unfinished { work, request });
+                }
+                Ok(true) => Ok(group.finished()),
+                Err(refused) => Err(refused),
+            },
+            Work::FailOver(mut moving, answer) => {
+                if !self.fail_over_step(time, &mut moving, events) {
+                    let work = Work::FailOver(moving, answer);
+                    return Step::More(Unfinished { work, request });
+                }
+                Ok(answer)
+            }
+        };
+        Step::Done(self.finish(time, request, false, outcome, events))
+    }
+
+    /// What every command does once its outcome is known: room freed by a stop goes to
+    /// agents waiting for a node, and the outcome is remembered under the request id.
+    fn finish(
+        &mut self,
+        time: DateTime<Utc>,
+        request: Option<Request>,
+        frees_room: bool,
+        outcome: Outcome,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        if outcome.is_ok() && frees_room {
             // Room opened: agents waiting for a node may fit now.
             self.place_pending(time, events);
         }
         // An id that was in use is the leader's draw, not the command's fault: a retry with
         // the same request_id gets a fresh id, so that refusal is not remembered.
         let redraw = matches!(outcome, Err(Refused::IdTaken { .. }));
-        if let (Some(rid), Some(fp), false) = (&item.request_id, fingerprint, redraw) {
-            self.remember_request(time, rid, item.cmd.name(), fp, &outcome);
+        if let (Some(r), false) = (request, redraw) {
+            self.remember_request(time, &r.id, r.command, r.fingerprint, &outcome);
         }
         outcome
     }
@@ -509,7 +656,7 @@ impl Registry {
         time: DateTime<Utc>,
         id: u64,
         events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
+    ) -> Result<(Applied, Option<nodes::FailOverWork>), Refused> {
         let Some(node) = self.data.nodes.get_mut(&id) else {
             return Err(Refused::NoNode { node: id });
         };
@@ -524,9 +671,10 @@ impl Registry {
                 json!({ "node_id": id, "name": node.name }),
             ));
             // The departed node stops itself; what it ran comes back elsewhere.
-            self.fail_over(time, id, events);
+            let answer = Applied::NodeLeft { node_id: id };
+            return Ok((answer, Some(self.begin_fail_over(id))));
         }
-        Ok(Applied::NodeLeft { node_id: id })
+        Ok((Applied::NodeLeft { node_id: id }, None))
     }
 
     fn create_supervisor(
@@ -536,6 +684,18 @@ impl Registry {
         c: &CreateSupervisor,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
+        let sup = self.new_supervisor(time, id, c, events)?;
+        Ok(Applied::SupervisorCreated(Box::new(sup)))
+    }
+
+    /// Creates supervisor `c` and answers its record.
+    fn new_supervisor(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        c: &CreateSupervisor,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Result<Supervisor, Refused> {
         if self.data.supervisors.contains_key(&c.name) {
             return Err(Refused::SupervisorExists {
                 name: c.name.clone(),
@@ -590,9 +750,8 @@ impl Registry {
             seq: sup.seq,
             data,
         });
-        let reply = Applied::SupervisorCreated(Box::new(sup.clone()));
-        self.insert_supervisor(sup);
-        Ok(reply)
+        self.insert_supervisor(sup.clone());
+        Ok(sup)
     }
 
     /// The up node with the fewest agents (lowest id on a tie), if any node is up.

@@ -34,6 +34,14 @@ pub struct LoadReport {
     pub load: super::NodeLoad,
 }
 
+/// A fail-over past its first step: the agents of `node` to place elsewhere, in start order.
+#[derive(Debug)]
+pub(super) struct FailOverWork {
+    node: u64,
+    lost: Vec<Uuid>,
+    next: usize,
+}
+
 impl Registry {
     /// Nodes as placement sees them.
     pub fn candidates(&self) -> Vec<Candidate<'_>> {
@@ -195,7 +203,7 @@ impl Registry {
         id: u64,
         status: NodeStatus,
         events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
+    ) -> Result<(Applied, Option<FailOverWork>), Refused> {
         let Some(node) = self.data.nodes.get_mut(&id) else {
             return Err(Refused::NoNode { node: id });
         };
@@ -211,10 +219,11 @@ impl Registry {
             _ => before,
         };
         if after == before {
-            return Ok(Applied::NodeStatus {
+            let answer = Applied::NodeStatus {
                 node_id: id,
                 status: before,
-            });
+            };
+            return Ok((answer, None));
         }
         node.status = after;
         node.updated_at = time;
@@ -231,15 +240,16 @@ impl Registry {
             time,
             json!({ "node_id": id, "status": after, "was": before }),
         ));
+        let answer = Applied::NodeStatus {
+            node_id: id,
+            status: after,
+        };
         match after {
-            NodeStatus::Down => self.fail_over(time, id, events),
+            NodeStatus::Down => return Ok((answer, Some(self.begin_fail_over(id)))),
             NodeStatus::Up | NodeStatus::Draining => self.place_pending(time, events),
             _ => {}
         }
-        Ok(Applied::NodeStatus {
-            node_id: id,
-            status: after,
-        })
+        Ok((answer, None))
     }
 
     pub(super) fn node_loads(&mut self, time: DateTime<Utc>, loads: &[LoadReport]) -> Outcome {
@@ -376,18 +386,36 @@ impl Registry {
     /// Node `id` is gone: every agent it ran is placed elsewhere at a new epoch, from its last
     /// checkpoint; a temporary one is forgotten, as OTP never restarts it; one that cannot be
     /// placed (pinned there, no room) waits on no node with the reason in `pending_reason`.
-    pub(super) fn fail_over(
-        &mut self,
-        time: DateTime<Utc>,
-        id: u64,
-        events: &mut Vec<RegistryEvent>,
-    ) {
+    /// The first step of a fail-over of node `id`: its colocated subtrees get a new node, and
+    /// its agents are listed in start order for `fail_over_step`.
+    pub(super) fn begin_fail_over(&mut self, id: u64) -> FailOverWork {
         for top in self.units_on(id) {
             self.relocate_unit(&top, Some(id));
         }
         let mut lost: Vec<(u64, Uuid)> = self.agents_on(id).map(|a| (a.position, a.id)).collect();
         lost.sort_unstable();
-        for (_, aid) in lost {
+        FailOverWork {
+            node: id,
+            lost: lost.into_iter().map(|(_, a)| a).collect(),
+            next: 0,
+        }
+    }
+
+    /// Places the next `limits::APPLY_STEP_AGENTS` agents of a failed-over node elsewhere (a
+    /// temporary one is forgotten); true once all are.
+    pub(super) fn fail_over_step(
+        &mut self,
+        time: DateTime<Utc>,
+        w: &mut FailOverWork,
+        events: &mut Vec<RegistryEvent>,
+    ) -> bool {
+        let id = w.node;
+        let end = w
+            .lost
+            .len()
+            .min(w.next + crate::limits::APPLY_STEP_AGENTS as usize);
+        for i in w.next..end {
+            let aid = w.lost[i];
             let Some(a) = self.data.agents.get(&aid) else {
                 continue;
             };
@@ -402,6 +430,8 @@ impl Registry {
             let target = self.next_node(a, id);
             self.replace_agent(time, aid, target, "failover", events);
         }
+        w.next = end;
+        end == w.lost.len()
     }
 
     /// Places agents that wait on no node, now that a node came up or room opened: colocated

@@ -966,3 +966,69 @@ fn every_outcome_survives_a_snapshot_round_trip() {
         assert_eq!(read, record);
     }
 }
+
+/// Goal: a large command applies in bounded steps (`APPLY_STEP_AGENTS` records each), a
+/// reader between two steps sees it half done, and the state it ends in is the one a single
+/// `apply` reaches: a 2,500-agent group, then the fail-over of the node that runs it.
+#[test]
+fn a_large_group_and_its_fail_over_apply_in_bounded_steps_to_the_same_state() {
+    let step = limits::APPLY_STEP_AGENTS as usize;
+    let count = 2 * step + step / 2;
+    let group: SpawnAgentGroup = serde_json::from_value(
+        json!({"name": "g", "count": count, "template": {"kind": "counter"}}),
+    )
+    .unwrap();
+    let stamped = |at: u128, cmd: RegistryCmd| Stamped {
+        id: Uuid::from_u128(at),
+        request_id: Some(format!("r{at}")),
+        cmd,
+        fingerprint: None,
+    };
+    let spawn = stamped(100, RegistryCmd::SpawnAgentGroup(group));
+    let mut whole = three_nodes();
+    let answer = whole.apply(t(10), &spawn, &mut Vec::new()).unwrap();
+    let Applied::GroupSpawned { agents, .. } = &answer else {
+        panic!("a group answers its agents: {answer:?}");
+    };
+    assert_eq!(agents.len(), count);
+    let host = whole.supervisor("g").unwrap().node.unwrap();
+    let down = stamped(
+        101,
+        RegistryCmd::SetNodeStatus {
+            node_id: host,
+            status: NodeStatus::Down,
+        },
+    );
+    whole.apply(t(11), &down, &mut Vec::new()).unwrap();
+
+    let mut stepped = three_nodes();
+    let mut events = Vec::new();
+    let mut steps = 0;
+    let mut next = stepped.apply_step(t(10), &spawn, &mut events);
+    let stepped_answer = loop {
+        match next {
+            Step::Done(outcome) => break outcome.unwrap(),
+            Step::More(rest) => {
+                steps += 1;
+                // Half applied: the supervisor and the steps so far are there, no more.
+                assert_eq!(stepped.data().agents.len(), steps * step);
+                assert!(stepped.supervisor("g").is_some());
+                next = stepped.resume(t(10), rest, &mut events);
+            }
+        }
+    };
+    assert_eq!(steps, 2, "one step for each full {step} agents");
+    assert_eq!(stepped_answer, answer);
+    let mut next = stepped.apply_step(t(11), &down, &mut events);
+    let mut moved_steps = 0;
+    while let Step::More(rest) = next {
+        moved_steps += 1;
+        next = stepped.resume(t(11), rest, &mut events);
+    }
+    assert_eq!(moved_steps, 2, "the fail-over steps through the agents too");
+    assert_eq!(stepped.data(), whole.data());
+    assert_eq!(stepped.load(host), 0, "every agent left the down node");
+    // Remembered once, whole: a retry answers from the record.
+    let again = stepped.apply(t(12), &spawn, &mut Vec::new()).unwrap();
+    assert_eq!(again, answer);
+}

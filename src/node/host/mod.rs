@@ -34,6 +34,7 @@ mod task;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,8 @@ use task::{AgentMailbox, End, Exit, Handover, Parked, Run, StopRequest, TaskEven
 use warden_core::host_plan as plan;
 
 use crate::limits::{
-    AGENT_LOG_QUEUE, AGENT_MAILBOX, HOST_WRITE_QUEUE, RECONCILE_EVERY_MS, RECONCILE_GAP_FACTOR,
-    RECONCILE_GAP_MAX_MS, RECONCILE_GAP_MIN_MS, START_RETRY_MS,
+    AGENT_LOG_QUEUE, AGENT_MAILBOX, HOST_WRITE_QUEUE, RECONCILE_CHUNK, RECONCILE_EVERY_MS,
+    RECONCILE_GAP_FACTOR, RECONCILE_GAP_MAX_MS, RECONCILE_GAP_MIN_MS, START_RETRY_MS,
 };
 
 /// A local instance that starts or runs.
@@ -180,6 +181,21 @@ pub(crate) struct Host {
     tasks: JoinSet<()>,
     started: Instant,
     rng: StdRng,
+    /// The reconcile under way, if one has chunks left.
+    pass: Option<Pass>,
+}
+
+/// A reconcile under way: it goes over the agents placed here `RECONCILE_CHUNK` ids at a
+/// time, one chunk per turn of the host's loop.
+#[derive(Default)]
+struct Pass {
+    /// The last id of the chunk before; none before the first.
+    after: Option<Uuid>,
+    /// Instances to stop because their agent is gone from here, with their generation: they
+    /// stop in one turn once the pass is over, last started first.
+    removed: Vec<(u64, Uuid)>,
+    /// Time spent on this pass so far.
+    spent: Duration,
 }
 
 /// Runs the host until `stopped` resolves, then stops every local agent, last started first.
@@ -224,6 +240,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         tasks: JoinSet::new(),
         started: Instant::now(),
         rng: StdRng::from_entropy(),
+        pass: None,
     };
     let mut metrics = node.raft.metrics();
     let mut grants = node.lease.grants();
@@ -256,7 +273,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             _ = sleep_until_opt(next_start) => Wake::StartsDue,
             _ = sleep_until_opt(next_kill) => Wake::StopsOverdue,
             Some(_) = host.tasks.join_next(), if !host.tasks.is_empty() => Wake::Helper,
-            _ = gap, if dirty => Wake::Reconcile,
+            _ = gap, if dirty || host.pass.is_some() => Wake::Reconcile,
         };
         match wake {
             Wake::Shutdown => break,
@@ -278,21 +295,43 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             Wake::StopsOverdue => host.kill_overdue().await,
             Wake::Helper => {}
             Wake::Reconcile => {
-                dirty = false;
-                let began = Instant::now();
-                host.reconcile().await;
-                let spent = began.elapsed() * RECONCILE_GAP_FACTOR;
-                next_reconcile = Instant::now()
-                    + spent.clamp(
-                        Duration::from_millis(RECONCILE_GAP_MIN_MS),
-                        Duration::from_millis(RECONCILE_GAP_MAX_MS),
-                    );
+                if host.pass.is_none() {
+                    // A change from now on needs another pass.
+                    dirty = false;
+                }
+                // One chunk per turn; the next goes at once, after what else is ready.
+                next_reconcile = match host.reconcile_chunk().await {
+                    None => Instant::now(),
+                    Some(spent) => {
+                        let gap = (spent * RECONCILE_GAP_FACTOR).clamp(
+                            Duration::from_millis(RECONCILE_GAP_MIN_MS),
+                            Duration::from_millis(RECONCILE_GAP_MAX_MS),
+                        );
+                        Instant::now() + gap
+                    }
+                };
             }
         }
     }
     host.shutdown(&mut events).await;
     drop(host);
     let _ = writer.await; // ends once the host's sender is gone
+}
+
+/// Keeps the entries of `map` with an id `within` for which `keep` holds, and every other.
+fn retain_within<V>(
+    map: &mut BTreeMap<Uuid, V>,
+    within: (Bound<Uuid>, Bound<Uuid>),
+    keep: impl Fn(&Uuid, &V) -> bool,
+) {
+    let gone: Vec<Uuid> = map
+        .range(within)
+        .filter(|(id, v)| !keep(id, v))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in gone {
+        map.remove(&id);
+    }
 }
 
 /// A host that ends without its orderly shutdown (its task aborted: a stop past its budget, a
@@ -407,12 +446,19 @@ impl Host {
         self.count_running();
     }
 
-    /// Brings the local instances in line with the registry (`plan::reconcile`).
-    async fn reconcile(&mut self) {
+    /// Brings the next chunk of local instances in line with the registry
+    /// (`plan::reconcile`): the agents placed here with the next `RECONCILE_CHUNK` ids, and
+    /// the instances in the same range of ids. Answers the time the whole pass took once it
+    /// is over, none while chunks are left.
+    async fn reconcile_chunk(&mut self) -> Option<Duration> {
+        let began = Instant::now();
+        let mut pass = self.pass.take().unwrap_or_default();
+        let lower = pass.after.map_or(Bound::Unbounded, Bound::Excluded);
         let desired: BTreeMap<Uuid, Desired> = {
             let st = self.node.state_read();
             st.registry
-                .agents_on(self.me)
+                .agents_on_within(self.me, (lower, Bound::Unbounded))
+                .take(RECONCILE_CHUNK)
                 .map(|a| {
                     let d = Desired {
                         id: a.id,
@@ -424,21 +470,25 @@ impl Host {
                 })
                 .collect()
         };
-        self.handed_off
-            .retain(|id, epoch| desired.get(id).is_some_and(|d| d.epoch == *epoch));
-        self.scheduled.retain(|id, _| desired.contains_key(id));
-        self.log_seq.retain(|id, _| desired.contains_key(id));
-        {
-            let st = self.node.state_read();
-            self.histories
-                .retain(|sup, _| st.registry.supervisor(sup).is_some());
-        }
-        self.ended.retain(|id, (epoch, req)| {
+        // A full chunk ends at its last id; the last chunk runs to the end of the ids.
+        let last = (desired.len() == RECONCILE_CHUNK)
+            .then(|| desired.keys().next_back().copied())
+            .flatten();
+        let within = (lower, last.map_or(Bound::Unbounded, Bound::Included));
+        retain_within(&mut self.handed_off, within, |id, epoch| {
+            desired.get(id).is_some_and(|d| d.epoch == *epoch)
+        });
+        retain_within(&mut self.scheduled, within, |id, _| {
+            desired.contains_key(id)
+        });
+        retain_within(&mut self.log_seq, within, |id, _| desired.contains_key(id));
+        retain_within(&mut self.ended, within, |id, (epoch, req)| {
             desired
                 .get(id)
                 .is_some_and(|d| d.epoch == *epoch && d.restart_requested == *req)
         });
         let actions = plan::reconcile(&plan::View {
+            within,
             desired: &desired,
             instances: &self.instances,
             stopping: &self.stopping,
@@ -447,10 +497,6 @@ impl Host {
             handed_off: &self.handed_off,
             lease: self.lease_view(),
         });
-        // Agents removed or moved away stop one after the other, last started here first (a
-        // stopped supervisor's subtree stops as OTP's does); local starts count in
-        // `generation`, so it gives the order.
-        let mut removed = Vec::new();
         for action in actions {
             match action {
                 HostAction::Fence(id) => self.fence(id),
@@ -461,7 +507,7 @@ impl Host {
                     // One already waiting in a turn stops there.
                     let waiting = self.queued.contains(&id);
                     if let Some(i) = self.instances.get(&id).filter(|_| !waiting) {
-                        removed.push((i.generation, id));
+                        pass.removed.push((i.generation, id));
                     }
                 }
                 HostAction::Stop { id, why } => {
@@ -475,12 +521,36 @@ impl Host {
                 HostAction::Start { id, restarted } => self.start(id, restarted),
             }
         }
+        if let Some(id) = last {
+            pass.spent += began.elapsed();
+            pass.after = Some(id);
+            self.pass = Some(pass);
+            return None;
+        }
+        {
+            let st = self.node.state_read();
+            self.histories
+                .retain(|sup, _| st.registry.supervisor(sup).is_some());
+        }
+        // Agents removed or moved away stop one after the other, last started here first (a
+        // stopped supervisor's subtree stops as OTP's does); local starts count in
+        // `generation`, so it gives the order. An instance started since its chunk was
+        // planned is another one, and stays.
+        let mut removed: Vec<(u64, Uuid)> = pass
+            .removed
+            .into_iter()
+            .filter(|(generation, id)| {
+                let same = self.instances.get(id).map(|i| i.generation) == Some(*generation);
+                same && !self.queued.contains(id)
+            })
+            .collect();
         if !removed.is_empty() {
             removed.sort_unstable_by(|a, b| b.cmp(a));
             let ids = removed.into_iter().map(|(_, id)| id).collect();
             let why = plan::StopWhy::MovedOrRemoved.as_str();
             self.stop_in_turn(ids, why, Vec::new()).await;
         }
+        Some(pass.spent + began.elapsed())
     }
 
     /// Starts what is scheduled and due (`plan::due`).

@@ -1,0 +1,120 @@
+//! Bulk load sized for CI (issue 17): tens of thousands of agents in large groups on a debug
+//! build, with the guarantees that load alone must not break.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::support::{wait_for, TestCluster};
+
+/// Goal: a bulk spawn of 50,000 agents in groups of 10,000 (two at a time) causes no election,
+/// no node turning suspect or down and no lost lease; the groups spread over the three nodes;
+/// and a follower SIGKILLed afterwards, which misses what the leader has since compacted into
+/// a snapshot, catches up from that snapshot.
+#[tokio::test]
+async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
+    // A snapshot every 100 entries, keeping 2 behind it: a follower that misses more needs it.
+    let config = "[raft]\nsnapshot_after_entries = 100\nkeep_entries_after_snapshot = 2\n";
+    let mut tc = TestCluster::start(3, Some(config)).await;
+    let c = tc.client.clone();
+    let mut watch = c
+        .nats
+        .subscribe(c.subjects.event_filter("node.*.*"))
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    let before = tc.status().await;
+    let (groups, size) = (5, 10_000);
+    let mut spawns = tokio::task::JoinSet::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(2));
+    for g in 0..groups {
+        let (c, sem) = (c.clone(), sem.clone());
+        spawns.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let body = json!({"name": format!("bulk-{g}"), "count": size,
+                              "template": {"kind": "echo", "tags": ["bulk"]},
+                              "request_id": format!("bulk-{g}")});
+            c.call("spawn_agent_group", &body).await
+        });
+    }
+    while let Some(r) = spawns.join_next().await {
+        let answer = r.unwrap().unwrap();
+        assert_eq!(
+            answer["agents"].as_array().map(Vec::len),
+            Some(size as usize)
+        );
+    }
+    let all = groups * size;
+    wait_for("every agent to run", Duration::from_secs(180), || {
+        let c = c.clone();
+        async move {
+            let q = json!({"tag": "bulk", "status": "running", "count": true});
+            let n = c.call("find_agents", &q).await.ok()?["count"].as_u64()?;
+            (n == all).then_some(())
+        }
+    })
+    .await;
+    let after = tc.status().await;
+    assert_eq!(after["term"], before["term"], "no election under load");
+    assert_eq!(after["leader"], before["leader"]);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(100), watch.next()).await {
+        let subject = msg.subject.to_string();
+        assert!(
+            !subject.ends_with(".suspect") && !subject.ends_with(".down"),
+            "no node may turn suspect or down under load alone: {subject}"
+        );
+    }
+    for id in 1..=3 {
+        let log = std::fs::read_to_string(tc.cluster.dir.join(format!("node-{id}.log")))
+            .unwrap_or_default();
+        assert!(
+            !log.contains("lost the lease"),
+            "node {id} lost its lease under load alone"
+        );
+        let q = json!({"node": id, "count": true});
+        let n = c.call("find_agents", &q).await.unwrap()["count"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            n >= size,
+            "node {id} holds {n} agents: the groups spread over every node"
+        );
+    }
+
+    let leader = after["leader"].as_u64().unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let had = tc.via(follower).call("health", &json!({})).await.unwrap()["last_applied"]
+        .as_u64()
+        .unwrap();
+    tc.cluster.kill(follower).await;
+    // Enough writes for the leader to compact past everything the follower has.
+    for i in 0..120 {
+        let body = json!({"name": format!("later-{i}"), "request_id": format!("later-{i}")});
+        c.call("create_supervisor", &body).await.unwrap();
+    }
+    let via = tc.via(leader);
+    let compacted = wait_for("the leader to compact", Duration::from_secs(60), || {
+        let via = via.clone();
+        async move {
+            let h = via.call("health", &json!({})).await.ok()?;
+            h["snapshot_index"].as_u64().filter(|i| *i > had + 2)
+        }
+    })
+    .await;
+    tc.cluster.start_node(follower, false).await.unwrap();
+    let target = tc.status().await["applied_index"].as_u64().unwrap();
+    tc.wait_applied(follower, target).await;
+    let h = tc.via(follower).call("health", &json!({})).await.unwrap();
+    assert!(
+        h["snapshot_index"].as_u64().unwrap_or(0) >= compacted,
+        "the follower caught up from the leader's snapshot at {compacted}: {h}"
+    );
+    let q = json!({"tag": "bulk", "count": true});
+    let n = tc.via(follower).call("find_agents", &q).await;
+    assert_eq!(
+        n.unwrap()["count"].as_u64(),
+        Some(all),
+        "the follower knows every agent"
+    );
+}

@@ -139,6 +139,10 @@ pub const FATAL_STOP_MS: u64 = 500;
 /// blocked on a hanging disk must not hold the exit).
 pub const RUNTIME_SHUTDOWN_MS: u64 = 200;
 
+/// Threads of Raft's own runtime (`node::run`): one can apply a slice of the log while the
+/// other answers RPCs and sends heartbeats.
+pub const RAFT_THREADS: usize = 2;
+
 /// How often a node looks whether its Raft stopped with a fatal error. With
 /// [`FATAL_STOP_MS`] and [`RUNTIME_SHUTDOWN_MS`], the process is gone within a second of the
 /// error.

@@ -61,6 +61,9 @@ pub async fn run_with_kinds(
 struct Running {
     node: Arc<Node>,
     client: async_nats::Client,
+    /// Raft's own connection, on `plane`.
+    raft_client: async_nats::Client,
+    plane: RaftPlane,
     refusals: tokio::sync::broadcast::Receiver<Violation>,
     store: Store,
     raft: Raft,
@@ -112,9 +115,29 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let (log, sm, state) = store.raft_parts(Some(events_tx))?;
     let contacts = Arc::new(Contacts::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (peers, peers_task) =
-        crate::peers::Peers::start(client.clone(), subjects.clone(), cfg.id, flag(&stop_rx))
-            .await?;
+
+    // Raft runs on its own runtime with its own NATS connection: its core, its state
+    // machine, its RPCs both ways, and every request of this node to another (`peers`: its
+    // heartbeats, reports and forwarded writes too). However busy the agents keep the node's
+    // runtime, a vote, an AppendEntries or a lease heartbeat waits for no agent's task.
+    let plane = RaftPlane::new(cfg.id)?;
+    let raft_client = {
+        let (nats, name) = (cfg.nats.clone(), format!("warden-node-{}-raft", cfg.id));
+        let connect = async move { bus::connect_watched(&nats, &name, true).await };
+        plane.run(connect).await??.0
+    };
+    let raft_flush = raft_client.clone();
+    plane
+        .run(async move { raft_flush.flush().await })
+        .await?
+        .context("wait for Raft's NATS connection")?;
+    let start_peers = crate::peers::Peers::start(
+        raft_client.clone(),
+        subjects.clone(),
+        cfg.id,
+        flag(&stop_rx),
+    );
+    let (peers, peers_task) = plane.run(start_peers).await??;
     let network = Network {
         me: cfg.id,
         peers: peers.clone(),
@@ -123,21 +146,22 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         max_payload,
     };
     let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
-    let raft = Raft::new(cfg.id, raft_cfg, network, log, sm)
-        .await
+    let raft = plane
+        .run(Raft::new(cfg.id, raft_cfg, network, log, sm))
+        .await?
         .context("start raft")?;
 
     let mut tasks = JoinSet::new();
     let mut intake = JoinSet::new();
     let (intake_tx, intake_rx) = watch::channel(false);
-    let rpc = crate::raft::server::start(
-        client.clone(),
+    let serve_rpcs = crate::raft::server::start(
+        raft_client.clone(),
         subjects.clone(),
         cfg.id,
         raft.clone(),
         flag(&stop_rx),
-    )
-    .await?;
+    );
+    let rpc = plane.run(serve_rpcs).await??;
 
     if cfg.bootstrap {
         if raft.is_initialized().await? {
@@ -228,6 +252,8 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     Ok(Running {
         node,
         client,
+        raft_client,
+        plane,
         refusals,
         store,
         raft,
@@ -240,6 +266,45 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         host_stop_tx,
         host_task,
     })
+}
+
+/// Raft's own runtime (`limits::RAFT_THREADS` threads): what is spawned from a future it
+/// runs (openraft's core and state machine tasks, the NATS connection's tasks, the RPC
+/// server) lives there.
+struct RaftPlane(Option<tokio::runtime::Runtime>);
+
+impl RaftPlane {
+    fn new(id: u64) -> anyhow::Result<RaftPlane> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(limits::RAFT_THREADS)
+            .thread_name(format!("warden-raft-{id}"))
+            .enable_all()
+            .build()
+            .context("start Raft's runtime")?;
+        Ok(RaftPlane(Some(rt)))
+    }
+
+    /// Runs `fut` on Raft's runtime and answers its output.
+    async fn run<F>(&self, fut: F) -> anyhow::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let rt = self.0.as_ref().context("Raft's runtime is gone")?;
+        rt.spawn(fut)
+            .await
+            .context("a task on Raft's runtime failed")
+    }
+}
+
+impl Drop for RaftPlane {
+    fn drop(&mut self) {
+        // Not a blocking shutdown: this may run inside the node's own runtime. What is left
+        // there (nothing, after an orderly stop) is dropped as its threads end.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Why a node stopped.
@@ -369,6 +434,9 @@ impl Running {
             Ok(Err(e)) => tracing::warn!(error = %e, "closing the store failed"),
             Err(_) => tracing::warn!("the store did not close in time"),
         }
+        // Raft's connection has nothing left to say; its runtime's threads end by themselves.
+        drop(self.raft_client);
+        drop(self.plane);
         // The last replies and events: a flush waits for the server's answer, which never
         // comes while NATS is unreachable, so it is skipped then and bounded otherwise.
         if self.client.connection_state() == async_nats::connection::State::Connected {

@@ -719,12 +719,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The copy is taken here, in order with `apply`, because apply keeps running while the
         // snapshot is built.
-        let st = self.read_state();
+        // The copy takes long with many agents: the runtime's other tasks (those queued on this
+        // thread too) move to another thread meanwhile. Raft's runtime has several; on one
+        // without any the copy simply runs here.
+        let copy = || {
+            let st = self.read_state();
+            (
+                st.last_applied,
+                st.membership.clone(),
+                st.registry.data().clone(),
+            )
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (last_applied, membership, data) = if multi_thread {
+            tokio::task::block_in_place(copy)
+        } else {
+            copy()
+        };
         self.log_bytes.snapshot_taken();
         SnapshotBuilder {
-            last_applied: st.last_applied,
-            membership: st.membership.clone(),
-            data: st.registry.data().clone(),
+            last_applied,
+            membership,
+            data,
             snapshot: self.snapshot.clone(),
             stored: self.stored.clone(),
             db: self.db.clone(),

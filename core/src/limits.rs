@@ -143,6 +143,10 @@ pub const RUNTIME_SHUTDOWN_MS: u64 = 200;
 /// other answers RPCs and sends heartbeats.
 pub const RAFT_THREADS: usize = 2;
 
+/// The nice value of the thread that encodes and stores a snapshot (`raft::store`): 10 steps
+/// below the node's other threads, so under contention it gets about a tenth of their CPU.
+pub const SNAPSHOT_NICE: i32 = 10;
+
 /// How often a node looks whether its Raft stopped with a fatal error. With
 /// [`FATAL_STOP_MS`] and [`RUNTIME_SHUTDOWN_MS`], the process is gone within a second of the
 /// error.

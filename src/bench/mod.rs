@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 mod agents;
 mod etcd;
 mod failover;
+mod scale;
 
 use crate::bus::{self, NatsConfig};
 use crate::client::Client;
@@ -69,6 +70,11 @@ pub struct BenchArgs {
     /// --local the nodes run exec with `/bin/sh` allowed; a remote cluster must allow it.
     #[arg(long, default_value_t = 0)]
     pub slow_stop_ms: u64,
+    /// Scale: spawn this many echo agents in groups of 10,000 over the local cluster, and
+    /// report what the load did (leader changes, lost leases, spread, memory, queries) and
+    /// how long a follower SIGKILLed afterwards takes to catch up (needs --local).
+    #[arg(long, default_value_t = 0)]
+    pub scale: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -464,7 +470,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             eprintln!("measured {n} writer(s)");
         }
     }
-    let reference_rtt_us = if args.failover.is_empty() && args.migrations == 0 && args.agents == 0 {
+    let reference_rtt_us = if args.failover.is_empty()
+        && args.migrations == 0
+        && args.agents == 0
+        && args.scale == 0
+    {
         0
     } else {
         failover::nats_rtt_p50_us(&nats, &echo_subject).await
@@ -511,10 +521,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let scale_figures = if args.scale > 0 {
+        let Some(cluster) = _local.as_mut() else {
+            anyhow::bail!("--scale restarts a node: it needs --local");
+        };
+        Some(scale::scale(&client, cluster, args.scale, reference_rtt_us).await?)
+    } else {
+        None
+    };
     if args.json {
         let out = json!({
             "writes": rows,
             "agents": agent_figures,
+            "scale": scale_figures,
             "failover": failovers,
             "migration": migration,
             "slow_stop": slow_stop,
@@ -575,6 +594,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             if args.shared_queue {
                 println!("warden: writes through the shared queue group (followers forward)");
             }
+        }
+        if let Some(v) = &scale_figures {
+            scale::print(v);
         }
         if let Some(a) = &agent_figures {
             print_agents(a);

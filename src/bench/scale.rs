@@ -1,0 +1,284 @@
+//! `warden bench --local --scale N`: N echo agents spawned on the local three-node cluster in
+//! groups of 10,000 (8 at a time, placed by the cluster), and what that load did: leader
+//! changes, nodes turned suspect or down, lost leases, the spread over the nodes, memory per
+//! agent, query latencies, and how long a follower SIGKILLed afterwards takes to catch up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::agents::{self, Spawned};
+use crate::client::Client;
+use crate::up::LocalCluster;
+
+/// Agents per group: the largest group there is.
+const GROUP: usize = crate::limits::MAX_GROUP as usize;
+/// Groups in flight at once.
+const CONCURRENCY: usize = 8;
+/// How long the agents may take to all run, and a follower to catch up.
+const RUN_DEADLINE: Duration = Duration::from_secs(1_200);
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Runs the scale benchmark; `rtt_us` is a raw NATS round trip measured in the same run.
+pub async fn scale(
+    c: &Client,
+    cluster: &mut LocalCluster,
+    n: usize,
+    rtt_us: u64,
+) -> anyhow::Result<Value> {
+    let ids = [1u64, 2, 3];
+    let rss = |cluster: &LocalCluster, id: u64| cluster.pid(id).and_then(agents::rss_bytes);
+    let before: Vec<Option<u64>> = ids.iter().map(|id| rss(cluster, *id)).collect();
+    let status = c.call("cluster_status", &json!({})).await?;
+    let term_before = status["term"].as_u64().unwrap_or(0);
+
+    // Nodes turned suspect or down, counted from the events while the benchmark runs.
+    let troubles = Arc::new(AtomicUsize::new(0));
+    let mut events = c
+        .nats
+        .subscribe(c.subjects.event_filter("node.*.*"))
+        .await?;
+    c.nats.flush().await?;
+    let counter = troubles.clone();
+    let watch = tokio::spawn(async move {
+        while let Some(msg) = events.next().await {
+            if msg.subject.ends_with(".suspect") || msg.subject.ends_with(".down") {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let run = run[..8].to_string();
+    let (tag, rare_tag) = (format!("scale-{run}"), format!("scale-{run}-rare"));
+    let groups = n.div_ceil(GROUP);
+    eprintln!("spawning {n} agents in {groups} groups of up to {GROUP}");
+    let start = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut rare = 0;
+    for g in 0..groups {
+        let count = (n - g * GROUP).min(GROUP);
+        let mut tags = vec![tag.clone()];
+        // One group in 50 (2% of the agents) carries the rare tag the queries look for.
+        if g % 50 == 0 {
+            tags.push(rare_tag.clone());
+            rare += count;
+        }
+        let body = json!({"name": format!("scale-{run}-{g}"), "count": count,
+                          "template": {"kind": "echo", "tags": tags},
+                          "request_id": format!("scale-{run}-{g}")});
+        let (c, sem) = (c.clone(), sem.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            c.call("spawn_agent_group", &body).await
+        });
+    }
+    let mut unknown = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.is_err() || r.is_ok_and(|r| r.is_err()) {
+            unknown += 1;
+        }
+    }
+    let acked = start.elapsed();
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let q = json!({"tag": tag, "status": "running", "count": true});
+    let mut unanswered = 0;
+    loop {
+        // A read may time out under the load: counted, and asked again.
+        let running = match c.call("find_agents", &q).await {
+            Ok(v) => v["count"].as_u64(),
+            Err(_) => {
+                unanswered += 1;
+                None
+            }
+        };
+        if running.unwrap_or(0) as usize >= n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{running:?} of {n} agents run after {RUN_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let running = start.elapsed();
+    let status = c.call("cluster_status", &json!({})).await?;
+    let term_after = status["term"].as_u64().unwrap_or(0);
+    let leader = status["leader"].as_u64().unwrap_or(1);
+    let lost_leases = lease_losses(cluster, &ids);
+    let suspect_or_down = troubles.load(Ordering::Relaxed);
+
+    let mut per_node = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let q = json!({"node": id, "count": true});
+        let count = c.call("find_agents", &q).await?["count"]
+            .as_u64()
+            .unwrap_or(0);
+        let grown = match (before[i], rss(cluster, *id)) {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+            _ => None,
+        };
+        per_node.push((*id, count, grown));
+    }
+    let mean = n as f64 / ids.len() as f64;
+    let spread = per_node
+        .iter()
+        .map(|(_, count, _)| (*count as f64 - mean).abs() / mean)
+        .fold(0.0, f64::max);
+
+    eprintln!("measuring queries over {n} agents");
+    let spawned = Spawned {
+        acked_per_sec: 0.0,
+        running_per_sec: 0.0,
+        rare_tag,
+        rare,
+        group: format!("scale-{run}-{}", groups / 2),
+        agent: format!("scale-{run}-{}-0", groups / 2),
+    };
+    let queries = agents::query_latency(c, &spawned, 200).await?;
+    let queries: serde_json::Map<String, Value> = queries
+        .iter()
+        .map(|(label, f)| {
+            let v = json!({
+                "figures": f,
+                "p50_vs_nats_rtt": f.p50_us as f64 / rtt_us.max(1) as f64,
+                "p50_vs_get_agent": f.p50_us as f64 / queries[0].1.p50_us.max(1) as f64,
+            });
+            (label.to_string(), v)
+        })
+        .collect();
+
+    // A follower SIGKILLed and started again: how long until it has applied what the leader
+    // had when it came back. Its agents fail over meanwhile (it is down longer than
+    // `down_after_ms`), which the counts after it include.
+    let follower = ids.iter().copied().find(|id| *id != leader).unwrap_or(2);
+    eprintln!("killing node {follower} and starting it again");
+    cluster.kill(follower).await;
+    let restarted = Instant::now();
+    cluster.start_node(follower, false).await?;
+    let target = c.call("cluster_status", &json!({})).await?["applied_index"]
+        .as_u64()
+        .unwrap_or(0);
+    let via = Client {
+        node: Some(follower),
+        ..c.clone()
+    };
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let applied = match via.call("health", &json!({})).await {
+            Ok(h) => h["last_applied"].as_u64().unwrap_or(0),
+            Err(_) => 0,
+        };
+        if applied >= target {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {follower} did not catch up within {CATCH_UP_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let catch_up = restarted.elapsed();
+    let replica_after = rss(cluster, follower);
+    let status = c.call("cluster_status", &json!({})).await?;
+    watch.abort();
+
+    let nodes: Vec<Value> = per_node
+        .iter()
+        .map(|(id, count, grown)| {
+            // Every node holds every record and runs its own agents: its growth is both, so
+            // it is reported per agent it runs and per agent in the registry.
+            json!({
+                "node": id,
+                "agents": count,
+                "rss_growth_bytes": grown,
+                "growth_per_agent_run": grown.map(|g| g as f64 / (*count).max(1) as f64),
+                "growth_per_agent_in_registry": grown.map(|g| g as f64 / n as f64),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "agents": n,
+        "groups": groups,
+        "group_answers_unknown": unknown,
+        "reads_unanswered_while_spawning": unanswered,
+        "spawn_acked_per_sec": n as f64 / acked.as_secs_f64(),
+        "spawn_running_per_sec": n as f64 / running.as_secs_f64(),
+        "leader_changes": term_after.saturating_sub(term_before),
+        "nodes_suspect_or_down": suspect_or_down,
+        "lease_losses": lost_leases,
+        "nodes": nodes,
+        "spread_max_vs_mean": spread,
+        "queries": queries,
+        "nats_rtt_p50_us": rtt_us,
+        "restarted_follower": follower,
+        "catch_up_ms": catch_up.as_millis() as u64,
+        "catch_up_vs_nats_rtt": catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
+        "restarted_rss_bytes_per_agent_in_registry":
+            replica_after.map(|b| b as f64 / n as f64),
+        "leader_changes_with_restart": status["term"].as_u64().unwrap_or(0).saturating_sub(term_before),
+        "lease_losses_with_restart": lease_losses(cluster, &ids),
+    }))
+}
+
+/// Leases lost so far by the nodes, from their logs.
+fn lease_losses(cluster: &LocalCluster, ids: &[u64]) -> usize {
+    ids.iter()
+        .map(|id| {
+            let log = cluster.dir.join(format!("node-{id}.log"));
+            std::fs::read_to_string(log)
+                .map(|s| s.matches("lost the lease").count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Prints the figures `scale` answered, for a reader.
+pub fn print(v: &Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "scale: {} agents in {} groups: {:.0} acked/s, {:.0} running/s; leader changes {}, \
+         nodes suspect or down {}, lease losses {}; spread {:.1}% of the mean",
+        v["agents"],
+        v["groups"],
+        f("spawn_acked_per_sec"),
+        f("spawn_running_per_sec"),
+        v["leader_changes"],
+        v["nodes_suspect_or_down"],
+        v["lease_losses"],
+        f("spread_max_vs_mean") * 100.0
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "  node {}: runs {} agents; resident size grew {:.0} MB: {:.0} bytes per agent it \
+             runs, {:.0} per agent in the registry",
+            n["node"],
+            n["agents"],
+            n["rss_growth_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            n["growth_per_agent_run"].as_f64().unwrap_or(0.0),
+            n["growth_per_agent_in_registry"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for (label, q) in v["queries"].as_object().into_iter().flatten() {
+        println!(
+            "  {label}: p50 {} us ({:.1}x NATS rtt, {:.2}x get_agent)",
+            q["figures"]["p50_us"],
+            q["p50_vs_nats_rtt"].as_f64().unwrap_or(0.0),
+            q["p50_vs_get_agent"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  node {} SIGKILLed and restarted: caught up in {} ms ({:.0}x NATS rtt); then {:.0} \
+         bytes per agent in its registry; leader changes {}, lease losses {} in all",
+        v["restarted_follower"],
+        v["catch_up_ms"],
+        f("catch_up_vs_nats_rtt"),
+        f("restarted_rss_bytes_per_agent_in_registry"),
+        v["leader_changes_with_restart"],
+        v["lease_losses_with_restart"]
+    );
+}

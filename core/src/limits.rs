@@ -143,8 +143,9 @@ pub const RUNTIME_SHUTDOWN_MS: u64 = 200;
 /// other answers RPCs and sends heartbeats.
 pub const RAFT_THREADS: usize = 2;
 
-/// The nice value of the thread that encodes and stores a snapshot (`raft::store`): 10 steps
-/// below the node's other threads, so under contention it gets about a tenth of their CPU.
+/// How much lower the priority (nice) of the thread that encodes and stores a snapshot is
+/// than the node's (`raft::store`): 10 steps, so under contention it gets about a tenth of
+/// the CPU of the node's other threads.
 pub const SNAPSHOT_NICE: i32 = 10;
 
 /// How often a node looks whether its Raft stopped with a fatal error. With

@@ -296,13 +296,19 @@ impl Liveness {
     }
 
     /// Records a heartbeat unless the node is being declared down; in one step, so that a
-    /// verdict and a grant never pass each other.
+    /// verdict and a grant never pass each other. A node has several heartbeats in flight and
+    /// the leader handles them concurrently, so one received earlier may be recorded later:
+    /// the latest receipt is kept, never replaced by an earlier one (a grant for the later
+    /// one must not outlive the verdict counted from the earlier).
     fn seen_unless_condemned(&self, id: u64, at: Instant, load: NodeLoad) -> bool {
         let mut inner = self.lock();
         if inner.condemned.contains(&id) {
             return false;
         }
-        inner.seen.insert(id, (at, load));
+        let newer = inner.seen.get(&id).is_none_or(|(last, _)| *last < at);
+        if newer {
+            inner.seen.insert(id, (at, load));
+        }
         true
     }
 
@@ -543,6 +549,24 @@ mod tests {
         assert_eq!(cut, Ok(None), "cut by the lease, long before the timeout");
         let polled = last_poll.lock().unwrap().expect("polled while valid");
         assert!(polled < end, "never polled at or past the lease's end");
+    }
+
+    /// Goal: heartbeats of one node handled out of order never move its last receipt back:
+    /// a verdict counted from an earlier receipt could otherwise come before the end of a
+    /// lease granted for a later one.
+    #[test]
+    fn a_heartbeat_recorded_late_never_moves_the_last_receipt_back() {
+        let live = Liveness::default();
+        let later = Instant::now();
+        let earlier = later - Duration::from_millis(900);
+        assert!(live.seen_unless_condemned(2, later, NodeLoad::default()));
+        assert!(live.seen_unless_condemned(2, earlier, NodeLoad::default()));
+        assert_eq!(live.last(2), Some(later));
+        let since = later - Duration::from_secs(10);
+        assert!(
+            !live.condemn_if_silent(2, since, Duration::from_millis(500)),
+            "heard from 0 ms ago, not 900"
+        );
     }
 
     #[test]

@@ -65,6 +65,8 @@ struct Running {
     raft_client: async_nats::Client,
     plane: RaftPlane,
     refusals: tokio::sync::broadcast::Receiver<Violation>,
+    /// The same for Raft's connection, which holds this node's Raft and reply subscriptions.
+    raft_refusals: tokio::sync::broadcast::Receiver<Violation>,
     store: Store,
     raft: Raft,
     /// The tasks that take commands in: they stop first, and drain what is in flight while
@@ -117,15 +119,18 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Raft runs on its own runtime with its own NATS connection: its core, its state
-    // machine, its RPCs both ways, and every request of this node to another (`peers`: its
-    // heartbeats, reports and forwarded writes too). However busy the agents keep the node's
-    // runtime, a vote, an AppendEntries or a lease heartbeat waits for no agent's task.
+    // machine and its RPCs both ways wait for no agent's task however busy the agents keep
+    // the node's runtime. Every request of this node to another (`peers`: heartbeats,
+    // reports, forwarded writes and relays) goes over that connection too; the heartbeat
+    // loop and the leader's grants still run on the node's runtime.
     let plane = RaftPlane::new(cfg.id)?;
     let raft_client = {
         let (nats, name) = (cfg.nats.clone(), format!("warden-node-{}-raft", cfg.id));
         let connect = async move { bus::connect_watched(&nats, &name, true).await };
-        plane.run(connect).await??.0
+        plane.run(connect).await??
     };
+    let (raft_client, raft_violations) = raft_client;
+    let raft_refusals = raft_violations.subscribe();
     let raft_flush = raft_client.clone();
     plane
         .run(async move { raft_flush.flush().await })
@@ -255,6 +260,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         raft_client,
         plane,
         refusals,
+        raft_refusals,
         store,
         raft,
         intake,
@@ -325,7 +331,7 @@ impl Running {
                 tracing::info!("shutting down");
                 Why::Asked
             }
-            v = refused(&mut self.refusals) => {
+            v = refused(&mut self.refusals, &mut self.raft_refusals) => {
                 let why = format!(
                     "NATS refused this node's subscription to {:?}: its identity is not \
                      node-{}'s, or the server's users are out of date (docs/security.md)",
@@ -474,7 +480,18 @@ async fn watchdog(node: &Node) -> Option<String> {
 
 /// Resolves when NATS refuses one of this node's subscriptions: it holds another node's
 /// identity, or the server's users are stale. It cannot do its part.
-async fn refused(refusals: &mut tokio::sync::broadcast::Receiver<Violation>) -> Violation {
+async fn refused(
+    refusals: &mut tokio::sync::broadcast::Receiver<Violation>,
+    raft_refusals: &mut tokio::sync::broadcast::Receiver<Violation>,
+) -> Violation {
+    tokio::select! {
+        v = refused_on(refusals) => v,
+        v = refused_on(raft_refusals) => v,
+    }
+}
+
+/// `refused`, on one connection.
+async fn refused_on(refusals: &mut tokio::sync::broadcast::Receiver<Violation>) -> Violation {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match refusals.recv().await {

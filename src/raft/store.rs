@@ -650,12 +650,13 @@ async fn on_low_priority_thread<T: Send + 'static>(
     std::thread::Builder::new()
         .name("warden-snapshot".into())
         .spawn(move || {
-            // Linux keeps the nice value per thread; 0 names the calling one. Lowering one's
-            // own priority needs no privilege. If it fails the work runs at the usual one.
+            // Linux keeps the nice value per thread, and nice() changes the calling one's by
+            // this much, relative to the node's own. Lowering one's own priority needs no
+            // privilege; if it fails the work runs at the usual one.
             #[cfg(target_os = "linux")]
-            // SAFETY: setpriority reads no memory of ours.
+            // SAFETY: nice() reads no memory of ours.
             unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, crate::limits::SNAPSHOT_NICE);
+                libc::nice(crate::limits::SNAPSHOT_NICE);
             }
             let _ = tx.send(work());
         })?;

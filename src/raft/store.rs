@@ -28,6 +28,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
@@ -36,7 +37,6 @@ use tokio::sync::mpsc;
 
 use super::typ::*;
 use crate::registry::{Registry, RegistryData, RegistryEvent, Step, Unfinished, REGISTRY_VERSION};
-use chrono::{DateTime, Utc};
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
@@ -743,10 +743,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The copy is taken here, in order with `apply`, because apply keeps running while the
-        // snapshot is built.
-        // The copy takes long with many agents: the runtime's other tasks (those queued on this
-        // thread too) move to another thread meanwhile. Raft's runtime has several; on one
-        // without any the copy simply runs here.
+        // snapshot is built. It takes long with many agents: the runtime's other tasks (those
+        // queued on this thread too) move to another thread meanwhile. Raft's runtime has
+        // several; on a runtime without any the copy simply runs here.
         let copy = || {
             let st = self.read_state();
             (
@@ -843,8 +842,8 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        // Serialized in place rather than cloned once more, and stored, on a blocking thread:
-        // with many agents both take long, and the runtime's threads run Raft.
+        // Serialized in place rather than cloned once more, and stored, on a low-priority thread
+        // of its own: with many agents both take long, and Raft and the leases come first.
         let content = SnapshotData {
             v: REGISTRY_VERSION,
             registry: std::mem::take(&mut self.data),

@@ -237,17 +237,9 @@ pub async fn spawn_throughput(
         r??;
     }
     let acked = start.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if count(c, &tag, "running").await? >= n {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "agents did not all start within 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let all_run = || async { Ok(count(c, &tag, "running").await? >= n) };
+    let (within, every) = (Duration::from_secs(600), Duration::from_millis(100));
+    super::poll_until("agents did not all start", within, every, all_run).await?;
     let running = start.elapsed();
     Ok(Spawned {
         acked_per_sec: n as f64 / acked.as_secs_f64(),

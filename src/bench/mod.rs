@@ -95,6 +95,26 @@ pub struct Figures {
     pub p99_us: u64,
 }
 
+/// Asks `probe` every `every` until it answers true; fails naming `what` once `within` has
+/// passed, or with the probe's own error.
+async fn poll_until<F, Fut>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut probe: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    while !probe().await? {
+        anyhow::ensure!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
 fn figures(mut lat_us: Vec<u64>, errors: u64, elapsed: Duration) -> Figures {
     lat_us.sort_unstable();
     let pct = |p: f64| -> u64 {

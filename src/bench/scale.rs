@@ -84,27 +84,21 @@ pub async fn scale(
         }
     }
     let acked = start.elapsed();
-    let deadline = Instant::now() + RUN_DEADLINE;
     let q = json!({"tag": tag, "status": "running", "count": true});
-    let mut unanswered = 0;
-    loop {
+    let unanswered = std::cell::Cell::new(0);
+    let all_run = || async {
         // A read may time out under the load: counted, and asked again.
-        let running = match c.call("find_agents", &q).await {
-            Ok(v) => v["count"].as_u64(),
+        match c.call("find_agents", &q).await {
+            Ok(v) => Ok(v["count"].as_u64().unwrap_or(0) as usize >= n),
             Err(_) => {
-                unanswered += 1;
-                None
+                unanswered.set(unanswered.get() + 1);
+                Ok(false)
             }
-        };
-        if running.unwrap_or(0) as usize >= n {
-            break;
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{running:?} of {n} agents run after {RUN_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
+    let every = Duration::from_millis(250);
+    super::poll_until("the agents did not all run", RUN_DEADLINE, every, all_run).await?;
+    let unanswered = unanswered.get();
     let running = start.elapsed();
     let status = c.call("cluster_status", &json!({})).await?;
     let term_after = status["term"].as_u64().unwrap_or(0);
@@ -167,21 +161,16 @@ pub async fn scale(
         node: Some(follower),
         ..c.clone()
     };
-    let deadline = Instant::now() + CATCH_UP_DEADLINE;
-    loop {
+    let caught_up = || async {
         let applied = match via.call("health", &json!({})).await {
             Ok(h) => h["last_applied"].as_u64().unwrap_or(0),
-            Err(_) => 0,
+            Err(_) => 0, // still starting
         };
-        if applied >= target {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node {follower} did not catch up within {CATCH_UP_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(applied >= target)
+    };
+    let every = Duration::from_millis(100);
+    let what = format!("node {follower} did not catch up");
+    super::poll_until(&what, CATCH_UP_DEADLINE, every, caught_up).await?;
     let catch_up = restarted.elapsed();
     let replica_after = rss(cluster, follower);
     let status = c.call("cluster_status", &json!({})).await?;

@@ -104,7 +104,16 @@ async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
     .await;
     tc.cluster.start_node(follower, false).await.unwrap();
     let target = tc.status().await["applied_index"].as_u64().unwrap();
-    tc.wait_applied(follower, target).await;
+    // A debug build decodes and indexes 50,000 agents from the snapshot: 10 to 30 s here.
+    let via = tc.via(follower);
+    wait_for("the follower to catch up", Duration::from_secs(120), || {
+        let via = via.clone();
+        async move {
+            let h = via.call("health", &json!({})).await.ok()?;
+            (h["last_applied"].as_u64()? >= target).then_some(())
+        }
+    })
+    .await;
     let h = tc.via(follower).call("health", &json!({})).await.unwrap();
     assert!(
         h["snapshot_index"].as_u64().unwrap_or(0) >= compacted,

@@ -1,7 +1,8 @@
 //! `warden bench --local --scale N`: N echo agents spawned on the local three-node cluster in
 //! groups of 10,000 (8 at a time, placed by the cluster), and what that load did: leader
 //! changes, nodes turned suspect or down, lost leases, the spread over the nodes, memory per
-//! agent, query latencies, and how long a follower SIGKILLed afterwards takes to catch up.
+//! agent, query latencies, how long a follower SIGKILLed afterwards takes to catch up, and
+//! two bulk stops: one group, then a supervisor above ten groups.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use crate::up::LocalCluster;
 
 /// Agents per group: the largest group there is.
 const GROUP: usize = crate::limits::MAX_GROUP as usize;
+/// Groups under one parent supervisor: the bulk stop of a parent stops this many.
+const GROUPS_PER_PARENT: usize = 10;
 /// Groups in flight at once.
 const CONCURRENCY: usize = 8;
 /// How long the agents may take to all run, and a follower to catch up.
@@ -55,6 +58,12 @@ pub async fn scale(
     let run = run[..8].to_string();
     let (tag, rare_tag) = (format!("scale-{run}"), format!("scale-{run}-rare"));
     let groups = n.div_ceil(GROUP);
+    let parent = |g: usize| format!("scale-{run}-p{}", g / GROUPS_PER_PARENT);
+    for g in (0..groups).step_by(GROUPS_PER_PARENT) {
+        // Spread: each group below it is placed on its own.
+        c.call("create_supervisor", &json!({"name": parent(g)}))
+            .await?;
+    }
     eprintln!("spawning {n} agents in {groups} groups of up to {GROUP}");
     let start = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
@@ -68,7 +77,7 @@ pub async fn scale(
             tags.push(rare_tag.clone());
             rare += count;
         }
-        let body = json!({"name": format!("scale-{run}-{g}"), "count": count,
+        let body = json!({"name": format!("scale-{run}-{g}"), "count": count, "parent": parent(g),
                           "template": {"kind": "echo", "tags": tags},
                           "request_id": format!("scale-{run}-{g}")});
         let (c, sem) = (c.clone(), sem.clone());
@@ -174,6 +183,31 @@ pub async fn scale(
     let catch_up = restarted.elapsed();
     let replica_after = rss(cluster, follower);
     let status = c.call("cluster_status", &json!({})).await?;
+    let (term_restart, leases_restart) = (
+        status["term"].as_u64().unwrap_or(0),
+        lease_losses(cluster, &ids),
+    );
+    let troubles_restart = troubles.load(Ordering::Relaxed);
+
+    // Bulk stops, once every agent in the registry runs again (the restarted node's, or
+    // those that failed over): the last group, then the first parent with the groups below.
+    let steady = || async {
+        let total = c.call("find_agents", &json!({"count": true})).await;
+        let total = total.ok().and_then(|v| v["count"].as_u64());
+        Ok(total.is_some_and(|t| t > 0) && total == Some(running_agents(c, &ids).await))
+    };
+    super::poll_until(
+        "the agents did not all run again",
+        RUN_DEADLINE,
+        every,
+        steady,
+    )
+    .await?;
+    let last = format!("scale-{run}-{}", groups - 1);
+    let stop_group = bulk_stop(c, &ids, &last, 1, rtt_us).await?;
+    let below = GROUPS_PER_PARENT.min(groups.saturating_sub(1)).max(1);
+    let stop_parent = bulk_stop(c, &ids, &parent(0), below as u64 + 1, rtt_us).await?;
+    let status = c.call("cluster_status", &json!({})).await?;
     watch.abort();
 
     let nodes: Vec<Value> = per_node
@@ -209,9 +243,81 @@ pub async fn scale(
         "catch_up_vs_nats_rtt": catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
         "restarted_rss_bytes_per_agent_in_registry":
             replica_after.map(|b| b as f64 / n as f64),
-        "leader_changes_with_restart": status["term"].as_u64().unwrap_or(0).saturating_sub(term_before),
-        "lease_losses_with_restart": lease_losses(cluster, &ids),
+        "leader_changes_with_restart": term_restart.saturating_sub(term_before),
+        "lease_losses_with_restart": leases_restart,
+        "stop_group": stop_group,
+        "stop_parent": stop_parent,
+        "leader_changes_in_stops": status["term"].as_u64().unwrap_or(0).saturating_sub(term_restart),
+        "nodes_suspect_or_down_in_stops": troubles.load(Ordering::Relaxed) - troubles_restart,
+        "lease_losses_in_stops": lease_losses(cluster, &ids) - leases_restart,
     }))
+}
+
+/// Stops supervisor `name` (`supervisors` of them in its subtree, itself included) and
+/// measures: the answer, every `stopped` event it owes, and the nodes' instances gone.
+async fn bulk_stop(
+    c: &Client,
+    ids: &[u64],
+    name: &str,
+    supervisors: u64,
+    rtt_us: u64,
+) -> anyhow::Result<Value> {
+    let mut events = c
+        .nats
+        .subscribe(c.subjects.event_filter("*.*.stopped"))
+        .await?;
+    c.nats.flush().await?;
+    let running_before = running_agents(c, ids).await;
+    eprintln!("stopping {name}");
+    let start = Instant::now();
+    let answer = c.call("stop_supervisor", &json!({"name": name})).await?;
+    let answered = start.elapsed();
+    let owed = answer["stopped_count"].as_u64().unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + CATCH_UP_DEADLINE;
+    let mut seen = 0;
+    while seen < owed {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(_)) => seen += 1,
+            _ => break,
+        }
+    }
+    let published = start.elapsed();
+    let agents = owed.saturating_sub(supervisors);
+    let target = running_before.saturating_sub(agents);
+    let gone = || async { Ok(running_agents(c, ids).await <= target) };
+    let every = Duration::from_millis(100);
+    super::poll_until(
+        "the stopped agents did not end",
+        CATCH_UP_DEADLINE,
+        every,
+        gone,
+    )
+    .await?;
+    Ok(json!({
+        "supervisor": name,
+        "stopped": owed,
+        "events_seen": seen,
+        "answer_ms": answered.as_millis() as u64,
+        "events_ms": published.as_millis() as u64,
+        "instances_gone_ms": start.elapsed().as_millis() as u64,
+        "answer_vs_nats_rtt": answered.as_micros() as f64 / rtt_us.max(1) as f64,
+        "instances_gone_vs_nats_rtt": start.elapsed().as_micros() as f64 / rtt_us.max(1) as f64,
+    }))
+}
+
+/// Agent instances the nodes run, by their `health`; a node that does not answer counts none.
+async fn running_agents(c: &Client, ids: &[u64]) -> u64 {
+    let mut sum = 0;
+    for id in ids {
+        let via = Client {
+            node: Some(*id),
+            ..c.clone()
+        };
+        if let Ok(h) = via.call("health", &json!({})).await {
+            sum += h["running_agents"].as_u64().unwrap_or(0);
+        }
+    }
+    sum
 }
 
 /// Leases lost so far by the nodes, from their logs.
@@ -269,5 +375,26 @@ pub fn print(v: &Value) {
         f("restarted_rss_bytes_per_agent_in_registry"),
         v["leader_changes_with_restart"],
         v["lease_losses_with_restart"]
+    );
+    for key in ["stop_group", "stop_parent"] {
+        let s = &v[key];
+        println!(
+            "  stop_supervisor {}: {} stopped; answered in {} ms ({:.0}x NATS rtt), {} of the \
+             events in {} ms, instances gone in {} ms ({:.0}x NATS rtt)",
+            s["supervisor"],
+            s["stopped"],
+            s["answer_ms"],
+            s["answer_vs_nats_rtt"].as_f64().unwrap_or(0.0),
+            s["events_seen"],
+            s["events_ms"],
+            s["instances_gone_ms"],
+            s["instances_gone_vs_nats_rtt"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  during the stops: leader changes {}, nodes suspect or down {}, lease losses {}",
+        v["leader_changes_in_stops"],
+        v["nodes_suspect_or_down_in_stops"],
+        v["lease_losses_in_stops"]
     );
 }

@@ -10,8 +10,9 @@ use crate::support::{wait_for, TestCluster};
 
 /// Goal: a bulk spawn of 50,000 agents in groups of 10,000 (two at a time) causes no election,
 /// no node turning suspect or down and no lost lease; the groups spread over the three nodes;
-/// and a follower SIGKILLed afterwards, which misses what the leader has since compacted into
-/// a snapshot, catches up from that snapshot.
+/// stopping one group of 10,000 publishes every `stopped` event it owes, again without an
+/// election; and a follower SIGKILLed afterwards, which misses what the leader has since
+/// compacted into a snapshot, catches up from that snapshot.
 #[tokio::test]
 async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
     // A snapshot every 100 entries, keeping 2 behind it: a follower that misses more needs it.
@@ -55,6 +56,43 @@ async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
         }
     })
     .await;
+    for id in 1..=3 {
+        let q = json!({"node": id, "count": true});
+        let n = c.call("find_agents", &q).await.unwrap()["count"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            n >= size,
+            "node {id} holds {n} agents: the groups spread over every node"
+        );
+    }
+
+    // A bulk stop: one entry, applied in steps, owing one event per record.
+    let mut stopped = c
+        .nats
+        .subscribe(c.subjects.event_filter("*.*.stopped"))
+        .await
+        .unwrap();
+    c.nats.flush().await.unwrap();
+    let body = json!({"name": "bulk-0", "request_id": "stop-bulk-0"});
+    let answer = c.call("stop_supervisor", &body).await.unwrap();
+    assert_eq!(answer["stopped_count"].as_u64(), Some(size + 1), "{answer}");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < size as usize + 1 {
+        let msg = tokio::time::timeout_at(deadline, stopped.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} stopped events", seen.len(), size + 1))
+            .unwrap();
+        seen.insert(msg.subject.to_string());
+    }
+    let supervisor = c.subjects.event("supervisor", "bulk-0", "stopped");
+    assert!(seen.contains(&supervisor), "the supervisor's own event");
+    let all = all - size;
+    let q = json!({"tag": "bulk", "count": true});
+    let n = c.call("find_agents", &q).await.unwrap()["count"].as_u64();
+    assert_eq!(n, Some(all), "the group is gone");
+
     let after = tc.status().await;
     assert_eq!(after["term"], before["term"], "no election under load");
     assert_eq!(after["leader"], before["leader"]);
@@ -71,14 +109,6 @@ async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
         assert!(
             !log.contains("lost the lease"),
             "node {id} lost its lease under load alone"
-        );
-        let q = json!({"node": id, "count": true});
-        let n = c.call("find_agents", &q).await.unwrap()["count"]
-            .as_u64()
-            .unwrap();
-        assert!(
-            n >= size,
-            "node {id} holds {n} agents: the groups spread over every node"
         );
     }
 

@@ -418,7 +418,7 @@ impl Registry {
                 self.by_node.entry(node).or_default().insert(a.id);
             }
             None => {
-                self.unplaced.insert(a.id);
+                self.unplaced.insert((a.position, a.id));
             }
         }
         self.index.insert(&a);
@@ -442,7 +442,7 @@ impl Registry {
                 }
             }
         }
-        self.unplaced.remove(&id);
+        self.unplaced.remove(&(a.position, id));
         self.index.remove(&a);
         self.data.checkpoints.remove(&id);
         Some(*a)
@@ -533,12 +533,7 @@ impl Registry {
         })
     }
 
-    pub(super) fn restart_agent(
-        &mut self,
-        time: DateTime<Utc>,
-        agent: &str,
-        events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
+    pub(super) fn restart_agent(&mut self, time: DateTime<Utc>, agent: &str) -> Outcome {
         let id = self
             .agent(agent)
             .map(|a| a.id)
@@ -555,7 +550,7 @@ impl Registry {
         let requested = a.restart_requested;
         if a.node.is_none() {
             // It waits on no node (it stopped while its node was lost): place it now.
-            self.place_pending(time, events);
+            self.placing_due = true;
         }
         Ok(Applied::RestartRequested {
             id,
@@ -833,7 +828,7 @@ impl Registry {
         let a = self.agent(agent).ok_or_else(|| not_found(agent))?;
         let (id, node, epoch) = (a.id, a.node.unwrap_or(0), a.epoch);
         let out = self.store_checkpoint(time, id, node, epoch, state, events)?;
-        self.restart_agent(time, &id.to_string(), events)?;
+        self.restart_agent(time, &id.to_string())?;
         Ok(out)
     }
 }

@@ -14,6 +14,7 @@ mod moves;
 mod nodes;
 mod outcome;
 mod refused;
+mod stops;
 mod types;
 
 pub use agents::*;
@@ -190,6 +191,10 @@ enum Work {
     Group(Box<agents::GroupWork>),
     /// A node's agents placed elsewhere, then the node command's answer.
     FailOver(nodes::FailOverWork, Applied),
+    /// A supervisor's subtree removed.
+    Stop(stops::StopWork),
+    /// Agents waiting for a node placed, then the command's outcome.
+    Pending(nodes::PendingWork, Outcome),
 }
 
 /// The request id a command's outcome is remembered under.
@@ -254,10 +259,14 @@ pub struct Registry {
     agent_names: BTreeMap<String, Uuid>,
     /// Agents placed on each node. Derived.
     by_node: BTreeMap<u64, BTreeSet<Uuid>>,
-    /// Agents placed nowhere (no node could take them). Derived.
-    unplaced: BTreeSet<Uuid>,
+    /// Agents placed nowhere (no node could take them), by position and id: start order.
+    /// Derived.
+    unplaced: BTreeSet<(u64, Uuid)>,
     /// Agents by tag, capability, kind, status and supervisor, for queries. Derived.
     index: index::AgentIndex,
+    /// Set by a command that brought a node up or opened room, so that its last steps place
+    /// the agents waiting for a node (`conclude`); false between commands.
+    placing_due: bool,
 }
 
 impl Default for Registry {
@@ -292,6 +301,7 @@ impl Registry {
             by_node: BTreeMap::new(),
             unplaced: BTreeSet::new(),
             index: Default::default(),
+            placing_due: false,
         };
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
@@ -425,10 +435,19 @@ impl Registry {
             RegistryCmd::Handoff { items } => self.handoff(time, items, events),
             RegistryCmd::Rebalance { max_moves } => self.rebalance(time, *max_moves, events),
             RegistryCmd::CreateSupervisor(c) => self.create_supervisor(time, item.id, c, events),
-            RegistryCmd::StopSupervisor { name } => self.stop_supervisor(time, name, events),
+            RegistryCmd::StopSupervisor { name } => match self.begin_stop(name) {
+                Ok(work) => {
+                    let rest = Unfinished {
+                        work: Work::Stop(work),
+                        request: request_of(item, fingerprint),
+                    };
+                    return self.resume(time, rest, events);
+                }
+                Err(refused) => Err(refused),
+            },
             RegistryCmd::SpawnAgent(a) => self.spawn_agent(time, item.id, a, events),
             RegistryCmd::StopAgent { agent } => self.stop_agent(time, agent, events),
-            RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent, events),
+            RegistryCmd::RestartAgent { agent } => self.restart_agent(time, agent),
             RegistryCmd::SpawnAgentGroup(g) => {
                 match self.spawn_agent_group(time, item.id, g, events) {
                     Ok(work) => {
@@ -452,17 +471,11 @@ impl Registry {
                 state,
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
         };
-        let frees_room = matches!(
-            item.cmd,
-            RegistryCmd::StopAgent { .. } | RegistryCmd::StopSupervisor { .. }
-        );
-        Step::Done(self.finish(
-            time,
-            request_of(item, fingerprint),
-            frees_room,
-            outcome,
-            events,
-        ))
+        if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
+            // Room opened: agents waiting for a node may fit now.
+            self.placing_due = true;
+        }
+        self.conclude(time, request_of(item, fingerprint), outcome)
     }
 
     /// A node command's answer, and the fail-over it began if any: the first step of that
@@ -496,6 +509,23 @@ impl Registry {
     ) -> Step {
         let Unfinished { work, request } = rest;
         let outcome = match work {
+            Work::Stop(mut stopping) => {
+                if !self.stop_step(time, &mut stopping, events) {
+                    let work = Work::Stop(stopping);
+                    return Step::More(Unfinished { work, request });
+                }
+                // Room opened: agents waiting for a node may fit now.
+                self.placing_due = true;
+                Ok(stopping.finished())
+            }
+            Work::Pending(mut placing, outcome) => {
+                if !self.placing_step(time, &mut placing, events) {
+                    let work = Work::Pending(placing, outcome);
+                    return Step::More(Unfinished { work, request });
+                }
+                let outcome = self.answer_after_placing(outcome);
+                return Step::Done(self.finish(time, request, outcome));
+            }
             Work::Group(mut group) => match self.spawn_group_step(time, &mut group, events) {
                 Ok(false) => {
                     let work = Work::Group(group);
@@ -512,23 +542,33 @@ impl Registry {
                 Ok(answer)
             }
         };
-        Step::Done(self.finish(time, request, false, outcome, events))
+        self.conclude(time, request, outcome)
     }
 
-    /// What every command does once its outcome is known: room freed by a stop goes to
-    /// agents waiting for a node, and the outcome is remembered under the request id.
+    /// Ends a command whose outcome is known. When it brought a node up or opened room
+    /// (`placing_due`), the agents waiting for a node are placed first, in steps.
+    fn conclude(
+        &mut self,
+        time: DateTime<Utc>,
+        request: Option<Request>,
+        outcome: Outcome,
+    ) -> Step {
+        let placing = std::mem::take(&mut self.placing_due);
+        if placing && outcome.is_ok() && self.has_waiting() {
+            // A step of its own: the command's last step already did its share.
+            let work = Work::Pending(nodes::PendingWork::default(), outcome);
+            return Step::More(Unfinished { work, request });
+        }
+        Step::Done(self.finish(time, request, outcome))
+    }
+
+    /// What every command does last: its outcome is remembered under the request id.
     fn finish(
         &mut self,
         time: DateTime<Utc>,
         request: Option<Request>,
-        frees_room: bool,
         outcome: Outcome,
-        events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
-        if outcome.is_ok() && frees_room {
-            // Room opened: agents waiting for a node may fit now.
-            self.place_pending(time, events);
-        }
         // An id that was in use is the leader's draw, not the command's fault: a retry with
         // the same request_id gets a fresh id, so that refusal is not remembered.
         let redraw = matches!(outcome, Err(Refused::IdTaken { .. }));
@@ -647,7 +687,7 @@ impl Registry {
             ));
         }
         let reply = Applied::NodeJoined(Box::new(node.clone()));
-        self.place_pending(time, events);
+        self.placing_due = true;
         Ok(reply)
     }
 
@@ -773,85 +813,6 @@ impl Registry {
             cur = self.data.supervisors.get(parent);
         }
         depth
-    }
-
-    fn stop_supervisor(
-        &mut self,
-        time: DateTime<Utc>,
-        name: &str,
-        events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
-        if name == ROOT {
-            return Err(Refused::RootStops);
-        }
-        if !self.data.supervisors.contains_key(name) {
-            return Err(Refused::NoSupervisor {
-                name: name.to_string(),
-            });
-        }
-        // Stop order is the reverse of start order, children before their supervisor, as in
-        // OTP: collect the subtree in start order (pre-order) and stop it backwards. The nodes
-        // running its agents stop them when they see the records go.
-        let mut order = Vec::new();
-        self.collect_subtree(name, &mut order);
-        let mut stopped = Vec::new();
-        for child in order.iter().rev() {
-            match child {
-                Child::Agent { id } => {
-                    if let Some(mut a) = self.remove_agent(*id) {
-                        a.seq += 1;
-                        let data = json!({ "reason": "supervisor stopped" });
-                        events.push(agents::agent_event(&a, "stopped", time, data));
-                        stopped.push(a.name.clone().unwrap_or_else(|| a.id.to_string()));
-                    }
-                }
-                Child::Supervisor { name: n } => {
-                    if let Some(mut s) = self.data.supervisors.remove(n) {
-                        s.seq += 1;
-                        events.push(RegistryEvent {
-                            entity: "supervisor",
-                            id: n.clone(),
-                            event: "stopped",
-                            time,
-                            epoch: 0,
-                            seq: s.seq,
-                            data: json!({ "name": n, "id": s.id, "parent": s.parent }),
-                        });
-                        self.children.remove(n);
-                        let parent = s.parent.as_ref().and_then(|p| self.children.get_mut(p));
-                        if let Some(siblings) = parent {
-                            siblings.remove(&s.position);
-                        }
-                        stopped.push(n.clone());
-                    }
-                }
-            }
-        }
-        // The reply stays far below max_payload however large the subtree was.
-        let count = stopped.len();
-        stopped.truncate(limits::MAX_NAMES_IN_REPLY);
-        Ok(Applied::SupervisorStopped {
-            stopped,
-            stopped_count: count as u64,
-        })
-    }
-
-    /// The supervisor `name` and everything below it, in start order (pre-order).
-    fn collect_subtree(&self, name: &str, out: &mut Vec<Child>) {
-        let mut stack = vec![Child::Supervisor {
-            name: name.to_string(),
-        }];
-        while let Some(c) = stack.pop() {
-            if let Child::Supervisor { name: n } = &c {
-                if !self.data.supervisors.contains_key(n) {
-                    continue;
-                }
-                for child in self.children(n).collect::<Vec<_>>().into_iter().rev() {
-                    stack.push(child.clone());
-                }
-            }
-            out.push(c);
-        }
     }
 
     /// The supervision tree below `name`, as nested JSON, with at most

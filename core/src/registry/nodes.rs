@@ -5,6 +5,7 @@
 //! off: its reports and checkpoints carry the old epoch and are refused.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -139,7 +140,7 @@ impl Registry {
                 }
             }
             None => {
-                self.unplaced.remove(&id);
+                self.unplaced.remove(&(a.position, id));
             }
         }
         a.node = node;
@@ -148,7 +149,7 @@ impl Registry {
                 self.by_node.entry(n).or_default().insert(id);
             }
             None => {
-                self.unplaced.insert(id);
+                self.unplaced.insert((a.position, id));
             }
         }
     }
@@ -246,7 +247,7 @@ impl Registry {
         };
         match after {
             NodeStatus::Down => return Ok((answer, Some(self.begin_fail_over(id)))),
-            NodeStatus::Up | NodeStatus::Draining => self.place_pending(time, events),
+            NodeStatus::Up | NodeStatus::Draining => self.placing_due = true,
             _ => {}
         }
         Ok((answer, None))
@@ -297,19 +298,36 @@ impl Registry {
             ));
         }
         let status = node.status;
+        // Cancelled, the node takes agents again: those waiting for one are placed before
+        // the answer counts what it holds (`answer_after_placing`).
         if cancel {
-            self.place_pending(time, events);
+            self.placing_due = true;
         }
+        Ok(self.drain_answer(id, status))
+    }
+
+    /// What `drain_node` answers: what node `id` holds, and how much of it is pinned there.
+    fn drain_answer(&self, id: u64, status: NodeStatus) -> Applied {
         let pinned = self
             .agents_on(id)
             .filter(|a| a.placement.pinned() == Some(id))
             .count();
-        Ok(Applied::Drain {
+        Applied::Drain {
             node_id: id,
             status,
             agents: self.load(id) as u64,
             pinned_stay: pinned as u64,
-        })
+        }
+    }
+
+    /// A command's outcome once waiting agents are placed: a drain's counts are taken again.
+    pub(super) fn answer_after_placing(&self, outcome: Outcome) -> Outcome {
+        match outcome {
+            Ok(Applied::Drain {
+                node_id, status, ..
+            }) => Ok(self.drain_answer(node_id, status)),
+            other => other,
+        }
     }
 
     /// The top supervisors of the colocated subtrees running on `node`.
@@ -434,43 +452,72 @@ impl Registry {
         end == w.lost.len()
     }
 
-    /// Places agents that wait on no node, now that a node came up or room opened: colocated
-    /// subtrees without a node first, then each waiting agent in start order.
-    pub(super) fn place_pending(&mut self, time: DateTime<Utc>, events: &mut Vec<RegistryEvent>) {
-        if self.unplaced.is_empty() {
-            return;
+    /// Whether some agent waits on no node.
+    pub(super) fn has_waiting(&self) -> bool {
+        !self.unplaced.is_empty()
+    }
+
+    /// Places agents that wait on no node, now that a node came up or room opened, a bounded
+    /// step at a time; true once done. The first step gives colocated subtrees without a node
+    /// one; each later step tries the next `limits::APPLY_STEP_AGENTS` waiting agents in start
+    /// order. Nothing joins the waiting meanwhile (an agent tried and not placed keeps its
+    /// place), so the steps try the same agents in the same order as one pass would.
+    pub(super) fn placing_step(
+        &mut self,
+        time: DateTime<Utc>,
+        w: &mut PendingWork,
+        events: &mut Vec<RegistryEvent>,
+    ) -> bool {
+        if !w.relocated {
+            let homeless: Vec<String> = self
+                .data
+                .supervisors
+                .values()
+                .filter(|s| s.node.is_none() && colocates(s.placement) && s.parent.is_some())
+                .filter(|s| {
+                    let parent = s.parent.as_ref().and_then(|p| self.data.supervisors.get(p));
+                    parent.is_none_or(|p| p.node.is_none())
+                })
+                .map(|s| s.name.clone())
+                .collect();
+            for top in homeless {
+                self.relocate_unit(&top, None);
+            }
+            w.relocated = true;
+            return false;
         }
-        let homeless: Vec<String> = self
-            .data
-            .supervisors
-            .values()
-            .filter(|s| s.node.is_none() && colocates(s.placement) && s.parent.is_some())
-            .filter(|s| {
-                let parent = s.parent.as_ref().and_then(|p| self.data.supervisors.get(p));
-                parent.is_none_or(|p| p.node.is_none())
-            })
-            .map(|s| s.name.clone())
-            .collect();
-        for top in homeless {
-            self.relocate_unit(&top, None);
-        }
-        let mut waiting: Vec<(u64, Uuid)> = self
+        let step = crate::limits::APPLY_STEP_AGENTS as usize;
+        let lower = w.after.map_or(Bound::Unbounded, Bound::Excluded);
+        let batch: Vec<(u64, Uuid)> = self
             .unplaced
-            .iter()
-            .filter_map(|id| self.data.agents.get(id))
-            .filter(|a| a.status != AgentStatus::Stopped)
-            .map(|a| (a.position, a.id))
+            .range((lower, Bound::Unbounded))
+            .take(step)
+            .copied()
             .collect();
-        waiting.sort_unstable();
-        for (_, id) in waiting {
+        for &(_, id) in &batch {
             let Some(a) = self.data.agents.get(&id) else {
                 continue;
             };
+            if a.status == AgentStatus::Stopped {
+                continue;
+            }
             if let Ok(n) = self.place_agent(&a.kind, &a.supervisor, &a.placement, None) {
                 self.replace_agent(time, id, Ok(n), "node available", events);
             }
         }
+        w.after = batch.last().copied();
+        batch.len() < step
     }
+}
+
+/// Agents waiting for a node, being placed after a command that brought a node up or opened
+/// room.
+#[derive(Debug, Default)]
+pub(super) struct PendingWork {
+    /// Whether colocated subtrees without a node have been given one.
+    relocated: bool,
+    /// The last (position, id) tried; none before the first.
+    after: Option<(u64, Uuid)>,
 }
 
 /// An event about node `n`, at its current `seq`.

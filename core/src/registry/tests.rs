@@ -1032,3 +1032,171 @@ fn a_large_group_and_its_fail_over_apply_in_bounded_steps_to_the_same_state() {
     let again = stepped.apply(t(12), &spawn, &mut Vec::new()).unwrap();
     assert_eq!(again, answer);
 }
+
+/// Applies `item` a step at a time: the outcome, and the events of each step.
+fn apply_in_steps(
+    reg: &mut Registry,
+    at: i64,
+    item: &Stamped,
+) -> (Outcome, Vec<Vec<RegistryEvent>>) {
+    let mut steps = vec![Vec::new()];
+    let mut next = reg.apply_step(t(at), item, steps.last_mut().unwrap());
+    loop {
+        match next {
+            Step::Done(outcome) => return (outcome, steps),
+            Step::More(rest) => {
+                steps.push(Vec::new());
+                next = reg.resume(t(at), rest, steps.last_mut().unwrap());
+            }
+        }
+    }
+}
+
+/// Every agent and supervisor below `name`, and `name`, in the order OTP stops them: the
+/// reverse of start order, children before their supervisor.
+fn stop_order(reg: &Registry, name: &str, out: &mut Vec<String>) {
+    let children: Vec<Child> = reg.children(name).cloned().collect();
+    for c in children.iter().rev() {
+        match c {
+            Child::Agent { id } => out.push(id.to_string()),
+            Child::Supervisor { name } => stop_order(reg, name, out),
+        }
+    }
+    out.push(name.to_string());
+}
+
+/// Goal: stopping a large subtree (two groups, one of them nested, 2,100 agents) removes at
+/// most `APPLY_STEP_AGENTS` records a step, owes one `stopped` event per record in OTP's
+/// order, and leaves the rest of the tree alone.
+#[test]
+fn a_large_subtree_stops_in_bounded_steps_last_started_first() {
+    let step = limits::APPLY_STEP_AGENTS as usize;
+    let mut reg = three_nodes();
+    let group = |name: &str, parent: &str, count: usize| {
+        let v = json!({"name": name, "parent": parent, "count": count,
+            "template": {"kind": "counter"}});
+        RegistryCmd::SpawnAgentGroup(serde_json::from_value(v).unwrap())
+    };
+    run(&mut reg, 100, None, create("top", None)).unwrap();
+    run(&mut reg, 200, None, create("other", None)).unwrap();
+    run(
+        &mut reg,
+        300,
+        None,
+        spawn("keep", "other", "permanent", json!({})),
+    )
+    .unwrap();
+    run(
+        &mut reg,
+        400,
+        None,
+        spawn("first", "top", "permanent", json!({})),
+    )
+    .unwrap();
+    run(&mut reg, 10_000, None, group("g1", "top", 1200)).unwrap();
+    run(&mut reg, 20_000, None, create("mid", Some("top"))).unwrap();
+    run(&mut reg, 30_000, None, group("g2", "mid", 900)).unwrap();
+    run(
+        &mut reg,
+        40_000,
+        None,
+        spawn("last", "top", "permanent", json!({})),
+    )
+    .unwrap();
+    let mut expected = Vec::new();
+    stop_order(&reg, "top", &mut expected);
+    assert_eq!(expected.len(), 2102 + 4, "2,102 agents and 4 supervisors");
+
+    let stop = Stamped {
+        id: Uuid::from_u128(99),
+        request_id: Some("stop-top".into()),
+        cmd: RegistryCmd::StopSupervisor { name: "top".into() },
+        fingerprint: None,
+    };
+    let (outcome, steps) = apply_in_steps(&mut reg, 50_000, &stop);
+    let Ok(Applied::SupervisorStopped { stopped_count, .. }) = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(*stopped_count, expected.len() as u64);
+    assert!(steps.len() >= 3, "{} steps", steps.len());
+    assert!(
+        steps.iter().all(|s| s.len() <= step),
+        "a step stops at most {step}"
+    );
+    let stopped: Vec<String> = steps
+        .iter()
+        .flatten()
+        .filter(|e| e.event == "stopped")
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(stopped, expected, "one event each, last started first");
+    assert!(reg.supervisor("top").is_none() && reg.supervisor("g2").is_none());
+    assert_eq!(reg.children("top").count(), 0);
+    let left: Vec<_> = reg
+        .data()
+        .agents
+        .values()
+        .filter_map(|a| a.name.clone())
+        .collect();
+    assert_eq!(left, vec!["keep".to_string()], "the rest of the tree stays");
+    // Remembered whole: a retry answers the same.
+    assert_eq!(reg.apply(t(50_001), &stop, &mut Vec::new()), outcome);
+}
+
+/// Goal: room opened by a stop goes to the agents waiting for a node in start order, tried a
+/// bounded step at a time, and the state is the one a single `apply` reaches.
+#[test]
+fn room_opened_by_a_stop_goes_to_waiting_agents_in_bounded_steps() {
+    let step = limits::APPLY_STEP_AGENTS as usize;
+    let mut reg = Registry::default();
+    let mut one = join(1, "z1");
+    if let RegistryCmd::RegisterNode { capacity, .. } = &mut one {
+        *capacity = 1500;
+    }
+    run(&mut reg, 1, None, one).unwrap();
+    run(&mut reg, 2, None, join(2, "z2")).unwrap();
+    let group = json!({"name": "big", "count": 1500,
+        "template": {"kind": "counter", "placement": {"node": 1}}});
+    let group = RegistryCmd::SpawnAgentGroup(serde_json::from_value(group).unwrap());
+    run(&mut reg, 100_000, None, group).unwrap();
+    for i in 0..2500 {
+        let name = format!("w{i:04}");
+        run(
+            &mut reg,
+            10 + i,
+            None,
+            spawn(&name, ROOT, "permanent", json!({})),
+        )
+        .unwrap();
+    }
+    assert_eq!(reg.load(2), 2500, "node 1 is full");
+    run(&mut reg, 150_000, None, status(2, NodeStatus::Down)).unwrap();
+    assert_eq!(reg.unplaced.len(), 2500, "no room left: they wait");
+    let stop = Stamped {
+        id: Uuid::from_u128(99),
+        request_id: None,
+        cmd: RegistryCmd::StopSupervisor { name: "big".into() },
+        fingerprint: None,
+    };
+    let mut whole = reg.clone();
+    whole.apply(t(200_000), &stop, &mut Vec::new()).unwrap();
+    let (outcome, steps) = apply_in_steps(&mut reg, 200_000, &stop);
+    outcome.unwrap();
+    assert!(steps.iter().all(|s| s.len() <= step), "bounded steps");
+    assert_eq!(reg.data(), whole.data());
+    assert!(!reg.placing_due, "nothing left for the next command");
+    let placed: Vec<_> = steps
+        .iter()
+        .flatten()
+        .filter(|e| e.event == "placed")
+        .collect();
+    assert_eq!(placed.len(), 1500, "as many as the room");
+    for i in 0..2500 {
+        let a = reg.agent(&format!("w{i:04}")).unwrap();
+        assert_eq!(
+            a.node.is_some(),
+            i < 1500,
+            "w{i:04}: first started, first placed"
+        );
+    }
+}

@@ -160,7 +160,13 @@ impl Store {
         *self.flush_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(flush_task);
         let meta = self.db.open_tree("meta")?;
         let snapshot = self.db.open_tree("snapshot")?;
+        let began = Instant::now();
         let state = load_state(&snapshot)?;
+        tracing::info!(
+            agents = state.registry.data().agents.len(),
+            ms = began.elapsed().as_millis() as u64,
+            "loaded the stored snapshot"
+        );
         // What the log holds beyond the snapshot counts toward the next one by bytes: a node
         // that restarts often must still snapshot by size.
         let log_tree = self.db.open_tree("log")?;
@@ -756,11 +762,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let began = Instant::now();
         let (last_applied, membership, data) = if multi_thread {
             tokio::task::block_in_place(copy)
         } else {
             copy()
         };
+        tracing::info!(
+            agents = data.agents.len(),
+            copy_ms = began.elapsed().as_millis() as u64,
+            "copied the registry for a snapshot"
+        );
         self.log_bytes.snapshot_taken();
         SnapshotBuilder {
             last_applied,
@@ -863,6 +875,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
+        let began = Instant::now();
         let stored = on_low_priority_thread(move || {
             let stored = encode(&content).and_then(|data| {
                 // The snapshot's bytes move into the stored form and back out, rather than
@@ -889,6 +902,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 .await
                 .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         }
+        tracing::info!(
+            bytes = stored.data.len(),
+            ms = began.elapsed().as_millis() as u64,
+            stored = wrote,
+            "built a snapshot"
+        );
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),

@@ -7,6 +7,7 @@
 //! instance cannot act.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -422,7 +423,7 @@ impl Registry {
             }
         }
         self.index.insert(&a);
-        self.data.agents.insert(a.id, Box::new(a));
+        self.data.agents.insert(a.id, Arc::new(a));
     }
 
     /// Removes an agent record, its checkpoint and its index entries.
@@ -445,7 +446,7 @@ impl Registry {
         self.unplaced.remove(&(a.position, id));
         self.index.remove(&a);
         self.data.checkpoints.remove(&id);
-        Some(*a)
+        Some(Arc::unwrap_or_clone(a))
     }
 
     pub(super) fn spawn_agent(
@@ -538,7 +539,7 @@ impl Registry {
             .agent(agent)
             .map(|a| a.id)
             .ok_or_else(|| not_found(agent))?;
-        let a = self.data.agents.get_mut(&id).expect("looked up above");
+        let a = agent_mut(&mut self.data.agents, &id).expect("looked up above");
         a.restart_requested += 1;
         // An agent that ended for good (a transient one that finished) starts again too.
         if matches!(a.status, AgentStatus::Stopped | AgentStatus::Failed) {
@@ -579,7 +580,7 @@ impl Registry {
     ) -> Outcome {
         let (mut applied, mut stale) = (0, Vec::new());
         for r in reports {
-            match self.data.agents.get_mut(&r.agent) {
+            match agent_mut(&mut self.data.agents, &r.agent) {
                 Some(a) if a.node == Some(r.node) && a.epoch == r.epoch => {
                     // A migrating agent stays migrating until its source hands it over.
                     let status = if a.status == AgentStatus::Migrating {
@@ -625,7 +626,7 @@ impl Registry {
         state: &Bytes,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
-        let Some(a) = self.data.agents.get_mut(&agent) else {
+        let Some(a) = agent_mut(&mut self.data.agents, &agent) else {
             return Err(not_found(&agent.to_string()));
         };
         if a.node != Some(node) || a.epoch != epoch {
@@ -889,4 +890,12 @@ impl SpawnAgentGroup {
         }
         validate_request_id(&self.request_id)
     }
+}
+
+/// The agent `id` to change: the record is copied first if a snapshot still shares it.
+pub(super) fn agent_mut<'a>(
+    agents: &'a mut imbl::OrdMap<Uuid, Arc<Agent>>,
+    id: &Uuid,
+) -> Option<&'a mut Agent> {
+    agents.get_mut(id).map(Arc::make_mut)
 }

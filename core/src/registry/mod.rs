@@ -25,6 +25,7 @@ pub use refused::*;
 pub use types::*;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -233,10 +234,12 @@ pub struct RegistryData {
     pub nodes: BTreeMap<u64, NodeRecord>,
     pub supervisors: BTreeMap<String, Supervisor>,
     pub requests: BTreeMap<String, RequestRecord>,
+    /// Persistent maps: a snapshot's copy of them is taken in O(1), and what applies change
+    /// meanwhile is copied then, a path and a record at a time (`Arc::make_mut`).
     #[serde(default)]
-    pub agents: BTreeMap<Uuid, Box<Agent>>,
+    pub agents: imbl::OrdMap<Uuid, Arc<Agent>>,
     #[serde(default)]
-    pub checkpoints: BTreeMap<Uuid, Checkpoint>,
+    pub checkpoints: imbl::OrdMap<Uuid, Checkpoint>,
     /// The position the next supervisor or agent gets: above every one ever given, not only
     /// those left, so that every replica numbers alike however it got here (0 in a snapshot
     /// written before it was kept: one above the highest left).
@@ -310,8 +313,8 @@ impl Registry {
         for s in sups.into_values() {
             reg.insert_supervisor(s);
         }
-        for a in agents.into_values() {
-            reg.insert_agent(*a);
+        for (_, a) in agents {
+            reg.insert_agent(Arc::unwrap_or_clone(a));
         }
         reg
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{agent_event, AgentStatus, Applied, Moved, Outcome, Refused, Registry, RegistryEvent};
+use super::{agent_event, agent_mut, AgentStatus, Applied, Moved, Outcome, Refused, Registry, RegistryEvent};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
 
 /// One agent handed over by its source node.
@@ -143,7 +143,7 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
         moving: &mut usize,
     ) {
-        let Some(a) = self.data.agents.get_mut(&id) else {
+        let Some(a) = agent_mut(&mut self.data.agents, &id) else {
             return;
         };
         if a.node == Some(target) {

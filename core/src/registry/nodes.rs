@@ -13,7 +13,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    agent_event, AgentStatus, Applied, Child, NodeStatus, Outcome, Refused, Registry,
+    agent_event, agent_mut, AgentStatus, Applied, Child, NodeStatus, Outcome, Refused, Registry,
     RegistryEvent, SupervisorPlacement,
 };
 use crate::placement::{self, Candidate, Placement, Refusal};
@@ -127,7 +127,7 @@ impl Registry {
 
     /// Moves agent `id` to `node` (or nowhere), keeping the indexes right.
     pub(super) fn set_agent_node(&mut self, id: Uuid, node: Option<u64>) {
-        let Some(a) = self.data.agents.get_mut(&id) else {
+        let Some(a) = agent_mut(&mut self.data.agents, &id) else {
             return;
         };
         match a.node {
@@ -169,11 +169,7 @@ impl Registry {
         };
         let node = target.as_ref().ok().copied();
         self.set_agent_node(id, node);
-        let a = self
-            .data
-            .agents
-            .get_mut(&id)
-            .expect("set_agent_node found it");
+        let a = agent_mut(&mut self.data.agents, &id).expect("set_agent_node found it");
         a.epoch += 1;
         a.migrating_to = None;
         a.updated_at = time;

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{agent_event, agent_mut, AgentStatus, Applied, Moved, Outcome, Refused, Registry, RegistryEvent};
+use super::{
+    agent_event, agent_mut, AgentStatus, Applied, Moved, Outcome, Refused, Registry, RegistryEvent,
+};
 use crate::placement::{self, Movable, Move, Placement, Refusal, Strategy};
 
 /// One agent handed over by its source node.

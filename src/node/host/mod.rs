@@ -243,6 +243,14 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         pass: None,
     };
     let mut metrics = node.raft.metrics();
+    let seen = |m: &crate::raft::typ::RaftMetrics| {
+        (
+            m.last_applied.map(|l| l.index),
+            m.current_term,
+            m.current_leader,
+        )
+    };
+    let mut last_seen = seen(&metrics.borrow());
     let mut grants = node.lease.grants();
     let mut tick = tokio::time::interval(Duration::from_millis(RECONCILE_EVERY_MS));
     let mut next_reconcile = Instant::now();
@@ -262,7 +270,15 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             _ = &mut stopped => Wake::Shutdown,
             _ = tick.tick() => Wake::Changed,
             changed = metrics.changed() => match changed {
-                Ok(()) => Wake::Changed,
+                Ok(()) => {
+                    // Only what the registry or the leadership did matters here; a leader's
+                    // metrics change with every heartbeat acknowledged.
+                    let now = seen(&metrics.borrow());
+                    if std::mem::replace(&mut last_seen, now) == now {
+                        continue;
+                    }
+                    Wake::Changed
+                }
                 Err(_) => Wake::Shutdown,
             },
             Some(ev) = events.recv() => Wake::Task(ev),
@@ -303,6 +319,11 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 next_reconcile = match host.reconcile_chunk().await {
                     None => Instant::now(),
                     Some(spent) => {
+                        tracing::debug!(
+                            ms = spent.as_millis() as u64,
+                            instances = host.instances.len(),
+                            "reconciled"
+                        );
                         let gap = (spent * RECONCILE_GAP_FACTOR).clamp(
                             Duration::from_millis(RECONCILE_GAP_MIN_MS),
                             Duration::from_millis(RECONCILE_GAP_MAX_MS),

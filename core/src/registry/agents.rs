@@ -374,7 +374,7 @@ impl Registry {
 
     /// An agent's last checkpoint.
     pub fn checkpoint(&self, id: Uuid) -> Option<&Checkpoint> {
-        self.data.checkpoints.get(&id)
+        self.data.checkpoints.get(&id).map(|c| &**c)
     }
 
     /// Agents placed on `node`, by id.
@@ -426,8 +426,9 @@ impl Registry {
         self.data.agents.insert(a.id, Arc::new(a));
     }
 
-    /// Removes an agent record, its checkpoint and its index entries.
-    pub(super) fn remove_agent(&mut self, id: Uuid) -> Option<Agent> {
+    /// Removes an agent record, its checkpoint and its index entries. The record comes back
+    /// shared, as it was: a snapshot being encoded may still hold it, and a copy is not needed.
+    pub(super) fn remove_agent(&mut self, id: Uuid) -> Option<Arc<Agent>> {
         let a = self.data.agents.remove(&id)?;
         if let Some(siblings) = self.children.get_mut(&a.supervisor) {
             siblings.remove(&a.position);
@@ -446,7 +447,7 @@ impl Registry {
         self.unplaced.remove(&(a.position, id));
         self.index.remove(&a);
         self.data.checkpoints.remove(&id);
-        Some(Arc::unwrap_or_clone(a))
+        Some(a)
     }
 
     pub(super) fn spawn_agent(
@@ -520,17 +521,12 @@ impl Registry {
             .agent(agent)
             .map(|a| a.id)
             .ok_or_else(|| not_found(agent))?;
-        let mut a = self.remove_agent(id).expect("looked up above");
-        a.seq += 1;
-        events.push(agent_event(
-            &a,
-            "stopped",
-            time,
-            json!({ "reason": "stop_agent" }),
-        ));
+        let a = self.remove_agent(id).expect("looked up above");
+        let data = json!({ "reason": "stop_agent" });
+        events.push(stopped_event(&a, time, data));
         Ok(Applied::AgentStopped {
             id: a.id,
-            name: a.name,
+            name: a.name.clone(),
         })
     }
 
@@ -652,14 +648,14 @@ impl Registry {
         ));
         self.data.checkpoints.insert(
             agent,
-            Checkpoint {
+            Arc::new(Checkpoint {
                 agent,
                 epoch,
                 seq,
                 time,
                 state: state.clone(),
                 calls: Vec::new(),
-            },
+            }),
         );
         Ok(Applied::Checkpointed {
             agent,
@@ -693,6 +689,13 @@ pub(super) fn agent_event(
         seq: a.seq,
         data,
     }
+}
+
+/// The `stopped` event of an agent whose record was just removed: the record's last change.
+pub(super) fn stopped_event(a: &Agent, time: DateTime<Utc>, data: Value) -> RegistryEvent {
+    let mut event = agent_event(a, "stopped", time, data);
+    event.seq += 1;
+    event
 }
 
 /// A `spawn_agent_group` past its checks: its supervisor exists, and its children are

@@ -13,6 +13,7 @@ mod index;
 mod moves;
 mod nodes;
 mod outcome;
+mod persistent;
 mod refused;
 mod stops;
 mod types;
@@ -236,10 +237,10 @@ pub struct RegistryData {
     pub requests: BTreeMap<String, RequestRecord>,
     /// Persistent maps: a snapshot's copy of them is taken in O(1), and what applies change
     /// meanwhile is copied then, a path and a record at a time (`Arc::make_mut`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "persistent::ord_map")]
     pub agents: imbl::OrdMap<Uuid, Arc<Agent>>,
-    #[serde(default)]
-    pub checkpoints: imbl::OrdMap<Uuid, Checkpoint>,
+    #[serde(default, deserialize_with = "persistent::ord_map")]
+    pub checkpoints: imbl::OrdMap<Uuid, Arc<Checkpoint>>,
     /// The position the next supervisor or agent gets: above every one ever given, not only
     /// those left, so that every replica numbers alike however it got here (0 in a snapshot
     /// written before it was kept: one above the highest left).

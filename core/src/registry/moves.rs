@@ -6,6 +6,8 @@
 //! at the next epoch, and the target starts it from that state. The agent never runs on both:
 //! the target starts only after the source stopped, and a late source is fenced by the epoch.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -188,7 +190,7 @@ impl Registry {
                 let stored =
                     self.store_checkpoint(time, it.agent, it.node, it.epoch, state, events);
                 if let (Ok(_), Some(c)) = (stored, self.data.checkpoints.get_mut(&it.agent)) {
-                    c.calls = it.calls.clone();
+                    Arc::make_mut(c).calls = it.calls.clone();
                 }
             }
             let a = self.data.agents.get(&it.agent).expect("checked above");

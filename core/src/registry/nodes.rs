@@ -434,10 +434,9 @@ impl Registry {
                 continue;
             };
             if a.restart == RestartType::Temporary {
-                if let Some(mut gone) = self.remove_agent(aid) {
-                    gone.seq += 1;
+                if let Some(gone) = self.remove_agent(aid) {
                     let data = json!({ "reason": format!("node {id} is down") });
-                    events.push(agent_event(&gone, "stopped", time, data));
+                    events.push(super::agents::stopped_event(&gone, time, data));
                 }
                 continue;
             }

@@ -77,10 +77,9 @@ impl Registry {
                 .map(|(position, child)| (*position, child.clone()));
             match last {
                 Some((position, Child::Agent { id })) => match self.remove_agent(id) {
-                    Some(mut a) => {
-                        a.seq += 1;
+                    Some(a) => {
                         let data = json!({ "reason": "supervisor stopped" });
-                        events.push(agents::agent_event(&a, "stopped", time, data));
+                        events.push(agents::stopped_event(&a, time, data));
                         w.note(a.name.clone().unwrap_or_else(|| a.id.to_string()));
                     }
                     // An index entry without its record: drop it, so the step moves on.

@@ -1200,3 +1200,16 @@ fn room_opened_by_a_stop_goes_to_waiting_agents_in_bounded_steps() {
         );
     }
 }
+
+/// Goal: a snapshot whose agent map claims four billion entries is refused with an error, not
+/// an allocation of what the header claims (which aborts the process).
+#[test]
+fn a_snapshot_map_claiming_billions_of_entries_is_an_error() {
+    for field in ["agents", "checkpoints"] {
+        let mut bytes = vec![0x81, 0xa0 | field.len() as u8];
+        bytes.extend_from_slice(field.as_bytes());
+        bytes.extend_from_slice(&[0xdf, 0xff, 0xff, 0xff, 0xff]);
+        let decoded: Result<RegistryData, _> = rmp_serde::from_slice(&bytes);
+        assert!(decoded.is_err(), "{field}: {decoded:?}");
+    }
+}

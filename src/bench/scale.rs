@@ -194,7 +194,7 @@ pub async fn scale(
     let steady = || async {
         let total = c.call("find_agents", &json!({"count": true})).await;
         let total = total.ok().and_then(|v| v["count"].as_u64());
-        Ok(total.is_some_and(|t| t > 0) && total == Some(running_agents(c, &ids).await))
+        Ok(total.is_some_and(|t| t > 0) && total == agents_present(c, &ids).await)
     };
     super::poll_until(
         "the agents did not all run again",
@@ -254,7 +254,7 @@ pub async fn scale(
 }
 
 /// Stops supervisor `name` (`supervisors` of them in its subtree, itself included) and
-/// measures: the answer, every `stopped` event it owes, and the nodes' instances gone.
+/// measures: the answer, every `stopped` event it owes, and the nodes' instances ended.
 async fn bulk_stop(
     c: &Client,
     ids: &[u64],
@@ -262,62 +262,75 @@ async fn bulk_stop(
     supervisors: u64,
     rtt_us: u64,
 ) -> anyhow::Result<Value> {
+    // Counted as they come, from before the call: 100,000 events would overflow the
+    // subscription's buffer if they waited for the answer.
     let mut events = c
         .nats
         .subscribe(c.subjects.event_filter("*.*.stopped"))
         .await?;
     c.nats.flush().await?;
-    let running_before = running_agents(c, ids).await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let drain = tokio::spawn(async move {
+        while events.next().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let every = Duration::from_millis(100);
+    let asked = Instant::now();
+    let before = loop {
+        if let Some(n) = agents_present(c, ids).await {
+            break n;
+        }
+        anyhow::ensure!(asked.elapsed() < RUN_DEADLINE, "the nodes did not answer");
+        tokio::time::sleep(every).await;
+    };
     eprintln!("stopping {name}");
     let start = Instant::now();
     let answer = c.call("stop_supervisor", &json!({"name": name})).await?;
     let answered = start.elapsed();
-    let owed = answer["stopped_count"].as_u64().unwrap_or(0);
-    let deadline = tokio::time::Instant::now() + CATCH_UP_DEADLINE;
-    let mut seen = 0;
-    while seen < owed {
-        match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(_)) => seen += 1,
-            _ => break,
-        }
+    let owed = answer["stopped_count"].as_u64().unwrap_or(0) as usize;
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    while seen.load(Ordering::Relaxed) < owed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let published = start.elapsed();
-    let agents = owed.saturating_sub(supervisors);
-    let target = running_before.saturating_sub(agents);
-    let gone = || async { Ok(running_agents(c, ids).await <= target) };
-    let every = Duration::from_millis(100);
+    let target = before.saturating_sub(owed.saturating_sub(supervisors as usize) as u64);
+    let ended = || async { Ok(agents_present(c, ids).await.is_some_and(|n| n <= target)) };
     super::poll_until(
         "the stopped agents did not end",
         CATCH_UP_DEADLINE,
         every,
-        gone,
+        ended,
     )
     .await?;
+    let ended = start.elapsed();
+    drain.abort();
     Ok(json!({
         "supervisor": name,
         "stopped": owed,
-        "events_seen": seen,
+        "events_seen": seen.load(Ordering::Relaxed),
         "answer_ms": answered.as_millis() as u64,
         "events_ms": published.as_millis() as u64,
-        "instances_gone_ms": start.elapsed().as_millis() as u64,
+        "instances_gone_ms": ended.as_millis() as u64,
         "answer_vs_nats_rtt": answered.as_micros() as f64 / rtt_us.max(1) as f64,
-        "instances_gone_vs_nats_rtt": start.elapsed().as_micros() as f64 / rtt_us.max(1) as f64,
+        "instances_gone_vs_nats_rtt": ended.as_micros() as f64 / rtt_us.max(1) as f64,
     }))
 }
 
-/// Agent instances the nodes run, by their `health`; a node that does not answer counts none.
-async fn running_agents(c: &Client, ids: &[u64]) -> u64 {
+/// Agent instances on the nodes, running or still stopping, by their `health`; none until
+/// every node has answered.
+async fn agents_present(c: &Client, ids: &[u64]) -> Option<u64> {
     let mut sum = 0;
     for id in ids {
         let via = Client {
             node: Some(*id),
             ..c.clone()
         };
-        if let Ok(h) = via.call("health", &json!({})).await {
-            sum += h["running_agents"].as_u64().unwrap_or(0);
-        }
+        let h = via.call("health", &json!({})).await.ok()?;
+        sum += h["running_agents"].as_u64()? + h["stopping_agents"].as_u64()?;
     }
-    sum
+    Some(sum)
 }
 
 /// Leases lost so far by the nodes, from their logs.

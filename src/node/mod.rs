@@ -66,6 +66,8 @@ pub struct Node {
     read_floor: crate::raft::read::ReadFloor,
     /// Agents running here, kept by the host for heartbeats.
     pub running: std::sync::atomic::AtomicU32,
+    /// Agents asked to stop here whose tasks have not ended yet, kept by the host.
+    pub stopping: std::sync::atomic::AtomicU32,
 }
 
 /// The writes a node makes for itself, typed: never parsed back from a wire message on the
@@ -455,6 +457,10 @@ impl Node {
         let mut h = cluster::health(&self.cfg.name, &self.cfg.cluster, uptime, &metrics);
         h["labels"] = serde_json::to_value(&self.cfg.labels).unwrap_or_default();
         h["running_agents"] = self.running_agents().into();
+        h["stopping_agents"] = self
+            .stopping
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .into();
         h["protocol_version"] = crate::registry::REGISTRY_VERSION.into();
         let left = self
             .lease

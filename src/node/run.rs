@@ -207,6 +207,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         quorum: lease::QuorumGate::default(),
         read_floor: Default::default(),
         running: Default::default(),
+        stopping: Default::default(),
     });
 
     // What is addressed to this node: clients' commands, and from other nodes their relayed

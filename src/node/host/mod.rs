@@ -400,11 +400,15 @@ impl Host {
         }
     }
 
+    /// Publishes how many agents run and how many are stopping (`health`, heartbeats).
     fn count_running(&self) {
-        let n = self.instances.len() as u32;
+        use std::sync::atomic::Ordering::Relaxed;
         self.node
             .running
-            .store(n, std::sync::atomic::Ordering::Relaxed);
+            .store(self.instances.len() as u32, Relaxed);
+        self.node
+            .stopping
+            .store(self.stopping.len() as u32, Relaxed);
     }
 
     /// When the host must next look at its scheduled starts: the soonest that is not waiting
@@ -735,6 +739,7 @@ impl Host {
             },
         );
         self.stop_deadlines.insert((kill_at, id));
+        self.count_running();
         if let Some(parked) = woken {
             // An idle agent stops in a task of its own, like a busy one.
             self.wake(id, parked);
@@ -745,6 +750,7 @@ impl Host {
     fn take_stopping(&mut self, id: Uuid) -> Option<Stopping> {
         let s = self.stopping.remove(&id)?;
         self.stop_deadlines.remove(&(s.kill_at, id));
+        self.count_running();
         Some(s)
     }
 

@@ -269,31 +269,27 @@ async fn bulk_stop(
         .subscribe(c.subjects.event_filter("*.*.stopped"))
         .await?;
     c.nats.flush().await?;
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
+    let (count, mut seen) = tokio::sync::watch::channel(0usize);
     let drain = tokio::spawn(async move {
         while events.next().await.is_some() {
-            counter.fetch_add(1, Ordering::Relaxed);
+            count.send_modify(|n| *n += 1);
         }
     });
     let every = Duration::from_millis(100);
-    let asked = Instant::now();
-    let before = loop {
-        if let Some(n) = agents_present(c, ids).await {
-            break n;
-        }
-        anyhow::ensure!(asked.elapsed() < RUN_DEADLINE, "the nodes did not answer");
-        tokio::time::sleep(every).await;
+    let before = std::cell::Cell::new(None);
+    let all_answer = || async {
+        before.set(agents_present(c, ids).await);
+        Ok(before.get().is_some())
     };
+    super::poll_until("the nodes did not answer", RUN_DEADLINE, every, all_answer).await?;
+    let before = before.get().unwrap_or(0);
     eprintln!("stopping {name}");
     let start = Instant::now();
     let answer = c.call("stop_supervisor", &json!({"name": name})).await?;
     let answered = start.elapsed();
     let owed = answer["stopped_count"].as_u64().unwrap_or(0) as usize;
-    let deadline = Instant::now() + CATCH_UP_DEADLINE;
-    while seen.load(Ordering::Relaxed) < owed && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Short of them all by the deadline: the count says how many came.
+    let _ = tokio::time::timeout(CATCH_UP_DEADLINE, seen.wait_for(|n| *n >= owed)).await;
     let published = start.elapsed();
     let target = before.saturating_sub(owed.saturating_sub(supervisors as usize) as u64);
     let ended = || async { Ok(agents_present(c, ids).await.is_some_and(|n| n <= target)) };
@@ -309,7 +305,7 @@ async fn bulk_stop(
     Ok(json!({
         "supervisor": name,
         "stopped": owed,
-        "events_seen": seen.load(Ordering::Relaxed),
+        "events_seen": *seen.borrow(),
         "answer_ms": answered.as_millis() as u64,
         "events_ms": published.as_millis() as u64,
         "instances_gone_ms": ended.as_millis() as u64,

@@ -124,12 +124,9 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     // reports, forwarded writes and relays) goes over that connection too; the heartbeat
     // loop and the leader's grants still run on the node's runtime.
     let plane = RaftPlane::new(cfg.id)?;
-    let raft_client = {
-        let (nats, name) = (cfg.nats.clone(), format!("warden-node-{}-raft", cfg.id));
-        let connect = async move { bus::connect_watched(&nats, &name, true).await };
-        plane.run(connect).await??
-    };
-    let (raft_client, raft_violations) = raft_client;
+    let (nats, name) = (cfg.nats.clone(), format!("warden-node-{}-raft", cfg.id));
+    let connect = async move { bus::connect_watched(&nats, &name, true).await };
+    let (raft_client, raft_violations) = plane.run(connect).await??;
     let raft_refusals = raft_violations.subscribe();
     let raft_flush = raft_client.clone();
     plane

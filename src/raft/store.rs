@@ -749,9 +749,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The copy is taken here, in order with `apply`, because apply keeps running while the
-        // snapshot is built. It takes long with many agents: the runtime's other tasks (those
-        // queued on this thread too) move to another thread meanwhile. Raft's runtime has
-        // several; on a runtime without any the copy simply runs here.
+        // snapshot is built. Agents and checkpoints are persistent maps, shared in O(1); the
+        // supervisors and remembered requests are copied, which can still take a while: the
+        // runtime's other tasks (those queued on this thread too) move to another thread
+        // meanwhile. On a runtime without other threads the copy simply runs here.
         let copy = || {
             let st = self.read_state();
             (

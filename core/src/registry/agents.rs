@@ -6,7 +6,7 @@
 //! checkpoint carrying an old epoch, or coming from another node, is refused: a stale
 //! instance cannot act.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -406,10 +406,18 @@ impl Registry {
 
     /// Inserts an agent record and indexes it.
     pub(super) fn insert_agent(&mut self, a: Agent) {
-        self.children
-            .entry(a.supervisor.clone())
-            .or_default()
-            .insert(a.position, Child::Agent { id: a.id });
+        let child = Child::Agent { id: a.id };
+        // Looked up before an entry is made: most agents join a supervisor already listed, and
+        // its name is then not copied.
+        match self.children.get_mut(&a.supervisor) {
+            Some(siblings) => {
+                siblings.insert(a.position, child);
+            }
+            None => {
+                let siblings = BTreeMap::from([(a.position, child)]);
+                self.children.insert(a.supervisor.clone(), siblings);
+            }
+        }
         self.data.next_position = self.data.next_position.max(a.position + 1);
         if let Some(n) = &a.name {
             self.agent_names.insert(n.clone(), a.id);

@@ -45,7 +45,69 @@ fn drop_id<K: Ord>(map: &mut ByValue<K>, key: &K, id: Uuid) {
     }
 }
 
+/// Ids gathered by value, in the order they came; `into_index` sorts nothing when that order
+/// was already the ids' order.
+struct Gathered<K>(BTreeMap<K, Vec<Uuid>>);
+
+impl<K: Ord + Clone> Gathered<K> {
+    fn add<Q: Ord + ?Sized + ToOwned<Owned = K>>(&mut self, key: &Q, id: Uuid)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        match self.0.get_mut(key) {
+            Some(ids) => ids.push(id),
+            None => {
+                self.0.insert(key.to_owned(), vec![id]);
+            }
+        }
+    }
+
+    /// Sets built in one pass each (a sorted run is bulk-loaded): a restart or an installed
+    /// snapshot indexes every agent, and inserting a million ids one by one, five times over,
+    /// took seconds.
+    fn into_index(self) -> ByValue<K> {
+        self.0
+            .into_iter()
+            .map(|(k, ids)| (k, ids.into_iter().collect()))
+            .collect()
+    }
+}
+
+impl<K> Default for Gathered<K> {
+    fn default() -> Self {
+        Gathered(BTreeMap::new())
+    }
+}
+
 impl AgentIndex {
+    /// The index of `agents`, built in bulk.
+    pub(super) fn build<'a>(agents: impl Iterator<Item = &'a Agent>) -> AgentIndex {
+        let (mut tags, mut caps, mut kinds) = (
+            Gathered::default(),
+            Gathered::default(),
+            Gathered::default(),
+        );
+        let (mut statuses, mut sups) = (Gathered::default(), Gathered::default());
+        for a in agents {
+            for t in a.tags.iter() {
+                tags.add(t.as_str(), a.id);
+            }
+            for c in a.capabilities.iter() {
+                caps.add(c.as_str(), a.id);
+            }
+            kinds.add(a.kind.as_str(), a.id);
+            statuses.add(&a.status, a.id);
+            sups.add(a.supervisor.as_str(), a.id);
+        }
+        AgentIndex {
+            by_tag: tags.into_index(),
+            by_capability: caps.into_index(),
+            by_kind: kinds.into_index(),
+            by_status: statuses.into_index(),
+            by_supervisor: sups.into_index(),
+        }
+    }
+
     /// Indexes a new agent record.
     pub(super) fn insert(&mut self, a: &Agent) {
         for t in a.tags.iter() {

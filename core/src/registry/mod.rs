@@ -314,10 +314,50 @@ impl Registry {
         for s in sups.into_values() {
             reg.insert_supervisor(s);
         }
-        for (_, a) in agents {
-            reg.insert_agent(Arc::unwrap_or_clone(a));
-        }
+        reg.index_all(&agents);
+        reg.data.agents = agents;
         reg
+    }
+
+    /// Builds the agents' derived indexes from `agents` (the decoded map is kept as it is), in
+    /// bulk: ids and positions are gathered into vectors and each set or map is built from one
+    /// sorted run, not a million inserts. Agents come in id order, so most runs are sorted
+    /// already.
+    fn index_all(&mut self, agents: &imbl::OrdMap<Uuid, Arc<Agent>>) {
+        let mut children: BTreeMap<&str, Vec<(u64, Child)>> = BTreeMap::new();
+        let mut names = Vec::new();
+        let mut by_node: BTreeMap<u64, Vec<Uuid>> = BTreeMap::new();
+        let mut unplaced = Vec::new();
+        for a in agents.values() {
+            let child = (a.position, Child::Agent { id: a.id });
+            match children.get_mut(a.supervisor.as_str()) {
+                Some(list) => list.push(child),
+                None => {
+                    children.insert(&a.supervisor, vec![child]);
+                }
+            }
+            self.data.next_position = self.data.next_position.max(a.position + 1);
+            if let Some(n) = &a.name {
+                names.push((n.clone(), a.id));
+            }
+            match a.node {
+                Some(node) => by_node.entry(node).or_default().push(a.id),
+                None => unplaced.push((a.position, a.id)),
+            }
+        }
+        for (sup, mut list) in children {
+            // Supervisors under it were entered by `insert_supervisor`.
+            list.extend(self.children.remove(sup).unwrap_or_default());
+            self.children
+                .insert(sup.to_string(), list.into_iter().collect());
+        }
+        self.agent_names = names.into_iter().collect();
+        self.by_node = by_node
+            .into_iter()
+            .map(|(node, ids)| (node, ids.into_iter().collect()))
+            .collect();
+        self.unplaced = unplaced.into_iter().collect();
+        self.index = index::AgentIndex::build(agents.values().map(|a| &**a));
     }
 
     /// Inserts a supervisor record and indexes it under its parent.

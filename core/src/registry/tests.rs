@@ -47,6 +47,18 @@ fn render(reg: &Registry) -> String {
     out
 }
 
+/// `data` read back from the encoding snapshots use (positional MessagePack: records as
+/// arrays) and from the named one older snapshots used: both must give the same records.
+#[track_caller]
+fn through_snapshot(data: &RegistryData) -> RegistryData {
+    let positional = rmp_serde::to_vec(data).unwrap();
+    let named = rmp_serde::to_vec_named(data).unwrap();
+    let read: RegistryData = rmp_serde::from_slice(&positional).unwrap();
+    assert_eq!(read, rmp_serde::from_slice::<RegistryData>(&named).unwrap());
+    assert_eq!(&read, data);
+    read
+}
+
 #[track_caller]
 fn check_code(out: Outcome, code: ErrorCode) {
     assert_eq!(out.unwrap_err().code(), code);
@@ -399,9 +411,13 @@ fn indexed_queries_answer_as_a_scan_and_survive_a_snapshot() {
         let f: FindAgents = serde_json::from_value(q.clone()).unwrap();
         assert_eq!(f.answer(&reg), f.answer_by_scan(&reg), "{q}");
     }
-    let rebuilt = Registry::from_data(reg.data().clone());
+    let rebuilt = Registry::from_data(through_snapshot(reg.data()));
     assert_eq!(rebuilt.index, reg.index);
     assert_eq!(rebuilt.by_node, reg.by_node);
+    assert_eq!(rebuilt.children, reg.children);
+    assert_eq!(rebuilt.agent_names, reg.agent_names);
+    assert_eq!(rebuilt.unplaced, reg.unplaced);
+    assert_eq!(rebuilt.data().next_position, reg.data().next_position);
 }
 
 #[test]
@@ -450,8 +466,7 @@ fn a_registry_rebuilt_from_its_snapshot_is_the_same() {
     let mut reg = Registry::default();
     run(&mut reg, 1, Some("r"), create("a", None)).unwrap();
     run(&mut reg, 2, None, create("b", Some("a"))).unwrap();
-    let bytes = rmp_serde::to_vec_named(reg.data()).unwrap();
-    let mut copy = Registry::from_data(rmp_serde::from_slice(&bytes).unwrap());
+    let mut copy = Registry::from_data(through_snapshot(reg.data()));
     assert_eq!(copy.data(), reg.data());
     assert_eq!(render(&copy), render(&reg));
     let next = create("c", Some("b"));
@@ -675,6 +690,7 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         },
         "a repeated handoff changes nothing"
     );
+    through_snapshot(reg.data());
 }
 
 #[test]
@@ -961,9 +977,13 @@ fn every_outcome_survives_a_snapshot_round_trip() {
             time: t(1),
             outcome,
         };
-        let bytes = rmp_serde::to_vec_named(&record).unwrap();
-        let read: RequestRecord = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(read, record);
+        for bytes in [
+            rmp_serde::to_vec(&record).unwrap(),
+            rmp_serde::to_vec_named(&record).unwrap(),
+        ] {
+            let read: RequestRecord = rmp_serde::from_slice(&bytes).unwrap();
+            assert_eq!(read, record);
+        }
     }
 }
 

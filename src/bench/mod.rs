@@ -350,7 +350,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&dir)?;
         // With identities, as production runs: permission checks are part of the cost.
         let auth = dir.join("auth");
-        crate::auth::ensure(&auth, &args.cluster, 3)?;
+        // A fourth identity for the node that joins in the scale figures.
+        crate::auth::ensure(&auth, &args.cluster, 4)?;
         seed = Some(crate::auth::seed_path(&auth, "admin"));
         let server = NatsServer::start(&dir, &crate::up::auth_args(&auth)).await?;
         let url = server.url.clone();

@@ -1,8 +1,9 @@
 //! `warden bench --local --scale N`: N echo agents spawned on the local three-node cluster in
 //! groups of 10,000 (8 at a time, placed by the cluster), and what that load did: leader
 //! changes, nodes turned suspect or down, lost leases, the spread over the nodes, memory per
-//! agent, query latencies, how long a follower SIGKILLed afterwards takes to catch up, and
-//! two bulk stops: one group, then a supervisor above ten groups.
+//! agent, query latencies, how long a follower SIGKILLed afterwards takes to catch up, how
+//! long a fourth node new to the cluster takes to catch up and what it weighs as a replica,
+//! and two bulk stops: one group, then a supervisor above ten groups.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,8 @@ const CONCURRENCY: usize = 8;
 /// How long the agents may take to all run, and a follower to catch up.
 const RUN_DEADLINE: Duration = Duration::from_secs(1_200);
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(600);
+/// How long the restart waits for the follower to hold a snapshot of every agent.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 
 /// Runs the scale benchmark; `rtt_us` is a raw NATS round trip measured in the same run.
 pub async fn scale(
@@ -93,6 +96,10 @@ pub async fn scale(
         }
     }
     let acked = start.elapsed();
+    // Every group is committed by now: a snapshot at this index or later holds every agent.
+    let all_in_registry = c.call("cluster_status", &json!({})).await?["applied_index"]
+        .as_u64()
+        .unwrap_or(0);
     let q = json!({"tag": tag, "status": "running", "count": true});
     let unanswered = std::cell::Cell::new(0);
     let all_run = || async {
@@ -157,35 +164,51 @@ pub async fn scale(
 
     // A follower SIGKILLed and started again: how long until it has applied what the leader
     // had when it came back. Its agents fail over meanwhile (it is down longer than
-    // `down_after_ms`), which the counts after it include.
+    // `down_after_ms`), which the counts after it include. A follower in service has a
+    // snapshot: the kill waits (a bounded time) for one that holds every agent, and the figures
+    // say whether there was one, since without it the restart replays the whole spawn.
     let follower = ids.iter().copied().find(|id| *id != leader).unwrap_or(2);
+    let snapshot_index = std::cell::Cell::new(0);
+    let has_snapshot = || async {
+        let h = node(c, follower).call("health", &json!({})).await.ok();
+        snapshot_index.set(h.and_then(|h| h["snapshot_index"].as_u64()).unwrap_or(0));
+        Ok(snapshot_index.get() >= all_in_registry)
+    };
+    let every = Duration::from_millis(250);
+    let snapshotted = super::poll_until("", SNAPSHOT_WAIT, every, has_snapshot)
+        .await
+        .is_ok();
     eprintln!("killing node {follower} and starting it again");
     cluster.kill(follower).await;
     let restarted = Instant::now();
     cluster.start_node(follower, false).await?;
-    let target = c.call("cluster_status", &json!({})).await?["applied_index"]
-        .as_u64()
-        .unwrap_or(0);
-    let via = Client {
-        node: Some(follower),
-        ..c.clone()
-    };
-    let caught_up = || async {
-        let applied = match via.call("health", &json!({})).await {
-            Ok(h) => h["last_applied"].as_u64().unwrap_or(0),
-            Err(_) => 0, // still starting
-        };
-        Ok(applied >= target)
-    };
-    let every = Duration::from_millis(100);
-    let what = format!("node {follower} did not catch up");
-    super::poll_until(&what, CATCH_UP_DEADLINE, every, caught_up).await?;
+    caught_up(c, follower).await?;
     let catch_up = restarted.elapsed();
     let replica_after = rss(cluster, follower);
     let status = c.call("cluster_status", &json!({})).await?;
     let (term_restart, leases_restart) = (
         status["term"].as_u64().unwrap_or(0),
         lease_losses(cluster, &ids),
+    );
+
+    // A node new to the cluster joins: it gets the leader's snapshot and the log after it. It
+    // runs no agent yet, so its size is what a replica of the registry costs.
+    let joiner = ids.len() as u64 + 1;
+    eprintln!("starting node {joiner}, new to the cluster");
+    let joined = Instant::now();
+    cluster.start_node(joiner, false).await?;
+    caught_up(c, joiner).await?;
+    let join_catch_up = joined.elapsed();
+    let baseline = before.iter().flatten().min().copied();
+    let replica = match (rss(cluster, joiner), baseline) {
+        (Some(r), Some(b)) => Some(r.saturating_sub(b)),
+        _ => None,
+    };
+    let status = c.call("cluster_status", &json!({})).await?;
+    let every_id = [1u64, 2, 3, joiner];
+    let (term_join, leases_join) = (
+        status["term"].as_u64().unwrap_or(0),
+        lease_losses(cluster, &every_id),
     );
     let troubles_restart = troubles.load(Ordering::Relaxed);
 
@@ -194,7 +217,7 @@ pub async fn scale(
     let steady = || async {
         let total = c.call("find_agents", &json!({"count": true})).await;
         let total = total.ok().and_then(|v| v["count"].as_u64());
-        Ok(total.is_some_and(|t| t > 0) && total == agents_present(c, &ids).await)
+        Ok(total.is_some_and(|t| t > 0) && total == agents_present(c, &every_id).await)
     };
     super::poll_until(
         "the agents did not all run again",
@@ -204,9 +227,9 @@ pub async fn scale(
     )
     .await?;
     let last = format!("scale-{run}-{}", groups - 1);
-    let stop_group = bulk_stop(c, &ids, &last, 1, rtt_us).await?;
+    let stop_group = bulk_stop(c, &every_id, &last, 1, rtt_us).await?;
     let below = GROUPS_PER_PARENT.min(groups.saturating_sub(1)).max(1);
-    let stop_parent = bulk_stop(c, &ids, &parent(0), below as u64 + 1, rtt_us).await?;
+    let stop_parent = bulk_stop(c, &every_id, &parent(0), below as u64 + 1, rtt_us).await?;
     let status = c.call("cluster_status", &json!({})).await?;
     watch.abort();
 
@@ -239,17 +262,25 @@ pub async fn scale(
         "queries": queries,
         "nats_rtt_p50_us": rtt_us,
         "restarted_follower": follower,
+        "restarted_from_snapshot": snapshotted,
+        "restarted_snapshot_index": snapshot_index.get(),
         "catch_up_ms": catch_up.as_millis() as u64,
         "catch_up_vs_nats_rtt": catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
         "restarted_rss_bytes_per_agent_in_registry":
             replica_after.map(|b| b as f64 / n as f64),
         "leader_changes_with_restart": term_restart.saturating_sub(term_before),
         "lease_losses_with_restart": leases_restart,
+        "joined_node": joiner,
+        "join_catch_up_ms": join_catch_up.as_millis() as u64,
+        "join_catch_up_vs_nats_rtt": join_catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
+        "replica_rss_growth_bytes_per_agent": replica.map(|b| b as f64 / n as f64),
+        "leader_changes_with_join": term_join.saturating_sub(term_restart),
+        "lease_losses_with_join": leases_join - leases_restart,
         "stop_group": stop_group,
         "stop_parent": stop_parent,
-        "leader_changes_in_stops": status["term"].as_u64().unwrap_or(0).saturating_sub(term_restart),
+        "leader_changes_in_stops": status["term"].as_u64().unwrap_or(0).saturating_sub(term_join),
         "nodes_suspect_or_down_in_stops": troubles.load(Ordering::Relaxed) - troubles_restart,
-        "lease_losses_in_stops": lease_losses(cluster, &ids) - leases_restart,
+        "lease_losses_in_stops": lease_losses(cluster, &every_id) - leases_join,
     }))
 }
 
@@ -314,6 +345,35 @@ async fn bulk_stop(
     }))
 }
 
+/// A client whose node-local commands (`health`) node `id` answers.
+fn node(c: &Client, id: u64) -> Client {
+    Client {
+        node: Some(id),
+        ..c.clone()
+    }
+}
+
+/// Waits until node `id` has applied what the leader had applied when this was called, and
+/// answers how long that took.
+async fn caught_up(c: &Client, id: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let target = c.call("cluster_status", &json!({})).await?["applied_index"]
+        .as_u64()
+        .unwrap_or(0);
+    let via = node(c, id);
+    let applied = || async {
+        let applied = match via.call("health", &json!({})).await {
+            Ok(h) => h["last_applied"].as_u64().unwrap_or(0),
+            Err(_) => 0, // still starting
+        };
+        Ok(applied >= target)
+    };
+    let every = Duration::from_millis(100);
+    let what = format!("node {id} did not catch up");
+    super::poll_until(&what, CATCH_UP_DEADLINE, every, applied).await?;
+    Ok(start.elapsed())
+}
+
 /// Agent instances on the nodes, running or still stopping, by their `health`; none until
 /// every node has answered.
 async fn agents_present(c: &Client, ids: &[u64]) -> Option<u64> {
@@ -375,15 +435,30 @@ pub fn print(v: &Value) {
             q["p50_vs_get_agent"].as_f64().unwrap_or(0.0)
         );
     }
+    let from = if v["restarted_from_snapshot"].as_bool() == Some(true) {
+        "from a snapshot holding every agent"
+    } else {
+        "with no snapshot holding every agent (it replays the spawn from its log)"
+    };
     println!(
-        "  node {} SIGKILLed and restarted: caught up in {} ms ({:.0}x NATS rtt); then {:.0} \
-         bytes per agent in its registry; leader changes {}, lease losses {} in all",
+        "  node {} SIGKILLed and restarted {from}: caught up in {} ms ({:.0}x NATS rtt); then \
+         {:.0} bytes per agent in its registry; leader changes {}, lease losses {} in all",
         v["restarted_follower"],
         v["catch_up_ms"],
         f("catch_up_vs_nats_rtt"),
         f("restarted_rss_bytes_per_agent_in_registry"),
         v["leader_changes_with_restart"],
         v["lease_losses_with_restart"]
+    );
+    println!(
+        "  node {} joined: caught up in {} ms ({:.0}x NATS rtt); a replica, it grew {:.0} bytes \
+         per agent in the registry; leader changes {}, lease losses {}",
+        v["joined_node"],
+        v["join_catch_up_ms"],
+        f("join_catch_up_vs_nats_rtt"),
+        f("replica_rss_growth_bytes_per_agent"),
+        v["leader_changes_with_join"],
+        v["lease_losses_with_join"]
     );
     for key in ["stop_group", "stop_parent"] {
         let s = &v[key];

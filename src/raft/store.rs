@@ -595,12 +595,24 @@ impl StateMachine {
         slice: Instant,
     ) -> bool {
         let budget = Duration::from_millis(crate::limits::APPLY_SLICE_MS);
+        let slow = Duration::from_millis(SLOW_APPLY_MS);
+        let waited = Instant::now();
         let mut st = self.write_state();
+        if waited.elapsed() >= slow {
+            // Readers hold the lock too long: the host's passes and queries must stay short.
+            tracing::warn!(
+                ms = waited.elapsed().as_millis() as u64,
+                index = a.log_id.index,
+                "waited long for the registry's lock to apply"
+            );
+        }
         if let Some(prev) = st.last_applied {
             assert!(a.log_id.index > prev.index, "applied index must only grow");
         }
         let st = &mut *st;
         loop {
+            let began = Instant::now();
+            let resumed = a.rest.is_some();
             let step = match (a.rest.take(), &a.payload) {
                 (Some(rest), _) => Some(st.registry.resume(a.time, rest, events)),
                 (None, EntryPayload::Normal(p)) => p
@@ -613,6 +625,24 @@ impl StateMachine {
                 }
                 (None, EntryPayload::Blank) => None,
             };
+            if began.elapsed() >= slow {
+                // A step is meant to take a few ms (`limits::APPLY_STEP_AGENTS`); one this long
+                // delays Raft's heartbeats and the leases on this node.
+                let command = match &a.payload {
+                    EntryPayload::Normal(p) => p
+                        .items
+                        .get(a.outcomes.len())
+                        .map_or("?", |item| item.cmd.name()),
+                    _ => "membership",
+                };
+                tracing::warn!(
+                    ms = began.elapsed().as_millis() as u64,
+                    index = a.log_id.index,
+                    command,
+                    resumed,
+                    "a slow apply step"
+                );
+            }
             match step {
                 None => {
                     st.last_applied = Some(a.log_id);
@@ -627,6 +657,9 @@ impl StateMachine {
         }
     }
 }
+
+/// An apply step or a wait for the registry's lock this long (ms) is logged as slow.
+const SLOW_APPLY_MS: u64 = 50;
 
 /// One log entry being applied, perhaps over several slices (`StateMachine::apply_slice`).
 struct Applying {
@@ -808,19 +841,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let registry = registry_from_snapshot(&bytes).map_err(|why| {
+        // Decoding, indexing and storing a large registry take seconds: on the blocking pool,
+        // not on a thread of Raft's runtime, whose heartbeats and votes must go on meanwhile.
+        let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
+        let began = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let registry = registry_from_snapshot(&bytes)?;
+            let decoded_ms = began.elapsed().as_millis() as u64;
+            let snapshot = StoredSnapshot {
+                v: REGISTRY_VERSION,
+                meta: for_store,
+                data: bytes,
+            };
+            let stored = store_snapshot(&tree, &mark, &snapshot).map_err(|e| e.to_string());
+            stored.map(|_| (registry, snapshot, decoded_ms))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the snapshot's install panicked: {e}")));
+        let (registry, snapshot, decoded_ms) = loaded.map_err(|why| {
             io_err(
                 ErrorSubject::Snapshot(sig.clone()),
-                ErrorVerb::Read,
+                ErrorVerb::Write,
                 std::io::Error::other(why),
             )
         })?;
-        let snapshot = StoredSnapshot {
-            v: REGISTRY_VERSION,
-            meta: meta.clone(),
-            data: bytes,
-        };
-        store_snapshot(&self.snapshot, &self.stored, &snapshot)?;
+        tracing::info!(
+            bytes = snapshot.data.len(),
+            agents = registry.data().agents.len(),
+            decode_ms = decoded_ms,
+            ms = began.elapsed().as_millis() as u64,
+            "installed a snapshot from the leader"
+        );
         self.stored
             .installing
             .store(false, std::sync::atomic::Ordering::Release);
@@ -843,13 +894,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let raw = self
-            .snapshot
-            .get(CURRENT_SNAPSHOT)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        let Some(raw) = raw else { return Ok(None) };
-        let stored: StoredSnapshot = crate::protocol::from_msgpack(&raw)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        // Hundreds of MB to read and copy with many agents: off Raft's runtime (the leader
+        // reads it to send a follower).
+        let tree = self.snapshot.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let Some(raw) = tree.get(CURRENT_SNAPSHOT).map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            let stored: StoredSnapshot =
+                crate::protocol::from_msgpack(&raw).map_err(|e| e.to_string())?;
+            Ok(Some(stored))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reading the snapshot panicked: {e}")));
+        let stored = read.map_err(|why| {
+            io_err(
+                ErrorSubject::Snapshot(None),
+                ErrorVerb::Read,
+                std::io::Error::other(why),
+            )
+        })?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
         Ok(Some(Snapshot {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),

@@ -192,7 +192,7 @@ pub struct Unfinished {
 enum Work {
     Group(Box<agents::GroupWork>),
     /// A node's agents placed elsewhere, then the node command's answer.
-    FailOver(nodes::FailOverWork, Applied),
+    FailOver(Box<nodes::FailOverWork>, Applied),
     /// A supervisor's subtree removed.
     Stop(stops::StopWork),
     /// Agents waiting for a node placed, then the command's outcome.
@@ -534,7 +534,7 @@ impl Registry {
         match step {
             Ok((answer, Some(work))) => {
                 let rest = Unfinished {
-                    work: Work::FailOver(work, answer),
+                    work: Work::FailOver(Box::new(work), answer),
                     request,
                 };
                 Ok(self.resume(time, rest, events))

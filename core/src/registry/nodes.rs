@@ -4,7 +4,7 @@
 //! Every change of an agent's node bumps its epoch, so the instance on the old node is fenced
 //! off: its reports and checkpoints carry the old epoch and are refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use chrono::{DateTime, Utc};
@@ -35,12 +35,26 @@ pub struct LoadReport {
     pub load: super::NodeLoad,
 }
 
-/// A fail-over past its first step: the agents of `node` to place elsewhere, in start order.
+/// A fail-over past its first step, in three phases of bounded steps (a node may have run a
+/// third of a million agents): its colocated subtrees get a new node, its agents are listed in
+/// start order, then placed elsewhere.
 #[derive(Debug)]
 pub(super) struct FailOverWork {
     node: u64,
-    lost: Vec<Uuid>,
-    next: usize,
+    /// Colocated subtrees that were on `node`; those before `next_unit` have a new node.
+    units: Vec<String>,
+    next_unit: usize,
+    /// The agents of the subtree `units[next_unit]`, and the kinds of those before `unit_pos`.
+    unit_agents: Vec<Uuid>,
+    unit_pos: usize,
+    unit_kinds: BTreeSet<String>,
+    /// The agents of `node` by (position, id): start order. Listed from `by_node` after
+    /// `listed_after`, until `listed`.
+    lost: BTreeSet<(u64, Uuid)>,
+    listed_after: Option<Uuid>,
+    listed: bool,
+    /// The last agent placed elsewhere.
+    placed_after: Option<(u64, Uuid)>,
 }
 
 impl Registry {
@@ -371,20 +385,35 @@ impl Registry {
     /// Picks one node for a whole colocated subtree and records it on its supervisors.
     pub(super) fn relocate_unit(&mut self, top: &str, exclude: Option<u64>) -> Option<u64> {
         let agents = self.subtree_agents(top);
-        let kinds: Vec<String> = agents
-            .iter()
-            .filter_map(|id| self.data.agents.get(id))
-            .map(|a| a.kind.clone())
-            .collect();
-        let mut kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
-        kinds.sort_unstable();
-        kinds.dedup();
+        let mut kinds = BTreeSet::new();
+        self.add_kinds(&agents, &mut kinds);
+        self.place_unit(top, &kinds, agents.len(), exclude)
+    }
+
+    /// Adds the kinds of `agents` to `kinds`.
+    fn add_kinds(&self, agents: &[Uuid], kinds: &mut BTreeSet<String>) {
+        for a in agents.iter().filter_map(|id| self.data.agents.get(id)) {
+            if !kinds.contains(&a.kind) {
+                kinds.insert(a.kind.clone());
+            }
+        }
+    }
+
+    /// Picks one node for colocated subtree `top`, of `count` agents of `kinds`, and records
+    /// it on its supervisors.
+    fn place_unit(
+        &mut self,
+        top: &str,
+        kinds: &BTreeSet<String>,
+        count: usize,
+        exclude: Option<u64>,
+    ) -> Option<u64> {
         let none = BTreeMap::new();
         let default = Placement::default();
         let req = placement::Request {
-            kinds,
+            kinds: kinds.iter().map(String::as_str).collect(),
             placement: &default,
-            count: agents.len(),
+            count,
             exclude,
             siblings: &none,
         };
@@ -400,23 +429,27 @@ impl Registry {
     /// Node `id` is gone: every agent it ran is placed elsewhere at a new epoch, from its last
     /// checkpoint; a temporary one is forgotten, as OTP never restarts it; one that cannot be
     /// placed (pinned there, no room) waits on no node with the reason in `pending_reason`.
-    /// The first step of a fail-over of node `id`: its colocated subtrees get a new node, and
-    /// its agents are listed in start order for `fail_over_step`.
+    /// The first step of a fail-over of node `id`: which colocated subtrees it held (a walk
+    /// over the supervisors, not the agents). `fail_over_step` does the rest.
     pub(super) fn begin_fail_over(&mut self, id: u64) -> FailOverWork {
-        for top in self.units_on(id) {
-            self.relocate_unit(&top, Some(id));
-        }
-        let mut lost: Vec<(u64, Uuid)> = self.agents_on(id).map(|a| (a.position, a.id)).collect();
-        lost.sort_unstable();
         FailOverWork {
             node: id,
-            lost: lost.into_iter().map(|(_, a)| a).collect(),
-            next: 0,
+            units: self.units_on(id),
+            next_unit: 0,
+            unit_agents: Vec::new(),
+            unit_pos: 0,
+            unit_kinds: BTreeSet::new(),
+            lost: BTreeSet::new(),
+            listed_after: None,
+            listed: false,
+            placed_after: None,
         }
     }
 
-    /// Places the next `limits::APPLY_STEP_AGENTS` agents of a failed-over node elsewhere (a
-    /// temporary one is forgotten); true once all are.
+    /// One bounded step of a fail-over, looking at no more than `limits::APPLY_STEP_AGENTS`
+    /// agents: first the kinds of the colocated subtrees to move (each gets its new node once
+    /// all its kinds are known), then the listing of the node's agents in start order, then
+    /// their placing elsewhere (a temporary one is forgotten). True once all are placed.
     pub(super) fn fail_over_step(
         &mut self,
         time: DateTime<Utc>,
@@ -424,12 +457,53 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> bool {
         let id = w.node;
-        let end = w
+        let step = crate::limits::APPLY_STEP_AGENTS as usize;
+        if w.next_unit < w.units.len() {
+            let top = w.units[w.next_unit].clone();
+            if w.unit_pos == 0 && w.unit_kinds.is_empty() {
+                // The subtree's ids, from the children indexes: no record is read.
+                w.unit_agents = self.subtree_agents(&top);
+            }
+            let end = w.unit_agents.len().min(w.unit_pos + step);
+            self.add_kinds(&w.unit_agents[w.unit_pos..end], &mut w.unit_kinds);
+            w.unit_pos = end;
+            if end == w.unit_agents.len() {
+                let count = w.unit_agents.len();
+                self.place_unit(&top, &w.unit_kinds, count, Some(id));
+                w.next_unit += 1;
+                w.unit_agents = Vec::new();
+                w.unit_pos = 0;
+                w.unit_kinds.clear();
+            }
+            return false;
+        }
+        if !w.listed {
+            let lower = w.listed_after.map_or(Bound::Unbounded, Bound::Excluded);
+            let ids: Vec<Uuid> = self
+                .by_node
+                .get(&id)
+                .into_iter()
+                .flat_map(|set| set.range((lower, Bound::Unbounded)))
+                .take(step)
+                .copied()
+                .collect();
+            for aid in &ids {
+                if let Some(a) = self.data.agents.get(aid) {
+                    w.lost.insert((a.position, a.id));
+                }
+            }
+            w.listed_after = ids.last().copied().or(w.listed_after);
+            w.listed = ids.len() < step;
+            return false;
+        }
+        let lower = w.placed_after.map_or(Bound::Unbounded, Bound::Excluded);
+        let batch: Vec<(u64, Uuid)> = w
             .lost
-            .len()
-            .min(w.next + crate::limits::APPLY_STEP_AGENTS as usize);
-        for i in w.next..end {
-            let aid = w.lost[i];
+            .range((lower, Bound::Unbounded))
+            .take(step)
+            .copied()
+            .collect();
+        for &(_, aid) in &batch {
             let Some(a) = self.data.agents.get(&aid) else {
                 continue;
             };
@@ -443,8 +517,8 @@ impl Registry {
             let target = self.next_node(a, id);
             self.replace_agent(time, aid, target, "failover", events);
         }
-        w.next = end;
-        end == w.lost.len()
+        w.placed_after = batch.last().copied().or(w.placed_after);
+        batch.len() < step
     }
 
     /// Whether some agent waits on no node.

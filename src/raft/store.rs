@@ -858,6 +858,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .unwrap_or_else(|e| Err(format!("the snapshot's install panicked: {e}")));
+        // A failed install leaves `installing` set on purpose: a purge waiting for it then
+        // times out and keeps the log, which no stored snapshot covers.
         let (registry, snapshot, decoded_ms) = loaded.map_err(|why| {
             io_err(
                 ErrorSubject::Snapshot(sig.clone()),

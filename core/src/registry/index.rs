@@ -47,10 +47,10 @@ fn drop_id<K: Ord>(map: &mut ByValue<K>, key: &K, id: Uuid) {
 
 /// Ids gathered by value, in the order they came; `into_index` sorts nothing when that order
 /// was already the ids' order.
-struct Gathered<K>(BTreeMap<K, Vec<Uuid>>);
+pub(super) struct Gathered<K>(BTreeMap<K, Vec<Uuid>>);
 
 impl<K: Ord + Clone> Gathered<K> {
-    fn add<Q: Ord + ?Sized + ToOwned<Owned = K>>(&mut self, key: &Q, id: Uuid)
+    pub(super) fn add<Q: Ord + ?Sized + ToOwned<Owned = K>>(&mut self, key: &Q, id: Uuid)
     where
         K: std::borrow::Borrow<Q>,
     {
@@ -65,7 +65,7 @@ impl<K: Ord + Clone> Gathered<K> {
     /// Sets built in one pass each (a sorted run is bulk-loaded): a restart or an installed
     /// snapshot indexes every agent, and inserting a million ids one by one, five times over,
     /// took seconds.
-    fn into_index(self) -> ByValue<K> {
+    pub(super) fn into_index(self) -> ByValue<K> {
         self.0
             .into_iter()
             .map(|(k, ids)| (k, ids.into_iter().collect()))

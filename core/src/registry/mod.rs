@@ -326,7 +326,7 @@ impl Registry {
     fn index_all(&mut self, agents: &imbl::OrdMap<Uuid, Arc<Agent>>) {
         let mut children: BTreeMap<&str, Vec<(u64, Child)>> = BTreeMap::new();
         let mut names = Vec::new();
-        let mut by_node: BTreeMap<u64, Vec<Uuid>> = BTreeMap::new();
+        let mut by_node = index::Gathered::default();
         let mut unplaced = Vec::new();
         for a in agents.values() {
             let child = (a.position, Child::Agent { id: a.id });
@@ -341,7 +341,7 @@ impl Registry {
                 names.push((n.clone(), a.id));
             }
             match a.node {
-                Some(node) => by_node.entry(node).or_default().push(a.id),
+                Some(node) => by_node.add(&node, a.id),
                 None => unplaced.push((a.position, a.id)),
             }
         }
@@ -352,10 +352,7 @@ impl Registry {
                 .insert(sup.to_string(), list.into_iter().collect());
         }
         self.agent_names = names.into_iter().collect();
-        self.by_node = by_node
-            .into_iter()
-            .map(|(node, ids)| (node, ids.into_iter().collect()))
-            .collect();
+        self.by_node = by_node.into_index();
         self.unplaced = unplaced.into_iter().collect();
         self.index = index::AgentIndex::build(agents.values().map(|a| &**a));
     }

@@ -232,6 +232,9 @@ pub struct RaftConfig {
     /// Entries kept in the log behind the snapshot, so slightly lagging followers catch up
     /// from the log rather than a snapshot.
     pub keep_entries_after_snapshot: u64,
+    /// ...and at most this many bytes of them: replaying a large log costs a follower more
+    /// than installing the snapshot (`raft::snapshots`).
+    pub keep_bytes_after_snapshot: u64,
     /// Timeout of one snapshot chunk, in ms.
     pub install_snapshot_timeout_ms: u64,
     /// Snapshot chunk size, in bytes; must stay well below NATS `max_payload`.
@@ -247,6 +250,7 @@ impl Default for RaftConfig {
             snapshot_after_entries: 10_000,
             snapshot_after_bytes: limits::DEFAULT_SNAPSHOT_AFTER_BYTES,
             keep_entries_after_snapshot: 1_000,
+            keep_bytes_after_snapshot: limits::DEFAULT_KEEP_BYTES_AFTER_SNAPSHOT,
             install_snapshot_timeout_ms: 5_000,
             snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
         }

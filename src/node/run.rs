@@ -240,8 +240,12 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     tasks.spawn(crate::raft::snapshots::trigger_loop(
         raft.clone(),
         store.log_bytes(),
-        cfg.raft.snapshot_after_entries,
-        cfg.raft.snapshot_after_bytes,
+        crate::raft::snapshots::Policy {
+            after_entries: cfg.raft.snapshot_after_entries,
+            after_bytes: cfg.raft.snapshot_after_bytes,
+            keep_entries: cfg.raft.keep_entries_after_snapshot,
+            keep_bytes: cfg.raft.keep_bytes_after_snapshot,
+        },
         flag(&stop_rx),
     ));
     intake.spawn(join_then_serve(

@@ -69,14 +69,46 @@ struct Stored {
 type StoredMark = Arc<Stored>;
 
 /// Bytes appended to the log, in all and as of the last snapshot: what the snapshot trigger
-/// (`raft::snapshots`) weighs the log by.
-#[derive(Debug, Default)]
+/// (`raft::snapshots`) weighs the log by; and the log itself, read to weigh what a purge keeps.
+#[derive(Debug)]
 pub struct LogBytes {
     appended: std::sync::atomic::AtomicU64,
     at_snapshot: std::sync::atomic::AtomicU64,
+    log: sled::Tree,
 }
 
 impl LogBytes {
+    fn new(log: sled::Tree) -> LogBytes {
+        LogBytes {
+            appended: Default::default(),
+            at_snapshot: Default::default(),
+            log,
+        }
+    }
+
+    /// The index up to which (inclusive) the log may be purged behind a snapshot at
+    /// `snapshot_index` so that at most `keep_entries` entries and `keep_bytes` bytes stay
+    /// behind it; `None` when what is there already fits. Reads at most `keep_entries + 1`
+    /// entries, newest first.
+    pub fn purge_point(
+        &self,
+        snapshot_index: u64,
+        keep_entries: u64,
+        keep_bytes: u64,
+    ) -> anyhow::Result<Option<u64>> {
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for kv in self.log.range(..=snapshot_index.to_be_bytes()).rev() {
+            let (k, v) = kv?;
+            bytes += v.len() as u64;
+            if entries == keep_entries || bytes > keep_bytes {
+                let index: [u8; 8] = k.as_ref().try_into()?;
+                return Ok(Some(u64::from_be_bytes(index)));
+            }
+            entries += 1;
+        }
+        Ok(None)
+    }
+
     fn add(&self, n: usize) {
         self.appended
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -114,10 +146,11 @@ impl Store {
             .cache_capacity(crate::limits::SLED_CACHE_BYTES)
             .open()
             .with_context(|| format!("open sled database in {dir:?}"))?;
+        let log = db.open_tree("log")?;
         Ok(Store {
             db,
             flush_task: Default::default(),
-            log_bytes: Default::default(),
+            log_bytes: Arc::new(LogBytes::new(log)),
         })
     }
 
@@ -1119,6 +1152,28 @@ mod tests {
         assert_eq!(store.log_bytes().since_snapshot(), 3000);
         let _ = sm.get_snapshot_builder().await;
         assert_eq!(store.log_bytes().since_snapshot(), 0);
+    }
+
+    /// Goal: the log behind a snapshot is purged down to the entries and bytes kept, weighed
+    /// from the newest entry the snapshot covers back; what is past the snapshot never counts.
+    #[test]
+    fn the_purge_point_keeps_the_newest_entries_within_both_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = store.db.open_tree("log").unwrap();
+        for i in 1..=10u64 {
+            log.insert(i.to_be_bytes(), vec![0u8; 100 * i as usize])
+                .unwrap();
+        }
+        let bytes = store.log_bytes();
+        // Behind a snapshot at 8: entries 8 (800 B), 7 (700 B), 6 (600 B), ...
+        assert_eq!(bytes.purge_point(8, 1000, 1500).unwrap(), Some(6));
+        assert_eq!(bytes.purge_point(8, 1000, 1499).unwrap(), Some(7));
+        assert_eq!(bytes.purge_point(8, 2, u64::MAX).unwrap(), Some(6));
+        assert_eq!(bytes.purge_point(8, 0, u64::MAX).unwrap(), Some(8));
+        // Everything behind it fits: nothing to purge.
+        assert_eq!(bytes.purge_point(8, 8, 3600).unwrap(), None);
+        assert_eq!(bytes.purge_point(3, 1000, 600).unwrap(), None);
     }
 
     /// Goal: a snapshot built from an older copy that finishes after a newer one was stored

@@ -37,6 +37,9 @@ pub async fn scale(
 ) -> anyhow::Result<Value> {
     let ids = [1u64, 2, 3];
     let rss = |cluster: &LocalCluster, id: u64| cluster.pid(id).and_then(agents::rss_bytes);
+    // A process's peak, since it started: for a node started after the spawn, what loading
+    // or installing the snapshot and catching up cost at most.
+    let peak = |cluster: &LocalCluster, id: u64| cluster.pid(id).and_then(agents::peak_rss_bytes);
     let before: Vec<Option<u64>> = ids.iter().map(|id| rss(cluster, *id)).collect();
     let status = c.call("cluster_status", &json!({})).await?;
     let term_before = status["term"].as_u64().unwrap_or(0);
@@ -185,6 +188,7 @@ pub async fn scale(
     caught_up(c, follower).await?;
     let catch_up = restarted.elapsed();
     let replica_after = rss(cluster, follower);
+    let restart_peak = peak(cluster, follower);
     let status = c.call("cluster_status", &json!({})).await?;
     let (term_restart, leases_restart) = (
         status["term"].as_u64().unwrap_or(0),
@@ -204,6 +208,7 @@ pub async fn scale(
         (Some(r), Some(b)) => Some(r.saturating_sub(b)),
         _ => None,
     };
+    let join_peak = peak(cluster, joiner);
     let status = c.call("cluster_status", &json!({})).await?;
     let every_id = [1u64, 2, 3, joiner];
     let (term_join, leases_join) = (
@@ -268,12 +273,15 @@ pub async fn scale(
         "catch_up_vs_nats_rtt": catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
         "restarted_rss_bytes_per_agent_in_registry":
             replica_after.map(|b| b as f64 / n as f64),
+        "restarted_peak_rss_bytes_per_agent_in_registry":
+            restart_peak.map(|b| b as f64 / n as f64),
         "leader_changes_with_restart": term_restart.saturating_sub(term_before),
         "lease_losses_with_restart": leases_restart,
         "joined_node": joiner,
         "join_catch_up_ms": join_catch_up.as_millis() as u64,
         "join_catch_up_vs_nats_rtt": join_catch_up.as_micros() as f64 / rtt_us.max(1) as f64,
         "replica_rss_growth_bytes_per_agent": replica.map(|b| b as f64 / n as f64),
+        "joined_peak_rss_bytes_per_agent": join_peak.map(|b| b as f64 / n as f64),
         "leader_changes_with_join": term_join.saturating_sub(term_restart),
         "lease_losses_with_join": leases_join - leases_restart,
         "stop_group": stop_group,
@@ -442,21 +450,25 @@ pub fn print(v: &Value) {
     };
     println!(
         "  node {} SIGKILLed and restarted {from}: caught up in {} ms ({:.0}x NATS rtt); then \
-         {:.0} bytes per agent in its registry; leader changes {}, lease losses {} in all",
+         {:.0} bytes per agent in its registry (peak {:.0} while loading and catching up); \
+         leader changes {}, lease losses {} in all",
         v["restarted_follower"],
         v["catch_up_ms"],
         f("catch_up_vs_nats_rtt"),
         f("restarted_rss_bytes_per_agent_in_registry"),
+        f("restarted_peak_rss_bytes_per_agent_in_registry"),
         v["leader_changes_with_restart"],
         v["lease_losses_with_restart"]
     );
     println!(
         "  node {} joined: caught up in {} ms ({:.0}x NATS rtt); a replica, it grew {:.0} bytes \
-         per agent in the registry; leader changes {}, lease losses {}",
+         per agent in the registry (its peak, installing the snapshot and catching up: {:.0}); \
+         leader changes {}, lease losses {}",
         v["joined_node"],
         v["join_catch_up_ms"],
         f("join_catch_up_vs_nats_rtt"),
         f("replica_rss_growth_bytes_per_agent"),
+        f("joined_peak_rss_bytes_per_agent"),
         v["leader_changes_with_join"],
         v["lease_losses_with_join"]
     );

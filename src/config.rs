@@ -235,7 +235,8 @@ pub struct RaftConfig {
     /// ...and at most this many bytes of them: replaying a large log costs a follower more
     /// than installing the snapshot (`raft::snapshots`).
     pub keep_bytes_after_snapshot: u64,
-    /// Timeout of one snapshot chunk, in ms.
+    /// Timeout of one snapshot chunk, in ms; the last chunk's answer waits for the install
+    /// too (decoding and indexing the registry: seconds at a million agents).
     pub install_snapshot_timeout_ms: u64,
     /// Snapshot chunk size, in bytes; must stay well below NATS `max_payload`.
     pub snapshot_chunk_bytes: u64,
@@ -251,7 +252,7 @@ impl Default for RaftConfig {
             snapshot_after_bytes: limits::DEFAULT_SNAPSHOT_AFTER_BYTES,
             keep_entries_after_snapshot: 1_000,
             keep_bytes_after_snapshot: limits::DEFAULT_KEEP_BYTES_AFTER_SNAPSHOT,
-            install_snapshot_timeout_ms: 5_000,
+            install_snapshot_timeout_ms: 15_000,
             snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
         }
     }

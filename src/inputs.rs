@@ -6,7 +6,7 @@
 
 use crate::command::Command;
 use crate::protocol::{Encoding, WireError};
-use crate::raft::typ::{AppendEntriesRequest, Entry, InstallSnapshotRequest, VoteRequest};
+use crate::raft::typ::{AppendEntriesRequest, Entry, SnapshotChunk, VoteRequest};
 use crate::registry::Registry;
 
 pub use crate::node::{ForwardBatch, Request};
@@ -38,7 +38,7 @@ pub fn raft_rpc(rpc: RaftRpc, body: &[u8]) -> Result<(), DecodeError> {
     match rpc {
         RaftRpc::AppendEntries => from_msgpack::<AppendEntriesRequest>(body).map(drop),
         RaftRpc::Vote => from_msgpack::<VoteRequest>(body).map(drop),
-        RaftRpc::InstallSnapshot => from_msgpack::<InstallSnapshotRequest>(body).map(drop),
+        RaftRpc::InstallSnapshot => from_msgpack::<SnapshotChunk>(body).map(drop),
     }
 }
 
@@ -49,7 +49,7 @@ pub fn log_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
 
 /// A snapshot's registry, as a node loads it from disk or installs it from the leader.
 pub fn snapshot(bytes: &[u8]) -> Result<Registry, String> {
-    crate::raft::store::registry_from_snapshot(bytes)
+    crate::raft::store::registry_from_reader(bytes)
 }
 
 /// The fuzz targets' seed corpus (`fuzz/corpus/<target>/seed-*`): valid inputs of today's
@@ -175,13 +175,16 @@ mod seeds {
             v: REGISTRY_VERSION,
             registry: reg.data(),
         });
-        let install = InstallSnapshotRequest {
+        let install = crate::raft::typ::InstallSnapshotRequest {
             vote,
             meta: Default::default(),
             offset: 0,
             data: snapshot.clone(),
             done: true,
         };
+        // As a node sends it (the data one `bin`), and as older nodes did (openraft's own
+        // request, the data an array of numbers): both decode.
+        let chunk = SnapshotChunk::from(install.clone());
         vec![
             ("command", commands()),
             ("forward_batch", vec![msgpack(&batch)]),
@@ -190,6 +193,7 @@ mod seeds {
                 vec![
                     [vec![0], msgpack(&append)].concat(),
                     [vec![1], msgpack(&vote_req)].concat(),
+                    [vec![2], msgpack(&chunk)].concat(),
                     [vec![2], msgpack(&install)].concat(),
                 ],
             ),

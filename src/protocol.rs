@@ -221,6 +221,16 @@ pub fn from_msgpack<T: serde::de::DeserializeOwned>(
     T::deserialize(&mut de)
 }
 
+/// `from_msgpack`, decoding as it reads from `input` (a snapshot file, which is never read
+/// whole into memory).
+pub fn from_msgpack_reader<T: serde::de::DeserializeOwned>(
+    input: impl std::io::Read,
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::new(input);
+    de.set_max_depth(crate::limits::MAX_DECODE_DEPTH);
+    T::deserialize(&mut de)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

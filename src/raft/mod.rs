@@ -4,6 +4,7 @@
 pub mod network;
 pub mod read;
 pub mod server;
+pub mod snapshot_files;
 pub mod snapshots;
 pub mod store;
 pub mod typ;

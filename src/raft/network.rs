@@ -126,7 +126,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse, RpcError<InstallSnapshotError>> {
-        let body = Self::encode(&rpc).map_err(RpcError::Network)?;
+        let body = Self::encode(&SnapshotChunk::from(rpc)).map_err(RpcError::Network)?;
         self.call(RPC_SNAPSHOT, body, option.hard_ttl()).await
     }
 

@@ -81,8 +81,8 @@ async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_
             answer(
                 &msg.payload,
                 from,
-                |r: &InstallSnapshotRequest| r.vote,
-                |r| raft.install_snapshot(r),
+                |r: &SnapshotChunk| r.vote,
+                |r| raft.install_snapshot(r.into()),
             )
             .await
         }

@@ -1,0 +1,295 @@
+//! Snapshot files: a snapshot's bytes (the registry in MessagePack) live in a file of their own
+//! in `<data dir>/snapshots/`, named in the `snapshot` tree of sled beside the snapshot's
+//! meta. A snapshot is written to that file as it is encoded, sent from it in chunks, received
+//! into a file chunk by chunk, and decoded from its file as it is read: no step holds all of a
+//! snapshot's bytes in memory (222 MB at a million agents), and sled never copies them.
+//!
+//! Files are made durable before sled names them: written under a temporary name, synced,
+//! renamed to their final name, the directory synced; then sled records the name and is
+//! flushed; only then is the file it replaced removed. A crash at any point leaves sled naming
+//! a complete file, and at worst files that nothing names, which `clean` removes on start.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+
+/// Buffer of a snapshot's writer and reader: large enough that a file's system calls cost
+/// nothing beside encoding, small beside the snapshot.
+const BUFFER_BYTES: usize = 1 << 20;
+
+/// The file names a node gives its own snapshot files; a name that came over the network is
+/// never used as a path.
+const RECEIVING: &str = "receiving-";
+const BUILDING: &str = "building-";
+const TEMPORARY: &str = ".tmp";
+const FINAL: &str = ".snap";
+
+/// A snapshot's bytes in a file, and where that file is: what openraft reads a snapshot's
+/// chunks from when it sends one, and writes received chunks into.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    /// The file, for reading or writing on a blocking thread, once every operation started on
+    /// it has completed; and its path.
+    pub async fn into_std(self) -> (std::fs::File, PathBuf) {
+        (self.file.into_std().await, self.path)
+    }
+
+    fn from_std(file: std::fs::File, path: PathBuf) -> SnapshotFile {
+        SnapshotFile {
+            file: tokio::fs::File::from_std(file),
+            path,
+        }
+    }
+}
+
+impl AsyncRead for SnapshotFile {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotFile {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().file).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for SnapshotFile {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        Pin::new(&mut self.get_mut().file).start_seek(position)
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Pin::new(&mut self.get_mut().file).poll_complete(cx)
+    }
+}
+
+/// The directory of a node's snapshot files.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    path: PathBuf,
+}
+
+impl SnapshotDir {
+    /// Opens (creates) `<data dir>/snapshots`.
+    pub fn open(data_dir: &Path) -> io::Result<SnapshotDir> {
+        let path = data_dir.join("snapshots");
+        std::fs::create_dir_all(&path)?;
+        Ok(SnapshotDir { path })
+    }
+
+    fn temporary(&self, prefix: &str) -> PathBuf {
+        let name = format!("{prefix}{}{TEMPORARY}", uuid::Uuid::new_v4().simple());
+        self.path.join(name)
+    }
+
+    /// A new, empty file to receive a snapshot's chunks into. Files of earlier receptions
+    /// (openraft drops a reception when the leader starts another) are removed first, so at
+    /// most one is ever on disk.
+    pub fn receive(&self) -> io::Result<SnapshotFile> {
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(RECEIVING) {
+                remove(&entry.path());
+            }
+        }
+        let path = self.temporary(RECEIVING);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(SnapshotFile::from_std(file, path))
+    }
+
+    /// Writes a new snapshot file with `write`, durably, under a final name made of `index`;
+    /// answers that name and the file's size. On error nothing is left behind.
+    pub fn write(
+        &self,
+        index: u64,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<(String, u64)> {
+        let path = self.temporary(BUILDING);
+        let written = (|| {
+            let file = std::fs::File::create(&path)?;
+            let mut out = io::BufWriter::with_capacity(BUFFER_BYTES, file);
+            write(&mut out)?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        })();
+        let (file, size) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                remove(&path);
+                return Err(e);
+            }
+        };
+        drop(file);
+        let name = self.commit(&path, index).inspect_err(|_| remove(&path))?;
+        Ok((name, size))
+    }
+
+    /// Makes a received snapshot's file one of this directory's final files and answers its
+    /// name. `file` is usually one `receive` made, which is renamed; any other (openraft's test
+    /// suite hands over another store's) is copied.
+    pub fn adopt(&self, mut file: std::fs::File, path: &Path, index: u64) -> io::Result<String> {
+        file.sync_all()?;
+        if path.parent() == Some(self.path.as_path()) {
+            return self.commit(path, index);
+        }
+        let copy = self.temporary(RECEIVING);
+        let copied = (|| {
+            file.seek(SeekFrom::Start(0))?;
+            let mut to = std::fs::File::create(&copy)?;
+            io::copy(&mut file, &mut to)?;
+            to.sync_all()
+        })();
+        match copied.and_then(|()| self.commit(&copy, index)) {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                remove(&copy);
+                Err(e)
+            }
+        }
+    }
+
+    /// Renames a complete, synced temporary file to a final name and syncs the directory, so
+    /// the name survives a crash.
+    fn commit(&self, temporary: &Path, index: u64) -> io::Result<String> {
+        let name = format!("{index:020}-{}{FINAL}", uuid::Uuid::new_v4().simple());
+        std::fs::rename(temporary, self.path.join(&name))?;
+        std::fs::File::open(&self.path)?.sync_all()?;
+        Ok(name)
+    }
+
+    /// Opens the final file `name` for reading, as openraft sends it.
+    pub fn open_file(&self, name: &str) -> io::Result<SnapshotFile> {
+        let path = self.file(name)?;
+        Ok(SnapshotFile::from_std(std::fs::File::open(&path)?, path))
+    }
+
+    /// A buffered reader of the final file `name`, to decode it.
+    pub fn reader(&self, name: &str) -> io::Result<impl Read> {
+        let file = std::fs::File::open(self.file(name)?)?;
+        Ok(io::BufReader::with_capacity(BUFFER_BYTES, file))
+    }
+
+    /// The path of the final file `name`; refuses a name that is not one this module makes
+    /// (sled is ours, but a damaged value must not name a path elsewhere).
+    fn file(&self, name: &str) -> io::Result<PathBuf> {
+        let ours = name.ends_with(FINAL)
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !ours || name.starts_with('.') {
+            return Err(io::Error::other(format!(
+                "not a snapshot file name: {name:?}"
+            )));
+        }
+        Ok(self.path.join(name))
+    }
+
+    /// Removes the final file `name`, once nothing names it. A reader that has it open goes
+    /// on reading it (openraft may be sending it to a follower).
+    pub fn remove(&self, name: &str) {
+        if let Ok(path) = self.file(name) {
+            remove(&path);
+        }
+    }
+
+    /// Removes every file but `keep`: temporary files of a build or a reception a crash cut
+    /// short, and final files a crash left unnamed or not yet removed.
+    pub fn clean(&self, keep: Option<&str>) -> io::Result<()> {
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if Some(entry.file_name().to_string_lossy().as_ref()) != keep {
+                remove(&entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a file; one that cannot be removed is left (and said), never fatal: it costs disk
+/// space, not correctness, and `clean` tries again on the next start.
+fn remove(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a snapshot file")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: a written snapshot file reads back whole under its final name; a failed write
+    /// leaves nothing; a reception replaces the previous one's file; `clean` keeps only the
+    /// named file; a name that is not ours is refused as a path.
+    #[test]
+    fn files_are_written_whole_received_one_at_a_time_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let (name, size) = snaps.write(7, |w| w.write_all(b"registry")).unwrap();
+        assert_eq!(size, 8);
+        let mut back = Vec::new();
+        snaps.reader(&name).unwrap().read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"registry");
+
+        let failed = snaps.write(8, |w| {
+            w.write_all(b"half")?;
+            Err(io::Error::other("encoder failed"))
+        });
+        assert!(failed.is_err());
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d.join("snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(dir.path()), vec![name.clone()]);
+
+        let _first = snaps.receive().unwrap();
+        let _second = snaps.receive().unwrap();
+        let listed = names(dir.path());
+        assert_eq!(listed.len(), 2, "one reception at a time: {listed:?}");
+
+        snaps.clean(Some(&name)).unwrap();
+        assert_eq!(names(dir.path()), vec![name.clone()]);
+        assert!(snaps.open_file("../../etc/passwd").is_err());
+        assert!(snaps.open_file("x.tmp").is_err());
+        snaps.remove(&name);
+        assert!(names(dir.path()).is_empty());
+    }
+}

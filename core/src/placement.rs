@@ -85,6 +85,53 @@ impl Placement {
     }
 }
 
+/// An agent's placement, as its record keeps it: boxed only when it is not the default. Most
+/// agents have the default, and a `Placement` inline took 72 of the record's 392 bytes, on
+/// every node for every agent (the record then falls into a smaller allocation class: 384
+/// bytes instead of 448 with its `Arc`). Reads, encodes and decodes as the `Placement` it
+/// holds, so records and answers look the same.
+#[derive(Debug, Clone, Default)]
+pub struct AgentPlacement(Option<Box<Placement>>);
+
+static DEFAULT_PLACEMENT: Placement = Placement {
+    strategy: None,
+    node: None,
+    spread_by: None,
+    constraints: BTreeMap::new(),
+};
+
+impl std::ops::Deref for AgentPlacement {
+    type Target = Placement;
+
+    fn deref(&self) -> &Placement {
+        self.0.as_deref().unwrap_or(&DEFAULT_PLACEMENT)
+    }
+}
+
+impl From<Placement> for AgentPlacement {
+    fn from(p: Placement) -> Self {
+        AgentPlacement((p != DEFAULT_PLACEMENT).then(|| Box::new(p)))
+    }
+}
+
+impl PartialEq for AgentPlacement {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Serialize for AgentPlacement {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentPlacement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Placement::deserialize(d).map(AgentPlacement::from)
+    }
+}
+
 /// A node as placement sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate<'a> {
@@ -311,6 +358,32 @@ pub fn rebalance(nodes: &[Candidate<'_>], agents: &[Movable<'_>], max_moves: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Goal: an agent's placement costs a pointer when it is the default, and reads, encodes
+    /// and decodes exactly as the `Placement` it holds, in JSON and in both MessagePack forms.
+    #[test]
+    fn an_agent_placement_is_boxed_only_off_the_default_and_encodes_as_a_placement() {
+        assert!(std::mem::size_of::<AgentPlacement>() <= 8);
+        let pinned = Placement {
+            node: Some(3),
+            constraints: BTreeMap::from([("zone".into(), "a".into())]),
+            ..Default::default()
+        };
+        for p in [Placement::default(), pinned] {
+            let boxed = AgentPlacement::from(p.clone());
+            assert_eq!(boxed.0.is_none(), p == Placement::default());
+            assert_eq!(*boxed, p);
+            let json = serde_json::to_value(&boxed).unwrap();
+            assert_eq!(json, serde_json::to_value(&p).unwrap());
+            let back: AgentPlacement = serde_json::from_value(json).unwrap();
+            assert_eq!(back, boxed);
+            for bytes in [rmp_serde::to_vec(&boxed), rmp_serde::to_vec_named(&boxed)] {
+                let bytes = bytes.unwrap();
+                let back: AgentPlacement = rmp_serde::from_slice(&bytes).unwrap();
+                assert_eq!((back.0.is_none(), &*back), (boxed.0.is_none(), &p));
+            }
+        }
+    }
 
     struct N {
         id: u64,

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::error::{ErrorCode, WireError};
 use crate::limits;
-use crate::placement::Placement;
+use crate::placement::{AgentPlacement, Placement};
 use crate::supervision::RestartType;
 
 /// Lifecycle of an agent, as `get_agent` reports it (`docs/protocol.md`).
@@ -92,7 +92,7 @@ pub struct Agent {
     pub node: Option<u64>,
     /// Where it may run.
     #[serde(default)]
-    pub placement: Placement,
+    pub placement: AgentPlacement,
     /// While `migrating`: the node it moves to.
     #[serde(default)]
     pub migrating_to: Option<u64>,
@@ -502,7 +502,7 @@ impl Registry {
             position: self.data.next_position,
             status: AgentStatus::Pending,
             node: Some(node),
-            placement,
+            placement: placement.into(),
             migrating_to: None,
             pending_reason: None,
             epoch: 1,

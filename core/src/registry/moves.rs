@@ -103,7 +103,7 @@ impl Registry {
                 ..Default::default()
             },
             None if top.is_some() => Placement::default(),
-            None => a.placement.clone(),
+            None => Placement::clone(&a.placement),
         };
         let siblings = Default::default();
         let req = placement::Request {

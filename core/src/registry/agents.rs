@@ -105,7 +105,9 @@ pub struct Agent {
     pub last_error: Option<String>,
     /// Bumped by `restart_agent`; the hosting node restarts the agent when it changes.
     pub restart_requested: u64,
+    #[serde(with = "super::time")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "super::time")]
     pub updated_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
@@ -119,6 +121,7 @@ pub struct Checkpoint {
     pub epoch: u64,
     /// Increases with every checkpoint of the agent.
     pub seq: u64,
+    #[serde(with = "super::time")]
     pub time: DateTime<Utc>,
     /// MessagePack bytes produced by the agent's kind.
     pub state: Bytes,

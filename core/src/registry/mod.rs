@@ -16,6 +16,7 @@ mod outcome;
 mod persistent;
 mod refused;
 mod stops;
+mod time;
 mod types;
 
 pub use agents::*;

@@ -230,7 +230,7 @@ pub struct RaftConfig {
     /// restart's replay without bound.
     pub snapshot_after_bytes: u64,
     /// Entries kept in the log behind the snapshot, so slightly lagging followers catch up
-    /// from the log rather than a snapshot.
+    /// from the log rather than a snapshot (the node purges the rest: `raft::snapshots`)...
     pub keep_entries_after_snapshot: u64,
     /// ...and at most this many bytes of them: replaying a large log costs a follower more
     /// than installing the snapshot (`raft::snapshots`).
@@ -301,7 +301,10 @@ impl RaftConfig {
             // The node decides when (`raft::snapshots`): by entries or by bytes.
             snapshot_policy: openraft::SnapshotPolicy::Never,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
-            max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
+            // The node purges behind a snapshot itself (`raft::snapshots`), by entries and by
+            // bytes: openraft's own purge by entries would schedule purges that go backwards
+            // from the node's, which openraft does not allow.
+            max_in_snapshot_log_to_keep: u64::MAX,
             ..Default::default()
         };
         Ok(cfg.validate()?)

@@ -6,8 +6,9 @@
 //!
 //! Files are made durable before sled names them: written under a temporary name, synced,
 //! renamed to their final name, the directory synced; then sled records the name and is
-//! flushed; only then is the file it replaced removed. A crash at any point leaves sled naming
-//! a complete file, and at worst files that nothing names, which `clean` removes on start.
+//! flushed; only then is the file before the one it replaced removed (`raft::store` keeps the
+//! previous one: sled's flush is `sync_file_range`). A crash at any point leaves sled naming a
+//! complete file, and at worst files that nothing names, which `clean` removes on start.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -156,12 +157,21 @@ impl SnapshotDir {
     }
 
     /// Makes a received snapshot's file one of this directory's final files and answers its
-    /// name. `file` is usually one `receive` made, which is renamed; any other (openraft's test
-    /// suite hands over another store's) is copied.
+    /// name. `file` is usually one `receive` made, which is renamed. It is copied from the open
+    /// handle instead when it is any other file (openraft's test suite hands over another
+    /// store's), or when a newer reception already removed its name: openraft lets the first
+    /// chunk of another snapshot begin between the last chunk of one and its install.
     pub fn adopt(&self, mut file: std::fs::File, path: &Path, index: u64) -> io::Result<String> {
         file.sync_all()?;
-        if path.parent() == Some(self.path.as_path()) {
-            return self.commit(path, index);
+        let received = path.parent() == Some(self.path.as_path())
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(RECEIVING));
+        if received {
+            match self.commit(path, index) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                done => return done,
+            }
         }
         let copy = self.temporary(RECEIVING);
         let copied = (|| {
@@ -253,10 +263,11 @@ mod tests {
     use super::*;
 
     /// Goal: a written snapshot file reads back whole under its final name; a failed write
-    /// leaves nothing; a reception replaces the previous one's file; `clean` keeps only the
-    /// named file; a name that is not ours is refused as a path.
-    #[test]
-    fn files_are_written_whole_received_one_at_a_time_and_cleaned() {
+    /// leaves nothing; a reception replaces the previous one's file, which still becomes a
+    /// final file whole if it is installed; `clean` keeps only the named file; a name that is
+    /// not ours is refused as a path.
+    #[tokio::test]
+    async fn files_are_written_whole_received_one_at_a_time_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let snaps = SnapshotDir::open(dir.path()).unwrap();
         let (name, size) = snaps.write(7, |w| w.write_all(b"registry")).unwrap();
@@ -280,10 +291,22 @@ mod tests {
         };
         assert_eq!(names(dir.path()), vec![name.clone()]);
 
-        let _first = snaps.receive().unwrap();
+        // A newer reception removes an older one's name; the older one, open, still becomes a
+        // final file (openraft may install it after the newer one began).
+        let first = snaps.receive().unwrap();
+        let (mut file, path) = first.into_std().await;
+        file.write_all(b"first").unwrap();
         let _second = snaps.receive().unwrap();
         let listed = names(dir.path());
         assert_eq!(listed.len(), 2, "one reception at a time: {listed:?}");
+        let adopted = snaps.adopt(file, &path, 9).unwrap();
+        let mut back = Vec::new();
+        snaps
+            .reader(&adopted)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, b"first");
 
         snaps.clean(Some(&name)).unwrap();
         assert_eq!(names(dir.path()), vec![name.clone()]);

@@ -4,11 +4,13 @@
 //! so a few large entries (checkpoints, groups of 10,000) could grow the log, and a restart's
 //! replay, without bound. Every node decides for itself, as openraft does.
 //!
-//! And how much log a node keeps behind its snapshot: openraft keeps
-//! `raft.keep_entries_after_snapshot` entries; this loop also purges what passes
-//! `raft.keep_bytes_after_snapshot`. A log of few, large entries (a million agents spawned in a
-//! hundred groups is a few hundred entries) was otherwise never purged, and a node joining
-//! replayed all of it (16 s at a million agents) instead of installing the snapshot (a few).
+//! And how much log a node keeps behind its snapshot: at most
+//! `raft.keep_entries_after_snapshot` entries and `raft.keep_bytes_after_snapshot` bytes; this
+//! loop asks Raft to purge the rest once per new snapshot (openraft's own purge, by entries
+//! only, is off: its purges could go backwards from these). A log of few, large entries (a
+//! million agents spawned in a hundred groups is a few hundred entries) was otherwise never
+//! purged, and a node joining replayed all of it (16 s at a million agents) instead of
+//! installing the snapshot (a few).
 
 use std::future::Future;
 use std::sync::Arc;

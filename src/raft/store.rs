@@ -70,6 +70,9 @@ struct Stored {
     /// opened to be sent and while another replaces it, so a file is never removed between
     /// being looked up and being opened.
     current: std::sync::Mutex<Option<(SnapshotMeta, String)>>,
+    /// The file the current one replaced, kept until the next replaces it in turn: sled's
+    /// flush is `sync_file_range`, so after a power cut sled may come back naming it.
+    previous: std::sync::Mutex<Option<String>>,
     files: SnapshotDir,
 }
 
@@ -245,6 +248,7 @@ impl Store {
             last_log_id: tokio::sync::watch::channel(state.last_applied).0,
             installing: false.into(),
             current: std::sync::Mutex::new(current),
+            previous: Default::default(),
             files: self.files.clone(),
         });
         let log = LogStore {
@@ -324,9 +328,14 @@ pub fn registry_from_snapshot(bytes: &[u8]) -> Result<Registry, String> {
 }
 
 /// `registry_from_snapshot`, decoding as it reads: a snapshot file is never read whole into
-/// memory.
-pub fn registry_from_reader(bytes: impl Read) -> Result<Registry, String> {
-    registry_of(crate::protocol::from_msgpack_reader(bytes))
+/// memory. Bytes after the registry make it invalid, as a damaged or padded file.
+pub fn registry_from_reader(mut bytes: impl Read) -> Result<Registry, String> {
+    let registry = registry_of(crate::protocol::from_msgpack_reader(&mut bytes))?;
+    match bytes.read(&mut [0u8]) {
+        Ok(0) => Ok(registry),
+        Ok(_) => Err("the snapshot has bytes after its registry".into()),
+        Err(e) => Err(format!("cannot read the snapshot: {e}")),
+    }
 }
 
 fn registry_of(
@@ -794,8 +803,8 @@ async fn on_low_priority_thread<T: Send + 'static>(
 
 /// What became of a snapshot file offered to `store_snapshot`.
 enum Kept {
-    /// sled names it now (once flushed); the file it named before, if any, is to be removed
-    /// after that flush.
+    /// sled names it now (once flushed); the file it named before, if any, is to be kept as
+    /// the previous one after that flush, and the previous one removed.
     Stored { replaced: Option<String> },
     /// A snapshot at least as new is stored: nothing names this file.
     Older,
@@ -843,7 +852,9 @@ fn store_snapshot(
 }
 
 /// After `store_snapshot`: flushes sled, so that it names the new file durably, and only then
-/// removes the file it named before; or removes the new file, which nothing names.
+/// removes the file named before the one it replaced (that one it keeps: see
+/// `Stored::previous`); or removes the new file, which nothing names. On start, every file
+/// but the named one is removed.
 async fn settle(
     db: &sled::Db,
     mark: &StoredMark,
@@ -856,7 +867,14 @@ async fn settle(
                 .await
                 .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
             if let Some(old) = replaced {
-                mark.files.remove(&old);
+                let retired = mark
+                    .previous
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(old);
+                if let Some(retired) = retired {
+                    mark.files.remove(&retired);
+                }
             }
         }
         Kept::Older => mark.files.remove(name),
@@ -1306,8 +1324,10 @@ mod tests {
         assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
     }
 
-    /// Goal: a snapshot's bytes live in one file: a newer snapshot's file replaces the older
-    /// one on disk, while a sender that opened the older one still reads it whole; a node
+    /// Goal: a snapshot's bytes live in one file, and the one it replaced is kept until the
+    /// next replaces it in turn (sled may come back naming it after a power cut); a sender
+    /// that opened an older file still reads it whole once it is removed; a file with bytes
+    /// after its registry is refused; a node
     /// restarting from a data dir of an older version, whose snapshot sled held whole, moves it
     /// to a file and loads the same registry; files nothing names are removed on start.
     #[tokio::test]
@@ -1324,17 +1344,27 @@ mod tests {
             .await
             .unwrap();
         let mut sending = sm.get_current_snapshot().await.unwrap().unwrap();
-        sm.apply([supervisor_entry(2, "b")]).await.unwrap();
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        assert_eq!(files(dir.path()), 1, "the older file is gone");
+        for (index, name) in [(2, "b"), (3, "c")] {
+            sm.apply([supervisor_entry(index, name)]).await.unwrap();
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            files(dir.path()),
+            2,
+            "the current file and the one before it"
+        );
         let mut old = Vec::new();
         sending.snapshot.read_to_end(&mut old).await.unwrap();
         let registry = registry_from_snapshot(&old).unwrap();
         assert!(registry.supervisor("a").is_some() && registry.supervisor("b").is_none());
+        let mut padded = old.clone();
+        padded.push(0xc0);
+        let err = registry_from_reader(&padded[..]).expect_err("refused");
+        assert!(err.contains("bytes after"), "{err}");
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         let mut bytes = Vec::new();
         { current.snapshot }.read_to_end(&mut bytes).await.unwrap();
@@ -1360,7 +1390,7 @@ mod tests {
         let (_log, mut sm, shared) = store.raft_parts(None).unwrap();
         {
             let st = shared.read().unwrap();
-            assert!(st.registry.supervisor("b").is_some());
+            assert!(st.registry.supervisor("c").is_some());
             assert_eq!(st.last_applied, current.meta.last_log_id);
         }
         assert_eq!(

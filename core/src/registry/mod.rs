@@ -44,8 +44,11 @@ use crate::limits;
 /// the sender in the subject (`docs/security.md`), so version-2 nodes cannot talk to it.
 /// 4: snapshots keep the next position (`RegistryData::next_position`; a version-3 snapshot
 /// computes it on load), and a remembered outcome may be the refusal `IdTaken`, which a
-/// version-3 node could not read.
-pub const REGISTRY_VERSION: u32 = 4;
+/// version-3 node could not read. 5: snapshots are files (`raft::snapshot_files`; a version-4
+/// snapshot, held whole in sled, moves to one on load), an agent's and a checkpoint's times
+/// are nanoseconds in MessagePack (`registry::time`; text still reads), and a snapshot
+/// chunk's data is one MessagePack `bin`: a version-4 node could not read the times.
+pub const REGISTRY_VERSION: u32 = 5;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -128,23 +128,24 @@ impl SnapshotDir {
     }
 
     /// Writes a new snapshot file with `write`, durably, under a final name made of `index`;
-    /// answers that name and the file's size. On error nothing is left behind.
+    /// answers that name, the file's size and its CRC-32. On error nothing is left behind.
     pub fn write(
         &self,
         index: u64,
         write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<(String, u64)> {
+    ) -> io::Result<(String, u64, u32)> {
         let path = self.temporary(BUILDING);
         let written = (|| {
             let file = std::fs::File::create(&path)?;
-            let mut out = io::BufWriter::with_capacity(BUFFER_BYTES, file);
+            let mut out = Checksummed::new(io::BufWriter::with_capacity(BUFFER_BYTES, file));
             write(&mut out)?;
+            let (out, crc) = out.finish();
             let file = out.into_inner().map_err(|e| e.into_error())?;
             file.sync_all()?;
             let size = file.metadata()?.len();
-            Ok((file, size))
+            Ok((file, size, crc))
         })();
-        let (file, size) = match written {
+        let (file, size, crc) = match written {
             Ok(done) => done,
             Err(e) => {
                 remove(&path);
@@ -153,7 +154,7 @@ impl SnapshotDir {
         };
         drop(file);
         let name = self.commit(&path, index).inspect_err(|_| remove(&path))?;
-        Ok((name, size))
+        Ok((name, size, crc))
     }
 
     /// Makes a received snapshot's file one of this directory's final files and answers its
@@ -246,6 +247,48 @@ impl SnapshotDir {
     }
 }
 
+/// A reader or writer that keeps the CRC-32 of the bytes through it. sled checksummed the
+/// snapshot it held; a file's checksum is kept beside its name in sled, and a node refuses to
+/// start from a file that no longer matches it rather than load a damaged registry.
+pub struct Checksummed<T> {
+    inner: T,
+    crc: crc32fast::Hasher,
+}
+
+impl<T> Checksummed<T> {
+    pub fn new(inner: T) -> Self {
+        Checksummed {
+            inner,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    /// The inner reader or writer, and the checksum of what went through.
+    pub fn finish(self) -> (T, u32) {
+        (self.inner, self.crc.finalize())
+    }
+}
+
+impl<R: Read> Read for Checksummed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Removes a file; one that cannot be removed is left (and said), never fatal: it costs disk
 /// space, not correctness, and `clean` tries again on the next start.
 fn remove(path: &Path) {
@@ -270,11 +313,13 @@ mod tests {
     async fn files_are_written_whole_received_one_at_a_time_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let snaps = SnapshotDir::open(dir.path()).unwrap();
-        let (name, size) = snaps.write(7, |w| w.write_all(b"registry")).unwrap();
-        assert_eq!(size, 8);
+        let (name, size, crc) = snaps.write(7, |w| w.write_all(b"registry")).unwrap();
+        assert_eq!((size, crc), (8, crc32fast::hash(b"registry")));
         let mut back = Vec::new();
-        snaps.reader(&name).unwrap().read_to_end(&mut back).unwrap();
+        let mut reader = Checksummed::new(snaps.reader(&name).unwrap());
+        reader.read_to_end(&mut back).unwrap();
         assert_eq!(back, b"registry");
+        assert_eq!(reader.finish().1, crc);
 
         let failed = snaps.write(8, |w| {
             w.write_all(b"half")?;

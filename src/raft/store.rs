@@ -1,7 +1,7 @@
 //! Raft log and state machine, persisted in sled.
 //!
 //! Trees: `log` (entries by big-endian index), `meta` (vote, last purged, committed),
-//! `snapshot` (the latest snapshot's meta and the name of its file). A snapshot's bytes, the
+//! `snapshot` (the latest snapshot's meta, the name of its file and the file's CRC-32). A snapshot's bytes, the
 //! whole registry at one log id, are a file of `raft::snapshot_files`. sled is kept behind
 //! this module so it can be swapped one day.
 //!
@@ -36,7 +36,7 @@ use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::snapshot_files::{SnapshotDir, SnapshotFile};
+use super::snapshot_files::{Checksummed, SnapshotDir, SnapshotFile};
 use super::typ::*;
 use crate::registry::{Registry, RegistryData, RegistryEvent, Step, Unfinished, REGISTRY_VERSION};
 
@@ -288,13 +288,25 @@ fn load_state(
     };
     let mut stored: StoredSnapshot =
         crate::protocol::from_msgpack(&raw).context("stored snapshot")?;
+    let mut checksum = None;
     let registry = match &stored.file {
-        Some(name) => files
-            .reader(name)
-            .map_err(|e| e.to_string())
-            .and_then(registry_from_reader),
+        Some(name) => files.reader(name).map_err(|e| e.to_string()).and_then(|r| {
+            let mut r = Checksummed::new(r);
+            let registry = registry_from_reader(&mut r)?;
+            checksum = Some(r.finish().1);
+            Ok(registry)
+        }),
         None => registry_from_snapshot(&stored.data),
     };
+    if let (Some(want), Some(got)) = (stored.crc32, checksum) {
+        anyhow::ensure!(
+            want == got,
+            "the stored snapshot's file {:?} is damaged (CRC-32 {got:08x}, not {want:08x}); \
+             move this data dir away and start the node on an empty one: it catches up from \
+             the leader",
+            stored.file.as_deref().unwrap_or_default()
+        );
+    }
     let registry = registry.map_err(|e| {
         anyhow::anyhow!(
             "stored snapshot: {e}; run that version or newer, or start this node with a new id \
@@ -304,10 +316,11 @@ fn load_state(
     if stored.file.is_none() {
         let index = stored.meta.last_log_id.map_or(0, |l| l.index);
         let data = std::mem::take(&mut stored.data);
-        let (name, _) = files
+        let (name, _, crc) = files
             .write(index, |w| w.write_all(&data))
             .context("move the stored snapshot to a file")?;
         stored.file = Some(name);
+        stored.crc32 = Some(crc);
         tree.insert(CURRENT_SNAPSHOT, encode(&stored)?)?;
         db.flush()?;
         tracing::info!("moved the stored snapshot from sled to a file");
@@ -643,6 +656,9 @@ struct StoredSnapshot {
     /// The file of `raft::snapshot_files` holding the registry's bytes.
     #[serde(default)]
     file: Option<String>,
+    /// The CRC-32 of that file, checked when the node loads it.
+    #[serde(default)]
+    crc32: Option<u32>,
 }
 
 /// The content of a snapshot's data: the registry at `meta.last_log_id`.
@@ -818,13 +834,14 @@ fn store_snapshot(
     tree: &sled::Tree,
     mark: &StoredMark,
     meta: &SnapshotMeta,
-    name: &str,
+    (name, crc32): (&str, u32),
 ) -> Result<Kept, StorageError> {
     let encoded = encode(&StoredSnapshot {
         v: REGISTRY_VERSION,
         meta: meta.clone(),
         data: Vec::new(),
         file: Some(name.to_string()),
+        crc32: Some(crc32),
     })?;
     let new = meta.last_log_id;
     let mut current = mark.current.lock().unwrap_or_else(|p| p.into_inner());
@@ -1002,14 +1019,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| e.to_string())?;
             file.rewind().map_err(|e| e.to_string())?;
             let reader = std::io::BufReader::with_capacity(1 << 20, &file);
-            let registry = registry_from_reader(reader)?;
+            let mut reader = Checksummed::new(reader);
+            let registry = registry_from_reader(&mut reader)?;
+            let crc = reader.finish().1;
             let decoded_ms = began.elapsed().as_millis() as u64;
             let index = for_store.last_log_id.map_or(0, |l| l.index);
             let name = mark
                 .files
                 .adopt(file, &path, index)
                 .map_err(|e| format!("store the snapshot's file: {e}"))?;
-            let kept = store_snapshot(&tree, &mark, &for_store, &name);
+            let kept = store_snapshot(&tree, &mark, &for_store, (&name, crc));
             kept.map(|kept| (registry, kept, name, size, decoded_ms))
                 .map_err(|e| e.to_string())
         })
@@ -1119,12 +1138,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // The copy is freed here too, not on Raft's runtime: with many agents that is long
             // as well.
             drop(content);
-            let (name, size) = written.map_err(|e| e.to_string())?;
+            let (name, size, crc) = written.map_err(|e| e.to_string())?;
             // Opened before it may be removed (when a newer snapshot was stored meanwhile):
             // openraft still gets the snapshot it asked for.
             let file = mark.files.open_file(&name).map_err(|e| e.to_string())?;
-            let kept =
-                store_snapshot(&tree, &mark, &for_store, &name).map_err(|e| e.to_string())?;
+            let kept = store_snapshot(&tree, &mark, &for_store, (&name, crc))
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((file, kept, name, size))
         })
         .await
@@ -1379,6 +1398,7 @@ mod tests {
                 meta: current.meta.clone(),
                 data: bytes,
                 file: None,
+                crc32: None,
             };
             let tree = store.db.open_tree("snapshot").unwrap();
             tree.insert(CURRENT_SNAPSHOT, encode(&legacy).unwrap())
@@ -1400,6 +1420,40 @@ mod tests {
         );
         let moved = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(moved.meta, current.meta);
+    }
+
+    /// Goal: a snapshot file damaged on disk, even in a way that still decodes, stops the
+    /// node at start with a message that says what to do, instead of loading a wrong registry.
+    #[tokio::test]
+    async fn a_damaged_snapshot_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (log, mut sm, _) = store.raft_parts(None).unwrap();
+            sm.apply([supervisor_entry(1, "checksummed")])
+                .await
+                .unwrap();
+            sm.get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            drop((log, sm));
+            store.close().await.unwrap();
+        }
+        let file = std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = bytes.windows(11).position(|w| w == b"checksummed").unwrap();
+        bytes[at + 9] = b'x';
+        std::fs::write(&file, bytes).unwrap();
+        let store = reopen(dir.path()).await;
+        let err = store.raft_parts(None).err().expect("refuses to start");
+        assert!(err.to_string().contains("damaged"), "{err}");
     }
 
     /// Goal: a node never guesses at data of a newer version: a log entry written by a newer

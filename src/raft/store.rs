@@ -1,9 +1,9 @@
 //! Raft log and state machine, persisted in sled.
 //!
 //! Trees: `log` (entries by big-endian index), `meta` (vote, last purged, committed),
-//! `snapshot` (the latest snapshot's meta, the name of its file and the file's CRC-32). A snapshot's bytes, the
-//! whole registry at one log id, are a file of `raft::snapshot_files`. sled is kept behind
-//! this module so it can be swapped one day.
+//! `snapshot` (the latest snapshot's meta, the name of its file and the file's CRC-32). A
+//! snapshot's bytes, the whole registry at one log id, are a file of `raft::snapshot_files`.
+//! sled is kept behind this module so it can be swapped one day.
 //!
 //! Durability: a log append and a vote are flushed before openraft is told they are done, so a
 //! write is on disk before it is acknowledged. sled's flush is `sync_file_range` on Linux: it

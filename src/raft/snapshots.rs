@@ -32,7 +32,7 @@ pub struct Policy {
 /// Asks Raft for a snapshot whenever the log has grown past either bound, until `stopped`.
 /// After asking, it waits for the snapshot to appear (or `SNAPSHOT_RETRIGGER_MS`) before it
 /// may ask again, so a slow build is not asked for twice. Once per new snapshot, it asks Raft
-/// to purge the log behind it down to `keep_bytes`.
+/// to purge the log behind it down to `keep_entries` entries and `keep_bytes` bytes.
 pub async fn trigger_loop(
     raft: Raft,
     log: Arc<LogBytes>,
@@ -65,7 +65,7 @@ pub async fn trigger_loop(
             weighed = Some(at);
             match log.purge_point(at, keep_entries, keep_bytes) {
                 Ok(Some(upto)) if Some(upto) > purged => {
-                    tracing::debug!(upto, snapshot = at, "purging the log by its bytes");
+                    tracing::debug!(upto, snapshot = at, "purging the log behind a snapshot");
                     if let Err(e) = raft.trigger().purge_log(upto).await {
                         tracing::warn!(error = %e, "could not ask Raft to purge the log");
                     }

@@ -9,13 +9,23 @@
 //! flushed; only then is the file before the one it replaced removed (`raft::store` keeps the
 //! previous one: sled's flush is `sync_file_range`). A crash at any point leaves sled naming a
 //! complete file, and at worst files that nothing names, which `clean` removes on start.
+//!
+//! A received snapshot is also handed, as its chunks are written, to a reader on another thread
+//! (`Received`), so that it is decoded while the rest crosses instead of after: at a million
+//! agents, transfer and decoding each take seconds. The hand-off is bounded
+//! (`STREAM_CHUNKS`) and the writer waits on it, so a slow decoder slows the transfer rather than
+//! buffering the snapshot in memory. Anything out of order (a chunk written again after a lost
+//! reply) ends the hand-off, and the file, which is complete whatever happens, is decoded instead.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
 
 /// Buffer of a snapshot's writer and reader: large enough that a file's system calls cost
 /// nothing beside encoding, small beside the snapshot.
@@ -28,12 +38,26 @@ const BUILDING: &str = "building-";
 const TEMPORARY: &str = ".tmp";
 const FINAL: &str = ".snap";
 
+/// Received chunks handed to the decoder and not yet read by it, at most: each is one chunk as
+/// the leader sent it (512 KiB by default, below NATS's payload limit).
+const STREAM_CHUNKS: usize = 16;
+
 /// A snapshot's bytes in a file, and where that file is: what openraft reads a snapshot's
 /// chunks from when it sends one, and writes received chunks into.
 #[derive(Debug)]
 pub struct SnapshotFile {
     file: tokio::fs::File,
     path: PathBuf,
+    /// Where a received snapshot's bytes also go as they are written, while they come in order.
+    stream: Option<Stream>,
+}
+
+/// The writing end of a received snapshot's hand-off to its decoder.
+#[derive(Debug)]
+struct Stream {
+    sender: PollSender<Bytes>,
+    /// Bytes written to the file and handed on: the only position a write may continue from.
+    written: u64,
 }
 
 impl SnapshotFile {
@@ -47,7 +71,49 @@ impl SnapshotFile {
         SnapshotFile {
             file: tokio::fs::File::from_std(file),
             path,
+            stream: None,
         }
+    }
+
+    /// Where this file is: a reception's path tells it from every other reception.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A received snapshot's bytes, in order, as its chunks are written to its file: a blocking
+/// reader for a decoder on its own thread. It ends (reads 0) when the file is done with
+/// (installed or dropped); if the hand-off was cut short, `bytes_read` falls short of the
+/// file's size.
+#[derive(Debug)]
+pub struct Received {
+    receiver: mpsc::Receiver<Bytes>,
+    current: Bytes,
+    read: u64,
+}
+
+impl Received {
+    /// Bytes read so far. Compared with the file's size once it is installed: a hand-off that
+    /// ended early (bytes written out of order) read fewer.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
+
+impl Read for Received {
+    /// Blocks until a chunk is written: call it on a blocking thread, never on a runtime's.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -67,7 +133,31 @@ impl AsyncWrite for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().file).poll_write(cx, buf)
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Pin::new(&mut this.file).poll_write(cx, buf);
+        }
+        // Room for the bytes in the hand-off first: a write waits for the decoder. A reserved
+        // slot stays reserved if the file's write is pending, and is used when it completes.
+        if let Some(stream) = &mut this.stream {
+            match stream.sender.poll_reserve(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                // The decoder is gone; the file is decoded at install instead.
+                Poll::Ready(Err(_)) => this.stream = None,
+            }
+        }
+        let n = match Pin::new(&mut this.file).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        if let Some(stream) = &mut this.stream {
+            match stream.sender.send_item(Bytes::copy_from_slice(&buf[..n])) {
+                Ok(()) => stream.written += n as u64,
+                Err(_) => this.stream = None,
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -81,7 +171,20 @@ impl AsyncWrite for SnapshotFile {
 
 impl AsyncSeek for SnapshotFile {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
-        Pin::new(&mut self.get_mut().file).start_seek(position)
+        let this = self.get_mut();
+        // openraft seeks when a chunk does not continue the last one (sent again after a lost
+        // reply): the hand-off carries bytes in order only, so it ends here.
+        if let Some(stream) = &this.stream {
+            if position != SeekFrom::Start(stream.written) {
+                tracing::debug!(
+                    ?position,
+                    written = stream.written,
+                    "snapshot chunks out of order"
+                );
+                this.stream = None;
+            }
+        }
+        Pin::new(&mut this.file).start_seek(position)
     }
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
@@ -108,10 +211,10 @@ impl SnapshotDir {
         self.path.join(name)
     }
 
-    /// A new, empty file to receive a snapshot's chunks into. Files of earlier receptions
-    /// (openraft drops a reception when the leader starts another) are removed first, so at
-    /// most one is ever on disk.
-    pub fn receive(&self) -> io::Result<SnapshotFile> {
+    /// A new, empty file to receive a snapshot's chunks into, and the reader of its bytes as
+    /// they are written. Files of earlier receptions (openraft drops a reception when the
+    /// leader starts another) are removed first, so at most one is ever on disk.
+    pub fn receive(&self) -> io::Result<(SnapshotFile, Received)> {
         for entry in std::fs::read_dir(&self.path)? {
             let entry = entry?;
             if entry.file_name().to_string_lossy().starts_with(RECEIVING) {
@@ -124,7 +227,18 @@ impl SnapshotDir {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        Ok(SnapshotFile::from_std(file, path))
+        let (sender, receiver) = mpsc::channel(STREAM_CHUNKS);
+        let mut file = SnapshotFile::from_std(file, path);
+        file.stream = Some(Stream {
+            sender: PollSender::new(sender),
+            written: 0,
+        });
+        let received = Received {
+            receiver,
+            current: Bytes::new(),
+            read: 0,
+        };
+        Ok((file, received))
     }
 
     /// Writes a new snapshot file with `write`, durably, under a final name made of `index`;
@@ -338,7 +452,7 @@ mod tests {
 
         // A newer reception removes an older one's name; the older one, open, still becomes a
         // final file (openraft may install it after the newer one began).
-        let first = snaps.receive().unwrap();
+        let (first, _) = snaps.receive().unwrap();
         let (mut file, path) = first.into_std().await;
         file.write_all(b"first").unwrap();
         let _second = snaps.receive().unwrap();
@@ -359,5 +473,76 @@ mod tests {
         assert!(snaps.open_file("x.tmp").is_err());
         snaps.remove(&name);
         assert!(names(dir.path()).is_empty());
+    }
+
+    /// Goal: a reception's bytes reach its decoder in order as they are written, while the
+    /// file gets them too, and the decoder's reader ends when the file is done with; chunks
+    /// out of order (a chunk sent again) end the hand-off early, and the file stays whole; a
+    /// decoder that stops reading never blocks the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn received_chunks_reach_the_decoder_in_order_or_not_at_all() {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let snaps = SnapshotDir::open(dir.path()).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100_000]).collect();
+        let whole: Vec<u8> = chunks.concat();
+
+        // In order: more chunks than the hand-off holds, so the writer waits for the reader.
+        let (mut file, mut received) = snaps.receive().unwrap();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            received.read_to_end(&mut all).unwrap();
+            (all, received.bytes_read())
+        });
+        for chunk in &chunks {
+            file.write_all(chunk).await.unwrap();
+        }
+        file.shutdown().await.unwrap();
+        let (mut std_file, _) = file.into_std().await;
+        let (all, read) = reader.await.unwrap();
+        assert_eq!(all, whole);
+        assert_eq!(read, whole.len() as u64);
+        let mut on_disk = Vec::new();
+        std_file.seek(SeekFrom::Start(0)).unwrap();
+        std_file.read_to_end(&mut on_disk).unwrap();
+        assert_eq!(on_disk, whole);
+
+        // A chunk written again: the reader ends short; the file is whole.
+        let (mut file, mut received) = snaps.receive().unwrap();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            received.read_to_end(&mut all).unwrap();
+            received.bytes_read()
+        });
+        let mut offset = 0u64;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if i == 3 {
+                file.seek(SeekFrom::Start(offset - 100_000)).await.unwrap();
+                file.write_all(&chunks[2]).await.unwrap();
+            }
+            file.write_all(chunk).await.unwrap();
+            offset += chunk.len() as u64;
+        }
+        file.shutdown().await.unwrap();
+        let (mut std_file, _) = file.into_std().await;
+        assert_eq!(
+            reader.await.unwrap(),
+            300_000,
+            "the hand-off ends at the first rewrite"
+        );
+        let mut on_disk = Vec::new();
+        std_file.seek(SeekFrom::Start(0)).unwrap();
+        std_file.read_to_end(&mut on_disk).unwrap();
+        assert_eq!(on_disk, whole);
+
+        // A decoder that gave up: the writer goes on to the end.
+        let (mut file, received) = snaps.receive().unwrap();
+        drop(received);
+        for chunk in &chunks {
+            file.write_all(chunk).await.unwrap();
+        }
+        file.shutdown().await.unwrap();
+        let (std_file, _) = file.into_std().await;
+        assert_eq!(std_file.metadata().unwrap().len(), whole.len() as u64);
     }
 }

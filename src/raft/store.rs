@@ -36,7 +36,7 @@ use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::snapshot_files::{Checksummed, SnapshotDir, SnapshotFile};
+use super::snapshot_files::{Checksummed, Received, SnapshotDir, SnapshotFile};
 use super::typ::*;
 use crate::registry::{Registry, RegistryData, RegistryEvent, Step, Unfinished, REGISTRY_VERSION};
 
@@ -268,6 +268,9 @@ impl Store {
             state: shared.clone(),
             events,
             log_bytes: self.log_bytes.clone(),
+            receiving: None,
+            #[cfg(test)]
+            streamed_installs: Default::default(),
         };
         Ok((log, sm, shared))
     }
@@ -676,6 +679,32 @@ pub struct StateMachine {
     state: SharedState,
     events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     log_bytes: Arc<LogBytes>,
+    /// The snapshot being received, decoded on a blocking thread as its chunks arrive.
+    receiving: Option<Decoding>,
+    /// Installs whose registry was decoded as it came (for tests).
+    #[cfg(test)]
+    streamed_installs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A received snapshot's decoding, which runs while its chunks are written to the reception's
+/// file (`path`). It answers the registry, the CRC-32 of the bytes it read and their number.
+/// It ends when that file is installed or dropped; one that was replaced by a newer reception
+/// is left to end by itself.
+struct Decoding {
+    path: std::path::PathBuf,
+    task: tokio::task::JoinHandle<Result<(Registry, u32, u64), String>>,
+}
+
+impl Decoding {
+    fn start(path: std::path::PathBuf, received: Received) -> Decoding {
+        let task = tokio::task::spawn_blocking(move || {
+            let mut reader = Checksummed::new(received);
+            let registry = registry_from_reader(&mut reader)?;
+            let (received, crc) = reader.finish();
+            Ok((registry, crc, received.bytes_read()))
+        });
+        Decoding { path, task }
+    }
 }
 
 impl StateMachine {
@@ -991,11 +1020,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.stored
             .installing
             .store(true, std::sync::atomic::Ordering::Release);
-        let file = self
+        let (file, received) = self
             .stored
             .files
             .receive()
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.receiving = Some(Decoding::start(file.path().to_path_buf(), received));
         Ok(Box::new(file))
     }
 
@@ -1004,24 +1034,53 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
+        let decoding = match &self.receiving {
+            Some(d) if d.path == snapshot.path() => self.receiving.take(),
+            _ => None,
+        };
+        // The file's writer closes the hand-off: the decoder reads to its end and answers.
         let (file, path) = snapshot.into_std().await;
         let sig = Some(meta.signature());
-        // Decoding, indexing and storing a large registry take seconds: on the blocking pool,
-        // not on a thread of Raft's runtime, whose heartbeats and votes must go on meanwhile.
-        // The registry is decoded as the file is read, then the file becomes the stored one.
-        let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
         let began = Instant::now();
+        let decoded = match decoding {
+            Some(d) => match d.task.await {
+                Ok(Ok(decoded)) => Some(decoded),
+                Ok(Err(why)) => {
+                    tracing::info!(%why, "the snapshot was not decoded as it came: decoding its file");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the snapshot's decoder failed: decoding its file");
+                    None
+                }
+            },
+            None => None,
+        };
+        let waited_ms = began.elapsed().as_millis() as u64;
+        // Decoding (unless done as the chunks came), indexing and storing a large registry take
+        // seconds: on the blocking pool, not on a thread of Raft's runtime, whose heartbeats and
+        // votes must go on meanwhile. Then the file becomes the stored one.
+        let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
+        #[cfg(test)]
+        let streamed = self.streamed_installs.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            use std::io::Seek;
-            let mut file = file;
-            let size = file
-                .seek(std::io::SeekFrom::End(0))
-                .map_err(|e| e.to_string())?;
-            file.rewind().map_err(|e| e.to_string())?;
-            let reader = std::io::BufReader::with_capacity(1 << 20, &file);
-            let mut reader = Checksummed::new(reader);
-            let registry = registry_from_reader(&mut reader)?;
-            let crc = reader.finish().1;
+            let size = file.metadata().map_err(|e| e.to_string())?.len();
+            // Decoded as it came only if the decoder read every byte the file holds.
+            let (registry, crc) = match decoded {
+                Some((registry, crc, read)) if read == size => {
+                    #[cfg(test)]
+                    streamed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (registry, crc)
+                }
+                _ => {
+                    use std::io::Seek;
+                    (&file).rewind().map_err(|e| e.to_string())?;
+                    let reader = std::io::BufReader::with_capacity(1 << 20, &file);
+                    let mut reader = Checksummed::new(reader);
+                    let registry = registry_from_reader(&mut reader)?;
+                    (registry, reader.finish().1)
+                }
+            };
             let decoded_ms = began.elapsed().as_millis() as u64;
             let index = for_store.last_log_id.map_or(0, |l| l.index);
             let name = mark
@@ -1046,6 +1105,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tracing::info!(
             bytes = size,
             agents = registry.data().agents.len(),
+            decode_wait_ms = waited_ms,
             decode_ms = decoded_ms,
             ms = began.elapsed().as_millis() as u64,
             "installed a snapshot from the leader"
@@ -1470,6 +1530,69 @@ mod tests {
         let err = sm.apply([entry]).await.expect_err("refused");
         assert!(err.to_string().contains("upgrade"), "{err}");
         assert!(sm.read_state().registry.supervisor("a").is_none());
+    }
+
+    /// Goal: a snapshot received chunk by chunk is decoded as its chunks come and installs
+    /// the leader's registry; the same chunks with one sent twice (a lost reply) install the
+    /// same registry from the file; a restart then loads the installed snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_received_snapshot_is_decoded_as_it_comes_or_from_its_file() {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let other = tempfile::tempdir().unwrap();
+        let leader = Store::open(other.path()).unwrap();
+        let (_leader_log, mut leader_sm, _) = leader.raft_parts(None).unwrap();
+        let entries: Vec<Entry> = (1..=200)
+            .map(|i| supervisor_entry(i, &format!("s{i}")))
+            .collect();
+        leader_sm.apply(entries).await.unwrap();
+        let mut snap = leader_sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let mut bytes = Vec::new();
+        snap.snapshot.read_to_end(&mut bytes).await.unwrap();
+        assert!(bytes.len() > 3 * 1024, "several chunks: {}", bytes.len());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm, _) = store.raft_parts(None).unwrap();
+        for resend in [false, true] {
+            let mut file = sm.begin_receiving_snapshot().await.unwrap();
+            let mut offset = 0;
+            for (i, chunk) in bytes.chunks(1024).enumerate() {
+                if resend && i == 2 {
+                    file.seek(std::io::SeekFrom::Start(offset - 1024))
+                        .await
+                        .unwrap();
+                    file.write_all(&bytes[offset as usize - 1024..offset as usize])
+                        .await
+                        .unwrap();
+                }
+                file.write_all(chunk).await.unwrap();
+                offset += chunk.len() as u64;
+            }
+            file.shutdown().await.unwrap();
+            sm.install_snapshot(&snap.meta, file).await.unwrap();
+            let streamed = sm
+                .streamed_installs
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                streamed, 1,
+                "decoded as it came only when in order (resend {resend})"
+            );
+            let st = sm.read_state();
+            assert!(st.registry.supervisor("s1").is_some());
+            assert!(st.registry.supervisor("s200").is_some());
+            assert_eq!(st.last_applied, snap.meta.last_log_id);
+        }
+        drop(sm);
+        drop(_log);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let (_log, sm, _) = store.raft_parts(None).unwrap();
+        assert!(sm.read_state().registry.supervisor("s200").is_some());
     }
 
     /// Goal: while a snapshot is being installed, a purge of the log up to it waits until it

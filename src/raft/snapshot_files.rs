@@ -16,6 +16,9 @@
 //! (`STREAM_CHUNKS`) and the writer waits on it, so a slow decoder slows the transfer rather than
 //! buffering the snapshot in memory. Anything out of order (a chunk written again after a lost
 //! reply) ends the hand-off, and the file, which is complete whatever happens, is decoded instead.
+//! A decoder answers a registry only once the install marks the end of the stream; a reception
+//! dropped before (a leader change, a vote refused) or silent for `RECEIVE_IDLE` ends it with an
+//! error, so no half-built or unused registry stays in memory.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +40,13 @@ const RECEIVING: &str = "receiving-";
 const BUILDING: &str = "building-";
 const TEMPORARY: &str = ".tmp";
 const FINAL: &str = ".snap";
+
+/// How long a decoder waits for the next received chunk before it gives up: openraft keeps a
+/// reception that a leader change abandoned until another snapshot begins, which may be never,
+/// and a decoder must not hold a half-built registry that long. Well above the time one
+/// chunk may take (`install_snapshot_timeout_ms`, 15 s by default); past it, an install still
+/// decodes the file.
+const RECEIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Received chunks handed to the decoder and not yet read by it, at most: each is one chunk as
 /// the leader sent it (512 KiB by default, below NATS's payload limit).
@@ -79,17 +89,32 @@ impl SnapshotFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Tells a received snapshot's decoder that every chunk was written and the snapshot is
+    /// being installed: only then does its reader end normally. A reception dropped without
+    /// this (never installed) ends its decoder with an error, so no decoded registry outlives
+    /// it.
+    pub async fn end_stream(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            if let Some(sender) = stream.sender.get_ref() {
+                // Empty: never a chunk (empty writes are not handed on).
+                let _ = sender.send(Bytes::new()).await;
+            }
+        }
+    }
 }
 
 /// A received snapshot's bytes, in order, as its chunks are written to its file: a blocking
-/// reader for a decoder on its own thread. It ends (reads 0) when the file is done with
-/// (installed or dropped); if the hand-off was cut short, `bytes_read` falls short of the
-/// file's size.
+/// reader for a decoder on its own thread. It ends (reads 0) when the file is installed
+/// (`SnapshotFile::end_stream`), and fails if the file is dropped first, or no chunk came for
+/// `RECEIVE_IDLE`. If the hand-off was cut short, `bytes_read` falls short of the file's size.
 #[derive(Debug)]
 pub struct Received {
     receiver: mpsc::Receiver<Bytes>,
     current: Bytes,
     read: u64,
+    ended: bool,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Received {
@@ -104,9 +129,25 @@ impl Read for Received {
     /// Blocks until a chunk is written: call it on a blocking thread, never on a runtime's.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
+            if self.ended {
+                return Ok(0);
+            }
+            let next = tokio::time::timeout(RECEIVE_IDLE, self.receiver.recv());
+            match self.runtime.block_on(next) {
+                Ok(Some(chunk)) if chunk.is_empty() => self.ended = true,
+                Ok(Some(chunk)) => self.current = chunk,
+                Ok(None) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the snapshot's reception ended before its install",
+                    ))
+                }
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no chunk of the snapshot came for a minute",
+                    ))
+                }
             }
         }
         let n = buf.len().min(self.current.len());
@@ -149,7 +190,12 @@ impl AsyncWrite for SnapshotFile {
         }
         let n = match Pin::new(&mut this.file).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => n,
-            other => return other,
+            Poll::Ready(Err(e)) => {
+                // The file may now differ from what was handed on: the install reads the file.
+                this.stream = None;
+                return Poll::Ready(Err(e));
+            }
+            Poll::Pending => return Poll::Pending,
         };
         if let Some(stream) = &mut this.stream {
             match stream.sender.send_item(Bytes::copy_from_slice(&buf[..n])) {
@@ -161,11 +207,21 @@ impl AsyncWrite for SnapshotFile {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().file).poll_flush(cx)
+        let this = self.get_mut();
+        let done = Pin::new(&mut this.file).poll_flush(cx);
+        if matches!(done, Poll::Ready(Err(_))) {
+            this.stream = None;
+        }
+        done
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
+        let this = self.get_mut();
+        let done = Pin::new(&mut this.file).poll_shutdown(cx);
+        if matches!(done, Poll::Ready(Err(_))) {
+            this.stream = None;
+        }
+        done
     }
 }
 
@@ -237,6 +293,8 @@ impl SnapshotDir {
             receiver,
             current: Bytes::new(),
             read: 0,
+            ended: false,
+            runtime: tokio::runtime::Handle::current(),
         };
         Ok((file, received))
     }
@@ -498,6 +556,7 @@ mod tests {
             file.write_all(chunk).await.unwrap();
         }
         file.shutdown().await.unwrap();
+        file.end_stream().await;
         let (mut std_file, _) = file.into_std().await;
         let (all, read) = reader.await.unwrap();
         assert_eq!(all, whole);
@@ -507,12 +566,13 @@ mod tests {
         std_file.read_to_end(&mut on_disk).unwrap();
         assert_eq!(on_disk, whole);
 
-        // A chunk written again: the reader ends short; the file is whole.
+        // A chunk written again: the reader fails short (no end of stream came); the file is
+        // whole.
         let (mut file, mut received) = snaps.receive().unwrap();
         let reader = tokio::task::spawn_blocking(move || {
             let mut all = Vec::new();
-            received.read_to_end(&mut all).unwrap();
-            received.bytes_read()
+            let failed = received.read_to_end(&mut all).is_err();
+            (failed, received.bytes_read())
         });
         let mut offset = 0u64;
         for (i, chunk) in chunks.iter().enumerate() {
@@ -527,8 +587,8 @@ mod tests {
         let (mut std_file, _) = file.into_std().await;
         assert_eq!(
             reader.await.unwrap(),
-            300_000,
-            "the hand-off ends at the first rewrite"
+            (true, 300_000),
+            "the hand-off ends at the first rewrite, as an error"
         );
         let mut on_disk = Vec::new();
         std_file.seek(SeekFrom::Start(0)).unwrap();

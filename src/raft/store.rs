@@ -1038,7 +1038,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Some(d) if d.path == snapshot.path() => self.receiving.take(),
             _ => None,
         };
-        // The file's writer closes the hand-off: the decoder reads to its end and answers.
+        // The end of the hand-off: the decoder reads to its end and answers.
+        let mut snapshot = snapshot;
+        snapshot.end_stream().await;
         let (file, path) = snapshot.into_std().await;
         let sig = Some(meta.signature());
         let began = Instant::now();

@@ -28,6 +28,9 @@ pub enum ErrorCode {
     /// The sender's identity may not do this (NATS refused the subject, or a node spoke for
     /// another node); nothing changed.
     Forbidden,
+    /// The agent's first start failed (`spawn_agent` with `wait: "running"`): it was not
+    /// kept, as OTP's `start_child` returns `{error, Reason}`. The message is the start's error.
+    StartFailed,
 }
 
 impl ErrorCode {
@@ -43,6 +46,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::StartFailed => "start_failed",
         }
     }
 }

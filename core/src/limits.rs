@@ -417,6 +417,18 @@ pub const REPORT_INTERVAL_MS: u64 = 25;
 /// start), in bytes; longer ones are cut. `get_agent` shows it as `last_error`.
 pub const MAX_REPORT_ERROR_BYTES: usize = 200;
 
+/// How long `spawn_agent {wait: "running"}` waits for the first start by default, and at
+/// most, in milliseconds: a start within a lease, plus placement and a report's write, is
+/// well under the default; the cap bounds how long a request holds its node's task.
+pub const SPAWN_WAIT_DEFAULT_MS: u64 = 5_000;
+pub const SPAWN_WAIT_MAX_MS: u64 = 60_000;
+
+/// First starts that failed whose errors the registry keeps (`StartFailure`: about 300
+/// bytes each), so that a `spawn_agent` waiting for `running` can answer the error after the
+/// agent was removed for it. Only the most recent are needed: a waiter reads its own within
+/// its `timeout_ms`.
+pub const MAX_START_FAILURES: usize = 1_000;
+
 /// What a report costs in MessagePack besides its error: an id, a node, an epoch, a status, a
 /// count and field names.
 pub const REPORT_OVERHEAD_BYTES: usize = 96;

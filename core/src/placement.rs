@@ -192,7 +192,8 @@ pub struct Request<'a> {
 /// Why no node was chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
-    /// No node, up or not, runs one of the kinds.
+    /// No node that is up runs one of the kinds (a kind only a suspect, down, draining or
+    /// departed node runs counts as unknown: nothing could start it now).
     UnknownKind(String),
     /// The pinned node is not up, or cannot take the agent.
     PinnedUnavailable(u64),
@@ -204,7 +205,7 @@ impl Refusal {
     /// The reason, as a client or an operator reads it.
     pub fn describe(&self) -> String {
         match self {
-            Refusal::UnknownKind(k) => format!("no node knows kind {k:?}"),
+            Refusal::UnknownKind(k) => format!("no node that is up runs kind {k:?}"),
             Refusal::PinnedUnavailable(n) => {
                 format!("pinned to node {n}, which is not up or cannot take it")
             }
@@ -225,7 +226,11 @@ impl Refusal {
 
 /// Chooses a node for `req`.
 pub fn choose(req: &Request<'_>, nodes: &[Candidate<'_>]) -> Result<u64, Refusal> {
-    if let Some(k) = req.kinds.iter().find(|k| !nodes.iter().any(|n| n.runs(k))) {
+    if let Some(k) = req
+        .kinds
+        .iter()
+        .find(|k| !nodes.iter().any(|n| n.open && n.runs(k)))
+    {
         return Err(Refusal::UnknownKind(k.to_string()));
     }
     let fits = |n: &&Candidate<'_>| {
@@ -466,6 +471,13 @@ mod tests {
         assert_eq!(
             choose(&r, &cands(&ns)),
             Err(Refusal::UnknownKind("nope".into()))
+        );
+        // A kind only a node that is not up runs: nothing could start it now.
+        ns[0].kinds.push("rare".into());
+        r.kinds = vec!["rare"];
+        assert_eq!(
+            choose(&r, &cands(&ns)),
+            Err(Refusal::UnknownKind("rare".into()))
         );
     }
 

@@ -31,14 +31,21 @@ struct CounterAgent {
     durable: bool,
 }
 
+fn counter_config(config: &Value) -> Result<CounterConfig, String> {
+    if config.is_null() {
+        return Ok(CounterConfig::default());
+    }
+    CounterConfig::deserialize(config).map_err(|e| format!("counter config: {e}"))
+}
+
 impl Kind for Counter {
+    fn validate(&self, config: &Value) -> Result<(), String> {
+        counter_config(config).map(|_| ())
+    }
+
     fn start(&self, ctx: StartContext) -> BoxFuture<'static, Result<Box<dyn Agent>, String>> {
         Box::pin(async move {
-            let cfg: CounterConfig = if ctx.config.is_null() {
-                CounterConfig::default()
-            } else {
-                serde_json::from_value(ctx.config).map_err(|e| format!("counter config: {e}"))?
-            };
+            let cfg = counter_config(&ctx.config)?;
             let value = match ctx.state {
                 Some(bytes) => {
                     rmp_serde::from_slice::<CounterState>(&bytes)

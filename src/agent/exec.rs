@@ -27,6 +27,9 @@ pub struct Exec {
     cfg: ExecConfig,
 }
 
+const DISABLED: &str = "exec is disabled on this node: set [exec] enabled = true and list the \
+                        allowed commands in [exec] allow";
+
 impl Exec {
     pub fn new(cfg: ExecConfig) -> Exec {
         Exec { cfg }
@@ -46,15 +49,25 @@ struct ExecSpec {
 }
 
 impl Kind for Exec {
+    /// What `start` checks before it runs anything: the node enables exec, the config reads,
+    /// the allow-list permits it, it sets no refused variable.
+    fn validate(&self, config: &Value) -> Result<(), String> {
+        if !self.cfg.enabled {
+            return Err(DISABLED.into());
+        }
+        let spec = ExecSpec::deserialize(config).map_err(|e| format!("exec config: {e}"))?;
+        permit(&self.cfg.allow, &spec)?;
+        if let Some(bad) = spec.env.keys().find(|k| refused_env(k)) {
+            return Err(format!("exec: the config may not set {bad:?}"));
+        }
+        Ok(())
+    }
+
     fn start(&self, ctx: StartContext) -> BoxFuture<'static, Result<Box<dyn Agent>, String>> {
         let cfg = self.cfg.clone();
         Box::pin(async move {
             if !cfg.enabled {
-                return Err(
-                    "exec is disabled on this node: set [exec] enabled = true and list \
-                            the allowed commands in [exec] allow"
-                        .into(),
-                );
+                return Err(DISABLED.into());
             }
             let spec: ExecSpec =
                 serde_json::from_value(ctx.config).map_err(|e| format!("exec config: {e}"))?;

@@ -138,8 +138,18 @@ pub trait Agent: Send + 'static {
 
 /// A kind of agent: starts agents.
 pub trait Kind: Send + Sync + 'static {
-    /// Starts an agent from its config and saved state. An error is a failed start, which the
-    /// supervisor treats as a crash.
+    /// Checks an agent's config before its start, on the node that runs it. An error is a
+    /// failed start: the first start of an agent that never ran removes it (OTP's
+    /// `start_child` returning `{error, Reason}`, which `spawn_agent {wait: "running"}`
+    /// answers); a later one is a crash for its supervisor. Cheap and without side effects:
+    /// it runs on the node's host loop.
+    fn validate(&self, config: &Value) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Starts an agent from its config and saved state. An error is a failed start, as for
+    /// `validate`.
     fn start(&self, ctx: StartContext) -> BoxFuture<'static, Result<Box<dyn Agent>, String>>;
 }
 
@@ -155,13 +165,17 @@ impl Kinds {
         Kinds::default()
     }
 
-    /// The built-in kinds: `counter`, `echo`, and `exec` (which refuses to run anything unless
-    /// `exec` is enabled in the node's config, and then only allow-listed commands).
+    /// The built-in kinds: `counter`, `echo`, and `exec` where `exec` is enabled in the
+    /// node's config (then only allow-listed commands run). A node without it does not
+    /// advertise `exec`, so an exec agent is never placed there, and a cluster where no node
+    /// that is up runs it refuses the spawn.
     pub fn builtin(exec: exec::ExecConfig) -> Kinds {
         let mut k = Kinds::empty();
         k.register("counter", builtin::Counter);
         k.register("echo", builtin::Echo);
-        k.register("exec", exec::Exec::new(exec));
+        if exec.enabled {
+            k.register("exec", exec::Exec::new(exec));
+        }
         k
     }
 

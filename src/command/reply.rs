@@ -67,6 +67,11 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
     })
 }
 
+/// An agent's record as `spawn_agent` answers it (also once it runs, with `wait: "running"`).
+pub fn agent(a: &crate::registry::Agent) -> Result<Value, WireError> {
+    record(a)
+}
+
 fn record(r: &impl Serialize) -> Result<Value, WireError> {
     serde_json::to_value(r)
         .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot encode reply: {e}")))

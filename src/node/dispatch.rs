@@ -198,8 +198,101 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         _ => Origin::Client,
     };
     let req = request_of(&msg, feed);
-    let (enc, body) = answer(node, req, origin).await;
+    // Only the node a client asked waits for a first start: never a leader answering a
+    // forwarded or relayed write, whose sender's deadline is short.
+    let wait = match feed {
+        Feed::Commands => first_start_wait(&req),
+        _ => None,
+    };
+    let (enc, mut body) = answer(node, req, origin).await;
+    if let Some(within) = wait {
+        body = wait_first_start(node, enc, body, within).await;
+    }
     send(node, &msg, enc, body).await;
+}
+
+/// How long a client's `spawn_agent` asks to wait for its agent's first start, if it does
+/// (`wait: "running"`). Parsed again here only for spawns that may ask it.
+fn first_start_wait(req: &Request) -> Option<Duration> {
+    if !matches!(
+        req.command.as_str(),
+        "spawn_agent" | "add_child_to_supervisor"
+    ) {
+        return None;
+    }
+    let enc = Encoding::detect(req.content_type.as_deref(), &req.payload).ok()?;
+    match parse(req, enc).ok()? {
+        Command::SpawnAgent(s) if s.wait == crate::registry::SpawnWait::Running => {
+            let ms = s.timeout_ms.unwrap_or(limits::SPAWN_WAIT_DEFAULT_MS);
+            Some(Duration::from_millis(ms.min(limits::SPAWN_WAIT_MAX_MS)))
+        }
+        _ => None,
+    }
+}
+
+/// Turns a spawn's reply into the answer of its first start: the agent once it runs; the
+/// start's error (`start_failed`) if its first start failed and it was removed; `not_found`
+/// if it was stopped before it ran; `timeout` if it has not started `within` (it is kept and
+/// may still start). Read from this node's own registry, which follows the leader's: no
+/// request to the leader while waiting. A refused spawn's reply is passed on as it is.
+async fn wait_first_start(node: &Node, enc: Encoding, body: Bytes, within: Duration) -> Bytes {
+    let spawned = Envelope::decode(&body).and_then(Envelope::into_result);
+    let Some(id) = spawned.ok().and_then(|v| {
+        v.get("id")
+            .and_then(|id| id.as_str())
+            .and_then(|id| uuid::Uuid::parse_str(id).ok())
+    }) else {
+        return body;
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    let mut applied = node.raft.metrics();
+    let mut seen = false;
+    loop {
+        let now = {
+            let st = node.state_read();
+            match st.registry.agent(&id.to_string()) {
+                Some(a) if a.started => Some(crate::command::reply::agent(a)),
+                Some(_) => {
+                    seen = true;
+                    None
+                }
+                None => match st.registry.start_failure(id) {
+                    Some(f) => Some(Err(WireError::new(
+                        ErrorCode::StartFailed,
+                        format!(
+                            "agent {id} failed its first start on node {} and was not kept: {}",
+                            f.node, f.error
+                        ),
+                    ))),
+                    // Removed by someone else before it ran.
+                    None if seen => Some(Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("agent {id} was stopped before it started"),
+                    ))),
+                    // Not applied here yet.
+                    None => None,
+                },
+            }
+        };
+        if let Some(result) = now {
+            return encode(enc, result);
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            // Raft stopped (the node is stopping), or the time is up.
+            _ => {
+                let err = WireError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "agent {id} was placed but has not started within {} ms; it is kept \
+                         and may still start (get_agent shows it)",
+                        within.as_millis()
+                    ),
+                );
+                return encode(enc, Err(err));
+            }
+        }
+    }
 }
 
 /// Answers a batch of forwarded writes, each as if it had arrived here itself: the sender's

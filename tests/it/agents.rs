@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use warden::client::Client;
+use warden::client::{CallError, Client};
 use warden::protocol::ErrorCode;
 
 use crate::support::{call_agent, events, wait_agent, wait_for, InProcessNode};
@@ -28,6 +28,25 @@ async fn spawn(c: &Client, name: &str, supervisor: &str, extra: Value) -> Value 
     })
     .await;
     a
+}
+
+/// Spawns with `wait: "running"` an agent whose first start fails: the reply is the start's
+/// error (it contains `why`) and the agent is not kept.
+async fn spawn_failing(c: &Client, mut body: Value, why: &str) {
+    body["wait"] = json!("running");
+    let name = body["name"].as_str().unwrap().to_string();
+    match c.call("spawn_agent", &body).await {
+        Err(CallError::Reply(e)) => {
+            assert_eq!(e.code, ErrorCode::StartFailed, "{name}: {e}");
+            assert!(e.message.contains(why), "{name}: {e}");
+        }
+        other => panic!("{name}: expected start_failed, got {other:?}"),
+    }
+    let gone = c.call("get_agent", &json!({"agent": name})).await;
+    assert!(
+        matches!(&gone, Err(CallError::Reply(e)) if e.code == ErrorCode::NotFound),
+        "{name} must not be kept: {gone:?}"
+    );
 }
 
 fn restarts(a: &Value) -> u64 {
@@ -224,14 +243,92 @@ async fn exec_runs_real_processes_and_reports_their_output_and_exits() {
     );
 
     let bad = json!({"name": "evil", "kind": "exec", "config": {"command": "/bin/rm", "args": ["-rf", "/tmp/x"]}});
-    c.call("spawn_agent", &bad).await.unwrap();
-    let a = wait_agent(c, "evil", "a refused command to fail", |a| {
-        a["status"] == "failed"
+    spawn_failing(c, bad, "allow-list").await;
+}
+
+/// Goal: OTP's `start_child`. Under a `one_for_one` supervisor allowing one restart, a counter
+/// runs; spawns whose first start fails (a command off the exec allow-list, a config the kind
+/// refuses) answer the start's error with `wait: "running"`, are not kept, restart no sibling
+/// and charge no intensity, however many there are; with the default wait such a spawn is
+/// accepted and the agent goes away by itself with a `start_failed` event; a kind that no node
+/// that is up runs is refused.
+#[tokio::test]
+async fn a_child_whose_first_start_fails_is_not_kept_and_costs_its_siblings_nothing() {
+    let node = node_with_exec().await;
+    let c = &node.client;
+    let mut failed = events(c, "agent.*.start_failed").await;
+    sup(c, "s", "root", "one_for_one", 1).await;
+    let steady = json!({"name": "steady", "supervisor": "s", "kind": "counter",
+                        "wait": "running", "timeout_ms": 10_000});
+    let a = c.call("spawn_agent", &steady).await.unwrap();
+    assert_eq!(a["status"], "running", "{a}");
+    assert_eq!(a["started"], true, "{a}");
+    let bad = |name: &str| {
+        json!({"name": name, "supervisor": "s", "kind": "exec",
+               "config": {"command": "/bin/rm", "args": ["-rf", "/tmp/x"]}})
+    };
+    for i in 0..3 {
+        spawn_failing(c, bad(&format!("bad-{i}")), "allow-list").await;
+    }
+    let refused_config = json!({"name": "odd", "supervisor": "s", "kind": "counter",
+                                "config": {"start": "ten"}});
+    spawn_failing(c, refused_config, "counter config").await;
+
+    // The default wait answers once placed; the agent then goes, with an event.
+    let placed = c.call("spawn_agent", &bad("later")).await.unwrap();
+    let id = placed["id"].as_str().unwrap().to_string();
+    let event = loop {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut failed),
+        )
+        .await
+        .expect("a start_failed event")
+        .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if v["id"] == id.as_str() {
+            break v;
+        }
+    };
+    assert!(
+        event["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("allow-list"),
+        "{event}"
+    );
+    wait_for(
+        "the failed agent to be removed",
+        Duration::from_secs(10),
+        || async { c.call("get_agent", &json!({"agent": "later"})).await.err() },
+    )
+    .await;
+
+    // Nothing was charged: the counter never restarted, and its supervisor still has room
+    // for one restart (past it, `s` would escalate and go).
+    assert_eq!(restarts(&get(c, "steady").await), 0);
+    crash(c, "steady").await;
+    wait_agent(c, "steady", "steady restarted by s", |a| {
+        restarts(a) == 1 && a["status"] == "running"
     })
     .await;
+    let tree = c
+        .call("get_supervision_tree", &json!({"name": "s"}))
+        .await
+        .unwrap();
+    assert_eq!(tree["name"], "s", "{tree}");
+
+    let unknown = json!({"name": "t", "kind": "teleporter", "wait": "running"});
+    let err = c.call("spawn_agent", &unknown).await.unwrap_err();
     assert!(
-        a["last_error"].as_str().unwrap().contains("allow-list"),
-        "{a}"
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::BadRequest),
+        "{err:?}"
+    );
+    let bad_wait = json!({"name": "w", "kind": "counter", "wait": "running", "timeout_ms": 0});
+    let err = c.call("spawn_agent", &bad_wait).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::BadRequest),
+        "{err:?}"
     );
 }
 
@@ -251,7 +348,14 @@ async fn bad_agent_input_gets_clear_errors() {
             "spawn_agent",
             json!({"kind": "teleporter"}),
             ErrorCode::BadRequest,
-            "no node knows kind",
+            "no node that is up runs kind",
+        ),
+        (
+            // exec is not enabled on this node, so no node advertises it.
+            "spawn_agent",
+            json!({"kind": "exec", "config": {"command": "/bin/sh"}}),
+            ErrorCode::BadRequest,
+            "no node that is up runs kind \"exec\"",
         ),
         (
             "spawn_agent",
@@ -624,17 +728,15 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
     let mut logs = events(c, "agent.*.log").await;
     let spawn = |name: &str, config: Value| json!({"name": name, "kind": "exec", "config": config});
     let script = "echo \"$(pwd) $(ulimit -n) $(id -u)\"; sleep 30";
-    c.call(
-        "spawn_agent",
-        &spawn(
-            "ruled",
-            json!({"command": "/bin/sh", "args": ["-c", script]}),
-        ),
-    )
-    .await
-    .unwrap();
+    let ruled = spawn(
+        "ruled",
+        json!({"command": "/bin/sh", "args": ["-c", script]}),
+    );
     let root = unsafe { libc::geteuid() } == 0;
-    if root {
+    if !root {
+        spawn_failing(c, ruled, "exec").await;
+    } else {
+        c.call("spawn_agent", &ruled).await.unwrap();
         let msg =
             tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut logs))
                 .await
@@ -642,12 +744,6 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
                 .unwrap();
         let v: Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(v["data"]["line"], format!("{} 64 65534", cwd.display()));
-    } else {
-        let a = wait_agent(c, "ruled", "a user switch to be refused", |a| {
-            a["status"] == "failed"
-        })
-        .await;
-        assert!(a["last_error"].as_str().unwrap().contains("exec"), "{a}");
     }
     for (name, config, why) in [
         (
@@ -666,12 +762,7 @@ async fn an_allow_rule_fixes_arguments_directory_limits_and_user() {
             "may not be given",
         ),
     ] {
-        c.call("spawn_agent", &spawn(name, config)).await.unwrap();
-        let a = wait_agent(c, name, "a request outside the rule to fail", |a| {
-            a["status"] == "failed"
-        })
-        .await;
-        assert!(a["last_error"].as_str().unwrap().contains(why), "{a}");
+        spawn_failing(c, spawn(name, config), why).await;
     }
 }
 

@@ -111,6 +111,23 @@ pub struct Agent {
     pub updated_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
+    /// Whether a node has ever reported it running (at any epoch). A first start that fails
+    /// removes an agent that never ran, as OTP's `start_child` does not add a child whose
+    /// start failed; once it has run, a failed start is a crash for its supervisor.
+    #[serde(default)]
+    pub started: bool,
+}
+
+/// The error of an agent's first start, kept after the agent was removed for it, so that a
+/// `spawn_agent` waiting for `running` (on any node) can answer it. The last
+/// `limits::MAX_START_FAILURES` are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartFailure {
+    pub agent: Uuid,
+    pub node: u64,
+    pub error: String,
+    #[serde(with = "super::time")]
+    pub time: DateTime<Utc>,
 }
 
 /// An agent's last acknowledged state.
@@ -168,6 +185,26 @@ pub struct SpawnAgent {
     pub placement: Option<Placement>,
     #[serde(default, skip_serializing)]
     pub request_id: Option<String>,
+    /// When the reply comes: once the agent is placed (default), or once its first start
+    /// succeeded or failed. Read by the node that answers the client; not part of the log.
+    #[serde(default, skip_serializing)]
+    pub wait: SpawnWait,
+    /// With `wait: "running"`: how long to wait for the first start, in milliseconds
+    /// (default `limits::SPAWN_WAIT_DEFAULT_MS`, at most `limits::SPAWN_WAIT_MAX_MS`).
+    #[serde(default, skip_serializing)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// When `spawn_agent` answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpawnWait {
+    /// Once the agent is recorded and placed (or waits for a node).
+    #[default]
+    Placed,
+    /// Once its first start succeeded (`running`), or with the start's error (`start_failed`,
+    /// and the agent is not kept), or `timeout` (it is kept and may still start).
+    Running,
 }
 
 impl SpawnAgent {
@@ -206,6 +243,14 @@ impl SpawnAgent {
         if let Some(p) = &self.placement {
             p.validate()?;
         }
+        if let Some(ms) = self.timeout_ms {
+            if ms == 0 || ms > limits::SPAWN_WAIT_MAX_MS {
+                return Err(WireError::new(
+                    ErrorCode::BadRequest,
+                    format!("timeout_ms is 1 to {}", limits::SPAWN_WAIT_MAX_MS),
+                ));
+            }
+        }
         crate::names::validate_config(&self.config)?;
         validate_request_id(&self.request_id)
     }
@@ -222,6 +267,10 @@ pub struct AgentReport {
     /// Restarts since the last report.
     pub restarts: u32,
     pub error: Option<String>,
+    /// With status `failed`: the agent's first start failed and it never ran, so it is
+    /// removed instead of restarted (if the registry agrees that it never ran).
+    #[serde(default)]
+    pub first_start: bool,
 }
 
 /// Query of `list_agents` / `find_agents`.
@@ -515,6 +564,7 @@ impl Registry {
             created_at: time,
             updated_at: time,
             seq: 1,
+            started: false,
         };
         let reply = Applied::AgentSpawned(Box::new(agent.clone()));
         events.push(agent_event(&agent, "placed", time, json!({ "node": node })));
@@ -589,6 +639,11 @@ impl Registry {
         for r in reports {
             match agent_mut(&mut self.data.agents, &r.agent) {
                 Some(a) if a.node == Some(r.node) && a.epoch == r.epoch => {
+                    if r.first_start && r.status == AgentStatus::Failed && !a.started {
+                        self.forget_failed_start(time, r, events);
+                        applied += 1;
+                        continue;
+                    }
                     // A migrating agent stays migrating until its source hands it over.
                     let status = if a.status == AgentStatus::Migrating {
                         AgentStatus::Migrating
@@ -604,6 +659,9 @@ impl Registry {
                         _ => None,
                     };
                     a.restarts = a.restarts.saturating_add(r.restarts);
+                    if r.status == AgentStatus::Running || r.restarts > 0 {
+                        a.started = true;
+                    }
                     self.index.status_changed(a.id, a.status, status);
                     a.status = status;
                     if r.error.is_some() {
@@ -622,6 +680,49 @@ impl Registry {
             }
         }
         Ok(Applied::Reported { applied, stale })
+    }
+
+    /// Removes an agent whose first start failed on its node (`report_agents`): it never
+    /// ran, so nothing restarts it and its supervisor's intensity is not charged. The error is
+    /// kept among the last `limits::MAX_START_FAILURES`, and a `start_failed` event says it.
+    fn forget_failed_start(
+        &mut self,
+        time: DateTime<Utc>,
+        r: &AgentReport,
+        events: &mut Vec<RegistryEvent>,
+    ) {
+        let Some(a) = self.remove_agent(r.agent) else {
+            return;
+        };
+        let error = r.error.clone().unwrap_or_else(|| "the start failed".into());
+        let mut event = agent_event(
+            &a,
+            "start_failed",
+            time,
+            json!({ "node": r.node, "error": error, "supervisor": a.supervisor }),
+        );
+        event.seq += 1;
+        events.push(event);
+        let failures = &mut self.data.start_failures;
+        failures.push_back(StartFailure {
+            agent: a.id,
+            node: r.node,
+            error,
+            time,
+        });
+        while failures.len() > limits::MAX_START_FAILURES {
+            failures.pop_front();
+        }
+    }
+
+    /// The error of agent `id`'s first start, if it was removed for it among the last
+    /// `limits::MAX_START_FAILURES` such agents.
+    pub fn start_failure(&self, id: Uuid) -> Option<&StartFailure> {
+        self.data
+            .start_failures
+            .iter()
+            .rev()
+            .find(|f| f.agent == id)
     }
 
     pub(super) fn store_checkpoint(
@@ -886,6 +987,12 @@ impl SpawnAgentGroup {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
                 "template: name and supervisor are set by the group",
+            ));
+        }
+        if self.template.wait != SpawnWait::Placed || self.template.timeout_ms.is_some() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "template: wait and timeout_ms are for spawn_agent; a group answers once placed",
             ));
         }
         self.template.validate()?;

@@ -48,7 +48,10 @@ use crate::limits;
 /// snapshot, held whole in sled, moves to one on load), an agent's and a checkpoint's times
 /// are nanoseconds in MessagePack (`registry::time`; text still reads), and a snapshot
 /// chunk's data is one MessagePack `bin`: a version-4 node could not read the times.
-pub const REGISTRY_VERSION: u32 = 5;
+/// 6: an agent record says whether it ever ran (`Agent::started`), a report may be of a failed
+/// first start, and snapshots keep the last failed first starts (`start_failures`); a
+/// version-5 snapshot reads, its agents counting as having run.
+pub const REGISTRY_VERSION: u32 = 6;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +253,9 @@ pub struct RegistryData {
     /// written before it was kept: one above the highest left).
     #[serde(default)]
     pub next_position: u64,
+    /// The errors of the last first starts that failed (`agents::StartFailure`), oldest first.
+    #[serde(default)]
+    pub start_failures: std::collections::VecDeque<StartFailure>,
 }
 
 /// The registry with its derived indexes.
@@ -286,6 +292,16 @@ impl Default for Registry {
 impl Registry {
     /// Builds a registry from its content, rebuilding derived indexes and the root supervisor.
     pub fn from_data(mut data: RegistryData) -> Self {
+        if data.v < 6 {
+            // Written before a record said whether its agent ran: every agent counts as having
+            // run, so that an upgrade never removes one for a failed start.
+            let ids: Vec<Uuid> = data.agents.keys().copied().collect();
+            for id in ids {
+                if let Some(a) = data.agents.get_mut(&id) {
+                    Arc::make_mut(a).started = true;
+                }
+            }
+        }
         data.v = REGISTRY_VERSION;
         data.supervisors
             .entry(ROOT.to_string())

@@ -371,6 +371,7 @@ fn indexed_queries_answer_as_a_scan_and_survive_a_snapshot() {
             status,
             restarts: 0,
             error: None,
+            first_start: false,
         }
     };
     let reports = vec![
@@ -646,6 +647,7 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         status: AgentStatus::Running,
         restarts: 0,
         error: None,
+        first_start: false,
     };
     let reports = RegistryCmd::ReportAgents {
         reports: vec![report],
@@ -1234,4 +1236,128 @@ fn a_snapshot_map_claiming_billions_of_entries_is_an_error() {
         let decoded: Result<RegistryData, _> = rmp_serde::from_slice(&bytes);
         assert!(decoded.is_err(), "{field}: {decoded:?}");
     }
+}
+
+/// Goal: OTP's `start_child`: an agent whose first start fails on its node is removed (with a
+/// `start_failed` event and its error kept for waiters), leaving its siblings alone; once it
+/// has run, the same report is a crash and it stays; a stale report (older epoch) changes
+/// nothing; the kept errors are bounded and survive a snapshot.
+#[test]
+fn a_first_start_that_fails_removes_the_agent_once_it_never_ran() {
+    let mut reg = three_nodes();
+    run(
+        &mut reg,
+        1,
+        None,
+        spawn("good", ROOT, "permanent", json!(null)),
+    )
+    .unwrap();
+    run(
+        &mut reg,
+        2,
+        None,
+        spawn("bad", ROOT, "permanent", json!(null)),
+    )
+    .unwrap();
+    let (good, bad) = (
+        reg.agent("good").unwrap().clone(),
+        reg.agent("bad").unwrap().clone(),
+    );
+    let report = |a: &Agent, status, first_start, epoch| RegistryCmd::ReportAgents {
+        reports: vec![AgentReport {
+            agent: a.id,
+            node: a.node.unwrap(),
+            epoch,
+            status,
+            restarts: 0,
+            error: Some("exec: /bin/nope is not allowed".into()),
+            first_start,
+        }],
+    };
+    run(
+        &mut reg,
+        3,
+        None,
+        report(&good, AgentStatus::Running, false, good.epoch),
+    )
+    .unwrap();
+    assert!(reg.agent("good").unwrap().started);
+    // A stale report of the failed start changes nothing.
+    let stale = report(&bad, AgentStatus::Failed, true, bad.epoch + 1);
+    run(&mut reg, 4, None, stale).unwrap();
+    assert!(reg.agent("bad").is_some());
+
+    let mut events = Vec::new();
+    let item = Stamped {
+        id: Uuid::from_u128(1_000_005),
+        request_id: None,
+        cmd: report(&bad, AgentStatus::Failed, true, bad.epoch),
+        fingerprint: None,
+    };
+    reg.apply(t(5), &item, &mut events).unwrap();
+    assert!(reg.agent("bad").is_none(), "never ran: removed");
+    assert_eq!(reg.agent("good").unwrap().status, AgentStatus::Running);
+    let failure = reg.start_failure(bad.id).expect("kept for waiters");
+    assert_eq!(failure.error, "exec: /bin/nope is not allowed");
+    assert_eq!(failure.node, bad.node.unwrap());
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event == "start_failed" && e.id == bad.id.to_string()),
+        "{events:?}"
+    );
+
+    // An agent that ran: a failed start is a crash, and it stays.
+    let cmd = report(&good, AgentStatus::Failed, true, good.epoch);
+    run(&mut reg, 6, None, cmd).unwrap();
+    let kept = reg.agent("good").expect("it ran: kept");
+    assert_eq!(kept.status, AgentStatus::Failed);
+    assert!(reg.start_failure(good.id).is_none());
+
+    // Bounded: only the last ones are kept, oldest dropped first; a snapshot keeps them.
+    for i in 0..(crate::limits::MAX_START_FAILURES as i64 + 5) {
+        let name = format!("b{i}");
+        let at = 100 + 2 * i;
+        run(
+            &mut reg,
+            at,
+            None,
+            spawn(&name, ROOT, "permanent", json!(null)),
+        )
+        .unwrap();
+        let a = reg.agent(&name).unwrap().clone();
+        run(
+            &mut reg,
+            at + 1,
+            None,
+            report(&a, AgentStatus::Failed, true, a.epoch),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        reg.data().start_failures.len(),
+        crate::limits::MAX_START_FAILURES
+    );
+    assert!(reg.start_failure(bad.id).is_none(), "the oldest went first");
+    let rebuilt = Registry::from_data(through_snapshot(reg.data()));
+    assert_eq!(rebuilt.data().start_failures, reg.data().start_failures);
+
+    // Agents of a data dir written before records said whether they ran count as having run:
+    // an upgrade never removes one for a failed start.
+    run(
+        &mut reg,
+        5_000,
+        None,
+        spawn("fresh", ROOT, "permanent", json!(null)),
+    )
+    .unwrap();
+    let mut old = through_snapshot(reg.data());
+    assert!(
+        !Registry::from_data(old.clone())
+            .agent("fresh")
+            .unwrap()
+            .started
+    );
+    old.v = 5;
+    assert!(Registry::from_data(old).agent("fresh").unwrap().started);
 }

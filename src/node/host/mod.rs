@@ -622,7 +622,11 @@ impl Host {
         };
         let Some(kind) = self.node.kinds.get(&a.kind) else {
             let why = format!("kind {:?} is not known on node {}", a.kind, self.me);
-            self.report(&a.id, a.epoch, AgentStatus::Failed, false, Some(why));
+            if !restarted && !a.started {
+                self.report_failed_first_start(&a.id, a.epoch, why);
+            } else {
+                self.report(&a.id, a.epoch, AgentStatus::Failed, false, Some(why));
+            }
             self.ended.insert(a.id, (a.epoch, a.restart_requested));
             return;
         };
@@ -646,7 +650,11 @@ impl Host {
             restarted,
         };
         let run = self.run_of(a.id, &inst);
-        let start = kind.start(ctx);
+        // The kind's check of the config, then its start: a refusal is a failed start.
+        let start = match kind.validate(&ctx.config) {
+            Ok(()) => kind.start(ctx),
+            Err(why) => Box::pin(async move { Err(why) }),
+        };
         let handle = tokio::spawn(task::start_task(run, start, calls, inst.mailbox.clone()));
         inst.mailbox.running(handle.abort_handle());
         self.instances.insert(a.id, inst);
@@ -966,6 +974,20 @@ impl Host {
                 tracing::warn!(agent = %exit.id, error = %why, "agent failed to start");
                 self.journal
                     .stop_at(exit.id, epoch, "failed to start", exit.at, None);
+                // Its first start (no earlier run here at this epoch, and none recorded
+                // anywhere): OTP's start_child. The registry removes it; nothing restarts,
+                // and its supervisor is not charged.
+                let never_ran = !inst.restarted && {
+                    let st = self.node.state_read();
+                    let a = st.registry.agent(&exit.id.to_string());
+                    a.is_some_and(|a| !a.started && a.epoch == epoch)
+                };
+                if never_ran {
+                    let restart_requested = inst.restart_requested;
+                    self.report_failed_first_start(&exit.id, epoch, why);
+                    self.ended.insert(exit.id, (epoch, restart_requested));
+                    return;
+                }
                 ExitReason::Crash(why)
             }
             End::Exited(reason, _) => {
@@ -1009,6 +1031,19 @@ impl Host {
             .await;
     }
 
+    /// Reports that agent `id`'s first start failed: the registry removes it if it never ran.
+    fn report_failed_first_start(&self, id: &Uuid, epoch: u64, error: String) {
+        self.pending.add(AgentReport {
+            agent: *id,
+            node: self.me,
+            epoch,
+            status: AgentStatus::Failed,
+            restarts: 0,
+            error: Some(cut(error, crate::limits::MAX_REPORT_ERROR_BYTES)),
+            first_start: true,
+        });
+    }
+
     fn report(
         &self,
         id: &Uuid,
@@ -1026,6 +1061,7 @@ impl Host {
             status,
             restarts,
             error,
+            first_start: false,
         };
         self.pending.add(r);
     }

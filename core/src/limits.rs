@@ -417,6 +417,12 @@ pub const REPORT_INTERVAL_MS: u64 = 25;
 /// start), in bytes; longer ones are cut. `get_agent` shows it as `last_error`.
 pub const MAX_REPORT_ERROR_BYTES: usize = 200;
 
+/// A supervisor's intensity: at most this many restarts (`max_restarts`) within at most this
+/// many seconds (`max_seconds`). A node keeps at most `max_restarts + 1` restart times per
+/// supervisor, so the first bounds that memory; the second is a day.
+pub const MAX_RESTARTS: u32 = 1_000_000;
+pub const MAX_INTENSITY_SECONDS: u32 = 86_400;
+
 /// How long `spawn_agent {wait: "running"}` waits for the first start by default, and at
 /// most, in milliseconds: a start within a lease, plus placement and a report's write, is
 /// well under the default; the cap bounds how long a request holds its node's task.
@@ -424,10 +430,18 @@ pub const SPAWN_WAIT_DEFAULT_MS: u64 = 5_000;
 pub const SPAWN_WAIT_MAX_MS: u64 = 60_000;
 
 /// First starts that failed whose errors the registry keeps (`StartFailure`: about 300
-/// bytes each), so that a `spawn_agent` waiting for `running` can answer the error after the
-/// agent was removed for it. Only the most recent are needed: a waiter reads its own within
-/// its `timeout_ms`.
-pub const MAX_START_FAILURES: usize = 1_000;
+/// bytes each, 3 MB in all), so that a `spawn_agent` waiting for `running` can answer the
+/// error after the agent was removed for it. Only the most recent are needed, a waiter reads
+/// its own within its `timeout_ms`; but a large group whose starts all fail must not push a
+/// waiter's out first (a group is at most `MAX_GROUP`).
+pub const MAX_START_FAILURES: usize = 10_000;
+
+/// `spawn_agent {wait: "running"}` requests one node waits on at once; past it, a spawn is
+/// answered `timeout` at once (it is kept). A waiter holds a command permit too, so this
+/// keeps most of them (`MAX_COMMANDS_IN_FLIGHT`) for other commands.
+pub const SPAWN_WAITERS: usize = 1_024;
+const _: () = assert!(SPAWN_WAITERS * 4 <= MAX_COMMANDS_IN_FLIGHT);
+const _: () = assert!(MAX_START_FAILURES >= MAX_GROUP as usize);
 
 /// What a report costs in MessagePack besides its error: an id, a node, an epoch, a status, a
 /// count and field names.

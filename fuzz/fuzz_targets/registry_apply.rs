@@ -94,7 +94,7 @@ fn agent_fields(u: &mut Unstructured) -> Result<Value> {
 }
 
 fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
-    Ok(match u.int_in_range(0..=16)? {
+    Ok(match u.int_in_range(0..=18)? {
         0 => json!({
             "type": "register_node", "node_id": node(u)?, "name": format!("n{}", node(u)?),
             "labels": {"zone": pick(u, &ZONES)?},
@@ -154,8 +154,29 @@ fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
                 "agent": agent_id(u, reg)?, "node": node(u)?, "epoch": u.int_in_range(0..=4u64)?,
                 "status": pick(u, &AGENT_STATUS)?, "restarts": u.int_in_range(0..=3u32)?,
                 "error": if u.arbitrary()? { json!("boom") } else { Value::Null },
+                "first_start": u.arbitrary::<bool>()?,
             }],
         }),
+        16 => {
+            let mut c = json!({"type": "update_supervisor", "name": pick(u, &SUPERVISORS)?});
+            if u.arbitrary()? {
+                c["strategy"] = json!(pick(u, &STRATEGIES)?);
+            }
+            if u.arbitrary()? {
+                c["max_restarts"] = json!(u.int_in_range(0..=3u32)?);
+            }
+            c
+        }
+        17 => {
+            let mut c = json!({"type": "update_agent", "agent": agent_ref(u, reg)?});
+            if u.arbitrary()? {
+                c["tags"] = if u.arbitrary()? { json!(["t1"]) } else { json!(["t2"]) };
+            }
+            if u.arbitrary()? {
+                c["config"] = json!({"n": u.int_in_range(0..=3)?});
+            }
+            c
+        }
         _ => json!({
             "type": "checkpoint", "agent": agent_id(u, reg)?, "node": node(u)?,
             "epoch": u.int_in_range(0..=4u64)?, "state": bytes(u)?,

@@ -10,7 +10,10 @@ pub mod supervisor;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::{Encoding, ErrorCode, WireError};
-use crate::registry::{validate_request_id, AgentReport, CreateSupervisor, FindAgents, SpawnAgent};
+use crate::registry::{
+    validate_request_id, AgentReport, CreateSupervisor, FindAgents, SpawnAgent, UpdateAgent,
+    UpdateSupervisor,
+};
 
 pub use agent::{AgentRef, ImportState, SpawnAgentGroup};
 
@@ -96,6 +99,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::CreateSupervisor) },
     Spec { name: "stop_supervisor", route: Route::Write, creates: false, role: Role::Operator,
            parse: |f| f.get().map(Command::StopSupervisor) },
+    Spec { name: "update_supervisor", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::UpdateSupervisor) },
     Spec { name: "list_supervisors", route: Route::Read, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::ListSupervisors) },
     Spec { name: "get_supervision_tree", route: Route::Read, creates: false, role: Role::Viewer,
@@ -110,6 +115,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::StopAgent) },
     Spec { name: "restart_agent", route: Route::Write, creates: false, role: Role::Operator,
            parse: |f| f.get().map(Command::RestartAgent) },
+    Spec { name: "update_agent", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::UpdateAgent) },
     Spec { name: "get_agent", route: Route::Read, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::GetAgent) },
     Spec { name: "list_agents", route: Route::Read, creates: false, role: Role::Viewer,
@@ -173,12 +180,14 @@ pub enum Command {
     Leave(LeaveRequest),
     CreateSupervisor(CreateSupervisor),
     StopSupervisor(StopSupervisor),
+    UpdateSupervisor(UpdateSupervisor),
     ListSupervisors(ListSupervisors),
     GetSupervisionTree(GetSupervisionTree),
     SpawnAgent(SpawnAgent),
     SpawnAgentGroup(SpawnAgentGroup),
     StopAgent(AgentRef),
     RestartAgent(AgentRef),
+    UpdateAgent(UpdateAgent),
     GetAgent(AgentRef),
     FindAgents(FindAgents),
     ExportState(AgentRef),
@@ -256,6 +265,8 @@ impl Command {
                 validate_request_id(&c.request_id)
             }
             Command::StopSupervisor(s) => s.validate(),
+            Command::UpdateSupervisor(u) => u.validate(),
+            Command::UpdateAgent(u) => u.validate(),
             Command::ListSupervisors(l) => l.validate(),
             Command::GetSupervisionTree(g) => g.validate(),
             Command::SpawnAgent(s) => s.validate(),

@@ -64,6 +64,8 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
             checkpoint_seq,
         } => json!({ "agent": agent, "checkpoint_seq": checkpoint_seq }),
         Applied::Legacy(v) => v.clone(),
+        Applied::SupervisorUpdated(sup) => record(sup)?,
+        Applied::AgentUpdated(agent) => record(agent)?,
     })
 }
 

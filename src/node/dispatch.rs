@@ -244,8 +244,20 @@ async fn wait_first_start(node: &Node, enc: Encoding, body: Bytes, within: Durat
     }) else {
         return body;
     };
+    let Ok(_waiting) = node.spawn_waiters.clone().try_acquire_owned() else {
+        let err = WireError::new(
+            ErrorCode::Timeout,
+            format!(
+                "agent {id} was placed; this node already waits on {} first starts, so it \
+                 does not wait on this one (get_agent shows how it goes)",
+                limits::SPAWN_WAITERS
+            ),
+        );
+        return encode(enc, Err(err));
+    };
     let deadline = tokio::time::Instant::now() + within;
-    let mut applied = node.raft.metrics();
+    let mut metrics = node.raft.metrics();
+    let mut applied = None;
     let mut seen = false;
     loop {
         let now = {
@@ -277,19 +289,28 @@ async fn wait_first_start(node: &Node, enc: Encoding, body: Bytes, within: Durat
         if let Some(result) = now {
             return encode(enc, result);
         }
-        match tokio::time::timeout_at(deadline, applied.changed()).await {
-            Ok(Ok(())) => {}
-            // Raft stopped (the node is stopping), or the time is up.
-            _ => {
-                let err = WireError::new(
-                    ErrorCode::Timeout,
-                    format!(
-                        "agent {id} was placed but has not started within {} ms; it is kept \
-                         and may still start (get_agent shows it)",
-                        within.as_millis()
-                    ),
-                );
-                return encode(enc, Err(err));
+        // Look again only once this node has applied more of the log (the metrics also
+        // change with every heartbeat on a leader).
+        loop {
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                // Raft stopped (the node is stopping), or the time is up.
+                _ => {
+                    let err = WireError::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "agent {id} has not started within {} ms; unless it was stopped \
+                             meanwhile it is kept and may still start (get_agent shows it)",
+                            within.as_millis()
+                        ),
+                    );
+                    return encode(enc, Err(err));
+                }
+            }
+            let now = metrics.borrow_and_update().last_applied;
+            if now != applied {
+                applied = now;
+                break;
             }
         }
     }

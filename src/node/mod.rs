@@ -56,6 +56,8 @@ pub struct Node {
     /// Other nodes' requests being handled: apart from clients', so that no client flood
     /// starves heartbeats, reports and hand-offs.
     inflight_internal: Arc<Semaphore>,
+    /// Client spawns waiting for their agent's first start (`limits::SPAWN_WAITERS`).
+    spawn_waiters: Arc<Semaphore>,
     started: Instant,
     /// This node's lease: whether it may run agents now.
     pub lease: lease::Lease,
@@ -257,6 +259,15 @@ impl Node {
             Command::RestartAgent(a) => {
                 let cmd = RegistryCmd::RestartAgent { agent: a.agent };
                 self.propose(cmd, a.request_id, size).await
+            }
+            Command::UpdateSupervisor(mut u) => {
+                let rid = u.request_id.take();
+                self.propose(RegistryCmd::UpdateSupervisor(u), rid, size)
+                    .await
+            }
+            Command::UpdateAgent(mut u) => {
+                let rid = u.request_id.take();
+                self.propose(RegistryCmd::UpdateAgent(u), rid, size).await
             }
             Command::ImportState(i) => match i.validate() {
                 Ok(state) => {

@@ -198,6 +198,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         membership_lock: tokio::sync::Mutex::new(()),
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
+        spawn_waiters: Arc::new(Semaphore::new(limits::SPAWN_WAITERS)),
         started: std::time::Instant::now(),
         lease: lease::Lease::default(),
         liveness: lease::Liveness::default(),

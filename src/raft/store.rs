@@ -744,6 +744,9 @@ impl StateMachine {
             assert!(a.log_id.index > prev.index, "applied index must only grow");
         }
         let st = &mut *st;
+        if let EntryPayload::Normal(p) = &a.payload {
+            st.registry.set_entry_version(p.v);
+        }
         loop {
             let began = Instant::now();
             let resumed = a.rest.is_some();

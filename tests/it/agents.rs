@@ -300,7 +300,10 @@ async fn a_child_whose_first_start_fails_is_not_kept_and_costs_its_siblings_noth
     wait_for(
         "the failed agent to be removed",
         Duration::from_secs(10),
-        || async { c.call("get_agent", &json!({"agent": "later"})).await.err() },
+        || async {
+            let got = c.call("get_agent", &json!({"agent": "later"})).await;
+            matches!(got, Err(CallError::Reply(e)) if e.code == ErrorCode::NotFound).then_some(())
+        },
     )
     .await;
 
@@ -794,4 +797,71 @@ async fn a_sigkilled_node_leaves_no_exec_process() {
         },
     )
     .await;
+}
+
+/// Goal: live changes through the NATS interface (seed 002). `update_supervisor` from
+/// `one_for_one` to `one_for_all` restarts nothing by itself, and the next crash restarts
+/// every sibling; `update_agent` moves an agent's tags in place, without a restart, and a new
+/// config restarts it with that config.
+#[tokio::test]
+async fn a_supervisor_and_an_agent_change_while_they_run() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    sup(c, "s", "root", "one_for_one", 10).await;
+    spawn(c, "x", "s", json!({})).await;
+    spawn(c, "y", "s", json!({"tags": ["cold"]})).await;
+    let out = c
+        .call(
+            "update_supervisor",
+            &json!({"name": "s", "strategy": "one_for_all"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["strategy"], "one_for_all", "{out}");
+    crash(c, "x").await;
+    wait_agent(c, "y", "y restarted by the new one_for_all", |a| {
+        restarts(a) == 1 && a["status"] == "running"
+    })
+    .await;
+
+    let tagged = |tag: &'static str| async move {
+        let page = c.call("find_agents", &json!({"tag": tag})).await.unwrap();
+        page["agents"].as_array().unwrap().len()
+    };
+    c.call("update_agent", &json!({"agent": "y", "tags": ["hot"]}))
+        .await
+        .unwrap();
+    assert_eq!((tagged("cold").await, tagged("hot").await), (0, 1));
+    assert_eq!(
+        restarts(&get(c, "y").await),
+        1,
+        "a tag change restarts nothing"
+    );
+
+    call_agent(c, "y", json!({"op": "add", "n": 2}))
+        .await
+        .unwrap();
+    c.call(
+        "update_agent",
+        &json!({"agent": "y", "config": {"start": 41}}),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "y to run again with its new config",
+        Duration::from_secs(10),
+        || async {
+            let v = call_agent(c, "y", json!({"op": "get"})).await.ok()?;
+            (v["value"] == 41).then_some(())
+        },
+    )
+    .await;
+    let err = c
+        .call("update_agent", &json!({"agent": "y"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::BadRequest),
+        "{err:?}"
+    );
 }

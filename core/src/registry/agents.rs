@@ -271,6 +271,11 @@ pub struct AgentReport {
     /// removed instead of restarted (if the registry agrees that it never ran).
     #[serde(default)]
     pub first_start: bool,
+    /// It ran at this epoch since the last report (it was reported `running`): kept through
+    /// the node's coalescing, so a start and a crash before the report is written still make
+    /// the agent count as having run.
+    #[serde(default)]
+    pub ran: bool,
 }
 
 /// Query of `list_agents` / `find_agents`.
@@ -564,7 +569,7 @@ impl Registry {
             created_at: time,
             updated_at: time,
             seq: 1,
-            started: false,
+            started: self.entry_predates_started(),
         };
         let reply = Applied::AgentSpawned(Box::new(agent.clone()));
         events.push(agent_event(&agent, "placed", time, json!({ "node": node })));
@@ -639,7 +644,13 @@ impl Registry {
         for r in reports {
             match agent_mut(&mut self.data.agents, &r.agent) {
                 Some(a) if a.node == Some(r.node) && a.epoch == r.epoch => {
-                    if r.first_start && r.status == AgentStatus::Failed && !a.started {
+                    let first_start = r.first_start
+                        && !r.ran
+                        && r.restarts == 0
+                        && r.status == AgentStatus::Failed
+                        && !a.started
+                        && !self.data.checkpoints.contains_key(&r.agent);
+                    if first_start {
                         self.forget_failed_start(time, r, events);
                         applied += 1;
                         continue;
@@ -659,7 +670,7 @@ impl Registry {
                         _ => None,
                     };
                     a.restarts = a.restarts.saturating_add(r.restarts);
-                    if r.status == AgentStatus::Running || r.restarts > 0 {
+                    if r.ran || r.status == AgentStatus::Running || r.restarts > 0 {
                         a.started = true;
                     }
                     self.index.status_changed(a.id, a.status, status);
@@ -752,6 +763,8 @@ impl Registry {
         }
         let seq = self.data.checkpoints.get(&agent).map_or(1, |c| c.seq + 1);
         a.seq += 1;
+        // Only a running instance checkpoints (or hands its state over).
+        a.started = true;
         events.push(agent_event(
             a,
             "checkpointed",

@@ -18,6 +18,7 @@ mod refused;
 mod stops;
 mod time;
 mod types;
+mod updates;
 
 pub use agents::*;
 pub use moves::*;
@@ -25,6 +26,7 @@ pub use nodes::*;
 pub use outcome::*;
 pub use refused::*;
 pub use types::*;
+pub use updates::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -153,6 +155,8 @@ pub enum RegistryCmd {
         epoch: u64,
         state: bytes::Bytes,
     },
+    UpdateSupervisor(UpdateSupervisor),
+    UpdateAgent(UpdateAgent),
 }
 
 impl RegistryCmd {
@@ -176,6 +180,8 @@ impl RegistryCmd {
             RegistryCmd::ImportState { .. } => "import_state",
             RegistryCmd::ReportAgents { .. } => "report_agents",
             RegistryCmd::Checkpoint { .. } => "checkpoint",
+            RegistryCmd::UpdateSupervisor(_) => "update_supervisor",
+            RegistryCmd::UpdateAgent(_) => "update_agent",
         }
     }
 }
@@ -281,6 +287,11 @@ pub struct Registry {
     /// Set by a command that brought a node up or opened room, so that its last steps place
     /// the agents waiting for a node (`conclude`); false between commands.
     placing_due: bool,
+    /// The version of the log entry being applied (`set_entry_version`): an entry written
+    /// before version 6 spawns agents that count as having run, as `from_data` counts those
+    /// of an older snapshot, so that every replica agrees however much of the old log it
+    /// replays past its snapshot.
+    entry_version: u32,
 }
 
 impl Default for Registry {
@@ -326,6 +337,7 @@ impl Registry {
             unplaced: BTreeSet::new(),
             index: Default::default(),
             placing_due: false,
+            entry_version: REGISTRY_VERSION,
         };
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
@@ -400,6 +412,16 @@ impl Registry {
     /// The registry's content.
     pub fn data(&self) -> &RegistryData {
         &self.data
+    }
+
+    /// Tells the registry the version of the log entry it applies next (`Proposal::v`).
+    pub fn set_entry_version(&mut self, v: u32) {
+        self.entry_version = v;
+    }
+
+    /// Whether a record written by the entry being applied predates `Agent::started`.
+    pub(super) fn entry_predates_started(&self) -> bool {
+        self.entry_version < 6
     }
 
     /// Looks up a node.
@@ -531,6 +553,8 @@ impl Registry {
                 epoch,
                 state,
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
+            RegistryCmd::UpdateSupervisor(u) => self.update_supervisor(time, u, events),
+            RegistryCmd::UpdateAgent(u) => self.update_agent(time, u, events),
         };
         if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
             // Room opened: agents waiting for a node may fit now.

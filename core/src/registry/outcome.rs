@@ -72,6 +72,10 @@ pub enum Applied {
     /// A reply remembered by a registry of version 1, which kept rendered replies; answered as
     /// it was. Such records expire with the rest (`REQUEST_ID_TTL_SECS`).
     Legacy(Value),
+    /// `update_supervisor`: the supervisor's record after it.
+    SupervisorUpdated(Box<Supervisor>),
+    /// `update_agent`: the agent's record after it.
+    AgentUpdated(Box<Agent>),
 }
 
 /// One agent a `handoff` moved.

@@ -111,6 +111,10 @@ pub enum Refused {
     },
     /// A refusal remembered by a registry of version 1, which kept it as text.
     Legacy(WireError),
+    /// `update_supervisor` to `simple_one_for_one` of a supervisor holding nested supervisors.
+    HoldsSupervisors {
+        name: String,
+    },
 }
 
 impl Refused {
@@ -130,7 +134,8 @@ impl Refused {
             | AlreadyMigrating { .. }
             | NothingToMigrate { .. }
             | Pinned { .. }
-            | AlreadyThere { .. } => ErrorCode::Conflict,
+            | AlreadyThere { .. }
+            | HoldsSupervisors { .. } => ErrorCode::Conflict,
             NoNode { .. }
             | NoParent { .. }
             | NoSupervisor { .. }
@@ -181,6 +186,11 @@ impl fmt::Display for Refused {
             ),
             TooDeep { max } => write!(f, "supervisors nest at most {max} levels deep"),
             RootStops => write!(f, "the root supervisor cannot be stopped"),
+            HoldsSupervisors { name } => write!(
+                f,
+                "supervisor {name:?} holds nested supervisors; a simple_one_for_one supervisor \
+                 holds agents only"
+            ),
             NoSupervisor { name } => write!(f, "no supervisor named {name:?}"),
             NoSupervisorForAgent { name } => write!(f, "supervisor {name:?} does not exist"),
             AgentExists { name } => write!(f, "an agent named {name:?} already exists"),

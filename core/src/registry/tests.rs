@@ -372,6 +372,7 @@ fn indexed_queries_answer_as_a_scan_and_survive_a_snapshot() {
             restarts: 0,
             error: None,
             first_start: false,
+            ran: false,
         }
     };
     let reports = vec![
@@ -648,6 +649,7 @@ fn a_migration_hands_the_state_over_and_fences_the_source() {
         restarts: 0,
         error: None,
         first_start: false,
+        ran: false,
     };
     let reports = RegistryCmd::ReportAgents {
         reports: vec![report],
@@ -1272,6 +1274,7 @@ fn a_first_start_that_fails_removes_the_agent_once_it_never_ran() {
             restarts: 0,
             error: Some("exec: /bin/nope is not allowed".into()),
             first_start,
+            ran: false,
         }],
     };
     run(
@@ -1342,6 +1345,34 @@ fn a_first_start_that_fails_removes_the_agent_once_it_never_ran() {
     let rebuilt = Registry::from_data(through_snapshot(reg.data()));
     assert_eq!(rebuilt.data().start_failures, reg.data().start_failures);
 
+    // A report that says the agent ran meanwhile (a start and a failure coalesced on its
+    // node), or an agent with a checkpoint: not a first start, kept.
+    for (name, at) in [("ran", 4_000), ("saved", 4_010)] {
+        run(
+            &mut reg,
+            at,
+            None,
+            spawn(name, ROOT, "permanent", json!(null)),
+        )
+        .unwrap();
+    }
+    let ran = reg.agent("ran").unwrap().clone();
+    let mut cmd = report(&ran, AgentStatus::Failed, true, ran.epoch);
+    if let RegistryCmd::ReportAgents { reports } = &mut cmd {
+        reports[0].ran = true;
+    }
+    run(&mut reg, 4_001, None, cmd).unwrap();
+    assert!(reg.agent("ran").unwrap().started, "it ran: kept");
+    let saved = reg.agent("saved").unwrap().clone();
+    let checkpoint = RegistryCmd::ImportState {
+        agent: "saved".into(),
+        state: bytes::Bytes::from_static(b"\x80"),
+    };
+    run(&mut reg, 4_011, None, checkpoint).unwrap();
+    let cmd = report(&saved, AgentStatus::Failed, true, saved.epoch);
+    run(&mut reg, 4_012, None, cmd).unwrap();
+    assert!(reg.agent("saved").is_some(), "its state is kept with it");
+
     // Agents of a data dir written before records said whether they ran count as having run:
     // an upgrade never removes one for a failed start.
     run(
@@ -1360,4 +1391,131 @@ fn a_first_start_that_fails_removes_the_agent_once_it_never_ran() {
     );
     old.v = 5;
     assert!(Registry::from_data(old).agent("fresh").unwrap().started);
+    // So do those that entries of an older version spawn, replayed past a snapshot: every
+    // replica agrees however much of the old log it replays.
+    reg.set_entry_version(5);
+    run(
+        &mut reg,
+        5_001,
+        None,
+        spawn("replayed", ROOT, "permanent", json!(null)),
+    )
+    .unwrap();
+    assert!(reg.agent("replayed").unwrap().started);
+    reg.set_entry_version(REGISTRY_VERSION);
+}
+
+/// Goal: live changes. `update_supervisor` changes the policy in place (refusing
+/// `simple_one_for_one` over nested supervisors, and unknown names); `update_agent` moves an
+/// agent between tags in the indexes, and a changed config asks a restart while the same
+/// config does not.
+#[test]
+fn supervisors_and_agents_change_in_place() {
+    let mut reg = three_nodes();
+    run(&mut reg, 1, None, create("s", None)).unwrap();
+    run(&mut reg, 2, None, create("inner", Some("s"))).unwrap();
+    let update = |v: Value| RegistryCmd::UpdateSupervisor(serde_json::from_value(v).unwrap());
+    let out = run(
+        &mut reg,
+        3,
+        None,
+        update(json!({"name": "s", "strategy": "one_for_all", "max_restarts": 7})),
+    )
+    .unwrap();
+    assert!(matches!(out, Applied::SupervisorUpdated(_)), "{out:?}");
+    let s = reg.supervisor("s").unwrap();
+    assert_eq!(
+        (s.strategy, s.max_restarts, s.max_seconds),
+        (Strategy::OneForAll, 7, 5)
+    );
+    check_code(
+        run(
+            &mut reg,
+            4,
+            None,
+            update(json!({"name": "s", "strategy": "simple_one_for_one"})),
+        ),
+        ErrorCode::Conflict,
+    );
+    check_code(
+        run(
+            &mut reg,
+            5,
+            None,
+            update(json!({"name": "nope", "max_seconds": 9})),
+        ),
+        ErrorCode::NotFound,
+    );
+    assert_eq!(reg.supervisor("s").unwrap().strategy, Strategy::OneForAll);
+
+    let spawn = json!({"name": "a", "supervisor": "s", "kind": "counter", "tags": ["blue"]});
+    run(
+        &mut reg,
+        6,
+        None,
+        RegistryCmd::SpawnAgent(serde_json::from_value(spawn).unwrap()),
+    )
+    .unwrap();
+    let update = |v: Value| RegistryCmd::UpdateAgent(serde_json::from_value(v).unwrap());
+    let find = |reg: &Registry, tag: &str| {
+        let q = FindAgents {
+            tag: Some(tag.into()),
+            count: true,
+            ..Default::default()
+        };
+        q.answer(reg).unwrap()["count"].as_u64().unwrap()
+    };
+    run(
+        &mut reg,
+        7,
+        None,
+        update(json!({"agent": "a", "tags": ["green"]})),
+    )
+    .unwrap();
+    assert_eq!((find(&reg, "blue"), find(&reg, "green")), (0, 1));
+    assert_eq!(
+        reg.agent("a").unwrap().restart_requested,
+        0,
+        "labels restart nothing"
+    );
+    run(
+        &mut reg,
+        8,
+        None,
+        update(json!({"agent": "a", "config": {"start": 5}})),
+    )
+    .unwrap();
+    let a = reg.agent("a").unwrap();
+    assert_eq!((a.restart_requested, &a.config), (1, &json!({"start": 5})));
+    run(
+        &mut reg,
+        9,
+        None,
+        update(json!({"agent": "a", "config": {"start": 5}})),
+    )
+    .unwrap();
+    assert_eq!(
+        reg.agent("a").unwrap().restart_requested,
+        1,
+        "the same config"
+    );
+    run(
+        &mut reg,
+        10,
+        None,
+        update(json!({"agent": "a", "config": null})),
+    )
+    .unwrap();
+    assert_eq!(reg.agent("a").unwrap().config, Value::Null);
+    check_code(
+        run(
+            &mut reg,
+            11,
+            None,
+            update(json!({"agent": "zz", "tags": []})),
+        ),
+        ErrorCode::NotFound,
+    );
+    let rebuilt = Registry::from_data(through_snapshot(reg.data()));
+    assert_eq!(find(&rebuilt, "green"), 1);
 }

@@ -180,16 +180,16 @@ impl CreateSupervisor {
                 "max_seconds must be at least 1",
             ));
         }
-        if self.max_restarts > 1_000_000 {
+        if self.max_restarts > limits::MAX_RESTARTS {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
-                "max_restarts is at most 1000000",
+                format!("max_restarts is at most {}", limits::MAX_RESTARTS),
             ));
         }
-        if self.max_seconds > 86_400 {
+        if self.max_seconds > limits::MAX_INTENSITY_SECONDS {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
-                "max_seconds is at most 86400",
+                format!("max_seconds is at most {}", limits::MAX_INTENSITY_SECONDS),
             ));
         }
         self.backoff.validate()

@@ -163,6 +163,11 @@ pub(crate) struct Host {
     scheduled: BTreeMap<Uuid, Scheduled>,
     /// Agents that ended and must not run again (at this epoch and restart request).
     ended: BTreeMap<Uuid, (u64, u64)>,
+    /// Agents that started here at this epoch while the registry did not yet record them as
+    /// ever running (their `running` report not yet applied): a failed start of theirs is no
+    /// first start. Dropped once the registry shows them running or they move; so it holds
+    /// only agents whose first report is in flight.
+    ran_here: BTreeMap<Uuid, u64>,
     /// Restart history (ms since the host started) of each supervisor.
     histories: BTreeMap<String, VecDeque<i64>>,
     /// Unbounded: each start sends at most two events (`TaskEvent`), and an agent task never
@@ -227,6 +232,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
         queued: BTreeSet::new(),
         scheduled: BTreeMap::new(),
         ended: BTreeMap::new(),
+        ran_here: BTreeMap::new(),
         histories: BTreeMap::new(),
         events: events_tx,
         pending,
@@ -507,6 +513,11 @@ impl Host {
             desired.contains_key(id)
         });
         retain_within(&mut self.log_seq, within, |id, _| desired.contains_key(id));
+        retain_within(&mut self.ran_here, within, |id, epoch| {
+            desired
+                .get(id)
+                .is_some_and(|d| d.epoch == *epoch && d.status != AgentStatus::Running)
+        });
         retain_within(&mut self.ended, within, |id, (epoch, req)| {
             desired
                 .get(id)
@@ -622,7 +633,7 @@ impl Host {
         };
         let Some(kind) = self.node.kinds.get(&a.kind) else {
             let why = format!("kind {:?} is not known on node {}", a.kind, self.me);
-            if !restarted && !a.started {
+            if !restarted && self.never_ran(a.id, a.epoch) {
                 self.report_failed_first_start(&a.id, a.epoch, why);
             } else {
                 self.report(&a.id, a.epoch, AgentStatus::Failed, false, Some(why));
@@ -870,6 +881,14 @@ impl Host {
                     .map(|i| (i.epoch, i.restarted));
                 if let Some((epoch, restarted)) = started {
                     self.report(&id, epoch, AgentStatus::Running, restarted, None);
+                    let recorded = {
+                        let st = self.node.state_read();
+                        let a = st.registry.agent(&id.to_string());
+                        a.is_some_and(|a| a.started)
+                    };
+                    if !recorded {
+                        self.ran_here.insert(id, epoch);
+                    }
                 }
                 false
             }
@@ -977,11 +996,7 @@ impl Host {
                 // Its first start (no earlier run here at this epoch, and none recorded
                 // anywhere): OTP's start_child. The registry removes it; nothing restarts,
                 // and its supervisor is not charged.
-                let never_ran = !inst.restarted && {
-                    let st = self.node.state_read();
-                    let a = st.registry.agent(&exit.id.to_string());
-                    a.is_some_and(|a| !a.started && a.epoch == epoch)
-                };
+                let never_ran = !inst.restarted && self.never_ran(exit.id, epoch);
                 if never_ran {
                     let restart_requested = inst.restart_requested;
                     self.report_failed_first_start(&exit.id, epoch, why);
@@ -1031,6 +1046,18 @@ impl Host {
             .await;
     }
 
+    /// Whether agent `id`, placed here at `epoch`, has never run anywhere as far as this node
+    /// knows: the registry records no run and no start here at this epoch is awaiting its
+    /// report. The registry checks again when it applies the report.
+    fn never_ran(&self, id: Uuid, epoch: u64) -> bool {
+        if self.ran_here.get(&id) == Some(&epoch) {
+            return false;
+        }
+        let st = self.node.state_read();
+        let a = st.registry.agent(&id.to_string());
+        a.is_some_and(|a| !a.started && a.epoch == epoch)
+    }
+
     /// Reports that agent `id`'s first start failed: the registry removes it if it never ran.
     fn report_failed_first_start(&self, id: &Uuid, epoch: u64, error: String) {
         self.pending.add(AgentReport {
@@ -1041,6 +1068,7 @@ impl Host {
             restarts: 0,
             error: Some(cut(error, crate::limits::MAX_REPORT_ERROR_BYTES)),
             first_start: true,
+            ran: false,
         });
     }
 
@@ -1062,6 +1090,7 @@ impl Host {
             restarts,
             error,
             first_start: false,
+            ran: status == AgentStatus::Running,
         };
         self.pending.add(r);
     }

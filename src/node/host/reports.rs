@@ -17,7 +17,7 @@ use crate::limits::{
 };
 use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
-use crate::registry::{AgentReport, AgentStatus, HandoffItem};
+use crate::registry::{AgentReport, HandoffItem};
 use crate::retry::Backoff;
 
 /// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
@@ -34,8 +34,8 @@ impl Pending {
         match reports.get_mut(&r.agent) {
             Some(old) if old.epoch == r.epoch => {
                 // A failed first start after a run reported here is no first start.
-                let ran = old.status == AgentStatus::Running || old.restarts > 0;
-                old.first_start = r.first_start && !ran;
+                old.ran |= r.ran || old.restarts > 0;
+                old.first_start = r.first_start && !old.ran;
                 old.status = r.status;
                 old.restarts = old.restarts.saturating_add(r.restarts);
                 if r.error.is_some() {
@@ -73,6 +73,9 @@ impl Pending {
             let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
             match reports.get_mut(&r.agent) {
                 Some(newer) if newer.epoch == r.epoch => {
+                    // Whatever ran before the newer report still ran.
+                    newer.ran |= r.ran || r.restarts > 0;
+                    newer.first_start &= !newer.ran;
                     newer.restarts = newer.restarts.saturating_add(r.restarts);
                     if newer.error.is_none() {
                         newer.error = r.error;

@@ -682,6 +682,7 @@ pub fn command_table() -> String {
             (_, Route::Read) => "any node; the leader reads",
             (_, Route::Write) => "any node; the leader writes",
             (_, Route::Membership) => "any node; the leader changes the membership",
+            (_, Route::Wait) => "the node that receives it, from its copy of the registry",
         };
         let _ = writeln!(out, "| `{}` | {who} | {subjects} | {answers} |", spec.name);
     }

@@ -166,12 +166,22 @@ impl Client {
             Some(crate::command::Route::Read | crate::command::Route::Local)
         );
         let retry_timeouts = read || body.get("request_id").is_some();
+        // A command that waits on the cluster (`wait_agent`, a spawn that waits for its first
+        // start) gets its own wait and a little more.
+        let waits = crate::command::route_of(command) == Some(crate::command::Route::Wait)
+            || body.get("wait").and_then(Value::as_str) == Some("running");
+        let deadline = match body.get("timeout_ms").and_then(Value::as_u64) {
+            Some(ms) if waits => self
+                .deadline
+                .max(Duration::from_millis(ms) + Duration::from_secs(2)),
+            _ => self.deadline,
+        };
         let payload: bytes::Bytes = self.encoding.encode(body).into();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
-            let left = self.deadline.saturating_sub(start.elapsed());
+            let left = deadline.saturating_sub(start.elapsed());
             if left.is_zero() {
                 return Err(CallError::NoAnswer("deadline passed".into()));
             }

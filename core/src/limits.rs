@@ -436,8 +436,16 @@ pub const SPAWN_WAIT_MAX_MS: u64 = 60_000;
 /// waiter's out first (a group is at most `MAX_GROUP`).
 pub const MAX_START_FAILURES: usize = 10_000;
 
-/// `spawn_agent {wait: "running"}` requests one node waits on at once; past it, a spawn is
-/// answered `timeout` at once (it is kept). A waiter holds a command permit too, so this
+/// The largest result an agent that finished may leave (`Agent::finish`), as JSON; a larger
+/// one is replaced by an error saying so. Results of done agents kept in all: at most
+/// `MAX_FINISHED` records and `MAX_FINISHED_BYTES`, the oldest dropped first.
+pub const MAX_RESULT_BYTES: usize = 64 * 1024;
+pub const MAX_FINISHED: usize = 100_000;
+pub const MAX_FINISHED_BYTES: usize = 32 * 1024 * 1024;
+const _: () = assert!(MAX_RESULT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
+
+/// Waits one node runs at once (`spawn_agent {wait: "running"}` and `wait_agent`); past it,
+/// a spawn is answered `timeout` at once (it is kept), a `wait_agent` `unavailable`. A waiter holds a command permit too, so this
 /// keeps most of them (`MAX_COMMANDS_IN_FLIGHT`) for other commands.
 pub const SPAWN_WAITERS: usize = 1_024;
 const _: () = assert!(SPAWN_WAITERS * 4 <= MAX_COMMANDS_IN_FLIGHT);

@@ -94,7 +94,7 @@ fn agent_fields(u: &mut Unstructured) -> Result<Value> {
 }
 
 fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
-    Ok(match u.int_in_range(0..=18)? {
+    Ok(match u.int_in_range(0..=19)? {
         0 => json!({
             "type": "register_node", "node_id": node(u)?, "name": format!("n{}", node(u)?),
             "labels": {"zone": pick(u, &ZONES)?},
@@ -177,6 +177,12 @@ fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
             }
             c
         }
+        18 => json!({
+            "type": "finish_agent", "agent": agent_id(u, reg)?, "node": node(u)?,
+            "epoch": u.int_in_range(0..=4u64)?,
+            "status": if u.arbitrary()? { "stopped" } else { "failed" },
+            "result": if u.arbitrary()? { json!({"n": u.int_in_range(0..=3)?}) } else { Value::Null },
+        }),
         _ => json!({
             "type": "checkpoint", "agent": agent_id(u, reg)?, "node": node(u)?,
             "epoch": u.int_in_range(0..=4u64)?, "state": bytes(u)?,

@@ -1,5 +1,5 @@
-//! The built-in `counter` and `echo` kinds, enough to use and test the system without writing
-//! Rust.
+//! The built-in `counter`, `echo` and `job` kinds, enough to use and test the system without
+//! writing Rust.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -117,6 +117,96 @@ impl Kind for Echo {
 impl Agent for EchoAgent {
     fn call(&mut self, msg: Value) -> BoxFuture<'_, Result<Reply, AgentError>> {
         Box::pin(async move { Ok(Reply::now(msg)) })
+    }
+}
+
+/// `job`: runs to completion. It works for `ms` milliseconds (at most an hour), then finishes
+/// with `result`, or fails with `fail` if that is given. Config: `{"ms": n, "result": any,
+/// "fail": "why"}`. `{"op":"status"}` answers `{ms, started_ms_ago}`. A `transient` job that
+/// finishes is done: `wait_agent` answers its result. Restarted (a crash, a failover), it
+/// works its whole time again.
+pub struct Job;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobConfig {
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    fail: Option<String>,
+}
+
+/// The longest a `job` works, in milliseconds.
+const JOB_MAX_MS: u64 = 3_600_000;
+
+fn job_config(config: &Value) -> Result<JobConfig, String> {
+    let cfg = if config.is_null() {
+        JobConfig::default()
+    } else {
+        JobConfig::deserialize(config).map_err(|e| format!("job config: {e}"))?
+    };
+    if cfg.ms > JOB_MAX_MS {
+        return Err(format!("job config: ms is at most {JOB_MAX_MS}"));
+    }
+    Ok(cfg)
+}
+
+struct JobAgent {
+    ms: u64,
+    began: std::time::Instant,
+    result: Option<Value>,
+    end: Option<BoxFuture<'static, crate::supervision::ExitReason>>,
+}
+
+impl Kind for Job {
+    fn validate(&self, config: &Value) -> Result<(), String> {
+        job_config(config).map(|_| ())
+    }
+
+    fn start(&self, ctx: StartContext) -> BoxFuture<'static, Result<Box<dyn Agent>, String>> {
+        Box::pin(async move {
+            let cfg = job_config(&ctx.config)?;
+            let (ms, fail) = (cfg.ms, cfg.fail);
+            let end = Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                match fail {
+                    Some(why) => crate::supervision::ExitReason::Crash(why),
+                    None => crate::supervision::ExitReason::Normal,
+                }
+            });
+            Ok(Box::new(JobAgent {
+                ms,
+                began: std::time::Instant::now(),
+                result: cfg.result,
+                end: Some(end),
+            }) as Box<dyn Agent>)
+        })
+    }
+}
+
+impl Agent for JobAgent {
+    fn call(&mut self, msg: Value) -> BoxFuture<'_, Result<Reply, AgentError>> {
+        Box::pin(async move {
+            match msg.get("op").and_then(Value::as_str) {
+                Some("status") => Ok(Reply::now(json!({
+                    "ms": self.ms,
+                    "started_ms_ago": self.began.elapsed().as_millis() as u64,
+                }))),
+                _ => Err(AgentError::BadRequest(
+                    "job agents answer {\"op\":\"status\"}".into(),
+                )),
+            }
+        })
+    }
+
+    fn take_exit(&mut self) -> Option<BoxFuture<'static, crate::supervision::ExitReason>> {
+        self.end.take()
+    }
+
+    fn finish(&mut self) -> Option<Value> {
+        self.result.take()
     }
 }
 

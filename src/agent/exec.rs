@@ -6,10 +6,10 @@
 //! exit (or death by a signal) is a crash, a zero exit a normal end; each output line becomes a
 //! `log` event; stopping sends SIGTERM, then SIGKILL after the shutdown timeout.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -160,6 +160,9 @@ impl Kind for Exec {
                 .spawn()
                 .map_err(|e| format!("exec {:?}: {e}", spec.command))?;
             let pid = child.id().ok_or("exec: the process ended at once")?;
+            let tail = Arc::new(Mutex::new(VecDeque::new()));
+            let code = Arc::new(std::sync::OnceLock::new());
+            let mut readers = Vec::new();
             for out in [
                 child
                     .stdout
@@ -173,10 +176,15 @@ impl Kind for Exec {
             .into_iter()
             .flatten()
             {
-                tokio::spawn(forward_lines(out, ctx.log.clone()));
+                readers.push(tokio::spawn(forward_lines(
+                    out,
+                    ctx.log.clone(),
+                    tail.clone(),
+                )));
             }
             let lifeline = Mutex::new(child.stdin.take());
             let (tx, exit) = watch::channel(None);
+            let exit_code = code.clone();
             tokio::spawn(async move {
                 let waited = child.wait().await;
                 if !direct {
@@ -184,6 +192,13 @@ impl Kind for Exec {
                     // its command, running as the same user), what is left of its group goes
                     // now. Its pid names the group until the group is empty.
                     signal_group(pid, libc::SIGKILL);
+                }
+                // The last lines are read before the exit is told (they go into the result),
+                // but a descendant that keeps the pipe open is not waited for long.
+                let drained = futures::future::join_all(readers);
+                let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
+                if let Ok(status) = &waited {
+                    let _ = exit_code.set(status.code());
                 }
                 let reason = match waited {
                     Ok(s) if s.success() => ExitReason::Normal,
@@ -200,6 +215,8 @@ impl Kind for Exec {
                 exit,
                 shimmed: !direct,
                 lifeline,
+                tail,
+                code,
             }) as Box<dyn Agent>)
         })
     }
@@ -316,10 +333,21 @@ fn refused_env(name: &str) -> bool {
     name.starts_with("WARDEN_") || name.starts_with("LD_") || name.is_empty() || name.contains('=')
 }
 
+/// Output lines an exec agent keeps for its result (`Agent::finish`): the last ones.
+const RESULT_LINES: usize = 20;
+
+/// How long the end of a process waits for its last output lines to be read.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+
 /// Sends each output line to the log sink, at most `MAX_LOG_LINE_BYTES` of it (the rest of a
-/// longer line is dropped), bytes that are not UTF-8 replaced; ends with the stream. It
-/// keeps reading whatever comes, so that the process never blocks on a full pipe.
-async fn forward_lines(out: Box<dyn tokio::io::AsyncRead + Send + Unpin>, log: LogSink) {
+/// longer line is dropped), bytes that are not UTF-8 replaced, and keeps the last
+/// `RESULT_LINES` in `tail`; ends with the stream. It keeps reading whatever comes, so that
+/// the process never blocks on a full pipe.
+async fn forward_lines(
+    out: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    log: LogSink,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
     use tokio::io::AsyncReadExt;
     let max = crate::limits::MAX_LOG_LINE_BYTES;
     let mut reader = BufReader::new(out);
@@ -357,7 +385,15 @@ async fn forward_lines(out: Box<dyn tokio::io::AsyncRead + Send + Unpin>, log: L
         while matches!(buf.last(), Some(b'\n' | b'\r')) {
             buf.pop();
         }
-        log.line(String::from_utf8_lossy(&buf).into_owned());
+        let line = String::from_utf8_lossy(&buf).into_owned();
+        {
+            let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+            if tail.len() == RESULT_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        log.line(line);
     }
 }
 
@@ -372,6 +408,10 @@ struct ExecAgent {
     /// up, or when the agent is dropped (or by the kernel when the node dies), it tells the
     /// shim to kill the whole tree.
     lifeline: Mutex<Option<tokio::process::ChildStdin>>,
+    /// The last output lines (`RESULT_LINES`), for the result.
+    tail: Arc<Mutex<VecDeque<String>>>,
+    /// The exit code once the process ended (`None` inside: a signal ended it).
+    code: Arc<std::sync::OnceLock<Option<i32>>>,
 }
 
 impl ExecAgent {
@@ -442,6 +482,19 @@ impl Agent for ExecAgent {
 
     fn take_exit(&mut self) -> Option<BoxFuture<'static, ExitReason>> {
         Some(Box::pin(wait_exit(self.exit.clone())))
+    }
+
+    /// The process's exit code (null if a signal ended it) and its last output lines.
+    fn finish(&mut self) -> Option<Value> {
+        let output: Vec<String> = self
+            .tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let code = self.code.get().copied().flatten();
+        Some(json!({ "exit_code": code, "output": output }))
     }
 
     fn stop(&mut self, timeout_ms: u64) -> BoxFuture<'_, ()> {

@@ -128,6 +128,15 @@ pub trait Agent: Send + 'static {
         None
     }
 
+    /// The agent's result, asked once after it ended by itself (its `take_exit` resolved).
+    /// When that ends it for good (a `transient` agent that finished normally, a `temporary`
+    /// one either way), the result is kept in the registry and answered by `wait_agent` (at
+    /// most `limits::MAX_RESULT_BYTES` as JSON; a larger one is replaced by an error); after a
+    /// crash that is restarted it is dropped. `None`: no result.
+    fn finish(&mut self) -> Option<Value> {
+        None
+    }
+
     /// Stops the agent within `timeout_ms` (0: at once). Whatever it does not finish by then
     /// is abandoned (an `exec` process is killed).
     fn stop(&mut self, timeout_ms: u64) -> BoxFuture<'_, ()> {
@@ -165,7 +174,7 @@ impl Kinds {
         Kinds::default()
     }
 
-    /// The built-in kinds: `counter`, `echo`, and `exec` where `exec` is enabled in the
+    /// The built-in kinds: `counter`, `echo`, `job`, and `exec` where `exec` is enabled in the
     /// node's config (then only allow-listed commands run). A node without it does not
     /// advertise `exec`, so an exec agent is never placed there, and a cluster where no node
     /// that is up runs it refuses the spawn.
@@ -173,6 +182,7 @@ impl Kinds {
         let mut k = Kinds::empty();
         k.register("counter", builtin::Counter);
         k.register("echo", builtin::Echo);
+        k.register("job", builtin::Job);
         if exec.enabled {
             k.register("exec", exec::Exec::new(exec));
         }

@@ -1,6 +1,7 @@
 //! Agent commands: `spawn_agent` (alias `add_child_to_supervisor`), `spawn_agent_group`,
 //! `stop_agent`, `restart_agent`, `get_agent`, `list_agents`, `find_agents`, `export_state`,
-//! `import_state`. The node-to-leader `report_agents` and `checkpoint` live in `command`.
+//! `import_state`, `wait_agent`. The node-to-leader `report_agents` and `checkpoint` live in
+//! `command`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -160,5 +161,77 @@ mod tests {
         assert_eq!(base64(b"warden"), "d2FyZGVu");
         assert!(unbase64("abc").is_none());
         assert!(unbase64("ab!=").is_none());
+    }
+}
+
+/// `wait_agent {agent, timeout_ms?}`: waits until the agent is done (`completion`), and
+/// answers its final status and result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitAgent {
+    pub agent: String,
+    /// How long to wait, in milliseconds (default `limits::SPAWN_WAIT_DEFAULT_MS`, at most
+    /// `limits::SPAWN_WAIT_MAX_MS`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What `wait_agent` finds in a registry.
+pub enum Waited {
+    /// Done: the answer.
+    Done(Value),
+    /// The agent exists and is not done; its id, to look it up by from now on.
+    Running(uuid::Uuid),
+    /// No agent and no record of one done by that id or name.
+    Unknown,
+}
+
+impl WaitAgent {
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.agent.is_empty() || self.agent.len() > limits::MAX_NAME_LEN + 8 {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "agent must be an id or a name",
+            ));
+        }
+        match self.timeout_ms {
+            Some(ms) if ms == 0 || ms > limits::SPAWN_WAIT_MAX_MS => Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("timeout_ms is 1 to {}", limits::SPAWN_WAIT_MAX_MS),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// How long to wait.
+    pub fn within(&self) -> std::time::Duration {
+        let ms = self.timeout_ms.unwrap_or(limits::SPAWN_WAIT_DEFAULT_MS);
+        std::time::Duration::from_millis(ms.min(limits::SPAWN_WAIT_MAX_MS))
+    }
+
+    /// Looks agent `agent` (an id or a name) up: done, running, or unknown. An agent that is
+    /// done stays known after its record goes (a temporary agent is forgotten when it ends).
+    pub fn look(reg: &Registry, agent: &str) -> Waited {
+        if let Some(f) = reg.finished(agent) {
+            // Done, unless it was started again since (`restart_agent` of a finished
+            // transient agent): then it is running again.
+            let again = reg.agent(&f.agent.to_string()).is_some_and(|a| {
+                !matches!(
+                    a.status,
+                    crate::registry::AgentStatus::Stopped | crate::registry::AgentStatus::Failed
+                )
+            });
+            if !again {
+                return Waited::Done(json!({
+                    "agent": f.agent, "name": f.name, "supervisor": f.supervisor,
+                    "status": f.status, "result": f.result, "error": f.error,
+                    "node": f.node, "time": f.time,
+                }));
+            }
+        }
+        match reg.agent(agent) {
+            Some(a) => Waited::Running(a.id),
+            None => Waited::Unknown,
+        }
     }
 }

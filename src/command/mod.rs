@@ -11,11 +11,11 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::{
-    validate_request_id, AgentReport, CreateSupervisor, FindAgents, SpawnAgent, UpdateAgent,
-    UpdateSupervisor,
+    validate_request_id, AgentReport, CreateSupervisor, FindAgents, FinishAgent, SpawnAgent,
+    UpdateAgent, UpdateSupervisor,
 };
 
-pub use agent::{AgentRef, ImportState, SpawnAgentGroup};
+pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 
 pub use cluster::{JoinRequest, LeaveRequest};
 pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
@@ -117,6 +117,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::RestartAgent) },
     Spec { name: "update_agent", route: Route::Write, creates: false, role: Role::Operator,
            parse: |f| f.get().map(Command::UpdateAgent) },
+    Spec { name: "wait_agent", route: Route::Wait, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::WaitAgent) },
     Spec { name: "get_agent", route: Route::Read, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::GetAgent) },
     Spec { name: "list_agents", route: Route::Read, creates: false, role: Role::Viewer,
@@ -142,6 +144,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::Checkpoint) },
     Spec { name: "handoff", route: Route::Write, creates: false, role: Role::Node,
            parse: |f| f.get().map(Command::Handoff) },
+    Spec { name: "finish_agent", route: Route::Write, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::FinishAgent) },
 ];
 
 /// The command named `name`, if there is one.
@@ -199,6 +203,8 @@ pub enum Command {
     DrainNode(DrainNode),
     Rebalance(Rebalance),
     Handoff(Handoff),
+    FinishAgent(FinishAgent),
+    WaitAgent(WaitAgent),
 }
 
 /// Where a command is executed.
@@ -212,6 +218,9 @@ pub enum Route {
     Write,
     /// On the leader, changing Raft membership and then the registry.
     Membership,
+    /// On the node that received it, from its own copy of the registry, waiting for a change
+    /// up to the body's `timeout_ms` (`wait_agent`).
+    Wait,
 }
 
 /// The fields of a command without any (`health`, `cluster_status`): none are accepted.
@@ -252,6 +261,7 @@ impl Command {
             Command::ReportAgents(r) => r.reports.iter().map(|r| r.node).collect(),
             Command::Checkpoint(c) => vec![c.node],
             Command::Handoff(h) => h.items.iter().map(|i| i.node).collect(),
+            Command::FinishAgent(f) => vec![f.node],
             _ => Vec::new(),
         }
     }
@@ -278,7 +288,8 @@ impl Command {
             Command::FindAgents(f) => f.validate(),
             Command::ImportState(i) => i.validate().map(|_| ()),
             Command::ReportAgents(_) | Command::Checkpoint(_) | Command::Handoff(_) => Ok(()),
-            Command::Heartbeat(_) => Ok(()),
+            Command::Heartbeat(_) | Command::FinishAgent(_) => Ok(()),
+            Command::WaitAgent(w) => w.validate(),
             Command::MigrateAgent(m) => m.validate(),
             Command::DrainNode(d) => d.validate(),
             Command::Rebalance(r) => r.validate(),

@@ -66,6 +66,7 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
         Applied::Legacy(v) => v.clone(),
         Applied::SupervisorUpdated(sup) => record(sup)?,
         Applied::AgentUpdated(agent) => record(agent)?,
+        Applied::Finished { recorded } => json!({ "recorded": recorded }),
     })
 }
 

@@ -401,6 +401,13 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
     if route_of(&req.command) == Some(Route::Local) {
         return Answer::Local(parse(req, enc).map(|_| node.health()));
     }
+    if route_of(&req.command) == Some(Route::Wait) {
+        return Answer::Local(match parse(req, enc) {
+            Ok(Command::WaitAgent(w)) => wait_agent(node, &w).await,
+            Ok(_) => Err(WireError::new(ErrorCode::Internal, "not a wait")),
+            Err(e) => Err(e),
+        });
+    }
     let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
     loop {
         if node.is_leader() {
@@ -555,6 +562,78 @@ pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u6
         }
         if tokio::time::timeout(left, metrics.changed()).await.is_err() {
             return None;
+        }
+    }
+}
+
+/// `wait_agent`: waits on this node's own copy of the registry until the agent is done, and
+/// answers its final status and result; `timeout` if it is not done within the wait. An
+/// agent this node does not know yet (spawned, but not applied here) is looked for until this
+/// node has applied what it had received when the wait began, then answered `not_found`. An
+/// agent that goes without finishing (stopped, or with its supervisor) answers
+/// `{status: "stopped", reason: "removed"}`.
+async fn wait_agent(
+    node: &Node,
+    w: &crate::command::WaitAgent,
+) -> Result<serde_json::Value, WireError> {
+    use crate::command::agent::Waited;
+    use crate::command::WaitAgent;
+    let Ok(_waiting) = node.spawn_waiters.clone().try_acquire_owned() else {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this node already runs {} waits; retry with backoff",
+                limits::SPAWN_WAITERS
+            ),
+        ));
+    };
+    let deadline = tokio::time::Instant::now() + w.within();
+    let mut metrics = node.raft.metrics();
+    let received = metrics.borrow().last_log_index;
+    let mut applied = None;
+    let mut id: Option<uuid::Uuid> = None;
+    loop {
+        {
+            let st = node.state_read();
+            let name = id.map_or_else(|| w.agent.clone(), |id| id.to_string());
+            match WaitAgent::look(&st.registry, &name) {
+                Waited::Done(v) => return Ok(v),
+                Waited::Running(found) => id = Some(found),
+                Waited::Unknown if id.is_some() => {
+                    return Ok(serde_json::json!({
+                        "agent": id, "status": "stopped", "reason": "removed", "result": null,
+                    }))
+                }
+                Waited::Unknown => {
+                    let caught_up = st.last_applied.map(|l| l.index) >= received;
+                    if caught_up {
+                        return Err(WireError::new(
+                            ErrorCode::NotFound,
+                            format!("no agent {:?}", w.agent),
+                        ));
+                    }
+                }
+            }
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(WireError::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "agent {:?} is not done after {} ms",
+                            w.agent,
+                            w.within().as_millis()
+                        ),
+                    ))
+                }
+            }
+            let now = metrics.borrow_and_update().last_applied;
+            if now != applied {
+                applied = now;
+                break;
+            }
         }
     }
 }

@@ -88,6 +88,8 @@ pub enum OwnWrite {
     RestartAgent(uuid::Uuid),
     /// A temporary agent that ended and is forgotten.
     Forget(uuid::Uuid),
+    /// An agent that ended for good, with its result.
+    Finish(crate::registry::FinishAgent),
 }
 
 impl OwnWrite {
@@ -100,6 +102,7 @@ impl OwnWrite {
             OwnWrite::Handoff(_) => "handoff",
             OwnWrite::RestartAgent(_) => "restart_agent",
             OwnWrite::Forget(_) => "stop_agent",
+            OwnWrite::Finish(_) => "finish_agent",
         }
     }
 
@@ -110,6 +113,7 @@ impl OwnWrite {
             OwnWrite::Reports(r) => Encoding::Msgpack.encode(r),
             OwnWrite::Checkpoint(c) => Encoding::Msgpack.encode(c),
             OwnWrite::Handoff(h) => Encoding::Msgpack.encode(h),
+            OwnWrite::Finish(f) => Encoding::Msgpack.encode(f),
             OwnWrite::RestartAgent(id) | OwnWrite::Forget(id) => {
                 Encoding::Msgpack.encode(&agent_ref(*id))
             }
@@ -124,6 +128,7 @@ impl OwnWrite {
             OwnWrite::Handoff(h) => Command::Handoff(h),
             OwnWrite::RestartAgent(id) => Command::RestartAgent(agent_ref(id)),
             OwnWrite::Forget(id) => Command::StopAgent(agent_ref(id)),
+            OwnWrite::Finish(f) => Command::FinishAgent(f),
         }
     }
 }
@@ -324,6 +329,22 @@ impl Node {
                 let cmd = RegistryCmd::Handoff { items: h.items };
                 self.propose(cmd, None, size).await
             }
+            // Answered where it arrives (`dispatch`); here only as it stands, without waiting.
+            Command::WaitAgent(w) => {
+                let st = self.state_read();
+                match crate::command::WaitAgent::look(&st.registry, &w.agent) {
+                    crate::command::agent::Waited::Done(v) => Ok(v),
+                    crate::command::agent::Waited::Running(id) => Err(WireError::new(
+                        ErrorCode::Timeout,
+                        format!("agent {id} is not done"),
+                    )),
+                    crate::command::agent::Waited::Unknown => Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("no agent {:?}", w.agent),
+                    )),
+                }
+            }
+            Command::FinishAgent(f) => self.propose(RegistryCmd::FinishAgent(f), None, size).await,
             Command::Join(j) => membership::join(self, j).await,
             Command::Leave(l) => membership::leave(self, l).await,
         })

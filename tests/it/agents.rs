@@ -865,3 +865,120 @@ async fn a_supervisor_and_an_agent_change_while_they_run() {
         "{err:?}"
     );
 }
+
+/// Goal: run to completion (seed 003). A transient `job` that finishes is done: `wait_agent`
+/// answers its result, also when asked after it finished; a temporary one is forgotten but
+/// still answered, failed with its error when it fails; `exec` reports its exit code and last
+/// output lines; a wait on an agent that is not done runs out with `timeout`, one on an
+/// unknown agent is `not_found`, and `stop_agent` ends a wait as `removed`.
+#[tokio::test]
+async fn agents_run_to_completion_and_their_results_are_waited_for() {
+    let node = node_with_exec().await;
+    let c = &node.client;
+    let job = |name: &str, restart: &str, config: Value| json!({"name": name, "kind": "job", "restart": restart, "config": config});
+    let wait = |agent: &'static str, ms: u64| async move {
+        c.call("wait_agent", &json!({"agent": agent, "timeout_ms": ms}))
+            .await
+    };
+    c.call(
+        "spawn_agent",
+        &job(
+            "answer",
+            "transient",
+            json!({"ms": 300, "result": {"answer": 42}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let done = wait("answer", 10_000).await.unwrap();
+    assert_eq!(done["status"], "stopped", "{done}");
+    assert_eq!(done["result"], json!({"answer": 42}), "{done}");
+    assert_eq!(
+        wait("answer", 10).await.unwrap(),
+        done,
+        "asked again once done"
+    );
+    let a = get(c, "answer").await;
+    assert_eq!((a["status"].as_str(), restarts(&a)), (Some("stopped"), 0));
+
+    c.call(
+        "spawn_agent",
+        &job("once", "temporary", json!({"ms": 50, "result": "ok"})),
+    )
+    .await
+    .unwrap();
+    c.call(
+        "spawn_agent",
+        &job("broken", "temporary", json!({"ms": 50, "fail": "no disk"})),
+    )
+    .await
+    .unwrap();
+    let once = wait("once", 10_000).await.unwrap();
+    assert_eq!(
+        (once["status"].as_str(), &once["result"]),
+        (Some("stopped"), &json!("ok"))
+    );
+    let broken = wait("broken", 10_000).await.unwrap();
+    assert_eq!(broken["status"], "failed", "{broken}");
+    assert_eq!(broken["error"], "no disk", "{broken}");
+    wait_for(
+        "the temporary jobs to be forgotten",
+        Duration::from_secs(10),
+        || async {
+            let got = c.call("get_agent", &json!({"agent": "once"})).await;
+            matches!(got, Err(CallError::Reply(e)) if e.code == ErrorCode::NotFound).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        wait("once", 10).await.unwrap()["result"],
+        "ok",
+        "after it was forgotten"
+    );
+
+    let sh = json!({"name": "sh", "kind": "exec", "restart": "transient",
+                    "config": {"command": "/bin/sh", "args": ["-c", "echo one; echo two"]}});
+    c.call("spawn_agent", &sh).await.unwrap();
+    let out = wait("sh", 10_000).await.unwrap();
+    assert_eq!(
+        out["result"],
+        json!({"exit_code": 0, "output": ["one", "two"]}),
+        "{out}"
+    );
+
+    c.call(
+        "spawn_agent",
+        &job("long", "transient", json!({"ms": 600_000})),
+    )
+    .await
+    .unwrap();
+    let err = wait("long", 200).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::Timeout),
+        "{err:?}"
+    );
+    let waiting = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.call(
+                "wait_agent",
+                &json!({"agent": "long", "timeout_ms": 20_000}),
+            )
+            .await
+        }
+    });
+    wait_agent(c, "long", "the long job running", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    c.call("stop_agent", &json!({"agent": "long"}))
+        .await
+        .unwrap();
+    let removed = waiting.await.unwrap().unwrap();
+    assert_eq!(removed["reason"], "removed", "{removed}");
+    let err = wait("never-was", 1_000).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::NotFound),
+        "{err:?}"
+    );
+}

@@ -440,3 +440,42 @@ async fn a_join_for_a_node_that_never_answers_gives_up_and_frees_the_lock() {
         .await
         .unwrap();
 }
+
+/// Goal: a result outlives the node that ran it. A job that finished on a node is recorded
+/// through Raft, so `wait_agent` asked of another node answers it after that node is killed;
+/// a job still working there runs again elsewhere and its wait answers once it finishes.
+#[tokio::test]
+async fn a_result_outlives_the_node_that_ran_it() {
+    let mut tc = TestCluster::start(3, None).await;
+    let c = tc.via(1);
+    let later = json!({"name": "later", "kind": "job", "restart": "transient",
+                       "config": {"ms": 5_000, "result": "late"}});
+    c.call("spawn_agent", &later).await.unwrap();
+    let victim = crate::support::wait_agent(&c, "later", "the long job to run", |a| {
+        a["status"] == "running"
+    })
+    .await["node"]
+        .as_u64()
+        .unwrap();
+    let done = json!({"name": "done", "kind": "job", "restart": "transient",
+                      "placement": {"node": victim}, "config": {"ms": 10, "result": {"n": 7}}});
+    c.call("spawn_agent", &done).await.unwrap();
+    let wait = json!({"agent": "done", "timeout_ms": 20_000});
+    let first = c.call("wait_agent", &wait).await.unwrap();
+    assert_eq!(first["result"], json!({"n": 7}), "{first}");
+    assert_eq!(first["node"], victim, "{first}");
+
+    tc.cluster.kill(victim).await;
+    let other = tc.via(if victim == 1 { 2 } else { 1 });
+    let again = other.call("wait_agent", &wait).await.unwrap();
+    assert_eq!(again, first, "answered after its node died");
+    let late = other
+        .call(
+            "wait_agent",
+            &json!({"agent": "later", "timeout_ms": 30_000}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(late["result"], "late", "{late}");
+    assert_ne!(late["node"], victim, "it finished elsewhere: {late}");
+}

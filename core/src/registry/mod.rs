@@ -9,6 +9,7 @@
 //! [`RegistryData`] (derived indexes are rebuilt by [`Registry::from_data`]).
 
 mod agents;
+mod completion;
 mod index;
 mod moves;
 mod nodes;
@@ -21,6 +22,7 @@ mod types;
 mod updates;
 
 pub use agents::*;
+pub use completion::{FinishAgent, Finished};
 pub use moves::*;
 pub use nodes::*;
 pub use outcome::*;
@@ -157,6 +159,8 @@ pub enum RegistryCmd {
     },
     UpdateSupervisor(UpdateSupervisor),
     UpdateAgent(UpdateAgent),
+    /// From an agent's node: it ended for good, with its result.
+    FinishAgent(FinishAgent),
 }
 
 impl RegistryCmd {
@@ -182,6 +186,7 @@ impl RegistryCmd {
             RegistryCmd::Checkpoint { .. } => "checkpoint",
             RegistryCmd::UpdateSupervisor(_) => "update_supervisor",
             RegistryCmd::UpdateAgent(_) => "update_agent",
+            RegistryCmd::FinishAgent(_) => "finish_agent",
         }
     }
 }
@@ -262,6 +267,13 @@ pub struct RegistryData {
     /// The errors of the last first starts that failed (`agents::StartFailure`), oldest first.
     #[serde(default)]
     pub start_failures: std::collections::VecDeque<StartFailure>,
+    /// Agents that are done, with their results (`completion`), by id; persistent, like the
+    /// agents, so that a snapshot's copy costs nothing.
+    #[serde(default, deserialize_with = "persistent::ord_map")]
+    pub finished: imbl::OrdMap<Uuid, Arc<Finished>>,
+    /// The order the next `Finished` record gets.
+    #[serde(default)]
+    pub finished_seq: u64,
 }
 
 /// The registry with its derived indexes.
@@ -292,6 +304,9 @@ pub struct Registry {
     /// of an older snapshot, so that every replica agrees however much of the old log it
     /// replays past its snapshot.
     entry_version: u32,
+    /// The kept `Finished` records by their order, oldest first, and what they weigh. Derived.
+    finished_order: BTreeMap<u64, Uuid>,
+    finished_bytes: usize,
 }
 
 impl Default for Registry {
@@ -338,7 +353,10 @@ impl Registry {
             index: Default::default(),
             placing_due: false,
             entry_version: REGISTRY_VERSION,
+            finished_order: BTreeMap::new(),
+            finished_bytes: 0,
         };
+        (reg.finished_order, reg.finished_bytes) = completion::finished_index(&data.finished);
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
         data.next_position = data.next_position.max(1);
@@ -555,6 +573,7 @@ impl Registry {
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
             RegistryCmd::UpdateSupervisor(u) => self.update_supervisor(time, u, events),
             RegistryCmd::UpdateAgent(u) => self.update_agent(time, u, events),
+            RegistryCmd::FinishAgent(f) => self.finish_agent(time, f, events),
         };
         if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
             // Room opened: agents waiting for a node may fit now.

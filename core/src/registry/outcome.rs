@@ -76,6 +76,8 @@ pub enum Applied {
     SupervisorUpdated(Box<Supervisor>),
     /// `update_agent`: the agent's record after it.
     AgentUpdated(Box<Agent>),
+    /// A node's `finish_agent`: whether it was recorded (not stale).
+    Finished { recorded: bool },
 }
 
 /// One agent a `handoff` moved.

@@ -1519,3 +1519,88 @@ fn supervisors_and_agents_change_in_place() {
     let rebuilt = Registry::from_data(through_snapshot(reg.data()));
     assert_eq!(find(&rebuilt, "green"), 1);
 }
+
+/// Goal: a finished agent is recorded with its result only from the node and epoch that ran
+/// it; the records are bounded by bytes, oldest dropped first; a registry rebuilt from its
+/// snapshot drops the same ones next.
+#[test]
+fn finished_agents_are_kept_bounded_and_rebuilt_alike() {
+    let mut reg = three_nodes();
+    let finish = |a: &Agent, node: u64, result: Value| {
+        RegistryCmd::FinishAgent(FinishAgent {
+            agent: a.id,
+            node,
+            epoch: a.epoch,
+            status: AgentStatus::Stopped,
+            result: Some(result),
+            error: None,
+        })
+    };
+    run(
+        &mut reg,
+        1,
+        None,
+        spawn("j", ROOT, "transient", json!(null)),
+    )
+    .unwrap();
+    let j = reg.agent("j").unwrap().clone();
+    let other = j.node.unwrap() % 3 + 1;
+    let out = run(&mut reg, 2, None, finish(&j, other, json!(1))).unwrap();
+    assert!(
+        matches!(out, Applied::Finished { recorded: false }),
+        "{out:?}"
+    );
+    assert!(reg.finished("j").is_none());
+    run(
+        &mut reg,
+        3,
+        None,
+        finish(&j, j.node.unwrap(), json!({"n": 7})),
+    )
+    .unwrap();
+    let f = reg.finished("j").expect("recorded");
+    assert_eq!(f.result, Some(json!({"n": 7})));
+    assert_eq!(reg.agent("j").unwrap().status, AgentStatus::Stopped);
+    assert_eq!(reg.finished(&j.id.to_string()).unwrap().agent, j.id);
+
+    // Results of 60 KB: the byte bound holds about 550 of them.
+    let big = json!("x".repeat(60_000));
+    let n = crate::limits::MAX_FINISHED_BYTES / 60_000 + 20;
+    for i in 0..n as i64 {
+        let name = format!("big{i}");
+        run(
+            &mut reg,
+            10 + 2 * i,
+            None,
+            spawn(&name, ROOT, "transient", json!(null)),
+        )
+        .unwrap();
+        let a = reg.agent(&name).unwrap().clone();
+        run(
+            &mut reg,
+            11 + 2 * i,
+            None,
+            finish(&a, a.node.unwrap(), big.clone()),
+        )
+        .unwrap();
+    }
+    assert!(reg.finished("j").is_none(), "the oldest went first");
+    assert!(reg.finished("big0").is_none());
+    assert!(reg.finished(&format!("big{}", n - 1)).is_some());
+    let kept = reg.data().finished.len();
+    assert!(kept < n && kept > n / 2, "{kept} of {n}");
+
+    let mut rebuilt = Registry::from_data(through_snapshot(reg.data()));
+    for r in [&mut reg, &mut rebuilt] {
+        run(
+            r,
+            5_000,
+            None,
+            spawn("last", ROOT, "transient", json!(null)),
+        )
+        .unwrap();
+        let a = r.agent("last").unwrap().clone();
+        run(r, 5_001, None, finish(&a, a.node.unwrap(), big.clone())).unwrap();
+    }
+    assert_eq!(rebuilt.data(), reg.data());
+}

@@ -50,10 +50,10 @@ use crate::agent::mailbox::Mailbox;
 use crate::agent::{LogSink, StartContext};
 use crate::names::cut;
 use crate::node::Node;
-use crate::registry::{AgentReport, AgentStatus, HandoffItem};
+use crate::registry::{AgentReport, AgentStatus, FinishAgent, HandoffItem};
 use crate::supervision::{ExitReason, RestartType};
 use plan::{AsLocal, Desired, HostAction, LeaseView, Local, Scheduled};
-use reports::Pending;
+use reports::{HostWrite, Pending};
 use task::{AgentMailbox, End, Exit, Handover, Parked, Run, StopRequest, TaskEvent, Who};
 use warden_core::host_plan as plan;
 
@@ -174,7 +174,8 @@ pub(crate) struct Host {
     /// waits to send.
     events: mpsc::UnboundedSender<TaskEvent>,
     pending: Arc<Pending>,
-    forget: mpsc::Sender<Uuid>,
+    /// Finishes and forgets, in the order they happen (`reports::write_loop`).
+    forget: mpsc::Sender<HostWrite>,
     handoffs: mpsc::Sender<HandoffItem>,
     /// Agents handed over (or being handed over) at this epoch; not started again here.
     handed_off: BTreeMap<Uuid, u64>,
@@ -894,7 +895,7 @@ impl Host {
             }
             TaskEvent::Ended(mut exit) => {
                 let answer = match &mut exit.end {
-                    End::Exited(_, answer) => answer.take(),
+                    End::Exited(_, answer, _) => answer.take(),
                     _ => None,
                 };
                 let stopping = self
@@ -936,7 +937,7 @@ impl Host {
                 lease_end,
             } => (s.reason, lease_end, handover),
             End::Fenced { lease_end } => ("lease lost", lease_end, Handover::default()),
-            End::Exited(ExitReason::Crash(_), _) => ("crashed", None, Handover::default()),
+            End::Exited(ExitReason::Crash(_), ..) => ("crashed", None, Handover::default()),
             End::Exited(..) => ("exited", None, Handover::default()),
             End::FailedStart(_) => ("failed to start", None, Handover::default()),
         };
@@ -982,6 +983,7 @@ impl Host {
         };
         self.count_running();
         let epoch = inst.epoch;
+        let mut result = None;
         let reason = match exit.end {
             End::Fenced { lease_end } => {
                 // Started again by `reconcile` once the lease is back, like after a fence here.
@@ -1005,7 +1007,8 @@ impl Host {
                 }
                 ExitReason::Crash(why)
             }
-            End::Exited(reason, _) => {
+            End::Exited(reason, _, finished) => {
+                result = finished.map(|r| *r);
                 let why = match &reason {
                     ExitReason::Crash(_) => "crashed",
                     _ => "exited",
@@ -1033,7 +1036,7 @@ impl Host {
             ExitReason::Crash(m) => (AgentStatus::Failed, Some(m.clone())),
             _ => (AgentStatus::Stopped, None),
         };
-        self.report(&exit.id, epoch, status, false, error);
+        self.report(&exit.id, epoch, status, false, error.clone());
         let ends_for_good = match restart {
             RestartType::Permanent => false,
             RestartType::Transient => !reason.is_abnormal(),
@@ -1041,6 +1044,18 @@ impl Host {
         };
         if ends_for_good {
             self.ended.insert(exit.id, (epoch, restart_requested));
+            // Done: its result is recorded before anything forgets it (a temporary agent's
+            // forget goes through the same queue, after this).
+            let finish = FinishAgent {
+                agent: exit.id,
+                node: self.me,
+                epoch,
+                status,
+                result,
+                error: error.map(|e| cut(e, crate::limits::MAX_REPORT_ERROR_BYTES)),
+            };
+            // The writer outlives the host loop, so the send succeeds.
+            let _ = self.forget.send(HostWrite::Finish(finish)).await;
         }
         self.supervise(&supervisor, format!("a:{}", exit.id), reason)
             .await;

@@ -17,7 +17,7 @@ use crate::limits::{
 };
 use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
-use crate::registry::{AgentReport, HandoffItem};
+use crate::registry::{AgentReport, FinishAgent, HandoffItem};
 use crate::retry::Backoff;
 
 /// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
@@ -90,12 +90,22 @@ impl Pending {
     }
 }
 
-/// Sends the host's reports (batched) and forgets through Raft, retrying while the cluster has
-/// no leader. Ends when the host is gone, after one last attempt to send what is pending.
+/// A write of the host's that keeps its order with the others of its queue: a temporary
+/// agent's finish goes before the forget that follows it.
+pub(super) enum HostWrite {
+    /// An agent ended for good, with its result (`finish_agent`).
+    Finish(FinishAgent),
+    /// A temporary agent that ended is forgotten (`stop_agent`).
+    Forget(Uuid),
+}
+
+/// Sends the host's reports (batched), finishes and forgets through Raft, retrying while the
+/// cluster has no leader. Ends when the host is gone, after one last attempt to send what is
+/// pending.
 pub(super) async fn write_loop(
     node: Arc<Node>,
     pending: Arc<Pending>,
-    mut forget: mpsc::Receiver<Uuid>,
+    mut forget: mpsc::Receiver<HostWrite>,
     mut handoffs: mpsc::Receiver<HandoffItem>,
 ) {
     let mut open = true;
@@ -120,7 +130,8 @@ pub(super) async fn write_loop(
             }
             _ = sleep_until_opt(due) => due = None,
             f = forget.recv() => match f {
-                Some(id) => forget_agent(&node, id).await,
+                Some(HostWrite::Forget(id)) => forget_agent(&node, id).await,
+                Some(HostWrite::Finish(f)) => finish_agent(&node, f).await,
                 None => open = false,
             },
             Some(first) = handoffs.recv() => {
@@ -211,6 +222,27 @@ async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
     // The agents stay `migrating` on this node; if it is lost they fail over from their
     // last checkpoint.
     tracing::warn!("gave up handing agents over");
+}
+
+/// Records that an agent is done, with its result, retrying while the cluster has no leader
+/// (a bounded number of times, as a forget). A stale finish (the agent moved on) is dropped by
+/// the registry.
+async fn finish_agent(node: &Node, f: FinishAgent) {
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+    let id = f.agent;
+    for _ in 0..FORGET_TRIES {
+        match node.write_own(OwnWrite::Finish(f.clone())).await {
+            Ok(_) => return,
+            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::warn!(agent = %id, error = %e, "could not record an agent's finish");
+                return;
+            }
+        }
+    }
+    tracing::warn!(agent = %id, "gave up recording an agent's finish; wait_agent will not see it");
 }
 
 /// Removes a temporary agent that ended, retrying while the cluster has no leader: a record

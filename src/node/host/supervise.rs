@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use uuid::Uuid;
 
-use super::Host;
+use super::{Host, HostWrite};
 use crate::node::OwnWrite;
 use crate::registry::{AgentStatus, Child, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
@@ -85,7 +85,7 @@ impl Host {
                     Action::Forget { child } => {
                         if let Some(id) = agent_id(&child) {
                             // The writer outlives the host loop, so the send succeeds.
-                            let _ = self.forget.send(id).await;
+                            let _ = self.forget.send(HostWrite::Forget(id)).await;
                         }
                     }
                     Action::Start { child, delay_ms } => starts.push((child, delay_ms)),

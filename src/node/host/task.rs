@@ -90,8 +90,9 @@ pub(super) struct Exit {
 /// How an agent's run ended.
 pub(super) enum End {
     /// It ended by itself or crashed, with the answer to the call that crashed it (sent once
-    /// the host has acted on the crash).
-    Exited(ExitReason, Option<Box<Answer>>),
+    /// the host has acted on the crash), and its result if it finished normally
+    /// (`Agent::finish`).
+    Exited(ExitReason, Option<Box<Answer>>, Option<Box<Value>>),
     /// It stopped on request, with what it hands over. `lease_end` is set when the lease ran
     /// out first: the stop was cut there and the agent dropped, unpolled past that moment.
     Stopped {
@@ -147,7 +148,7 @@ impl Run {
         if let Err(e) = self.events.send(TaskEvent::Ended(exit)) {
             // The host is gone (the node is stopping): a crashed call is answered here.
             if let TaskEvent::Ended(Exit {
-                end: End::Exited(_, Some(answer)),
+                end: End::Exited(_, Some(answer), _),
                 ..
             }) = e.0
             {
@@ -235,6 +236,8 @@ enum LoopEnd {
     Exit(ExitReason, Option<Box<Answer>>),
     /// Its node's lease ran out.
     Fenced,
+    /// It ended by itself (its `take_exit` resolved).
+    Ended(ExitReason),
 }
 
 /// One agent: reads its mailbox one message at a time until it ends or is stopped. A stop
@@ -275,7 +278,7 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
             }
             tokio::select! {
                 biased;
-                r = &mut ended => break LoopEnd::Exit(r, None),
+                r = &mut ended => break LoopEnd::Ended(r),
                 Ok(()) = expiries.changed() => {
                     if lease.valid_in(run.lease_term) {
                         continue; // renewed meanwhile, without a lapse
@@ -330,14 +333,19 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
             Some(None) => {}
         }
     };
+    // Its result, if it ended by itself, before it is dropped.
+    let (end, result) = match end {
+        LoopEnd::Ended(reason) => (LoopEnd::Exit(reason, None), finish(&mut agent)),
+        end => (end, None),
+    };
     // The agent can no longer act once dropped: the exit's time is taken after this.
     drop(agent);
     let (end, why) = match end {
         LoopEnd::Exit(reason, answer) => (
-            End::Exited(reason, answer),
+            End::Exited(reason, answer, result),
             "the agent ended before handling this call; retry".to_string(),
         ),
-        LoopEnd::Fenced => (
+        LoopEnd::Fenced | LoopEnd::Ended(_) => (
             End::Fenced {
                 lease_end: run.lease_end(),
             },
@@ -570,6 +578,22 @@ pub(super) fn wall_time(at: Option<Instant>) -> Option<DateTime<Utc>> {
             None => wall - chrono::Duration::from_std(now - u).unwrap_or_default(),
         }
     })
+}
+
+/// Asks a finished agent for its result (`Agent::finish`), bounded: a kind that panics leaves
+/// none, and one over `limits::MAX_RESULT_BYTES` as JSON is replaced by an error saying so.
+fn finish(agent: &mut Box<dyn Agent>) -> Option<Box<Value>> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.finish()));
+    let value = result.ok().flatten()?;
+    let bytes = serde_json::to_vec(&value).map_or(usize::MAX, |b| b.len());
+    if bytes > crate::limits::MAX_RESULT_BYTES {
+        let error = format!(
+            "the result is {bytes} bytes as JSON; at most {} are kept",
+            crate::limits::MAX_RESULT_BYTES
+        );
+        return Some(Box::new(serde_json::json!({ "error": error })));
+    }
+    Some(Box::new(value))
 }
 
 #[cfg(test)]

@@ -1,0 +1,173 @@
+//! Run to completion (seed 003: fork, exec, run, wait, kill). An agent that ends for good by
+//! itself (a `transient` agent that finished normally, a `temporary` one that ended either
+//! way) is done: its node sends `finish_agent` with the kind's result, and the registry keeps
+//! a `Finished` record of it. The record outlives the agent's own (a temporary agent is
+//! forgotten right after), so `wait_agent` answers also for an agent that finished before the
+//! wait, on any node, or whose node died since.
+//!
+//! The records are bounded: a result is at most `limits::MAX_RESULT_BYTES` (as JSON), and the
+//! registry keeps at most `limits::MAX_FINISHED` records and `limits::MAX_FINISHED_BYTES` of
+//! results, dropping the oldest records first.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{agent_event, agent_mut, AgentStatus, Applied, Outcome, Registry, RegistryEvent};
+use crate::limits;
+
+/// An agent that is done, with its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub agent: Uuid,
+    pub name: Option<String>,
+    pub supervisor: String,
+    /// `stopped` (it finished normally) or `failed` (a temporary agent that crashed).
+    pub status: AgentStatus,
+    /// What the kind answered (`Agent::finish`), if anything.
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// The node it ran on last.
+    pub node: u64,
+    #[serde(with = "super::time")]
+    pub time: DateTime<Utc>,
+    /// Its place in the order records are dropped in (`RegistryData::finished_seq`).
+    pub order: u64,
+}
+
+impl Finished {
+    /// What its result weighs against `limits::MAX_FINISHED_BYTES`.
+    pub fn weight(&self) -> usize {
+        self.result
+            .as_ref()
+            .map_or(0, |r| serde_json::to_vec(r).map_or(0, |b| b.len()))
+            + self.error.as_ref().map_or(0, String::len)
+            + 128
+    }
+}
+
+/// `finish_agent`, from the node that ran the agent at `epoch`: it ended for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinishAgent {
+    pub agent: Uuid,
+    pub node: u64,
+    pub epoch: u64,
+    /// `stopped` or `failed`.
+    pub status: AgentStatus,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Registry {
+    /// Records that an agent is done. A stale one (another node, an older epoch, an agent
+    /// already gone) changes nothing: `recorded` says so.
+    pub(super) fn finish_agent(
+        &mut self,
+        time: DateTime<Utc>,
+        f: &FinishAgent,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let Some(a) = agent_mut(&mut self.data.agents, &f.agent) else {
+            return Ok(Applied::Finished { recorded: false });
+        };
+        if a.node != Some(f.node) || a.epoch != f.epoch {
+            return Ok(Applied::Finished { recorded: false });
+        }
+        let status = match f.status {
+            AgentStatus::Failed => AgentStatus::Failed,
+            _ => AgentStatus::Stopped,
+        };
+        // A result over the limit is not kept; the node cuts it first, so this is a guard.
+        let result = f
+            .result
+            .clone()
+            .filter(|r| serde_json::to_vec(r).is_ok_and(|b| b.len() <= limits::MAX_RESULT_BYTES));
+        let error = f.error.clone().map(|mut e| {
+            if e.len() > limits::MAX_REPORT_ERROR_BYTES {
+                let mut cut = limits::MAX_REPORT_ERROR_BYTES;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+            }
+            e
+        });
+        let before = a.status;
+        a.status = status;
+        a.started = true;
+        a.updated_at = time;
+        a.seq += 1;
+        events.push(agent_event(
+            a,
+            "finished",
+            time,
+            json!({ "status": status, "error": error, "result": result.is_some() }),
+        ));
+        let record = Finished {
+            agent: a.id,
+            name: a.name.clone(),
+            supervisor: a.supervisor.clone(),
+            status,
+            result,
+            error,
+            node: f.node,
+            time,
+            order: 0,
+        };
+        self.index.status_changed(f.agent, before, status);
+        self.keep_finished(record);
+        Ok(Applied::Finished { recorded: true })
+    }
+
+    /// Keeps `record`, replacing an older one of the same agent, within the bounds.
+    fn keep_finished(&mut self, mut record: Finished) {
+        let id = record.agent;
+        if let Some(old) = self.data.finished.remove(&id) {
+            self.finished_bytes -= old.weight();
+            self.finished_order.remove(&old.order);
+        }
+        record.order = self.data.finished_seq;
+        self.data.finished_seq += 1;
+        self.finished_bytes += record.weight();
+        self.finished_order.insert(record.order, id);
+        self.data.finished.insert(id, Arc::new(record));
+        while self.data.finished.len() > limits::MAX_FINISHED
+            || self.finished_bytes > limits::MAX_FINISHED_BYTES
+        {
+            let Some((_, oldest)) = self.finished_order.pop_first() else {
+                break;
+            };
+            if let Some(gone) = self.data.finished.remove(&oldest) {
+                self.finished_bytes -= gone.weight();
+            }
+        }
+    }
+
+    /// The record of a done agent, by id, or by name (the latest done agent of that name:
+    /// a walk, newest first, for a caller to do once).
+    pub fn finished(&self, id_or_name: &str) -> Option<&Finished> {
+        if let Ok(id) = Uuid::parse_str(id_or_name) {
+            return self.data.finished.get(&id).map(|f| &**f);
+        }
+        self.finished_order
+            .values()
+            .rev()
+            .filter_map(|id| self.data.finished.get(id))
+            .map(|f| &**f)
+            .find(|f| f.name.as_deref() == Some(id_or_name))
+    }
+}
+
+/// The derived order and weight of the kept records (`Registry::from_data`).
+pub(super) fn finished_index(
+    finished: &imbl::OrdMap<Uuid, Arc<Finished>>,
+) -> (std::collections::BTreeMap<u64, Uuid>, usize) {
+    let order = finished.values().map(|f| (f.order, f.agent)).collect();
+    let bytes = finished.values().map(|f| f.weight()).sum();
+    (order, bytes)
+}

@@ -444,6 +444,13 @@ pub const MAX_FINISHED: usize = 100_000;
 pub const MAX_FINISHED_BYTES: usize = 32 * 1024 * 1024;
 const _: () = assert!(MAX_RESULT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 
+/// Templates the registry holds, their descriptions and their configs (as JSON): 1,000
+/// templates of 16 KiB hold at most 16 MiB on every node. Seed 002 asks `find_templates`
+/// over 1,000 to answer within 10 ms; it walks them all.
+pub const MAX_TEMPLATES: usize = 1_000;
+pub const MAX_TEMPLATE_DESCRIPTION: usize = 1_024;
+pub const MAX_TEMPLATE_CONFIG_BYTES: usize = 16 * 1024;
+
 /// Waits one node runs at once (`spawn_agent {wait: "running"}` and `wait_agent`); past it,
 /// a spawn is answered `timeout` at once (it is kept), a `wait_agent` `unavailable`. A waiter holds a command permit too, so this
 /// keeps most of them (`MAX_COMMANDS_IN_FLIGHT`) for other commands.

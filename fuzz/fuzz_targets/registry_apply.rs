@@ -19,6 +19,7 @@ const AGENTS: [&str; 4] = ["a1", "a2", "a3", "a4"];
 const KINDS: [&str; 3] = ["counter", "echo", "exec"];
 const ZONES: [&str; 3] = ["z1", "z2", "z3"];
 const REQUEST_IDS: [&str; 3] = ["r1", "r2", "r3"];
+const TEMPLATES: [&str; 2] = ["tp1", "tp2"];
 const NODE_STATUS: [&str; 6] = ["joining", "up", "suspect", "down", "draining", "left"];
 const AGENT_STATUS: [&str; 7] = [
     "pending",
@@ -94,7 +95,7 @@ fn agent_fields(u: &mut Unstructured) -> Result<Value> {
 }
 
 fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
-    Ok(match u.int_in_range(0..=19)? {
+    Ok(match u.int_in_range(0..=22)? {
         0 => json!({
             "type": "register_node", "node_id": node(u)?, "name": format!("n{}", node(u)?),
             "labels": {"zone": pick(u, &ZONES)?},
@@ -183,6 +184,27 @@ fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
             "status": if u.arbitrary()? { "stopped" } else { "failed" },
             "result": if u.arbitrary()? { json!({"n": u.int_in_range(0..=3)?}) } else { Value::Null },
         }),
+        19 => {
+            let mut t = agent_fields(u)?;
+            t["type"] = json!("register_template");
+            t["name"] = json!(pick(u, &TEMPLATES)?);
+            t["capabilities"] = json!(["c1"]);
+            t
+        }
+        20 => json!({"type": "delete_template", "name": pick(u, &TEMPLATES)?}),
+        21 => {
+            let mut a = json!({
+                "type": "spawn_agent", "template": pick(u, &TEMPLATES)?,
+                "supervisor": pick(u, &SUPERVISORS)?,
+            });
+            if u.arbitrary()? {
+                a["name"] = json!(pick(u, &AGENTS)?);
+            }
+            if u.arbitrary()? {
+                a["overrides"] = json!({"tags": ["t2"], "restart": pick(u, &RESTART)?});
+            }
+            a
+        }
         _ => json!({
             "type": "checkpoint", "agent": agent_id(u, reg)?, "node": node(u)?,
             "epoch": u.int_in_range(0..=4u64)?, "state": bytes(u)?,

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::{
-    validate_request_id, AgentReport, CreateSupervisor, FindAgents, FinishAgent, SpawnAgent,
-    UpdateAgent, UpdateSupervisor,
+    validate_request_id, AgentReport, CreateSupervisor, FindAgents, FindTemplates, FinishAgent,
+    RegisterTemplate, SpawnAgent, TemplateRef, UpdateAgent, UpdateSupervisor,
 };
 
 pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
@@ -119,6 +119,16 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::UpdateAgent) },
     Spec { name: "wait_agent", route: Route::Wait, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::WaitAgent) },
+    Spec { name: "register_template", route: Route::Write, creates: true, role: Role::Operator,
+           parse: |f| f.get().map(Command::RegisterTemplate) },
+    Spec { name: "delete_template", route: Route::Write, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::DeleteTemplate) },
+    Spec { name: "get_template", route: Route::Read, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::GetTemplate) },
+    Spec { name: "list_templates", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::FindTemplates) },
+    Spec { name: "find_templates", route: Route::Read, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::FindTemplates) },
     Spec { name: "get_agent", route: Route::Read, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::GetAgent) },
     Spec { name: "list_agents", route: Route::Read, creates: false, role: Role::Viewer,
@@ -205,6 +215,10 @@ pub enum Command {
     Handoff(Handoff),
     FinishAgent(FinishAgent),
     WaitAgent(WaitAgent),
+    RegisterTemplate(RegisterTemplate),
+    DeleteTemplate(TemplateRef),
+    GetTemplate(TemplateRef),
+    FindTemplates(FindTemplates),
 }
 
 /// Where a command is executed.
@@ -290,6 +304,9 @@ impl Command {
             Command::ReportAgents(_) | Command::Checkpoint(_) | Command::Handoff(_) => Ok(()),
             Command::Heartbeat(_) | Command::FinishAgent(_) => Ok(()),
             Command::WaitAgent(w) => w.validate(),
+            Command::RegisterTemplate(r) => r.validate(),
+            Command::DeleteTemplate(t) | Command::GetTemplate(t) => t.validate(),
+            Command::FindTemplates(f) => f.validate(),
             Command::MigrateAgent(m) => m.validate(),
             Command::DrainNode(d) => d.validate(),
             Command::Rebalance(r) => r.validate(),

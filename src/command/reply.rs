@@ -67,6 +67,8 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
         Applied::SupervisorUpdated(sup) => record(sup)?,
         Applied::AgentUpdated(agent) => record(agent)?,
         Applied::Finished { recorded } => json!({ "recorded": recorded }),
+        Applied::TemplateRegistered(t) => t.full(),
+        Applied::TemplateDeleted { name } => json!({ "name": name, "deleted": true }),
     })
 }
 

@@ -329,6 +329,26 @@ impl Node {
                 let cmd = RegistryCmd::Handoff { items: h.items };
                 self.propose(cmd, None, size).await
             }
+            Command::RegisterTemplate(mut r) => {
+                let rid = r.request_id.take();
+                self.propose(RegistryCmd::RegisterTemplate(r), rid, size)
+                    .await
+            }
+            Command::DeleteTemplate(t) => {
+                let cmd = RegistryCmd::DeleteTemplate { name: t.name };
+                self.propose(cmd, t.request_id, size).await
+            }
+            Command::GetTemplate(t) => {
+                self.read_registry(|reg| match reg.template(&t.name) {
+                    Some(t) => Ok(t.full()),
+                    None => Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("no template named {:?}", t.name),
+                    )),
+                })
+                .await?
+            }
+            Command::FindTemplates(q) => self.read_registry(|reg| q.answer(reg)).await?,
             // Answered where it arrives (`dispatch`); here only as it stands, without waiting.
             Command::WaitAgent(w) => {
                 let st = self.state_read();

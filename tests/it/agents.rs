@@ -982,3 +982,107 @@ async fn agents_run_to_completion_and_their_results_are_waited_for() {
         "{err:?}"
     );
 }
+
+/// Goal: templates (seed 000, seed 002). A registered spec is found by capability and text,
+/// shown without its config to viewers' listings and whole by `get_template`; agents and
+/// groups start from it, with overrides; a name in use is refused, a deleted template starts
+/// nothing, and a spec of one's own beside a template is refused.
+#[tokio::test]
+async fn agents_and_groups_start_from_registered_templates() {
+    let node = InProcessNode::start().await;
+    let c = &node.client;
+    let worker = json!({"name": "worker", "description": "Counts things for the billing team",
+                        "kind": "counter", "config": {"start": 10}, "restart": "transient",
+                        "tags": ["billing"], "capabilities": ["count", "sum"],
+                        "request_id": "tpl-1"});
+    let t = c.call("register_template", &worker).await.unwrap();
+    assert_eq!(t["config"], json!({"start": 10}), "{t}");
+    assert_eq!(
+        c.call("register_template", &worker).await.unwrap(),
+        t,
+        "a retry answers the same"
+    );
+    let mut again = worker.clone();
+    again["request_id"] = json!("tpl-2");
+    let err = c.call("register_template", &again).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::Conflict),
+        "{err:?}"
+    );
+    for i in 0..5 {
+        let other = json!({"name": format!("echo-{i}"), "kind": "echo",
+                           "capabilities": ["reply"], "description": "says it back"});
+        c.call("register_template", &other).await.unwrap();
+    }
+    let found = c
+        .call("find_templates", &json!({"capability": "sum"}))
+        .await
+        .unwrap();
+    let names: Vec<&str> = found["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["worker"]);
+    assert!(found["templates"][0].get("config").is_none(), "{found}");
+    let by_text = c
+        .call("find_templates", &json!({"text": "BILLING"}))
+        .await
+        .unwrap();
+    assert_eq!(by_text["templates"].as_array().unwrap().len(), 1);
+    let page = c
+        .call("list_templates", &json!({"limit": 4}))
+        .await
+        .unwrap();
+    assert_eq!(page["templates"].as_array().unwrap().len(), 4);
+    assert_eq!(page["next"], "echo-3", "{page}");
+
+    let spawn = json!({"name": "w1", "template": "worker",
+                       "overrides": {"tags": ["billing", "eu"], "config": {"start": 20}},
+                       "wait": "running"});
+    let a = c.call("spawn_agent", &spawn).await.unwrap();
+    assert_eq!(
+        (a["kind"].as_str(), a["restart"].as_str()),
+        (Some("counter"), Some("transient"))
+    );
+    assert_eq!(a["tags"], json!(["billing", "eu"]), "{a}");
+    assert_eq!(a["capabilities"], json!(["count", "sum"]), "{a}");
+    let v = call_agent(c, "w1", json!({"op": "get"})).await.unwrap();
+    assert_eq!(v["value"], 20, "the overridden config");
+    let group = json!({"name": "pool", "count": 3, "template": "worker"});
+    let g = c.call("spawn_agent_group", &group).await.unwrap();
+    assert_eq!(g["agents"].as_array().unwrap().len(), 3, "{g}");
+    wait_agent(c, "pool-2", "a group child from the template", |a| {
+        a["status"] == "running"
+    })
+    .await;
+    let v = call_agent(c, "pool-2", json!({"op": "get"})).await.unwrap();
+    assert_eq!(v["value"], 10, "the template's config");
+
+    let mixed = json!({"name": "w2", "template": "worker", "kind": "echo"});
+    let err = c.call("spawn_agent", &mixed).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::BadRequest),
+        "{err:?}"
+    );
+    c.call("delete_template", &json!({"name": "worker"}))
+        .await
+        .unwrap();
+    let err = c
+        .call("spawn_agent", &json!({"name": "w3", "template": "worker"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::NotFound),
+        "{err:?}"
+    );
+    let err = c
+        .call("get_template", &json!({"name": "worker"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Reply(e) if e.code == ErrorCode::NotFound),
+        "{err:?}"
+    );
+}

@@ -169,6 +169,8 @@ pub struct SpawnAgent {
     pub supervisor: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
+    /// Required unless `template` names one.
+    #[serde(default)]
     pub kind: String,
     #[serde(default)]
     pub config: Value,
@@ -193,6 +195,12 @@ pub struct SpawnAgent {
     /// (default `limits::SPAWN_WAIT_DEFAULT_MS`, at most `limits::SPAWN_WAIT_MAX_MS`).
     #[serde(default, skip_serializing)]
     pub timeout_ms: Option<u64>,
+    /// Start from this template (`templates`), changed by `overrides`, instead of a spec of
+    /// its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<Box<super::Overrides>>,
 }
 
 /// When `spawn_agent` answers.
@@ -208,6 +216,26 @@ pub enum SpawnWait {
 }
 
 impl SpawnAgent {
+    /// A spawn of template `name` as it is.
+    pub fn of_template(name: String) -> SpawnAgent {
+        SpawnAgent {
+            supervisor: None,
+            name: None,
+            kind: String::new(),
+            config: Value::Null,
+            restart: RestartType::default(),
+            shutdown_ms: default_shutdown_ms(),
+            tags: BTreeSet::new(),
+            capabilities: BTreeSet::new(),
+            placement: None,
+            request_id: None,
+            wait: SpawnWait::Placed,
+            timeout_ms: None,
+            template: Some(name),
+            overrides: None,
+        }
+    }
+
     /// Checks everything that does not depend on the registry's state.
     pub fn validate(&self) -> Result<(), WireError> {
         if let Some(s) = &self.supervisor {
@@ -222,7 +250,41 @@ impl SpawnAgent {
                 ));
             }
         }
-        validate_name("kind", &self.kind)?;
+        match &self.template {
+            Some(t) => {
+                validate_name("template", t)?;
+                let own_spec = !self.kind.is_empty()
+                    || !self.config.is_null()
+                    || !self.tags.is_empty()
+                    || !self.capabilities.is_empty()
+                    || self.placement.is_some();
+                if own_spec {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "with a template, give kind, config, tags, capabilities and placement \
+                         in overrides, or not at all",
+                    ));
+                }
+                if let Some(o) = &self.overrides {
+                    o.validate()?;
+                }
+            }
+            None => {
+                if self.overrides.is_some() {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "overrides go with a template",
+                    ));
+                }
+                if self.kind.is_empty() {
+                    return Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "missing field `kind`: give a kind, or a template",
+                    ));
+                }
+                validate_name("kind", &self.kind)?;
+            }
+        }
         if self.shutdown_ms > limits::MAX_SHUTDOWN_MS {
             return Err(WireError::new(
                 ErrorCode::BadRequest,
@@ -522,6 +584,13 @@ impl Registry {
         s: &SpawnAgent,
         events: &mut Vec<RegistryEvent>,
     ) -> Outcome {
+        let resolved;
+        let s = if s.template.is_some() {
+            resolved = self.resolve_spawn(s)?;
+            &resolved
+        } else {
+            s
+        };
         let sup_name = s
             .supervisor
             .clone()
@@ -854,6 +923,23 @@ impl Registry {
         g: &SpawnAgentGroup,
         events: &mut Vec<RegistryEvent>,
     ) -> Result<super::Work, Refused> {
+        let resolved;
+        let g = if g.template.template.is_some() {
+            let mut r = g.clone();
+            r.template = self.resolve_spawn(&g.template)?;
+            let each = crate::names::validate_config(&r.template.config).unwrap_or(usize::MAX);
+            let total = each.saturating_mul(g.count as usize);
+            if total > limits::MAX_GROUP_CONFIG_BYTES {
+                return Err(Refused::GroupConfigTooLarge {
+                    bytes: total as u64,
+                    max: limits::MAX_GROUP_CONFIG_BYTES as u64,
+                });
+            }
+            resolved = r;
+            &resolved
+        } else {
+            g
+        };
         if let Some(taken) = (0..g.count)
             .map(|i| group_child_name(&g.name, i))
             .find(|n| self.agent_names.contains_key(n))
@@ -971,6 +1057,8 @@ pub struct SpawnAgentGroup {
     #[serde(default)]
     pub parent: Option<String>,
     pub count: u32,
+    /// The children's spec, or the name of a registered template.
+    #[serde(deserialize_with = "spec_or_template")]
     pub template: SpawnAgent,
     #[serde(default = "one")]
     pub max_restarts: u32,
@@ -1032,4 +1120,25 @@ pub(super) fn agent_mut<'a>(
     id: &Uuid,
 ) -> Option<&'a mut Agent> {
     agents.get_mut(id).map(Arc::make_mut)
+}
+
+/// A group's `template`: a spec, or the name of a registered template (a string).
+fn spec_or_template<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SpawnAgent, D::Error> {
+    struct SpecOrName;
+    impl<'de> serde::de::Visitor<'de> for SpecOrName {
+        type Value = SpawnAgent;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a spawn_agent spec, or the name of a template")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<SpawnAgent, E> {
+            Ok(SpawnAgent::of_template(name.to_string()))
+        }
+
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<SpawnAgent, M::Error> {
+            SpawnAgent::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(SpecOrName)
 }

@@ -17,6 +17,7 @@ mod outcome;
 mod persistent;
 mod refused;
 mod stops;
+mod templates;
 mod time;
 mod types;
 mod updates;
@@ -27,6 +28,7 @@ pub use moves::*;
 pub use nodes::*;
 pub use outcome::*;
 pub use refused::*;
+pub use templates::*;
 pub use types::*;
 pub use updates::*;
 
@@ -161,6 +163,10 @@ pub enum RegistryCmd {
     UpdateAgent(UpdateAgent),
     /// From an agent's node: it ended for good, with its result.
     FinishAgent(FinishAgent),
+    RegisterTemplate(RegisterTemplate),
+    DeleteTemplate {
+        name: String,
+    },
 }
 
 impl RegistryCmd {
@@ -187,6 +193,8 @@ impl RegistryCmd {
             RegistryCmd::UpdateSupervisor(_) => "update_supervisor",
             RegistryCmd::UpdateAgent(_) => "update_agent",
             RegistryCmd::FinishAgent(_) => "finish_agent",
+            RegistryCmd::RegisterTemplate(_) => "register_template",
+            RegistryCmd::DeleteTemplate { .. } => "delete_template",
         }
     }
 }
@@ -274,6 +282,9 @@ pub struct RegistryData {
     /// The order the next `Finished` record gets.
     #[serde(default)]
     pub finished_seq: u64,
+    /// Registered agent templates by name (`templates`).
+    #[serde(default, deserialize_with = "persistent::ord_map")]
+    pub templates: imbl::OrdMap<String, Arc<Template>>,
 }
 
 /// The registry with its derived indexes.
@@ -574,6 +585,8 @@ impl Registry {
             RegistryCmd::UpdateSupervisor(u) => self.update_supervisor(time, u, events),
             RegistryCmd::UpdateAgent(u) => self.update_agent(time, u, events),
             RegistryCmd::FinishAgent(f) => self.finish_agent(time, f, events),
+            RegistryCmd::RegisterTemplate(r) => self.register_template(time, r, events),
+            RegistryCmd::DeleteTemplate { name } => self.delete_template(time, name, events),
         };
         if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
             // Room opened: agents waiting for a node may fit now.

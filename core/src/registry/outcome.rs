@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Agent, NodeRecord, NodeStatus, Refused, Supervisor};
+use super::{Agent, NodeRecord, NodeStatus, Refused, Supervisor, Template};
 use crate::placement::Move;
 
 /// The outcome of one command: what it did, or why it was refused (nothing changed).
@@ -78,6 +78,10 @@ pub enum Applied {
     AgentUpdated(Box<Agent>),
     /// A node's `finish_agent`: whether it was recorded (not stale).
     Finished { recorded: bool },
+    /// `register_template`: the template.
+    TemplateRegistered(Box<Template>),
+    /// `delete_template`.
+    TemplateDeleted { name: String },
 }
 
 /// One agent a `handoff` moved.

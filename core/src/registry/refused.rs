@@ -115,6 +115,20 @@ pub enum Refused {
     HoldsSupervisors {
         name: String,
     },
+    TemplateExists {
+        name: String,
+    },
+    TooManyTemplates {
+        max: u64,
+    },
+    NoTemplate {
+        name: String,
+    },
+    /// A group of a template whose config times the count is over the limit.
+    GroupConfigTooLarge {
+        bytes: u64,
+        max: u64,
+    },
 }
 
 impl Refused {
@@ -135,19 +149,22 @@ impl Refused {
             | NothingToMigrate { .. }
             | Pinned { .. }
             | AlreadyThere { .. }
-            | HoldsSupervisors { .. } => ErrorCode::Conflict,
+            | HoldsSupervisors { .. }
+            | TemplateExists { .. } => ErrorCode::Conflict,
             NoNode { .. }
             | NoParent { .. }
             | NoSupervisor { .. }
             | NoSupervisorForAgent { .. }
-            | NoAgent { .. } => ErrorCode::NotFound,
+            | NoAgent { .. }
+            | NoTemplate { .. } => ErrorCode::NotFound,
             TooManySupervisors { .. }
             | TooManyAgents { .. }
             | GroupTooLarge { .. }
             | HostUnavailable { .. }
-            | TargetUnavailable { .. } => ErrorCode::Capacity,
+            | TargetUnavailable { .. }
+            | TooManyTemplates { .. } => ErrorCode::Capacity,
             TooDeep { .. } => ErrorCode::BadRequest,
-            CheckpointTooLarge { .. } => ErrorCode::TooLarge,
+            CheckpointTooLarge { .. } | GroupConfigTooLarge { .. } => ErrorCode::TooLarge,
             Placement(r) => r.code(),
             Legacy(e) => e.code,
         }
@@ -186,6 +203,18 @@ impl fmt::Display for Refused {
             ),
             TooDeep { max } => write!(f, "supervisors nest at most {max} levels deep"),
             RootStops => write!(f, "the root supervisor cannot be stopped"),
+            TemplateExists { name } => {
+                write!(f, "a template named {name:?} exists; delete it first")
+            }
+            TooManyTemplates { max } => {
+                write!(f, "the registry holds its maximum of {max} templates")
+            }
+            NoTemplate { name } => write!(f, "no template named {name:?}"),
+            GroupConfigTooLarge { bytes, max } => write!(
+                f,
+                "the template's config times the group's count makes {bytes} bytes; a group's \
+                 configs total at most {max} bytes"
+            ),
             HoldsSupervisors { name } => write!(
                 f,
                 "supervisor {name:?} holds nested supervisors; a simple_one_for_one supervisor \

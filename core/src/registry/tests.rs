@@ -1604,3 +1604,67 @@ fn finished_agents_are_kept_bounded_and_rebuilt_alike() {
     }
     assert_eq!(rebuilt.data(), reg.data());
 }
+
+/// Goal: a spawn resolves its template when applied (overrides on top), a group of a template
+/// whose configs would pass the group limit is refused whole, and a deleted template starts
+/// nothing.
+#[test]
+fn spawns_resolve_their_template_when_applied() {
+    let mut reg = three_nodes();
+    let register = |name: &str, config: Value| {
+        let v = json!({"name": name, "kind": "counter", "config": config, "tags": ["a"]});
+        RegistryCmd::RegisterTemplate(serde_json::from_value(v).unwrap())
+    };
+    run(&mut reg, 1, None, register("small", json!({"start": 1}))).unwrap();
+    run(
+        &mut reg,
+        2,
+        None,
+        register("big", json!("x".repeat(15_000))),
+    )
+    .unwrap();
+    check_code(
+        run(&mut reg, 3, None, register("small", json!(null))),
+        ErrorCode::Conflict,
+    );
+    let spawn = |v: Value| RegistryCmd::SpawnAgent(serde_json::from_value(v).unwrap());
+    let out = run(
+        &mut reg,
+        4,
+        None,
+        spawn(json!({"name": "s1", "template": "small", "overrides": {"config": null}})),
+    )
+    .unwrap();
+    assert!(matches!(out, Applied::AgentSpawned(_)), "{out:?}");
+    let a = reg.agent("s1").unwrap();
+    assert_eq!((a.kind.as_str(), &a.config), ("counter", &Value::Null));
+    assert!(a.tags.contains("a"));
+    let group = |count: u32| {
+        let v = json!({"name": "g", "count": count, "template": "big"});
+        RegistryCmd::SpawnAgentGroup(serde_json::from_value(v).unwrap())
+    };
+    check_code(run(&mut reg, 5, None, group(1_000)), ErrorCode::TooLarge);
+    assert!(reg.supervisor("g").is_none(), "nothing of the group");
+    run(&mut reg, 6, None, group(3)).unwrap();
+    assert_eq!(reg.agent("g-2").unwrap().kind, "counter");
+    run(
+        &mut reg,
+        7,
+        None,
+        RegistryCmd::DeleteTemplate {
+            name: "small".into(),
+        },
+    )
+    .unwrap();
+    check_code(
+        run(
+            &mut reg,
+            8,
+            None,
+            spawn(json!({"name": "s2", "template": "small"})),
+        ),
+        ErrorCode::NotFound,
+    );
+    let rebuilt = Registry::from_data(through_snapshot(reg.data()));
+    assert!(rebuilt.template("big").is_some() && rebuilt.template("small").is_none());
+}

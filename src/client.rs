@@ -224,7 +224,7 @@ impl Client {
                 }
                 Err(e) => return Err(CallError::NoAnswer(e.to_string())),
             };
-            if start.elapsed() + backoff.peek() >= self.deadline {
+            if start.elapsed() + backoff.peek() >= deadline {
                 return Err(CallError::NoAnswer(retryable));
             }
             backoff.wait().await;

@@ -444,6 +444,11 @@ pub const MAX_FINISHED: usize = 100_000;
 pub const MAX_FINISHED_BYTES: usize = 32 * 1024 * 1024;
 const _: () = assert!(MAX_RESULT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 
+/// The results and errors of one `finish_agents` write, at most (one larger result, up to
+/// `MAX_RESULT_BYTES`, goes alone).
+pub const FINISH_BATCH_BYTES: usize = 192 * 1024;
+const _: () = assert!(FINISH_BATCH_BYTES + 64 * 1024 < MAX_REQUEST_BYTES);
+
 /// Templates the registry holds, their descriptions and their configs (as JSON): 1,000
 /// templates of 16 KiB hold at most 16 MiB on every node. Seed 002 asks `find_templates`
 /// over 1,000 to answer within 10 ms; it walks them all.

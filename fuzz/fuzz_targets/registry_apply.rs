@@ -179,10 +179,15 @@ fn command(u: &mut Unstructured, reg: &Registry) -> Result<Value> {
             c
         }
         18 => json!({
-            "type": "finish_agent", "agent": agent_id(u, reg)?, "node": node(u)?,
-            "epoch": u.int_in_range(0..=4u64)?,
-            "status": if u.arbitrary()? { "stopped" } else { "failed" },
-            "result": if u.arbitrary()? { json!({"n": u.int_in_range(0..=3)?}) } else { Value::Null },
+            "type": "finish_agents",
+            "items": [{
+                "agent": agent_id(u, reg)?, "node": node(u)?,
+                "epoch": u.int_in_range(0..=4u64)?,
+                "restart_requested": u.int_in_range(0..=2u64)?,
+                "status": if u.arbitrary()? { "stopped" } else { "failed" },
+                "result": if u.arbitrary()? { json!({"n": u.int_in_range(0..=3)?}) } else { Value::Null },
+                "forget": u.arbitrary::<bool>()?,
+            }],
         }),
         19 => {
             let mut t = agent_fields(u)?;

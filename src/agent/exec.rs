@@ -184,6 +184,12 @@ impl Kind for Exec {
             }
             let lifeline = Mutex::new(child.stdin.take());
             let (tx, exit) = watch::channel(None);
+            // When the output is read to its end (the last lines go into the result).
+            let (drained_tx, drained) = watch::channel(false);
+            tokio::spawn(async move {
+                futures::future::join_all(readers).await;
+                let _ = drained_tx.send(true);
+            });
             let exit_code = code.clone();
             tokio::spawn(async move {
                 let waited = child.wait().await;
@@ -193,10 +199,6 @@ impl Kind for Exec {
                     // now. Its pid names the group until the group is empty.
                     signal_group(pid, libc::SIGKILL);
                 }
-                // The last lines are read before the exit is told (they go into the result),
-                // but a descendant that keeps the pipe open is not waited for long.
-                let drained = futures::future::join_all(readers);
-                let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
                 if let Ok(status) = &waited {
                     let _ = exit_code.set(status.code());
                 }
@@ -217,6 +219,7 @@ impl Kind for Exec {
                 lifeline,
                 tail,
                 code,
+                drained,
             }) as Box<dyn Agent>)
         })
     }
@@ -333,8 +336,10 @@ fn refused_env(name: &str) -> bool {
     name.starts_with("WARDEN_") || name.starts_with("LD_") || name.is_empty() || name.contains('=')
 }
 
-/// Output lines an exec agent keeps for its result (`Agent::finish`): the last ones.
+/// Output lines an exec agent keeps for its result (`Agent::finish`): the last ones, at most
+/// this many and this many bytes (escaped as JSON, well under `limits::MAX_RESULT_BYTES`).
 const RESULT_LINES: usize = 20;
+const RESULT_TAIL_BYTES: usize = 8 * 1024;
 
 /// How long the end of a process waits for its last output lines to be read.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
@@ -388,10 +393,11 @@ async fn forward_lines(
         let line = String::from_utf8_lossy(&buf).into_owned();
         {
             let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-            if tail.len() == RESULT_LINES {
-                tail.pop_front();
-            }
             tail.push_back(line.clone());
+            let mut bytes: usize = tail.iter().map(String::len).sum();
+            while tail.len() > RESULT_LINES || (bytes > RESULT_TAIL_BYTES && tail.len() > 1) {
+                bytes -= tail.pop_front().map_or(0, |l| l.len());
+            }
         }
         log.line(line);
     }
@@ -412,6 +418,8 @@ struct ExecAgent {
     tail: Arc<Mutex<VecDeque<String>>>,
     /// The exit code once the process ended (`None` inside: a signal ended it).
     code: Arc<std::sync::OnceLock<Option<i32>>>,
+    /// True once its output was read to the end.
+    drained: watch::Receiver<bool>,
 }
 
 impl ExecAgent {
@@ -480,8 +488,15 @@ impl Agent for ExecAgent {
         json!({ "pid": self.pid })
     }
 
+    /// The exit, once the last output lines are read too (they go into the result), but not
+    /// later than `OUTPUT_DRAIN` after it: a descendant may keep the pipe open.
     fn take_exit(&mut self) -> Option<BoxFuture<'static, ExitReason>> {
-        Some(Box::pin(wait_exit(self.exit.clone())))
+        let (exit, mut drained) = (self.exit.clone(), self.drained.clone());
+        Some(Box::pin(async move {
+            let reason = wait_exit(exit).await;
+            let _ = tokio::time::timeout(OUTPUT_DRAIN, drained.wait_for(|d| *d)).await;
+            reason
+        }))
     }
 
     /// The process's exit code (null if a signal ended it) and its last output lines.

@@ -209,29 +209,41 @@ impl WaitAgent {
         std::time::Duration::from_millis(ms.min(limits::SPAWN_WAIT_MAX_MS))
     }
 
-    /// Looks agent `agent` (an id or a name) up: done, running, or unknown. An agent that is
-    /// done stays known after its record goes (a temporary agent is forgotten when it ends).
+    /// Looks agent `agent` (an id or a name) up: done, running, or unknown. A live agent of
+    /// that id or name comes first: it is done when it ended for good (a transient agent
+    /// stopped), with the result its current run left, if any. An agent that is gone is done
+    /// if a record of it is kept (a temporary agent is forgotten when it ends).
     pub fn look(reg: &Registry, agent: &str) -> Waited {
-        if let Some(f) = reg.finished(agent) {
-            // Done, unless it was started again since (`restart_agent` of a finished
-            // transient agent): then it is running again.
-            let again = reg.agent(&f.agent.to_string()).is_some_and(|a| {
-                !matches!(
-                    a.status,
-                    crate::registry::AgentStatus::Stopped | crate::registry::AgentStatus::Failed
-                )
-            });
-            if !again {
+        use crate::registry::AgentStatus;
+        use crate::supervision::RestartType;
+        if let Some(a) = reg.agent(agent) {
+            let record = reg
+                .finished(&a.id.to_string())
+                .filter(|f| f.restart_requested == a.restart_requested);
+            if let Some(f) = record {
+                return Waited::Done(done_answer(f));
+            }
+            // Finished, but its record is gone (dropped for room, or its write given up on).
+            if a.status == AgentStatus::Stopped && a.restart == RestartType::Transient {
                 return Waited::Done(json!({
-                    "agent": f.agent, "name": f.name, "supervisor": f.supervisor,
-                    "status": f.status, "result": f.result, "error": f.error,
-                    "node": f.node, "time": f.time,
+                    "agent": a.id, "name": a.name, "supervisor": a.supervisor,
+                    "status": a.status, "result": null, "error": a.last_error,
+                    "node": a.node, "time": a.updated_at,
                 }));
             }
+            return Waited::Running(a.id);
         }
-        match reg.agent(agent) {
-            Some(a) => Waited::Running(a.id),
+        match reg.finished(agent) {
+            Some(f) => Waited::Done(done_answer(f)),
             None => Waited::Unknown,
         }
     }
+}
+
+fn done_answer(f: &crate::registry::Finished) -> Value {
+    json!({
+        "agent": f.agent, "name": f.name, "supervisor": f.supervisor,
+        "status": f.status, "result": f.result, "error": f.error,
+        "node": f.node, "time": f.time,
+    })
 }

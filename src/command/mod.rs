@@ -154,8 +154,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::Checkpoint) },
     Spec { name: "handoff", route: Route::Write, creates: false, role: Role::Node,
            parse: |f| f.get().map(Command::Handoff) },
-    Spec { name: "finish_agent", route: Route::Write, creates: false, role: Role::Node,
-           parse: |f| f.get().map(Command::FinishAgent) },
+    Spec { name: "finish_agents", route: Route::Write, creates: false, role: Role::Node,
+           parse: |f| f.get().map(Command::FinishAgents) },
 ];
 
 /// The command named `name`, if there is one.
@@ -213,7 +213,7 @@ pub enum Command {
     DrainNode(DrainNode),
     Rebalance(Rebalance),
     Handoff(Handoff),
-    FinishAgent(FinishAgent),
+    FinishAgents(FinishAgents),
     WaitAgent(WaitAgent),
     RegisterTemplate(RegisterTemplate),
     DeleteTemplate(TemplateRef),
@@ -275,7 +275,7 @@ impl Command {
             Command::ReportAgents(r) => r.reports.iter().map(|r| r.node).collect(),
             Command::Checkpoint(c) => vec![c.node],
             Command::Handoff(h) => h.items.iter().map(|i| i.node).collect(),
-            Command::FinishAgent(f) => vec![f.node],
+            Command::FinishAgents(f) => f.items.iter().map(|i| i.node).collect(),
             _ => Vec::new(),
         }
     }
@@ -302,7 +302,8 @@ impl Command {
             Command::FindAgents(f) => f.validate(),
             Command::ImportState(i) => i.validate().map(|_| ()),
             Command::ReportAgents(_) | Command::Checkpoint(_) | Command::Handoff(_) => Ok(()),
-            Command::Heartbeat(_) | Command::FinishAgent(_) => Ok(()),
+            Command::Heartbeat(_) => Ok(()),
+            Command::FinishAgents(f) => f.validate(),
             Command::WaitAgent(w) => w.validate(),
             Command::RegisterTemplate(r) => r.validate(),
             Command::DeleteTemplate(t) | Command::GetTemplate(t) => t.validate(),
@@ -336,6 +337,25 @@ impl Fields<'_> {
                 format!("{}: {}", self.cmd, e.message),
             )
         })
+    }
+}
+
+/// `finish_agents {items}` (node to leader): agents that ended for good on the sender.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishAgents {
+    pub items: Vec<FinishAgent>,
+}
+
+impl FinishAgents {
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.items.is_empty() || self.items.len() > crate::limits::REPORTS_PER_WRITE {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("1 to {} items", crate::limits::REPORTS_PER_WRITE),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -66,7 +66,7 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
         Applied::Legacy(v) => v.clone(),
         Applied::SupervisorUpdated(sup) => record(sup)?,
         Applied::AgentUpdated(agent) => record(agent)?,
-        Applied::Finished { recorded } => json!({ "recorded": recorded }),
+        Applied::Finished { recorded, stale } => json!({ "recorded": recorded, "stale": stale }),
         Applied::TemplateRegistered(t) => t.full(),
         Applied::TemplateDeleted { name } => json!({ "name": name, "deleted": true }),
     })

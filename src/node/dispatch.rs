@@ -568,10 +568,11 @@ pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u6
 
 /// `wait_agent`: waits on this node's own copy of the registry until the agent is done, and
 /// answers its final status and result; `timeout` if it is not done within the wait. An
-/// agent this node does not know yet (spawned, but not applied here) is looked for until this
-/// node has applied what it had received when the wait began, then answered `not_found`. An
-/// agent that goes without finishing (stopped, or with its supervisor) answers
-/// `{status: "stopped", reason: "removed"}`.
+/// agent this node does not know is looked for until this node has applied everything the
+/// leader had committed when the wait began (its `commit_index`, from a linearizable
+/// `cluster_status` on the leader; this node's own received index if no leader answers), then
+/// answered `not_found`. An agent that goes without finishing (stopped, or with its
+/// supervisor) answers `{status: "stopped", reason: "removed"}`.
 async fn wait_agent(
     node: &Node,
     w: &crate::command::WaitAgent,
@@ -589,31 +590,42 @@ async fn wait_agent(
     };
     let deadline = tokio::time::Instant::now() + w.within();
     let mut metrics = node.raft.metrics();
-    let received = metrics.borrow().last_log_index;
     let mut applied = None;
     let mut id: Option<uuid::Uuid> = None;
+    // The index past which an agent unknown here is unknown to the cluster.
+    let mut mark: Option<u64> = None;
     loop {
-        {
+        let (seen, here) = {
             let st = node.state_read();
             let name = id.map_or_else(|| w.agent.clone(), |id| id.to_string());
-            match WaitAgent::look(&st.registry, &name) {
-                Waited::Done(v) => return Ok(v),
-                Waited::Running(found) => id = Some(found),
-                Waited::Unknown if id.is_some() => {
-                    return Ok(serde_json::json!({
-                        "agent": id, "status": "stopped", "reason": "removed", "result": null,
-                    }))
-                }
-                Waited::Unknown => {
-                    let caught_up = st.last_applied.map(|l| l.index) >= received;
-                    if caught_up {
-                        return Err(WireError::new(
-                            ErrorCode::NotFound,
-                            format!("no agent {:?}", w.agent),
-                        ));
-                    }
-                }
+            let seen = WaitAgent::look(&st.registry, &name);
+            (seen, st.last_applied.map_or(0, |l| l.index))
+        };
+        match seen {
+            Waited::Done(v) => return Ok(v),
+            Waited::Running(found) => id = Some(found),
+            Waited::Unknown if id.is_some() => {
+                return Ok(serde_json::json!({
+                    "agent": id, "status": "stopped", "reason": "removed", "result": null,
+                }))
             }
+            Waited::Unknown => match mark {
+                Some(m) if here >= m => {
+                    return Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("no agent {:?}", w.agent),
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    mark = Some(
+                        leader_commit(node)
+                            .await
+                            .unwrap_or_else(|| metrics.borrow().last_log_index.unwrap_or(0)),
+                    );
+                    continue;
+                }
+            },
         }
         loop {
             match tokio::time::timeout_at(deadline, metrics.changed()).await {
@@ -636,4 +648,24 @@ async fn wait_agent(
             }
         }
     }
+}
+
+/// What the leader had committed and applied, by a linearizable `cluster_status` (on this
+/// node if it leads); `None` if no leader answers (within the forwarding's own deadline).
+async fn leader_commit(node: &Node) -> Option<u64> {
+    let req = Request {
+        command: "cluster_status".into(),
+        content_type: Some(protocol::JSON.to_string()),
+        hops: 0,
+        payload: Bytes::from_static(b"{}"),
+        own: false,
+    };
+    // Boxed: `process` is what called the wait.
+    let status = match Box::pin(process(node, &req, Encoding::Json, Origin::Client)).await {
+        Answer::Local(result) => result.ok()?,
+        Answer::Forwarded(body) => Envelope::decode(&body)
+            .and_then(Envelope::into_result)
+            .ok()?,
+    };
+    status.get("commit_index").and_then(|c| c.as_u64())
 }

@@ -89,7 +89,7 @@ pub enum OwnWrite {
     /// A temporary agent that ended and is forgotten.
     Forget(uuid::Uuid),
     /// An agent that ended for good, with its result.
-    Finish(crate::registry::FinishAgent),
+    Finish(crate::command::FinishAgents),
 }
 
 impl OwnWrite {
@@ -102,7 +102,7 @@ impl OwnWrite {
             OwnWrite::Handoff(_) => "handoff",
             OwnWrite::RestartAgent(_) => "restart_agent",
             OwnWrite::Forget(_) => "stop_agent",
-            OwnWrite::Finish(_) => "finish_agent",
+            OwnWrite::Finish(_) => "finish_agents",
         }
     }
 
@@ -128,7 +128,7 @@ impl OwnWrite {
             OwnWrite::Handoff(h) => Command::Handoff(h),
             OwnWrite::RestartAgent(id) => Command::RestartAgent(agent_ref(id)),
             OwnWrite::Forget(id) => Command::StopAgent(agent_ref(id)),
-            OwnWrite::Finish(f) => Command::FinishAgent(f),
+            OwnWrite::Finish(f) => Command::FinishAgents(f),
         }
     }
 }
@@ -364,7 +364,10 @@ impl Node {
                     )),
                 }
             }
-            Command::FinishAgent(f) => self.propose(RegistryCmd::FinishAgent(f), None, size).await,
+            Command::FinishAgents(f) => {
+                let cmd = RegistryCmd::FinishAgents { items: f.items };
+                self.propose(cmd, None, size).await
+            }
             Command::Join(j) => membership::join(self, j).await,
             Command::Leave(l) => membership::leave(self, l).await,
         })

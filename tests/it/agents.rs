@@ -818,6 +818,13 @@ async fn a_supervisor_and_an_agent_change_while_they_run() {
         .await
         .unwrap();
     assert_eq!(out["strategy"], "one_for_all", "{out}");
+    for name in ["x", "y"] {
+        assert_eq!(
+            restarts(&get(c, name).await),
+            0,
+            "the change restarts nothing"
+        );
+    }
     crash(c, "x").await;
     wait_agent(c, "y", "y restarted by the new one_for_all", |a| {
         restarts(a) == 1 && a["status"] == "running"

@@ -449,7 +449,7 @@ async fn a_result_outlives_the_node_that_ran_it() {
     let mut tc = TestCluster::start(3, None).await;
     let c = tc.via(1);
     let later = json!({"name": "later", "kind": "job", "restart": "transient",
-                       "config": {"ms": 5_000, "result": "late"}});
+                       "config": {"ms": 8_000, "result": "late"}});
     c.call("spawn_agent", &later).await.unwrap();
     let victim = crate::support::wait_agent(&c, "later", "the long job to run", |a| {
         a["status"] == "running"

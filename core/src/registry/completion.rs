@@ -1,6 +1,6 @@
 //! Run to completion (seed 003: fork, exec, run, wait, kill). An agent that ends for good by
 //! itself (a `transient` agent that finished normally, a `temporary` one that ended either
-//! way) is done: its node sends `finish_agent` with the kind's result, and the registry keeps
+//! way) is done: its node sends `finish_agents` with the kind's result, and the registry keeps
 //! a `Finished` record of it. The record outlives the agent's own (a temporary agent is
 //! forgotten right after), so `wait_agent` answers also for an agent that finished before the
 //! wait, on any node, or whose node died since.
@@ -9,6 +9,7 @@
 //! registry keeps at most `limits::MAX_FINISHED` records and `limits::MAX_FINISHED_BYTES` of
 //! results, dropping the oldest records first.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -36,6 +37,10 @@ pub struct Finished {
     pub time: DateTime<Utc>,
     /// Its place in the order records are dropped in (`RegistryData::finished_seq`).
     pub order: u64,
+    /// The run it records: the agent's `restart_requested` when it finished. A run started
+    /// since (`restart_agent`, a config change) is not done by this record.
+    #[serde(default)]
+    pub restart_requested: u64,
 }
 
 impl Finished {
@@ -49,7 +54,7 @@ impl Finished {
     }
 }
 
-/// `finish_agent`, from the node that ran the agent at `epoch`: it ended for good.
+/// One item of `finish_agents`, from the node that ran the agent at `epoch`: it ended for good.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinishAgent {
     pub agent: Uuid,
@@ -61,22 +66,51 @@ pub struct FinishAgent {
     pub result: Option<Value>,
     #[serde(default)]
     pub error: Option<String>,
+    /// The run that ended: the agent's `restart_requested` it started with. A finish of an
+    /// earlier run (a write retried after a restart was asked) is stale.
+    #[serde(default)]
+    pub restart_requested: u64,
+    /// Forget the agent too, in the same step (a temporary agent): fenced like the finish, so
+    /// a late one cannot remove a later run elsewhere.
+    #[serde(default)]
+    pub forget: bool,
 }
 
 impl Registry {
-    /// Records that an agent is done. A stale one (another node, an older epoch, an agent
-    /// already gone) changes nothing: `recorded` says so.
-    pub(super) fn finish_agent(
+    /// `finish_agents`: records the agents that are done, each fenced by node, epoch and run;
+    /// a stale one (the agent moved, restarted or went) changes nothing and is listed.
+    pub(super) fn finish_agents(
+        &mut self,
+        time: DateTime<Utc>,
+        items: &[FinishAgent],
+        events: &mut Vec<RegistryEvent>,
+    ) -> Outcome {
+        let (mut recorded, mut stale) = (0, Vec::new());
+        for f in items {
+            if self.finish_agent(time, f, events) {
+                recorded += 1;
+            } else {
+                stale.push(f.agent);
+            }
+        }
+        Ok(Applied::Finished { recorded, stale })
+    }
+
+    /// Records that one agent is done (and forgets it if asked); false if stale.
+    fn finish_agent(
         &mut self,
         time: DateTime<Utc>,
         f: &FinishAgent,
         events: &mut Vec<RegistryEvent>,
-    ) -> Outcome {
+    ) -> bool {
         let Some(a) = agent_mut(&mut self.data.agents, &f.agent) else {
-            return Ok(Applied::Finished { recorded: false });
+            return false;
         };
-        if a.node != Some(f.node) || a.epoch != f.epoch {
-            return Ok(Applied::Finished { recorded: false });
+        if a.node != Some(f.node)
+            || a.epoch != f.epoch
+            || a.restart_requested != f.restart_requested
+        {
+            return false;
         }
         let status = match f.status {
             AgentStatus::Failed => AgentStatus::Failed,
@@ -98,6 +132,10 @@ impl Registry {
             e
         });
         let before = a.status;
+        if before == AgentStatus::Migrating {
+            // It ended on its own while asked to move: nothing is left to hand over.
+            a.migrating_to = None;
+        }
         a.status = status;
         a.started = true;
         a.updated_at = time;
@@ -118,23 +156,33 @@ impl Registry {
             node: f.node,
             time,
             order: 0,
+            restart_requested: f.restart_requested,
         };
         self.index.status_changed(f.agent, before, status);
         self.keep_finished(record);
-        Ok(Applied::Finished { recorded: true })
+        if f.forget {
+            if let Some(gone) = self.remove_agent(f.agent) {
+                let data = json!({ "reason": "finished" });
+                events.push(super::stopped_event(&gone, time, data));
+                self.placing_due = true;
+            }
+        }
+        true
     }
 
     /// Keeps `record`, replacing an older one of the same agent, within the bounds.
     fn keep_finished(&mut self, mut record: Finished) {
         let id = record.agent;
         if let Some(old) = self.data.finished.remove(&id) {
-            self.finished_bytes -= old.weight();
-            self.finished_order.remove(&old.order);
+            self.forget_finished(&old);
         }
         record.order = self.data.finished_seq;
         self.data.finished_seq += 1;
         self.finished_bytes += record.weight();
         self.finished_order.insert(record.order, id);
+        if let Some(name) = &record.name {
+            self.finished_names.insert(name.clone(), id);
+        }
         self.data.finished.insert(id, Arc::new(record));
         while self.data.finished.len() > limits::MAX_FINISHED
             || self.finished_bytes > limits::MAX_FINISHED_BYTES
@@ -143,31 +191,44 @@ impl Registry {
                 break;
             };
             if let Some(gone) = self.data.finished.remove(&oldest) {
-                self.finished_bytes -= gone.weight();
+                self.forget_finished(&gone);
             }
         }
     }
 
-    /// The record of a done agent, by id, or by name (the latest done agent of that name:
-    /// a walk, newest first, for a caller to do once).
-    pub fn finished(&self, id_or_name: &str) -> Option<&Finished> {
-        if let Ok(id) = Uuid::parse_str(id_or_name) {
-            return self.data.finished.get(&id).map(|f| &**f);
+    /// Drops the derived entries of a record removed from `finished`.
+    fn forget_finished(&mut self, gone: &Finished) {
+        self.finished_bytes -= gone.weight();
+        self.finished_order.remove(&gone.order);
+        if let Some(name) = &gone.name {
+            if self.finished_names.get(name) == Some(&gone.agent) {
+                self.finished_names.remove(name);
+            }
         }
-        self.finished_order
-            .values()
-            .rev()
-            .filter_map(|id| self.data.finished.get(id))
-            .map(|f| &**f)
-            .find(|f| f.name.as_deref() == Some(id_or_name))
+    }
+
+    /// The record of a done agent, by id, or by name (the latest done agent of that name).
+    pub fn finished(&self, id_or_name: &str) -> Option<&Finished> {
+        let id = match Uuid::parse_str(id_or_name) {
+            Ok(id) => id,
+            Err(_) => *self.finished_names.get(id_or_name)?,
+        };
+        self.data.finished.get(&id).map(|f| &**f)
     }
 }
 
-/// The derived order and weight of the kept records (`Registry::from_data`).
+/// The derived indexes of the kept records (`Registry::from_data`): by order, the latest
+/// by name, and their weight.
 pub(super) fn finished_index(
     finished: &imbl::OrdMap<Uuid, Arc<Finished>>,
-) -> (std::collections::BTreeMap<u64, Uuid>, usize) {
-    let order = finished.values().map(|f| (f.order, f.agent)).collect();
+) -> (BTreeMap<u64, Uuid>, BTreeMap<String, Uuid>, usize) {
+    let order: BTreeMap<u64, Uuid> = finished.values().map(|f| (f.order, f.agent)).collect();
+    let mut names = BTreeMap::new();
+    for id in order.values() {
+        if let Some(name) = finished.get(id).and_then(|f| f.name.clone()) {
+            names.insert(name, *id);
+        }
+    }
     let bytes = finished.values().map(|f| f.weight()).sum();
-    (order, bytes)
+    (order, names, bytes)
 }

@@ -161,8 +161,10 @@ pub enum RegistryCmd {
     },
     UpdateSupervisor(UpdateSupervisor),
     UpdateAgent(UpdateAgent),
-    /// From an agent's node: it ended for good, with its result.
-    FinishAgent(FinishAgent),
+    /// From the node that ran them: agents that ended for good, with their results.
+    FinishAgents {
+        items: Vec<FinishAgent>,
+    },
     RegisterTemplate(RegisterTemplate),
     DeleteTemplate {
         name: String,
@@ -192,7 +194,7 @@ impl RegistryCmd {
             RegistryCmd::Checkpoint { .. } => "checkpoint",
             RegistryCmd::UpdateSupervisor(_) => "update_supervisor",
             RegistryCmd::UpdateAgent(_) => "update_agent",
-            RegistryCmd::FinishAgent(_) => "finish_agent",
+            RegistryCmd::FinishAgents { .. } => "finish_agents",
             RegistryCmd::RegisterTemplate(_) => "register_template",
             RegistryCmd::DeleteTemplate { .. } => "delete_template",
         }
@@ -317,6 +319,8 @@ pub struct Registry {
     entry_version: u32,
     /// The kept `Finished` records by their order, oldest first, and what they weigh. Derived.
     finished_order: BTreeMap<u64, Uuid>,
+    /// The latest kept record of each name. Derived.
+    finished_names: BTreeMap<String, Uuid>,
     finished_bytes: usize,
 }
 
@@ -365,9 +369,11 @@ impl Registry {
             placing_due: false,
             entry_version: REGISTRY_VERSION,
             finished_order: BTreeMap::new(),
+            finished_names: BTreeMap::new(),
             finished_bytes: 0,
         };
-        (reg.finished_order, reg.finished_bytes) = completion::finished_index(&data.finished);
+        (reg.finished_order, reg.finished_names, reg.finished_bytes) =
+            completion::finished_index(&data.finished);
         let sups = std::mem::take(&mut data.supervisors);
         let agents = std::mem::take(&mut data.agents);
         data.next_position = data.next_position.max(1);
@@ -584,7 +590,7 @@ impl Registry {
             } => self.store_checkpoint(time, *agent, *node, *epoch, state, events),
             RegistryCmd::UpdateSupervisor(u) => self.update_supervisor(time, u, events),
             RegistryCmd::UpdateAgent(u) => self.update_agent(time, u, events),
-            RegistryCmd::FinishAgent(f) => self.finish_agent(time, f, events),
+            RegistryCmd::FinishAgents { items } => self.finish_agents(time, items, events),
             RegistryCmd::RegisterTemplate(r) => self.register_template(time, r, events),
             RegistryCmd::DeleteTemplate { name } => self.delete_template(time, name, events),
         };

@@ -76,8 +76,8 @@ pub enum Applied {
     SupervisorUpdated(Box<Supervisor>),
     /// `update_agent`: the agent's record after it.
     AgentUpdated(Box<Agent>),
-    /// A node's `finish_agent`: whether it was recorded (not stale).
-    Finished { recorded: bool },
+    /// A node's `finish_agents`: how many were recorded, and the agents they were stale for.
+    Finished { recorded: u64, stale: Vec<Uuid> },
     /// `register_template`: the template.
     TemplateRegistered(Box<Template>),
     /// `delete_template`.

@@ -1526,15 +1526,17 @@ fn supervisors_and_agents_change_in_place() {
 #[test]
 fn finished_agents_are_kept_bounded_and_rebuilt_alike() {
     let mut reg = three_nodes();
-    let finish = |a: &Agent, node: u64, result: Value| {
-        RegistryCmd::FinishAgent(FinishAgent {
+    let finish = |a: &Agent, node: u64, result: Value| RegistryCmd::FinishAgents {
+        items: vec![FinishAgent {
             agent: a.id,
             node,
             epoch: a.epoch,
+            restart_requested: a.restart_requested,
             status: AgentStatus::Stopped,
             result: Some(result),
             error: None,
-        })
+            forget: false,
+        }],
     };
     run(
         &mut reg,
@@ -1547,7 +1549,7 @@ fn finished_agents_are_kept_bounded_and_rebuilt_alike() {
     let other = j.node.unwrap() % 3 + 1;
     let out = run(&mut reg, 2, None, finish(&j, other, json!(1))).unwrap();
     assert!(
-        matches!(out, Applied::Finished { recorded: false }),
+        matches!(out, Applied::Finished { recorded: 0, .. }),
         "{out:?}"
     );
     assert!(reg.finished("j").is_none());
@@ -1562,6 +1564,36 @@ fn finished_agents_are_kept_bounded_and_rebuilt_alike() {
     assert_eq!(f.result, Some(json!({"n": 7})));
     assert_eq!(reg.agent("j").unwrap().status, AgentStatus::Stopped);
     assert_eq!(reg.finished(&j.id.to_string()).unwrap().agent, j.id);
+    // A finish of an earlier run (retried after a restart was asked) is stale.
+    run(
+        &mut reg,
+        4,
+        None,
+        RegistryCmd::RestartAgent { agent: "j".into() },
+    )
+    .unwrap();
+    let out = run(&mut reg, 5, None, finish(&j, j.node.unwrap(), json!(0))).unwrap();
+    assert!(
+        matches!(out, Applied::Finished { recorded: 0, .. }),
+        "{out:?}"
+    );
+    assert_eq!(reg.finished("j").unwrap().result, Some(json!({"n": 7})));
+    // A temporary agent finishes and is forgotten in one step; its record answers by name.
+    run(
+        &mut reg,
+        6,
+        None,
+        spawn("tmp", ROOT, "temporary", json!(null)),
+    )
+    .unwrap();
+    let tmp = reg.agent("tmp").unwrap().clone();
+    let mut cmd = finish(&tmp, tmp.node.unwrap(), json!("ok"));
+    if let RegistryCmd::FinishAgents { items } = &mut cmd {
+        items[0].forget = true;
+    }
+    run(&mut reg, 7, None, cmd).unwrap();
+    assert!(reg.agent("tmp").is_none());
+    assert_eq!(reg.finished("tmp").unwrap().agent, tmp.id);
 
     // Results of 60 KB: the byte bound holds about 550 of them.
     let big = json!("x".repeat(60_000));

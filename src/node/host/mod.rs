@@ -1036,7 +1036,6 @@ impl Host {
             ExitReason::Crash(m) => (AgentStatus::Failed, Some(m.clone())),
             _ => (AgentStatus::Stopped, None),
         };
-        self.report(&exit.id, epoch, status, false, error.clone());
         let ends_for_good = match restart {
             RestartType::Permanent => false,
             RestartType::Transient => !reason.is_abnormal(),
@@ -1044,19 +1043,24 @@ impl Host {
         };
         if ends_for_good {
             self.ended.insert(exit.id, (epoch, restart_requested));
-            // Done: its result is recorded before anything forgets it (a temporary agent's
-            // forget goes through the same queue, after this).
-            let finish = FinishAgent {
+            // Done: recorded with its result (and a temporary agent forgotten) through Raft.
+            // Queued before the report of how it ended, and written first: no reader sees it
+            // ended without its result.
+            self.pending.finish(FinishAgent {
                 agent: exit.id,
                 node: self.me,
                 epoch,
+                restart_requested: inst.restart_requested,
                 status,
                 result,
-                error: error.map(|e| cut(e, crate::limits::MAX_REPORT_ERROR_BYTES)),
-            };
-            // The writer outlives the host loop, so the send succeeds.
-            let _ = self.forget.send(HostWrite::Finish(finish)).await;
+                error: error
+                    .clone()
+                    .map(|e| cut(e, crate::limits::MAX_REPORT_ERROR_BYTES)),
+                // A temporary agent is forgotten in the same step, fenced like it.
+                forget: restart == RestartType::Temporary,
+            });
         }
+        self.report(&exit.id, epoch, status, false, error);
         self.supervise(&supervisor, format!("a:{}", exit.id), reason)
             .await;
     }

@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::sleep_until_opt;
-use crate::command::{Handoff, ReportAgents};
+use crate::command::{FinishAgents, Handoff, ReportAgents};
 use crate::limits::{
-    FORGET_TRIES, HANDOFF_BATCH_BYTES, HANDOFF_ITEM_OVERHEAD_BYTES, HANDOFF_TRIES,
-    REPORTS_PER_WRITE, REPORT_GATHER_MS, REPORT_INTERVAL_MS,
+    FINISH_BATCH_BYTES, FORGET_TRIES, HANDOFF_BATCH_BYTES, HANDOFF_ITEM_OVERHEAD_BYTES,
+    HANDOFF_TRIES, REPORTS_PER_WRITE, REPORT_GATHER_MS, REPORT_INTERVAL_MS,
 };
 use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
@@ -25,6 +25,9 @@ use crate::retry::Backoff;
 #[derive(Default)]
 pub(super) struct Pending {
     reports: std::sync::Mutex<BTreeMap<Uuid, AgentReport>>,
+    /// Agents that ended for good, waiting to be recorded (`finish_agents`): at most one per
+    /// local agent, written in batches with the reports.
+    finishes: std::sync::Mutex<BTreeMap<Uuid, FinishAgent>>,
     notify: tokio::sync::Notify,
 }
 
@@ -48,6 +51,46 @@ impl Pending {
         }
         drop(reports);
         self.notify.notify_one();
+    }
+
+    /// Queues an agent's finish (the latest for an agent wins: one run ends once).
+    pub(super) fn finish(&self, f: FinishAgent) {
+        let mut finishes = self.finishes.lock().unwrap_or_else(|p| p.into_inner());
+        finishes.insert(f.agent, f);
+        drop(finishes);
+        self.notify.notify_one();
+    }
+
+    /// Takes finishes for one write: at most `REPORTS_PER_WRITE`, and `FINISH_BATCH_BYTES`
+    /// of results and errors (one at least).
+    fn take_finishes(&self) -> Vec<FinishAgent> {
+        let mut finishes = self.finishes.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while out.len() < REPORTS_PER_WRITE {
+            let Some(entry) = finishes.first_entry() else {
+                break;
+            };
+            let f = entry.get();
+            let size = 256
+                + f.error.as_ref().map_or(0, String::len)
+                + f.result
+                    .as_ref()
+                    .map_or(0, |r| serde_json::to_vec(r).map_or(0, |b| b.len()));
+            if !out.is_empty() && bytes + size > FINISH_BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            out.push(entry.remove());
+        }
+        out
+    }
+
+    /// Puts back finishes that could not be written, under any newer ones.
+    fn restore_finishes(&self, batch: Vec<FinishAgent>) {
+        let mut finishes = self.finishes.lock().unwrap_or_else(|p| p.into_inner());
+        for f in batch {
+            finishes.entry(f.agent).or_insert(f);
+        }
     }
 
     /// Takes up to `max` reports.
@@ -90,12 +133,9 @@ impl Pending {
     }
 }
 
-/// A write of the host's that keeps its order with the others of its queue: a temporary
-/// agent's finish goes before the forget that follows it.
+/// A write of the host's queue (finishes go with the reports, in `Pending`).
 pub(super) enum HostWrite {
-    /// An agent ended for good, with its result (`finish_agent`).
-    Finish(FinishAgent),
-    /// A temporary agent that ended is forgotten (`stop_agent`).
+    /// A temporary agent on another node that a strategy stopped is forgotten (`stop_agent`).
     Forget(Uuid),
 }
 
@@ -131,7 +171,6 @@ pub(super) async fn write_loop(
             _ = sleep_until_opt(due) => due = None,
             f = forget.recv() => match f {
                 Some(HostWrite::Forget(id)) => forget_agent(&node, id).await,
-                Some(HostWrite::Finish(f)) => finish_agent(&node, f).await,
                 None => open = false,
             },
             Some(first) = handoffs.recv() => {
@@ -163,6 +202,28 @@ pub(super) async fn write_loop(
             }
         }
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        // First the agents that are done, then the reports of how agents ended: a reader never
+        // sees an agent ended for good without its result. A retry after a timeout is safe: a
+        // finish applied already is stale the second time.
+        loop {
+            let batch = pending.take_finishes();
+            if batch.is_empty() {
+                break;
+            }
+            let write = OwnWrite::Finish(FinishAgents {
+                items: batch.clone(),
+            });
+            match node.write_own(write).await {
+                Ok(_) => backoff.reset(),
+                Err(e) if open && matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
+                    pending.restore_finishes(batch);
+                    backoff.wait().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "agents' finishes were refused");
+                }
+            }
+        }
         loop {
             let batch = pending.take(REPORTS_PER_WRITE);
             if batch.is_empty() {
@@ -222,27 +283,6 @@ async fn send_handoff(node: &Node, items: Vec<HandoffItem>) {
     // The agents stay `migrating` on this node; if it is lost they fail over from their
     // last checkpoint.
     tracing::warn!("gave up handing agents over");
-}
-
-/// Records that an agent is done, with its result, retrying while the cluster has no leader
-/// (a bounded number of times, as a forget). A stale finish (the agent moved on) is dropped by
-/// the registry.
-async fn finish_agent(node: &Node, f: FinishAgent) {
-    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
-    let id = f.agent;
-    for _ in 0..FORGET_TRIES {
-        match node.write_own(OwnWrite::Finish(f.clone())).await {
-            Ok(_) => return,
-            Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout) => {
-                backoff.wait().await;
-            }
-            Err(e) => {
-                tracing::warn!(agent = %id, error = %e, "could not record an agent's finish");
-                return;
-            }
-        }
-    }
-    tracing::warn!(agent = %id, "gave up recording an agent's finish; wait_agent will not see it");
 }
 
 /// Removes a temporary agent that ended, retrying while the cluster has no leader: a record

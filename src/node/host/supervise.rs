@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{Host, HostWrite};
 use crate::node::OwnWrite;
-use crate::registry::{AgentStatus, Child, ROOT};
+use crate::registry::{AgentStatus, Child, FinishAgent, ROOT};
 use crate::supervision::{self, Action, ChildState, ExitReason, Policy, RestartType};
 use warden_core::host_plan::Scheduled;
 
@@ -18,6 +18,8 @@ impl Host {
     /// escalates to its parent when it gives up.
     pub(super) async fn supervise(&mut self, sup: &str, child: String, reason: ExitReason) {
         let mut sup = sup.to_string();
+        // A temporary child that ended has its finish queued, which forgets it.
+        let exited = child.clone();
         let mut child = child;
         let mut reason = reason;
         // Escalation climbs at most the tree's depth.
@@ -82,12 +84,12 @@ impl Host {
                     Action::Stop { child } => {
                         stops.extend(self.local_agents_of(&child).into_iter().rev())
                     }
-                    Action::Forget { child } => {
+                    Action::Forget { child } if child != exited => {
                         if let Some(id) = agent_id(&child) {
-                            // The writer outlives the host loop, so the send succeeds.
-                            let _ = self.forget.send(HostWrite::Forget(id)).await;
+                            self.forget_temporary(id).await;
                         }
                     }
+                    Action::Forget { .. } => {}
                     Action::Start { child, delay_ms } => starts.push((child, delay_ms)),
                     Action::Escalate => escalate = true,
                 }
@@ -167,6 +169,37 @@ impl Host {
                         tracing::warn!(agent = %id, error = %e, "could not restart a remote sibling");
                     }
                 });
+            }
+        }
+    }
+}
+
+impl Host {
+    /// Forgets a temporary sibling a strategy stopped: one placed here with a finish of its own
+    /// (stopped by its supervisor), fenced by its epoch and run like every finish; one on
+    /// another node by `stop_agent`.
+    async fn forget_temporary(&mut self, id: Uuid) {
+        let here = {
+            let st = self.node.state_read();
+            st.registry
+                .agent(&id.to_string())
+                .filter(|a| a.node == Some(self.me))
+                .map(|a| (a.epoch, a.restart_requested))
+        };
+        match here {
+            Some((epoch, restart_requested)) => self.pending.finish(FinishAgent {
+                agent: id,
+                node: self.me,
+                epoch,
+                restart_requested,
+                status: AgentStatus::Stopped,
+                result: None,
+                error: Some("stopped by its supervisor".into()),
+                forget: true,
+            }),
+            // The writer outlives the host loop, so the send succeeds.
+            None => {
+                let _ = self.forget.send(HostWrite::Forget(id)).await;
             }
         }
     }

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo nextest run --workspace --profile ci
+# The embedding example: a node with a kind of its own, driven through the Rust client.
+cargo run --quiet --example embedded_kind
 cargo build --quiet --bin warden -p warden
 cargo build --quiet --bin warden-chaos -p warden-chaos
 bin="${CARGO_TARGET_DIR:-target}/debug"

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 mod agents;
 mod etcd;
 mod failover;
+mod lifecycle;
 mod scale;
 
 use crate::bus::{self, NatsConfig};
@@ -75,6 +76,10 @@ pub struct BenchArgs {
     /// how long a follower SIGKILLed afterwards takes to catch up (needs --local).
     #[arg(long, default_value_t = 0)]
     pub scale: usize,
+    /// Templates: register this many (at most 1,000), time `find_templates` by a capability
+    /// against `get_template` of one, and remove them.
+    #[arg(long, default_value_t = 0)]
+    pub templates: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -495,6 +500,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         && args.migrations == 0
         && args.agents == 0
         && args.scale == 0
+        && args.templates == 0
     {
         0
     } else {
@@ -542,6 +548,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let template_figures = if args.templates > 0 {
+        eprintln!("measuring find_templates over {} templates", args.templates);
+        Some(lifecycle::templates(&client, args.templates, reference_rtt_us).await?)
+    } else {
+        None
+    };
     let scale_figures = if args.scale > 0 {
         let Some(cluster) = _local.as_mut() else {
             anyhow::bail!("--scale restarts a node: it needs --local");
@@ -558,6 +570,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "failover": failovers,
             "migration": migration,
             "slow_stop": slow_stop,
+            "templates": template_figures,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -618,6 +631,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(v) = &scale_figures {
             scale::print(v);
+        }
+        if let Some(v) = &template_figures {
+            lifecycle::print(v);
         }
         if let Some(a) = &agent_figures {
             print_agents(a);

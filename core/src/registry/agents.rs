@@ -330,14 +330,19 @@ pub struct AgentReport {
     pub restarts: u32,
     pub error: Option<String>,
     /// With status `failed`: the agent's first start failed and it never ran, so it is
-    /// removed instead of restarted (if the registry agrees that it never ran).
-    #[serde(default)]
+    /// removed instead of restarted (if the registry agrees that it never ran). Left out of
+    /// the encoding when false, as `ran`: a million reports carry neither.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub first_start: bool,
-    /// It ran at this epoch since the last report (it was reported `running`): kept through
-    /// the node's coalescing, so a start and a crash before the report is written still make
-    /// the agent count as having run.
-    #[serde(default)]
+    /// It ran at this epoch since the last report although its status says otherwise (a
+    /// start and a crash coalesced into one report on its node): the agent counts as having
+    /// run. A `running` report says so by its status.
+    #[serde(default, skip_serializing_if = "is_false")]
     pub ran: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Query of `list_agents` / `find_agents`.

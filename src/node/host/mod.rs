@@ -1109,7 +1109,7 @@ impl Host {
             restarts,
             error,
             first_start: false,
-            ran: status == AgentStatus::Running,
+            ran: false,
         };
         self.pending.add(r);
     }

@@ -17,7 +17,7 @@ use crate::limits::{
 };
 use crate::node::{Node, OwnWrite};
 use crate::protocol::ErrorCode;
-use crate::registry::{AgentReport, FinishAgent, HandoffItem};
+use crate::registry::{AgentReport, AgentStatus, FinishAgent, HandoffItem};
 use crate::retry::Backoff;
 
 /// Reports waiting for the writer: the latest per agent. Coalescing them instead of queueing
@@ -36,8 +36,9 @@ impl Pending {
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         match reports.get_mut(&r.agent) {
             Some(old) if old.epoch == r.epoch => {
-                // A failed first start after a run reported here is no first start.
-                old.ran |= r.ran || old.restarts > 0;
+                // What ran before this report still ran (a `running` report is overwritten);
+                // a failed first start after a run reported here is no first start.
+                old.ran |= r.ran || old.status == AgentStatus::Running || old.restarts > 0;
                 old.first_start = r.first_start && !old.ran;
                 old.status = r.status;
                 old.restarts = old.restarts.saturating_add(r.restarts);
@@ -117,7 +118,7 @@ impl Pending {
             match reports.get_mut(&r.agent) {
                 Some(newer) if newer.epoch == r.epoch => {
                     // Whatever ran before the newer report still ran.
-                    newer.ran |= r.ran || r.restarts > 0;
+                    newer.ran |= r.ran || r.status == AgentStatus::Running || r.restarts > 0;
                     newer.first_start &= !newer.ran;
                     newer.restarts = newer.restarts.saturating_add(r.restarts);
                     if newer.error.is_none() {

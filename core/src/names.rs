@@ -23,6 +23,28 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), WireError> {
 }
 
 /// Checks a `request_id`.
+/// Checks a set of tags or capabilities (`field`): at most `limits::MAX_LABELS`, each a name.
+pub fn validate_label_set(
+    field: &str,
+    set: &std::collections::BTreeSet<String>,
+) -> Result<(), WireError> {
+    if set.len() > limits::MAX_LABELS {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("at most {} {field}", limits::MAX_LABELS),
+        ));
+    }
+    set.iter().try_for_each(|t| validate_name(field, t))
+}
+
+/// `deserialize_with` for an optional JSON value where a present `null` is `Some(Null)`: a
+/// field that replaces a config (`update_agent`, a template's `overrides`).
+pub fn present_value<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    <serde_json::Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 pub fn validate_request_id(rid: &Option<String>) -> Result<(), WireError> {
     match rid {
         Some(r) if r.is_empty() || r.len() > limits::MAX_REQUEST_ID_LEN => Err(WireError::new(

@@ -291,17 +291,8 @@ impl SpawnAgent {
                 format!("shutdown_ms is at most {}", limits::MAX_SHUTDOWN_MS),
             ));
         }
-        for (field, set) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
-            if set.len() > limits::MAX_LABELS {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!("at most {} {field}", limits::MAX_LABELS),
-                ));
-            }
-            for t in set {
-                validate_name(field, t)?;
-            }
-        }
+        crate::names::validate_label_set("tags", &self.tags)?;
+        crate::names::validate_label_set("capabilities", &self.capabilities)?;
         if let Some(p) = &self.placement {
             p.validate()?;
         }

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
@@ -145,7 +145,7 @@ impl RegisterTemplate {
 pub struct Overrides {
     #[serde(
         default,
-        deserialize_with = "present",
+        deserialize_with = "crate::names::present_value",
         skip_serializing_if = "Option::is_none"
     )]
     pub config: Option<Value>,
@@ -159,11 +159,6 @@ pub struct Overrides {
     pub capabilities: Option<BTreeSet<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
-}
-
-/// A field that is present is `Some`, `null` included.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
 }
 
 /// `get_template` and `delete_template`: `{name}`.
@@ -205,12 +200,8 @@ pub struct FindTemplates {
 impl Overrides {
     pub fn validate(&self) -> Result<(), WireError> {
         for (field, set) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
-            let Some(set) = set else { continue };
-            if set.len() > limits::MAX_LABELS {
-                return Err(bad(format!("at most {} {field}", limits::MAX_LABELS)));
-            }
-            for t in set {
-                validate_name(field, t)?;
+            if let Some(set) = set {
+                crate::names::validate_label_set(field, set)?;
             }
         }
         if self

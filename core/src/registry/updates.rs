@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
@@ -84,17 +84,12 @@ pub struct UpdateAgent {
     pub capabilities: Option<BTreeSet<String>>,
     #[serde(
         default,
-        deserialize_with = "present",
+        deserialize_with = "crate::names::present_value",
         skip_serializing_if = "Option::is_none"
     )]
     pub config: Option<Value>,
     #[serde(default, skip_serializing)]
     pub request_id: Option<String>,
-}
-
-/// A field that is present is `Some`, `null` included.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
 }
 
 impl UpdateAgent {
@@ -106,12 +101,8 @@ impl UpdateAgent {
             return Err(bad("give at least one of tags, capabilities, config"));
         }
         for (field, set) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
-            let Some(set) = set else { continue };
-            if set.len() > limits::MAX_LABELS {
-                return Err(bad(format!("at most {} {field}", limits::MAX_LABELS)));
-            }
-            for t in set {
-                validate_name(field, t)?;
+            if let Some(set) = set {
+                crate::names::validate_label_set(field, set)?;
             }
         }
         if let Some(c) = &self.config {

@@ -94,14 +94,32 @@ impl Pending {
         }
     }
 
-    /// Takes up to `max` reports.
+    /// Takes up to `max` reports, but none of an agent whose finish waits: that report goes
+    /// after the finish, in a later flush (the host queues a finish before the report of the
+    /// same end, so a report taken here never has its finish still to come).
     fn take(&self, max: usize) -> Vec<AgentReport> {
+        let finishing: Vec<Uuid> = {
+            let finishes = self.finishes.lock().unwrap_or_else(|p| p.into_inner());
+            finishes.keys().copied().collect()
+        };
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
+        let mut after: Option<Uuid> = None;
         while out.len() < max {
-            match reports.pop_first() {
-                Some((_, r)) => out.push(r),
-                None => break,
+            let next = match after {
+                None => reports.keys().next().copied(),
+                Some(a) => reports
+                    .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .next()
+                    .map(|(k, _)| *k),
+            };
+            let Some(id) = next else { break };
+            if finishing.binary_search(&id).is_ok() {
+                after = Some(id);
+                continue;
+            }
+            if let Some(r) = reports.remove(&id) {
+                out.push(r);
             }
         }
         out

@@ -1357,7 +1357,8 @@ mod tests {
             }
             store.db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        // sled's threads may hold the directory a moment after the first handle is gone.
+        let store = reopen(dir.path()).await;
         let (_log, mut sm, _) = store.raft_parts(None).unwrap();
         assert_eq!(store.log_bytes().since_snapshot(), 3000);
         let _ = sm.get_snapshot_builder().await;

@@ -9,6 +9,7 @@
 //! last checkpoint with the new config (one that had ended starts again too).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -185,12 +186,8 @@ impl Registry {
             });
         };
         let id = old.id;
-        let labels_change = u.tags.is_some() || u.capabilities.is_some();
-        if labels_change {
-            self.index.remove(&old);
-        }
         let config_changed = u.config.as_ref().is_some_and(|c| *c != old.config);
-        let a = super::agent_mut(&mut self.data.agents, &id).expect("looked up above");
+        let mut a = old.clone();
         if let Some(tags) = &u.tags {
             a.tags = StringSet::from(tags);
         }
@@ -207,16 +204,21 @@ impl Registry {
             "capabilities": a.capabilities,
             "config_changed": config_changed,
         });
-        events.push(agent_event(a, "updated", time, data));
-        if labels_change {
-            let updated = a.clone();
-            self.index.insert(&updated);
+        events.push(agent_event(&a, "updated", time, data));
+        if u.tags.is_some() || u.capabilities.is_some() {
+            self.index.remove(&old);
+            self.index.insert(&a);
         }
+        self.data.agents.insert(id, Arc::new(a));
         if config_changed {
             // The new config takes effect at a restart, as `restart_agent` asks one.
             self.restart_agent(time, &id.to_string())?;
         }
-        let a = self.data.agents.get(&id).expect("updated above");
-        Ok(Applied::AgentUpdated(Box::new(Agent::clone(a))))
+        match self.data.agents.get(&id) {
+            Some(a) => Ok(Applied::AgentUpdated(Box::new(Agent::clone(a)))),
+            None => Err(Refused::NoAgent {
+                agent: u.agent.clone(),
+            }),
+        }
     }
 }

@@ -44,14 +44,19 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// What its result weighs against `limits::MAX_FINISHED_BYTES`.
+    /// What it weighs against `limits::MAX_FINISHED_BYTES` (its result's JSON is encoded to
+    /// weigh it: done once per record, when it is kept or rebuilt from a snapshot).
     pub fn weight(&self) -> usize {
-        self.result
+        let result = self
+            .result
             .as_ref()
-            .map_or(0, |r| serde_json::to_vec(r).map_or(0, |b| b.len()))
-            + self.error.as_ref().map_or(0, String::len)
-            + 128
+            .map_or(0, |r| serde_json::to_vec(r).map_or(0, |b| b.len()));
+        weight(result, &self.error)
     }
+}
+
+fn weight(result_bytes: usize, error: &Option<String>) -> usize {
+    result_bytes + error.as_ref().map_or(0, String::len) + 128
 }
 
 /// One item of `finish_agents`, from the node that ran the agent at `epoch`: it ended for good.
@@ -117,20 +122,18 @@ impl Registry {
             _ => AgentStatus::Stopped,
         };
         // A result over the limit is not kept; the node cuts it first, so this is a guard.
-        let result = f
-            .result
-            .clone()
-            .filter(|r| serde_json::to_vec(r).is_ok_and(|b| b.len() <= limits::MAX_RESULT_BYTES));
-        let error = f.error.clone().map(|mut e| {
-            if e.len() > limits::MAX_REPORT_ERROR_BYTES {
-                let mut cut = limits::MAX_REPORT_ERROR_BYTES;
-                while !e.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                e.truncate(cut);
-            }
-            e
+        let sized = f.result.as_ref().map(|r| {
+            let bytes = serde_json::to_vec(r).map_or(usize::MAX, |b| b.len());
+            (r, bytes)
         });
+        let (result, result_bytes) = match sized {
+            Some((r, bytes)) if bytes <= limits::MAX_RESULT_BYTES => (Some(r.clone()), bytes),
+            _ => (None, 0),
+        };
+        let error = f
+            .error
+            .clone()
+            .map(|e| crate::names::cut(e, limits::MAX_REPORT_ERROR_BYTES));
         let before = a.status;
         if before == AgentStatus::Migrating {
             // It ended on its own while asked to move: nothing is left to hand over.
@@ -159,7 +162,8 @@ impl Registry {
             restart_requested: f.restart_requested,
         };
         self.index.status_changed(f.agent, before, status);
-        self.keep_finished(record);
+        let weight = weight(result_bytes, &record.error);
+        self.keep_finished(record, weight);
         if f.forget {
             if let Some(gone) = self.remove_agent(f.agent) {
                 let data = json!({ "reason": "finished" });
@@ -170,16 +174,17 @@ impl Registry {
         true
     }
 
-    /// Keeps `record`, replacing an older one of the same agent, within the bounds.
-    fn keep_finished(&mut self, mut record: Finished) {
+    /// Keeps `record`, which weighs `weight`, replacing an older one of the same agent,
+    /// within the bounds.
+    fn keep_finished(&mut self, mut record: Finished, weight: usize) {
         let id = record.agent;
         if let Some(old) = self.data.finished.remove(&id) {
             self.forget_finished(&old);
         }
         record.order = self.data.finished_seq;
         self.data.finished_seq += 1;
-        self.finished_bytes += record.weight();
-        self.finished_order.insert(record.order, id);
+        self.finished_bytes += weight;
+        self.finished_order.insert(record.order, (id, weight));
         if let Some(name) = &record.name {
             self.finished_names.insert(name.clone(), id);
         }
@@ -187,19 +192,23 @@ impl Registry {
         while self.data.finished.len() > limits::MAX_FINISHED
             || self.finished_bytes > limits::MAX_FINISHED_BYTES
         {
-            let Some((_, oldest)) = self.finished_order.pop_first() else {
+            let Some((_, &(oldest, _))) = self.finished_order.first_key_value() else {
                 break;
             };
-            if let Some(gone) = self.data.finished.remove(&oldest) {
-                self.forget_finished(&gone);
+            match self.data.finished.remove(&oldest) {
+                Some(gone) => self.forget_finished(&gone),
+                None => {
+                    self.finished_order.pop_first();
+                }
             }
         }
     }
 
     /// Drops the derived entries of a record removed from `finished`.
     fn forget_finished(&mut self, gone: &Finished) {
-        self.finished_bytes -= gone.weight();
-        self.finished_order.remove(&gone.order);
+        if let Some((_, weight)) = self.finished_order.remove(&gone.order) {
+            self.finished_bytes -= weight;
+        }
         if let Some(name) = &gone.name {
             if self.finished_names.get(name) == Some(&gone.agent) {
                 self.finished_names.remove(name);
@@ -217,18 +226,21 @@ impl Registry {
     }
 }
 
-/// The derived indexes of the kept records (`Registry::from_data`): by order, the latest
-/// by name, and their weight.
+/// The derived indexes of the kept records (`Registry::from_data`): by order with their
+/// weights, the latest by name, and their total weight.
 pub(super) fn finished_index(
     finished: &imbl::OrdMap<Uuid, Arc<Finished>>,
-) -> (BTreeMap<u64, Uuid>, BTreeMap<String, Uuid>, usize) {
-    let order: BTreeMap<u64, Uuid> = finished.values().map(|f| (f.order, f.agent)).collect();
+) -> (BTreeMap<u64, (Uuid, usize)>, BTreeMap<String, Uuid>, usize) {
+    let order: BTreeMap<u64, (Uuid, usize)> = finished
+        .values()
+        .map(|f| (f.order, (f.agent, f.weight())))
+        .collect();
     let mut names = BTreeMap::new();
-    for id in order.values() {
+    for (id, _) in order.values() {
         if let Some(name) = finished.get(id).and_then(|f| f.name.clone()) {
             names.insert(name, *id);
         }
     }
-    let bytes = finished.values().map(|f| f.weight()).sum();
+    let bytes = order.values().map(|(_, w)| w).sum();
     (order, names, bytes)
 }

@@ -226,12 +226,15 @@ impl Registry {
     }
 }
 
+/// The kept records by order, with their weights.
+pub(super) type FinishedOrder = BTreeMap<u64, (Uuid, usize)>;
+
 /// The derived indexes of the kept records (`Registry::from_data`): by order with their
 /// weights, the latest by name, and their total weight.
 pub(super) fn finished_index(
     finished: &imbl::OrdMap<Uuid, Arc<Finished>>,
-) -> (BTreeMap<u64, (Uuid, usize)>, BTreeMap<String, Uuid>, usize) {
-    let order: BTreeMap<u64, (Uuid, usize)> = finished
+) -> (FinishedOrder, BTreeMap<String, Uuid>, usize) {
+    let order: FinishedOrder = finished
         .values()
         .map(|f| (f.order, (f.agent, f.weight())))
         .collect();

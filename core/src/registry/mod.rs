@@ -318,7 +318,7 @@ pub struct Registry {
     /// replays past its snapshot.
     entry_version: u32,
     /// The kept `Finished` records by their order, oldest first, and what they weigh. Derived.
-    finished_order: BTreeMap<u64, (Uuid, usize)>,
+    finished_order: completion::FinishedOrder,
     /// The latest kept record of each name. Derived.
     finished_names: BTreeMap<String, Uuid>,
     finished_bytes: usize,

@@ -65,6 +65,11 @@ impl WireError {
             message: message.into(),
         }
     }
+
+    /// A `bad_request`: the request is wrong, nothing changed.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        WireError::new(ErrorCode::BadRequest, message)
+    }
 }
 
 impl std::fmt::Display for WireError {

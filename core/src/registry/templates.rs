@@ -115,13 +115,13 @@ impl RegisterTemplate {
     pub fn validate(&self) -> Result<(), WireError> {
         validate_name("name", &self.name)?;
         if self.description.len() > limits::MAX_TEMPLATE_DESCRIPTION {
-            return Err(bad(format!(
+            return Err(WireError::bad_request(format!(
                 "description is at most {} bytes",
                 limits::MAX_TEMPLATE_DESCRIPTION
             )));
         }
         if self.kind.is_empty() {
-            return Err(bad("kind is required"));
+            return Err(WireError::bad_request("kind is required"));
         }
         let bytes = crate::names::validate_config(&self.config)?;
         if bytes > limits::MAX_TEMPLATE_CONFIG_BYTES {
@@ -208,7 +208,7 @@ impl Overrides {
             .shutdown_ms
             .is_some_and(|ms| ms > limits::MAX_SHUTDOWN_MS)
         {
-            return Err(bad(format!(
+            return Err(WireError::bad_request(format!(
                 "shutdown_ms is at most {}",
                 limits::MAX_SHUTDOWN_MS
             )));
@@ -231,7 +231,7 @@ impl FindTemplates {
             .as_ref()
             .is_some_and(|t| t.len() > limits::MAX_NAME_LEN)
         {
-            return Err(bad(format!(
+            return Err(WireError::bad_request(format!(
                 "text is at most {} bytes",
                 limits::MAX_NAME_LEN
             )));
@@ -273,10 +273,6 @@ impl FindTemplates {
         let templates: Vec<Value> = page.iter().map(|t| t.summary()).collect();
         Ok(json!({ "templates": templates, "next": next }))
     }
-}
-
-fn bad(message: impl Into<String>) -> WireError {
-    WireError::new(ErrorCode::BadRequest, message)
 }
 
 impl Registry {

@@ -19,7 +19,7 @@ use super::{
     agent_event, Agent, Applied, Backoff, Child, Outcome, Refused, Registry, RegistryEvent,
     Strategy, StringSet,
 };
-use crate::error::{ErrorCode, WireError};
+use crate::error::WireError;
 use crate::limits;
 use crate::names::{validate_name, validate_request_id};
 
@@ -48,19 +48,19 @@ impl UpdateSupervisor {
             || self.max_seconds.is_some()
             || self.backoff.is_some();
         if !given {
-            return Err(bad(
+            return Err(WireError::bad_request(
                 "give at least one of strategy, max_restarts, max_seconds, backoff",
             ));
         }
         if self.max_restarts.is_some_and(|m| m > limits::MAX_RESTARTS) {
-            return Err(bad(format!(
+            return Err(WireError::bad_request(format!(
                 "max_restarts is at most {}",
                 limits::MAX_RESTARTS
             )));
         }
         if let Some(s) = self.max_seconds {
             if s == 0 || s > limits::MAX_INTENSITY_SECONDS {
-                return Err(bad(format!(
+                return Err(WireError::bad_request(format!(
                     "max_seconds is 1 to {}",
                     limits::MAX_INTENSITY_SECONDS
                 )));
@@ -96,10 +96,12 @@ pub struct UpdateAgent {
 impl UpdateAgent {
     pub fn validate(&self) -> Result<(), WireError> {
         if self.agent.is_empty() {
-            return Err(bad("agent is required"));
+            return Err(WireError::bad_request("agent is required"));
         }
         if self.tags.is_none() && self.capabilities.is_none() && self.config.is_none() {
-            return Err(bad("give at least one of tags, capabilities, config"));
+            return Err(WireError::bad_request(
+                "give at least one of tags, capabilities, config",
+            ));
         }
         for (field, set) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
             if let Some(set) = set {
@@ -111,10 +113,6 @@ impl UpdateAgent {
         }
         validate_request_id(&self.request_id)
     }
-}
-
-fn bad(message: impl Into<String>) -> WireError {
-    WireError::new(ErrorCode::BadRequest, message)
 }
 
 impl Registry {

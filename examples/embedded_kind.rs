@@ -13,7 +13,7 @@
 //! drives it through the Rust client, and exits non-zero if anything is not as described. CI
 //! runs it: `cargo run --example embedded_kind`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -162,19 +162,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// The example's story, checked step by step.
 async fn drive(c: &Client) -> anyhow::Result<()> {
-    let began = Instant::now();
-    while c
-        .call("cluster_status", &json!({}))
-        .await
-        .ok()
-        .map(|s| s["nodes"][0]["status"].clone())
-        != Some(json!("up"))
-    {
-        if began.elapsed() > Duration::from_secs(30) {
-            bail!("the node did not come up within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    warden::up::wait_ready(c, 1, Duration::from_secs(30)).await?;
 
     // validate refuses it on the node: start_child's {error, Reason}, nothing kept.
     let bad = json!({"name": "mute", "kind": "greeter", "config": {"rounds": 2},

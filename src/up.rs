@@ -369,40 +369,45 @@ impl LocalCluster {
         n: usize,
         within: Duration,
     ) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + within;
-        let mut last;
-        loop {
-            match client.call("cluster_status", &json!({})).await {
-                Ok(v) => {
-                    let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
-                    let up = nodes.iter().filter(|n| n["status"] == "up").count();
-                    if up >= n && v["leader"].is_u64() {
-                        return Ok(v);
-                    }
-                    // Which nodes are not up, and why, for whoever reads the error.
-                    let others: Vec<String> = nodes
-                        .iter()
-                        .filter(|n| n["status"] != "up")
-                        .map(|n| {
-                            format!(
-                                "node {} {} (last contact {} ms ago)",
-                                n["id"], n["status"], n["last_contact_ms"]
-                            )
-                        })
-                        .collect();
-                    last = format!(
-                        "{up} of {n} nodes up, leader {}; {}",
-                        v["leader"],
-                        others.join(", ")
-                    );
+        wait_ready(client, n, within).await
+    }
+}
+
+/// Waits until `cluster_status` shows `n` nodes up with a leader; returns the status.
+pub async fn wait_ready(client: &Client, n: usize, within: Duration) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + within;
+    let mut last;
+    loop {
+        match client.call("cluster_status", &json!({})).await {
+            Ok(v) => {
+                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+                let up = nodes.iter().filter(|n| n["status"] == "up").count();
+                if up >= n && v["leader"].is_u64() {
+                    return Ok(v);
                 }
-                Err(e) => last = e.to_string(),
+                // Which nodes are not up, and why, for whoever reads the error.
+                let others: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| n["status"] != "up")
+                    .map(|n| {
+                        format!(
+                            "node {} {} (last contact {} ms ago)",
+                            n["id"], n["status"], n["last_contact_ms"]
+                        )
+                    })
+                    .collect();
+                last = format!(
+                    "{up} of {n} nodes up, leader {}; {}",
+                    v["leader"],
+                    others.join(", ")
+                );
             }
-            if Instant::now() > deadline {
-                bail!("the cluster did not become ready within {within:?}: {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(e) => last = e.to_string(),
         }
+        if Instant::now() > deadline {
+            bail!("the cluster did not become ready within {within:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -289,29 +289,37 @@ async fn wait_first_start(node: &Node, enc: Encoding, body: Bytes, within: Durat
         if let Some(result) = now {
             return encode(enc, result);
         }
-        // Look again only once this node has applied more of the log (the metrics also
-        // change with every heartbeat on a leader).
-        loop {
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Ok(Ok(())) => {}
-                // Raft stopped (the node is stopping), or the time is up.
-                _ => {
-                    let err = WireError::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "agent {id} has not started within {} ms; unless it was stopped \
-                             meanwhile it is kept and may still start (get_agent shows it)",
-                            within.as_millis()
-                        ),
-                    );
-                    return encode(enc, Err(err));
-                }
-            }
-            let now = metrics.borrow_and_update().last_applied;
-            if now != applied {
-                applied = now;
-                break;
-            }
+        if !applied_more(&mut metrics, &mut applied, deadline).await {
+            let err = WireError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "agent {id} has not started within {} ms; unless it was stopped meanwhile \
+                     it is kept and may still start (get_agent shows it)",
+                    within.as_millis()
+                ),
+            );
+            return encode(enc, Err(err));
+        }
+    }
+}
+
+/// Waits until this node has applied more of the log than `applied` (the metrics also change
+/// with every heartbeat on a leader, which is no reason to look again); false once `deadline`
+/// passes or Raft stops.
+async fn applied_more(
+    metrics: &mut tokio::sync::watch::Receiver<crate::raft::typ::RaftMetrics>,
+    applied: &mut Option<crate::raft::typ::LogId>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return false,
+        }
+        let now = metrics.borrow_and_update().last_applied;
+        if now != *applied {
+            *applied = now;
+            return true;
         }
     }
 }
@@ -627,25 +635,15 @@ async fn wait_agent(
                 }
             },
         }
-        loop {
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Ok(Ok(())) => {}
-                _ => {
-                    return Err(WireError::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "agent {:?} is not done after {} ms",
-                            w.agent,
-                            w.within().as_millis()
-                        ),
-                    ))
-                }
-            }
-            let now = metrics.borrow_and_update().last_applied;
-            if now != applied {
-                applied = now;
-                break;
-            }
+        if !applied_more(&mut metrics, &mut applied, deadline).await {
+            return Err(WireError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "agent {:?} is not done after {} ms",
+                    w.agent,
+                    w.within().as_millis()
+                ),
+            ));
         }
     }
 }

@@ -42,11 +42,10 @@ pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Ut
         }
     }
 
-    if d.is_human_readable() {
-        d.deserialize_str(Time)
-    } else {
-        d.deserialize_any(Time)
-    }
+    // Not `deserialize_str` for human-readable formats: inside an internally tagged enum (a
+    // log entry's command) serde buffers the value and calls itself human-readable whatever
+    // the format was, and a time written as nanoseconds must still read.
+    d.deserialize_any(Time)
 }
 
 #[cfg(test)]

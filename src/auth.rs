@@ -193,22 +193,32 @@ impl Identities {
 
     /// The nats-server `authorization` block for these identities.
     pub fn render_users(&self) -> anyhow::Result<String> {
-        let mut out = String::new();
-        let q = |s: &str| format!("{s:?}"); // names, keys and subjects need no escaping
-        let list = |v: &[String]| v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
-        writeln!(
-            out,
-            "# The users of Warden cluster {:?}, written by `warden auth` from {IDENTITIES_FILE}.\n\
-             # Do not edit: change identities with `warden auth add|rotate|revoke`, then reload\n\
-             # nats-server (`nats-server --signal reload` or SIGHUP). An anonymous connection is\n\
-             # refused.",
-            self.cluster
-        )?;
-        writeln!(out, "authorization {{\n  users = [")?;
-        for r in &self.identities {
-            let p = permissions(&self.cluster, &r.name, r.role)?;
+        render_users(std::slice::from_ref(self))
+    }
+}
+
+/// One nats-server `authorization` block for the identities of one or more clusters: several
+/// Warden clusters can share a NATS server, each behind its own identities (a user's
+/// permissions name its cluster's subjects only).
+pub fn render_users(clusters: &[Identities]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let q = |s: &str| format!("{s:?}"); // names, keys and subjects need no escaping
+    let list = |v: &[String]| v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
+    let names: Vec<String> = clusters.iter().map(|c| q(&c.cluster)).collect();
+    writeln!(
+        out,
+        "# The users of Warden cluster {}, written by `warden auth` from {IDENTITIES_FILE}.\n\
+         # Do not edit: change identities with `warden auth add|rotate|revoke`, then reload\n\
+         # nats-server (`nats-server --signal reload` or SIGHUP). An anonymous connection is\n\
+         # refused.",
+        names.join(", ")
+    )?;
+    writeln!(out, "authorization {{\n  users = [")?;
+    for ids in clusters {
+        for r in &ids.identities {
+            let p = permissions(&ids.cluster, &r.name, r.role)?;
             if r.role != Role::Node {
-                check_boundary(&self.cluster, &p)?;
+                check_boundary(&ids.cluster, &p)?;
             }
             writeln!(out, "    # {} ({})", r.name, r.role.as_str())?;
             writeln!(out, "    {{")?;
@@ -222,10 +232,12 @@ impl Identities {
             )?;
             writeln!(out, "      }}\n    }}")?;
         }
-        writeln!(out, "  ]\n}}")?;
-        Ok(out)
     }
+    writeln!(out, "  ]\n}}")?;
+    Ok(out)
+}
 
+impl Identities {
     /// Writes `identities.toml` and `warden-users.conf` (each through a temporary file, so a
     /// reading server never sees half of one).
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {

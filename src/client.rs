@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
+use crate::registry::{ImportPage, SubtreeAgent, SubtreeDocument};
 use crate::retry::Backoff;
 use crate::subjects::Subjects;
 
@@ -158,7 +159,6 @@ impl Client {
 
     /// Sends `command` with `body` (an object), retrying what is safe until the deadline.
     pub async fn call(&self, command: &str, body: &Value) -> Result<Value, CallError> {
-        let start = Instant::now();
         // A read changes nothing, so a read that got no answer (it may have reached a paused
         // node of the queue group) is tried again, with a shorter wait per attempt.
         let read = matches!(
@@ -177,8 +177,49 @@ impl Client {
             _ => self.deadline,
         };
         let payload: bytes::Bytes = self.encoding.encode(body).into();
+        let sent = Sent {
+            encoding: self.encoding,
+            read,
+            retry_timeouts,
+            deadline,
+        };
+        self.send(command, payload, sent).await
+    }
+
+    /// Sends `command` with a typed `body` in MessagePack (bytes go as `bin`, not base64);
+    /// `idempotent` says a retry after a timeout is safe.
+    pub async fn call_msgpack(
+        &self,
+        command: &str,
+        body: &impl serde::Serialize,
+        idempotent: bool,
+    ) -> Result<Value, CallError> {
+        let payload = rmp_serde::to_vec_named(body)
+            .map_err(|e| CallError::Reply(WireError::bad_request(e.to_string())))?;
+        let sent = Sent {
+            encoding: Encoding::Msgpack,
+            read: false,
+            retry_timeouts: idempotent,
+            deadline: self.deadline,
+        };
+        self.send(command, payload.into(), sent).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        payload: bytes::Bytes,
+        sent: Sent,
+    ) -> Result<Value, CallError> {
+        let Sent {
+            encoding,
+            read,
+            retry_timeouts,
+            deadline,
+        } = sent;
+        let start = Instant::now();
         let mut headers = HeaderMap::new();
-        headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
+        headers.insert(protocol::CONTENT_TYPE, encoding.content_type());
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
             let left = deadline.saturating_sub(start.elapsed());
@@ -307,6 +348,16 @@ impl Client {
     }
 }
 
+/// How a request is sent and retried.
+struct Sent {
+    encoding: Encoding,
+    /// A read: tried again after no answer, with a shorter wait per attempt.
+    read: bool,
+    /// A timeout may be retried (a read, or a write the registry deduplicates).
+    retry_timeouts: bool,
+    deadline: Duration,
+}
+
 /// Reads a reply: its result, a reason to retry (`unavailable`, and `timeout` when
 /// `retry_timeouts`: nothing changed, or the retry is deduplicated), or a final error.
 fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>, CallError> {
@@ -316,5 +367,130 @@ fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>,
         Err(e) if e.code == ErrorCode::Unavailable => Ok(Err(e.to_string())),
         Err(e) if e.code == ErrorCode::Timeout && retry_timeouts => Ok(Err(e.to_string())),
         Err(e) => Err(CallError::Reply(e)),
+    }
+}
+
+impl Client {
+    /// The document of supervisor `name`'s subtree (`export_subtree`), every page of one export
+    /// gathered: the subtree as of one moment on the leader.
+    pub async fn export_subtree(&self, name: &str) -> Result<SubtreeDocument, CallError> {
+        let bad = |what: &str| CallError::Reply(WireError::new(ErrorCode::Internal, what));
+        let mut query = json!({ "name": name });
+        let mut doc: Option<SubtreeDocument> = None;
+        loop {
+            let page = self.call("export_subtree", &query).await?;
+            let mut head: SubtreeDocument = serde_json::from_value(page["document"].clone())
+                .map_err(|e| bad(&format!("an export page's document: {e}")))?;
+            let items = |field: &str| page[field].as_array().cloned().unwrap_or_default();
+            for s in items("supervisors") {
+                head.supervisors.push(
+                    serde_json::from_value(s).map_err(|e| bad(&format!("a supervisor: {e}")))?,
+                );
+            }
+            for a in items("agents") {
+                head.agents
+                    .push(serde_json::from_value(a).map_err(|e| bad(&format!("an agent: {e}")))?);
+            }
+            let whole = match &mut doc {
+                Some(d) => {
+                    d.supervisors.append(&mut head.supervisors);
+                    d.agents.append(&mut head.agents);
+                    d
+                }
+                None => doc.insert(head),
+            };
+            if let Some(cursor) = page["next"].as_u64() {
+                query = json!({ "name": name, "export": page["export"], "cursor": cursor });
+                continue;
+            }
+            let count = &page["count"];
+            if count["supervisors"].as_u64() != Some(whole.supervisors.len() as u64)
+                || count["agents"].as_u64() != Some(whole.agents.len() as u64)
+            {
+                return Err(bad("the export's pages do not add up to its count"));
+            }
+            return doc.ok_or_else(|| bad("an export without pages"));
+        }
+    }
+
+    /// Imports `doc` under `parent` (default `root`) with `prefix` on every name: staged page
+    /// by page (`import_begin`, `import_page`, `import_commit`), so a document of any size
+    /// up to the import limits goes; on any failure the import is aborted and the cluster is
+    /// as it was. Answers the commit's reply.
+    pub async fn import_subtree(
+        &self,
+        doc: &SubtreeDocument,
+        parent: Option<&str>,
+        prefix: &str,
+    ) -> Result<Value, CallError> {
+        doc.header().check().map_err(CallError::Reply)?;
+        let begin = json!({
+            "parent": parent,
+            "prefix": prefix,
+            "header": doc.header(),
+            "request_id": uuid::Uuid::new_v4().to_string(),
+        });
+        let begun = self.call("import_begin", &begin).await?;
+        let import = begun["import"].clone();
+        let staged = self.stage_and_commit(doc, &import).await;
+        if staged.is_err() {
+            // Best effort: an import left staged is dropped after `IMPORT_TTL_SECS` anyway.
+            let _ = self
+                .call("import_abort", &json!({ "import": import }))
+                .await;
+        }
+        staged
+    }
+
+    async fn stage_and_commit(
+        &self,
+        doc: &SubtreeDocument,
+        import: &Value,
+    ) -> Result<Value, CallError> {
+        let id: uuid::Uuid = serde_json::from_value(import.clone()).map_err(|e| {
+            CallError::Reply(WireError::new(
+                ErrorCode::Internal,
+                format!("import id: {e}"),
+            ))
+        })?;
+        let mut page = ImportPage {
+            import: id,
+            page: 0,
+            supervisors: Vec::new(),
+            agents: Vec::new(),
+        };
+        let mut used = 0;
+        let weigh = |a: &SubtreeAgent| {
+            let config = serde_json::to_vec(&a.config).map_or(0, |v| v.len());
+            config + a.checkpoint.as_ref().map_or(0, |c| c.state.len()) + 512
+        };
+        let items = doc
+            .supervisors
+            .iter()
+            .map(|s| (Some(s), None))
+            .chain(doc.agents.iter().map(|a| (None, Some(a))));
+        for (sup, agent) in items {
+            let weight = agent.map_or(256, weigh);
+            if used > 0 && used + weight > crate::limits::IMPORT_PAGE_BYTES {
+                self.call_msgpack("import_page", &page, true).await?;
+                page.page += 1;
+                page.supervisors.clear();
+                page.agents.clear();
+                used = 0;
+            }
+            used += weight;
+            page.supervisors.extend(sup.cloned());
+            page.agents.extend(agent.cloned());
+        }
+        if used > 0 {
+            self.call_msgpack("import_page", &page, true).await?;
+        }
+        let commit = json!({
+            "import": import,
+            "supervisors": doc.supervisors.len(),
+            "agents": doc.agents.len(),
+            "request_id": uuid::Uuid::new_v4().to_string(),
+        });
+        self.call("import_commit", &commit).await
     }
 }

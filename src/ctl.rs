@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::bus::NatsConfig;
 use crate::client::{CallError, Client};
-use crate::protocol::Encoding;
+use crate::protocol::{Encoding, WireError};
+use crate::registry::SubtreeDocument;
 
 /// Command-line arguments of `warden ctl`.
 #[derive(Args, Debug)]
@@ -113,6 +114,16 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             return watch(&client, filter, args.json).await;
         }
         "call" | "cast" => return call_agent(&client, &args, name, rest).await,
+        "export" | "import" => {
+            let result = match transfer(&client, &args, name, rest).await {
+                Ok(r) => r,
+                Err(usage) => {
+                    eprintln!("error: {usage}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            return report(result, name, &args, &target);
+        }
         _ => {}
     }
     let mut body = match parse_fields(rest) {
@@ -131,7 +142,18 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     if args.msgpack {
         client.encoding = Encoding::Msgpack;
     }
-    match client.call(name, &body).await {
+    let result = client.call(name, &body).await;
+    report(result, name, &args, &target)
+}
+
+/// Prints a reply (or its error) and picks the exit status.
+fn report(
+    result: Result<Value, CallError>,
+    name: &str,
+    args: &CtlArgs,
+    target: &Target,
+) -> anyhow::Result<ExitCode> {
+    match result {
         Ok(v) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -155,6 +177,70 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(3))
         }
     }
+}
+
+/// `warden ctl export <supervisor> <file>` writes the subtree's document (JSON, or MessagePack
+/// with `--msgpack`; `-` is standard output); `warden ctl import <file> [parent=<name>]
+/// [prefix=<text>]` imports one (either encoding). `Err` is bad usage.
+async fn transfer(
+    client: &Client,
+    args: &CtlArgs,
+    op: &str,
+    rest: &[String],
+) -> Result<Result<Value, CallError>, String> {
+    let failed = |what: String| Ok(Err(CallError::Reply(WireError::bad_request(what))));
+    if op == "export" {
+        let [name, file] = rest else {
+            return Err("usage: warden ctl export <supervisor> <file, or - for stdout>".into());
+        };
+        let doc = match client.export_subtree(name).await {
+            Ok(doc) => doc,
+            Err(e) => return Ok(Err(e)),
+        };
+        let bytes = if args.msgpack {
+            rmp_serde::to_vec_named(&doc).map_err(|e| e.to_string())?
+        } else {
+            serde_json::to_vec(&doc).map_err(|e| e.to_string())?
+        };
+        let written = if file == "-" {
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes)
+        } else {
+            std::fs::write(file, &bytes)
+        };
+        if let Err(e) = written {
+            return failed(format!("cannot write {file}: {e}"));
+        }
+        return Ok(Ok(serde_json::json!({
+            "exported": name,
+            "supervisors": doc.supervisors.len(),
+            "agents": doc.agents.len(),
+            "bytes": bytes.len(),
+            "file": file,
+        })));
+    }
+    let Some((file, fields)) = rest.split_first() else {
+        return Err("usage: warden ctl import <file> [parent=<supervisor>] [prefix=<text>]".into());
+    };
+    let fields = parse_fields(fields)?;
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return failed(format!("cannot read {file}: {e}")),
+    };
+    // A MessagePack document is a map, whose first byte is never `{`.
+    let json = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let doc: Result<SubtreeDocument, String> = if json {
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    } else {
+        rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())
+    };
+    let doc = match doc {
+        Ok(d) => d,
+        Err(e) => return failed(format!("{file} is not a subtree document: {e}")),
+    };
+    let parent = fields["parent"].as_str();
+    let prefix = fields["prefix"].as_str().unwrap_or_default();
+    Ok(client.import_subtree(&doc, parent, prefix).await)
 }
 
 /// `warden ctl call <agent> <json>` and `cast`: retried while the agent is not running (it may

@@ -123,6 +123,18 @@ mod seeds {
             ("find_agents", json!({"tag": "t", "limit": 10})),
             ("stop_agent", json!({"agent": "a1"})),
             ("heartbeat", json!({"node_id": 1})),
+            (
+                "import_subtree",
+                json!({"prefix": "x-", "document": {"format": "warden.subtree", "version": 1,
+                "root": "s", "supervisors": [{"name": "s"}], "agents": [{"name": "a",
+                "kind": "counter", "supervisor": "s", "checkpoint": {"seq": 1,
+                "time": "2026-01-01T00:00:00Z", "state": "gQ=="}}]}}),
+            ),
+            (
+                "import_page",
+                json!({"import": "00000000-0000-0000-0000-000000000001", "page": 0,
+                "supervisors": [{"name": "s", "strategy": "rest_for_one"}]}),
+            ),
         ];
         let mut out = Vec::new();
         for (name, body) in bodies {

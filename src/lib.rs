@@ -25,4 +25,4 @@ pub mod subjects;
 pub mod tls;
 pub mod up;
 
-pub use warden_core::{limits, names, placement, registry, supervision};
+pub use warden_core::{base64, limits, names, placement, registry, supervision};

@@ -11,6 +11,7 @@
 //! time, ids and randomness are arguments, so every replica computes the same result from the
 //! same log, and every rule is tested with plain data.
 
+pub mod base64;
 pub mod error;
 pub mod host_plan;
 pub mod limits;

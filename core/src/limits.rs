@@ -36,10 +36,11 @@ pub const PEER_RESERVE: usize = 1_024;
 /// a watcher that falls further behind skips the oldest.
 pub const VIOLATION_QUEUE: usize = 64;
 
-/// Largest command body a client may send. Big enough for a 256 KiB checkpoint with its
-/// envelope, small enough that a batch of commands plus Raft framing stays under
-/// `max_payload`. Larger requests get `too_large` before anything is proposed.
-pub const MAX_REQUEST_BYTES: usize = 320 * 1024;
+/// Largest command body a client may send. Big enough for a 256 KiB checkpoint with a 64 KiB
+/// config and their envelope (one agent of an imported subtree, in MessagePack), small
+/// enough that a batch of commands plus Raft framing stays under `max_payload`. Larger
+/// requests get `too_large` before anything is proposed.
+pub const MAX_REQUEST_BYTES: usize = 400 * 1024;
 
 /// Largest encoded proposal (one Raft log entry holding a batch of commands). One request
 /// always fits; the batcher starts a new entry before this is crossed.
@@ -336,6 +337,7 @@ const _: () = assert!(MAX_REQUEST_BYTES < MAX_PROPOSAL_BYTES);
 const _: () = assert!(HANDOFF_BATCH_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_CHECKPOINT_BYTES <= HANDOFF_BATCH_BYTES);
 const _: () = assert!(MAX_CHECKPOINT_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
+const _: () = assert!(MAX_CHECKPOINT_BYTES + MAX_CONFIG_BYTES + 16 * 1024 < MAX_REQUEST_BYTES);
 const _: () = assert!(MAX_FORWARD_BATCH <= MAX_PROPOSAL_COMMANDS);
 const _: () = assert!(PROPOSAL_TIMEOUT_MS < FORWARD_TIMEOUT_MS);
 const _: () = assert!(MAX_PROPOSAL_BYTES < MIN_SERVER_MAX_PAYLOAD_BYTES);
@@ -455,6 +457,30 @@ const _: () = assert!(FINISH_BATCH_BYTES + 64 * 1024 < MAX_REQUEST_BYTES);
 pub const MAX_TEMPLATES: usize = 1_000;
 pub const MAX_TEMPLATE_DESCRIPTION: usize = 1_024;
 pub const MAX_TEMPLATE_CONFIG_BYTES: usize = 16 * 1024;
+
+/// Imports staged at once (`registry::transfer`), and what they weigh in all (checkpoints and
+/// configs, which every node holds in memory and in its snapshots until the commit): room for
+/// a subtree of 1,000 agents with 256 KiB checkpoints and a large config each, twice.
+pub const MAX_STAGED_IMPORTS: usize = 4;
+pub const MAX_IMPORT_BYTES: usize = 768 * 1024 * 1024;
+/// Items of one import, and so of one export (an export larger than an import takes is
+/// refused). An import's commit creates them in steps of `APPLY_STEP_AGENTS`.
+pub const MAX_IMPORT_AGENTS: usize = 100_000;
+pub const MAX_IMPORT_SUPERVISORS: usize = 10_000;
+/// A staged import with no page for this long is dropped.
+pub const IMPORT_TTL_SECS: i64 = 600;
+/// What an item of a subtree document weighs besides its config and checkpoint.
+pub const IMPORT_ITEM_OVERHEAD_BYTES: usize = 256;
+/// About the JSON bytes of one page of an export: with base64 a 256 KiB checkpoint takes
+/// 342 KiB, so one always fits, and a page stays under NATS's 1 MiB `max_payload`.
+pub const EXPORT_PAGE_BYTES: usize = 512 * 1024;
+/// About the MessagePack bytes of one `import_page` the Rust client sends (checkpoints travel
+/// as `bin`): a page always holds one item, and one item always fits a request.
+pub const IMPORT_PAGE_BYTES: usize = 256 * 1024;
+/// Exports a leader holds at once, each its copy of the subtree's records (shared, not
+/// copied, until the registry changes them), for `EXPORT_TTL_MS` after its last page.
+pub const EXPORT_SESSIONS: usize = 8;
+pub const EXPORT_TTL_MS: u64 = 120_000;
 
 /// Waits one node runs at once (`spawn_agent {wait: "running"}` and `wait_agent`); past it,
 /// a spawn is answered `timeout` at once (it is kept), a `wait_agent` `unavailable`. A waiter holds a command permit too, so this

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod placement;
 pub mod reply;
 pub mod supervisor;
+pub mod transfer;
 
 use serde::de::DeserializeOwned;
 
@@ -20,6 +21,9 @@ pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 pub use cluster::{JoinRequest, LeaveRequest};
 pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
+pub use transfer::{
+    ExportSubtree, ImportAbort, ImportBegin, ImportCommit, ImportPage, ImportSubtree, PeekDocument,
+};
 
 /// Who may send a command. NATS enforces it: `auth::permissions` turns each identity's role
 /// into the subjects it may publish on (docs/security.md has the table).
@@ -139,6 +143,21 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::ExportState) },
     Spec { name: "import_state", route: Route::Write, creates: false, role: Role::Admin,
            parse: |f| f.get().map(Command::ImportState) },
+    Spec { name: "export_subtree", route: Route::Read, creates: false, role: Role::Operator,
+           parse: |f| f.get().map(Command::ExportSubtree) },
+    Spec { name: "import_subtree", route: Route::Write, creates: true, role: Role::Admin,
+           parse: |f| {
+               f.get::<PeekDocument>()?.check()?;
+               f.get().map(|i| Command::ImportSubtree(Box::new(i)))
+           } },
+    Spec { name: "import_begin", route: Route::Write, creates: true, role: Role::Admin,
+           parse: |f| f.get().map(Command::ImportBegin) },
+    Spec { name: "import_page", route: Route::Write, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(|p| Command::ImportPage(Box::new(p))) },
+    Spec { name: "import_commit", route: Route::Write, creates: true, role: Role::Admin,
+           parse: |f| f.get().map(Command::ImportCommit) },
+    Spec { name: "import_abort", route: Route::Write, creates: false, role: Role::Admin,
+           parse: |f| f.get().map(Command::ImportAbort) },
     Spec { name: "migrate_agent", route: Route::Write, creates: false, role: Role::Operator,
            parse: |f| f.get().map(Command::MigrateAgent) },
     Spec { name: "drain_node", route: Route::Write, creates: false, role: Role::Admin,
@@ -219,6 +238,12 @@ pub enum Command {
     DeleteTemplate(TemplateRef),
     GetTemplate(TemplateRef),
     FindTemplates(FindTemplates),
+    ExportSubtree(ExportSubtree),
+    ImportSubtree(Box<ImportSubtree>),
+    ImportBegin(ImportBegin),
+    ImportPage(Box<ImportPage>),
+    ImportCommit(ImportCommit),
+    ImportAbort(ImportAbort),
 }
 
 /// Where a command is executed.
@@ -308,6 +333,12 @@ impl Command {
             Command::RegisterTemplate(r) => r.validate(),
             Command::DeleteTemplate(t) | Command::GetTemplate(t) => t.validate(),
             Command::FindTemplates(f) => f.validate(),
+            Command::ExportSubtree(e) => e.validate(),
+            Command::ImportSubtree(i) => i.validate(),
+            Command::ImportBegin(b) => b.validate(),
+            Command::ImportPage(p) => p.validate(),
+            Command::ImportCommit(c) => validate_request_id(&c.request_id),
+            Command::ImportAbort(a) => validate_request_id(&a.request_id),
             Command::MigrateAgent(m) => m.validate(),
             Command::DrainNode(d) => d.validate(),
             Command::Rebalance(r) => r.validate(),

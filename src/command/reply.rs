@@ -69,6 +69,24 @@ pub fn render_applied(a: &Applied) -> Result<Value, WireError> {
         Applied::Finished { recorded, stale } => json!({ "recorded": recorded, "stale": stale }),
         Applied::TemplateRegistered(t) => t.full(),
         Applied::TemplateDeleted { name } => json!({ "name": name, "deleted": true }),
+        Applied::ImportBegun { import } => json!({ "import": import }),
+        Applied::ImportStaged {
+            import,
+            pages,
+            supervisors,
+            agents,
+        } => json!({
+            "import": import,
+            "pages": pages,
+            "supervisors": supervisors,
+            "agents": agents,
+        }),
+        Applied::ImportAborted { import } => json!({ "import": import, "aborted": true }),
+        Applied::SubtreeImported {
+            supervisor,
+            supervisors,
+            agents,
+        } => json!({ "supervisor": supervisor, "supervisors": supervisors, "agents": agents }),
     })
 }
 

@@ -4,6 +4,7 @@
 pub(crate) mod batch;
 mod controller;
 mod dispatch;
+mod export;
 mod forward;
 pub mod host;
 pub mod lease;
@@ -58,6 +59,8 @@ pub struct Node {
     inflight_internal: Arc<Semaphore>,
     /// Client spawns waiting for their agent's first start (`limits::SPAWN_WAITERS`).
     spawn_waiters: Arc<Semaphore>,
+    /// On the leader: the subtree copies `export_subtree` is paging through.
+    exports: export::Exports,
     started: Instant,
     /// This node's lease: whether it may run agents now.
     pub lease: lease::Lease,
@@ -349,6 +352,43 @@ impl Node {
                 .await?
             }
             Command::FindTemplates(q) => self.read_registry(|reg| q.answer(reg)).await?,
+            Command::ExportSubtree(q) => match q.export {
+                Some(id) => self.exports.page(id, q.cursor),
+                None => {
+                    let mut copy = None;
+                    let read = self.read_registry(|reg| {
+                        copy = Some(reg.export_copy(&q.name)?);
+                        Ok(serde_json::Value::Null)
+                    });
+                    match (read.await?, copy) {
+                        (Ok(_), Some(copy)) => self.exports.begin(copy, &self.cfg.cluster),
+                        (Err(e), _) => Err(e),
+                        (Ok(_), None) => Err(WireError::new(ErrorCode::Internal, "no copy")),
+                    }
+                }
+            },
+            Command::ImportSubtree(mut i) => {
+                let rid = i.request_id.take();
+                self.propose(RegistryCmd::ImportSubtree(*i), rid, size)
+                    .await
+            }
+            Command::ImportBegin(mut b) => {
+                let rid = b.request_id.take();
+                self.propose(RegistryCmd::ImportBegin(b), rid, size).await
+            }
+            Command::ImportPage(p) => self.propose(RegistryCmd::ImportPage(*p), None, size).await,
+            Command::ImportCommit(c) => {
+                let cmd = RegistryCmd::ImportCommit {
+                    import: c.import,
+                    supervisors: c.supervisors,
+                    agents: c.agents,
+                };
+                self.propose(cmd, c.request_id, size).await
+            }
+            Command::ImportAbort(a) => {
+                let cmd = RegistryCmd::ImportAbort { import: a.import };
+                self.propose(cmd, a.request_id, size).await
+            }
             // Answered where it arrives (`dispatch`); here only as it stands, without waiting.
             Command::WaitAgent(w) => {
                 let st = self.state_read();

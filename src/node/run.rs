@@ -199,6 +199,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         spawn_waiters: Arc::new(Semaphore::new(limits::SPAWN_WAITERS)),
+        exports: Default::default(),
         started: std::time::Instant::now(),
         lease: lease::Lease::default(),
         liveness: lease::Liveness::default(),

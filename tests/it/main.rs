@@ -8,3 +8,4 @@ mod placement;
 mod scale;
 mod security;
 mod support;
+mod transfer;

@@ -19,6 +19,7 @@ mod refused;
 mod stops;
 mod templates;
 mod time;
+mod transfer;
 mod types;
 mod updates;
 
@@ -29,6 +30,7 @@ pub use nodes::*;
 pub use outcome::*;
 pub use refused::*;
 pub use templates::*;
+pub use transfer::*;
 pub use types::*;
 pub use updates::*;
 
@@ -169,6 +171,23 @@ pub enum RegistryCmd {
     DeleteTemplate {
         name: String,
     },
+    /// Opens a staged import of a subtree document (`transfer`).
+    ImportBegin(ImportBegin),
+    /// Part of a staged import's document.
+    ImportPage(ImportPage),
+    /// Checks a staged import as a whole and creates it: it must hold as many supervisors
+    /// and agents as the importer sent.
+    ImportCommit {
+        import: Uuid,
+        supervisors: u64,
+        agents: u64,
+    },
+    /// Drops a staged import.
+    ImportAbort {
+        import: Uuid,
+    },
+    /// A whole document, imported in one command.
+    ImportSubtree(ImportSubtree),
 }
 
 impl RegistryCmd {
@@ -197,6 +216,11 @@ impl RegistryCmd {
             RegistryCmd::FinishAgents { .. } => "finish_agents",
             RegistryCmd::RegisterTemplate(_) => "register_template",
             RegistryCmd::DeleteTemplate { .. } => "delete_template",
+            RegistryCmd::ImportBegin(_) => "import_begin",
+            RegistryCmd::ImportPage(_) => "import_page",
+            RegistryCmd::ImportCommit { .. } => "import_commit",
+            RegistryCmd::ImportAbort { .. } => "import_abort",
+            RegistryCmd::ImportSubtree(_) => "import_subtree",
         }
     }
 }
@@ -225,6 +249,8 @@ enum Work {
     Stop(stops::StopWork),
     /// Agents waiting for a node placed, then the command's outcome.
     Pending(nodes::PendingWork, Outcome),
+    /// An imported subtree's supervisors and agents created.
+    Import(Box<transfer::ImportWork>),
 }
 
 /// The request id a command's outcome is remembered under.
@@ -287,6 +313,9 @@ pub struct RegistryData {
     /// Registered agent templates by name (`templates`).
     #[serde(default, deserialize_with = "persistent::ord_map")]
     pub templates: imbl::OrdMap<String, Arc<Template>>,
+    /// Imports being staged (`transfer`), by id.
+    #[serde(default, deserialize_with = "persistent::ord_map")]
+    pub imports: imbl::OrdMap<Uuid, Arc<StagedImport>>,
 }
 
 /// The registry with its derived indexes.
@@ -496,6 +525,7 @@ impl Registry {
         events: &mut Vec<RegistryEvent>,
     ) -> Step {
         self.expire_requests(time);
+        self.expire_imports(time);
         let fingerprint = item
             .request_id
             .as_ref()
@@ -593,6 +623,30 @@ impl Registry {
             RegistryCmd::FinishAgents { items } => self.finish_agents(time, items, events),
             RegistryCmd::RegisterTemplate(r) => self.register_template(time, r, events),
             RegistryCmd::DeleteTemplate { name } => self.delete_template(time, name, events),
+            RegistryCmd::ImportBegin(b) => self.import_begin(time, item.id, b),
+            RegistryCmd::ImportPage(p) => self.import_page(time, p),
+            RegistryCmd::ImportAbort { import } => self.import_abort(*import),
+            RegistryCmd::ImportCommit { .. } | RegistryCmd::ImportSubtree(_) => {
+                let work = match &item.cmd {
+                    RegistryCmd::ImportCommit {
+                        import,
+                        supervisors,
+                        agents,
+                    } => self.import_commit(item.id, *import, (*supervisors, *agents)),
+                    RegistryCmd::ImportSubtree(i) => self.import_subtree(time, item.id, i),
+                    _ => unreachable!("matched above"),
+                };
+                match work {
+                    Ok(work) => {
+                        let rest = Unfinished {
+                            work: Work::Import(Box::new(work)),
+                            request: request_of(item, fingerprint),
+                        };
+                        return self.resume(time, rest, events);
+                    }
+                    Err(refused) => Err(refused),
+                }
+            }
         };
         if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
             // Room opened: agents waiting for a node may fit now.
@@ -655,6 +709,14 @@ impl Registry {
                     return Step::More(Unfinished { work, request });
                 }
                 Ok(true) => Ok(group.finished()),
+                Err(refused) => Err(refused),
+            },
+            Work::Import(mut import) => match self.import_step(time, &mut import, events) {
+                Ok(false) => {
+                    let work = Work::Import(import);
+                    return Step::More(Unfinished { work, request });
+                }
+                Ok(true) => Ok(import.finished()),
                 Err(refused) => Err(refused),
             },
             Work::FailOver(mut moving, answer) => {
@@ -859,6 +921,19 @@ impl Registry {
         c: &CreateSupervisor,
         events: &mut Vec<RegistryEvent>,
     ) -> Result<Supervisor, Refused> {
+        let position = self.data.next_position;
+        self.new_supervisor_at(time, id, c, position, events)
+    }
+
+    /// Creates supervisor `c` at start order `position` and answers its record.
+    fn new_supervisor_at(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        c: &CreateSupervisor,
+        position: u64,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Result<Supervisor, Refused> {
         if self.data.supervisors.contains_key(&c.name) {
             return Err(Refused::SupervisorExists {
                 name: c.name.clone(),
@@ -891,7 +966,7 @@ impl Registry {
             max_seconds: c.max_seconds,
             backoff: c.backoff.clone(),
             placement: c.placement,
-            position: self.data.next_position,
+            position,
             // A colocated subtree runs on one node: a supervisor below one inherits its node,
             // a new colocated one takes the least loaded open node. Spread ones have none.
             node: match (parent_node, c.placement) {

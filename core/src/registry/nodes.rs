@@ -401,7 +401,7 @@ impl Registry {
 
     /// Picks one node for colocated subtree `top`, of `count` agents of `kinds`, and records
     /// it on its supervisors.
-    fn place_unit(
+    pub(super) fn place_unit(
         &mut self,
         top: &str,
         kinds: &BTreeSet<String>,

@@ -82,6 +82,24 @@ pub enum Applied {
     TemplateRegistered(Box<Template>),
     /// `delete_template`.
     TemplateDeleted { name: String },
+    /// `import_begin`: the staged import's id.
+    ImportBegun { import: Uuid },
+    /// `import_page`: what the staged import holds after it.
+    ImportStaged {
+        import: Uuid,
+        pages: u32,
+        supervisors: u64,
+        agents: u64,
+    },
+    /// `import_abort`.
+    ImportAborted { import: Uuid },
+    /// `import_commit` or `import_subtree`: the new top supervisor, and how many supervisors
+    /// and agents were created.
+    SubtreeImported {
+        supervisor: String,
+        supervisors: u64,
+        agents: u64,
+    },
 }
 
 /// One agent a `handoff` moved.
@@ -113,6 +131,14 @@ pub fn request_weight(rid: &str, command: &str, outcome: &Outcome) -> usize {
     // Counting cannot fail; an outcome that cannot be encoded weighs what was written.
     let _ = serde_json::to_writer(&mut n, outcome);
     n.0 + 2 * rid.len() + command.len() + crate::limits::REQUEST_RECORD_OVERHEAD_BYTES
+}
+
+/// The length of `v`'s JSON encoding, counted, not built.
+pub(super) fn json_len(v: &impl Serialize) -> usize {
+    let mut n = Counted(0);
+    // Counting cannot fail; a value that cannot be encoded weighs what was written.
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
 }
 
 struct Counted(usize);

@@ -129,6 +129,16 @@ pub enum Refused {
         bytes: u64,
         max: u64,
     },
+    /// No staged import by that id (never begun, committed, aborted, or expired).
+    NoImport {
+        import: Uuid,
+    },
+    /// As many imports as may be staged at once are.
+    ImportsBusy {
+        max: u64,
+    },
+    /// The import's document cannot be imported as it is.
+    ImportInvalid(super::ImportProblem),
 }
 
 impl Refused {
@@ -156,14 +166,23 @@ impl Refused {
             | NoSupervisor { .. }
             | NoSupervisorForAgent { .. }
             | NoAgent { .. }
-            | NoTemplate { .. } => ErrorCode::NotFound,
+            | NoTemplate { .. }
+            | NoImport { .. } => ErrorCode::NotFound,
             TooManySupervisors { .. }
             | TooManyAgents { .. }
             | GroupTooLarge { .. }
             | HostUnavailable { .. }
             | TargetUnavailable { .. }
-            | TooManyTemplates { .. } => ErrorCode::Capacity,
+            | TooManyTemplates { .. }
+            | ImportsBusy { .. } => ErrorCode::Capacity,
             TooDeep { .. } => ErrorCode::BadRequest,
+            ImportInvalid(p) => match p {
+                super::ImportProblem::TooLarge { .. } => ErrorCode::TooLarge,
+                super::ImportProblem::TooManyItems { .. } => ErrorCode::Capacity,
+                super::ImportProblem::PageOutOfOrder { .. }
+                | super::ImportProblem::Incomplete { .. } => ErrorCode::Conflict,
+                _ => ErrorCode::BadRequest,
+            },
             CheckpointTooLarge { .. } | GroupConfigTooLarge { .. } => ErrorCode::TooLarge,
             Placement(r) => r.code(),
             Legacy(e) => e.code,
@@ -210,6 +229,18 @@ impl fmt::Display for Refused {
                 write!(f, "the registry holds its maximum of {max} templates")
             }
             NoTemplate { name } => write!(f, "no template named {name:?}"),
+            NoImport { import } => write!(
+                f,
+                "no staged import {import}: it was committed, aborted, or dropped after {} s \
+                 without a page; begin again",
+                crate::limits::IMPORT_TTL_SECS
+            ),
+            ImportsBusy { max } => write!(
+                f,
+                "{max} imports are being staged, the most at once; commit or abort one, or \
+                 wait for an abandoned one to expire"
+            ),
+            ImportInvalid(p) => write!(f, "{p}"),
             GroupConfigTooLarge { bytes, max } => write!(
                 f,
                 "the template's config times the group's count makes {bytes} bytes; a group's \

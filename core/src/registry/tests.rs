@@ -862,6 +862,19 @@ fn every_outcome_survives_a_snapshot_round_trip() {
     let applied = vec![
         sup,
         agent,
+        Applied::ImportBegun { import: id },
+        Applied::ImportStaged {
+            import: id,
+            pages: 2,
+            supervisors: 1,
+            agents: 3,
+        },
+        Applied::ImportAborted { import: id },
+        Applied::SubtreeImported {
+            supervisor: "x".into(),
+            supervisors: 1,
+            agents: 2,
+        },
         Applied::NodeJoined(Box::new(node)),
         Applied::NodeLeft { node_id: 3 },
         Applied::NodeStatus {
@@ -969,6 +982,12 @@ fn every_outcome_survives_a_snapshot_round_trip() {
         },
         Refused::TargetUnavailable { node: 2 },
         Refused::Legacy(WireError::new(ErrorCode::Conflict, "old text")),
+        Refused::NoImport { import: id },
+        Refused::ImportsBusy { max: 4 },
+        Refused::ImportInvalid(ImportProblem::UnknownParent {
+            supervisor: "a".into(),
+            parent: "b".into(),
+        }),
     ];
     let outcomes = applied
         .into_iter()
@@ -1699,4 +1718,432 @@ fn spawns_resolve_their_template_when_applied() {
     );
     let rebuilt = Registry::from_data(through_snapshot(reg.data()));
     assert!(rebuilt.template("big").is_some() && rebuilt.template("small").is_none());
+}
+
+/// A subtree document as a client assembles it from `export_copy`'s pages of at most `budget`
+/// bytes, read back from its JSON as an importer reads it; with the number of pages.
+fn export_document(
+    reg: &Registry,
+    name: &str,
+    budget: usize,
+) -> (SubtreeDocument, Vec<ImportPage>) {
+    let copy = reg.export_copy(name).unwrap();
+    let h = copy.header();
+    let mut doc = SubtreeDocument {
+        format: h.format,
+        version: h.version,
+        root: h.root,
+        cluster: None,
+        exported_at: None,
+        supervisors: Vec::new(),
+        agents: Vec::new(),
+    };
+    let mut pages = Vec::new();
+    let mut cursor = Some(0);
+    while let Some(c) = cursor {
+        let (sups, agents, next) = copy.page(c, budget);
+        let page = ImportPage {
+            import: Uuid::nil(),
+            page: pages.len() as u32,
+            supervisors: sups
+                .into_iter()
+                .map(|v| serde_json::from_value(v).unwrap())
+                .collect(),
+            agents: agents
+                .into_iter()
+                .map(|v| serde_json::from_value(v).unwrap())
+                .collect(),
+        };
+        doc.supervisors.extend(page.supervisors.iter().cloned());
+        doc.agents.extend(page.agents.iter().cloned());
+        pages.push(page);
+        cursor = next;
+    }
+    (doc, pages)
+}
+
+fn checkpoint(reg: &mut Registry, at: i64, agent: &str, state: &[u8]) {
+    let a = reg.agent(agent).unwrap();
+    let cmd = RegistryCmd::Checkpoint {
+        agent: a.id,
+        node: a.node.unwrap(),
+        epoch: a.epoch,
+        state: bytes::Bytes::copy_from_slice(state),
+    };
+    run(reg, at, None, cmd).unwrap();
+}
+
+/// A source cluster's subtree: `s` holds `a1`, then supervisor `inner` (rest_for_one, holding
+/// `a3`), then `a2`; `a1` and `a3` have checkpoints.
+fn source_subtree() -> Registry {
+    let mut reg = three_nodes();
+    run(&mut reg, 10, None, create("s", None)).unwrap();
+    run(&mut reg, 11, None, spawn("a1", "s", "permanent", json!({}))).unwrap();
+    let mut inner = create("inner", Some("s"));
+    if let RegistryCmd::CreateSupervisor(c) = &mut inner {
+        c.strategy = Strategy::RestForOne;
+        c.max_restarts = 7;
+    }
+    run(&mut reg, 12, None, inner).unwrap();
+    run(&mut reg, 13, None, spawn("a2", "s", "transient", json!({}))).unwrap();
+    run(
+        &mut reg,
+        14,
+        None,
+        spawn("a3", "inner", "permanent", json!({})),
+    )
+    .unwrap();
+    run(
+        &mut reg,
+        15,
+        None,
+        spawn("outside", ROOT, "permanent", json!({})),
+    )
+    .unwrap();
+    checkpoint(&mut reg, 16, "a1", b"state of a1");
+    checkpoint(&mut reg, 17, "a3", &[7u8; 3000]);
+    checkpoint(&mut reg, 18, "a3", &[9u8; 3000]);
+    reg
+}
+
+fn children_names(reg: &Registry, sup: &str) -> Vec<String> {
+    reg.children(sup)
+        .map(|c| match c {
+            Child::Supervisor { name } => name.clone(),
+            Child::Agent { id } => reg.agent(&id.to_string()).unwrap().name.clone().unwrap(),
+        })
+        .collect()
+}
+
+/// Goal (issue 18.5): a subtree exported in pages and imported in pages under a prefix in
+/// another registry is the same tree, with the same policies, start order and checkpoints;
+/// staging changes nothing visible and survives a snapshot; the commit empties the stage.
+#[test]
+fn a_subtree_exported_in_pages_imports_elsewhere_as_the_same_tree() {
+    let src = source_subtree();
+    let (doc, pages) = export_document(&src, "s", 4_000);
+    assert!(
+        pages.len() >= 2,
+        "a small budget cuts the document into pages"
+    );
+    assert_eq!(doc.supervisors.len(), 2);
+    assert_eq!(doc.agents.len(), 3, "`outside` is not in the subtree");
+
+    let mut dst = three_nodes();
+    run(&mut dst, 5, None, create("team", None)).unwrap();
+    let before = dst.data().clone();
+    let begin = ImportBegin {
+        parent: Some("team".into()),
+        prefix: "x-".into(),
+        header: doc.header(),
+        request_id: None,
+    };
+    let Applied::ImportBegun { import } =
+        run(&mut dst, 20, None, RegistryCmd::ImportBegin(begin)).unwrap()
+    else {
+        panic!("not begun");
+    };
+    for (i, p) in pages.iter().enumerate() {
+        let page = ImportPage {
+            import,
+            ..p.clone()
+        };
+        run(
+            &mut dst,
+            21 + i as i64,
+            None,
+            RegistryCmd::ImportPage(page.clone()),
+        )
+        .unwrap();
+        // A page sent again is staged once.
+        run(&mut dst, 21 + i as i64, None, RegistryCmd::ImportPage(page)).unwrap();
+    }
+    let staged = dst.staged_imports().next().unwrap().clone();
+    assert_eq!((staged.supervisors.len(), staged.agents.len()), (2, 3));
+    assert_eq!(
+        dst.data().supervisors,
+        before.supervisors,
+        "staging creates nothing"
+    );
+    assert_eq!(dst.data().agents, before.agents);
+    let mut restored = Registry::from_data(through_snapshot(dst.data()));
+    let commit = RegistryCmd::ImportCommit {
+        import,
+        supervisors: 2,
+        agents: 3,
+    };
+    let out = run(&mut restored, 40, None, commit).unwrap();
+    assert_eq!(
+        out,
+        Applied::SubtreeImported {
+            supervisor: "x-s".into(),
+            supervisors: 2,
+            agents: 3
+        }
+    );
+    assert_eq!(restored.staged_imports().count(), 0);
+    assert_eq!(
+        children_names(&restored, "x-s"),
+        ["x-a1", "x-inner", "x-a2"]
+    );
+    assert_eq!(children_names(&restored, "x-inner"), ["x-a3"]);
+    assert_eq!(
+        restored.supervisor("x-s").unwrap().parent.as_deref(),
+        Some("team")
+    );
+    let inner = restored.supervisor("x-inner").unwrap();
+    assert_eq!(
+        (inner.strategy, inner.max_restarts),
+        (Strategy::RestForOne, 7)
+    );
+    for (name, old) in [("a1", "a1"), ("a2", "a2"), ("a3", "a3")] {
+        let new = restored.agent(&format!("x-{name}")).unwrap();
+        let was = src.agent(old).unwrap();
+        assert_ne!(new.id, was.id, "ids are drawn afresh");
+        assert_eq!((new.restart, &new.kind), (was.restart, &was.kind));
+        assert!(new.node.is_some() && new.started);
+        let (c_new, c_old) = (restored.checkpoint(new.id), src.checkpoint(was.id));
+        assert_eq!(
+            c_new.map(|c| (&c.state, c.seq)),
+            c_old.map(|c| (&c.state, c.seq))
+        );
+    }
+    // The new positions follow every existing one.
+    let p = restored.data().next_position;
+    assert!(restored.agent("x-a2").unwrap().position < p);
+    // Importing it again under the same prefix clashes, as a whole, and changes nothing.
+    let again = ImportSubtree {
+        parent: None,
+        prefix: "x-".into(),
+        document: doc.clone(),
+        request_id: None,
+    };
+    let before = restored.data().clone();
+    let out = run(
+        &mut restored,
+        100,
+        None,
+        RegistryCmd::ImportSubtree(again.clone()),
+    );
+    assert_eq!(out, Err(Refused::SupervisorExists { name: "x-s".into() }));
+    assert_eq!(restored.data(), &before);
+    // Under another prefix it is a second copy.
+    let other = ImportSubtree {
+        prefix: "y-".into(),
+        ..again
+    };
+    run(&mut restored, 200, None, RegistryCmd::ImportSubtree(other)).unwrap();
+    assert_eq!(
+        children_names(&restored, "y-s"),
+        ["y-a1", "y-inner", "y-a2"]
+    );
+}
+
+/// Goal: an import that is refused, abandoned or broken off changes nothing but its stage,
+/// which expires; a document of a newer version is refused with a clear error.
+#[test]
+fn a_failed_or_abandoned_import_changes_nothing() {
+    let src = source_subtree();
+    let (doc, pages) = export_document(&src, "s", 1);
+    assert_eq!(pages.len(), 5, "one item per page");
+    let mut dst = three_nodes();
+    let begin = |prefix: &str| {
+        RegistryCmd::ImportBegin(ImportBegin {
+            parent: None,
+            prefix: prefix.into(),
+            header: doc.header(),
+            request_id: None,
+        })
+    };
+    let Applied::ImportBegun { import } = run(&mut dst, 20, None, begin("a-")).unwrap() else {
+        panic!("not begun");
+    };
+    let page = |n: usize| {
+        RegistryCmd::ImportPage(ImportPage {
+            import,
+            ..pages[n].clone()
+        })
+    };
+    run(&mut dst, 21, None, page(0)).unwrap();
+    check_code(run(&mut dst, 22, None, page(2)), ErrorCode::Conflict);
+    run(&mut dst, 21, None, page(1)).unwrap();
+    let before = dst.data().clone();
+    // Half a document does not commit: the commit says what was sent.
+    let mut half = dst.clone();
+    let commit = RegistryCmd::ImportCommit {
+        import,
+        supervisors: 2,
+        agents: 3,
+    };
+    check_code(run(&mut half, 23, None, commit), ErrorCode::Conflict);
+    assert_eq!(half.data(), &before);
+    // Abandoned: dropped once IMPORT_TTL_SECS pass without a page, by proposal time.
+    run(
+        &mut dst,
+        21 + limits::IMPORT_TTL_SECS,
+        None,
+        create("late", None),
+    )
+    .unwrap();
+    assert_eq!(dst.staged_imports().count(), 1, "not yet");
+    run(
+        &mut dst,
+        22 + limits::IMPORT_TTL_SECS,
+        None,
+        create("later", None),
+    )
+    .unwrap();
+    assert_eq!(dst.staged_imports().count(), 0);
+    check_code(
+        run(&mut dst, 23 + limits::IMPORT_TTL_SECS, None, page(2)),
+        ErrorCode::NotFound,
+    );
+    // Aborted.
+    let Applied::ImportBegun { import } = run(&mut dst, 1000, None, begin("b-")).unwrap() else {
+        panic!("not begun");
+    };
+    run(&mut dst, 1001, None, RegistryCmd::ImportAbort { import }).unwrap();
+    let commit = RegistryCmd::ImportCommit {
+        import,
+        supervisors: 0,
+        agents: 0,
+    };
+    check_code(run(&mut dst, 1002, None, commit), ErrorCode::NotFound);
+    // A newer version, a kind no node runs, a loop: refused, nothing changes.
+    let data = dst.data().clone();
+    let mut newer = doc.clone();
+    newer.version = SUBTREE_VERSION + 1;
+    let mut unknown_kind = doc.clone();
+    unknown_kind.agents[0].kind = "nope".into();
+    let mut looped = doc.clone();
+    looped.supervisors[1].parent = Some("inner".into());
+    let mut clash = doc.clone();
+    clash.agents[1].name = Some("a1".into());
+    for (document, code) in [
+        (newer.clone(), ErrorCode::BadRequest),
+        (unknown_kind, ErrorCode::BadRequest),
+        (looped, ErrorCode::BadRequest),
+        (clash, ErrorCode::BadRequest),
+    ] {
+        let cmd = RegistryCmd::ImportSubtree(ImportSubtree {
+            parent: None,
+            prefix: "c-".into(),
+            document,
+            request_id: None,
+        });
+        check_code(run(&mut dst, 1003, None, cmd), code);
+        assert_eq!(dst.data(), &data);
+    }
+    let err = newer.header().check().unwrap_err();
+    assert!(err.message.contains("version 2"), "{}", err.message);
+    // At most MAX_STAGED_IMPORTS at once.
+    for i in 0..limits::MAX_STAGED_IMPORTS {
+        run(&mut dst, 1010 + i as i64, None, begin(&format!("p{i}-"))).unwrap();
+    }
+    check_code(run(&mut dst, 1100, None, begin("q-")), ErrorCode::Capacity);
+}
+
+/// Goal: a large import's commit applies in bounded steps to the state one `apply` reaches.
+#[test]
+fn a_large_import_commits_in_bounded_steps() {
+    let step = limits::APPLY_STEP_AGENTS as usize;
+    let count = 2 * step + 10;
+    let doc = SubtreeDocument {
+        format: SUBTREE_FORMAT.into(),
+        version: SUBTREE_VERSION,
+        root: "big".into(),
+        cluster: None,
+        exported_at: None,
+        supervisors: vec![serde_json::from_value(json!({"name": "big"})).unwrap()],
+        agents: (0..count)
+            .map(|i| {
+                serde_json::from_value(json!({
+                    "name": format!("b{i}"), "kind": "counter", "supervisor": "big",
+                    "checkpoint": {"seq": 1, "time": "2026-01-01T00:00:00Z", "state": "AAE="}
+                }))
+                .unwrap()
+            })
+            .collect(),
+    };
+    let item = Stamped {
+        id: Uuid::from_u128(77),
+        request_id: None,
+        cmd: RegistryCmd::ImportSubtree(ImportSubtree {
+            parent: None,
+            prefix: String::new(),
+            document: doc,
+            request_id: None,
+        }),
+        fingerprint: None,
+    };
+    let mut stepped = three_nodes();
+    let mut whole = stepped.clone();
+    let (out, steps) = apply_in_steps(&mut stepped, 50, &item);
+    assert!(out.is_ok());
+    assert!(steps.len() >= 3, "{} steps", steps.len());
+    assert!(steps.iter().all(|s| s.len() <= step + 1));
+    assert_eq!(whole.apply(t(50), &item, &mut Vec::new()), out);
+    assert_eq!(stepped.data(), whole.data());
+    assert_eq!(stepped.data().agents.len(), count);
+    let b0 = stepped.agent("b0").unwrap();
+    assert_eq!(stepped.checkpoint(b0.id).unwrap().state.as_ref(), &[0u8, 1]);
+}
+
+/// Goal: every import command reads back from a log entry, as the store writes it (MessagePack,
+/// the command an internally tagged enum, so serde buffers its fields) and as JSON: a leader
+/// must never log what its followers cannot read.
+#[test]
+fn import_commands_read_back_from_a_log_entry() {
+    let src = source_subtree();
+    let (doc, pages) = export_document(&src, "s", usize::MAX);
+    let import = Uuid::from_u128(5);
+    let cmds = vec![
+        RegistryCmd::ImportBegin(ImportBegin {
+            parent: Some("p".into()),
+            prefix: "x-".into(),
+            header: doc.header(),
+            request_id: None,
+        }),
+        RegistryCmd::ImportPage(ImportPage {
+            import,
+            ..pages[0].clone()
+        }),
+        RegistryCmd::ImportCommit {
+            import,
+            supervisors: 2,
+            agents: 3,
+        },
+        RegistryCmd::ImportAbort { import },
+        RegistryCmd::ImportSubtree(ImportSubtree {
+            parent: None,
+            prefix: String::new(),
+            document: SubtreeDocument {
+                exported_at: Some(t(3)),
+                cluster: Some("c".into()),
+                ..doc
+            },
+            request_id: None,
+        }),
+    ];
+    let proposal = Proposal {
+        v: REGISTRY_VERSION,
+        time: t(1),
+        items: cmds
+            .into_iter()
+            .map(|cmd| Stamped {
+                id: import,
+                request_id: None,
+                cmd,
+                fingerprint: None,
+            })
+            .collect(),
+    };
+    for bytes in [
+        rmp_serde::to_vec(&proposal).unwrap(),
+        rmp_serde::to_vec_named(&proposal).unwrap(),
+    ] {
+        assert_eq!(rmp_serde::from_slice::<Proposal>(&bytes).unwrap(), proposal);
+    }
+    let json = serde_json::to_vec(&proposal).unwrap();
+    assert_eq!(serde_json::from_slice::<Proposal>(&json).unwrap(), proposal);
 }

@@ -137,11 +137,11 @@ pub const OTP_MAX_RESTARTS: u32 = 1;
 /// ... within 5 seconds.
 pub const OTP_MAX_SECONDS: u32 = 5;
 
-fn otp_max_restarts() -> u32 {
+pub(super) fn otp_max_restarts() -> u32 {
     OTP_MAX_RESTARTS
 }
 
-fn otp_max_seconds() -> u32 {
+pub(super) fn otp_max_seconds() -> u32 {
     OTP_MAX_SECONDS
 }
 

@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// against `get_template` of one, and remove them.
     #[arg(long, default_value_t = 0)]
     pub templates: usize,
+    /// Export: spawn this many durable counters (at most 10,000) in a subtree, checkpoint each,
+    /// time `export_subtree` of it against `get_agent` of one, and stop it.
+    #[arg(long, default_value_t = 0)]
+    pub export: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -501,6 +505,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         && args.agents == 0
         && args.scale == 0
         && args.templates == 0
+        && args.export == 0
     {
         0
     } else {
@@ -554,6 +559,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let export_figures = if args.export > 0 {
+        anyhow::ensure!(args.export <= 10_000, "--export is at most 10,000 agents");
+        eprintln!("measuring export_subtree of {} agents", args.export);
+        Some(lifecycle::export(&client, args.export, reference_rtt_us).await?)
+    } else {
+        None
+    };
     let scale_figures = if args.scale > 0 {
         let Some(cluster) = _local.as_mut() else {
             anyhow::bail!("--scale restarts a node: it needs --local");
@@ -571,6 +583,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "migration": migration,
             "slow_stop": slow_stop,
             "templates": template_figures,
+            "export": export_figures,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -634,6 +647,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(v) = &template_figures {
             lifecycle::print(v);
+        }
+        if let Some(v) = &export_figures {
+            lifecycle::print_export(v);
         }
         if let Some(a) = &agent_figures {
             print_agents(a);

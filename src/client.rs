@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::bus::{self, RequestFailure};
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
-use crate::registry::{ImportPage, SubtreeAgent, SubtreeDocument};
+use crate::registry::{ImportPage, SubtreeDocument};
 use crate::retry::Backoff;
 use crate::subjects::Subjects;
 
@@ -370,12 +370,17 @@ fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>,
     }
 }
 
+/// Times `import_subtree` asks again for a commit whose outcome it does not know.
+const COMMIT_TRIES: usize = 30;
+
 impl Client {
     /// The document of supervisor `name`'s subtree (`export_subtree`), every page of one export
     /// gathered: the subtree as of one moment on the leader.
     pub async fn export_subtree(&self, name: &str) -> Result<SubtreeDocument, CallError> {
         let bad = |what: &str| CallError::Reply(WireError::new(ErrorCode::Internal, what));
-        let mut query = json!({ "name": name });
+        // The export is named here, so that a retry of the first page finds the copy the first
+        // attempt made instead of taking another.
+        let mut query = json!({ "name": name, "export": uuid::Uuid::new_v4() });
         let mut doc: Option<SubtreeDocument> = None;
         loop {
             let page = self.call("export_subtree", &query).await?;
@@ -432,21 +437,41 @@ impl Client {
         });
         let begun = self.call("import_begin", &begin).await?;
         let import = begun["import"].clone();
-        let staged = self.stage_and_commit(doc, &import).await;
-        if staged.is_err() {
+        if let Err(e) = self.stage(doc, &import).await {
             // Best effort: an import left staged is dropped after `IMPORT_TTL_SECS` anyway.
             let _ = self
                 .call("import_abort", &json!({ "import": import }))
                 .await;
+            return Err(e);
         }
-        staged
+        let commit = json!({
+            "import": import,
+            "supervisors": doc.supervisors.len(),
+            "agents": doc.agents.len(),
+            "request_id": uuid::Uuid::new_v4().to_string(),
+        });
+        // A large commit may outlast a call's deadline. Its outcome is then unknown, not failed:
+        // it is asked again with the same request_id (answered as it was decided), a bounded
+        // number of times, and never aborted.
+        let mut tries = 0;
+        loop {
+            match self.call("import_commit", &commit).await {
+                Err(CallError::NoAnswer(why)) if tries < COMMIT_TRIES => {
+                    tries += 1;
+                    tracing::debug!("import_commit: no answer yet ({why}); asking again");
+                }
+                Err(CallError::Reply(e)) if e.code != ErrorCode::Timeout => {
+                    let _ = self
+                        .call("import_abort", &json!({ "import": import }))
+                        .await;
+                    return Err(CallError::Reply(e));
+                }
+                other => return other,
+            }
+        }
     }
 
-    async fn stage_and_commit(
-        &self,
-        doc: &SubtreeDocument,
-        import: &Value,
-    ) -> Result<Value, CallError> {
+    async fn stage(&self, doc: &SubtreeDocument, import: &Value) -> Result<(), CallError> {
         let id: uuid::Uuid = serde_json::from_value(import.clone()).map_err(|e| {
             CallError::Reply(WireError::new(
                 ErrorCode::Internal,
@@ -458,19 +483,22 @@ impl Client {
             page: 0,
             supervisors: Vec::new(),
             agents: Vec::new(),
+            request_id: None,
         };
         let mut used = 0;
-        let weigh = |a: &SubtreeAgent| {
-            let config = serde_json::to_vec(&a.config).map_or(0, |v| v.len());
-            config + a.checkpoint.as_ref().map_or(0, |c| c.state.len()) + 512
-        };
+        // Each item weighs what it encodes to, plus a little for the page's framing.
+        let weigh = |x: Result<Vec<u8>, rmp_serde::encode::Error>| x.map_or(0, |v| v.len()) + 16;
         let items = doc
             .supervisors
             .iter()
             .map(|s| (Some(s), None))
             .chain(doc.agents.iter().map(|a| (None, Some(a))));
         for (sup, agent) in items {
-            let weight = agent.map_or(256, weigh);
+            let weight = match (sup, agent) {
+                (Some(s), _) => weigh(rmp_serde::to_vec_named(s)),
+                (_, Some(a)) => weigh(rmp_serde::to_vec_named(a)),
+                _ => 0,
+            };
             if used > 0 && used + weight > crate::limits::IMPORT_PAGE_BYTES {
                 self.call_msgpack("import_page", &page, true).await?;
                 page.page += 1;
@@ -485,12 +513,6 @@ impl Client {
         if used > 0 {
             self.call_msgpack("import_page", &page, true).await?;
         }
-        let commit = json!({
-            "import": import,
-            "supervisors": doc.supervisors.len(),
-            "agents": doc.agents.len(),
-            "request_id": uuid::Uuid::new_v4().to_string(),
-        });
-        self.call("import_commit", &commit).await
+        Ok(())
     }
 }

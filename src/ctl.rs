@@ -222,7 +222,16 @@ async fn transfer(
     let Some((file, fields)) = rest.split_first() else {
         return Err("usage: warden ctl import <file> [parent=<supervisor>] [prefix=<text>]".into());
     };
-    let fields = parse_fields(fields)?;
+    // Taken as text, as given: `prefix=2024` is a prefix, not a number.
+    let mut parent = None;
+    let mut prefix = "";
+    for f in fields {
+        match f.split_once('=') {
+            Some(("parent", v)) => parent = Some(v),
+            Some(("prefix", v)) => prefix = v,
+            _ => return Err(format!("{f:?}: give parent=<supervisor> or prefix=<text>")),
+        }
+    }
     let bytes = match std::fs::read(file) {
         Ok(b) => b,
         Err(e) => return failed(format!("cannot read {file}: {e}")),
@@ -238,8 +247,6 @@ async fn transfer(
         Ok(d) => d,
         Err(e) => return failed(format!("{file} is not a subtree document: {e}")),
     };
-    let parent = fields["parent"].as_str();
-    let prefix = fields["prefix"].as_str().unwrap_or_default();
     Ok(client.import_subtree(&doc, parent, prefix).await)
 }
 

@@ -26,6 +26,9 @@ pub struct ExportSubtree {
 impl ExportSubtree {
     pub fn validate(&self) -> Result<(), WireError> {
         crate::registry::validate_name("name", &self.name)?;
+        if self.export.is_some_and(|id| id.is_nil()) {
+            return Err(WireError::bad_request("export: the nil id names no export"));
+        }
         if self.export.is_none() && self.cursor != 0 {
             return Err(WireError::bad_request(
                 "a cursor goes with the export it came from",

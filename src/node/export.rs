@@ -42,9 +42,13 @@ impl Session {
 }
 
 impl Exports {
-    /// Keeps `copy` as a new export and answers its first page.
-    pub(super) fn begin(&self, copy: ExportCopy, cluster: &str) -> Result<Value, WireError> {
-        let id = Uuid::new_v4();
+    /// Keeps `copy` as export `id` and answers its first page.
+    pub(super) fn begin(
+        &self,
+        id: Uuid,
+        copy: ExportCopy,
+        cluster: &str,
+    ) -> Result<Value, WireError> {
         let h = copy.header();
         let document = json!({
             "format": h.format,
@@ -80,6 +84,16 @@ impl Exports {
             sessions.insert(id, session);
         }
         self.page(id, 0)
+    }
+
+    /// Whether export `id` is held (and live).
+    pub(super) fn holds(&self, id: Uuid) -> bool {
+        self.lock().get(&id).is_some_and(Session::live)
+    }
+
+    /// Drops the exports that expired (called every heartbeat interval).
+    pub(super) fn sweep(&self) {
+        self.lock().retain(|_, s| s.live());
     }
 
     /// Page `cursor` of export `id`.

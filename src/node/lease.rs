@@ -420,6 +420,8 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
             }
             _ = tick.tick() => {}
         }
+        // Drops the exports that expired, also on a node that no longer leads.
+        node.exports.sweep();
         if flying.len() >= crate::limits::MAX_HEARTBEATS_IN_FLIGHT {
             tracing::debug!("heartbeats in flight at their bound; this one is skipped");
             continue;

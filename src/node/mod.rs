@@ -353,15 +353,21 @@ impl Node {
             }
             Command::FindTemplates(q) => self.read_registry(|reg| q.answer(reg)).await?,
             Command::ExportSubtree(q) => match q.export {
-                Some(id) => self.exports.page(id, q.cursor),
-                None => {
+                // A client names the export it begins, so that a retry finds the first one.
+                Some(id) if q.cursor > 0 || self.exports.holds(id) => {
+                    self.exports.page(id, q.cursor)
+                }
+                _ => {
                     let mut copy = None;
                     let read = self.read_registry(|reg| {
                         copy = Some(reg.export_copy(&q.name)?);
                         Ok(serde_json::Value::Null)
                     });
                     match (read.await?, copy) {
-                        (Ok(_), Some(copy)) => self.exports.begin(copy, &self.cfg.cluster),
+                        (Ok(_), Some(copy)) => {
+                            let id = q.export.unwrap_or_else(uuid::Uuid::new_v4);
+                            self.exports.begin(id, copy, &self.cfg.cluster)
+                        }
                         (Err(e), _) => Err(e),
                         (Ok(_), None) => Err(WireError::new(ErrorCode::Internal, "no copy")),
                     }

@@ -135,6 +135,7 @@ async fn a_subtree_of_a_thousand_agents_moves_to_another_cluster() {
         page: 0,
         supervisors: doc.supervisors.clone(),
         agents: doc.agents[..AGENTS / 2].to_vec(),
+        request_id: None,
     };
     b.call_msgpack("import_page", &half, true).await.unwrap();
     assert_eq!(
@@ -306,7 +307,7 @@ async fn a_json_document_imports_in_one_request_and_bad_ones_change_nothing() {
     let bad = c
         .call(
             "export_subtree",
-            &json!({"name": "svc", "export": Uuid::nil(), "cursor": 1}),
+            &json!({"name": "svc", "export": Uuid::new_v4(), "cursor": 1}),
         )
         .await
         .unwrap_err();

@@ -826,7 +826,11 @@ impl Registry {
                 max: limits::MAX_CHECKPOINT_BYTES as u64,
             });
         }
-        let seq = self.data.checkpoints.get(&agent).map_or(1, |c| c.seq + 1);
+        let seq = self
+            .data
+            .checkpoints
+            .get(&agent)
+            .map_or(1, |c| c.seq.saturating_add(1));
         a.seq += 1;
         // Only a running instance checkpoints (or hands its state over).
         a.started = true;

@@ -97,6 +97,19 @@ impl Registry {
         placement: &Placement,
         exclude: Option<u64>,
     ) -> Result<u64, Refusal> {
+        self.place_agent_among(kind, sup, placement, exclude, None)
+    }
+
+    /// `place_agent`, given the agents of `sup` per node when the caller keeps them (an import
+    /// places thousands of siblings, and counting them for each is quadratic).
+    pub(super) fn place_agent_among(
+        &self,
+        kind: &str,
+        sup: &str,
+        placement: &Placement,
+        exclude: Option<u64>,
+        known: Option<&BTreeMap<u64, usize>>,
+    ) -> Result<u64, Refusal> {
         let s = self.data.supervisors.get(sup);
         let colocated = s.is_some_and(|s| s.node.is_some() || colocates(s.placement));
         if colocated {
@@ -113,13 +126,20 @@ impl Registry {
                 _ => Err(Refusal::NoRoom),
             };
         }
-        let siblings = self.siblings(sup);
+        let counted;
+        let siblings = match known {
+            Some(s) => s,
+            None => {
+                counted = self.siblings(sup);
+                &counted
+            }
+        };
         let req = placement::Request {
             kinds: vec![kind],
             placement,
             count: 1,
             exclude,
-            siblings: &siblings,
+            siblings,
         };
         placement::choose(&req, &self.candidates())
     }

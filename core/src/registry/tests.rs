@@ -1753,6 +1753,7 @@ fn export_document(
                 .into_iter()
                 .map(|v| serde_json::from_value(v).unwrap())
                 .collect(),
+            request_id: None,
         };
         doc.supervisors.extend(page.supervisors.iter().cloned());
         doc.agents.extend(page.agents.iter().cloned());
@@ -1927,16 +1928,20 @@ fn a_subtree_exported_in_pages_imports_elsewhere_as_the_same_tree() {
     );
     assert_eq!(out, Err(Refused::SupervisorExists { name: "x-s".into() }));
     assert_eq!(restored.data(), &before);
-    // Under another prefix it is a second copy.
+    // Under another prefix it is a second copy; an agent that had ended for good (a finished
+    // transient) stays ended, and does not run again.
+    assert_eq!(doc.agents[1].status, Some(AgentStatus::Pending));
+    let mut ended = again.clone();
+    ended.document.agents[1].status = Some(AgentStatus::Stopped);
     let other = ImportSubtree {
         prefix: "y-".into(),
-        ..again
+        ..ended
     };
     run(&mut restored, 200, None, RegistryCmd::ImportSubtree(other)).unwrap();
-    assert_eq!(
-        children_names(&restored, "y-s"),
-        ["y-a1", "y-inner", "y-a2"]
-    );
+    let names = children_names(&restored, "y-s");
+    assert_eq!(names, ["y-a1", "y-inner", "y-a2"]);
+    assert_eq!(restored.agent("y-a2").unwrap().status, AgentStatus::Stopped);
+    assert_eq!(restored.agent("y-a1").unwrap().status, AgentStatus::Pending);
 }
 
 /// Goal: an import that is refused, abandoned or broken off changes nothing but its stage,
@@ -2019,21 +2024,51 @@ fn a_failed_or_abandoned_import_changes_nothing() {
     looped.supervisors[1].parent = Some("inner".into());
     let mut clash = doc.clone();
     clash.agents[1].name = Some("a1".into());
-    for (document, code) in [
-        (newer.clone(), ErrorCode::BadRequest),
-        (unknown_kind, ErrorCode::BadRequest),
-        (looped, ErrorCode::BadRequest),
-        (clash, ErrorCode::BadRequest),
+    let mut id_like = doc.clone();
+    id_like.agents[0].name = Some("0123456789abcdef".into());
+    for (document, prefix, code) in [
+        (newer.clone(), "c-", ErrorCode::BadRequest),
+        (unknown_kind, "c-", ErrorCode::BadRequest),
+        (looped, "c-", ErrorCode::BadRequest),
+        (clash, "c-", ErrorCode::BadRequest),
+        // Prefix and name together read as a UUID.
+        (id_like, "0123456789abcdef", ErrorCode::BadRequest),
     ] {
         let cmd = RegistryCmd::ImportSubtree(ImportSubtree {
             parent: None,
-            prefix: "c-".into(),
+            prefix: prefix.into(),
             document,
             request_id: None,
         });
         check_code(run(&mut dst, 1003, None, cmd), code);
         assert_eq!(dst.data(), &data);
     }
+    // Under a colocated parent, whose node does not run a kind of the document.
+    let mut host = create("host", None);
+    if let RegistryCmd::CreateSupervisor(c) = &mut host {
+        c.placement = SupervisorPlacement::Colocate;
+    }
+    run(&mut dst, 1003, None, host).unwrap();
+    let mut with_echo = dst.clone();
+    let mut echo_node = join(9, "z9");
+    if let RegistryCmd::RegisterNode { kinds, .. } = &mut echo_node {
+        *kinds = vec!["echo".into()];
+    }
+    run(&mut with_echo, 1003, None, echo_node).unwrap();
+    let before = with_echo.data().clone();
+    let mut echo = doc.clone();
+    echo.agents[0].kind = "echo".into();
+    let cmd = RegistryCmd::ImportSubtree(ImportSubtree {
+        parent: Some("host".into()),
+        prefix: "h-".into(),
+        document: echo,
+        request_id: None,
+    });
+    check_code(run(&mut with_echo, 1003, None, cmd), ErrorCode::Capacity);
+    assert_eq!(with_echo.data(), &before);
+    let mut bad_seq = doc.agents[0].clone();
+    bad_seq.checkpoint.as_mut().unwrap().seq = u64::MAX;
+    assert!(bad_seq.validate().is_err());
     let err = newer.header().check().unwrap_err();
     assert!(err.message.contains("version 2"), "{}", err.message);
     // At most MAX_STAGED_IMPORTS at once.

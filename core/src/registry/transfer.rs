@@ -91,6 +91,9 @@ pub struct SubtreeAgent {
     pub position: Option<u64>,
     #[serde(default)]
     pub checkpoint: Option<SubtreeCheckpoint>,
+    /// Its status where it was exported: an agent `stopped` for good is imported stopped.
+    #[serde(default)]
+    pub status: Option<AgentStatus>,
 }
 
 fn default_shutdown_ms() -> u64 {
@@ -166,6 +169,11 @@ impl SubtreeDocument {
 }
 
 impl SubtreeSupervisor {
+    /// What it weighs in a staged import.
+    fn weight(&self) -> u64 {
+        (super::outcome::json_len(self) + limits::IMPORT_ITEM_OVERHEAD_BYTES) as u64
+    }
+
     /// Checks everything that does not depend on the registry's state.
     pub fn validate(&self) -> Result<(), WireError> {
         if let Some(p) = &self.parent {
@@ -211,6 +219,13 @@ impl SubtreeAgent {
         self.spawn(self.supervisor.clone(), self.name.clone())
             .validate()?;
         if let Some(c) = &self.checkpoint {
+            if c.seq == u64::MAX {
+                return Err(WireError::bad_request(format!(
+                    "agent {}: checkpoint seq must be below {}",
+                    self.label(),
+                    u64::MAX
+                )));
+            }
             if c.state.len() > limits::MAX_CHECKPOINT_BYTES {
                 return Err(WireError::new(
                     crate::error::ErrorCode::TooLarge,
@@ -238,9 +253,16 @@ impl SubtreeAgent {
     /// What it weighs in a staged import: its checkpoint and config bytes and a fixed share
     /// for the rest. Every replica counts the same.
     fn weight(&self) -> u64 {
-        let config = super::outcome::json_len(&self.config);
+        use super::outcome::json_len;
+        let text = [&self.kind, &self.supervisor]
+            .into_iter()
+            .chain(&self.name)
+            .map(String::len)
+            .sum::<usize>();
+        let labels = json_len(&self.tags) + json_len(&self.capabilities);
         let state = self.checkpoint.as_ref().map_or(0, |c| c.state.len());
-        (config + state + limits::IMPORT_ITEM_OVERHEAD_BYTES) as u64
+        let sum = json_len(&self.config) + json_len(&self.placement) + labels + text + state;
+        (sum + limits::IMPORT_ITEM_OVERHEAD_BYTES) as u64
     }
 }
 
@@ -271,6 +293,9 @@ pub struct ImportPage {
     pub supervisors: Vec<SubtreeSupervisor>,
     #[serde(default)]
     pub agents: Vec<SubtreeAgent>,
+    /// Accepted as on every write, and not needed: a page is staged once by its number.
+    #[serde(default, skip_serializing)]
+    pub request_id: Option<String>,
 }
 
 /// `import_subtree {document, parent?, prefix?}`: a whole document in one request.
@@ -380,6 +405,10 @@ pub enum ImportProblem {
         agent: String,
         supervisor: String,
     },
+    /// A prefixed agent name reads as an id.
+    NameIsId {
+        name: String,
+    },
     /// A prefixed name is too long.
     NameTooLong {
         name: String,
@@ -435,6 +464,10 @@ impl std::fmt::Display for ImportProblem {
                 f,
                 "agent {agent}: its supervisor {supervisor:?} is not in the document"
             ),
+            NameIsId { name } => write!(
+                f,
+                "with the prefix, agent name {name:?} reads as an id; use another prefix"
+            ),
             NameTooLong { name } => write!(
                 f,
                 "with the prefix, {name:?} is longer than {} bytes",
@@ -489,8 +522,12 @@ pub(super) struct ImportWork {
     positions: Vec<u64>,
     /// Items created so far (supervisors in `order`, then agents).
     next: usize,
-    /// The top supervisors of colocated units: placed as one once every supervisor is in.
-    units: Vec<String>,
+    /// The supervisors (by index) that head a colocated unit: placed as one once every
+    /// supervisor is in.
+    units: BTreeSet<usize>,
+    /// Each supervisor's imported agents per node (by the document's name), for spread
+    /// placement without counting siblings again for each agent.
+    siblings: BTreeMap<String, BTreeMap<u64, usize>>,
     top: String,
 }
 
@@ -594,7 +631,10 @@ impl Registry {
             return Err(too_many_items());
         }
         let weight: u64 = p.agents.iter().map(SubtreeAgent::weight).sum::<u64>()
-            + (p.supervisors.len() * limits::IMPORT_ITEM_OVERHEAD_BYTES) as u64;
+            + p.supervisors
+                .iter()
+                .map(SubtreeSupervisor::weight)
+                .sum::<u64>();
         // `others` counts this import's bytes too.
         let total = others + weight;
         if total > limits::MAX_IMPORT_BYTES as u64 {
@@ -670,7 +710,11 @@ impl Registry {
             root: d.root.clone(),
             touched: time,
             pages: 1,
-            bytes: d.agents.iter().map(SubtreeAgent::weight).sum(),
+            bytes: d.agents.iter().map(SubtreeAgent::weight).sum::<u64>()
+                + d.supervisors
+                    .iter()
+                    .map(SubtreeSupervisor::weight)
+                    .sum::<u64>(),
             supervisors: d.supervisors.iter().cloned().map(Arc::new).collect(),
             agents: d.agents.iter().cloned().map(Arc::new).collect(),
         };
@@ -775,6 +819,9 @@ impl Registry {
                 if n.len() > limits::MAX_NAME_LEN {
                     return invalid(ImportProblem::NameTooLong { name: n });
                 }
+                if Uuid::parse_str(&n).is_ok() {
+                    return invalid(ImportProblem::NameIsId { name: n });
+                }
                 if self.agent_names.contains_key(&n) {
                     return Err(Refused::AgentExists { name: n });
                 }
@@ -795,6 +842,20 @@ impl Registry {
             return Err(Refused::TooManyAgents {
                 max: limits::MAX_AGENTS as u64,
             });
+        }
+        // Under a colocated parent the subtree runs on the parent's node: it must run them all.
+        if let Some(host) = parent.node {
+            let fits = self
+                .data
+                .nodes
+                .get(&host)
+                .is_some_and(|n| kinds.iter().all(|k| n.kinds.iter().any(|x| x == k)));
+            if !fits {
+                return Err(Refused::HostUnavailable {
+                    supervisor: s.parent.clone(),
+                    node: host,
+                });
+            }
         }
         // As for a spawn (OTP's start_child): a kind no node that is up runs is refused.
         let candidates = self.candidates();
@@ -838,7 +899,8 @@ impl Registry {
             order,
             positions,
             next: 0,
-            units: Vec::new(),
+            units: BTreeSet::new(),
+            siblings: BTreeMap::new(),
         })
     }
 
@@ -880,7 +942,7 @@ impl Registry {
                 };
                 self.new_supervisor_at(time, item_id(w.id, i), &c, w.positions[i], events)?;
                 if unplaced_parent && sup.placement == SupervisorPlacement::Colocate {
-                    w.units.push(c.name);
+                    w.units.insert(i);
                 }
                 if k + 1 == n_sups {
                     self.place_import_units(w);
@@ -888,7 +950,9 @@ impl Registry {
             } else {
                 let j = k - n_sups;
                 let a = &s.agents[j];
-                self.import_agent(time, item_id(w.id, k), a, &named, w.positions[k], events);
+                let siblings = w.siblings.entry(a.supervisor.clone()).or_default();
+                let at = (item_id(w.id, k), w.positions[k]);
+                self.import_agent(time, at, a, &named, siblings, events);
             }
         }
         w.next = end;
@@ -900,41 +964,66 @@ impl Registry {
     }
 
     /// Places each colocated unit of an import on one node that runs all its kinds, as a
-    /// fail-over does; a unit no node can take waits, its agents pending. Units come parents
-    /// first, and one inside another placed unit goes with it.
+    /// fail-over does; a unit no node can take waits, its agents pending. A unit inside
+    /// another goes with it. One pass over the document's supervisors and one over its agents.
     fn place_import_units(&mut self, w: &ImportWork) {
+        if w.units.is_empty() {
+            return;
+        }
         let s = &w.staged;
-        let mut placed = BTreeSet::new();
-        for top in &w.units {
-            if placed.contains(top) {
-                continue;
+        let index: BTreeMap<&str, usize> = s
+            .supervisors
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.name.as_str(), i))
+            .collect();
+        // The unit each supervisor belongs to, parents first.
+        let mut unit_of: Vec<Option<usize>> = vec![None; s.supervisors.len()];
+        for &i in &w.order {
+            let sup = &s.supervisors[i];
+            let parent = (sup.name != s.root)
+                .then(|| sup.parent.as_deref().and_then(|p| index.get(p)))
+                .flatten();
+            let inherited = parent.and_then(|&p| unit_of[p]);
+            unit_of[i] = inherited.or(w.units.contains(&i).then_some(i));
+        }
+        let mut units: BTreeMap<usize, (BTreeSet<String>, usize)> = BTreeMap::new();
+        for a in &s.agents {
+            if let Some(u) = index.get(a.supervisor.as_str()).and_then(|&i| unit_of[i]) {
+                let (kinds, count) = units.entry(u).or_default();
+                kinds.insert(a.kind.clone());
+                *count += 1;
             }
-            let inside: BTreeSet<String> = self.subtree_supervisors(top).into_iter().collect();
-            placed.extend(inside.iter().cloned());
-            let mut kinds = BTreeSet::new();
-            let mut count = 0;
-            for a in &s.agents {
-                if inside.contains(&format!("{}{}", s.prefix, a.supervisor)) {
-                    kinds.insert(a.kind.clone());
-                    count += 1;
-                }
-            }
-            self.place_unit(top, &kinds, count, None);
+        }
+        for (u, (kinds, count)) in units {
+            let top = format!("{}{}", s.prefix, s.supervisors[u].name);
+            self.place_unit(&top, &kinds, count, None);
         }
     }
 
+    /// Creates agent `a` at `(id, position)`; `siblings` counts its supervisor's imported
+    /// agents per node (all of them: the supervisor is new).
     fn import_agent(
         &mut self,
         time: DateTime<Utc>,
-        id: Uuid,
+        (id, position): (Uuid, u64),
         a: &SubtreeAgent,
         named: &dyn Fn(&str) -> String,
-        position: u64,
+        siblings: &mut BTreeMap<u64, usize>,
         events: &mut Vec<RegistryEvent>,
     ) {
         let supervisor = named(&a.supervisor);
         let placement = a.placement.clone().unwrap_or_default();
-        let target = self.place_agent(&a.kind, &supervisor, &placement, None);
+        let target = self.place_agent_among(&a.kind, &supervisor, &placement, None, Some(siblings));
+        if let Ok(n) = target {
+            *siblings.entry(n).or_default() += 1;
+        }
+        // An agent that ended for good where it came from stays ended (as after a fail-over):
+        // a finished job does not run again.
+        let status = match a.status {
+            Some(AgentStatus::Stopped) => AgentStatus::Stopped,
+            _ => AgentStatus::Pending,
+        };
         let agent = Agent {
             id,
             name: a.name.as_deref().map(named),
@@ -946,7 +1035,7 @@ impl Registry {
             capabilities: StringSet::from(&a.capabilities),
             supervisor,
             position,
-            status: AgentStatus::Pending,
+            status,
             node: target.as_ref().ok().copied(),
             placement: placement.into(),
             migrating_to: None,
@@ -1088,27 +1177,25 @@ impl ExportCopy {
         let mut used = 0;
         let mut i = cursor;
         while i < self.len() {
-            let item = match self.supervisors.get(i) {
-                Some(s) => Err(subtree_supervisor(s)),
-                None => Ok(subtree_agent(&self.agents[i - self.supervisors.len()])),
-            };
-            let weight = match &item {
-                Err(_) => limits::IMPORT_ITEM_OVERHEAD_BYTES,
-                Ok(a) => {
-                    let state = a.checkpoint.as_ref().map_or(0, |c| c.state.len());
-                    super::outcome::json_len(&a.config)
-                        + state.div_ceil(3) * 4
-                        + limits::IMPORT_ITEM_OVERHEAD_BYTES
+            // A record always encodes.
+            let (item, is_sup) = match self.supervisors.get(i) {
+                Some(s) => (serde_json::to_value(subtree_supervisor(s)), true),
+                None => {
+                    let a = subtree_agent(&self.agents[i - self.supervisors.len()]);
+                    (serde_json::to_value(a), false)
                 }
             };
+            let item = item.unwrap_or_default();
+            // Measured as rendered, with room for the separator.
+            let weight = super::outcome::json_len(&item) + 1;
             if used > 0 && used + weight > budget {
                 break;
             }
             used += weight;
-            // A record always encodes.
-            match item {
-                Err(s) => sups.push(serde_json::to_value(s).unwrap_or_default()),
-                Ok(a) => agents.push(serde_json::to_value(a).unwrap_or_default()),
+            if is_sup {
+                sups.push(item);
+            } else {
+                agents.push(item);
             }
             i += 1;
         }
@@ -1143,6 +1230,7 @@ fn subtree_agent((a, c): &(Arc<Agent>, Option<Arc<Checkpoint>>)) -> SubtreeAgent
         placement: (placement != Placement::default()).then_some(placement),
         supervisor: a.supervisor.clone(),
         position: Some(a.position),
+        status: Some(a.status),
         checkpoint: c.as_ref().map(|c| SubtreeCheckpoint {
             seq: c.seq,
             time: c.time,

@@ -457,6 +457,8 @@ const _: () = assert!(FINISH_BATCH_BYTES + 64 * 1024 < MAX_REQUEST_BYTES);
 pub const MAX_TEMPLATES: usize = 1_000;
 pub const MAX_TEMPLATE_DESCRIPTION: usize = 1_024;
 pub const MAX_TEMPLATE_CONFIG_BYTES: usize = 16 * 1024;
+/// A supervisor template's document, as JSON: 1,000 of them hold at most 64 MiB on every node.
+pub const MAX_TEMPLATE_SUBTREE_BYTES: usize = 64 * 1024;
 
 /// Imports staged at once (`registry::transfer`), and what they weigh in all (checkpoints and
 /// configs, which every node holds in memory and in its snapshots until the commit): room for

@@ -18,6 +18,7 @@ use crate::registry::{
 
 pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 
+pub use crate::registry::SpawnSubtree;
 pub use cluster::{JoinRequest, LeaveRequest};
 pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
@@ -125,6 +126,8 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::WaitAgent) },
     Spec { name: "register_template", route: Route::Write, creates: true, role: Role::Operator,
            parse: |f| f.get().map(Command::RegisterTemplate) },
+    Spec { name: "spawn_subtree", route: Route::Write, creates: true, role: Role::Operator,
+           parse: |f| f.get().map(Command::SpawnSubtree) },
     Spec { name: "delete_template", route: Route::Write, creates: false, role: Role::Operator,
            parse: |f| f.get().map(Command::DeleteTemplate) },
     Spec { name: "get_template", route: Route::Read, creates: false, role: Role::Operator,
@@ -244,6 +247,7 @@ pub enum Command {
     ImportPage(Box<ImportPage>),
     ImportCommit(ImportCommit),
     ImportAbort(ImportAbort),
+    SpawnSubtree(SpawnSubtree),
 }
 
 /// Where a command is executed.
@@ -339,6 +343,7 @@ impl Command {
             Command::ImportPage(p) => p.validate(),
             Command::ImportCommit(c) => validate_request_id(&c.request_id),
             Command::ImportAbort(a) => validate_request_id(&a.request_id),
+            Command::SpawnSubtree(s) => s.validate(),
             Command::MigrateAgent(m) => m.validate(),
             Command::DrainNode(d) => d.validate(),
             Command::Rebalance(r) => r.validate(),

@@ -391,6 +391,10 @@ impl Node {
                 };
                 self.propose(cmd, c.request_id, size).await
             }
+            Command::SpawnSubtree(mut s) => {
+                let rid = s.request_id.take();
+                self.propose(RegistryCmd::SpawnSubtree(s), rid, size).await
+            }
             Command::ImportAbort(a) => {
                 let cmd = RegistryCmd::ImportAbort { import: a.import };
                 self.propose(cmd, a.request_id, size).await

@@ -276,6 +276,29 @@ async fn a_json_document_imports_in_one_request_and_bad_ones_change_nothing() {
     assert!(refused.to_string().contains("version 2"), "{refused}");
     assert_eq!(count(c).await, before);
 
+    // A supervisor template: the document registered once, instantiated twice by an operator's
+    // command (its initial states are the checkpoints it carries).
+    let register = json!({"name": "svc-template", "subtree": document, "request_id": "t1"});
+    c.call("register_template", &register).await.unwrap();
+    for p in ["t1-", "t2-"] {
+        let spawn = json!({"template": "svc-template", "prefix": p, "request_id": p});
+        let out = c.call("spawn_subtree", &spawn).await.unwrap();
+        assert_eq!(out["agents"], 3, "{out}");
+        let v = c
+            .call_agent(&format!("{p}c1"), &json!({"op": "get"}))
+            .await
+            .unwrap();
+        assert_eq!(v["value"], 11);
+    }
+    let listed = c
+        .call("find_templates", &json!({"kind": "counter"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["templates"][0]["subtree"]["supervisors"], 1,
+        "{listed}"
+    );
+
     // The leader pages from one copy: an agent stopped after the first page is still in the
     // document, with its checkpoint. Checkpoints of 200 KiB make one page per agent.
     let big = warden::base64::base64(&vec![7u8; 200 * 1024]);

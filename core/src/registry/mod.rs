@@ -188,6 +188,8 @@ pub enum RegistryCmd {
     },
     /// A whole document, imported in one command.
     ImportSubtree(ImportSubtree),
+    /// A supervisor template's subtree, instantiated.
+    SpawnSubtree(SpawnSubtree),
 }
 
 impl RegistryCmd {
@@ -221,6 +223,7 @@ impl RegistryCmd {
             RegistryCmd::ImportCommit { .. } => "import_commit",
             RegistryCmd::ImportAbort { .. } => "import_abort",
             RegistryCmd::ImportSubtree(_) => "import_subtree",
+            RegistryCmd::SpawnSubtree(_) => "spawn_subtree",
         }
     }
 }
@@ -626,7 +629,9 @@ impl Registry {
             RegistryCmd::ImportBegin(b) => self.import_begin(time, item.id, b),
             RegistryCmd::ImportPage(p) => self.import_page(time, p),
             RegistryCmd::ImportAbort { import } => self.import_abort(*import),
-            RegistryCmd::ImportCommit { .. } | RegistryCmd::ImportSubtree(_) => {
+            RegistryCmd::ImportCommit { .. }
+            | RegistryCmd::ImportSubtree(_)
+            | RegistryCmd::SpawnSubtree(_) => {
                 let work = match &item.cmd {
                     RegistryCmd::ImportCommit {
                         import,
@@ -634,6 +639,7 @@ impl Registry {
                         agents,
                     } => self.import_commit(item.id, *import, (*supervisors, *agents)),
                     RegistryCmd::ImportSubtree(i) => self.import_subtree(time, item.id, i),
+                    RegistryCmd::SpawnSubtree(s) => self.spawn_subtree(time, item.id, s),
                     _ => unreachable!("matched above"),
                 };
                 match work {

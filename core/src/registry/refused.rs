@@ -139,6 +139,11 @@ pub enum Refused {
     },
     /// The import's document cannot be imported as it is.
     ImportInvalid(super::ImportProblem),
+    /// A spawn of a supervisor template (`subtree`), or `spawn_subtree` of an agent template.
+    WrongTemplate {
+        name: String,
+        subtree: bool,
+    },
 }
 
 impl Refused {
@@ -175,7 +180,7 @@ impl Refused {
             | TargetUnavailable { .. }
             | TooManyTemplates { .. }
             | ImportsBusy { .. } => ErrorCode::Capacity,
-            TooDeep { .. } => ErrorCode::BadRequest,
+            TooDeep { .. } | WrongTemplate { .. } => ErrorCode::BadRequest,
             ImportInvalid(p) => match p {
                 super::ImportProblem::TooLarge { .. } => ErrorCode::TooLarge,
                 super::ImportProblem::TooManyItems { .. } => ErrorCode::Capacity,
@@ -241,6 +246,18 @@ impl fmt::Display for Refused {
                  wait for an abandoned one to expire"
             ),
             ImportInvalid(p) => write!(f, "{p}"),
+            WrongTemplate {
+                name,
+                subtree: true,
+            } => write!(
+                f,
+                "template {name:?} is a supervisor template (a subtree): start it with \
+                 spawn_subtree"
+            ),
+            WrongTemplate { name, .. } => write!(
+                f,
+                "template {name:?} is an agent template: start it with spawn_agent"
+            ),
             GroupConfigTooLarge { bytes, max } => write!(
                 f,
                 "the template's config times the group's count makes {bytes} bytes; a group's \

@@ -35,12 +35,32 @@ pub struct Template {
     pub created_at: DateTime<Utc>,
     /// Per-entity event sequence number.
     pub seq: u64,
+    /// A supervisor template: the subtree `spawn_subtree` instantiates (its `spec` is then
+    /// empty).
+    #[serde(default)]
+    pub subtree: Option<Box<super::SubtreeDocument>>,
 }
 
 impl Template {
     /// The template as `list_templates` and `find_templates` show it: without its config,
     /// which may hold secrets (`get_template`, an operator's command, shows it).
     pub fn summary(&self) -> Value {
+        if let Some(d) = &self.subtree {
+            return json!({
+                "name": self.name,
+                "description": self.description,
+                "subtree": {
+                    "root": d.root,
+                    "supervisors": d.supervisors.len(),
+                    "agents": d.agents.len(),
+                },
+                "kinds": self.kinds(),
+                "tags": self.labels(|a| &a.tags),
+                "capabilities": self.labels(|a| &a.capabilities),
+                "created_at": self.created_at,
+                "seq": self.seq,
+            });
+        }
         json!({
             "name": self.name,
             "description": self.description,
@@ -55,11 +75,34 @@ impl Template {
         })
     }
 
-    /// The whole template, config included.
+    /// The whole template, config (or document) included.
     pub fn full(&self) -> Value {
         let mut v = self.summary();
-        v["config"] = self.spec.config.clone();
+        match &self.subtree {
+            Some(d) => v["document"] = serde_json::to_value(d).unwrap_or_default(),
+            None => v["config"] = self.spec.config.clone(),
+        }
         v
+    }
+
+    /// The kinds it starts.
+    fn kinds(&self) -> BTreeSet<&str> {
+        match &self.subtree {
+            Some(d) => d.agents.iter().map(|a| a.kind.as_str()).collect(),
+            None => BTreeSet::from([self.spec.kind.as_str()]),
+        }
+    }
+
+    /// The tags or capabilities of the agents it starts.
+    fn labels(&self, of: impl Fn(&super::SubtreeAgent) -> &BTreeSet<String>) -> BTreeSet<&str> {
+        match &self.subtree {
+            Some(d) => d
+                .agents
+                .iter()
+                .flat_map(|a| of(a).iter().map(String::as_str))
+                .collect(),
+            None => BTreeSet::new(),
+        }
     }
 }
 
@@ -70,6 +113,8 @@ pub struct RegisterTemplate {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Required, unless `subtree` makes it a supervisor template.
+    #[serde(default)]
     pub kind: String,
     #[serde(default)]
     pub config: Value,
@@ -85,6 +130,10 @@ pub struct RegisterTemplate {
     pub placement: Option<Placement>,
     #[serde(default, skip_serializing)]
     pub request_id: Option<String>,
+    /// A supervisor template: a subtree document (seed 000's supervisor templates), which
+    /// `spawn_subtree` instantiates under a parent with a prefix; then no agent spec is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtree: Option<Box<super::SubtreeDocument>>,
 }
 
 fn default_shutdown_ms() -> u64 {
@@ -120,8 +169,36 @@ impl RegisterTemplate {
                 limits::MAX_TEMPLATE_DESCRIPTION
             )));
         }
+        if let Some(d) = &self.subtree {
+            let own_spec = !self.kind.is_empty()
+                || !self.config.is_null()
+                || !self.tags.is_empty()
+                || !self.capabilities.is_empty()
+                || self.placement.is_some();
+            if own_spec {
+                return Err(WireError::bad_request(
+                    "a supervisor template (subtree) gives no kind, config, tags, capabilities \
+                     or placement of its own: its agents do",
+                ));
+            }
+            super::validate_document(d)?;
+            let bytes = super::outcome::json_len(d);
+            if bytes > limits::MAX_TEMPLATE_SUBTREE_BYTES {
+                return Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "a supervisor template's document is {bytes} bytes as JSON; the limit \
+                         is {}",
+                        limits::MAX_TEMPLATE_SUBTREE_BYTES
+                    ),
+                ));
+            }
+            return validate_request_id(&self.request_id);
+        }
         if self.kind.is_empty() {
-            return Err(WireError::bad_request("kind is required"));
+            return Err(WireError::bad_request(
+                "kind is required (or subtree, for a supervisor template)",
+            ));
         }
         let bytes = crate::names::validate_config(&self.config)?;
         if bytes > limits::MAX_TEMPLATE_CONFIG_BYTES {
@@ -253,15 +330,25 @@ impl FindTemplates {
             .map(|(_, t)| t)
             .filter(|t| {
                 let s = &t.spec;
-                self.capability
-                    .as_ref()
-                    .is_none_or(|c| s.capabilities.contains(c))
-                    && self.tag.as_ref().is_none_or(|g| s.tags.contains(g))
-                    && self.kind.as_ref().is_none_or(|k| &s.kind == k)
+                let sub = t.subtree.is_some();
+                let cap = |c: &String| match sub {
+                    true => t.labels(|a| &a.capabilities).contains(c.as_str()),
+                    false => s.capabilities.contains(c),
+                };
+                let tag = |g: &String| match sub {
+                    true => t.labels(|a| &a.tags).contains(g.as_str()),
+                    false => s.tags.contains(g),
+                };
+                self.capability.as_ref().is_none_or(cap)
+                    && self.tag.as_ref().is_none_or(tag)
+                    && self
+                        .kind
+                        .as_ref()
+                        .is_none_or(|k| t.kinds().contains(k.as_str()))
                     && text.as_ref().is_none_or(|x| {
                         t.name.to_lowercase().contains(x)
                             || t.description.to_lowercase().contains(x)
-                            || s.kind.to_lowercase().contains(x)
+                            || t.kinds().iter().any(|k| k.to_lowercase().contains(x))
                     })
             });
         let (page, more) = take_page(matching, limit);
@@ -298,6 +385,7 @@ impl Registry {
             spec: r.spec(),
             created_at: time,
             seq: 1,
+            subtree: r.subtree.clone(),
         };
         events.push(template_event(&t, "registered", time, t.summary()));
         self.data
@@ -337,6 +425,12 @@ impl Registry {
         let Some(t) = self.template(name) else {
             return Err(Refused::NoTemplate { name: name.clone() });
         };
+        if t.subtree.is_some() {
+            return Err(Refused::WrongTemplate {
+                name: name.clone(),
+                subtree: true,
+            });
+        }
         let mut spec = t.spec.clone();
         spec.supervisor = s.supervisor.clone();
         spec.name = s.name.clone();

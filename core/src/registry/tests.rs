@@ -2182,3 +2182,57 @@ fn import_commands_read_back_from_a_log_entry() {
     let json = serde_json::to_vec(&proposal).unwrap();
     assert_eq!(serde_json::from_slice::<Proposal>(&json).unwrap(), proposal);
 }
+
+/// Goal (issue 18.4): a supervisor template is a subtree document kept in the registry, which
+/// `spawn_subtree` instantiates under a parent with a prefix, as often as asked; it is found
+/// by its agents' capabilities, survives a snapshot, and is not an agent template.
+#[test]
+fn a_supervisor_template_instantiates_under_a_prefix() {
+    let src = source_subtree();
+    let (mut doc, _) = export_document(&src, "s", usize::MAX);
+    for a in &mut doc.agents {
+        a.checkpoint = None;
+    }
+    doc.agents[0].capabilities = BTreeSet::from(["count".to_string()]);
+    let mut reg = three_nodes();
+    let register: RegisterTemplate = serde_json::from_value(json!({
+        "name": "team", "description": "a team of counters", "subtree": doc,
+    }))
+    .unwrap();
+    register.validate().unwrap();
+    run(&mut reg, 10, None, RegistryCmd::RegisterTemplate(register)).unwrap();
+    let spawn = |prefix: &str| {
+        RegistryCmd::SpawnSubtree(SpawnSubtree {
+            template: "team".into(),
+            parent: None,
+            prefix: prefix.into(),
+            request_id: None,
+        })
+    };
+    run(&mut reg, 100, None, spawn("one-")).unwrap();
+    let mut reg = Registry::from_data(through_snapshot(reg.data()));
+    run(&mut reg, 200, None, spawn("two-")).unwrap();
+    for p in ["one-", "two-"] {
+        let names = children_names(&reg, &format!("{p}s"));
+        assert_eq!(
+            names,
+            [format!("{p}a1"), format!("{p}inner"), format!("{p}a2")]
+        );
+    }
+    check_code(run(&mut reg, 300, None, spawn("one-")), ErrorCode::Conflict);
+    let found = FindTemplates {
+        capability: Some("count".into()),
+        ..Default::default()
+    }
+    .answer(&reg)
+    .unwrap();
+    assert_eq!(found["templates"][0]["name"], "team", "{found}");
+    assert_eq!(found["templates"][0]["subtree"]["agents"], 3);
+    let as_agent = RegistryCmd::SpawnAgent(SpawnAgent::of_template("team".into()));
+    check_code(run(&mut reg, 301, None, as_agent), ErrorCode::BadRequest);
+    let with_kind: RegisterTemplate = serde_json::from_value(json!({
+        "name": "mixed", "kind": "counter", "subtree": doc,
+    }))
+    .unwrap();
+    assert!(with_kind.validate().is_err());
+}

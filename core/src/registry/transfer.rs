@@ -311,6 +311,37 @@ pub struct ImportSubtree {
     pub request_id: Option<String>,
 }
 
+/// `spawn_subtree {template, parent?, prefix?}`: a supervisor template instantiated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnSubtree {
+    pub template: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default, skip_serializing)]
+    pub request_id: Option<String>,
+}
+
+impl SpawnSubtree {
+    pub fn validate(&self) -> Result<(), WireError> {
+        super::validate_name("template", &self.template)?;
+        if let Some(p) = &self.parent {
+            super::validate_name("parent", p)?;
+        }
+        validate_prefix(&self.prefix)?;
+        super::validate_request_id(&self.request_id)
+    }
+}
+
+/// Checks a subtree document's items, as an import or a supervisor template takes them.
+pub fn validate_document(d: &SubtreeDocument) -> Result<(), WireError> {
+    d.header().check()?;
+    d.supervisors.iter().try_for_each(|s| s.validate())?;
+    d.agents.iter().try_for_each(|a| a.validate())
+}
+
 /// Checks an import's prefix.
 pub fn validate_prefix(prefix: &str) -> Result<(), WireError> {
     if prefix.is_empty() {
@@ -349,12 +380,7 @@ impl ImportSubtree {
             super::validate_name("parent", p)?;
         }
         validate_prefix(&self.prefix)?;
-        self.document.header().check()?;
-        self.document
-            .supervisors
-            .iter()
-            .try_for_each(|s| s.validate())?;
-        self.document.agents.iter().try_for_each(|a| a.validate())?;
+        validate_document(&self.document)?;
         super::validate_request_id(&self.request_id)
     }
 }
@@ -696,8 +722,40 @@ impl Registry {
         id: Uuid,
         i: &ImportSubtree,
     ) -> Result<ImportWork, Refused> {
-        unreadable(&i.document.header())?;
-        let d = &i.document;
+        self.import_document(time, id, &i.document, i.parent.as_deref(), &i.prefix)
+    }
+
+    /// `spawn_subtree`: a supervisor template's document, instantiated under `parent` with
+    /// `prefix`, as `import_subtree` imports one.
+    pub(super) fn spawn_subtree(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        s: &SpawnSubtree,
+    ) -> Result<ImportWork, Refused> {
+        let Some(t) = self.data.templates.get(&s.template) else {
+            return Err(Refused::NoTemplate {
+                name: s.template.clone(),
+            });
+        };
+        let Some(doc) = t.subtree.clone() else {
+            return Err(Refused::WrongTemplate {
+                name: s.template.clone(),
+                subtree: false,
+            });
+        };
+        self.import_document(time, id, &doc, s.parent.as_deref(), &s.prefix)
+    }
+
+    fn import_document(
+        &mut self,
+        time: DateTime<Utc>,
+        id: Uuid,
+        d: &SubtreeDocument,
+        parent: Option<&str>,
+        prefix: &str,
+    ) -> Result<ImportWork, Refused> {
+        unreadable(&d.header())?;
         if d.supervisors.len() > limits::MAX_IMPORT_SUPERVISORS
             || d.agents.len() > limits::MAX_IMPORT_AGENTS
         {
@@ -705,8 +763,8 @@ impl Registry {
         }
         let staged = StagedImport {
             id,
-            parent: i.parent.clone().unwrap_or_else(|| super::ROOT.to_string()),
-            prefix: i.prefix.clone(),
+            parent: parent.unwrap_or(super::ROOT).to_string(),
+            prefix: prefix.to_string(),
             root: d.root.clone(),
             touched: time,
             pages: 1,

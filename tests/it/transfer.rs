@@ -44,6 +44,33 @@ async fn start_side(dir: &std::path::Path, nats: &NatsServer, name: &str, nodes:
     }
 }
 
+/// Runs `warden ctl --json` as cluster `cluster`'s admin and answers its reply.
+async fn ctl(nats: &NatsServer, dir: &std::path::Path, cluster: &str, args: &[&str]) -> Value {
+    let seed = warden::auth::seed_path(&dir.join(format!("auth-{cluster}")), "admin");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args([
+            "ctl",
+            "--json",
+            "--timeout-ms",
+            "60000",
+            "--nats",
+            &nats.url,
+        ])
+        .args(["--cluster", cluster, "--auth"])
+        .arg(&seed)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "warden ctl {args:?}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
 /// Each agent's counter value, by name, read through `call`.
 async fn values(c: &Client, names: &[String]) -> Vec<Value> {
     let mut out = Vec::new();
@@ -156,7 +183,18 @@ async fn a_subtree_of_a_thousand_agents_moves_to_another_cluster() {
     );
 
     // The whole document, under another prefix (the abandoned stage holds no names).
-    let out = b.import_subtree(&doc, None, "moved-").await.unwrap();
+    // Through `warden ctl`: exported from alpha into a file, imported from it into beta.
+    let file = dir.path().join("team.json");
+    let file = file.to_string_lossy().into_owned();
+    let export = ctl(&nats, dir.path(), "alpha", &["export", "team", &file]).await;
+    assert_eq!(export["agents"], AGENTS, "{export}");
+    let out = ctl(
+        &nats,
+        dir.path(),
+        "beta",
+        &["import", &file, "prefix=moved-"],
+    )
+    .await;
     assert_eq!(out["supervisor"], "moved-team");
     assert_eq!(out["agents"], AGENTS);
     let tree = b

@@ -156,7 +156,7 @@ pub struct RememberedCall {
     pub result: Result<Value, WireError>,
 }
 
-fn default_shutdown_ms() -> u64 {
+pub(super) fn default_shutdown_ms() -> u64 {
     5_000
 }
 
@@ -219,6 +219,15 @@ impl SpawnAgent {
     /// A spawn of template `name` as it is.
     pub fn of_template(name: String) -> SpawnAgent {
         SpawnAgent {
+            template: Some(name),
+            ..SpawnAgent::empty()
+        }
+    }
+
+    /// A spawn with every field at its default (no kind): what a spec built field by field
+    /// starts from.
+    pub fn empty() -> SpawnAgent {
+        SpawnAgent {
             supervisor: None,
             name: None,
             kind: String::new(),
@@ -231,9 +240,18 @@ impl SpawnAgent {
             request_id: None,
             wait: SpawnWait::Placed,
             timeout_ms: None,
-            template: Some(name),
+            template: None,
             overrides: None,
         }
+    }
+
+    /// Whether it gives an agent spec of its own (a kind, config, labels or placement).
+    pub fn has_own_spec(&self) -> bool {
+        !self.kind.is_empty()
+            || !self.config.is_null()
+            || !self.tags.is_empty()
+            || !self.capabilities.is_empty()
+            || self.placement.is_some()
     }
 
     /// Checks everything that does not depend on the registry's state.
@@ -253,12 +271,7 @@ impl SpawnAgent {
         match &self.template {
             Some(t) => {
                 validate_name("template", t)?;
-                let own_spec = !self.kind.is_empty()
-                    || !self.config.is_null()
-                    || !self.tags.is_empty()
-                    || !self.capabilities.is_empty()
-                    || self.placement.is_some();
-                if own_spec {
+                if self.has_own_spec() {
                     return Err(WireError::new(
                         ErrorCode::BadRequest,
                         "with a template, give kind, config, tags, capabilities and placement \

@@ -120,7 +120,7 @@ pub struct RegisterTemplate {
     pub config: Value,
     #[serde(default)]
     pub restart: RestartType,
-    #[serde(default = "default_shutdown_ms")]
+    #[serde(default = "super::agents::default_shutdown_ms")]
     pub shutdown_ms: u64,
     #[serde(default)]
     pub tags: BTreeSet<String>,
@@ -136,16 +136,10 @@ pub struct RegisterTemplate {
     pub subtree: Option<Box<super::SubtreeDocument>>,
 }
 
-fn default_shutdown_ms() -> u64 {
-    5_000
-}
-
 impl RegisterTemplate {
     /// The spec the template holds.
     pub fn spec(&self) -> SpawnAgent {
         SpawnAgent {
-            supervisor: None,
-            name: None,
             kind: self.kind.clone(),
             config: self.config.clone(),
             restart: self.restart,
@@ -153,11 +147,7 @@ impl RegisterTemplate {
             tags: self.tags.clone(),
             capabilities: self.capabilities.clone(),
             placement: self.placement.clone(),
-            request_id: None,
-            wait: Default::default(),
-            timeout_ms: None,
-            template: None,
-            overrides: None,
+            ..SpawnAgent::empty()
         }
     }
 
@@ -170,12 +160,7 @@ impl RegisterTemplate {
             )));
         }
         if let Some(d) = &self.subtree {
-            let own_spec = !self.kind.is_empty()
-                || !self.config.is_null()
-                || !self.tags.is_empty()
-                || !self.capabilities.is_empty()
-                || self.placement.is_some();
-            if own_spec {
+            if self.spec().has_own_spec() {
                 return Err(WireError::bad_request(
                     "a supervisor template (subtree) gives no kind, config, tags, capabilities \
                      or placement of its own: its agents do",

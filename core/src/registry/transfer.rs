@@ -77,7 +77,7 @@ pub struct SubtreeAgent {
     pub config: Value,
     #[serde(default)]
     pub restart: RestartType,
-    #[serde(default = "default_shutdown_ms")]
+    #[serde(default = "super::agents::default_shutdown_ms")]
     pub shutdown_ms: u64,
     #[serde(default)]
     pub tags: BTreeSet<String>,
@@ -94,10 +94,6 @@ pub struct SubtreeAgent {
     /// Its status where it was exported: an agent `stopped` for good is imported stopped.
     #[serde(default)]
     pub status: Option<AgentStatus>,
-}
-
-fn default_shutdown_ms() -> u64 {
-    5_000
 }
 
 /// An agent's latest checkpoint in a subtree document.
@@ -206,11 +202,7 @@ impl SubtreeAgent {
             tags: self.tags.clone(),
             capabilities: self.capabilities.clone(),
             placement: self.placement.clone(),
-            request_id: None,
-            wait: Default::default(),
-            timeout_ms: None,
-            template: None,
-            overrides: None,
+            ..SpawnAgent::empty()
         }
     }
 

@@ -370,8 +370,10 @@ fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>,
     }
 }
 
-/// Times `import_subtree` asks again for a commit whose outcome it does not know.
+/// Times `import_subtree` asks again for a commit whose outcome it does not know, and sends a
+/// page again that got no answer.
 const COMMIT_TRIES: usize = 30;
+const PAGE_TRIES: usize = 5;
 
 impl Client {
     /// The document of supervisor `name`'s subtree (`export_subtree`), every page of one export
@@ -454,11 +456,27 @@ impl Client {
         // it is asked again with the same request_id (answered as it was decided), a bounded
         // number of times, and never aborted.
         let mut tries = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             match self.call("import_commit", &commit).await {
                 Err(CallError::NoAnswer(why)) if tries < COMMIT_TRIES => {
                     tries += 1;
                     tracing::debug!("import_commit: no answer yet ({why}); asking again");
+                    backoff.wait().await;
+                }
+                // Asked again after an unknown outcome and the stage is gone: committed (its
+                // request_id forgotten since) or dropped; the tree says which.
+                Err(CallError::Reply(e)) if tries > 0 && e.code == ErrorCode::NotFound => {
+                    let top = format!("{prefix}{}", doc.root);
+                    let tree = json!({ "name": top });
+                    return match self.call("get_supervision_tree", &tree).await {
+                        Ok(_) => Ok(json!({
+                            "supervisor": top,
+                            "supervisors": doc.supervisors.len(),
+                            "agents": doc.agents.len(),
+                        })),
+                        Err(_) => Err(CallError::Reply(e)),
+                    };
                 }
                 Err(CallError::Reply(e)) if e.code != ErrorCode::Timeout => {
                     let _ = self
@@ -466,6 +484,18 @@ impl Client {
                         .await;
                     return Err(CallError::Reply(e));
                 }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends one page of a staged import, again after no answer (a page is staged once by
+    /// its number), a bounded number of times.
+    async fn send_page(&self, page: &ImportPage) -> Result<Value, CallError> {
+        let mut tries = 0;
+        loop {
+            match self.call_msgpack("import_page", page, true).await {
+                Err(CallError::NoAnswer(_)) if tries < PAGE_TRIES => tries += 1,
                 other => return other,
             }
         }
@@ -500,7 +530,7 @@ impl Client {
                 _ => 0,
             };
             if used > 0 && used + weight > crate::limits::IMPORT_PAGE_BYTES {
-                self.call_msgpack("import_page", &page, true).await?;
+                self.send_page(&page).await?;
                 page.page += 1;
                 page.supervisors.clear();
                 page.agents.clear();
@@ -511,7 +541,7 @@ impl Client {
             page.agents.extend(agent.cloned());
         }
         if used > 0 {
-            self.call_msgpack("import_page", &page, true).await?;
+            self.send_page(&page).await?;
         }
         Ok(())
     }

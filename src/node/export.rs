@@ -66,6 +66,18 @@ impl Exports {
         {
             let mut sessions = self.lock();
             sessions.retain(|_, s| s.live());
+            if let Some(held) = sessions.get(&id) {
+                // A retry whose first attempt took its copy meanwhile: that copy is the export,
+                // so every page comes from one moment.
+                if held.copy.root != session.copy.root {
+                    return Err(WireError::bad_request(format!(
+                        "export {id} is of supervisor {:?}; draw a new id for another",
+                        held.copy.root
+                    )));
+                }
+                drop(sessions);
+                return self.page(id, 0);
+            }
             if sessions.len() >= limits::EXPORT_SESSIONS {
                 // Finished ones go first.
                 sessions.retain(|_, s| !s.done);
@@ -96,8 +108,19 @@ impl Exports {
         self.lock().retain(|_, s| s.live());
     }
 
+    /// Page `cursor` of export `id` of supervisor `name`.
+    pub(super) fn page_of(&self, id: Uuid, name: &str, cursor: usize) -> Result<Value, WireError> {
+        let root = self.lock().get(&id).map(|s| s.copy.root.clone());
+        match root {
+            Some(root) if root != name => Err(WireError::bad_request(format!(
+                "export {id} is of supervisor {root:?}, not {name:?}"
+            ))),
+            _ => self.page(id, cursor),
+        }
+    }
+
     /// Page `cursor` of export `id`.
-    pub(super) fn page(&self, id: Uuid, cursor: usize) -> Result<Value, WireError> {
+    fn page(&self, id: Uuid, cursor: usize) -> Result<Value, WireError> {
         let (copy, document) = {
             let mut sessions = self.lock();
             let Some(s) = sessions.get_mut(&id).filter(|s| s.live()) else {

@@ -355,7 +355,7 @@ impl Node {
             Command::ExportSubtree(q) => match q.export {
                 // A client names the export it begins, so that a retry finds the first one.
                 Some(id) if q.cursor > 0 || self.exports.holds(id) => {
-                    self.exports.page(id, q.cursor)
+                    self.exports.page_of(id, &q.name, q.cursor)
                 }
                 _ => {
                     let mut copy = None;

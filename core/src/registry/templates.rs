@@ -36,8 +36,8 @@ pub struct Template {
     /// Per-entity event sequence number.
     pub seq: u64,
     /// A supervisor template: the subtree `spawn_subtree` instantiates (its `spec` is then
-    /// empty).
-    #[serde(default)]
+    /// empty). Left out when absent, so an agent template encodes (and weighs) as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subtree: Option<Box<super::SubtreeDocument>>,
 }
 
@@ -88,7 +88,12 @@ impl Template {
     /// The kinds it starts.
     fn kinds(&self) -> BTreeSet<&str> {
         match &self.subtree {
-            Some(d) => d.agents.iter().map(|a| a.kind.as_str()).collect(),
+            Some(d) => d
+                .agents
+                .iter()
+                .map(|a| a.kind.as_str())
+                .take(limits::MAX_LABELS)
+                .collect(),
             None => BTreeSet::from([self.spec.kind.as_str()]),
         }
     }
@@ -96,10 +101,13 @@ impl Template {
     /// The tags or capabilities of the agents it starts.
     fn labels(&self, of: impl Fn(&super::SubtreeAgent) -> &BTreeSet<String>) -> BTreeSet<&str> {
         match &self.subtree {
+            // At most as many as an agent carries, so a listing's page stays as large as for
+            // agent templates.
             Some(d) => d
                 .agents
                 .iter()
                 .flat_map(|a| of(a).iter().map(String::as_str))
+                .take(limits::MAX_LABELS)
                 .collect(),
             None => BTreeSet::new(),
         }
@@ -167,6 +175,16 @@ impl RegisterTemplate {
                 ));
             }
             super::validate_document(d)?;
+            // Operators register templates; putting state into agents is an admin's import.
+            if d.agents
+                .iter()
+                .any(|a| a.checkpoint.is_some() || a.status.is_some())
+            {
+                return Err(WireError::bad_request(
+                    "a supervisor template's agents carry no checkpoint or status: it starts \
+                     them afresh (import_subtree, an admin's command, restores state)",
+                ));
+            }
             let bytes = super::outcome::json_len(d);
             if bytes > limits::MAX_TEMPLATE_SUBTREE_BYTES {
                 return Err(WireError::new(
@@ -315,25 +333,35 @@ impl FindTemplates {
             .map(|(_, t)| t)
             .filter(|t| {
                 let s = &t.spec;
-                let sub = t.subtree.is_some();
-                let cap = |c: &String| match sub {
-                    true => t.labels(|a| &a.capabilities).contains(c.as_str()),
-                    false => s.capabilities.contains(c),
+                // A supervisor template matches by its agents: one pass each, no sets built.
+                let agents = t.subtree.as_deref().map(|d| d.agents.as_slice());
+                let any = |f: &dyn Fn(&super::SubtreeAgent) -> bool| match agents {
+                    Some(list) => list.iter().any(f),
+                    None => false,
                 };
-                let tag = |g: &String| match sub {
-                    true => t.labels(|a| &a.tags).contains(g.as_str()),
-                    false => s.tags.contains(g),
+                let cap = |c: &String| match agents {
+                    Some(_) => any(&|a| a.capabilities.contains(c)),
+                    None => s.capabilities.contains(c),
+                };
+                let tag = |g: &String| match agents {
+                    Some(_) => any(&|a| a.tags.contains(g)),
+                    None => s.tags.contains(g),
+                };
+                let kind = |k: &str| match agents {
+                    Some(_) => any(&|a| a.kind == k),
+                    None => s.kind == k,
+                };
+                let kind_text = |x: &str| match agents {
+                    Some(_) => any(&|a| a.kind.to_lowercase().contains(x)),
+                    None => s.kind.to_lowercase().contains(x),
                 };
                 self.capability.as_ref().is_none_or(cap)
                     && self.tag.as_ref().is_none_or(tag)
-                    && self
-                        .kind
-                        .as_ref()
-                        .is_none_or(|k| t.kinds().contains(k.as_str()))
+                    && self.kind.as_deref().is_none_or(kind)
                     && text.as_ref().is_none_or(|x| {
                         t.name.to_lowercase().contains(x)
                             || t.description.to_lowercase().contains(x)
-                            || t.kinds().iter().any(|k| k.to_lowercase().contains(x))
+                            || kind_text(x)
                     })
             });
         let (page, more) = take_page(matching, limit);

@@ -2190,8 +2190,14 @@ fn import_commands_read_back_from_a_log_entry() {
 fn a_supervisor_template_instantiates_under_a_prefix() {
     let src = source_subtree();
     let (mut doc, _) = export_document(&src, "s", usize::MAX);
+    let register = |doc: &SubtreeDocument| {
+        serde_json::from_value::<RegisterTemplate>(json!({"name": "team", "subtree": doc})).unwrap()
+    };
+    // Exported agents carry state; a template (an operator's) may not.
+    assert!(register(&doc).validate().is_err());
     for a in &mut doc.agents {
         a.checkpoint = None;
+        a.status = None;
     }
     doc.agents[0].capabilities = BTreeSet::from(["count".to_string()]);
     let mut reg = three_nodes();

@@ -324,9 +324,9 @@ mod tests {
         assert_eq!(s.cmd("health"), "warden.prod.cmd.health");
         assert_eq!(
             s.raft(1, 3, "vote"),
-            "warden.prod.internal.1.3.raft.v6.vote"
+            "warden.prod.internal.1.3.raft.v7.vote"
         );
-        assert_eq!(s.raft_to(3), "warden.prod.internal.*.3.raft.v6.*");
+        assert_eq!(s.raft_to(3), "warden.prod.internal.*.3.raft.v7.*");
         assert_eq!(s.forward(2, 1), "warden.prod.internal.2.1.fwd");
         let own = s.own(2, 1, "heartbeat");
         let parsed = s.parse_internal(&own).unwrap();

@@ -59,7 +59,10 @@ use crate::limits;
 /// 6: an agent record says whether it ever ran (`Agent::started`), a report may be of a failed
 /// first start, and snapshots keep the last failed first starts (`start_failures`); a
 /// version-5 snapshot reads, its agents counting as having run.
-pub const REGISTRY_VERSION: u32 = 6;
+/// 7: the log may hold the subtree import commands and `spawn_subtree`, and snapshots the
+/// staged imports (`imports`) and supervisor templates (`Template::subtree`), none of which
+/// a version-6 node reads; a version-6 snapshot reads as it is.
+pub const REGISTRY_VERSION: u32 = 7;
 
 /// One Raft log entry: a batch of commands stamped by the leader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

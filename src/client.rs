@@ -422,8 +422,9 @@ impl Client {
 
     /// Imports `doc` under `parent` (default `root`) with `prefix` on every name: staged page
     /// by page (`import_begin`, `import_page`, `import_commit`), so a document of any size
-    /// up to the import limits goes; on any failure the import is aborted and the cluster is
-    /// as it was. Answers the commit's reply.
+    /// up to the import limits goes. A refused page or commit aborts the import (the cluster
+    /// is as it was); a commit whose answer was lost is asked again, never aborted. Answers
+    /// the commit's reply.
     pub async fn import_subtree(
         &self,
         doc: &SubtreeDocument,

@@ -632,29 +632,24 @@ impl Registry {
             RegistryCmd::ImportBegin(b) => self.import_begin(time, item.id, b),
             RegistryCmd::ImportPage(p) => self.import_page(time, p),
             RegistryCmd::ImportAbort { import } => self.import_abort(*import),
-            RegistryCmd::ImportCommit { .. }
-            | RegistryCmd::ImportSubtree(_)
-            | RegistryCmd::SpawnSubtree(_) => {
-                let work = match &item.cmd {
-                    RegistryCmd::ImportCommit {
-                        import,
-                        supervisors,
-                        agents,
-                    } => self.import_commit(item.id, *import, (*supervisors, *agents)),
-                    RegistryCmd::ImportSubtree(i) => self.import_subtree(time, item.id, i),
-                    RegistryCmd::SpawnSubtree(s) => self.spawn_subtree(time, item.id, s),
-                    _ => unreachable!("matched above"),
-                };
-                match work {
-                    Ok(work) => {
-                        let rest = Unfinished {
-                            work: Work::Import(Box::new(work)),
-                            request: request_of(item, fingerprint),
-                        };
-                        return self.resume(time, rest, events);
-                    }
-                    Err(refused) => Err(refused),
-                }
+            RegistryCmd::ImportCommit {
+                import,
+                supervisors,
+                agents,
+            } => {
+                let work = self.import_commit(item.id, *import, (*supervisors, *agents));
+                let request = request_of(item, fingerprint);
+                return self.then_import(time, work, request, events);
+            }
+            RegistryCmd::ImportSubtree(i) => {
+                let work = self.import_subtree(time, item.id, i);
+                let request = request_of(item, fingerprint);
+                return self.then_import(time, work, request, events);
+            }
+            RegistryCmd::SpawnSubtree(s) => {
+                let work = self.spawn_subtree(time, item.id, s);
+                let request = request_of(item, fingerprint);
+                return self.then_import(time, work, request, events);
             }
         };
         if matches!(item.cmd, RegistryCmd::StopAgent { .. }) {
@@ -683,6 +678,26 @@ impl Registry {
             }
             Ok((answer, None)) => Err(Ok(answer)),
             Err(refused) => Err(Err(refused)),
+        }
+    }
+
+    /// An import past its checks, begun (its first step); or its refusal, concluded.
+    fn then_import(
+        &mut self,
+        time: DateTime<Utc>,
+        work: Result<transfer::ImportWork, Refused>,
+        request: Option<Request>,
+        events: &mut Vec<RegistryEvent>,
+    ) -> Step {
+        match work {
+            Ok(work) => {
+                let rest = Unfinished {
+                    work: Work::Import(Box::new(work)),
+                    request,
+                };
+                self.resume(time, rest, events)
+            }
+            Err(refused) => self.conclude(time, request, Err(refused)),
         }
     }
 

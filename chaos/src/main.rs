@@ -2,10 +2,10 @@
 //! `nats-server`s with faults from one seeded schedule, then checks the guarantees G1-G7 (`chaos/README.md` lists them)
 //! on the recorded history. Exits non-zero on any violation. See `chaos/README.md`.
 
+mod availability;
 mod check;
 mod history;
 mod hostile;
-mod proxy;
 mod scenario;
 mod workload;
 mod world;
@@ -259,6 +259,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     while clients.join_next().await.is_some() {}
+    let safety_end_ms = history.now_ms();
 
     // Heal everything, then the liveness phase: the cluster must come back by itself.
     for (fault, _, rec) in active.drain(..) {
@@ -398,6 +399,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             f.healed_ms.map_or("-".into(), |h| format!("{h} ms"))
         );
     }
+    let (free_rate, during) = availability::report(&ops, &faults, safety_end_ms);
+    println!("chaos: availability: {free_rate:.1} ops/s answered ok with no fault in effect; during each fault:");
+    for d in &during {
+        println!(
+            "  {:>7} ms  {:<17} {:<10} {:>6} ms  {:>7.1} ok/s ({:.2}x), {:.1} answered/s",
+            d.start_ms, d.kind, d.target, d.ms, d.ok_per_sec, d.ratio, d.answered_per_sec
+        );
+    }
     println!("chaos: operations {counts}");
     println!("chaos: bad input answered {}", bad_input_answers(&ops));
     if !undrained.is_empty() {
@@ -430,6 +439,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let report = json!({
         "scenario": scenario.name, "seed": seed, "safety_s": scenario.safety_s,
         "faults": faults, "operations": counts, "verdicts": verdicts, "ok": ok,
+        "availability": {"fault_free_ok_per_sec": free_rate, "during": during},
         "start_wall_us": history.start_wall_us(), "kills": world.procs.kills, "pauses": world.procs.pauses,
         "drains_cancelled_after_healing": undrained,
     });

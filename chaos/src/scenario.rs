@@ -18,6 +18,10 @@ pub struct Scenario {
     /// NATS servers: 1, or 3 for a NATS cluster (node i talks to server (i-1) % 3).
     #[serde(default = "one")]
     pub nats_servers: u64,
+    /// nats-server's `ping_interval` (whole seconds), with `ping_max` 2: how soon a server
+    /// notices a silent route or client. nats-server's own default is two minutes.
+    #[serde(default)]
+    pub nats_ping_interval_s: Option<u64>,
     /// Length of the safety phase (faults and workload), in seconds.
     pub safety_s: u64,
     /// How long the cluster may take to recover after healing, in seconds.
@@ -89,7 +93,9 @@ pub struct Faults {
     /// How long a fault lasts before it is healed: a random value in [min, max] ms.
     pub duration_ms: [u64; 2],
     /// Relative weights of fault kinds: `kill`, `kill_leader`, `pause`, `pause_leader`,
-    /// `partition`, `partition_leader`, `nats_restart`, `rolling_restart`.
+    /// `partition`, `partition_leader`, `nats_restart`, `rolling_restart`, and with three NATS
+    /// servers `route_cut` (the route between two servers, both ways) and `route_cut_one_way`
+    /// (what one server sends the other is held).
     pub kinds: BTreeMap<String, u32>,
 }
 
@@ -113,6 +119,8 @@ pub const FAULT_KINDS: &[&str] = &[
     "partition_leader",
     "nats_restart",
     "rolling_restart",
+    "route_cut",
+    "route_cut_one_way",
 ];
 
 impl Scenario {

@@ -1,5 +1,6 @@
-//! The world a run happens in: NATS servers, one proxy per node, the node processes, and the
-//! faults injected into them. Everything is owned here and killed when the world drops.
+//! The world a run happens in: NATS servers (a mesh whose routes run through proxies), one
+//! proxy per node, the node processes, and the faults injected into them. Everything is owned
+//! here and killed when the world drops.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,11 +12,11 @@ use serde::Serialize;
 use serde_json::json;
 use warden::client::Client;
 use warden::config::FailureConfig;
-use warden::up::{signal, LocalCluster, NatsServer};
+use warden::netfault::{MeshConfig, NatsMesh, Proxy, RouteCut};
+use warden::up::{signal, LocalCluster};
 
 use crate::check::{Kill, Pause, ProcessFaults};
 use crate::history::wall_us;
-use crate::proxy::{free_port, Proxy};
 use crate::scenario::Scenario;
 
 /// A fault as injected, for the report.
@@ -37,21 +38,15 @@ pub enum Active {
     Paused(u64),
     Partitioned(u64),
     NatsDown(usize),
-}
-
-/// One NATS server of the run, restartable on the same ports.
-struct Nats {
-    server: Option<NatsServer>,
-    port: u16,
-    args: Vec<String>,
+    /// The route between two NATS servers is cut (both ways, or from the first to the second).
+    RouteCut(usize, usize),
 }
 
 pub struct World {
-    pub dir: PathBuf,
     /// The NATS URLs of every server, comma-separated, and the identities' directory.
     urls: String,
     auth: PathBuf,
-    nats: Vec<Nats>,
+    mesh: NatsMesh,
     pub proxies: BTreeMap<u64, Proxy>,
     pub cluster: LocalCluster,
     pub client: Client,
@@ -66,45 +61,29 @@ pub struct World {
 impl World {
     /// Starts NATS, proxies and nodes, and waits for the cluster.
     pub async fn start(s: &Scenario, dir: PathBuf, bin: PathBuf) -> anyhow::Result<World> {
-        let n = s.nats_servers as usize;
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
         // Identities on, as in production: every node and the harness's client connect with
         // their own nkey, limited to their roles.
         let auth = dir.join("auth");
         warden::auth::ensure(&auth, "chaos", s.nodes)?;
-        let mut nats = Vec::new();
-        for i in 0..n {
-            let mut args = warden::up::auth_args(&auth);
-            if n > 1 {
-                let all: Vec<String> = routes
-                    .iter()
-                    .map(|p| format!("nats://127.0.0.1:{p}"))
-                    .collect();
-                args.extend([
-                    "-n".into(),
-                    format!("n{i}"),
-                    "--cluster_name".into(),
-                    "chaos".into(),
-                    "--cluster".into(),
-                    format!("nats://127.0.0.1:{}", routes[i]),
-                    "--routes".into(),
-                    all.join(","),
-                ]);
-            }
-            let server = NatsServer::start_on(&dir, Some(ports[i]), &args).await?;
-            nats.push(Nats {
-                server: Some(server),
-                port: ports[i],
-                args,
-            });
-        }
+        let mesh = NatsMesh::start(
+            &dir,
+            &MeshConfig {
+                servers: s.nats_servers as usize,
+                name: "chaos".into(),
+                base_config: Some(auth.join(warden::auth::SERVER_FILE)),
+                ping_interval: s.nats_ping_interval_s.map(Duration::from_secs),
+            },
+        )
+        .await?;
+        mesh.wait_routes(Duration::from_secs(30)).await?;
+        let n = mesh.len();
         let mut proxies = BTreeMap::new();
         let mut cluster = LocalCluster::new(bin, dir.join("nodes"), String::new(), "chaos");
         cluster.auth = Some(auth.clone());
         for id in 1..=s.nodes {
             let server = ((id - 1) as usize) % n;
-            let proxy = Proxy::start(format!("127.0.0.1:{}", ports[server])).await?;
+            let upstream = mesh.url(server).trim_start_matches("nats://").to_string();
+            let proxy = Proxy::start(upstream).await?;
             cluster.node_nats.insert(id, proxy.url());
             proxies.insert(id, proxy);
         }
@@ -113,20 +92,15 @@ impl World {
         for id in 1..=s.nodes {
             cluster.start_node(id, id == 1).await?;
         }
-        let all: Vec<String> = ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect();
-        let urls = all.join(",");
+        let urls = mesh.urls();
         let client = warden::up::connect_as(&urls, "chaos", Some(&auth), "admin").await?;
         cluster
             .wait_ready(&client, s.nodes as usize, Duration::from_secs(60))
             .await?;
         Ok(World {
-            dir,
             urls,
             auth,
-            nats,
+            mesh,
             proxies,
             cluster,
             client,
@@ -192,7 +166,7 @@ impl World {
             .iter()
             .filter_map(|a| match a {
                 Active::Killed(n) | Active::Paused(n) | Active::Partitioned(n) => Some(*n),
-                Active::NatsDown(_) => None,
+                Active::NatsDown(_) | Active::RouteCut(..) => None,
             })
             .collect();
         let ids: Vec<u64> = self
@@ -209,14 +183,38 @@ impl World {
                 self.leader().await.filter(|l| !busy.contains(l))?
             }
             "nats_restart" => {
-                if active.iter().any(|a| matches!(a, Active::NatsDown(_))) {
+                // With a route cut, a third server down would leave the cut pair no route.
+                if active
+                    .iter()
+                    .any(|a| matches!(a, Active::NatsDown(_) | Active::RouteCut(..)))
+                {
                     return None;
                 }
-                let i = rng.gen_range(0..self.nats.len());
-                if let Some(mut s) = self.nats[i].server.take() {
-                    s.kill().await;
-                }
+                let i = rng.gen_range(0..self.mesh.len());
+                self.mesh.kill(i).await;
                 return Some((Some(Active::NatsDown(i)), format!("nats-{i}")));
+            }
+            "route_cut" | "route_cut_one_way" => {
+                // One route at a time, and no server down: either could leave a server with
+                // no route at all.
+                let n = self.mesh.len();
+                if n < 3
+                    || active
+                        .iter()
+                        .any(|a| matches!(a, Active::RouteCut(..) | Active::NatsDown(_)))
+                {
+                    return None;
+                }
+                let a = rng.gen_range(0..n);
+                let b = (a + rng.gen_range(1..n)) % n;
+                let how = if kind == "route_cut" {
+                    RouteCut::Both
+                } else {
+                    RouteCut::OneWay
+                };
+                self.mesh.cut(a, b, how);
+                let arrow = if how == RouteCut::Both { "<->" } else { "->" };
+                return Some((Some(Active::RouteCut(a, b)), format!("nats-{a}{arrow}{b}")));
             }
             "rolling_restart" => {
                 if !busy.is_empty() {
@@ -297,12 +295,11 @@ impl World {
                 }
             }
             Active::NatsDown(i) => {
-                let n = &mut self.nats[i];
-                match NatsServer::start_on(&self.dir, Some(n.port), &n.args).await {
-                    Ok(s) => n.server = Some(s),
-                    Err(e) => eprintln!("chaos: could not restart nats-{i}: {e}"),
+                if let Err(e) = self.mesh.restart(i).await {
+                    eprintln!("chaos: could not restart nats-{i}: {e}");
                 }
             }
+            Active::RouteCut(a, b) => self.mesh.heal(a, b),
         }
     }
 

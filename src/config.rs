@@ -305,6 +305,8 @@ impl RaftConfig {
             // bytes: openraft's own purge by entries would schedule purges that go backwards
             // from the node's, which openraft does not allow.
             max_in_snapshot_log_to_keep: u64::MAX,
+            // Elections follow a pre-vote (`raft::election`), which openraft 0.9 lacks.
+            enable_elect: false,
             ..Default::default()
         };
         Ok(cfg.validate()?)

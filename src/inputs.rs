@@ -30,6 +30,12 @@ pub enum RaftRpc {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    PreVote,
+}
+
+/// A peer's pre-vote (`raft::election`), as `raft::server` decodes it.
+pub fn pre_vote(body: &[u8]) -> Result<crate::raft::election::PreVote, DecodeError> {
+    crate::protocol::from_msgpack(body)
 }
 
 /// A peer's Raft RPC request, decoded as `raft::server` decodes it.
@@ -39,6 +45,7 @@ pub fn raft_rpc(rpc: RaftRpc, body: &[u8]) -> Result<(), DecodeError> {
         RaftRpc::AppendEntries => from_msgpack::<AppendEntriesRequest>(body).map(drop),
         RaftRpc::Vote => from_msgpack::<VoteRequest>(body).map(drop),
         RaftRpc::InstallSnapshot => from_msgpack::<SnapshotChunk>(body).map(drop),
+        RaftRpc::PreVote => pre_vote(body).map(drop),
     }
 }
 
@@ -171,6 +178,9 @@ mod seeds {
             vote,
             last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 5)),
         };
+        let pre_vote = crate::raft::election::PreVote {
+            last_log_id: vote_req.last_log_id,
+        };
         let mut reg = Registry::default();
         let EntryPayload::Normal(p) = entry(1).payload else {
             unreachable!()
@@ -207,6 +217,7 @@ mod seeds {
                     [vec![1], msgpack(&vote_req)].concat(),
                     [vec![2], msgpack(&chunk)].concat(),
                     [vec![2], msgpack(&install)].concat(),
+                    [vec![3], msgpack(&pre_vote)].concat(),
                 ],
             ),
             ("log_entry", vec![msgpack(&entry(7))]),
@@ -234,6 +245,7 @@ mod seeds {
                     RaftRpc::AppendEntries,
                     RaftRpc::Vote,
                     RaftRpc::InstallSnapshot,
+                    RaftRpc::PreVote,
                 ];
                 raft_rpc(rpc[usize::from(input[0])], &input[1..]).is_ok()
             }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -39,6 +39,8 @@ pub struct Peers {
     me: u64,
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, Waiting>>,
+    /// When each node this node asked last answered (one entry per peer asked).
+    answered: Mutex<HashMap<u64, Instant>>,
 }
 
 /// Removes a request from the waiting table however its caller ends.
@@ -70,6 +72,7 @@ impl Peers {
             // match a request of this one.
             next: AtomicU64::new(rand::random::<u64>() >> 1),
             waiting: Mutex::new(HashMap::new()),
+            answered: Mutex::new(HashMap::new()),
         });
         let router = peers.clone();
         let task = tokio::spawn(async move {
@@ -99,6 +102,12 @@ impl Peers {
         if me != self.me {
             return;
         }
+        if let Some(node) = from {
+            // Only node `from` may publish on its reply subjects: even a reply that comes too
+            // late for its request shows that `from` hears this node and answers.
+            let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+            answered.insert(node, Instant::now());
+        }
         let mut table = self.table();
         match table.get(&id) {
             Some(w) if w.from == from => {
@@ -109,6 +118,12 @@ impl Peers {
             // Late, or not from the node asked: not an answer to anything.
             _ => {}
         }
+    }
+
+    /// When node `id` last answered a request of this node, if it ever did.
+    pub fn answered(&self, id: u64) -> Option<Instant> {
+        let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        answered.get(&id).copied()
     }
 
     /// Sends this node's own request (Raft, its own writes, forward batches, joins) on

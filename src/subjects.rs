@@ -67,6 +67,7 @@ pub struct Internal<'a> {
 pub const RPC_APPEND: &str = "append";
 pub const RPC_VOTE: &str = "vote";
 pub const RPC_SNAPSHOT: &str = "snapshot";
+pub const RPC_PREVOTE: &str = "prevote";
 
 /// Subjects of one cluster: everything lives under `warden.<cluster>`.
 #[derive(Debug, Clone)]

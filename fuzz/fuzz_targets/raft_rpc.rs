@@ -6,10 +6,11 @@ use warden::inputs::RaftRpc;
 
 fuzz_target!(|data: &[u8]| {
     let [pick, body @ ..] = data else { return };
-    let rpc = match pick % 3 {
+    let rpc = match pick % 4 {
         0 => RaftRpc::AppendEntries,
         1 => RaftRpc::Vote,
-        _ => RaftRpc::InstallSnapshot,
+        2 => RaftRpc::InstallSnapshot,
+        _ => RaftRpc::PreVote,
     };
     let _ = warden::inputs::raft_rpc(rpc, body);
 });

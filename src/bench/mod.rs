@@ -17,6 +17,7 @@ mod agents;
 mod etcd;
 mod failover;
 mod lifecycle;
+pub mod route_cut;
 mod scale;
 
 use crate::bus::{self, NatsConfig};
@@ -84,6 +85,15 @@ pub struct BenchArgs {
     /// time `export_subtree` of it against `get_agent` of one, and stop it.
     #[arg(long, default_value_t = 0)]
     pub export: usize,
+    /// Route cut: on a cluster of its own (three nodes over three NATS servers whose routes run
+    /// through proxies), cut the route between the leader's server and a follower's for this
+    /// many seconds, and report the requests answered per second during the cut against
+    /// before it. Runs alone (the other figures are skipped).
+    #[arg(long, default_value_t = 0)]
+    pub route_cut_s: u64,
+    /// With --route-cut-s: hold only what the leader's server sends the follower's.
+    #[arg(long)]
+    pub one_way: bool,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -351,6 +361,9 @@ async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyho
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.route_cut_s > 0 {
+        return bench_route_cut(&args).await;
+    }
     let mut _local = None;
     let mut _nats_server = None;
     let mut seed = args.auth.clone();
@@ -690,6 +703,43 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         } else {
             let _ = std::fs::remove_dir_all(&cluster.dir); // a temp dir; leftovers are harmless
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--route-cut-s`: the partial-partition figure, on a cluster of its own.
+async fn bench_route_cut(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("warden-bench-cut-{}", std::process::id()));
+    let setup = route_cut::Setup {
+        bin: std::env::current_exe()?,
+        dir: dir.clone(),
+        cluster: args.cluster.clone(),
+        how: if args.one_way {
+            crate::netfault::RouteCut::OneWay
+        } else {
+            crate::netfault::RouteCut::Both
+        },
+        before: Duration::from_millis(args.duration_ms.max(1_000)),
+        during: Duration::from_secs(args.route_cut_s),
+        after: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(2),
+    };
+    eprintln!(
+        "route cut: 3 nodes over 3 NATS servers, {} ms before, {} s cut, 3 s after",
+        setup.before.as_millis(),
+        args.route_cut_s
+    );
+    let report = route_cut::run(&setup).await;
+    if args.keep {
+        eprintln!("data and logs kept in {dir:?}");
+    } else {
+        let _ = std::fs::remove_dir_all(&dir); // a temp dir; leftovers are harmless
+    }
+    let v = route_cut::summary(&report?);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        route_cut::print(&v);
     }
     Ok(ExitCode::SUCCESS)
 }

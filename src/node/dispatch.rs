@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::task::JoinSet;
 
 use super::forward::{remaining, ForwardBatch, ForwardReplies, Forwarded, Request};
@@ -67,54 +67,65 @@ pub async fn serve(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
-                if !may_answer(&node, &msg, feed) {
-                    tracing::debug!(subject = %msg.subject, "ignoring a request without a reply subject this node may answer on");
-                    continue;
-                }
-                // Nodes' traffic has its own permits: a flood of client commands must not
-                // starve heartbeats and hand-offs.
-                let permits = match feed {
-                    Feed::Commands => &node.inflight,
-                    _ => &node.inflight_internal,
-                };
-                match permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let node = node.clone();
-                        tasks.spawn(async move {
-                            match feed {
-                                Feed::Forwarded => handle_batch(&node, msg).await,
-                                _ => handle(&node, msg, feed).await,
-                            }
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => {
-                        // A forwarded batch gets no answer: its sender times out ("unknown").
-                        if !matches!(feed, Feed::Forwarded) {
-                            let err = WireError::new(
-                                ErrorCode::Unavailable,
-                                "the node is handling too many commands; retry with backoff",
-                            );
-                            let req = request_of(&msg, feed);
-                            let enc = Encoding::detect(req.content_type.as_deref(), &req.payload)
-                                .unwrap_or(Encoding::Json);
-                            send(&node, &msg, enc, encode(enc, Err(err))).await;
-                        }
-                    }
-                }
+                take(&node, &mut tasks, msg, feed).await;
             }
         }
+    }
+    // What NATS delivered before the unsubscribe is still handled (or refused), not dropped:
+    // the subscription's buffer is bounded, and nothing is added to it once it is closed.
+    let _ = sub.unsubscribe().await; // the connection may already be closing
+    while let Some(Some(msg)) = sub.next().now_or_never() {
+        take(&node, &mut tasks, msg, feed).await;
     }
     // Take no new commands, give those in flight a moment to finish (a forwarded `leave` of
     // this very node is answered after the node has learned it left), then abandon the rest:
     // their clients time out, which they must treat as "unknown", as after a crash.
-    let _ = sub.unsubscribe().await; // the connection may already be closing
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_millis(limits::DRAIN_GRACE_MS), drain)
         .await
         .is_err()
     {
         tasks.abort_all();
+    }
+}
+
+/// Hands one message of `feed` to a task of its own, or refuses it at once when the node has
+/// no room for it.
+async fn take(node: &Arc<Node>, tasks: &mut JoinSet<()>, msg: async_nats::Message, feed: Feed) {
+    if !may_answer(node, &msg, feed) {
+        tracing::debug!(subject = %msg.subject, "ignoring a request without a reply subject this node may answer on");
+        return;
+    }
+    // Nodes' traffic has its own permits: a flood of client commands must not starve
+    // heartbeats and hand-offs.
+    let permits = match feed {
+        Feed::Commands => &node.inflight,
+        _ => &node.inflight_internal,
+    };
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let node = node.clone();
+            tasks.spawn(async move {
+                match feed {
+                    Feed::Forwarded => handle_batch(&node, msg).await,
+                    _ => handle(&node, msg, feed).await,
+                }
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            // A forwarded batch gets no answer: its sender times out ("unknown").
+            if !matches!(feed, Feed::Forwarded) {
+                let err = WireError::new(
+                    ErrorCode::Unavailable,
+                    "the node is handling too many commands; retry with backoff",
+                );
+                let req = request_of(&msg, feed);
+                let enc = Encoding::detect(req.content_type.as_deref(), &req.payload)
+                    .unwrap_or(Encoding::Json);
+                send(node, &msg, enc, encode(enc, Err(err))).await;
+            }
+        }
     }
 }
 
@@ -416,6 +427,10 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
             Err(e) => Err(e),
         });
     }
+    if let Some(leader) = node.cut_off() {
+        // Forwarding would wait out the link that does not carry it: say so at once.
+        return Answer::Local(parse(req, enc).and(Err(cut_off_error(node, leader))));
+    }
     let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
     loop {
         if node.is_leader() {
@@ -427,13 +442,43 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
                 return Answer::Local(out);
             }
         }
-        match forward(node, req, deadline).await {
+        let forwarded = tokio::select! {
+            f = forward(node, req, deadline) => f,
+            leader = node.until_cut_off() => {
+                // Lost on the way: the leader may have taken it, or not.
+                let mut err = cut_off_error(node, leader);
+                // Only a read certainly changed nothing: a write or a membership change
+                // may have reached the leader.
+                if route_of(&req.command) != Some(Route::Read) {
+                    err.code = ErrorCode::Timeout;
+                    err.message.push_str(
+                        "; the command was on its way and may or may not have taken effect: \
+                         retry with the same request_id",
+                    );
+                }
+                return Answer::Local(Err(err));
+            }
+        };
+        match forwarded {
             Forward::Done(answer) => return answer,
             Forward::SelfIsLeader => continue,
             // Tell bad input apart from an unavailable cluster.
             Forward::Failed(err) => return Answer::Local(parse(req, enc).and(Err(err))),
         }
     }
+}
+
+/// Why a node cut off from its leader does not take a command.
+fn cut_off_error(node: &Node, leader: u64) -> WireError {
+    WireError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "node {} cannot reach the leader (node {leader} as it last knew) and holds no \
+             lease; nothing changed: retry, through another node's NATS server if this one \
+             stays cut off",
+            node.cfg.id
+        ),
+    )
 }
 
 /// A node's own command: answered here if this node leads and the command speaks only for its

@@ -45,6 +45,10 @@ pub struct Node {
     pub raft: Raft,
     pub state: SharedState,
     pub contacts: Arc<Contacts>,
+    /// When this node campaigns (`raft::election`), and what its pre-votes learned.
+    pub election: Arc<crate::raft::election::Election>,
+    /// Whether this node is cut off from its leader, and from which (`cut_off`).
+    cut: watch::Sender<Option<u64>>,
     proposer: proposer::Proposer,
     forwarder: forward::Forwarder,
     /// Requests to other nodes (`peers`).
@@ -155,6 +159,45 @@ impl Node {
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
+    }
+
+    /// The leader, when this node is cut off from it: it does not lead, its lease has run
+    /// out, a live leader exists (this node heard it, or a voter refused this node's pre-vote
+    /// because it still hears it), and that leader has answered none of this node's requests
+    /// (a heartbeat goes every `failure.heartbeat_interval_ms`) for `failure.lease_ms`. Such
+    /// a node answers commands at once instead of forwarding them into a link that does not
+    /// carry them, leaves the shared command queue, and leaves agents' calls to the node that
+    /// runs them now (ARCHITECTURE.md, "Partial partitions"). `None` while it is connected,
+    /// and while no leader is known to live (one is being elected: commands wait for it).
+    /// Kept up to date every heartbeat interval by `watch_cut_off`.
+    pub fn cut_off(&self) -> Option<u64> {
+        *self.cut.borrow()
+    }
+
+    fn find_cut_off(&self) -> Option<u64> {
+        let lease = Duration::from_millis(self.cfg.failure.lease_ms);
+        if self.is_leader() || self.lease.valid() || self.started.elapsed() < lease {
+            return None;
+        }
+        let window = self.election.evidence_window();
+        let leader = (self.election.live_leader(window)).filter(|&l| l != self.cfg.id)?;
+        let answered = self.peers.answered(leader);
+        answered
+            .is_none_or(|at| at.elapsed() >= lease)
+            .then_some(leader)
+    }
+
+    /// Resolves once this node is cut off from its leader (`cut_off`), with that leader.
+    pub async fn until_cut_off(&self) -> u64 {
+        let mut rx = self.cut.subscribe();
+        let leader = match rx.wait_for(|c| c.is_some()).await {
+            Ok(c) => *c,
+            Err(_) => None,
+        };
+        match leader {
+            Some(l) => l,
+            None => std::future::pending().await, // the node is stopping
+        }
     }
 
     fn metrics(&self) -> RaftMetrics {
@@ -576,6 +619,27 @@ impl Node {
     }
 }
 
+/// Keeps `Node::cut_off` up to date, every heartbeat interval, until `stopped`.
+pub async fn watch_cut_off(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        node.cfg.failure.heartbeat_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let now = node.find_cut_off();
+        node.cut.send_if_modified(|was| {
+            let changed = *was != now;
+            *was = now;
+            changed
+        });
+    }
+}
+
 /// A future that resolves when the watch flips to `true` (or its sender is gone).
 fn flag(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
     let mut rx = rx.clone();
@@ -617,7 +681,7 @@ async fn join_then_serve(
                     }
                 };
                 tokio::join!(
-                    dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
+                    serve_shared(node.clone(), sub, stopped.clone()),
                     serve_leader_queries(node.clone(), stopped.clone()),
                     refresh
                 );
@@ -636,7 +700,7 @@ async fn join_then_serve(
     match subscribe_queue(&node).await {
         Ok(sub) => {
             tokio::join!(
-                dispatch::serve(node.clone(), sub, dispatch::Feed::Commands, stopped.clone()),
+                serve_shared(node.clone(), sub, stopped.clone()),
                 serve_leader_queries(node.clone(), stopped)
             );
         }
@@ -644,6 +708,56 @@ async fn join_then_serve(
             tracing::error!(error = %e, "could not subscribe to commands");
             let _ = stop.send(true);
         }
+    }
+}
+
+/// Serves the shared command queue from `first` on. While this node is cut off from its
+/// leader (`Node::cut_off`) it leaves the queue group, so that the NATS servers that still
+/// hear it send the shared commands to nodes that can serve them, and it joins again once it
+/// holds a lease (ARCHITECTURE.md, "Partial partitions"). Its own subject stays, and answers
+/// at once.
+async fn serve_shared(
+    node: Arc<Node>,
+    first: async_nats::Subscriber,
+    stopped: impl Future<Output = ()> + Clone,
+) {
+    let every = Duration::from_millis(node.cfg.failure.heartbeat_interval_ms);
+    let mut sub = Some(first);
+    loop {
+        let s = match sub.take() {
+            Some(s) => s,
+            None => match subscribe_queue(&node).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not join the shared command queue; retrying");
+                    tokio::select! {
+                        _ = stopped.clone() => return,
+                        _ = tokio::time::sleep(every) => continue,
+                    }
+                }
+            },
+        };
+        let mut cut_from = None;
+        let end = async {
+            tokio::select! {
+                _ = stopped.clone() => {}
+                leader = node.until_cut_off() => cut_from = Some(leader),
+            }
+        };
+        // Commands in flight finish (or are refused: this node is cut off) before it leaves.
+        dispatch::serve(node.clone(), s, dispatch::Feed::Commands, end).await;
+        let Some(leader) = cut_from else { return };
+        tracing::warn!(
+            leader,
+            "cut off from the leader: out of the shared command queue until it is reachable"
+        );
+        while node.cut_off().is_some() {
+            tokio::select! {
+                _ = stopped.clone() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        tracing::info!("the leader is reachable again: back in the shared command queue");
     }
 }
 

@@ -148,10 +148,20 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         max_payload,
     };
     let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
+    let log_reader = log.clone();
     let raft = plane
         .run(Raft::new(cfg.id, raft_cfg, network, log, sm))
         .await?
         .context("start raft")?;
+    // openraft's own elections are off (`RaftConfig::to_openraft`): this decides, after a
+    // pre-vote.
+    let election = Arc::new(crate::raft::election::Election::new(
+        raft.clone(),
+        peers.clone(),
+        subjects.clone(),
+        cfg.id,
+        log_reader,
+    ));
 
     let mut tasks = JoinSet::new();
     let mut intake = JoinSet::new();
@@ -161,9 +171,11 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         subjects.clone(),
         cfg.id,
         raft.clone(),
+        election.clone(),
         flag(&stop_rx),
     );
     let rpc = plane.run(serve_rpcs).await??;
+    let elections = plane.spawn(election.clone().run(flag(&stop_rx)))?;
 
     if cfg.bootstrap {
         if raft.is_initialized().await? {
@@ -191,6 +203,8 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         raft: raft.clone(),
         state,
         contacts,
+        election,
+        cut: watch::channel(None).0,
         proposer,
         forwarder,
         peers,
@@ -235,6 +249,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
             .await
     });
     tasks.spawn(lease::heartbeat_loop(node.clone(), flag(&stop_rx)));
+    tasks.spawn(super::watch_cut_off(node.clone(), flag(&stop_rx)));
     let fencer = node.clone();
     let stopped = flag(&stop_rx);
     tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
@@ -257,7 +272,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     ));
     client.flush().await?;
     tracing::info!(id = cfg.id, name = %cfg.name, cluster = %cfg.cluster, "node started");
-    let helpers = vec![batcher, forward_batcher, rpc, peers_task];
+    let helpers = vec![batcher, forward_batcher, rpc, peers_task, elections];
     Ok(Running {
         node,
         client,
@@ -304,6 +319,18 @@ impl RaftPlane {
         rt.spawn(fut)
             .await
             .context("a task on Raft's runtime failed")
+    }
+}
+
+impl RaftPlane {
+    /// Spawns `fut` on Raft's runtime.
+    fn spawn<F>(&self, fut: F) -> anyhow::Result<tokio::task::JoinHandle<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let rt = self.0.as_ref().context("Raft's runtime is gone")?;
+        Ok(rt.spawn(fut))
     }
 }
 

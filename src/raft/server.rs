@@ -2,7 +2,8 @@
 //! handing each request to the local openraft instance and replying with its rmp-serde encoded
 //! result. The sender is the `<from>` of the subject, which only its identity may publish on;
 //! a request whose body speaks for another node (its vote names another candidate or leader)
-//! is dropped, so a node's credential cannot campaign or lead as another node.
+//! is dropped, so a node's credential cannot campaign or lead as another node. A pre-vote
+//! (`raft::election`) speaks only for its sender, and changes nothing.
 
 use std::future::Future;
 
@@ -11,9 +12,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
+use super::election::Election;
 use super::typ::*;
 use crate::subjects::Subjects;
-use crate::subjects::{RPC_APPEND, RPC_SNAPSHOT, RPC_VOTE};
+use crate::subjects::{RPC_APPEND, RPC_PREVOTE, RPC_SNAPSHOT, RPC_VOTE};
+use std::sync::Arc;
 
 /// Subscribes to this node's Raft subjects. Returns once subscribed, so that peers can reach
 /// the node before it asks to join; the serving loop runs until `shutdown`.
@@ -22,6 +25,7 @@ pub async fn start(
     subjects: Subjects,
     id: NodeId,
     raft: Raft,
+    election: Arc<Election>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut sub = client.subscribe(subjects.raft_to(id)).await?;
@@ -35,7 +39,7 @@ pub async fn start(
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
-                    let (raft, client) = (raft.clone(), client.clone());
+                    let (raft, client, election) = (raft.clone(), client.clone(), election.clone());
                     let Some(from) = subjects.parse_internal(&msg.subject).map(|s| s.from) else {
                         continue;
                     };
@@ -45,7 +49,7 @@ pub async fn start(
                         Some(r) if subjects.is_reply_for(r, Some(id), from) => {}
                         _ => continue,
                     }
-                    tasks.spawn(async move { serve(raft, client, from, msg).await });
+                    tasks.spawn(async move { serve(raft, election, client, from, msg).await });
                 }
             }
         }
@@ -53,7 +57,13 @@ pub async fn start(
     }))
 }
 
-async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_nats::Message) {
+async fn serve(
+    raft: Raft,
+    election: Arc<Election>,
+    client: async_nats::Client,
+    from: NodeId,
+    msg: async_nats::Message,
+) {
     let Some(reply) = msg.reply.clone() else {
         return;
     };
@@ -64,7 +74,16 @@ async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_
                 &msg.payload,
                 from,
                 |r: &AppendEntriesRequest| r.vote,
-                |r| raft.append_entries(r),
+                |r| async {
+                    let leads = r.vote.is_committed();
+                    let res = raft.append_entries(r).await;
+                    // Accepted from an elected leader: this node hears it (`Election::heard`).
+                    if leads && matches!(&res, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_)))
+                    {
+                        election.heard(from);
+                    }
+                    res
+                },
             )
             .await
         }
@@ -86,6 +105,14 @@ async fn serve(raft: Raft, client: async_nats::Client, from: NodeId, msg: async_
             )
             .await
         }
+        RPC_PREVOTE => match crate::inputs::pre_vote(&msg.payload) {
+            // One question per asker at a time: a flood from one peer costs one answer.
+            Ok(ask) => match election.answer(from, ask).await {
+                Some(reply) => rmp_serde::to_vec_named(&reply).map_err(anyhow::Error::from),
+                None => return,
+            },
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
         other => {
             tracing::warn!(rpc = other, "unknown Raft RPC");
             return;

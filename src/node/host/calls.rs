@@ -50,6 +50,10 @@ impl Host {
             }
         };
         let (id, status) = match placed {
+            // Cut off from the leader, this node cannot know whether the agent still runs
+            // here: it was fenced when the lease ran out, and the leader may have placed it
+            // elsewhere, whose node answers. A refusal from here would race that answer.
+            Some((_, Some(n), _)) if n == self.me && self.node.cut_off().is_some() => return,
             Some((id, Some(n), status)) if n == self.me => (id, status),
             Some(_) => return, // the node it is placed on answers
             None => {

@@ -162,8 +162,8 @@ impl Node {
     }
 
     /// The leader, when this node is cut off from it: it does not lead, its lease has run
-    /// out, a live leader exists (this node heard it, or a voter refused this node's pre-vote
-    /// because it still hears it), and that leader has answered none of this node's requests
+    /// out, a live leader exists (this node heard it within the leader lease, or a voter
+    /// refused this node's pre-vote because it still hears it), and that leader has answered none of this node's requests
     /// (a heartbeat goes every `failure.heartbeat_interval_ms`) for `failure.lease_ms`. Such
     /// a node answers commands at once instead of forwarding them into a link that does not
     /// carry them, leaves the shared command queue, and leaves agents' calls to the node that
@@ -179,8 +179,7 @@ impl Node {
         if self.is_leader() || self.lease.valid() || self.started.elapsed() < lease {
             return None;
         }
-        let window = self.election.evidence_window();
-        let leader = (self.election.live_leader(window)).filter(|&l| l != self.cfg.id)?;
+        let leader = (self.election.live_leader()).filter(|&l| l != self.cfg.id)?;
         let answered = self.peers.answered(leader);
         answered
             .is_none_or(|at| at.elapsed() >= lease)

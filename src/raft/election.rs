@@ -124,15 +124,17 @@ impl Election {
         }
     }
 
-    /// Evidence, within `within`, that the cluster has a live leader: the leader this node
-    /// last heard (an AppendEntries it accepted), or else the one a voter named when it last
-    /// refused this node's pre-vote because it still hears it.
-    pub fn live_leader(&self, within: Duration) -> Option<NodeId> {
-        let fresh = |r: Option<(Instant, NodeId)>| {
+    /// Evidence that the cluster has a live leader: the leader this node heard (accepted an
+    /// AppendEntries of) within the leader lease, or else the one a voter named, within two
+    /// rounds, when it refused this node's pre-vote because it still hears it. A leader that
+    /// died leaves no evidence once its lease is over: the voters grant pre-votes then.
+    pub fn live_leader(&self) -> Option<NodeId> {
+        let fresh = |r: Option<(Instant, NodeId)>, within: Duration| {
             r.filter(|(at, _)| at.elapsed() < within).map(|(_, l)| l)
         };
-        fresh(*self.heard.lock().unwrap_or_else(|p| p.into_inner()))
-            .or_else(|| fresh(*self.refused.lock().unwrap_or_else(|p| p.into_inner())))
+        let heard = *self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = *self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        fresh(heard, self.timing.lease).or_else(|| fresh(refused, self.refusal_window()))
     }
 
     /// Notes that this node accepted an AppendEntries of `leader`, an elected leader.
@@ -142,7 +144,7 @@ impl Election {
 
     /// How long a pre-vote refusal stays evidence of a live leader: pre-vote rounds repeat
     /// at most a lease and an election timeout apart.
-    pub fn evidence_window(&self) -> Duration {
+    fn refusal_window(&self) -> Duration {
         (self.timing.lease + self.timing.max) * 2
     }
 

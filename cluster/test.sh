@@ -13,4 +13,4 @@ cargo build --quiet --bin warden-chaos -p warden-chaos
 bin="${CARGO_TARGET_DIR:-target}/debug"
 "$bin/warden-chaos" --scenario chaos/scenarios/ci.toml --warden "$bin/warden"
 # Every fuzz target for a bounded time from the kept corpus (cluster/fuzz.sh; needs cargo-fuzz).
-bash cluster/fuzz.sh "${FUZZ_SECONDS:-15}"
+bash cluster/fuzz.sh "${FUZZ_SECONDS:-10}"

@@ -68,6 +68,9 @@ pub struct Report {
     /// Since the run's start (ms): when the cut began and ended.
     pub cut_ms: u64,
     pub healed_ms: u64,
+    /// Every node's status in the registry just before the heal, as the third server's
+    /// client read it (`None` if no answer came).
+    pub statuses_before_heal: Option<Vec<(u64, String)>>,
     /// Every request, per server its client is on.
     pub samples: Vec<Vec<Sample>>,
 }
@@ -178,7 +181,11 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
     tokio::time::sleep_until((start + setup.before).into()).await;
     mesh.cut(a, b, setup.how);
     let cut_ms = start.elapsed().as_millis() as u64;
-    tokio::time::sleep_until((start + setup.before + setup.during).into()).await;
+    let heal_at = start + setup.before + setup.during;
+    let third = 3 - a - b;
+    let statuses_before_heal =
+        statuses(&clients[third], heal_at - Duration::from_millis(500)).await;
+    tokio::time::sleep_until(heal_at.into()).await;
     mesh.heal_all();
     let healed_ms = start.elapsed().as_millis() as u64;
     let mut samples = vec![Vec::new(); 3];
@@ -195,8 +202,34 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
         term_after: after["term"].as_u64().unwrap_or(0),
         cut_ms,
         healed_ms,
+        statuses_before_heal,
         samples,
     })
+}
+
+/// Every node's status, read through `c` shortly before `by` (one try a second until then).
+async fn statuses(c: &Client, by: Instant) -> Option<Vec<(u64, String)>> {
+    let mut last = None;
+    for _ in 0..100 {
+        let wait = Instant::now() + Duration::from_secs(1);
+        if wait >= by {
+            break;
+        }
+        if let Ok(v) = c.call("cluster_status", &json!({})).await {
+            let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+            last = Some(
+                nodes
+                    .iter()
+                    .map(|n| {
+                        let id = n["id"].as_u64().unwrap_or(0);
+                        (id, n["status"].as_str().unwrap_or("").to_string())
+                    })
+                    .collect(),
+            );
+        }
+        tokio::time::sleep_until(wait.into()).await;
+    }
+    last
 }
 
 /// One client's loop until `total` has passed: a write, a read, a write...
@@ -275,6 +308,7 @@ pub fn summary(r: &Report) -> Value {
         "cut_off_answered_per_sec_before": rate(before(b)),
         "cut_off_answered_per_sec_during": rate(during(b)),
         "cut_off_ratio": rate(during(b)) / rate(before(b)).max(1e-9),
+        "statuses_before_heal": r.statuses_before_heal,
         "windows": (0..3).map(|s| json!({"server": s + 1, "before": before(s), "during": during(s)})).collect::<Vec<_>>(),
     })
 }
@@ -288,6 +322,10 @@ pub fn print(v: &Value) {
         f("majority_answered_per_sec_during"), f("majority_answered_per_sec_before"), f("majority_ratio"),
         f("cut_off_answered_per_sec_during"), f("cut_off_answered_per_sec_before"), f("cut_off_ratio"),
         v["term_before"], v["term_after"], v["leader_after"],
+    );
+    println!(
+        "  node statuses just before the heal: {}",
+        v["statuses_before_heal"]
     );
     for w in v["windows"].as_array().into_iter().flatten() {
         for phase in ["before", "during"] {

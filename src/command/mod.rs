@@ -20,7 +20,7 @@ pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 
 pub use crate::registry::SpawnSubtree;
 pub use cluster::{JoinRequest, LeaveRequest};
-pub use placement::{DrainNode, Handoff, Heartbeat, MigrateAgent, Rebalance};
+pub use placement::{DrainNode, GrantId, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
 pub use transfer::{
     ExportSubtree, ImportAbort, ImportBegin, ImportCommit, ImportPage, ImportSubtree, PeekDocument,

@@ -7,14 +7,26 @@ use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
 use crate::registry::{HandoffItem, NodeLoad};
 
-/// `heartbeat {node_id, load}`: a node asks the leader to extend its lease and reports its
-/// load. Not for clients.
+/// `heartbeat {node_id, load, acked}`: a node asks the leader to extend its lease, reports its
+/// load, and says which grant it last received (`acked`), so that the leader can tell a node
+/// that hears nothing back from one that is well. Not for clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub node_id: u64,
     #[serde(default)]
     pub load: NodeLoad,
+    #[serde(default)]
+    pub acked: Option<GrantId>,
+}
+
+/// A grant, named by the leader that made it: its Raft term, then a number that grows with
+/// every grant that leader makes. Ordered by term first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantId {
+    pub term: u64,
+    pub grant: u64,
 }
 
 /// `handoff {items}`: a source node has stopped migrating agents. Not for clients.

@@ -112,6 +112,13 @@ fn silence(me: u64, id: u64, last: Option<Instant>, since: Instant, now: Instant
     (last.is_some_and(|t| t >= since), silent)
 }
 
+/// How long after a grant a node's heartbeats must acknowledge it before the failure detector
+/// counts the node as silent from that grant on (`lease::Liveness::heard`): the time it takes
+/// to become suspect, many heartbeat intervals.
+fn deaf_after(f: &crate::config::FailureConfig) -> Duration {
+    Duration::from_millis(f.suspect_after_ms)
+}
+
 async fn detect(node: &Arc<Node>, since: Instant) {
     let me = node.cfg.id;
     let f = &node.cfg.failure;
@@ -130,7 +137,7 @@ async fn detect(node: &Arc<Node>, since: Instant) {
             // Its verdict is applied here, even if the proposal that carried it timed out.
             node.liveness.pardon(id);
         }
-        let last = node.liveness.last(id);
+        let last = node.liveness.heard(id, deaf_after(f));
         let (heard, silent_ms) = silence(me, id, last, since, Instant::now());
         if let Some(v) = verdict(
             status,
@@ -153,8 +160,17 @@ async fn detect(node: &Arc<Node>, since: Instant) {
             if v == Verdict::Down {
                 // No grant for it until the verdict is applied (see `lease`); and only if no
                 // heartbeat came in since it was judged.
-                let down_after = Duration::from_millis(node.cfg.failure.down_after_ms);
-                if !node.liveness.condemn_if_silent(id, since, down_after) {
+                let f = &node.cfg.failure;
+                let down_after = Duration::from_millis(f.down_after_ms);
+                let lease_and_margin =
+                    Duration::from_millis(f.lease_ms + crate::limits::LEASE_MARGIN_MS);
+                if !node.liveness.condemn_if_silent(
+                    id,
+                    since,
+                    down_after,
+                    deaf_after(f),
+                    lease_and_margin,
+                ) {
                     return;
                 }
                 tracing::warn!(node = id, "node is down; placing its agents elsewhere");

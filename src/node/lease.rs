@@ -6,6 +6,12 @@
 //! until `lease_ms` after the moment it *sent* the heartbeat, and once it has applied the log up
 //! to the leader's read index. A node without a valid lease runs nothing (`node::host`).
 //!
+//! Each grant is named (`GrantId`), and each heartbeat acknowledges the latest grant the node
+//! received. A node whose heartbeats keep coming but never acknowledge a grant made promptly
+//! hears nothing back (the network is cut one way): its lease lapses, so its agents run
+//! nowhere, and the leader counts it as silent from that grant on (`Liveness::heard`), to
+//! declare it down and place its agents elsewhere like those of a node that sends nothing.
+//!
 //! Why this gives at most one (G1): the leader declares a node down `down_after_ms` after it
 //! last received a heartbeat from it (or after it became leader, if later). A lease granted by
 //! this leader ends at `sent + lease_ms <= received + lease_ms`. A lease granted by an earlier
@@ -14,10 +20,15 @@
 //! `elected + lease_ms`. Either way it ends `down_after_ms - lease_ms >= LEASE_MARGIN_MS`
 //! before the agents may be placed elsewhere. A node the leader is about to declare down gets
 //! no grant; a granted node starts nothing before it has applied everything committed before
-//! the grant, so it sees its agents moved before it could start them again.
+//! the grant, so it sees its agents moved before it could start them again. A node found deaf
+//! is declared down earlier than its last heartbeat would allow: it is first marked (no grant
+//! from then on), and the verdict waits until `lease_ms + LEASE_MARGIN_MS` after the last
+//! heartbeat received before the mark, so every lease it may still receive has ended by then
+//! with the same margin (`Liveness::condemn_if_silent`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 
 use super::Node;
-use crate::command::Heartbeat;
+use crate::command::{GrantId, Heartbeat};
 use crate::protocol::{ErrorCode, WireError};
 use crate::raft::typ::Raft;
 use crate::registry::NodeLoad;
@@ -61,6 +72,8 @@ struct LeaseState {
     term: u64,
     /// When the previous term's lease ran out.
     lapsed: Option<Instant>,
+    /// The latest grant received, acknowledged in every heartbeat.
+    acked: Option<GrantId>,
 }
 
 impl Lease {
@@ -88,6 +101,17 @@ impl Lease {
             self.expiries.send_modify(|n| *n += 1);
         }
         self.grants.send_modify(|n| *n += 1);
+    }
+
+    /// Notes a grant received, to acknowledge it in the next heartbeats.
+    pub fn ack(&self, grant: GrantId) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.acked = st.acked.max(Some(grant));
+    }
+
+    /// The latest grant received.
+    pub fn acked(&self) -> Option<GrantId> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).acked
     }
 
     /// The current term (see `LeaseState::term`).
@@ -272,17 +296,44 @@ impl QuorumGate {
     }
 }
 
-/// On the leader: when each node was last heard from, and what load it reported.
+/// On the leader: when each node was last heard from, what load it reported, and whether it
+/// hears the grants it is sent.
 #[derive(Debug, Default)]
 pub struct Liveness {
     inner: Mutex<LivenessInner>,
+    /// Numbers this leader's grants (`GrantId::grant`).
+    next_grant: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct LivenessInner {
-    seen: BTreeMap<u64, (Instant, NodeLoad)>,
+    seen: BTreeMap<u64, Seen>,
     /// Nodes being declared down: they get no grant until that is applied.
     condemned: BTreeSet<u64>,
+}
+
+/// What the leader knows of one node in its term.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// When its latest heartbeat was received.
+    at: Instant,
+    load: NodeLoad,
+    /// The oldest grant made to it promptly that none of its heartbeats has acknowledged yet,
+    /// and when it was made. A node whose heartbeats come in but never acknowledge a grant
+    /// hears nothing back (a network cut one way): it is as silent as one that sends nothing.
+    unacked: Option<(GrantId, Instant)>,
+}
+
+impl Seen {
+    /// When the node was last known to be well: its latest heartbeat, unless heartbeats
+    /// received `slack` or more after a grant still do not acknowledge it, and then that
+    /// grant's moment.
+    fn alive_at(&self, slack: Duration) -> Instant {
+        match self.unacked {
+            Some((_, made)) if self.at >= made + slack => made,
+            _ => self.at,
+        }
+    }
 }
 
 impl Liveness {
@@ -299,37 +350,103 @@ impl Liveness {
     /// verdict and a grant never pass each other. A node has several heartbeats in flight and
     /// the leader handles them concurrently, so one received earlier may be recorded later:
     /// the latest receipt is kept, never replaced by an earlier one (a grant for the later
-    /// one must not outlive the verdict counted from the earlier).
-    fn seen_unless_condemned(&self, id: u64, at: Instant, load: NodeLoad) -> bool {
+    /// one must not outlive the verdict counted from the earlier). Its `acked` grant clears
+    /// every grant up to it; an older acknowledgement clears nothing newer.
+    fn seen_unless_condemned(
+        &self,
+        id: u64,
+        at: Instant,
+        load: NodeLoad,
+        acked: Option<GrantId>,
+    ) -> bool {
         let mut inner = self.lock();
         if inner.condemned.contains(&id) {
             return false;
         }
-        let newer = inner.seen.get(&id).is_none_or(|(last, _)| *last < at);
-        if newer {
-            inner.seen.insert(id, (at, load));
+        let s = inner.seen.entry(id).or_insert(Seen {
+            at,
+            load,
+            unacked: None,
+        });
+        if s.at < at {
+            s.at = at;
+            s.load = load;
+        }
+        if let (Some((oldest, _)), Some(acked)) = (s.unacked, acked) {
+            if acked >= oldest {
+                s.unacked = None;
+            }
         }
         true
     }
 
-    /// Marks `id` as being declared down if it is still silent for `down_after` (counting from
-    /// `since` at the earliest); in one step with `seen_unless_condemned`.
-    pub fn condemn_if_silent(&self, id: u64, since: Instant, down_after: Duration) -> bool {
+    /// Names a grant for `id` in `term`, for the heartbeat received at `received`. A grant
+    /// made within `prompt` of it must reach the node before that heartbeat gives up waiting,
+    /// so it is remembered until acknowledged; a late one proves nothing either way.
+    fn issue(&self, id: u64, term: u64, received: Instant, prompt: Duration) -> GrantId {
+        self.issue_at(id, term, received, Instant::now(), prompt)
+    }
+
+    fn issue_at(
+        &self,
+        id: u64,
+        term: u64,
+        received: Instant,
+        now: Instant,
+        prompt: Duration,
+    ) -> GrantId {
+        let grant = GrantId {
+            term,
+            grant: self.next_grant.fetch_add(1, Ordering::Relaxed),
+        };
+        if now.saturating_duration_since(received) <= prompt {
+            let mut inner = self.lock();
+            if let Some(s) = inner.seen.get_mut(&id) {
+                s.unacked.get_or_insert((grant, now));
+            }
+        }
+        grant
+    }
+
+    /// Marks `id` as being declared down if it has not been well for `down_after` (counting
+    /// from `since` at the earliest; see `heard`), and says whether the verdict may be
+    /// proposed now: once every lease this leader granted it has run out with `margin` to
+    /// spare. A node that hears nothing back still sends heartbeats, and the last ones may
+    /// have been granted: from the moment it is marked it gets no more grants, and the
+    /// verdict waits until the last of those has ended (a silent node's have long ended).
+    /// In one step with `seen_unless_condemned`.
+    pub fn condemn_if_silent(
+        &self,
+        id: u64,
+        since: Instant,
+        down_after: Duration,
+        slack: Duration,
+        lease_and_margin: Duration,
+    ) -> bool {
         let mut inner = self.lock();
-        let last = inner.seen.get(&id).map_or(since, |(t, _)| (*t).max(since));
-        if last.elapsed() < down_after {
+        let seen = inner.seen.get(&id).copied();
+        let alive = seen.map_or(since, |s| s.alive_at(slack).max(since));
+        if alive.elapsed() < down_after {
             return false;
         }
         inner.condemned.insert(id);
-        true
+        let last = seen.map_or(since, |s| s.at.max(since));
+        last.elapsed() >= lease_and_margin
     }
 
-    /// When `id` was last heard from.
+    /// When `id`'s latest heartbeat was received.
     pub fn last(&self, id: u64) -> Option<Instant> {
-        self.lock().seen.get(&id).map(|(t, _)| *t)
+        self.lock().seen.get(&id).map(|s| s.at)
     }
 
-    /// Milliseconds since `id` was last heard from.
+    /// When `id` was last known to be well, for the failure detector: its latest heartbeat,
+    /// or, if heartbeats received `slack` or more after a grant do not acknowledge it, the
+    /// moment of that grant.
+    pub fn heard(&self, id: u64, slack: Duration) -> Option<Instant> {
+        self.lock().seen.get(&id).map(|s| s.alive_at(slack))
+    }
+
+    /// Milliseconds since `id`'s latest heartbeat was received.
     pub fn since_ms(&self, id: u64) -> Option<u64> {
         self.last(id).map(|t| t.elapsed().as_millis() as u64)
     }
@@ -339,7 +456,7 @@ impl Liveness {
         self.lock()
             .seen
             .iter()
-            .map(|(id, (_, l))| (*id, *l))
+            .map(|(id, s)| (*id, s.load))
             .collect()
     }
 
@@ -371,7 +488,7 @@ pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
     }
     if !node
         .liveness
-        .seen_unless_condemned(hb.node_id, received, hb.load)
+        .seen_unless_condemned(hb.node_id, received, hb.load, hb.acked)
     {
         return condemned();
     }
@@ -381,12 +498,19 @@ pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
         return condemned();
     }
     match confirmed {
-        Some(read_index) => Ok(json!({
-            "granted": true,
-            "read_index": read_index,
-            "leader": node.cfg.id,
-            "lease_ms": node.cfg.failure.lease_ms,
-        })),
+        Some(read_index) => {
+            let term = node.raft.metrics().borrow().current_term;
+            // The node waits up to a lease for its grant: one made in the first half of that
+            // reaches it in time unless the way back is cut.
+            let grant = node.liveness.issue(hb.node_id, term, received, within / 2);
+            Ok(json!({
+                "granted": true,
+                "read_index": read_index,
+                "leader": node.cfg.id,
+                "lease_ms": node.cfg.failure.lease_ms,
+                "grant": grant,
+            }))
+        }
         None => Err(WireError::new(
             ErrorCode::Unavailable,
             "this node could not confirm it leads; retry",
@@ -433,6 +557,7 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
                 cpu_permille: cpu.sample(),
                 mem_bytes: resident_bytes(),
             },
+            acked: node.lease.acked(),
         };
         let sent = Instant::now();
         let n = node.clone();
@@ -452,10 +577,16 @@ fn on_grant(
     reply: Result<Result<Value, WireError>, tokio::time::error::Elapsed>,
 ) {
     match reply {
-        Ok(Ok(v)) => match v["read_index"].as_u64() {
-            Some(index) => node.lease.renew(sent, length, index),
-            None => tracing::warn!(reply = %v, "a heartbeat grant without a read index"),
-        },
+        Ok(Ok(v)) => {
+            // Acknowledged in the next heartbeats, even if it came too late to extend anything.
+            if let Ok(grant) = serde_json::from_value::<GrantId>(v["grant"].clone()) {
+                node.lease.ack(grant);
+            }
+            match v["read_index"].as_u64() {
+                Some(index) => node.lease.renew(sent, length, index),
+                None => tracing::warn!(reply = %v, "a heartbeat grant without a read index"),
+            }
+        }
         Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not granted"),
         Err(_) => tracing::debug!("heartbeat not answered within the lease"),
     }
@@ -561,14 +692,89 @@ mod tests {
         let live = Liveness::default();
         let later = Instant::now();
         let earlier = later - Duration::from_millis(900);
-        assert!(live.seen_unless_condemned(2, later, NodeLoad::default()));
-        assert!(live.seen_unless_condemned(2, earlier, NodeLoad::default()));
+        assert!(live.seen_unless_condemned(2, later, NodeLoad::default(), None));
+        assert!(live.seen_unless_condemned(2, earlier, NodeLoad::default(), None));
         assert_eq!(live.last(2), Some(later));
         let since = later - Duration::from_secs(10);
+        let ms = Duration::from_millis;
         assert!(
-            !live.condemn_if_silent(2, since, Duration::from_millis(500)),
+            !live.condemn_if_silent(2, since, ms(500), ms(500), ms(0)),
             "heard from 0 ms ago, not 900"
         );
+    }
+
+    /// Goal: a node whose heartbeats arrive but never acknowledge the grants sent back (the
+    /// way back is cut) counts as silent from the first grant it missed, and is declared down
+    /// only once every lease granted to it has run out; one that acknowledges stays well.
+    #[test]
+    fn a_node_that_hears_no_grant_is_silent_from_the_first_it_missed() {
+        let ms = Duration::from_millis;
+        let live = Liveness::default();
+        let load = NodeLoad::default;
+        // Heartbeats every 100 ms for 4 s, the latest 1.35 s ago.
+        let t0 = Instant::now() - ms(5_350);
+        let since = t0 - ms(10_000);
+        let grant = |id, at: Instant| live.issue_at(id, 7, at, at + ms(5), ms(500));
+        // Node 2 acknowledges each grant in its next heartbeat; node 3 never does.
+        assert!(live.seen_unless_condemned(2, t0, load(), None));
+        assert!(live.seen_unless_condemned(3, t0, load(), None));
+        let mut g2 = grant(2, t0);
+        let g3 = grant(3, t0);
+        assert!(g3 > g2, "grants are numbered in the order they are made");
+        let made = t0 + ms(5);
+        for step in 1..=40u64 {
+            let at = t0 + ms(100 * step);
+            assert!(live.seen_unless_condemned(2, at, load(), Some(g2)));
+            assert!(live.seen_unless_condemned(3, at, load(), None));
+            g2 = grant(2, at);
+            grant(3, at);
+        }
+        let latest = t0 + ms(4_000);
+        assert_eq!(
+            live.last(3),
+            Some(latest),
+            "its heartbeats are still received"
+        );
+        // Node 2's heartbeats acknowledge what it got: it is heard at its latest.
+        assert_eq!(live.heard(2, ms(500)), Some(latest));
+        // Node 3 is counted from the first grant it never acknowledged.
+        assert_eq!(live.heard(3, ms(500)), Some(made));
+        assert_eq!(
+            live.heard(3, ms(4_500)),
+            Some(latest),
+            "no heartbeat came that long after the grant: no evidence yet"
+        );
+        // Down 2 s after that grant, but every grant it got since lasts 1 s from its
+        // heartbeat: marked now, the verdict waits for the last lease to end.
+        let down_after = ms(2_000);
+        assert!(!live.condemn_if_silent(3, since, down_after, ms(500), ms(60_000)));
+        assert!(live.is_condemned(3), "no grant for it from now on");
+        assert!(
+            !live.seen_unless_condemned(3, Instant::now(), load(), None),
+            "its heartbeats are refused"
+        );
+        assert!(live.condemn_if_silent(3, since, down_after, ms(500), ms(1_300)));
+        assert!(!live.condemn_if_silent(2, since, down_after, ms(500), ms(1_300)));
+        assert!(!live.is_condemned(2));
+        // A later acknowledgement clears an older grant, never a newer one.
+        let live = Liveness::default();
+        assert!(live.seen_unless_condemned(4, t0, load(), None));
+        let old = GrantId { term: 6, grant: 99 };
+        let g = live.issue_at(4, 7, t0, t0, ms(500));
+        assert!(live.seen_unless_condemned(4, t0 + ms(900), load(), Some(old)));
+        assert_eq!(
+            live.heard(4, ms(500)),
+            Some(t0),
+            "an earlier term's grant acks nothing"
+        );
+        assert!(live.seen_unless_condemned(4, t0 + ms(950), load(), Some(g)));
+        assert_eq!(live.heard(4, ms(500)), Some(t0 + ms(950)));
+        // A grant made long after its heartbeat is not waited for.
+        let late = Instant::now() - ms(800);
+        assert!(live.seen_unless_condemned(5, late, load(), None));
+        live.issue(5, 7, late, ms(500));
+        assert!(live.seen_unless_condemned(5, Instant::now(), load(), None));
+        assert!(live.heard(5, ms(1)).unwrap() > late + ms(700));
     }
 
     #[test]

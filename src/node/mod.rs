@@ -916,6 +916,7 @@ mod tests {
             OwnWrite::Heartbeat(Heartbeat {
                 node_id: 2,
                 load: Default::default(),
+                acked: Some(crate::command::GrantId { term: 3, grant: 9 }),
             }),
             OwnWrite::Reports(ReportAgents { reports: vec![] }),
             OwnWrite::Handoff(Handoff { items: vec![] }),

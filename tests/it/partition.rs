@@ -95,6 +95,14 @@ async fn cut(how: RouteCut) {
         "no write from the leader's server"
     );
     assert!(ok_writes(third) > 10, "few writes from the third server");
+    // The leader stopped counting on the cut-off node, whether it heard nothing from it or
+    // heard it but could not answer: its agents may start elsewhere.
+    let cut_off_id = cut_off_server as u64 + 1;
+    let statuses = r.statuses_before_heal.clone().expect("a status read");
+    assert!(
+        statuses.contains(&(cut_off_id, "down".to_string())),
+        "node {cut_off_id} is not down before the heal: {statuses:?}"
+    );
     // The cut-off node never campaigned: the healed leader keeps its term.
     assert_eq!(
         (r.leader_after, r.term_after),

@@ -124,8 +124,16 @@ impl Report {
     }
 }
 
-/// Runs the scenario. Everything it starts is killed when it returns.
-pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
+/// What `start` brings up; dropping it kills everything.
+struct Running {
+    mesh: NatsMesh,
+    _nodes: LocalCluster,
+    /// One client per server, sending on the shared subjects.
+    clients: Vec<Client>,
+}
+
+/// Three servers in a mesh, node i on server i, and a client on each server.
+async fn start(setup: &Setup) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&setup.dir)?;
     let auth = setup.dir.join("auth");
     crate::auth::ensure(&auth, &setup.cluster, 3)?;
@@ -164,6 +172,20 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
     nodes
         .wait_ready(&clients[0], 3, Duration::from_secs(60))
         .await?;
+    Ok(Running {
+        mesh,
+        _nodes: nodes,
+        clients,
+    })
+}
+
+/// Runs the scenario. Everything it starts is killed when it returns.
+pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
+    let Running {
+        mesh,
+        _nodes,
+        clients,
+    } = start(setup).await?;
     let status = clients[0].call("cluster_status", &json!({})).await?;
     let leader_before = status["leader"].as_u64().unwrap_or(1);
     let term_before = status["term"].as_u64().unwrap_or(0);
@@ -176,7 +198,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
     for (s, c) in clients.iter().enumerate() {
         let c = c.clone();
         let timeout = setup.request_timeout;
-        loops.spawn(async move { (s, drive(c, s, start, total, timeout).await) });
+        loops.spawn(async move { (s, drive(c, s, None, start, total, timeout).await) });
     }
     tokio::time::sleep_until((start + setup.before).into()).await;
     mesh.cut(a, b, setup.how);
@@ -207,6 +229,89 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
     })
 }
 
+/// The leader's NATS server cut off from both others, as measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Isolated {
+    pub leader_before: u64,
+    pub term_before: u64,
+    /// The leader the other two servers' side elected, read just before the heal.
+    pub leader_during: Option<u64>,
+    pub leader_after: u64,
+    pub term_after: u64,
+    /// Whether the old leader came to follow the leader the majority names after the heal.
+    pub settled: bool,
+    /// Since the cut (ms): when it ended.
+    pub healed_ms: u64,
+    /// Requests sent on the old leader's own subject by a client on its server, from the
+    /// cut to the heal.
+    pub to_old_leader: Vec<Sample>,
+}
+
+/// Cuts the leader's server from both others (both ways) for `setup.during`: the old leader
+/// keeps its clients on that server but no majority. Everything it starts is killed when it
+/// returns.
+pub async fn isolate_leader(setup: &Setup) -> anyhow::Result<Isolated> {
+    let Running {
+        mesh,
+        _nodes,
+        clients,
+    } = start(setup).await?;
+    let status = clients[0].call("cluster_status", &json!({})).await?;
+    let leader_before = status["leader"].as_u64().unwrap_or(1);
+    let term_before = status["term"].as_u64().unwrap_or(0);
+    let a = leader_before as usize - 1;
+    let (b, c) = ((a + 1) % 3, (a + 2) % 3);
+    tokio::time::sleep(setup.before).await;
+    let start = Instant::now();
+    mesh.cut(a, b, RouteCut::Both);
+    mesh.cut(a, c, RouteCut::Both);
+    let direct = drive(
+        clients[a].clone(),
+        a,
+        Some(leader_before),
+        start,
+        setup.during,
+        setup.request_timeout,
+    );
+    let mut majority = clients[b].clone();
+    majority.follow_leader = true;
+    let (to_old_leader, during) = tokio::join!(direct, async {
+        let by = start + setup.during;
+        tokio::time::sleep_until((by - Duration::from_millis(1500)).into()).await;
+        majority.call("cluster_status", &json!({})).await.ok()
+    });
+    let leader_during = during.and_then(|v| v["leader"].as_u64());
+    let healed_ms = start.elapsed().as_millis() as u64;
+    mesh.heal_all();
+    mesh.wait_routes(Duration::from_secs(20)).await?;
+    // Settled once the old leader, asked on its own subject, follows the leader the
+    // majority names, in the same term.
+    let mut old = clients[a].clone();
+    old.node = Some(leader_before);
+    let deadline = Instant::now() + setup.after;
+    let mut after = majority.call("cluster_status", &json!({})).await?;
+    let settled = loop {
+        let seen = old.call("health", &json!({})).await.ok();
+        let agrees =
+            seen.is_some_and(|v| v["leader"] == after["leader"] && v["term"] == after["term"]);
+        if agrees || Instant::now() >= deadline {
+            break agrees;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = majority.call("cluster_status", &json!({})).await?;
+    };
+    Ok(Isolated {
+        leader_before,
+        term_before,
+        leader_during,
+        leader_after: after["leader"].as_u64().unwrap_or(0),
+        term_after: after["term"].as_u64().unwrap_or(0),
+        settled,
+        healed_ms,
+        to_old_leader,
+    })
+}
+
 /// Every node's status, read through `c` shortly before `by` (one try a second until then).
 async fn statuses(c: &Client, by: Instant) -> Option<Vec<(u64, String)>> {
     let mut last = None;
@@ -232,10 +337,12 @@ async fn statuses(c: &Client, by: Instant) -> Option<Vec<(u64, String)>> {
     last
 }
 
-/// One client's loop until `total` has passed: a write, a read, a write...
+/// One client's loop until `total` has passed: a write, a read, a write... on the shared
+/// subjects, or on node `to`'s own.
 async fn drive(
     c: Client,
     server: usize,
+    to: Option<u64>,
     start: Instant,
     total: Duration,
     timeout: Duration,
@@ -254,9 +361,13 @@ async fn drive(
         };
         n += 1;
         let sent = Instant::now();
+        let subject = match to {
+            Some(node) => c.subjects.node_cmd(node, command),
+            None => c.subjects.cmd(command),
+        };
         let got = c
             .request(
-                c.subjects.cmd(command),
+                subject,
                 HeaderMap::new(),
                 serde_json::to_vec(&body).unwrap_or_default().into(),
                 timeout,

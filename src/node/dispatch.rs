@@ -468,8 +468,20 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
     }
 }
 
-/// Why a node cut off from its leader does not take a command.
+/// Why a node cut off from its leader (or a leader cut off from its majority) does not take
+/// a command.
 fn cut_off_error(node: &Node, leader: u64) -> WireError {
+    if leader == node.cfg.id {
+        return WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "node {leader} leads but has heard from no majority for {} ms, so it can \
+                 commit nothing; nothing changed: retry, through another node's NATS server \
+                 if this one stays cut off",
+                node.cfg.failure.lease_ms
+            ),
+        );
+    }
     WireError::new(
         ErrorCode::Unavailable,
         format!(

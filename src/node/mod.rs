@@ -163,21 +163,29 @@ impl Node {
 
     /// The leader, when this node is cut off from it: it does not lead, its lease has run
     /// out, a live leader exists (this node heard it within the leader lease, or a voter
-    /// refused this node's pre-vote because it still hears it), and that leader has answered none of this node's requests
-    /// (a heartbeat goes every `failure.heartbeat_interval_ms`) for `failure.lease_ms`. Such
-    /// a node answers commands at once instead of forwarding them into a link that does not
-    /// carry them, leaves the shared command queue, and leaves agents' calls to the node that
-    /// runs them now (ARCHITECTURE.md, "Partial partitions"). `None` while it is connected,
-    /// and while no leader is known to live (one is being elected: commands wait for it).
-    /// Kept up to date every heartbeat interval by `watch_cut_off`.
+    /// refused this node's pre-vote because it still hears it), and that leader has answered
+    /// none of this node's requests (a heartbeat goes every `failure.heartbeat_interval_ms`)
+    /// for `failure.lease_ms`. Or this node's own id, when it leads but no majority has
+    /// acknowledged it for `failure.lease_ms` (check-quorum: it can commit nothing, and the
+    /// others may be electing a new leader). Such a node answers commands at once instead of
+    /// waiting on a link that does not carry them, leaves the shared command queue, and leaves
+    /// agents' calls to the node that runs them now (ARCHITECTURE.md, "Partial partitions").
+    /// `None` while it is connected, and while no leader is known to live (one is being
+    /// elected: commands wait for it). Kept up to date every heartbeat interval by
+    /// `watch_cut_off`.
     pub fn cut_off(&self) -> Option<u64> {
         *self.cut.borrow()
     }
 
     fn find_cut_off(&self) -> Option<u64> {
         let lease = Duration::from_millis(self.cfg.failure.lease_ms);
-        if self.is_leader() || self.lease.valid() || self.started.elapsed() < lease {
+        if self.lease.valid() || self.started.elapsed() < lease {
             return None;
+        }
+        if self.is_leader() {
+            let unacked = self.raft.metrics().borrow().millis_since_quorum_ack;
+            let lost = unacked.is_none_or(|ms| Duration::from_millis(ms) >= lease);
+            return lost.then_some(self.cfg.id);
         }
         let leader = (self.election.live_leader()).filter(|&l| l != self.cfg.id)?;
         let answered = self.peers.answered(leader);

@@ -120,3 +120,63 @@ async fn a_cut_route_leaves_the_majority_serving_and_heals_without_an_election()
 async fn a_route_cut_one_way_leaves_the_majority_serving_and_heals_without_an_election() {
     cut(RouteCut::OneWay).await;
 }
+
+/// Goal: a leader whose NATS server is cut off from both others keeps its clients but loses
+/// its majority: once its lease has lapsed it refuses at once what is sent to it (it can
+/// commit nothing), instead of holding each request until the client gives up; the other two
+/// elect a leader; after the heal the old leader follows the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_majority_refuses_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        bin: env!("CARGO_BIN_EXE_warden").into(),
+        dir: dir.path().to_path_buf(),
+        cluster: "test".into(),
+        how: RouteCut::Both,
+        before: Duration::from_secs(1),
+        during: Duration::from_secs(8),
+        after: Duration::from_secs(20),
+        request_timeout: Duration::from_secs(2),
+    };
+    let r = route_cut::isolate_leader(&setup).await.unwrap();
+    let settled: Vec<_> = r
+        .to_old_leader
+        .iter()
+        .filter(|x| x.sent_ms >= SETTLE_MS && x.sent_ms < r.healed_ms)
+        .collect();
+    let first_refusal = r
+        .to_old_leader
+        .iter()
+        .find(|x| x.outcome == Outcome::Refused)
+        .map(|x| x.sent_ms);
+    let timed_out = r
+        .to_old_leader
+        .iter()
+        .filter(|x| x.outcome == Outcome::TimedOut)
+        .count();
+    eprintln!(
+        "leader {} term {} -> leader during {:?}, after {} term {} (settled {}); the old leader: {} requests, {timed_out} timed out, first refused at {first_refusal:?} ms",
+        r.leader_before, r.term_before, r.leader_during, r.leader_after, r.term_after, r.settled,
+        r.to_old_leader.len()
+    );
+    assert!(settled.len() > 10, "few requests sent: {}", settled.len());
+    let held: Vec<_> = settled
+        .iter()
+        .filter(|x| x.outcome != Outcome::Refused || x.latency_us > AT_ONCE_US)
+        .collect();
+    assert!(
+        held.is_empty(),
+        "the old leader held or took requests: {held:?}"
+    );
+    let elected = r.leader_during.expect("the majority answered");
+    assert_ne!(
+        elected, r.leader_before,
+        "the majority elected a new leader"
+    );
+    assert!(
+        r.settled,
+        "the old leader does not follow after the heal: {r:?}"
+    );
+    assert_eq!(r.leader_after, elected, "the heal changed the leader again");
+    assert!(r.term_after > r.term_before);
+}

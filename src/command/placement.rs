@@ -7,7 +7,7 @@ use crate::limits;
 use crate::protocol::{ErrorCode, WireError};
 use crate::registry::{HandoffItem, NodeLoad};
 
-/// `heartbeat {node_id, load, acked}`: a node asks the leader to extend its lease, reports its
+/// `heartbeat {node_id, load, acked, process}`: a node asks the leader to extend its lease, reports its
 /// load, and says which grant it last received (`acked`), so that the leader can tell a node
 /// that hears nothing back from one that is well. Not for clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +18,10 @@ pub struct Heartbeat {
     pub load: NodeLoad,
     #[serde(default)]
     pub acked: Option<GrantId>,
+    /// A number the node's process picked when it started: a new one says it restarted, and
+    /// what its previous process had not acknowledged is no longer waited for.
+    #[serde(default)]
+    pub process: u64,
 }
 
 /// A grant, named by the leader that made it: its Raft term, then a number that grows with

@@ -76,23 +76,27 @@ enum Verdict {
     Up,
 }
 
-/// Pure: the status change for a node in `status`, last heard `silent_ms` ago (`heard` says
-/// whether it was heard at all in this term).
+/// Pure: the status change for a node in `status`, whose latest heartbeat came `silent_ms`
+/// ago and which was last known to hear its grants `deaf_ms` ago (`>= silent_ms`; see
+/// `lease::Liveness::heard`); `heard` says whether it was heard at all in this term. A node
+/// that sends but hears nothing back is `down` on the same clock as a silent one, and does
+/// not come back `up` before it hears again; it is not made `suspect` for it, since a slow
+/// round trip looks the same for a while.
 fn verdict(
     status: NodeStatus,
     silent_ms: u64,
+    deaf_ms: u64,
     heard: bool,
     suspect_after_ms: u64,
     down_after_ms: u64,
 ) -> Option<Verdict> {
+    let deaf_ms = deaf_ms.max(silent_ms);
     match status {
-        NodeStatus::Up | NodeStatus::Suspect | NodeStatus::Draining
-            if silent_ms >= down_after_ms =>
-        {
+        NodeStatus::Up | NodeStatus::Suspect | NodeStatus::Draining if deaf_ms >= down_after_ms => {
             Some(Verdict::Down)
         }
         NodeStatus::Up if silent_ms >= suspect_after_ms => Some(Verdict::Suspect),
-        NodeStatus::Suspect | NodeStatus::Down if heard && silent_ms < suspect_after_ms => {
+        NodeStatus::Suspect | NodeStatus::Down if heard && deaf_ms < suspect_after_ms => {
             Some(Verdict::Up)
         }
         _ => None,
@@ -113,10 +117,12 @@ fn silence(me: u64, id: u64, last: Option<Instant>, since: Instant, now: Instant
 }
 
 /// How long after a grant a node's heartbeats must acknowledge it before the failure detector
-/// counts the node as silent from that grant on (`lease::Liveness::heard`): the time it takes
-/// to become suspect, many heartbeat intervals.
+/// counts the node as deaf from that grant on (`lease::Liveness::heard`). A heartbeat may be
+/// sent up to a lease before it arrives (it is retried while the leader is busy), so only one
+/// that arrives more than a lease after the grant surely left after it did; `suspect_after_ms`
+/// more leave room for the grant's own way back and a few heartbeat intervals.
 fn deaf_after(f: &crate::config::FailureConfig) -> Duration {
-    Duration::from_millis(f.suspect_after_ms)
+    Duration::from_millis(f.lease_ms + f.suspect_after_ms)
 }
 
 async fn detect(node: &Arc<Node>, since: Instant) {
@@ -137,11 +143,13 @@ async fn detect(node: &Arc<Node>, since: Instant) {
             // Its verdict is applied here, even if the proposal that carried it timed out.
             node.liveness.pardon(id);
         }
-        let last = node.liveness.heard(id, deaf_after(f));
-        let (heard, silent_ms) = silence(me, id, last, since, Instant::now());
+        let now = Instant::now();
+        let (heard, silent_ms) = silence(me, id, node.liveness.last(id), since, now);
+        let (_, deaf_ms) = silence(me, id, node.liveness.heard(id, deaf_after(f)), since, now);
         if let Some(v) = verdict(
             status,
             silent_ms,
+            deaf_ms,
             heard,
             f.suspect_after_ms,
             f.down_after_ms,
@@ -291,7 +299,7 @@ mod tests {
 
     #[test]
     fn silence_makes_a_node_suspect_then_down_and_a_heartbeat_brings_it_up() {
-        let v = |s, ms, heard| verdict(s, ms, heard, 500, 1_400);
+        let v = |s, ms, heard| verdict(s, ms, ms, heard, 500, 1_400);
         assert_eq!(v(NodeStatus::Up, 100, true), None);
         assert_eq!(v(NodeStatus::Up, 600, true), Some(Verdict::Suspect));
         assert_eq!(v(NodeStatus::Suspect, 900, true), None);
@@ -313,6 +321,20 @@ mod tests {
         assert_eq!(v(NodeStatus::Joining, 9_000, false), None);
     }
 
+    /// Goal: a node whose heartbeats arrive but which hears no grant goes down on the same
+    /// clock as a silent one, is never made suspect by a slow round trip alone, and does not
+    /// come back up before it hears again.
+    #[test]
+    fn a_node_that_hears_nothing_back_goes_down_but_not_suspect() {
+        let v = |s, silent, deaf| verdict(s, silent, deaf, true, 500, 1_400);
+        assert_eq!(v(NodeStatus::Up, 50, 900), None, "not suspect for it");
+        assert_eq!(v(NodeStatus::Up, 50, 1_400), Some(Verdict::Down));
+        assert_eq!(v(NodeStatus::Suspect, 50, 1_500), Some(Verdict::Down));
+        assert_eq!(v(NodeStatus::Down, 50, 2_000), None, "heard, but deaf");
+        assert_eq!(v(NodeStatus::Suspect, 50, 600), None);
+        assert_eq!(v(NodeStatus::Down, 50, 50), Some(Verdict::Up));
+    }
+
     #[test]
     fn a_leader_that_was_marked_suspect_or_down_marks_itself_up() {
         let since = Instant::now();
@@ -322,7 +344,7 @@ mod tests {
         assert_eq!((heard, silent), (true, 0));
         for status in [NodeStatus::Suspect, NodeStatus::Down] {
             assert_eq!(
-                verdict(status, silent, heard, 500, 1_400),
+                verdict(status, silent, silent, heard, 500, 1_400),
                 Some(Verdict::Up)
             );
         }

@@ -49,6 +49,8 @@ pub struct Lease {
     grants: watch::Sender<u64>,
     /// Counts expiries: every agent task watches it (one timer per node, not per agent).
     expiries: watch::Sender<u64>,
+    /// Picked at random when the process starts, and sent with every heartbeat.
+    process: u64,
 }
 
 impl Default for Lease {
@@ -57,6 +59,7 @@ impl Default for Lease {
             state: Mutex::default(),
             grants: watch::channel(0).0,
             expiries: watch::channel(0).0,
+            process: rand::random(),
         }
     }
 }
@@ -107,6 +110,11 @@ impl Lease {
     pub fn ack(&self, grant: GrantId) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.acked = st.acked.max(Some(grant));
+    }
+
+    /// This process's number (see `Heartbeat::process`).
+    pub fn process(&self) -> u64 {
+        self.process
     }
 
     /// The latest grant received.
@@ -298,11 +306,25 @@ impl QuorumGate {
 
 /// On the leader: when each node was last heard from, what load it reported, and whether it
 /// hears the grants it is sent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Liveness {
     inner: Mutex<LivenessInner>,
-    /// Numbers this leader's grants (`GrantId::grant`).
+    /// Numbers this leader's grants (`GrantId::grant`). It starts at the wall clock's
+    /// microseconds, so that a leader restarted in the same term (openraft resumes it) names
+    /// its grants above those of its previous process, which nodes may still acknowledge.
     next_grant: AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Liveness {
+            inner: Mutex::default(),
+            next_grant: AtomicU64::new(micros),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -322,6 +344,8 @@ struct Seen {
     /// and when it was made. A node whose heartbeats come in but never acknowledge a grant
     /// hears nothing back (a network cut one way): it is as silent as one that sends nothing.
     unacked: Option<(GrantId, Instant)>,
+    /// The process its latest heartbeats came from (`Heartbeat::process`).
+    process: u64,
 }
 
 impl Seen {
@@ -351,27 +375,28 @@ impl Liveness {
     /// the leader handles them concurrently, so one received earlier may be recorded later:
     /// the latest receipt is kept, never replaced by an earlier one (a grant for the later
     /// one must not outlive the verdict counted from the earlier). Its `acked` grant clears
-    /// every grant up to it; an older acknowledgement clears nothing newer.
-    fn seen_unless_condemned(
-        &self,
-        id: u64,
-        at: Instant,
-        load: NodeLoad,
-        acked: Option<GrantId>,
-    ) -> bool {
+    /// every grant up to it; an older acknowledgement clears nothing newer. A heartbeat from
+    /// another process (the node restarted) clears what the previous one had not acknowledged.
+    fn seen_unless_condemned(&self, id: u64, at: Instant, hb: &Heartbeat) -> bool {
         let mut inner = self.lock();
         if inner.condemned.contains(&id) {
             return false;
         }
         let s = inner.seen.entry(id).or_insert(Seen {
             at,
-            load,
+            load: hb.load,
             unacked: None,
+            process: hb.process,
         });
         if s.at < at {
             s.at = at;
-            s.load = load;
+            s.load = hb.load;
         }
+        if s.process != hb.process {
+            s.process = hb.process;
+            s.unacked = None;
+        }
+        let acked = hb.acked;
         if let (Some((oldest, _)), Some(acked)) = (s.unacked, acked) {
             if acked >= oldest {
                 s.unacked = None;
@@ -488,18 +513,25 @@ pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
     }
     if !node
         .liveness
-        .seen_unless_condemned(hb.node_id, received, hb.load, hb.acked)
+        .seen_unless_condemned(hb.node_id, received, &hb)
     {
         return condemned();
     }
     let within = Duration::from_millis(node.cfg.failure.lease_ms);
+    let term = node.raft.metrics().borrow().current_term;
     let confirmed = node.quorum.confirm_after(received, within).await;
     if node.liveness.is_condemned(hb.node_id) {
         return condemned();
     }
-    match confirmed {
+    // Named in the term this node led when it received the heartbeat: a node that lost the
+    // lead meanwhile must not name a grant in its successor's term.
+    let still = {
+        let m = node.raft.metrics();
+        let m = m.borrow();
+        m.current_term == term && m.current_leader == Some(node.cfg.id)
+    };
+    match confirmed.filter(|_| still) {
         Some(read_index) => {
-            let term = node.raft.metrics().borrow().current_term;
             // The node waits up to a lease for its grant: one made in the first half of that
             // reaches it in time unless the way back is cut.
             let grant = node.liveness.issue(hb.node_id, term, received, within / 2);
@@ -558,6 +590,7 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
                 mem_bytes: resident_bytes(),
             },
             acked: node.lease.acked(),
+            process: node.lease.process(),
         };
         let sent = Instant::now();
         let n = node.clone();
@@ -578,7 +611,8 @@ fn on_grant(
 ) {
     match reply {
         Ok(Ok(v)) => {
-            // Acknowledged in the next heartbeats, even if it came too late to extend anything.
+            // Acknowledged in the next heartbeats, even if it extends nothing (it came after
+            // the lease it was for had ended). One that comes after `length` is never seen.
             if let Ok(grant) = serde_json::from_value::<GrantId>(v["grant"].clone()) {
                 node.lease.ack(grant);
             }
@@ -692,8 +726,14 @@ mod tests {
         let live = Liveness::default();
         let later = Instant::now();
         let earlier = later - Duration::from_millis(900);
-        assert!(live.seen_unless_condemned(2, later, NodeLoad::default(), None));
-        assert!(live.seen_unless_condemned(2, earlier, NodeLoad::default(), None));
+        let hb = Heartbeat {
+            node_id: 2,
+            load: NodeLoad::default(),
+            acked: None,
+            process: 1,
+        };
+        assert!(live.seen_unless_condemned(2, later, &hb));
+        assert!(live.seen_unless_condemned(2, earlier, &hb));
         assert_eq!(live.last(2), Some(later));
         let since = later - Duration::from_secs(10);
         let ms = Duration::from_millis;
@@ -710,22 +750,27 @@ mod tests {
     fn a_node_that_hears_no_grant_is_silent_from_the_first_it_missed() {
         let ms = Duration::from_millis;
         let live = Liveness::default();
-        let load = NodeLoad::default;
+        let hb = |acked: Option<GrantId>| Heartbeat {
+            node_id: 0,
+            load: NodeLoad::default(),
+            acked,
+            process: 1,
+        };
         // Heartbeats every 100 ms for 4 s, the latest 1.35 s ago.
         let t0 = Instant::now() - ms(5_350);
         let since = t0 - ms(10_000);
         let grant = |id, at: Instant| live.issue_at(id, 7, at, at + ms(5), ms(500));
         // Node 2 acknowledges each grant in its next heartbeat; node 3 never does.
-        assert!(live.seen_unless_condemned(2, t0, load(), None));
-        assert!(live.seen_unless_condemned(3, t0, load(), None));
+        assert!(live.seen_unless_condemned(2, t0, &hb(None)));
+        assert!(live.seen_unless_condemned(3, t0, &hb(None)));
         let mut g2 = grant(2, t0);
         let g3 = grant(3, t0);
         assert!(g3 > g2, "grants are numbered in the order they are made");
         let made = t0 + ms(5);
         for step in 1..=40u64 {
             let at = t0 + ms(100 * step);
-            assert!(live.seen_unless_condemned(2, at, load(), Some(g2)));
-            assert!(live.seen_unless_condemned(3, at, load(), None));
+            assert!(live.seen_unless_condemned(2, at, &hb(Some(g2))));
+            assert!(live.seen_unless_condemned(3, at, &hb(None)));
             g2 = grant(2, at);
             grant(3, at);
         }
@@ -750,7 +795,7 @@ mod tests {
         assert!(!live.condemn_if_silent(3, since, down_after, ms(500), ms(60_000)));
         assert!(live.is_condemned(3), "no grant for it from now on");
         assert!(
-            !live.seen_unless_condemned(3, Instant::now(), load(), None),
+            !live.seen_unless_condemned(3, Instant::now(), &hb(None)),
             "its heartbeats are refused"
         );
         assert!(live.condemn_if_silent(3, since, down_after, ms(500), ms(1_300)));
@@ -758,22 +803,33 @@ mod tests {
         assert!(!live.is_condemned(2));
         // A later acknowledgement clears an older grant, never a newer one.
         let live = Liveness::default();
-        assert!(live.seen_unless_condemned(4, t0, load(), None));
+        assert!(live.seen_unless_condemned(4, t0, &hb(None)));
         let old = GrantId { term: 6, grant: 99 };
         let g = live.issue_at(4, 7, t0, t0, ms(500));
-        assert!(live.seen_unless_condemned(4, t0 + ms(900), load(), Some(old)));
+        assert!(live.seen_unless_condemned(4, t0 + ms(900), &hb(Some(old))));
         assert_eq!(
             live.heard(4, ms(500)),
             Some(t0),
             "an earlier term's grant acks nothing"
         );
-        assert!(live.seen_unless_condemned(4, t0 + ms(950), load(), Some(g)));
+        assert!(live.seen_unless_condemned(4, t0 + ms(950), &hb(Some(g))));
         assert_eq!(live.heard(4, ms(500)), Some(t0 + ms(950)));
+        // A restarted node's new process owes nothing its previous one did not acknowledge.
+        assert!(live.seen_unless_condemned(6, t0, &hb(None)));
+        live.issue_at(6, 7, t0, t0, ms(500));
+        assert!(live.seen_unless_condemned(6, t0 + ms(900), &hb(None)));
+        assert_eq!(live.heard(6, ms(500)), Some(t0));
+        let restarted = Heartbeat {
+            process: 2,
+            ..hb(None)
+        };
+        assert!(live.seen_unless_condemned(6, t0 + ms(950), &restarted));
+        assert_eq!(live.heard(6, ms(500)), Some(t0 + ms(950)));
         // A grant made long after its heartbeat is not waited for.
         let late = Instant::now() - ms(800);
-        assert!(live.seen_unless_condemned(5, late, load(), None));
+        assert!(live.seen_unless_condemned(5, late, &hb(None)));
         live.issue(5, 7, late, ms(500));
-        assert!(live.seen_unless_condemned(5, Instant::now(), load(), None));
+        assert!(live.seen_unless_condemned(5, Instant::now(), &hb(None)));
         assert!(live.heard(5, ms(1)).unwrap() > late + ms(700));
     }
 

@@ -49,6 +49,8 @@ pub struct Node {
     pub election: Arc<crate::raft::election::Election>,
     /// Whether this node is cut off from its leader, and from which (`cut_off`).
     cut: watch::Sender<Option<u64>>,
+    /// The term this node leads in, and since when (`find_cut_off`).
+    leading_since: std::sync::Mutex<Option<(u64, Instant)>>,
     proposer: proposer::Proposer,
     forwarder: forward::Forwarder,
     /// Requests to other nodes (`peers`).
@@ -166,8 +168,8 @@ impl Node {
     /// refused this node's pre-vote because it still hears it), and that leader has answered
     /// none of this node's requests (a heartbeat goes every `failure.heartbeat_interval_ms`)
     /// for `failure.lease_ms`. Or this node's own id, when it leads but no majority has
-    /// acknowledged it for `failure.lease_ms` (check-quorum: it can commit nothing, and the
-    /// others may be electing a new leader). Such a node answers commands at once instead of
+    /// acknowledged it, nor sent it a heartbeat, for `failure.lease_ms` (check-quorum: it can
+    /// commit nothing, and the others may be electing a new leader). Such a node answers commands at once instead of
     /// waiting on a link that does not carry them, leaves the shared command queue, and leaves
     /// agents' calls to the node that runs them now (ARCHITECTURE.md, "Partial partitions").
     /// `None` while it is connected, and while no leader is known to live (one is being
@@ -179,13 +181,54 @@ impl Node {
 
     fn find_cut_off(&self) -> Option<u64> {
         let lease = Duration::from_millis(self.cfg.failure.lease_ms);
+        let (leads, term, quorum_ack_ms, voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let leads = m.state == openraft::ServerState::Leader;
+            let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+            (leads, m.current_term, m.millis_since_quorum_ack, voters)
+        };
+        let leading_since = {
+            let mut since = self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
+            match *since {
+                Some((t, at)) if leads && t == term => Some(at),
+                _ if leads => {
+                    *since = Some((term, Instant::now()));
+                    since.map(|(_, at)| at)
+                }
+                _ => {
+                    *since = None;
+                    None
+                }
+            }
+        };
         if self.lease.valid() || self.started.elapsed() < lease {
             return None;
         }
-        if self.is_leader() {
-            let unacked = self.raft.metrics().borrow().millis_since_quorum_ack;
-            let lost = unacked.is_none_or(|ms| Duration::from_millis(ms) >= lease);
-            return lost.then_some(self.cfg.id);
+        if let Some(since) = leading_since {
+            // Once cut off, a leader stays so until its own lease is valid again (a quorum
+            // confirmed it) or it stops leading: an acknowledgement age hovering about the
+            // bound must not take it in and out of the queue group.
+            if *self.cut.borrow() == Some(self.cfg.id) {
+                return Some(self.cfg.id);
+            }
+            // A new leader has no acknowledgement yet until a follower stored an entry of its
+            // term: it counts from when it began to lead.
+            let age = quorum_ack_ms.map_or(since.elapsed(), Duration::from_millis);
+            if age < lease || since.elapsed() < lease {
+                return None;
+            }
+            // Raft's acknowledgements also stall when followers are merely slow (building a
+            // snapshot on a loaded machine): a leader is cut off only if, besides, a majority
+            // of voters has sent it no heartbeat for as long. Those are NATS requests to this
+            // node, which is what clients' commands are too.
+            let reached = voters
+                .iter()
+                .filter(|&&v| {
+                    v == self.cfg.id || self.liveness.last(v).is_some_and(|t| t.elapsed() < lease)
+                })
+                .count();
+            return (reached * 2 <= voters.len()).then_some(self.cfg.id);
         }
         let leader = (self.election.live_leader()).filter(|&l| l != self.cfg.id)?;
         let answered = self.peers.answered(leader);
@@ -925,6 +968,7 @@ mod tests {
                 node_id: 2,
                 load: Default::default(),
                 acked: Some(crate::command::GrantId { term: 3, grant: 9 }),
+                process: 77,
             }),
             OwnWrite::Reports(ReportAgents { reports: vec![] }),
             OwnWrite::Handoff(Handoff { items: vec![] }),

@@ -205,6 +205,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         contacts,
         election,
         cut: watch::channel(None).0,
+        leading_since: Default::default(),
         proposer,
         forwarder,
         peers,

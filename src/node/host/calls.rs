@@ -57,8 +57,9 @@ impl Host {
             Some((id, Some(n), status)) if n == self.me => (id, status),
             Some(_) => return, // the node it is placed on answers
             None => {
-                // Unknown everywhere: the leader says so, the others stay quiet.
-                if self.node.is_leader() {
+                // Unknown everywhere: the leader says so, the others stay quiet (and so does
+                // a leader cut off from its majority, whose registry may be behind).
+                if self.node.is_leader() && self.node.cut_off().is_none() {
                     let why = format!("no agent {target:?}");
                     answer(WireError::new(ErrorCode::NotFound, why)).await;
                 }

@@ -190,6 +190,18 @@ pub struct NodeConfig {
     pub placement: PlacementConfig,
     /// The `exec` kind: off unless enabled, and then only allow-listed commands.
     pub exec: ExecConfig,
+    /// Prometheus metrics over HTTP: off unless `listen` is set.
+    pub metrics: MetricsConfig,
+}
+
+/// The node's `[metrics]` config section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address (`127.0.0.1:9464`) of the HTTP listener that serves `GET /metrics` in the
+    /// Prometheus text format. Unset: no listener. It has no authentication: bind it to an
+    /// address only the scraper reaches.
+    pub listen: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -210,6 +222,7 @@ impl Default for NodeConfig {
             failure: FailureConfig::default(),
             placement: PlacementConfig::default(),
             exec: Default::default(),
+            metrics: Default::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod events;
 pub mod faults;
 pub mod inputs;
+pub mod metrics;
 pub mod netfault;
 pub mod node;
 pub mod peers;

@@ -88,6 +88,9 @@ struct NodeArgs {
     /// Most time from SIGTERM to exit, in ms [default: 5000].
     #[arg(long, env = "WARDEN_STOP_TIMEOUT_MS")]
     stop_timeout_ms: Option<u64>,
+    /// Serve Prometheus metrics at http://<addr>/metrics ([metrics] listen) [default: off].
+    #[arg(long, env = "WARDEN_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 impl NodeArgs {
@@ -137,6 +140,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.stop_timeout_ms {
             cfg.stop_timeout_ms = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.metrics.listen = Some(v);
         }
         if cfg.exec.shim.is_none() {
             // This very binary runs exec agents' shims (`warden exec-shim`): by the link to

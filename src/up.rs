@@ -223,6 +223,8 @@ pub struct LocalCluster {
     pub auth: Option<PathBuf>,
     /// Extra environment variables of individual nodes (a test's failpoint, say).
     pub node_env: BTreeMap<u64, Vec<(String, String)>>,
+    /// Where individual nodes serve their metrics (`--metrics-listen`), if they do.
+    pub node_metrics: BTreeMap<u64, String>,
     pub nodes: BTreeMap<u64, Child>,
 }
 
@@ -238,6 +240,7 @@ impl LocalCluster {
             node_nats: BTreeMap::new(),
             auth: None,
             node_env: BTreeMap::new(),
+            node_metrics: BTreeMap::new(),
             nodes: BTreeMap::new(),
         }
     }
@@ -275,6 +278,9 @@ impl LocalCluster {
             let seed = crate::auth::seed_path(dir, &crate::auth::node_identity(id));
             cmd.arg("--auth").arg(seed);
         }
+        if let Some(addr) = self.node_metrics.get(&id) {
+            cmd.args(["--metrics-listen", addr]);
+        }
         if let Some(toml) = &self.config_toml {
             let path = self.dir.join(format!("node-{id}.toml"));
             std::fs::write(&path, toml)?;
@@ -287,6 +293,7 @@ impl LocalCluster {
             "WARDEN_DATA_DIR",
             "WARDEN_AUTH",
             "WARDEN_STOP_TIMEOUT_MS",
+            "WARDEN_METRICS_LISTEN",
             crate::faults::LOG_WRITES_ENV,
         ] {
             cmd.env_remove(var);
@@ -478,6 +485,10 @@ async fn start(
         &args.cluster,
     ));
     cluster.auth = auth.map(Path::to_path_buf);
+    for id in 1..=args.nodes {
+        let port = crate::netfault::free_port()?;
+        cluster.node_metrics.insert(id, format!("127.0.0.1:{port}"));
+    }
     let initialized = cluster.data_dir(1).exists();
     for id in 1..=args.nodes {
         cluster.start_node(id, id == 1 && !initialized).await?;
@@ -517,6 +528,10 @@ async fn start(
     }
     if let Some(story) = story {
         println!("\n{story}");
+    }
+    println!("\nPrometheus metrics, one listener per node:");
+    for (id, addr) in &cluster.node_metrics {
+        println!("  node {id}: http://{addr}/metrics");
     }
     println!("\nTalk to it from another terminal, in this directory:");
     println!("  warden ctl status");

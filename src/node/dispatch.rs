@@ -31,7 +31,7 @@ use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
 
 /// What the messages of a subscription are.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Feed {
     /// Client commands, one per message.
     Commands,
@@ -215,11 +215,40 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         Feed::Commands => first_start_wait(&req),
         _ => None,
     };
-    let (enc, mut body) = answer(node, req, origin).await;
+    let began = Instant::now();
+    let command = req.command.clone();
+    let (enc, mut body, outcome) = answer_with_outcome(node, req, origin).await;
     if let Some(within) = wait {
         body = wait_first_start(node, enc, body, within).await;
     }
-    send(node, &msg, enc, body).await;
+    send(node, &msg, enc, body.clone()).await;
+    // Counted where the client asked: a command forwarded to the leader is not counted twice.
+    if feed == Feed::Commands {
+        let outcome = outcome.unwrap_or_else(|| peek_outcome(enc, &body));
+        node.metrics
+            .command(&command, outcome.as_ref().map(|_| ()), began.elapsed());
+    }
+}
+
+/// Whether an encoded reply (the leader's, passed on) says ok, or which error.
+fn peek_outcome(enc: Encoding, body: &[u8]) -> Result<(), WireError> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        ok: bool,
+        #[serde(default)]
+        error: Option<WireError>,
+    }
+    let peek: Result<Peek, String> = match enc {
+        Encoding::Json => serde_json::from_slice(body).map_err(|e| e.to_string()),
+        Encoding::Msgpack => rmp_serde::from_slice(body).map_err(|e| e.to_string()),
+    };
+    match peek {
+        Ok(Peek { ok: true, .. }) => Ok(()),
+        Ok(Peek { error: Some(e), .. }) => Err(e),
+        Ok(Peek { error: None, .. }) | Err(_) => {
+            Err(WireError::new(ErrorCode::Internal, "undecodable reply"))
+        }
+    }
 }
 
 /// How long a client's `spawn_agent` asks to wait for its agent's first start, if it does
@@ -373,14 +402,30 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
 
 /// Answers one request: the reply's encoding and its encoded envelope.
 async fn answer(node: &Node, req: Request, origin: Origin) -> (Encoding, Bytes) {
+    let (enc, body, _) = answer_with_outcome(node, req, origin).await;
+    (enc, body)
+}
+
+/// `answer`, and the outcome when it was decided here (`None` for the leader's reply).
+async fn answer_with_outcome(
+    node: &Node,
+    req: Request,
+    origin: Origin,
+) -> (Encoding, Bytes, Option<Result<(), WireError>>) {
     // An unusable Content-Type still gets an answer, in JSON.
     let enc = match Encoding::detect(req.content_type.as_deref(), &req.payload) {
         Ok(enc) => enc,
-        Err(e) => return (Encoding::Json, encode(Encoding::Json, Err(e))),
+        Err(e) => {
+            let body = encode(Encoding::Json, Err(e.clone()));
+            return (Encoding::Json, body, Some(Err(e)));
+        }
     };
     match process(node, &req, enc, origin).await {
-        Answer::Local(result) => (enc, encode(enc, result)),
-        Answer::Forwarded(body) => (enc, body),
+        Answer::Local(result) => {
+            let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
+            (enc, encode(enc, result), Some(outcome))
+        }
+        Answer::Forwarded(body) => (enc, body, None),
     }
 }
 

@@ -535,6 +535,7 @@ pub async fn grant(node: &Node, hb: Heartbeat) -> Result<Value, WireError> {
             // The node waits up to a lease for its grant: one made in the first half of that
             // reaches it in time unless the way back is cut.
             let grant = node.liveness.issue(hb.node_id, term, received, within / 2);
+            node.metrics.granted();
             Ok(json!({
                 "granted": true,
                 "read_index": read_index,
@@ -650,7 +651,7 @@ impl CpuSampler {
     }
 }
 
-fn cpu_ticks() -> Option<u64> {
+pub(crate) fn cpu_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')')?.1;
@@ -659,7 +660,7 @@ fn cpu_ticks() -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn resident_bytes() -> u64 {
+pub(crate) fn resident_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };

@@ -79,6 +79,8 @@ pub struct Node {
     pub running: std::sync::atomic::AtomicU32,
     /// Agents asked to stop here whose tasks have not ended yet, kept by the host.
     pub stopping: std::sync::atomic::AtomicU32,
+    /// This node's Prometheus metrics (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The writes a node makes for itself, typed: never parsed back from a wire message on the

@@ -84,6 +84,8 @@ struct Running {
 
 async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let subjects = Subjects::new(&cfg.cluster);
+    // First: an address in use stops the node before it joins anything.
+    let metrics_listener = crate::metrics::bind(cfg.metrics.listen.as_deref()).await?;
     tracing::info!(id = cfg.id, nats = %cfg.nats.url, "starting; connecting to NATS");
     let (client, violations) =
         bus::connect_watched(&cfg.nats, &format!("warden-node-{}", cfg.id), true).await?;
@@ -222,6 +224,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         read_floor: Default::default(),
         running: Default::default(),
         stopping: Default::default(),
+        metrics: Default::default(),
     });
 
     // What is addressed to this node: clients' commands, and from other nodes their relayed
@@ -255,6 +258,15 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let stopped = flag(&stop_rx);
     tasks.spawn(async move { fencer.lease.watch_expiry(stopped).await });
     tasks.spawn(controller::run(node.clone(), flag(&stop_rx)));
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, "serving metrics at /metrics");
+        tasks.spawn(crate::metrics::serve(
+            node.clone(),
+            listener,
+            flag(&stop_rx),
+        ));
+    }
     tasks.spawn(crate::raft::snapshots::trigger_loop(
         raft.clone(),
         store.log_bytes(),

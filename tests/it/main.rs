@@ -4,6 +4,7 @@
 mod agents;
 mod cluster;
 mod commands;
+mod metrics;
 mod partition;
 mod placement;
 mod scale;

@@ -40,6 +40,32 @@ pub enum AgentStatus {
     Migrating,
 }
 
+impl AgentStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [AgentStatus; 7] = [
+        AgentStatus::Pending,
+        AgentStatus::Starting,
+        AgentStatus::Running,
+        AgentStatus::Stopping,
+        AgentStatus::Stopped,
+        AgentStatus::Failed,
+        AgentStatus::Migrating,
+    ];
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Pending => "pending",
+            AgentStatus::Starting => "starting",
+            AgentStatus::Running => "running",
+            AgentStatus::Stopping => "stopping",
+            AgentStatus::Stopped => "stopped",
+            AgentStatus::Failed => "failed",
+            AgentStatus::Migrating => "migrating",
+        }
+    }
+}
+
 /// A small set of strings (an agent's tags or capabilities), kept as a sorted vector: every
 /// node holds one per agent, and a one-element `BTreeSet` allocates a whole B-tree leaf (about
 /// 280 bytes) where this allocates one slot. Encoded as a list, like the set it replaces.

@@ -57,6 +57,30 @@ pub enum NodeStatus {
     Left,
 }
 
+impl NodeStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [NodeStatus; 6] = [
+        NodeStatus::Joining,
+        NodeStatus::Up,
+        NodeStatus::Suspect,
+        NodeStatus::Down,
+        NodeStatus::Draining,
+        NodeStatus::Left,
+    ];
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Joining => "joining",
+            NodeStatus::Up => "up",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Down => "down",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Left => "left",
+        }
+    }
+}
+
 /// A node's own view of its load, sent with its heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]

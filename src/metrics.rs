@@ -1,0 +1,414 @@
+//! Per-node Prometheus metrics: counters and histograms kept as things happen, gauges read at
+//! each scrape from the node's Raft metrics, registry and lease, exposed over HTTP on
+//! `[metrics] listen` (off unless set) at `GET /metrics` in the Prometheus text format.
+//!
+//! Labels are bounded: a command label is a name from the command table (anything else is
+//! `unknown`), an outcome is `ok` or an error code, a status is one of the registry's
+//! statuses. Nothing is labelled per agent, per supervisor or per client: a million agents
+//! make no more series than one. Per-agent figures are answered by commands.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+
+use crate::node::Node;
+use crate::protocol::WireError;
+use crate::registry::{AgentStatus, NodeStatus};
+
+/// Scrapes served at once; more wait for a turn (a scrape of a large registry counts its
+/// agents, which takes a moment).
+const MAX_SCRAPES: usize = 4;
+/// Connections open at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may stay open, whatever it does.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandOutcome {
+    command: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// One node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    commands: Family<CommandOutcome, Counter>,
+    command_seconds: HistogramFamily<CommandLabel>,
+    grants: Counter,
+    raft_term: Gauge,
+    raft_leader: Gauge,
+    raft_applied: Gauge,
+    raft_last_log: Gauge,
+    raft_snapshot: Gauge,
+    raft_quorum_ack_age: Gauge<f64, AtomicU64>,
+    supervisors: Gauge,
+    agents: Family<StatusLabel, Gauge>,
+    nodes: Family<StatusLabel, Gauge>,
+    running: Gauge,
+    lease_valid: Gauge,
+    cut_off: Gauge,
+    resident_bytes: Gauge,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    nats_connects: Counter,
+    /// What the process and the NATS client had counted at the last scrape: counters move by
+    /// the difference.
+    last_cpu_ticks: AtomicU64,
+    last_connects: AtomicU64,
+    /// One scrape refreshes and encodes at a time, so that two never interleave their reads.
+    scrape: Mutex<()>,
+}
+
+fn command_histogram() -> Histogram {
+    // 100 us to about 3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("warden");
+        let commands = Family::<CommandOutcome, Counter>::default();
+        registry.register(
+            "commands",
+            "Commands this node answered to clients, by command and outcome (ok, or the error code)",
+            commands.clone(),
+        );
+        let command_seconds: HistogramFamily<CommandLabel> =
+            Family::new_with_constructor(command_histogram);
+        registry.register(
+            "command_duration_seconds",
+            "Time from a client's command arriving at this node to its answer",
+            command_seconds.clone(),
+        );
+        let grants = Counter::default();
+        registry.register(
+            "lease_grants",
+            "Leases this node granted to nodes' heartbeats while it led",
+            grants.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let raft_term = gauge(registry, "raft_term", "This node's Raft term");
+        let raft_leader = gauge(registry, "raft_leader", "1 if this node leads, else 0");
+        let raft_applied = gauge(
+            registry,
+            "raft_applied_index",
+            "Index of the last log entry this node applied",
+        );
+        let raft_last_log = gauge(
+            registry,
+            "raft_last_log_index",
+            "Index of the last entry in this node's log",
+        );
+        let raft_snapshot = gauge(
+            registry,
+            "raft_snapshot_index",
+            "Last log index this node's snapshot covers",
+        );
+        let raft_quorum_ack_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "raft_quorum_ack_age_seconds",
+            "On the leader: time since a majority last acknowledged it (-1 elsewhere)",
+            raft_quorum_ack_age.clone(),
+        );
+        let supervisors = gauge(
+            registry,
+            "registry_supervisors",
+            "Supervisors in the registry",
+        );
+        let agents = Family::<StatusLabel, Gauge>::default();
+        registry.register(
+            "registry_agents",
+            "Agents in the registry, by status",
+            agents.clone(),
+        );
+        let nodes = Family::<StatusLabel, Gauge>::default();
+        registry.register(
+            "registry_nodes",
+            "Nodes in the registry, by status",
+            nodes.clone(),
+        );
+        let running = gauge(
+            registry,
+            "node_agents_running",
+            "Agents running on this node",
+        );
+        let lease_valid = gauge(
+            registry,
+            "lease_valid",
+            "1 if this node holds a lease and may run agents, else 0",
+        );
+        let cut_off = gauge(
+            registry,
+            "cut_off",
+            "1 if this node is cut off from its leader (or, leading, from its majority), else 0",
+        );
+        let resident_bytes = Gauge::default();
+        let cpu_seconds = Counter::<f64, AtomicU64>::default();
+        let nats_connects = Counter::default();
+        registry.register(
+            "nats_connects",
+            "Connections this node's NATS client made, the first and every reconnect",
+            nats_connects.clone(),
+        );
+        {
+            // The names Prometheus's own process collectors use.
+            let process = root.sub_registry_with_prefix("process");
+            process.register(
+                "resident_memory_bytes",
+                "Resident memory of this process",
+                resident_bytes.clone(),
+            );
+            process.register(
+                "cpu_seconds",
+                "CPU time this process used, user and system",
+                cpu_seconds.clone(),
+            );
+        }
+        Metrics {
+            registry: root,
+            commands,
+            command_seconds,
+            grants,
+            raft_term,
+            raft_leader,
+            raft_applied,
+            raft_last_log,
+            raft_snapshot,
+            raft_quorum_ack_age,
+            supervisors,
+            agents,
+            nodes,
+            running,
+            lease_valid,
+            cut_off,
+            resident_bytes,
+            cpu_seconds,
+            nats_connects,
+            last_cpu_ticks: AtomicU64::new(0),
+            last_connects: AtomicU64::new(0),
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// Counts a client's command answered by this node.
+    pub fn command(&self, name: &str, result: Result<(), &WireError>, took: Duration) {
+        let command = crate::command::spec(name).map_or("unknown", |s| s.name);
+        let outcome = match result {
+            Ok(()) => "ok",
+            Err(e) => e.code.as_str(),
+        };
+        self.commands
+            .get_or_create(&CommandOutcome { command, outcome })
+            .inc();
+        self.command_seconds
+            .get_or_create(&CommandLabel { command })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a lease granted.
+    pub fn granted(&self) {
+        self.grants.inc();
+    }
+
+    /// The exposition, refreshed from `node`.
+    pub fn render(&self, node: &Node) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh(node);
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "could not encode the metrics");
+        }
+        out
+    }
+
+    fn refresh(&self, node: &Node) {
+        {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            self.raft_term.set(m.current_term as i64);
+            let leads = m.current_leader == Some(node.cfg.id);
+            self.raft_leader.set(leads as i64);
+            self.raft_applied
+                .set(m.last_applied.map_or(0, |l| l.index) as i64);
+            self.raft_last_log.set(m.last_log_index.unwrap_or(0) as i64);
+            self.raft_snapshot
+                .set(m.snapshot.map_or(0, |l| l.index) as i64);
+            let ack = m.millis_since_quorum_ack.filter(|_| leads);
+            self.raft_quorum_ack_age
+                .set(ack.map_or(-1.0, |ms| ms as f64 / 1000.0));
+        }
+        // The agents map is persistent: its copy is taken in O(1) under the lock, and counted
+        // outside it, so a scrape never holds up the log's apply.
+        let (agents, supervisors, nodes) = {
+            let st = node.state_read();
+            let data = st.registry.data();
+            let nodes: Vec<NodeStatus> = data.nodes.values().map(|n| n.status).collect();
+            (data.agents.clone(), data.supervisors.len(), nodes)
+        };
+        self.supervisors.set(supervisors as i64);
+        let mut by_status = [0i64; AgentStatus::ALL.len()];
+        for a in agents.values() {
+            if let Some(i) = AgentStatus::ALL.iter().position(|s| *s == a.status) {
+                by_status[i] += 1;
+            }
+        }
+        for (s, n) in AgentStatus::ALL.iter().zip(by_status) {
+            self.agents
+                .get_or_create(&StatusLabel { status: s.as_str() })
+                .set(n);
+        }
+        for s in NodeStatus::ALL {
+            let n = nodes.iter().filter(|x| **x == s).count();
+            self.nodes
+                .get_or_create(&StatusLabel { status: s.as_str() })
+                .set(n as i64);
+        }
+        self.running.set(node.running_agents() as i64);
+        self.lease_valid.set(node.lease.valid() as i64);
+        self.cut_off.set(node.cut_off().is_some() as i64);
+        self.resident_bytes
+            .set(crate::node::lease::resident_bytes() as i64);
+        if let Some(ticks) = crate::node::lease::cpu_ticks() {
+            let before = self.last_cpu_ticks.swap(ticks, Ordering::Relaxed);
+            // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+            self.cpu_seconds
+                .inc_by(ticks.saturating_sub(before) as f64 / 100.0);
+        }
+        let connects = node.client.statistics().connects.load(Ordering::Relaxed);
+        let before = self.last_connects.swap(connects, Ordering::Relaxed);
+        self.nats_connects.inc_by(connects.saturating_sub(before));
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until `stopped`. Bounded: at most `MAX_CONNECTIONS` open,
+/// each closed after `CONNECTION_TIMEOUT`, and `MAX_SCRAPES` rendering at once.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let scrapes = Arc::new(Semaphore::new(MAX_SCRAPES));
+    tokio::pin!(stopped);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut stopped => return,
+            got = listener.accept() => match got {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "metrics listener could not accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue; // dropping the stream closes it
+        };
+        let node = node.clone();
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let node = node.clone();
+                let scrapes = scrapes.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&node, &scrapes, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+        });
+    }
+}
+
+async fn respond(
+    node: &Arc<Node>,
+    scrapes: &Semaphore,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, body: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = status;
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: the metrics are at /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
+    }
+    let Ok(_turn) = scrapes.acquire().await else {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n");
+    };
+    let node = node.clone();
+    // Counting a large registry's agents is CPU work: off the async threads.
+    let body = match tokio::task::spawn_blocking(move || node.metrics.render(&node)).await {
+        Ok(b) => b,
+        Err(_) => return plain(StatusCode::INTERNAL_SERVER_ERROR, "could not render\n"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        ),
+    );
+    r
+}
+
+/// Binds the metrics listener, if `listen` is set.
+pub async fn bind(listen: Option<&str>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = listen else { return Ok(None) };
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("metrics.listen {addr:?} is not an address: {e}"))?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    Ok(Some(l))
+}

@@ -249,7 +249,7 @@ pub async fn connect_watched(
 }
 
 /// Why a request failed, classified at the transport edge.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum RequestFailure {
     /// Nobody subscribes to the subject: the peer is down or not started. Answered by the
     /// server in well under a millisecond, so it is safe to treat as "unreachable" and retry.

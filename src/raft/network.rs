@@ -59,7 +59,31 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             net: self.clone(),
+            in_flight: None,
         }
+    }
+}
+
+/// How long an AppendEntries that carries entries may wait for its answer in the background,
+/// beyond openraft's own timeout (see `PeerClient::append_entries`).
+const APPEND_PATIENCE: Duration = Duration::from_secs(5);
+
+/// What names an AppendEntries: a retry of the same one has the same.
+type AppendKey = (Vote, Option<LogId>, Option<LogId>, Option<LogId>, u64);
+
+/// The answer of a background request, once it came.
+type Answer = Option<Result<bytes::Bytes, RequestFailure>>;
+
+/// An AppendEntries with entries that was sent and may still be answered.
+struct InFlight {
+    key: AppendKey,
+    answer: tokio::sync::watch::Receiver<Answer>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -67,6 +91,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     target: NodeId,
     net: Network,
+    /// At most one AppendEntries with entries waiting in the background.
+    in_flight: Option<InFlight>,
 }
 
 impl PeerClient {
@@ -87,16 +113,78 @@ impl PeerClient {
             .net
             .peers
             .request(Some(self.target), subject, None, body.into(), timeout)
-            .await
-            .map_err(|e| match e {
-                // Unreachable makes openraft back off before the next try (see `backoff`).
-                RequestFailure::NoResponders => RpcError::Unreachable(Unreachable::new(&e)),
-                _ => RpcError::Network(NetworkError::new(&e)),
-            })?;
+            .await;
+        self.answered(reply.map(|r| r.payload))
+    }
+
+    /// Decodes a peer's answer, or says why there is none.
+    // The error is openraft's own type, which the RaftNetwork methods return as it is.
+    #[allow(clippy::result_large_err)]
+    fn answered<Resp, E>(
+        &self,
+        reply: Result<bytes::Bytes, RequestFailure>,
+    ) -> Result<Resp, RpcError<E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = reply.map_err(|e| match e {
+            // Unreachable makes openraft back off before the next try (see `backoff`).
+            RequestFailure::NoResponders => RpcError::Unreachable(Unreachable::new(&e)),
+            _ => RpcError::Network(NetworkError::new(&e)),
+        })?;
         self.net.contacts.touch(self.target);
-        let result: Result<Resp, RaftError<E>> = crate::protocol::from_msgpack(&reply.payload)
+        let result: Result<Resp, RaftError<E>> = crate::protocol::from_msgpack(&payload)
             .map_err(|e| RpcError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RpcError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    /// Sends an AppendEntries that carries entries, or joins the one already on its way.
+    ///
+    /// openraft 0.9 gives every AppendEntries its heartbeat interval (50 ms) and then sends the
+    /// same entries again. A follower that needs longer to decode and store a large batch
+    /// (a debug build, two busy cores, entries of 10,000-agent groups) never answered in time:
+    /// every retry made it decode the same megabyte again, and replication to it crawled for
+    /// minutes. So the request goes on in the background for up to `APPEND_PATIENCE`, and a
+    /// retry of the same request waits for that answer instead of sending another; the first
+    /// retry after it came takes it. A different request replaces it (the old one is dropped).
+    async fn append_with_entries(
+        &mut self,
+        key: AppendKey,
+        body: Vec<u8>,
+    ) -> Result<AppendEntriesResponse, RpcError> {
+        let joined = self.in_flight.as_ref().is_some_and(|f| f.key == key);
+        if !joined {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let peers = self.net.peers.clone();
+            let subject = self.net.subjects.raft(self.net.me, self.target, RPC_APPEND);
+            let target = self.target;
+            let task = tokio::spawn(async move {
+                let reply = peers
+                    .request(Some(target), subject, None, body.into(), APPEND_PATIENCE)
+                    .await;
+                let _ = tx.send(Some(reply.map(|r| r.payload)));
+            });
+            self.in_flight = Some(InFlight {
+                key,
+                answer: rx,
+                task: task.abort_handle(),
+            });
+        }
+        let Some(f) = self.in_flight.as_mut() else {
+            return Err(RpcError::Network(NetworkError::new(
+                &RequestFailure::Other("no request in flight".into()),
+            )));
+        };
+        // Cancelled here by openraft's timeout; the request itself goes on.
+        let answer = f.answer.wait_for(Option::is_some).await.map(|a| a.clone());
+        self.in_flight = None;
+        match answer {
+            Ok(Some(reply)) => self.answered(reply),
+            _ => Err(RpcError::Network(NetworkError::new(
+                &RequestFailure::Other("the request was dropped".into()),
+            ))),
+        }
     }
 
     fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
@@ -118,7 +206,20 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(n / 2),
             ));
         }
-        self.call(RPC_APPEND, body, option.hard_ttl()).await
+        match rpc.entries.last() {
+            Some(last) => {
+                let key = (
+                    rpc.vote,
+                    rpc.prev_log_id,
+                    Some(last.log_id),
+                    rpc.leader_commit,
+                    n,
+                );
+                self.append_with_entries(key, body).await
+            }
+            // A heartbeat is small, and a late one is worth nothing.
+            None => self.call(RPC_APPEND, body, option.hard_ttl()).await,
+        }
     }
 
     async fn install_snapshot(

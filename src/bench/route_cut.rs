@@ -130,6 +130,9 @@ struct Running {
     _nodes: LocalCluster,
     /// One client per server, sending on the shared subjects.
     clients: Vec<Client>,
+    /// The leader and term once all three nodes were up.
+    leader: u64,
+    term: u64,
 }
 
 /// Three servers in a mesh, node i on server i, and a client on each server.
@@ -169,13 +172,19 @@ async fn start(setup: &Setup) -> anyhow::Result<Running> {
         c.follow_leader = false;
         clients.push(c);
     }
-    nodes
+    let status = nodes
         .wait_ready(&clients[0], 3, Duration::from_secs(60))
         .await?;
+    let leader = status["leader"]
+        .as_u64()
+        .filter(|l| (1..=3).contains(l))
+        .ok_or_else(|| anyhow::anyhow!("no leader in {status}"))?;
     Ok(Running {
         mesh,
         _nodes: nodes,
         clients,
+        leader,
+        term: status["term"].as_u64().unwrap_or(0),
     })
 }
 
@@ -185,10 +194,9 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
         mesh,
         _nodes,
         clients,
+        leader: leader_before,
+        term: term_before,
     } = start(setup).await?;
-    let status = clients[0].call("cluster_status", &json!({})).await?;
-    let leader_before = status["leader"].as_u64().unwrap_or(1);
-    let term_before = status["term"].as_u64().unwrap_or(0);
     // The leader's server, and the next server round.
     let a = leader_before as usize - 1;
     let b = (a + 1) % 3;
@@ -255,10 +263,9 @@ pub async fn isolate_leader(setup: &Setup) -> anyhow::Result<Isolated> {
         mesh,
         _nodes,
         clients,
+        leader: leader_before,
+        term: term_before,
     } = start(setup).await?;
-    let status = clients[0].call("cluster_status", &json!({})).await?;
-    let leader_before = status["leader"].as_u64().unwrap_or(1);
-    let term_before = status["term"].as_u64().unwrap_or(0);
     let a = leader_before as usize - 1;
     let (b, c) = ((a + 1) % 3, (a + 2) % 3);
     tokio::time::sleep(setup.before).await;

@@ -78,7 +78,11 @@ impl NatsConfig {
 /// connection events, not on the request (which just times out): whoever sends can watch
 /// this to turn them into a clear `forbidden` at once.
 #[derive(Clone)]
-pub struct Violations(tokio::sync::broadcast::Sender<Violation>);
+pub struct Violations(
+    tokio::sync::broadcast::Sender<Violation>,
+    /// Times a subscription of the connection overflowed (NATS dropped its messages).
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 /// One refusal by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +113,15 @@ impl Violation {
 
 impl Violations {
     fn new() -> Violations {
-        Violations(tokio::sync::broadcast::channel(limits::VIOLATION_QUEUE).0)
+        Violations(
+            tokio::sync::broadcast::channel(limits::VIOLATION_QUEUE).0,
+            Default::default(),
+        )
+    }
+
+    /// Counts the times a subscription of the connection overflowed.
+    pub fn slow_consumers(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.1.clone()
     }
 
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Violation> {
@@ -151,6 +163,7 @@ pub async fn connect_watched(
 ) -> anyhow::Result<(Client, Violations)> {
     let violations = Violations::new();
     let tx = violations.0.clone();
+    let slow = violations.1.clone();
     let opts = match &cfg.identity {
         // The seed file is read again at every (re)connection, so that a node whose key was
         // rotated (new seed in place, then a server reload) reconnects with the new key.
@@ -172,9 +185,11 @@ pub async fn connect_watched(
         .subscription_capacity(limits::SUBSCRIPTION_CAPACITY)
         .event_callback(move |ev| {
             let tx = tx.clone();
+            let slow = slow.clone();
             async move {
                 match ev {
                     async_nats::Event::SlowConsumer(sid) => {
+                        slow.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(sid, "NATS subscription overflowed: messages were dropped")
                     }
                     async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),

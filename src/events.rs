@@ -36,13 +36,15 @@ pub struct Event<'a> {
 }
 
 /// Publishes registry events while this node leads, and `leader_changed` when it becomes
-/// leader. Runs until `stopped` resolves.
+/// leader; every batch applied, led or not, is shown to `applied` first. Runs until
+/// `stopped` resolves.
 pub async fn publish_loop(
     client: async_nats::Client,
     subjects: Subjects,
     node: u64,
     mut metrics: watch::Receiver<ServerMetrics>,
     mut events: mpsc::Receiver<Vec<RegistryEvent>>,
+    applied: impl Fn(&[RegistryEvent]),
     stopped: impl Future<Output = ()>,
 ) {
     tokio::pin!(stopped);
@@ -52,6 +54,7 @@ pub async fn publish_loop(
             _ = &mut stopped => break,
             batch = events.recv() => {
                 let Some(batch) = batch else { break };
+                applied(&batch);
                 // Read what we need and drop the borrow at once: holding it blocks Raft.
                 let leading = metrics.borrow().state == openraft::ServerState::Leader;
                 if !leading {

@@ -53,6 +53,66 @@ struct StatusLabel {
     status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    entity: &'static str,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    kind: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: u64,
+}
+
+/// How a call to an agent ended, as the agent's node saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Answered with a result.
+    Ok,
+    /// The agent refused the request (`bad_request`); it runs on.
+    Refused,
+    /// The agent crashed or panicked handling it.
+    Crashed,
+    /// Answered with another error (its checkpoint could not be written).
+    Failed,
+}
+
+impl CallOutcome {
+    const ALL: [CallOutcome; 4] = [
+        CallOutcome::Ok,
+        CallOutcome::Refused,
+        CallOutcome::Crashed,
+        CallOutcome::Failed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Refused => "refused",
+            CallOutcome::Crashed => "crashed",
+            CallOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// One kind's call metrics, made once at start so that a call costs no lookup.
+#[derive(Debug)]
+struct KindCalls {
+    outcomes: [Counter; 4],
+    seconds: Histogram,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// One node's metrics.
@@ -77,12 +137,27 @@ pub struct Metrics {
     resident_bytes: Gauge,
     cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     nats_connects: Counter,
+    nats_slow_consumers: Counter,
+    registry_events: Family<EventLabels, Counter>,
+    /// Per kind, in the order of `Kinds::names` (`kind_index`).
+    calls: Vec<KindCalls>,
+    log_flush_seconds: Histogram,
+    replication_lag: Family<PeerLabel, Gauge>,
+    raft_commit: Gauge,
+    /// The commit index seen in AppendEntries (`raft::CommitIndex`).
+    commit: Arc<crate::raft::CommitIndex>,
+    /// Messages dropped by the node's NATS subscriptions, one count per connection.
+    slow_counters: Mutex<Vec<Arc<AtomicU64>>>,
+    last_slow: AtomicU64,
     /// What the process and the NATS client had counted at the last scrape: counters move by
     /// the difference.
     last_cpu_ticks: AtomicU64,
     last_connects: AtomicU64,
     /// One scrape refreshes and encodes at a time, so that two never interleave their reads.
     scrape: Mutex<()>,
+    /// Whether anything is counted: only when the node serves its metrics, so that a node
+    /// without the listener pays nothing (what `warden bench --metrics-cost` compares).
+    enabled: bool,
 }
 
 fn command_histogram() -> Histogram {
@@ -92,12 +167,14 @@ fn command_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(&[], true)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The metrics of a node whose agent kinds are `kinds` (`Kinds::names`); `enabled` says
+    /// whether events are counted at all (the node serves them).
+    pub fn new(kinds: &[String], enabled: bool) -> Metrics {
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix("warden");
         let commands = Family::<CommandOutcome, Counter>::default();
@@ -187,6 +264,65 @@ impl Metrics {
             "Connections this node's NATS client made, the first and every reconnect",
             nats_connects.clone(),
         );
+        let nats_slow_consumers = Counter::default();
+        registry.register(
+            "nats_slow_consumers",
+            "Times a subscription of this node overflowed and NATS dropped its messages",
+            nats_slow_consumers.clone(),
+        );
+        let registry_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "registry_events",
+            "Lifecycle events this node applied from the log (every node applies them all), by \
+             entity and event: agents placed, started, crashed, restarted, stopped; supervisors \
+             escalated; nodes up and down",
+            registry_events.clone(),
+        );
+        let call_counts = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "agent_calls",
+            "Calls the agents of this node handled, by kind and outcome",
+            call_counts.clone(),
+        );
+        let call_seconds: HistogramFamily<KindLabel> =
+            Family::new_with_constructor(command_histogram);
+        registry.register(
+            "agent_call_duration_seconds",
+            "Time an agent of this node took to handle a call, by kind",
+            call_seconds.clone(),
+        );
+        let calls = kinds
+            .iter()
+            .map(|kind| KindCalls {
+                outcomes: CallOutcome::ALL.map(|o| {
+                    let labels = CallLabels {
+                        kind: kind.clone(),
+                        outcome: o.as_str(),
+                    };
+                    call_counts.get_or_create(&labels).clone()
+                }),
+                seconds: call_seconds
+                    .get_or_create(&KindLabel { kind: kind.clone() })
+                    .clone(),
+            })
+            .collect();
+        let log_flush_seconds = command_histogram();
+        registry.register(
+            "raft_log_flush_duration_seconds",
+            "Time to flush appended Raft log entries to disk (one flush may cover several appends)",
+            log_flush_seconds.clone(),
+        );
+        let replication_lag = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "raft_replication_lag_entries",
+            "On the leader: log entries each follower lacks, by peer node id",
+            replication_lag.clone(),
+        );
+        let raft_commit = gauge(
+            registry,
+            "raft_commit_index",
+            "The leader's commit index as last announced in an AppendEntries (sent or received)",
+        );
         {
             // The names Prometheus's own process collectors use.
             let process = root.sub_registry_with_prefix("process");
@@ -221,14 +357,32 @@ impl Metrics {
             resident_bytes,
             cpu_seconds,
             nats_connects,
+            nats_slow_consumers,
+            registry_events,
+            calls,
+            log_flush_seconds,
+            replication_lag,
+            raft_commit,
+            commit: Default::default(),
+            slow_counters: Mutex::new(Vec::new()),
+            last_slow: AtomicU64::new(0),
             last_cpu_ticks: AtomicU64::new(0),
             last_connects: AtomicU64::new(0),
             scrape: Mutex::new(()),
+            enabled,
         }
+    }
+
+    /// Whether events are counted (see `enabled`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// Counts a client's command answered by this node.
     pub fn command(&self, name: &str, result: Result<(), &WireError>, took: Duration) {
+        if !self.enabled {
+            return;
+        }
         let command = crate::command::spec(name).map_or("unknown", |s| s.name);
         let outcome = match result {
             Ok(()) => "ok",
@@ -244,7 +398,58 @@ impl Metrics {
 
     /// Counts a lease granted.
     pub fn granted(&self) {
+        if !self.enabled {
+            return;
+        }
         self.grants.inc();
+    }
+
+    /// Counts the lifecycle events of an applied entry.
+    pub fn applied(&self, events: &[crate::registry::RegistryEvent]) {
+        if !self.enabled {
+            return;
+        }
+        for e in events {
+            self.registry_events
+                .get_or_create(&EventLabels {
+                    entity: e.entity,
+                    event: e.event,
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a call an agent of kind number `kind` (`kind_index`) handled.
+    pub fn call(&self, kind: u16, outcome: CallOutcome, took: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let Some(k) = self.calls.get(kind as usize) else {
+            return;
+        };
+        let i = CallOutcome::ALL.iter().position(|o| *o == outcome);
+        if let Some(c) = i.and_then(|i| k.outcomes.get(i)) {
+            c.inc();
+        }
+        k.seconds.observe(took.as_secs_f64());
+    }
+
+    /// The histogram the log flusher records its flushes in.
+    pub fn log_flushes(&self) -> Histogram {
+        self.log_flush_seconds.clone()
+    }
+
+    /// The commit index this node has seen announced, shared with Raft's network and server.
+    pub fn commit_index(&self) -> Arc<crate::raft::CommitIndex> {
+        self.commit.clone()
+    }
+
+    /// Counts the messages a NATS connection's subscriptions dropped (`bus::Violations`).
+    pub fn watch_slow_consumers(&self, counter: Arc<AtomicU64>) {
+        self.slow_counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(counter);
     }
 
     /// The exposition, refreshed from `node`.
@@ -275,6 +480,20 @@ impl Metrics {
             let ack = m.millis_since_quorum_ack.filter(|_| leads);
             self.raft_quorum_ack_age
                 .set(ack.map_or(-1.0, |ms| ms as f64 / 1000.0));
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            self.raft_commit.set(self.commit.get(applied) as i64);
+            // Peers that left drop out: only the current followers have a series.
+            self.replication_lag.clear();
+            let last = m.last_log_index.unwrap_or(0);
+            for (peer, matched) in m.replication.iter().flatten() {
+                if *peer == node.cfg.id {
+                    continue;
+                }
+                let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+                self.replication_lag
+                    .get_or_create(&PeerLabel { peer: *peer })
+                    .set(lag as i64);
+            }
         }
         // The agents map is persistent: its copy is taken in O(1) under the lock, and counted
         // outside it, so a scrape never holds up the log's apply.
@@ -313,6 +532,15 @@ impl Metrics {
             self.cpu_seconds
                 .inc_by(ticks.saturating_sub(before) as f64 / 100.0);
         }
+        let slow: u64 = self
+            .slow_counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        let before = self.last_slow.swap(slow, Ordering::Relaxed);
+        self.nats_slow_consumers.inc_by(slow.saturating_sub(before));
         let connects = node.client.statistics().connects.load(Ordering::Relaxed);
         let before = self.last_connects.swap(connects, Ordering::Relaxed);
         self.nats_connects.inc_by(connects.saturating_sub(before));

@@ -202,4 +202,14 @@ impl Kinds {
     pub fn names(&self) -> Vec<String> {
         self.kinds.keys().cloned().collect()
     }
+
+    /// The position of kind `name` in `names`, which metrics use to find its series without
+    /// a lookup by name per call (`u16::MAX` if there is no such kind, or too many).
+    pub fn index_of(&self, name: &str) -> u16 {
+        self.kinds
+            .keys()
+            .position(|k| k == name)
+            .and_then(|i| u16::try_from(i).ok())
+            .unwrap_or(u16::MAX)
+    }
 }

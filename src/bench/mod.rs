@@ -17,6 +17,7 @@ mod agents;
 mod etcd;
 mod failover;
 mod lifecycle;
+mod metrics_cost;
 pub mod route_cut;
 mod scale;
 
@@ -94,6 +95,11 @@ pub struct BenchArgs {
     /// With --route-cut-s: hold only what the leader's server sends the follower's.
     #[arg(long)]
     pub one_way: bool,
+    /// Metrics cost: this many rounds each of a fresh local cluster with metrics off and on
+    /// (every node scraped each second), alternating; reports write throughput (at the largest
+    /// --writers) and call latency on against off. Runs alone (the other figures are skipped).
+    #[arg(long, default_value_t = 0)]
+    pub metrics_cost: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -363,6 +369,9 @@ async fn drive_etcd(cluster: &etcd::Etcd, n: usize, duration: Duration) -> anyho
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.route_cut_s > 0 {
         return bench_route_cut(&args).await;
+    }
+    if args.metrics_cost > 0 {
+        return bench_metrics_cost(&args).await;
     }
     let mut _local = None;
     let mut _nats_server = None;
@@ -740,6 +749,38 @@ async fn bench_route_cut(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         route_cut::print(&v);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--metrics-cost`: metrics on against off, on clusters of its own.
+async fn bench_metrics_cost(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("warden-bench-metrics-{}", std::process::id()));
+    let setup = metrics_cost::Setup {
+        bin: std::env::current_exe()?,
+        dir: dir.clone(),
+        cluster: args.cluster.clone(),
+        duration: Duration::from_millis(args.duration_ms.max(1_000)),
+        writers: args.writers.iter().copied().max().unwrap_or(64),
+        rounds: args.metrics_cost.min(10),
+    };
+    eprintln!(
+        "metrics cost: {} rounds each of off and on, {} writers, {} ms per measurement",
+        setup.rounds,
+        setup.writers,
+        setup.duration.as_millis()
+    );
+    let rounds = metrics_cost::run(&setup).await;
+    if args.keep {
+        eprintln!("data and logs kept in {dir:?}");
+    } else {
+        let _ = std::fs::remove_dir_all(&dir); // a temp dir; leftovers are harmless
+    }
+    let v = metrics_cost::summary(&rounds?);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        metrics_cost::print(&v);
     }
     Ok(ExitCode::SUCCESS)
 }

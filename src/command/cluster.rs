@@ -75,6 +75,7 @@ pub fn cluster_status(
     metrics: &RaftMetrics,
     reg: &Registry,
     since_ms: &dyn Fn(u64) -> Option<u64>,
+    commit_index: u64,
 ) -> Value {
     let members: Vec<u64> = metrics
         .membership_config
@@ -112,9 +113,10 @@ pub fn cluster_status(
         "leader": metrics.current_leader,
         "term": metrics.current_term,
         "applied_index": metrics.last_applied.map(|l| l.index),
-        // Earlier versions named the applied index so; openraft 0.9's metrics have no commit
-        // index. Kept for their clients, with the same value.
-        "commit_index": metrics.last_applied.map(|l| l.index),
+        // openraft 0.9's metrics have none: the leader's commit index as last announced in an
+        // AppendEntries this node sent or received (`raft::CommitIndex`), never below the
+        // applied index. Earlier versions reported the applied index here.
+        "commit_index": commit_index,
         "last_log_index": metrics.last_log_index,
         "snapshot_index": metrics.snapshot.map(|l| l.index),
         "voters_max": voters_max,

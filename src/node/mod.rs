@@ -80,7 +80,7 @@ pub struct Node {
     /// Agents asked to stop here whose tasks have not ended yet, kept by the host.
     pub stopping: std::sync::atomic::AtomicU32,
     /// This node's Prometheus metrics (`crate::metrics`).
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The writes a node makes for itself, typed: never parsed back from a wire message on the
@@ -314,12 +314,14 @@ impl Node {
                     let metrics = node.metrics();
                     let st = node.state_read();
                     let since = |id| node.liveness.since_ms(id);
+                    let applied = metrics.last_applied.map_or(0, |l| l.index);
                     Ok(cluster::cluster_status(
                         &node.cfg.cluster,
                         node.cfg.voters_max,
                         &metrics,
                         &st.registry,
                         &since,
+                        node.metrics.commit_index().get(applied),
                     ))
                 })
                 .await?

@@ -224,6 +224,7 @@ mod tests {
             subjects: Subjects::new("proposer-test"),
             contacts: Arc::new(Contacts::default()),
             max_payload: client.server_info().max_payload,
+            commit: Default::default(),
         };
         let raft_cfg = Arc::new(RaftConfig::default().to_openraft("proposer-test").unwrap());
         let raft = Raft::new(1, raft_cfg, network, log, sm).await.unwrap();

@@ -114,9 +114,15 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         "the NATS server's max_payload is {max_payload} bytes; Warden needs at least {}",
         limits::MIN_SERVER_MAX_PAYLOAD_BYTES
     );
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        &kinds.names(),
+        metrics_listener.is_some(),
+    ));
+    metrics.watch_slow_consumers(violations.slow_consumers());
     let store = Store::open(&cfg.data_dir)?;
     let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
-    let (log, sm, state) = store.raft_parts(Some(events_tx))?;
+    let flushes = metrics.enabled().then(|| metrics.log_flushes());
+    let (log, sm, state) = store.raft_parts_timed(Some(events_tx), flushes)?;
     let contacts = Arc::new(Contacts::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -130,6 +136,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let connect = async move { bus::connect_watched(&nats, &name, true).await };
     let (raft_client, raft_violations) = plane.run(connect).await??;
     let raft_refusals = raft_violations.subscribe();
+    metrics.watch_slow_consumers(raft_violations.slow_consumers());
     let raft_flush = raft_client.clone();
     plane
         .run(async move { raft_flush.flush().await })
@@ -148,6 +155,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         subjects: subjects.clone(),
         contacts: contacts.clone(),
         max_payload,
+        commit: metrics.commit_index(),
     };
     let raft_cfg = Arc::new(cfg.raft.to_openraft(&cfg.cluster)?);
     let log_reader = log.clone();
@@ -174,6 +182,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         cfg.id,
         raft.clone(),
         election.clone(),
+        metrics.commit_index(),
         flag(&stop_rx),
     );
     let rpc = plane.run(serve_rpcs).await??;
@@ -224,7 +233,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         read_floor: Default::default(),
         running: Default::default(),
         stopping: Default::default(),
-        metrics: Default::default(),
+        metrics,
     });
 
     // What is addressed to this node: clients' commands, and from other nodes their relayed
@@ -551,12 +560,14 @@ async fn events_loop(
     events: mpsc::Receiver<Vec<crate::registry::RegistryEvent>>,
     stopped: impl Future<Output = ()>,
 ) {
+    let metrics = node.metrics.clone();
     crate::events::publish_loop(
         node.client.clone(),
         node.subjects.clone(),
         node.cfg.id,
         node.raft.server_metrics(),
         events,
+        move |batch: &[crate::registry::RegistryEvent]| metrics.applied(batch),
         stopped,
     )
     .await

@@ -50,6 +50,8 @@ pub struct Network {
     pub contacts: Arc<Contacts>,
     /// The server's `max_payload`, read at connect time.
     pub max_payload: usize,
+    /// The commit index this node announces when it leads (`raft::CommitIndex`).
+    pub commit: Arc<super::CommitIndex>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -199,6 +201,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RpcError> {
         let n = rpc.entries.len() as u64;
+        self.net.commit.saw(rpc.leader_commit);
         let body = Self::encode(&rpc).map_err(RpcError::Network)?;
         if body.len() + crate::limits::RAFT_FRAMING_BYTES > self.net.max_payload && n > 1 {
             // openraft answers this by sending fewer entries per message.

@@ -26,6 +26,7 @@ pub async fn start(
     id: NodeId,
     raft: Raft,
     election: Arc<Election>,
+    commit: Arc<super::CommitIndex>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut sub = client.subscribe(subjects.raft_to(id)).await?;
@@ -40,6 +41,7 @@ pub async fn start(
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
                     let (raft, client, election) = (raft.clone(), client.clone(), election.clone());
+                    let commit = commit.clone();
                     let Some(from) = subjects.parse_internal(&msg.subject).map(|s| s.from) else {
                         continue;
                     };
@@ -49,7 +51,7 @@ pub async fn start(
                         Some(r) if subjects.is_reply_for(r, Some(id), from) => {}
                         _ => continue,
                     }
-                    tasks.spawn(async move { serve(raft, election, client, from, msg).await });
+                    tasks.spawn(async move { serve(raft, election, &commit, client, from, msg).await });
                 }
             }
         }
@@ -60,6 +62,7 @@ pub async fn start(
 async fn serve(
     raft: Raft,
     election: Arc<Election>,
+    commit: &super::CommitIndex,
     client: async_nats::Client,
     from: NodeId,
     msg: async_nats::Message,
@@ -76,11 +79,13 @@ async fn serve(
                 |r: &AppendEntriesRequest| r.vote,
                 |r| async {
                     let leads = r.vote.is_committed();
+                    let leader_commit = r.leader_commit;
                     let res = raft.append_entries(r).await;
                     // Accepted from an elected leader: this node hears it (`Election::heard`).
                     if leads && matches!(&res, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_)))
                     {
                         election.heard(from);
+                        commit.saw(leader_commit);
                     }
                     res
                 },

@@ -198,11 +198,20 @@ impl Store {
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
+        self.raft_parts_timed(events, None)
+    }
+
+    /// `raft_parts`, with every flush of the log timed into `flushes`.
+    pub fn raft_parts_timed(
+        &self,
+        events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
+        flushes: Option<prometheus_client::metrics::histogram::Histogram>,
+    ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
         let (flusher, flush_rx) = mpsc::channel(crate::limits::FLUSH_QUEUE);
         let db = self.db.clone();
         let flush_task = std::thread::Builder::new()
             .name("warden-log-flush".into())
-            .spawn(move || flush_loop(db, flush_rx))?;
+            .spawn(move || flush_loop(db, flush_rx, flushes))?;
         *self.flush_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(flush_task);
         let meta = self.db.open_tree("meta")?;
         let snapshot = self.db.open_tree("snapshot")?;
@@ -408,7 +417,11 @@ pub struct LogStore {
 /// each append's report, so in practice appends are flushed one at a time; the thread still
 /// saves sled's `flush_async`, which starts a new OS thread per call and cost more than the
 /// flush itself. Stops when every sender (the log store and its clones) is gone.
-fn flush_loop(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flush_loop(
+    db: sled::Db,
+    mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>,
+    timed: Option<prometheus_client::metrics::histogram::Histogram>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut waiting = vec![first];
         while let Ok(cb) = rx.try_recv() {
@@ -416,6 +429,9 @@ fn flush_loop(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
         }
         let started = std::time::Instant::now();
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        if let Some(h) = &timed {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         tracing::debug!(
             appends = waiting.len(),
             elapsed_us = started.elapsed().as_micros() as u64,

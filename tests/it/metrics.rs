@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{wait_for, TestCluster};
+use crate::support::{call_agent, wait_for, TestCluster};
 
 /// `GET path` over plain HTTP/1.1: the status code and the body.
 async fn get(addr: &str, path: &str) -> (u16, String) {
@@ -28,6 +28,15 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
         "the Prometheus text format: {head}"
     );
     (code, body.to_string())
+}
+
+/// Every node's exposition.
+async fn scrape_all(addrs: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        out.push(get(addr, "/metrics").await.1);
+    }
+    out
 }
 
 /// The value of the sample `name{labels}` (labels exactly as exposed), if present.
@@ -158,6 +167,69 @@ async fn every_node_serves_valid_metrics_that_move_with_commands() {
         !after.contains("m-1"),
         "an agent's name is in the exposition"
     );
+
+    // Calls and a crash: counted by the node that runs the agent, and the crash and restart
+    // by every node as it applies them.
+    let list: Vec<String> = addrs.values().cloned().collect();
+    let summed = |bodies: &[String], series: &str| -> f64 {
+        bodies
+            .iter()
+            .map(|b| sample(b, series).unwrap_or(0.0))
+            .sum()
+    };
+    let ok_calls = "warden_agent_calls_total{kind=\"counter\",outcome=\"ok\"}";
+    let calls_before = summed(&scrape_all(&list).await, ok_calls);
+    for _ in 0..5 {
+        call_agent(&c, "m-3", json!({"op": "add", "n": 1}))
+            .await
+            .unwrap();
+    }
+    assert!(call_agent(&c, "m-3", json!({"op": "crash"})).await.is_err());
+    let bodies = scrape_all(&list).await;
+    assert_eq!(summed(&bodies, ok_calls) - calls_before, 5.0);
+    let crashed = summed(
+        &bodies,
+        "warden_agent_calls_total{kind=\"counter\",outcome=\"crashed\"}",
+    );
+    assert_eq!(
+        crashed, 1.0,
+        "the crashing call, on the one node that runs m-3"
+    );
+    let event = |body: &str, e: &str| {
+        let series = format!("warden_registry_events_total{{entity=\"agent\",event=\"{e}\"}}");
+        sample(body, &series).unwrap_or(0.0)
+    };
+    let restarted = wait_for(
+        "every node to apply the crash",
+        Duration::from_secs(20),
+        || {
+            let list = list.clone();
+            async move {
+                let bodies = scrape_all(&list).await;
+                bodies
+                    .iter()
+                    .all(|b| event(b, "crashed") >= 1.0 && event(b, "restarted") >= 1.0)
+                    .then_some(bodies)
+            }
+        },
+    )
+    .await;
+    for body in &restarted {
+        assert!(event(body, "started") >= 20.0, "every first start: {body}");
+        assert!(sample(body, "warden_raft_commit_index").unwrap() >= 1.0);
+        assert!(
+            sample(body, "warden_raft_log_flush_duration_seconds_count").unwrap() >= 1.0,
+            "the log was flushed"
+        );
+    }
+    let leader_body = get(on_leader, "/metrics").await.1;
+    for peer in addrs.keys().filter(|p| **p != leader) {
+        let lag = format!("warden_raft_replication_lag_entries{{peer=\"{peer}\"}}");
+        assert!(
+            sample(&leader_body, &lag).is_some(),
+            "the leader reports its lag to node {peer}"
+        );
+    }
 
     // Every node counts its own agents; together they run all twenty.
     let mut running = 0.0;

@@ -76,6 +76,8 @@ struct Instance {
     shutdown_ms: u32,
     /// Whether its start is a restart (reported once the start succeeds).
     restarted: bool,
+    /// Its kind's position among the node's kinds (`Kinds::index_of`), for metrics.
+    kind: u16,
 }
 
 impl AsLocal for Instance {
@@ -660,6 +662,7 @@ impl Host {
             mailbox: Arc::new(Mailbox::new(AGENT_MAILBOX)),
             shutdown_ms: a.shutdown_ms.min(crate::limits::MAX_SHUTDOWN_MS) as u32,
             restarted,
+            kind: self.node.kinds.index_of(&a.kind),
         };
         let run = self.run_of(a.id, &inst);
         // The kind's check of the config, then its start: a refusal is a failed start.
@@ -675,9 +678,12 @@ impl Host {
 
     /// What an agent task of instance `inst` needs to know.
     fn run_of(&self, id: Uuid, inst: &Instance) -> Run {
-        self.run_for(id, inst.epoch, inst.generation, inst.lease_term)
+        let mut run = self.run_for(id, inst.epoch, inst.generation, inst.lease_term);
+        run.who.kind = inst.kind;
+        run
     }
 
+    /// What a task needs to know; its kind is unknown (`u16::MAX`: no call metrics).
     fn run_for(&self, id: Uuid, epoch: u64, generation: u64, lease_term: u64) -> Run {
         Run {
             who: Who {
@@ -685,6 +691,7 @@ impl Host {
                 me: self.me,
                 id,
                 epoch,
+                kind: u16::MAX,
             },
             generation,
             lease_term,

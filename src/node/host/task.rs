@@ -24,6 +24,7 @@ use crate::agent::mailbox::{Mailbox, Next, Park};
 use crate::agent::{Agent, AgentError, BoxFuture};
 use crate::command::CheckpointRequest;
 use crate::limits::{HANDED_OVER_CALLS_BYTES, REMEMBERED_CALLS, REMEMBERED_CALLS_BYTES};
+use crate::metrics::CallOutcome;
 use crate::node::Node;
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::RememberedCall;
@@ -135,6 +136,8 @@ pub(super) struct Who {
     pub me: u64,
     pub id: Uuid,
     pub epoch: u64,
+    /// The agent's kind's position among the node's kinds, for metrics (`Kinds::index_of`).
+    pub kind: u16,
 }
 
 impl Run {
@@ -423,9 +426,15 @@ async fn handle_call(
         send_envelope(node, reply, enc, Some(who.epoch), result).await;
         return None;
     }
+    let began = Instant::now();
     let out = std::panic::AssertUnwindSafe(agent.call(body))
         .catch_unwind()
         .await;
+    let outcome = match &out {
+        Ok(Ok(_)) => CallOutcome::Ok,
+        Ok(Err(AgentError::BadRequest(_))) => CallOutcome::Refused,
+        Ok(Err(AgentError::Crash(_))) | Err(_) => CallOutcome::Crashed,
+    };
     let (result, crash) = match out {
         Ok(Ok(r)) if r.checkpoint_first => match checkpoint(who, agent).await {
             Ok(()) => (Ok(r.value), None),
@@ -450,6 +459,12 @@ async fn handle_call(
             Some("panicked handling a call".to_string()),
         ),
     };
+    // A result the agent gave but whose checkpoint failed is not an answer.
+    let outcome = match (&result, outcome) {
+        (Err(_), CallOutcome::Ok) => CallOutcome::Failed,
+        (_, o) => o,
+    };
+    node.metrics.call(who.kind, outcome, began.elapsed());
     if let Some(why) = crash {
         let answer = Answer {
             reply,

@@ -186,8 +186,17 @@ async fn pump(
 
 /// A free loopback TCP port (bound then released; a harness-grade way to pick one).
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free loopback TCP ports: all held until all are picked, so that the kernel
+/// cannot hand the same one out twice. Another process may still take one before it is used:
+/// whoever starts a server on it must be ready to pick again (`NatsMesh::start` is).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// One server of a mesh, restartable on the same ports.
@@ -231,10 +240,29 @@ pub enum RouteCut {
 impl NatsMesh {
     /// Starts the servers (indexes 0..n) and their route proxies in `dir`. Returns once every
     /// server listens; the routes connect on their own shortly after (see `wait_routes`).
+    /// A port picked for a server may be taken by another process before the server binds
+    /// it (outgoing connections draw from the same range): the whole mesh is then started
+    /// again on new ports, three times at most.
     pub async fn start(dir: &Path, cfg: &MeshConfig) -> anyhow::Result<NatsMesh> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(dir, cfg).await {
+                Ok(mesh) => return Ok(mesh),
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "the NATS mesh did not start; new ports");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_once(dir: &Path, cfg: &MeshConfig) -> anyhow::Result<NatsMesh> {
         let n = cfg.servers;
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-        let listens: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        let picked = free_ports(2 * n + n)?;
+        let ports: Vec<u16> = picked[..n].to_vec();
+        let listens: Vec<u16> = picked[n..2 * n].to_vec();
+        let nowheres: Vec<u16> = picked[2 * n..].to_vec();
         let mut routes = BTreeMap::new();
         for i in 0..n {
             for (j, listen) in listens.iter().enumerate().skip(i + 1) {
@@ -256,7 +284,7 @@ impl NatsMesh {
             if n > 1 {
                 let dials: Vec<String> = (i + 1..n).map(|j| routes[&(i, j)].url()).collect();
                 // Gossiped route addresses lead nowhere: only the proxies connect servers.
-                let nowhere = free_port()?;
+                let nowhere = nowheres[i];
                 args.extend([
                     "--cluster_name".into(),
                     cfg.name.clone(),

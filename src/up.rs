@@ -149,7 +149,7 @@ impl NatsServer {
         let ports_dir = dir.join("nats-ports");
         std::fs::create_dir_all(&ports_dir)?;
         let port = port.map_or("-1".to_string(), |p| p.to_string());
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port, "--ports_file_dir"])
             .arg(&ports_dir)
             .args(extra)
@@ -175,6 +175,12 @@ impl NatsServer {
                 bail!(
                     "nats-server did not report its port within 10 s (see {dir:?}/nats-server.log)"
                 );
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // Its port taken, most often: say so now rather than after the deadline.
+                let log = std::fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
+                let last = log.lines().rev().take(3).collect::<Vec<_>>();
+                bail!("nats-server exited ({status}) before it listened: {last:?}");
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };

@@ -54,8 +54,8 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
         );
         nodes.auth = Some(auth.clone());
         if metrics {
-            for id in 1..=3u64 {
-                let port = crate::netfault::free_port()?;
+            let ports = crate::netfault::free_ports(3)?;
+            for (id, port) in (1..=3u64).zip(ports) {
                 nodes.node_metrics.insert(id, format!("127.0.0.1:{port}"));
             }
         }

@@ -73,6 +73,9 @@ pub struct Report {
     pub statuses_before_heal: Option<Vec<(u64, String)>>,
     /// Every request, per server its client is on.
     pub samples: Vec<Vec<Sample>>,
+    /// The requests of a fourth client, on the leader's server, sent on the leader's own
+    /// subject (as a client that follows the `Warden-Leader` hint does).
+    pub to_leader: Vec<Sample>,
 }
 
 /// Figures of the requests sent in a window.
@@ -208,6 +211,11 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
         let timeout = setup.request_timeout;
         loops.spawn(async move { (s, drive(c, s, None, start, total, timeout).await) });
     }
+    let direct = {
+        let c = clients[a].clone();
+        let timeout = setup.request_timeout;
+        tokio::spawn(async move { drive(c, a, Some(leader_before), start, total, timeout).await })
+    };
     tokio::time::sleep_until((start + setup.before).into()).await;
     mesh.cut(a, b, setup.how);
     let cut_ms = start.elapsed().as_millis() as u64;
@@ -223,6 +231,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
         let (s, got) = done?;
         samples[s] = got;
     }
+    let to_leader = direct.await?;
     let after = clients[0].call("cluster_status", &json!({})).await?;
     Ok(Report {
         cut: (a, b),
@@ -234,6 +243,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Report> {
         healed_ms,
         statuses_before_heal,
         samples,
+        to_leader,
     })
 }
 
@@ -359,7 +369,10 @@ async fn drive(
     while start.elapsed() < total {
         let write = n.is_multiple_of(2);
         let (command, body) = if write {
-            let name = format!("rc-{server}-{n}");
+            let name = match to {
+                Some(_) => format!("rc-direct-{server}-{n}"),
+                None => format!("rc-{server}-{n}"),
+            };
             let body =
                 json!({"name": name, "request_id": format!("{name}-{}", std::process::id())});
             ("create_supervisor", body)

@@ -82,8 +82,8 @@ fn promtool(exposition: &str) -> Result<(), String> {
 async fn every_node_serves_valid_metrics_that_move_with_commands() {
     let mut addrs = std::collections::BTreeMap::new();
     let t = TestCluster::start_tweaked(3, None, |c, _| {
-        for id in 1..=3u64 {
-            let port = warden::netfault::free_port().unwrap();
+        let ports = warden::netfault::free_ports(3).unwrap();
+        for (id, port) in (1..=3u64).zip(ports) {
             c.node_metrics.insert(id, format!("127.0.0.1:{port}"));
         }
         addrs = c.node_metrics.clone();

@@ -467,8 +467,9 @@ impl Metrics {
 
     fn refresh(&self, node: &Node) {
         {
-            let m = node.raft.metrics();
-            let m = m.borrow();
+            // A copy: the watch's borrow would hold up Raft's next metrics while the families
+            // below take their locks.
+            let m = node.raft.metrics().borrow().clone();
             self.raft_term.set(m.current_term as i64);
             let leads = m.current_leader == Some(node.cfg.id);
             self.raft_leader.set(leads as i64);
@@ -593,7 +594,7 @@ pub async fn serve(
 
 async fn respond(
     node: &Arc<Node>,
-    scrapes: &Semaphore,
+    scrapes: &Arc<Semaphore>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     let plain = |status: StatusCode, body: &'static str| {
@@ -610,12 +611,18 @@ async fn respond(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
     }
-    let Ok(_turn) = scrapes.acquire().await else {
+    let Ok(turn) = scrapes.clone().acquire_owned().await else {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "stopping\n");
     };
     let node = node.clone();
-    // Counting a large registry's agents is CPU work: off the async threads.
-    let body = match tokio::task::spawn_blocking(move || node.metrics.render(&node)).await {
+    // Counting a large registry's agents is CPU work: off the async threads. The turn goes
+    // with the render, which cannot be cancelled: a client that hangs up does not free it
+    // before the render is done, so at most `MAX_SCRAPES` ever run or wait.
+    let render = move || {
+        let _turn = turn;
+        node.metrics.render(&node)
+    };
+    let body = match tokio::task::spawn_blocking(render).await {
         Ok(b) => b,
         Err(_) => return plain(StatusCode::INTERNAL_SERVER_ERROR, "could not render\n"),
     };

@@ -123,6 +123,10 @@ async fn take(node: &Arc<Node>, tasks: &mut JoinSet<()>, msg: async_nats::Messag
                 let req = request_of(&msg, feed);
                 let enc = Encoding::detect(req.content_type.as_deref(), &req.payload)
                     .unwrap_or(Encoding::Json);
+                if feed == Feed::Commands && node.metrics.enabled() {
+                    node.metrics
+                        .command(&req.command, Err(&err), Duration::ZERO);
+                }
                 send(node, &msg, enc, encode(enc, Err(err))).await;
             }
         }
@@ -170,9 +174,11 @@ fn encode(enc: Encoding, result: Result<serde_json::Value, WireError>) -> Bytes 
     enc.encode(&Envelope::from_result(result)).into()
 }
 
-async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: Bytes) {
+/// Sends `body` (or a `too_large` refusal in its place) as the reply to `msg`, and returns
+/// what was sent.
+async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: Bytes) -> Bytes {
     let Some(reply) = msg.reply.clone() else {
-        return;
+        return body;
     };
     let max = node.client.server_info().max_payload;
     if body.len() + 1024 > max {
@@ -190,9 +196,14 @@ async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: B
     if let Some(leader) = node.leader() {
         headers.insert(protocol::LEADER_HINT, leader.to_string().as_str());
     }
-    if let Err(e) = node.client.publish_with_headers(reply, headers, body).await {
+    if let Err(e) = node
+        .client
+        .publish_with_headers(reply, headers, body.clone())
+        .await
+    {
         tracing::debug!(error = %e, "could not send a reply");
     }
+    body
 }
 
 /// The node that sent an internal message, as its subject says.
@@ -216,22 +227,34 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         _ => None,
     };
     let began = Instant::now();
-    let command = req.command.clone();
-    let (enc, mut body, outcome) = answer_with_outcome(node, req, origin).await;
+    // Counted where the client asked (a command forwarded to the leader is not counted
+    // twice), from what the client got.
+    let counted = (feed == Feed::Commands && node.metrics.enabled()).then(|| req.command.clone());
+    let (enc, mut body) = answer(node, req, origin).await;
     if let Some(within) = wait {
         body = wait_first_start(node, enc, body, within).await;
     }
-    send(node, &msg, enc, body.clone()).await;
-    // Counted where the client asked: a command forwarded to the leader is not counted twice.
-    if feed == Feed::Commands {
-        let outcome = outcome.unwrap_or_else(|| peek_outcome(enc, &body));
+    let sent = send(node, &msg, enc, body).await;
+    if let Some(command) = counted {
+        let outcome = peek_outcome(enc, &sent);
         node.metrics
             .command(&command, outcome.as_ref().map(|_| ()), began.elapsed());
     }
 }
 
-/// Whether an encoded reply (the leader's, passed on) says ok, or which error.
+/// Whether an encoded reply says ok, or which error. A reply whose envelope begins with
+/// `ok: true` (as every envelope this node or the leader encodes does, `v` first) is not
+/// decoded: only refusals, which are small, are.
 fn peek_outcome(enc: Encoding, body: &[u8]) -> Result<(), WireError> {
+    let head = &body[..body.len().min(32)];
+    let ok_first = match enc {
+        Encoding::Json => head.windows(9).any(|w| w == br#""ok":true"#),
+        // "ok" as a fixstr, then `true`.
+        Encoding::Msgpack => head.windows(4).any(|w| w == [0xa2, b'o', b'k', 0xc3]),
+    };
+    if ok_first {
+        return Ok(());
+    }
     #[derive(serde::Deserialize)]
     struct Peek {
         ok: bool,
@@ -402,30 +425,14 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
 
 /// Answers one request: the reply's encoding and its encoded envelope.
 async fn answer(node: &Node, req: Request, origin: Origin) -> (Encoding, Bytes) {
-    let (enc, body, _) = answer_with_outcome(node, req, origin).await;
-    (enc, body)
-}
-
-/// `answer`, and the outcome when it was decided here (`None` for the leader's reply).
-async fn answer_with_outcome(
-    node: &Node,
-    req: Request,
-    origin: Origin,
-) -> (Encoding, Bytes, Option<Result<(), WireError>>) {
     // An unusable Content-Type still gets an answer, in JSON.
     let enc = match Encoding::detect(req.content_type.as_deref(), &req.payload) {
         Ok(enc) => enc,
-        Err(e) => {
-            let body = encode(Encoding::Json, Err(e.clone()));
-            return (Encoding::Json, body, Some(Err(e)));
-        }
+        Err(e) => return (Encoding::Json, encode(Encoding::Json, Err(e))),
     };
     match process(node, &req, enc, origin).await {
-        Answer::Local(result) => {
-            let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
-            (enc, encode(enc, result), Some(outcome))
-        }
-        Answer::Forwarded(body) => (enc, body, None),
+        Answer::Local(result) => (enc, encode(enc, result)),
+        Answer::Forwarded(body) => (enc, body),
     }
 }
 
@@ -768,4 +775,28 @@ async fn leader_commit(node: &Node) -> Option<u64> {
             .ok()?,
     };
     status.get("commit_index").and_then(|c| c.as_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: the metrics count a command's outcome from the reply as sent, in either
+    /// encoding, without decoding a large successful reply.
+    #[test]
+    fn a_reply_s_outcome_is_read_from_its_envelope() {
+        for enc in [Encoding::Json, Encoding::Msgpack] {
+            let big = serde_json::json!({"agents": vec!["x"; 10_000]});
+            assert!(peek_outcome(enc, &encode(enc, Ok(big))).is_ok(), "{enc:?}");
+            let refused = WireError::new(ErrorCode::NotFound, "no agent \"ok\":true");
+            let got = peek_outcome(enc, &encode(enc, Err(refused)));
+            assert_eq!(got.map_err(|e| e.code), Err(ErrorCode::NotFound), "{enc:?}");
+            let junk = peek_outcome(enc, b"\x00 not an envelope");
+            assert_eq!(
+                junk.map_err(|e| e.code),
+                Err(ErrorCode::Internal),
+                "{enc:?}"
+            );
+        }
+    }
 }

@@ -67,11 +67,21 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 /// How long an AppendEntries that carries entries may wait for its answer in the background,
-/// beyond openraft's own timeout (see `PeerClient::append_entries`).
+/// beyond openraft's own timeout (see `PeerClient::append_with_entries`).
 const APPEND_PATIENCE: Duration = Duration::from_secs(5);
 
-/// What names an AppendEntries: a retry of the same one has the same.
-type AppendKey = (Vote, Option<LogId>, Option<LogId>, Option<LogId>, u64);
+/// Retries join the request on its way for this long; after it a retry sends the entries
+/// again, so a request lost on the way (a follower that restarted, a message NATS dropped)
+/// costs at most this, not `APPEND_PATIENCE`.
+const APPEND_RESEND: Duration = Duration::from_secs(1);
+
+/// Bodies smaller than this are sent as openraft asks, each retry anew: they decode fast.
+const APPEND_JOIN_BYTES: usize = 64 * 1024;
+
+/// What names an AppendEntries: a retry of the same one has the same. The leader's commit
+/// index is left out: the follower's answer does not depend on it, and while the others
+/// commit it changes with every retry.
+type AppendKey = (Vote, Option<LogId>, Option<LogId>, u64);
 
 /// The answer of a background request, once it came.
 type Answer = Option<Result<bytes::Bytes, RequestFailure>>;
@@ -81,6 +91,7 @@ struct InFlight {
     key: AppendKey,
     answer: tokio::sync::watch::Receiver<Answer>,
     task: tokio::task::AbortHandle,
+    sent: Instant,
 }
 
 impl Drop for InFlight {
@@ -147,15 +158,24 @@ impl PeerClient {
     /// same entries again. A follower that needs longer to decode and store a large batch
     /// (a debug build, two busy cores, entries of 10,000-agent groups) never answered in time:
     /// every retry made it decode the same megabyte again, and replication to it crawled for
-    /// minutes. So the request goes on in the background for up to `APPEND_PATIENCE`, and a
-    /// retry of the same request waits for that answer instead of sending another; the first
-    /// retry after it came takes it. A different request replaces it (the old one is dropped).
+    /// minutes. So a large request goes on in the background for up to `APPEND_PATIENCE`, and
+    /// for `APPEND_RESEND` a retry of the same request waits for that answer instead of
+    /// sending another; the first retry after it came takes it. A different request, or a
+    /// retry after `APPEND_RESEND`, replaces it (the old one is dropped). Safe for Raft: the
+    /// same key means the same entries from the same leader, so a joined answer is a delayed
+    /// duplicate of one the follower gave, which Raft tolerates; openraft judges it against its
+    /// own request. What it skews is openraft's quorum-acknowledgement time, taken at the
+    /// retry: a joined answer looks up to `APPEND_RESEND` fresher than it is, which only the
+    /// liveness decisions read (`Node::cut_off`, the pre-vote), never a lease.
     async fn append_with_entries(
         &mut self,
         key: AppendKey,
         body: Vec<u8>,
     ) -> Result<AppendEntriesResponse, RpcError> {
-        let joined = self.in_flight.as_ref().is_some_and(|f| f.key == key);
+        let joined = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.key == key && f.sent.elapsed() < APPEND_RESEND);
         if !joined {
             let (tx, rx) = tokio::sync::watch::channel(None);
             let peers = self.net.peers.clone();
@@ -171,6 +191,7 @@ impl PeerClient {
                 key,
                 answer: rx,
                 task: task.abort_handle(),
+                sent: Instant::now(),
             });
         }
         let Some(f) = self.in_flight.as_mut() else {
@@ -210,18 +231,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             ));
         }
         match rpc.entries.last() {
-            Some(last) => {
-                let key = (
-                    rpc.vote,
-                    rpc.prev_log_id,
-                    Some(last.log_id),
-                    rpc.leader_commit,
-                    n,
-                );
+            Some(last) if body.len() >= APPEND_JOIN_BYTES => {
+                let key = (rpc.vote, rpc.prev_log_id, Some(last.log_id), n);
                 self.append_with_entries(key, body).await
             }
-            // A heartbeat is small, and a late one is worth nothing.
-            None => self.call(RPC_APPEND, body, option.hard_ttl()).await,
+            // A heartbeat or a small batch is cheap to decode again, and a late answer to a
+            // heartbeat is worth nothing.
+            _ => self.call(RPC_APPEND, body, option.hard_ttl()).await,
         }
     }
 

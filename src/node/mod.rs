@@ -171,9 +171,10 @@ impl Node {
     /// none of this node's requests (a heartbeat goes every `failure.heartbeat_interval_ms`)
     /// for `failure.lease_ms`. Or this node's own id, when it leads but no majority has
     /// acknowledged it, nor sent it a heartbeat, for `failure.lease_ms` (check-quorum: it can
-    /// commit nothing, and the others may be electing a new leader). Such a node answers commands at once instead of
-    /// waiting on a link that does not carry them, leaves the shared command queue, and leaves
-    /// agents' calls to the node that runs them now (ARCHITECTURE.md, "Partial partitions").
+    /// commit nothing, and the others may be electing a new leader). Such a node answers
+    /// commands at once instead of waiting on a link that does not carry them, leaves the
+    /// shared command queue, and leaves agents' calls to the node that runs them now
+    /// (ARCHITECTURE.md, "Partial partitions").
     /// `None` while it is connected, and while no leader is known to live (one is being
     /// elected: commands wait for it). Kept up to date every heartbeat interval by
     /// `watch_cut_off`.

@@ -98,14 +98,27 @@ async fn cut(how: RouteCut) {
         .iter()
         .filter(|x| x.sent_ms >= settled && x.sent_ms < r.healed_ms)
         .collect();
-    assert!(direct.len() > 20, "the leader's client barely sent: {}", direct.len());
+    assert!(
+        direct.len() > 20,
+        "the leader's client barely sent: {}",
+        direct.len()
+    );
     let lost: Vec<_> = direct
         .iter()
         .filter(|x| x.outcome != Outcome::Ok || x.latency_us > AT_ONCE_US)
         .collect();
-    assert!(lost.is_empty(), "the leader's own subject failed or waited: {lost:?}");
-    assert!(ok_writes(&r.to_leader) > 10, "few writes on the leader's subject");
-    assert!(ok_writes(&r.samples[third]) > 10, "few writes from the third server");
+    assert!(
+        lost.is_empty(),
+        "the leader's own subject failed or waited: {lost:?}"
+    );
+    assert!(
+        ok_writes(&r.to_leader) > 10,
+        "few writes on the leader's subject"
+    );
+    assert!(
+        ok_writes(&r.samples[third]) > 10,
+        "few writes from the third server"
+    );
     // The leader stopped counting on the cut-off node, whether it heard nothing from it or
     // heard it but could not answer: its agents may start elsewhere.
     let cut_off_id = cut_off_server as u64 + 1;

@@ -278,7 +278,6 @@ pub async fn isolate_leader(setup: &Setup) -> anyhow::Result<Isolated> {
     } = start(setup).await?;
     let a = leader_before as usize - 1;
     let (b, c) = ((a + 1) % 3, (a + 2) % 3);
-    tokio::time::sleep(setup.before).await;
     let start = Instant::now();
     mesh.cut(a, b, RouteCut::Both);
     mesh.cut(a, c, RouteCut::Both);

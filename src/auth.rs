@@ -110,19 +110,24 @@ pub fn permissions(cluster: &str, name: &str, role: Role) -> anyhow::Result<Perm
         // message it receives, chosen by whoever sent it, so also on another node's subjects.
         // A node answers peers on subjects that name it (`peers`), and clients in their
         // inboxes; it makes no request of its own to an inbox.
+        let mut publish = vec![
+            format!("{internal}.{id}.>"),
+            s.any_replies(),
+            events,
+            format!("_INBOX.{cluster}.>"),
+            s.history_all(),
+        ];
+        publish.extend(history_api(&s.history_stream()));
         return Ok(Permissions {
-            publish: vec![
-                format!("{internal}.{id}.>"),
-                s.any_replies(),
-                events,
-                format!("_INBOX.{cluster}.>"),
-            ],
+            publish,
             subscribe: vec![
                 s.cmd_all(),
                 s.node_cmd_all(id),
                 s.agent_all(),
                 format!("{internal}.*.{id}.>"),
                 s.leader_queries(),
+                // JetStream's answers (the history).
+                inbox,
             ],
         });
     }
@@ -144,6 +149,24 @@ pub fn permissions(cluster: &str, name: &str, role: Role) -> anyhow::Result<Perm
         subscribe.push(s.bench_all());
     }
     Ok(Permissions { publish, subscribe })
+}
+
+/// The JetStream API requests a node makes for the history stream `stream`, and no others:
+/// no node deletes or purges it, or touches another stream.
+fn history_api(stream: &str) -> Vec<String> {
+    [
+        "$JS.API.INFO".to_string(),
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.STREAM.CREATE.{stream}"),
+        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        format!("$JS.API.DIRECT.GET.{stream}.>"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+    ]
+    .into()
 }
 
 /// Checks that no client permission reaches the internal subjects: the boundary's invariant.
@@ -695,6 +718,7 @@ pub fn command_table() -> String {
             (_, Route::Write) => "any node; the leader writes",
             (_, Route::Membership) => "any node; the leader changes the membership",
             (_, Route::Wait) => "the node that receives it, from its copy of the registry",
+            (_, Route::History) => "the node that receives it, from the history stream",
         };
         let _ = writeln!(out, "| `{}` | {who} | {subjects} | {answers} |", spec.name);
     }
@@ -731,14 +755,25 @@ mod tests {
         // Under `internal`, only as itself, and answers to leader queries (which carry no
         // authority); replies to clients in their inboxes; no `allow_responses` anywhere.
         assert_eq!(
-            p.publish,
-            vec![
+            p.publish[..5],
+            [
                 "warden.prod.internal.2.>",
                 "warden.prod.internal.any.*.reply.*",
                 "warden.prod.evt.>",
-                "_INBOX.prod.>"
+                "_INBOX.prod.>",
+                "warden.prod.hist.>",
             ]
         );
+        // JetStream only for its history stream, and never to delete or purge it.
+        let js: Vec<_> = p.publish.iter().filter(|s| s.starts_with("$JS")).collect();
+        assert!(js
+            .iter()
+            .all(|s| *s == "$JS.API.INFO" || s.contains(".warden-prod-history")));
+        assert!(!js
+            .iter()
+            .any(|s| s.contains("DELETE.warden-prod-history") && !s.contains("CONSUMER")));
+        assert!(!js.iter().any(|s| s.contains("PURGE")));
+        assert!(p.subscribe.contains(&"_INBOX.prod.node-2.>".to_string()));
         assert!(p
             .subscribe
             .contains(&"warden.prod.internal.*.2.>".to_string()));

@@ -163,7 +163,11 @@ impl Client {
         // node of the queue group) is tried again, with a shorter wait per attempt.
         let read = matches!(
             crate::command::route_of(command),
-            Some(crate::command::Route::Read | crate::command::Route::Local)
+            Some(
+                crate::command::Route::Read
+                    | crate::command::Route::Local
+                    | crate::command::Route::History
+            )
         );
         let retry_timeouts = read || body.get("request_id").is_some();
         // A command that waits on the cluster (`wait_agent`, a spawn that waits for its first
@@ -181,6 +185,10 @@ impl Client {
             encoding: self.encoding,
             read,
             retry_timeouts,
+            // A history read is `unavailable` while JetStream is: say so now, not at the
+            // deadline.
+            retry_unavailable: crate::command::route_of(command)
+                != Some(crate::command::Route::History),
             deadline,
         };
         self.send(command, payload, sent).await
@@ -200,6 +208,7 @@ impl Client {
             encoding: Encoding::Msgpack,
             read: false,
             retry_timeouts: idempotent,
+            retry_unavailable: true,
             deadline: self.deadline,
         };
         self.send(command, payload.into(), sent).await
@@ -215,6 +224,7 @@ impl Client {
             encoding,
             read,
             retry_timeouts,
+            retry_unavailable,
             deadline,
         } = sent;
         let start = Instant::now();
@@ -239,7 +249,7 @@ impl Client {
                 self.learn_leader(reply);
             }
             let retryable = match attempt {
-                Ok(reply) => match answer(&reply.payload, retry_timeouts)? {
+                Ok(reply) => match answer(&reply.payload, retry_timeouts, retry_unavailable)? {
                     Ok(v) => return Ok(v),
                     Err(why) => why,
                 },
@@ -326,7 +336,7 @@ impl Client {
                 )
                 .await?;
             let retryable = match attempt {
-                Ok(reply) => match answer(&reply.payload, false)? {
+                Ok(reply) => match answer(&reply.payload, false, true)? {
                     Ok(v) => return Ok(v),
                     Err(why) => why,
                 },
@@ -355,16 +365,23 @@ struct Sent {
     read: bool,
     /// A timeout may be retried (a read, or a write the registry deduplicates).
     retry_timeouts: bool,
+    /// `unavailable` is retried (no leader yet), until the deadline.
+    retry_unavailable: bool,
     deadline: Duration,
 }
 
-/// Reads a reply: its result, a reason to retry (`unavailable`, and `timeout` when
-/// `retry_timeouts`: nothing changed, or the retry is deduplicated), or a final error.
-fn answer(payload: &[u8], retry_timeouts: bool) -> Result<Result<Value, String>, CallError> {
+/// Reads a reply: its result, a reason to retry (`unavailable` when `retry_unavailable`, and
+/// `timeout` when `retry_timeouts`: nothing changed, or the retry is deduplicated), or a final
+/// error.
+fn answer(
+    payload: &[u8],
+    retry_timeouts: bool,
+    retry_unavailable: bool,
+) -> Result<Result<Value, String>, CallError> {
     let env = Envelope::decode(payload).map_err(CallError::Reply)?;
     match env.into_result() {
         Ok(v) => Ok(Ok(v)),
-        Err(e) if e.code == ErrorCode::Unavailable => Ok(Err(e.to_string())),
+        Err(e) if e.code == ErrorCode::Unavailable && retry_unavailable => Ok(Err(e.to_string())),
         Err(e) if e.code == ErrorCode::Timeout && retry_timeouts => Ok(Err(e.to_string())),
         Err(e) => Err(CallError::Reply(e)),
     }

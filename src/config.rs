@@ -192,6 +192,8 @@ pub struct NodeConfig {
     pub exec: ExecConfig,
     /// Prometheus metrics over HTTP: off unless `listen` is set.
     pub metrics: MetricsConfig,
+    /// The lifecycle history in JetStream (`history`).
+    pub history: crate::history::HistoryConfig,
 }
 
 /// The node's `[metrics]` config section.
@@ -223,6 +225,7 @@ impl Default for NodeConfig {
             placement: PlacementConfig::default(),
             exec: Default::default(),
             metrics: Default::default(),
+            history: Default::default(),
         }
     }
 }
@@ -485,6 +488,7 @@ impl NodeConfig {
         self.placement.validate()?;
         self.raft.validate()?;
         self.exec.validate()?;
+        self.history.validate()?;
         if let Some(path) = &self.auth {
             let me = crate::auth::node_identity(self.id);
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");

@@ -46,8 +46,9 @@ pub struct CtlArgs {
     /// Total time to wait for an answer, retries included, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
-    /// The command (`cluster_status`, `create_supervisor`, ...; `status`, `tree` and `watch`
-    /// are shorthands), then its fields as key=value pairs or one JSON object.
+    /// The command (`cluster_status`, `create_supervisor`, ...; `status`, `tree`, `watch` and
+    /// `history <agent>` are shorthands), then its fields as key=value pairs or one JSON
+    /// object.
     #[arg(required = true)]
     pub command: Vec<String>,
 }
@@ -126,6 +127,17 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
+    // `history <agent> [limit=N] [since=<RFC 3339>]` is `agent_history`.
+    let (name, rest, agent) = match (name, rest.split_first()) {
+        ("history", Some((agent, more))) if !agent.contains('=') => {
+            ("agent_history", more, Some(agent.clone()))
+        }
+        ("history", _) => {
+            eprintln!("usage: warden ctl history <agent id or name> [limit=N] [since=<time>]");
+            return Ok(ExitCode::from(2));
+        }
+        _ => (name, rest, None),
+    };
     let mut body = match parse_fields(rest) {
         Ok(b) => b,
         Err(e) => {
@@ -133,6 +145,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    if let Some(agent) = agent {
+        body["agent"] = Value::String(agent);
+    }
     // A create without a request_id gets one, so that this client's own retries are safe.
     let creates = crate::command::spec(name).is_some_and(|s| s.creates);
     if creates && body.get("request_id").is_none() {
@@ -407,8 +422,33 @@ pub fn render(command: &str, v: &Value) -> String {
             }
             out
         }
+        "agent_history" | "supervisor_history" => render_history(v),
         _ => render_plain(v, 0),
     }
+}
+
+/// One line per event: time, position in the log, entity, event, and what it carried.
+fn render_history(v: &Value) -> String {
+    let mut out = format!(
+        "{:<30} {:>12} {:<10} {:<38} {:<14} DATA\n",
+        "TIME", "LOG", "ENTITY", "ID", "EVENT"
+    );
+    for e in v["events"].as_array().into_iter().flatten() {
+        let data = serde_json::to_string(&e["data"]).unwrap_or_default();
+        let data: String = data.chars().take(100).collect();
+        out.push_str(&format!(
+            "{:<30} {:>12} {:<10} {:<38} {:<14} {data}\n",
+            e["time"].as_str().unwrap_or(""),
+            format!("{}.{}", e["index"], e["pos"]),
+            e["entity"].as_str().unwrap_or(""),
+            e["id"].as_str().unwrap_or(""),
+            e["event"].as_str().unwrap_or(""),
+        ));
+    }
+    if v["partial"].as_bool() == Some(true) {
+        out.push_str("(partial: the history holds more than one query reads)\n");
+    }
+    out
 }
 
 fn render_status(v: &Value) -> String {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod ctl;
 pub mod events;
 pub mod faults;
+pub mod history;
 pub mod inputs;
 pub mod metrics;
 pub mod netfault;

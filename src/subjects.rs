@@ -12,6 +12,10 @@ pub const LEADER_HINT: &str = "Warden-Leader";
 pub const EPOCH_HEADER: &str = "Warden-Epoch";
 /// Header naming one logical call across its retries, so that an agent handles it once.
 pub const CALL_ID_HEADER: &str = "Warden-Call-Id";
+/// JetStream's header naming a message for deduplication (a history event's position).
+pub const JS_MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream's header that makes a publish fail unless the stream's last sequence is this.
+pub const JS_EXPECTED_LAST_SEQ: &str = "Nats-Expected-Last-Sequence";
 
 use crate::registry::REGISTRY_VERSION;
 
@@ -278,6 +282,38 @@ impl Subjects {
     /// Events matching a filter tail such as `node.*.joined` or `>`.
     pub fn event_filter(&self, filter: &str) -> String {
         format!("{}.evt.{filter}", self.prefix)
+    }
+
+    /// The JetStream stream that keeps the cluster's lifecycle history: `warden-<cluster>-history`.
+    pub fn history_stream(&self) -> String {
+        format!("{}-history", self.prefix.replace('.', "-"))
+    }
+
+    /// A history event: `warden.<cluster>.hist.sup.<supervisor>.<entity>.<id>.<event>` for an
+    /// agent's or a supervisor's event, `warden.<cluster>.hist.cluster.<entity>.<id>.<event>`
+    /// for the others (nodes, templates, gaps). Filed under the supervisor so that one filter
+    /// subject (nats-server 2.9 takes one per consumer) reads an agent's history
+    /// (`history_of_agent`) or a supervisor's with its agents' (`history_of_supervisor`).
+    pub fn history(&self, supervisor: Option<&str>, entity: &str, id: &str, event: &str) -> String {
+        match supervisor {
+            Some(s) => format!("{}.hist.sup.{s}.{entity}.{id}.{event}", self.prefix),
+            None => format!("{}.hist.cluster.{entity}.{id}.{event}", self.prefix),
+        }
+    }
+
+    /// Every history subject: the stream's one subject.
+    pub fn history_all(&self) -> String {
+        format!("{}.hist.>", self.prefix)
+    }
+
+    /// The history of one agent, by id, whichever supervisor it had.
+    pub fn history_of_agent(&self, id: &str) -> String {
+        format!("{}.hist.sup.*.agent.{id}.*", self.prefix)
+    }
+
+    /// The history of one supervisor and of the agents it supervised.
+    pub fn history_of_supervisor(&self, name: &str) -> String {
+        format!("{}.hist.sup.{name}.>", self.prefix)
     }
 
     /// Calls and casts to any agent: `warden.<cluster>.agent.*.*`.

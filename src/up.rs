@@ -128,9 +128,16 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts `nats-server` from PATH on a free loopback port, with `extra` arguments.
+    /// Starts `nats-server` from PATH on a free loopback port, with JetStream (storing in
+    /// `dir/jetstream`: the history) and `extra` arguments.
     pub async fn start(dir: &Path, extra: &[String]) -> anyhow::Result<NatsServer> {
-        Self::start_on(dir, None, extra).await
+        let mut args = vec![
+            "-js".to_string(),
+            "-sd".to_string(),
+            dir.join("jetstream").to_string_lossy().into_owned(),
+        ];
+        args.extend_from_slice(extra);
+        Self::start_on(dir, None, &args).await
     }
 
     /// Starts `nats-server` on `port` (a free one when `None`), with `extra` arguments.
@@ -545,6 +552,7 @@ async fn start(
     println!("  warden ctl tree");
     println!("  warden ctl call hits op=add n=1");
     println!("  warden ctl call hits op=crash");
+    println!("  warden ctl history hits        (its lifecycle, from JetStream)");
     println!("  warden ctl watch");
     println!("Logs and data: {:?}. Ctrl-C stops everything.", args.dir);
     Ok(())

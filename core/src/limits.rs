@@ -489,6 +489,17 @@ pub const EXPORT_TTL_MS: u64 = 120_000;
 /// keeps most of them (`MAX_COMMANDS_IN_FLIGHT`) for other commands.
 pub const SPAWN_WAITERS: usize = 1_024;
 const _: () = assert!(SPAWN_WAITERS * 4 <= MAX_COMMANDS_IN_FLIGHT);
+
+/// History queries (`agent_history`, `supervisor_history`) one node runs at once, each an
+/// ephemeral consumer on the stream; past it, `unavailable`.
+pub const HISTORY_READERS: usize = 16;
+/// A history query answers at most this many events (`limit`; default
+/// `HISTORY_DEFAULT_LIMIT`)...
+pub const HISTORY_MAX_LIMIT: usize = 1_000;
+pub const HISTORY_DEFAULT_LIMIT: usize = 100;
+/// ...and reads at most this many from the stream (the answer is then `partial`).
+pub const HISTORY_SCAN: usize = 20_000;
+const _: () = assert!(HISTORY_SCAN >= 8 * HISTORY_MAX_LIMIT);
 const _: () = assert!(MAX_START_FAILURES >= MAX_GROUP as usize);
 
 /// What a report costs in MessagePack besides its error: an id, a node, an epoch, a status, a

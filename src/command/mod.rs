@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod history;
 pub mod placement;
 pub mod reply;
 pub mod supervisor;
@@ -20,6 +21,7 @@ pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 
 pub use crate::registry::SpawnSubtree;
 pub use cluster::{JoinRequest, LeaveRequest};
+pub use history::{AgentHistory, SupervisorHistory};
 pub use placement::{DrainNode, GrantId, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
 pub use transfer::{
@@ -124,6 +126,10 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::UpdateAgent) },
     Spec { name: "wait_agent", route: Route::Wait, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::WaitAgent) },
+    Spec { name: "agent_history", route: Route::History, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::AgentHistory) },
+    Spec { name: "supervisor_history", route: Route::History, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::SupervisorHistory) },
     Spec { name: "register_template", route: Route::Write, creates: true, role: Role::Operator,
            parse: |f| f.get().map(Command::RegisterTemplate) },
     Spec { name: "spawn_subtree", route: Route::Write, creates: true, role: Role::Operator,
@@ -237,6 +243,8 @@ pub enum Command {
     Handoff(Handoff),
     FinishAgents(FinishAgents),
     WaitAgent(WaitAgent),
+    AgentHistory(AgentHistory),
+    SupervisorHistory(SupervisorHistory),
     RegisterTemplate(RegisterTemplate),
     DeleteTemplate(TemplateRef),
     GetTemplate(TemplateRef),
@@ -264,6 +272,8 @@ pub enum Route {
     /// On the node that received it, from its own copy of the registry, waiting for a change
     /// up to the body's `timeout_ms` (`wait_agent`).
     Wait,
+    /// On the node that received it, from the cluster's history stream in JetStream.
+    History,
 }
 
 /// The fields of a command without any (`health`, `cluster_status`): none are accepted.
@@ -334,6 +344,8 @@ impl Command {
             Command::Heartbeat(_) => Ok(()),
             Command::FinishAgents(f) => f.validate(),
             Command::WaitAgent(w) => w.validate(),
+            Command::AgentHistory(h) => h.validate(),
+            Command::SupervisorHistory(h) => h.validate(),
             Command::RegisterTemplate(r) => r.validate(),
             Command::DeleteTemplate(t) | Command::GetTemplate(t) => t.validate(),
             Command::FindTemplates(f) => f.validate(),

@@ -472,6 +472,12 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
     if route_of(&req.command) == Some(Route::Local) {
         return Answer::Local(parse(req, enc).map(|_| node.health()));
     }
+    if route_of(&req.command) == Some(Route::History) {
+        return Answer::Local(match parse(req, enc) {
+            Ok(cmd) => history(node, cmd).await,
+            Err(e) => Err(e),
+        });
+    }
     if route_of(&req.command) == Some(Route::Wait) {
         return Answer::Local(match parse(req, enc) {
             Ok(Command::WaitAgent(w)) => wait_agent(node, &w).await,
@@ -681,6 +687,61 @@ pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u6
             return None;
         }
     }
+}
+
+/// `agent_history` and `supervisor_history`: read from the history stream here, through at
+/// most `limits::HISTORY_READERS` queries at once. An agent's name is resolved in this node's
+/// copy of the registry (an agent that is gone is known by its id only).
+async fn history(node: &Node, cmd: Command) -> Result<serde_json::Value, WireError> {
+    use crate::command::history::limit_of;
+    use crate::history::query::{read, Query};
+    if !node.cfg.history.enabled {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            "the history is off on this node ([history] enabled = false)",
+        ));
+    }
+    let Ok(_reading) = node.history_readers.clone().try_acquire_owned() else {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this node already runs {} history queries; retry with backoff",
+                limits::HISTORY_READERS
+            ),
+        ));
+    };
+    let query = match cmd {
+        Command::AgentHistory(h) => {
+            let id = match h.agent.parse::<uuid::Uuid>() {
+                Ok(id) => id,
+                Err(_) => match node.state_read().registry.agent(&h.agent) {
+                    Some(a) => a.id,
+                    None => {
+                        return Err(WireError::new(
+                            ErrorCode::NotFound,
+                            format!(
+                                "no agent named {:?}; an agent that is gone is known by its id",
+                                h.agent
+                            ),
+                        ))
+                    }
+                },
+            };
+            Query {
+                filter: node.subjects.history_of_agent(&id.to_string()),
+                limit: limit_of(h.limit),
+                since: h.since,
+            }
+        }
+        Command::SupervisorHistory(h) => Query {
+            filter: node.subjects.history_of_supervisor(&h.name),
+            limit: limit_of(h.limit),
+            since: h.since,
+        },
+        _ => return Err(WireError::new(ErrorCode::Internal, "not a history read")),
+    };
+    let js = crate::history::publish::context(node.client.clone());
+    read(&js, &node.subjects, query).await
 }
 
 /// `wait_agent`: waits on this node's own copy of the registry until the agent is done, and

@@ -65,6 +65,8 @@ pub struct Node {
     inflight_internal: Arc<Semaphore>,
     /// Client spawns waiting for their agent's first start (`limits::SPAWN_WAITERS`).
     spawn_waiters: Arc<Semaphore>,
+    /// History queries running on this node (`limits::HISTORY_READERS`).
+    history_readers: Arc<Semaphore>,
     /// On the leader: the subtree copies `export_subtree` is paging through.
     exports: export::Exports,
     started: Instant,
@@ -512,6 +514,11 @@ impl Node {
                     )),
                 }
             }
+            // Answered where they arrive (`dispatch`), from the stream, not the registry.
+            Command::AgentHistory(_) | Command::SupervisorHistory(_) => Err(WireError::new(
+                ErrorCode::Internal,
+                "a history read is answered by the node that receives it",
+            )),
             Command::FinishAgents(f) => {
                 let cmd = RegistryCmd::FinishAgents { items: f.items };
                 self.propose(cmd, None, size).await

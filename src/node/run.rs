@@ -122,7 +122,14 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let store = Store::open(&cfg.data_dir)?;
     let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
     let flushes = metrics.enabled().then(|| metrics.log_flushes());
-    let (log, sm, state) = store.raft_parts_timed(Some(events_tx), flushes)?;
+    let outbox = match cfg.history.enabled {
+        true => Some(Arc::new(crate::history::outbox::Outbox::open(
+            &cfg.data_dir.join("history"),
+            cfg.history.outbox_max_bytes,
+        )?)),
+        false => None,
+    };
+    let (log, sm, state) = store.raft_parts_timed(Some(events_tx), flushes, outbox.clone())?;
     let contacts = Arc::new(Contacts::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -225,6 +232,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         inflight: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         spawn_waiters: Arc::new(Semaphore::new(limits::SPAWN_WAITERS)),
+        history_readers: Arc::new(Semaphore::new(limits::HISTORY_READERS)),
         exports: Default::default(),
         started: std::time::Instant::now(),
         lease: lease::Lease::default(),
@@ -249,6 +257,34 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         intake.spawn(dispatch::serve(node.clone(), sub, feed, flag(&intake_rx)));
     }
     tasks.spawn(events_loop(node.clone(), events_rx, flag(&stop_rx)));
+    if let Some(outbox) = outbox {
+        let (leading_tx, leading) = watch::channel(false);
+        let mut server = raft.server_metrics();
+        let stopped = flag(&stop_rx);
+        tasks.spawn(async move {
+            let follow = async {
+                loop {
+                    let now = server.borrow_and_update().state == openraft::ServerState::Leader;
+                    leading_tx.send_if_modified(|was| std::mem::replace(was, now) != now);
+                    if server.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stopped => {}
+                _ = follow => {}
+            }
+        });
+        tasks.spawn(crate::history::publish::run(
+            client.clone(),
+            subjects.clone(),
+            cfg.history.clone(),
+            outbox,
+            leading,
+            flag(&stop_rx),
+        ));
+    }
     // The host stops first, on its own signal, while heartbeats, Raft and the command path
     // still run: its agents' graceful stops keep their lease (see `Running::stop`).
     let (host_stop_tx, host_stop_rx) = watch::channel(false);

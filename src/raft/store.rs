@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 
 use super::snapshot_files::{Checksummed, Received, SnapshotDir, SnapshotFile};
 use super::typ::*;
+use crate::history::outbox::Outbox;
 use crate::registry::{Registry, RegistryData, RegistryEvent, Step, Unfinished, REGISTRY_VERSION};
 
 const VOTE: &[u8] = b"vote";
@@ -198,14 +199,16 @@ impl Store {
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
-        self.raft_parts_timed(events, None)
+        self.raft_parts_timed(events, None, None)
     }
 
-    /// `raft_parts`, with every flush of the log timed into `flushes`.
+    /// `raft_parts`, with every flush of the log timed into `flushes`, and the events of every
+    /// applied entry written to `history` (set to the stored snapshot's index here).
     pub fn raft_parts_timed(
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
         flushes: Option<prometheus_client::metrics::histogram::Histogram>,
+        history: Option<Arc<Outbox>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
         let (flusher, flush_rx) = mpsc::channel(crate::limits::FLUSH_QUEUE);
         let db = self.db.clone();
@@ -231,6 +234,9 @@ impl Store {
             pending += kv?.1.len();
         }
         self.log_bytes.add(pending);
+        if let Some(outbox) = &history {
+            outbox.begin(state.last_applied.map_or(0, |l| l.index))?;
+        }
         let purged: Option<LogId> = match meta.get(PURGED)? {
             Some(v) => crate::protocol::from_msgpack(&v)?,
             None => None,
@@ -276,6 +282,7 @@ impl Store {
             stored: mark,
             state: shared.clone(),
             events,
+            history,
             log_bytes: self.log_bytes.clone(),
             receiving: None,
             #[cfg(test)]
@@ -694,6 +701,8 @@ pub struct StateMachine {
     stored: StoredMark,
     state: SharedState,
     events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
+    /// Where the events of every applied entry are written for the history stream.
+    history: Option<Arc<Outbox>>,
     log_bytes: Arc<LogBytes>,
     /// The snapshot being received, decoded on a blocking thread as its chunks arrive.
     receiving: Option<Decoding>,
@@ -981,9 +990,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
             let mut applying = Applying::new(entry);
+            let index = applying.log_id.index;
+            // The events of this entry so far: the next one's place among them.
+            let mut emitted = 0u32;
             // Bounded slices of work under the lock, and a yield between two: Raft's
             // heartbeats, lease renewals and readers run while a large entry applies.
-            while !self.apply_slice(&mut applying, &mut events, slice) {
+            loop {
+                let from = events.len();
+                let done = self.apply_slice(&mut applying, &mut events, slice);
+                if let Some(outbox) = &self.history {
+                    // Written as they come, a slice's worth at a time: the outbox has them
+                    // before the entry's reply, and a large entry is not encoded at once.
+                    let new = &events[from..];
+                    outbox
+                        .append(index, emitted, new)
+                        .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+                    emitted = emitted.saturating_add(new.len() as u32);
+                }
+                if done {
+                    break;
+                }
                 tokio::task::yield_now().await;
                 slice = Instant::now();
             }
@@ -1026,6 +1052,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         self.log_bytes.snapshot_taken();
         SnapshotBuilder {
+            history: self.history.clone(),
             last_applied,
             membership,
             data,
@@ -1082,6 +1109,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // seconds: on the blocking pool, not on a thread of Raft's runtime, whose heartbeats and
         // votes must go on meanwhile. Then the file becomes the stored one.
         let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
+        let history = self.history.clone();
         #[cfg(test)]
         let streamed = self.streamed_installs.clone();
         let loaded = tokio::task::spawn_blocking(move || {
@@ -1104,6 +1132,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             let decoded_ms = began.elapsed().as_millis() as u64;
             let index = for_store.last_log_id.map_or(0, |l| l.index);
+            if let Some(outbox) = &history {
+                // The entries this node skips have no events here: say so durably before the
+                // snapshot is named (on start the outbox is cut back to it).
+                outbox
+                    .installed(index)
+                    .and_then(|()| outbox.sync())
+                    .map_err(|e| format!("note the skipped entries in the history outbox: {e}"))?;
+            }
             let name = mark
                 .files
                 .adopt(file, &path, index)
@@ -1178,6 +1214,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Builds a snapshot from the copy taken in `get_snapshot_builder`.
 pub struct SnapshotBuilder {
+    history: Option<Arc<Outbox>>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     data: RegistryData,
@@ -1205,9 +1242,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let (tree, mark, for_store) = (self.snapshot.clone(), self.stored.clone(), meta.clone());
+        let history = self.history.clone();
         let began = Instant::now();
         let built = on_low_priority_thread(move || {
             let index = for_store.last_log_id.map_or(0, |l| l.index);
+            if let Some(outbox) = &history {
+                // The events of every entry the snapshot covers were written when the copy was
+                // taken; durable before it is named, since they are never written again.
+                outbox
+                    .sync()
+                    .map_err(|e| format!("sync the history outbox: {e}"))?;
+            }
             // Records as MessagePack arrays rather than maps: at a million agents less than
             // half the bytes (204 MB against 438 MB) and faster both ways. The decoder reads
             // either form, so snapshots written by older versions (maps) still load, and a

@@ -4,6 +4,7 @@
 mod agents;
 mod cluster;
 mod commands;
+mod history;
 mod metrics;
 mod partition;
 mod placement;

@@ -42,10 +42,21 @@ pub struct Nats {
 impl Nats {
     /// Starts nats-server in `dir` with identities for nodes 1..=`nodes`.
     pub async fn start(dir: &std::path::Path, nodes: u64) -> Nats {
+        Self::start_js(dir, nodes, true).await
+    }
+
+    /// `start`, with or without JetStream.
+    pub async fn start_js(dir: &std::path::Path, nodes: u64, jetstream: bool) -> Nats {
         let auth = dir.join("auth");
         warden::auth::ensure(&auth, CLUSTER, nodes).unwrap();
-        let server = NatsServer::start(dir, &auth_args(&auth)).await.unwrap();
-        Nats { server, auth }
+        let server = match jetstream {
+            true => NatsServer::start(dir, &auth_args(&auth)).await,
+            false => NatsServer::start_on(dir, None, &auth_args(&auth)).await,
+        };
+        Nats {
+            server: server.unwrap(),
+            auth,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -169,7 +180,7 @@ pub async fn supervisor_names(client: &Client) -> Vec<String> {
 pub struct InProcessNode {
     /// A client with the admin identity.
     pub client: Client,
-    _nats: Nats,
+    pub nats: Nats,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -182,8 +193,14 @@ impl InProcessNode {
 
     /// Starts a node whose config `tweak` may change first.
     pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> InProcessNode {
+        Self::start_js(true, tweak).await
+    }
+
+    /// `start_with`, on a nats-server with or without JetStream.
+    pub async fn start_js(jetstream: bool, tweak: impl FnOnce(&mut NodeConfig)) -> InProcessNode {
         let dir = tempfile::tempdir().unwrap();
-        let nats = Nats::start(dir.path(), 1).await;
+        // Identity `node-2` too: tests read the history stream with it.
+        let nats = Nats::start_js(dir.path(), 2, jetstream).await;
         let mut cfg = NodeConfig {
             id: 1,
             cluster: CLUSTER.into(),
@@ -214,7 +231,7 @@ impl InProcessNode {
         .await;
         InProcessNode {
             client,
-            _nats: nats,
+            nats,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

@@ -921,6 +921,7 @@ pub(super) fn agent_event(
         epoch: a.epoch,
         seq: a.seq,
         data,
+        supervisor: Some(a.supervisor.clone()),
     }
 }
 

@@ -286,6 +286,10 @@ pub struct RegistryEvent {
     pub epoch: u64,
     pub seq: u64,
     pub data: Value,
+    /// The supervisor the event belongs to: an agent's own supervisor, or the supervisor
+    /// itself; none for nodes and templates. The history stream files events under it.
+    #[serde(default)]
+    pub supervisor: Option<String>,
 }
 
 /// The serializable content of the registry: what snapshots carry.
@@ -1011,6 +1015,7 @@ impl Registry {
             epoch: 0,
             seq: sup.seq,
             data,
+            supervisor: Some(sup.name.clone()),
         });
         self.insert_supervisor(sup.clone());
         Ok(sup)

@@ -624,6 +624,7 @@ pub(super) fn node_event(
         epoch: 0,
         seq: n.seq,
         data,
+        supervisor: None,
     }
 }
 

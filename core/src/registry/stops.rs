@@ -127,6 +127,7 @@ impl Registry {
             epoch: 0,
             seq: s.seq,
             data: json!({ "name": name, "id": s.id, "parent": s.parent }),
+            supervisor: Some(name.to_string()),
         });
         self.children.remove(name);
         if let Some(parent) = &s.parent {

@@ -485,5 +485,6 @@ fn template_event(
         epoch: 0,
         seq: t.seq,
         data,
+        supervisor: None,
     }
 }

@@ -168,6 +168,7 @@ impl Registry {
                 "max_seconds": s.max_seconds,
                 "backoff": s.backoff,
             }),
+            supervisor: Some(s.name.clone()),
         });
         Ok(Applied::SupervisorUpdated(Box::new(s.clone())))
     }

@@ -218,6 +218,8 @@ pub struct Outbox {
     dir: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    /// Held through a whole `sync`.
+    syncing: Mutex<()>,
     /// The position of the last event written (or gap), for the publisher to wait on.
     written: watch::Sender<Option<Pos>>,
 }
@@ -229,6 +231,8 @@ struct Inner {
     file: Option<File>,
     /// Rolled segments not yet synced.
     unsynced: Vec<Pos>,
+    /// Segments removed from `segments` whose files are still to be deleted, outside the lock.
+    doomed: Vec<Pos>,
     /// The last position written.
     last: Option<Pos>,
     /// The last log index whose events are all written (or known to be missing).
@@ -238,10 +242,17 @@ struct Inner {
     /// The last position the stream was seen to hold (`prune`), kept in the file `published`:
     /// where a new leader resumes when the stream's last message aged out.
     published: Option<Pos>,
+    /// Entries whose events could not be written (`from`, `through`): a gap, written once the
+    /// disk takes writes again.
+    failed: Option<(u64, u64)>,
 }
 
 /// The file that keeps `Inner::published`.
 const PUBLISHED: &str = "published";
+/// The file that keeps the log index through which the outbox was last synced whole
+/// (`sync`): on start, an outbox short of its snapshot (the history was off for a while, or
+/// a sync failed) records a gap for the difference.
+const COVERED: &str = "covered";
 
 /// Where a reader of the outbox is: the segment and the byte in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +267,31 @@ pub struct Batch {
     pub records: Vec<Record>,
     /// Where to read next (`None`: the segment read was removed; start again from the floor).
     pub next: Option<Cursor>,
+}
+
+/// Whether a stream that ends at `end` misses events an outbox whose floor is `floor` no
+/// longer holds. An entry's events end wherever they end, so a floor at the next entry's
+/// start misses nothing.
+pub fn misses(end: Pos, floor: Pos) -> bool {
+    floor > end.succ() && floor != Pos::new(end.index.saturating_add(1), 0)
+}
+
+fn read_mark(path: &Path) -> Option<Pos> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| crate::protocol::from_msgpack::<Pos>(&b).ok())
+}
+
+/// Writes `at` to the file `path` through a temporary file and a rename; synced if `sync`.
+fn write_mark(path: &Path, at: Pos, sync: bool) -> std::io::Result<()> {
+    let bytes = rmp_serde::to_vec(&at).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    if sync {
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 impl Outbox {
@@ -276,9 +312,6 @@ impl Outbox {
             bytes += len;
             segments.insert(at, len);
         }
-        let published = std::fs::read(dir.join(PUBLISHED))
-            .ok()
-            .and_then(|b| crate::protocol::from_msgpack::<Pos>(&b).ok());
         Ok(Outbox {
             dir: dir.to_path_buf(),
             max_bytes: max_bytes.max(2 * SEGMENT_BYTES),
@@ -286,11 +319,14 @@ impl Outbox {
                 segments,
                 file: None,
                 unsynced: Vec::new(),
+                doomed: Vec::new(),
                 last: None,
                 applied: 0,
                 bytes,
-                published,
+                published: read_mark(&dir.join(PUBLISHED)),
+                failed: None,
             }),
+            syncing: Mutex::new(()),
             written: watch::channel(None).0,
         })
     }
@@ -303,8 +339,22 @@ impl Outbox {
         self.dir.join(at.file_name())
     }
 
+    /// Deletes the files of segments removed from the map (called without the lock).
+    fn delete_doomed(&self) {
+        let doomed = std::mem::take(&mut self.lock().doomed);
+        for at in doomed {
+            if let Err(e) = std::fs::remove_file(self.path(at)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, "could not remove a history segment");
+                }
+            }
+        }
+    }
+
     /// Sets the outbox to a state machine that has applied up to `applied` (its snapshot's
     /// index): what was written past it is removed, since openraft applies those entries again.
+    /// If what is left falls short of `applied` (a record that does not read back, the
+    /// history off for a while, a sync that failed), a `Gap` record says so.
     pub fn begin(&self, applied: u64) -> anyhow::Result<()> {
         let mut inner = self.lock();
         let cut = Pos::new(applied.saturating_add(1), 0);
@@ -318,23 +368,22 @@ impl Outbox {
             let len = inner.segments.remove(&at).unwrap_or(0);
             inner.bytes -= len;
         }
-        let current = match inner.segments.last_key_value() {
-            Some((at, _)) => *at,
+        let (current, fresh) = match inner.segments.last_key_value() {
+            Some((at, _)) => (*at, false),
             None => {
                 File::create(self.path(cut))?;
                 sync_dir(&self.dir)?;
                 inner.segments.insert(cut, 0);
-                cut
+                (cut, true)
             }
         };
         // Keep the records of the last segment before `cut` that are whole.
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .append(true)
             .open(self.path(current))?;
-        let (keep, last) = scan(&mut file, |r| r.last() < cut)?;
+        let (keep, last, clean) = scan(&mut file, |r| r.last() < cut)?;
         file.set_len(keep)?;
-        file.seek(SeekFrom::Start(keep))?;
         let old = inner.segments.insert(current, keep).unwrap_or(0);
         inner.bytes = inner.bytes - old + keep;
         inner.file = Some(file);
@@ -342,19 +391,77 @@ impl Outbox {
         let last = last.or_else(|| (current != Pos::new(0, 0)).then(|| current.pred()));
         inner.last = last;
         inner.applied = applied;
+        inner.failed = None;
+        let reached = last.map_or(0, |l| l.index);
+        let covered = read_mark(&self.dir.join(COVERED)).map_or(0, |c| c.index);
+        let short = match (fresh, clean) {
+            (true, _) => None,
+            (false, false) => Some(reached.saturating_add(1)),
+            (false, true) if covered < applied => Some(covered.max(reached).saturating_add(1)),
+            (false, true) => None,
+        };
+        if let Some(from) = short.filter(|from| *from <= applied) {
+            tracing::warn!(
+                from,
+                to = applied,
+                "the history outbox lacks these entries' events; the history gets a gap"
+            );
+            self.write(&mut inner, &Record::Gap { from, to: applied })?;
+        }
+        let last = inner.last;
         drop(inner);
+        self.delete_doomed();
         self.written.send_replace(last);
         Ok(())
     }
 
     /// Writes the events `events` of entry `index`, the first at place `first`; called as
     /// the entry applies, also with no events (so that the outbox knows the entry was
-    /// applied). Events at or before the last one written are skipped.
-    pub fn append(&self, index: u64, first: u32, events: &[RegistryEvent]) -> std::io::Result<()> {
+    /// applied). Events at or before the last one written are skipped. A write that fails is
+    /// logged and its entry becomes a gap: the history never stops the registry.
+    pub fn append(&self, index: u64, first: u32, events: &[RegistryEvent]) {
         let mut inner = self.lock();
         if inner.file.is_none() {
-            return Ok(());
+            return;
         }
+        if let Some((from, through)) = inner.failed {
+            if index <= through {
+                return;
+            }
+            match self.write(&mut inner, &Record::Gap { from, to: through }) {
+                Ok(()) => {
+                    tracing::info!(from, to = through, "the history outbox writes again");
+                    inner.failed = None;
+                }
+                Err(_) => {
+                    inner.failed = Some((from, index));
+                    return;
+                }
+            }
+        }
+        let written = self.append_events(&mut inner, index, first, events);
+        match written {
+            Ok(()) => inner.applied = inner.applied.max(index),
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    index,
+                    "could not write to the history outbox; its events become a gap"
+                );
+                inner.failed = Some((index, index));
+            }
+        }
+        drop(inner);
+        self.delete_doomed();
+    }
+
+    fn append_events(
+        &self,
+        inner: &mut Inner,
+        index: u64,
+        first: u32,
+        events: &[RegistryEvent],
+    ) -> std::io::Result<()> {
         let mut chunk = Vec::new();
         let mut chunk_first = first;
         let mut weight = 0;
@@ -375,7 +482,7 @@ impl Outbox {
                 };
                 chunk_first = at.pos.saturating_add(1);
                 weight = 0;
-                self.write(&mut inner, &record)?;
+                self.write(inner, &record)?;
             }
         }
         if !chunk.is_empty() {
@@ -384,9 +491,8 @@ impl Outbox {
                 first: chunk_first,
                 events: chunk,
             };
-            self.write(&mut inner, &record)?;
+            self.write(inner, &record)?;
         }
-        inner.applied = inner.applied.max(index);
         Ok(())
     }
 
@@ -397,49 +503,65 @@ impl Outbox {
         if inner.file.is_none() || index <= inner.applied {
             return Ok(());
         }
-        let record = Record::Gap {
-            from: inner.applied + 1,
-            to: index,
-        };
-        self.write(&mut inner, &record)?;
+        // Past what is written already (an outbox cut back to a floor beyond its snapshot
+        // holds nothing before that floor, and needs no gap for it).
+        let from = (inner.applied + 1).max(inner.last.map_or(0, |l| l.index + 1));
+        if from <= index {
+            self.write(&mut inner, &Record::Gap { from, to: index })?;
+        }
         inner.applied = index;
+        inner.failed = None;
+        drop(inner);
+        self.delete_doomed();
         Ok(())
     }
 
     fn write(&self, inner: &mut Inner, record: &Record) -> std::io::Result<()> {
+        let first = match record {
+            Record::Events { index, first, .. } => Pos::new(*index, *first),
+            Record::Gap { from, .. } => Pos::new(*from, 0),
+        };
+        if inner.last.is_some_and(|last| first <= last) {
+            // Positions only grow; the callers never ask otherwise.
+            return Err(std::io::Error::other(format!(
+                "history record at {first} is not past {}",
+                inner.last.map_or(String::new(), |l| l.to_string())
+            )));
+        }
         let payload = rmp_serde::to_vec(record).map_err(std::io::Error::other)?;
         let mut frame = Vec::with_capacity(payload.len() + 8);
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
-        let (current, len) = inner
+        let (mut current, len) = inner
             .segments
             .last_key_value()
             .map(|(k, v)| (*k, *v))
             .ok_or_else(|| std::io::Error::other("the outbox has no segment"))?;
-        let mut current = current;
         if len >= SEGMENT_BYTES {
-            // Roll: the new segment covers from this record's first position on.
-            let from = match record {
-                Record::Events { index, first, .. } => Pos::new(*index, *first),
-                Record::Gap { from, .. } => Pos::new(*from, 0),
-            };
+            // Roll: the new segment covers from this record's first position on (past the
+            // current one's name: the current one is not empty, and positions only grow).
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .read(true)
-                .open(self.path(from))?;
+                .open(self.path(first))?;
             inner.unsynced.push(current);
-            inner.segments.insert(from, 0);
+            inner.segments.insert(first, 0);
             inner.file = Some(file);
-            current = from;
+            current = first;
             self.bound(inner);
         }
+        let keep = inner.segments.get(&current).copied().unwrap_or(0);
         let file = inner
             .file
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the outbox is not open"))?;
-        file.write_all(&frame)?;
+        if let Err(e) = file.write_all(&frame) {
+            // Leave no torn record behind: what follows must read back.
+            let _ = file.set_len(keep);
+            return Err(e);
+        }
         if let Some(l) = inner.segments.get_mut(&current) {
             *l += frame.len() as u64;
         }
@@ -450,7 +572,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Past `max_bytes`, removes the oldest segments (never the one written to).
+    /// Past `max_bytes`, drops the oldest segments (never the one written to); their files go
+    /// after the lock is released.
     fn bound(&self, inner: &mut Inner) {
         while inner.bytes > self.max_bytes && inner.segments.len() > 1 {
             let Some((at, len)) = inner.segments.pop_first() else {
@@ -463,72 +586,83 @@ impl Outbox {
                 "the history outbox is over its bound: its oldest events were dropped before \
                  the history stream held them"
             );
-            if let Err(e) = std::fs::remove_file(self.path(at)) {
-                tracing::warn!(error = %e, "could not remove a history segment");
-            }
             inner.unsynced.retain(|u| *u != at);
+            inner.doomed.push(at);
             inner.bytes -= len;
         }
     }
 
-    /// Makes every event written so far durable. Blocking: call it off the runtime.
+    /// Makes every event written so far durable, and notes through which log index. Blocking:
+    /// call it off the runtime. One sync at a time: a second waits for the first, so that
+    /// neither returns before what it covers is synced.
     pub fn sync(&self) -> std::io::Result<()> {
-        let (file, rolled) = {
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, rolled, applied, failed) = {
             let mut inner = self.lock();
             let file = match &inner.file {
                 Some(f) => Some(f.try_clone()?),
                 None => None,
             };
-            (file, std::mem::take(&mut inner.unsynced))
+            let rolled = std::mem::take(&mut inner.unsynced);
+            (file, rolled, inner.applied, inner.failed.is_some())
         };
-        for at in &rolled {
-            match File::open(self.path(*at)) {
-                Ok(f) => f.sync_data()?,
-                // Removed meanwhile (published or over the bound): nothing to keep.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        let synced = (|| {
+            for at in &rolled {
+                match File::open(self.path(*at)) {
+                    Ok(f) => f.sync_data()?,
+                    // Removed meanwhile (published or over the bound): nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
+            if let Some(f) = &file {
+                f.sync_data()?;
+            }
+            sync_dir(&self.dir)
+        })();
+        if let Err(e) = synced {
+            // Synced again next time.
+            self.lock().unsynced.extend(rolled);
+            return Err(e);
         }
-        if let Some(f) = file {
-            f.sync_data()?;
+        if !failed {
+            write_mark(&self.dir.join(COVERED), Pos::new(applied, 0), true)?;
+            sync_dir(&self.dir)?;
         }
-        sync_dir(&self.dir)
+        Ok(())
     }
 
     /// Notes that the stream holds everything up to `published`, and removes the segments
-    /// whose events are all at or before it.
+    /// whose events are all at or before it. Blocking (file removals): call it off the runtime.
     pub fn prune(&self, published: Pos) {
-        let mut inner = self.lock();
-        if inner.published < Some(published) {
-            inner.published = Some(published);
+        let next = published.succ();
+        let mark = {
+            let mut inner = self.lock();
+            loop {
+                let mut keys = inner.segments.keys();
+                let (Some(&first), Some(&second)) = (keys.next(), keys.next()) else {
+                    break;
+                };
+                if second > next {
+                    break;
+                }
+                let len = inner.segments.remove(&first).unwrap_or(0);
+                inner.unsynced.retain(|u| *u != first);
+                inner.doomed.push(first);
+                inner.bytes -= len;
+            }
+            let newer = inner.published < Some(published);
+            if newer {
+                inner.published = Some(published);
+            }
+            newer
+        };
+        self.delete_doomed();
+        if mark {
             // Not synced: after a crash the mark is older, never wrong.
-            let write = rmp_serde::to_vec(&published)
-                .map_err(std::io::Error::other)
-                .and_then(|b| {
-                    let tmp = self.dir.join("published.tmp");
-                    std::fs::write(&tmp, b)?;
-                    std::fs::rename(&tmp, self.dir.join(PUBLISHED))
-                });
-            if let Err(e) = write {
+            if let Err(e) = write_mark(&self.dir.join(PUBLISHED), published, false) {
                 tracing::warn!(error = %e, "could not note where the history stream ends");
             }
-        }
-        let next = published.succ();
-        loop {
-            let mut keys = inner.segments.keys();
-            let (Some(&first), Some(&second)) = (keys.next(), keys.next()) else {
-                break;
-            };
-            if second > next {
-                break;
-            }
-            if let Err(e) = std::fs::remove_file(self.path(first)) {
-                tracing::warn!(error = %e, "could not remove a history segment");
-                break;
-            }
-            let len = inner.segments.remove(&first).unwrap_or(0);
-            inner.unsynced.retain(|u| *u != first);
-            inner.bytes -= len;
         }
     }
 
@@ -552,23 +686,25 @@ impl Outbox {
         self.lock().bytes
     }
 
-    /// A cursor at the start of the segment that holds `after`'s successor (the floor's, if
-    /// none does).
+    /// A cursor at the start of the segment that holds what follows `after` (the floor's
+    /// when `after` is none); none if the outbox no longer holds it (`misses`).
     pub fn cursor_after(&self, after: Option<Pos>) -> Option<Cursor> {
         let inner = self.lock();
+        let floor = *inner.segments.first_key_value()?.0;
         let segment = match after {
+            Some(a) if misses(a, floor) => return None,
             Some(a) => inner
                 .segments
                 .range(..=a.succ())
                 .next_back()
-                .map(|(k, _)| *k)
-                .or_else(|| inner.segments.first_key_value().map(|(k, _)| *k)),
-            None => inner.segments.first_key_value().map(|(k, _)| *k),
-        }?;
+                .map_or(floor, |(k, _)| *k),
+            None => floor,
+        };
         Some(Cursor { segment, offset: 0 })
     }
 
-    /// Reads whole records from `cursor` on, up to about `max_bytes` of them.
+    /// Reads whole records from `cursor` on, up to about `max_bytes` of them. A segment that
+    /// does not read back (the disk lost part of it) reads as a gap up to the next one.
     pub fn read(&self, cursor: Cursor, max_bytes: usize) -> std::io::Result<Batch> {
         let (len, next_segment) = {
             let inner = self.lock();
@@ -616,13 +752,30 @@ impl Outbox {
         }
         if records.is_empty() {
             // Below the length written, a record that does not read back: the disk lost it.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "history segment {} is corrupt at byte {offset}",
-                    cursor.segment
-                ),
-            ));
+            let Some(next) = next_segment.filter(|n| n.index > cursor.segment.index) else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "history segment {} is corrupt at byte {offset}",
+                        cursor.segment
+                    ),
+                ));
+            };
+            tracing::error!(
+                segment = %cursor.segment,
+                offset,
+                "a history segment does not read back; its rest becomes a gap"
+            );
+            return Ok(Batch {
+                records: vec![Record::Gap {
+                    from: cursor.segment.index,
+                    to: next.index - 1,
+                }],
+                next: Some(Cursor {
+                    segment: next,
+                    offset: 0,
+                }),
+            });
         }
         Ok(Batch {
             records,
@@ -663,19 +816,24 @@ fn read_record(r: &mut impl std::io::Read) -> std::io::Result<Option<(Record, u6
 }
 
 /// Reads `file` from its start while records are whole and `keep` says so: the length they
-/// take and the last position among them.
-fn scan(file: &mut File, keep: impl Fn(&Record) -> bool) -> std::io::Result<(u64, Option<Pos>)> {
+/// take, the last position among them, and whether it stopped cleanly (at the end, or at a
+/// record `keep` refused) rather than at one that does not read back.
+fn scan(
+    file: &mut File,
+    keep: impl Fn(&Record) -> bool,
+) -> std::io::Result<(u64, Option<Pos>, bool)> {
+    let size = file.metadata()?.len();
     file.seek(SeekFrom::Start(0))?;
     let mut reader = std::io::BufReader::new(&*file);
     let (mut len, mut last) = (0, None);
-    while let Some((record, size)) = read_record(&mut reader)? {
+    while let Some((record, bytes)) = read_record(&mut reader)? {
         if !keep(&record) {
-            break;
+            return Ok((len, last, true));
         }
-        len += size;
+        len += bytes;
         last = Some(record.last());
     }
-    Ok((len, last))
+    Ok((len, last, len == size))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -735,14 +893,14 @@ mod tests {
         let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
         outbox.begin(0).unwrap();
         for i in 1..=10 {
-            outbox.append(i, 0, &[event(i), event(i + 100)]).unwrap();
+            outbox.append(i, 0, &[event(i), event(i + 100)]);
         }
         drop(outbox);
         let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
         outbox.begin(6).unwrap();
         assert_eq!(all(&outbox).len(), 12, "entries 1..=6 kept");
         for i in 7..=10 {
-            outbox.append(i, 0, &[event(i), event(i + 100)]).unwrap();
+            outbox.append(i, 0, &[event(i), event(i + 100)]);
         }
         let got = all(&outbox);
         assert_eq!(got.len(), 20);
@@ -759,7 +917,7 @@ mod tests {
         for i in 1..=200 {
             let mut e = event(i);
             e.data = big.clone();
-            outbox.append(i, 0, &[e]).unwrap();
+            outbox.append(i, 0, &[e]);
         }
         assert!(
             outbox.bytes() <= 3 * SEGMENT_BYTES + SEGMENT_BYTES,
@@ -782,8 +940,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
         outbox.begin(0).unwrap();
-        outbox.append(1, 0, &[event(1)]).unwrap();
-        outbox.append(2, 0, &[event(2)]).unwrap();
+        outbox.append(1, 0, &[event(1)]);
+        outbox.append(2, 0, &[event(2)]);
         drop(outbox);
         let seg = std::fs::read_dir(dir.path())
             .unwrap()
@@ -803,5 +961,72 @@ mod tests {
         assert_eq!(all(&outbox), vec![Pos::new(1, 0)]);
         outbox.installed(5).unwrap();
         assert_eq!(all(&outbox), vec![Pos::new(1, 0), Pos::new(5, u32::MAX)]);
+    }
+
+    /// Goal: an outbox short of its snapshot (the history was off while snapshots went on)
+    /// says so with a gap on start, and positions keep growing after an install.
+    #[test]
+    fn an_outbox_short_of_its_snapshot_records_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        outbox.begin(0).unwrap();
+        outbox.append(1, 0, &[event(1)]);
+        outbox.append(2, 0, &[event(2)]);
+        outbox.sync().unwrap();
+        drop(outbox);
+        // The node ran on without history to a snapshot at 50.
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        outbox.begin(50).unwrap();
+        assert_eq!(
+            all(&outbox),
+            vec![Pos::new(1, 0), Pos::new(2, 0), Pos::new(50, u32::MAX)]
+        );
+        outbox.append(51, 0, &[event(51)]);
+        outbox.installed(60).unwrap();
+        outbox.append(61, 0, &[event(61)]);
+        let got = all(&outbox);
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        assert_eq!(got[got.len() - 2], Pos::new(60, u32::MAX));
+        // Synced through 61: a restart at a snapshot of 61 needs no gap.
+        outbox.sync().unwrap();
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        outbox.begin(61).unwrap();
+        assert_eq!(all(&outbox).last().copied(), Some(Pos::new(61, 0)));
+    }
+
+    /// Goal: a segment that does not read back reads as a gap up to the next one, and the
+    /// reader goes on there.
+    #[test]
+    fn a_corrupt_segment_reads_as_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 1 << 30).unwrap();
+        outbox.begin(0).unwrap();
+        let big = serde_json::json!({ "pad": "x".repeat(600_000) });
+        for i in 1..=20 {
+            let mut e = event(i);
+            e.data = big.clone();
+            outbox.append(i, 0, &[e]);
+        }
+        let first = outbox.floor().unwrap();
+        let path = dir.path().join(first.file_name());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let got = all(&outbox);
+        assert_eq!(got[0].pos, u32::MAX, "a gap first: {got:?}");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        assert_eq!(got.last().copied(), Some(Pos::new(20, 0)));
+    }
+
+    /// Goal: a stream end right at an entry's end followed by a floor at the next entry's
+    /// start misses nothing; a floor further on does.
+    #[test]
+    fn what_a_stream_misses() {
+        assert!(!misses(Pos::new(7, 3), Pos::new(8, 0)));
+        assert!(!misses(Pos::new(7, 3), Pos::new(7, 4)));
+        assert!(misses(Pos::new(7, 3), Pos::new(9, 0)));
+        assert!(misses(Pos::new(7, 3), Pos::new(7, 9)));
+        assert!(!misses(Pos::new(7, 3), Pos::new(5, 0)));
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use tokio::sync::watch;
 
-use super::outbox::{Outbox, Pos, Record, Stored};
+use super::outbox::{misses, Outbox, Pos, Record, Stored};
 use super::{msg_id, parse_msg_id, HistoryConfig};
 use crate::subjects::Subjects;
 
@@ -70,6 +70,9 @@ pub async fn run(
     let js = context(client);
     let mut backoff =
         crate::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // Moved rounds in a row wait more and more: two publishers (a deposed leader) must not
+    // spin against JetStream.
+    let mut moved = crate::retry::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     let mut warned = false;
     loop {
         let round = async {
@@ -77,7 +80,7 @@ pub async fn run(
                 lead(&js, &subjects, &cfg, &outbox, &leading).await
             } else {
                 match stream_end(&js, &subjects).await {
-                    Ok((_, Some(at))) => outbox.prune(at),
+                    Ok((_, Some(at))) => prune(&outbox, at).await,
                     Ok((_, None)) => {}
                     Err(e) => return Ended::Failed(e),
                 }
@@ -93,11 +96,12 @@ pub async fn run(
         let pause = match ended {
             Ended::NotLeading => {
                 backoff.reset();
+                moved.reset();
                 continue;
             }
             Ended::Moved(why) => {
                 tracing::info!(%why, "the history stream moved on; reading its end again");
-                Duration::ZERO
+                moved.next_pause()
             }
             Ended::Failed(why) => {
                 if !warned {
@@ -167,10 +171,16 @@ async fn stream_end(
                 .unwrap_or_default();
             match parse_msg_id(&id) {
                 Some(at) => Ok((last_seq, Some(at))),
-                None => Err(format!(
-                    "the history stream's last message ({last_seq}) has no position as its \
-                     message id ({id:?}): something else publishes on its subjects"
-                )),
+                None => {
+                    // Not ours: something else publishes on the stream's subjects. Resume
+                    // where this node last saw the stream end.
+                    tracing::warn!(
+                        sequence = last_seq,
+                        %id,
+                        "the history stream's last message has no position as its id"
+                    );
+                    Ok((last_seq, None))
+                }
             }
         }
         // Aged out or removed: the outbox was pruned up to it already.
@@ -197,21 +207,33 @@ async fn lead(
         Ok(end) => end,
         Err(e) => return Ended::Failed(e),
     };
-    if at.is_none() && last_seq > 0 {
+    if last_seq == 0 {
+        // A new stream: its first message is a marker at position 0.0, so that every later
+        // publish expects a real sequence (nats-server ignores an expected last sequence of
+        // 0), and two leaders that both found it empty collide on its message id.
+        match publish_one(js, started_message(subjects), Pos::new(0, 0), 0).await {
+            Ok(seq) => {
+                last_seq = seq;
+                at = Some(Pos::new(0, 0));
+            }
+            Err(e) => return e,
+        }
+    }
+    if at.is_none() {
         // The stream's last message aged out (max_age): resume where this node last saw it
         // end, not from the start of its outbox.
         at = outbox.published();
     }
     let mut leading = leading.clone();
     let mut written = outbox.written();
-    // A stream that holds less than the outbox's floor misses what lies between.
-    if let (Some(stream_at), Some(floor)) = (at, outbox.floor()) {
-        if stream_at.succ() < floor {
+    // A stream that ends before the outbox's floor misses what lies between.
+    if let (Some(end), Some(floor)) = (at, outbox.floor()) {
+        if misses(end, floor) {
             let gap = Gap {
-                from: stream_at.succ(),
+                from: end.succ(),
                 to: floor.pred(),
             };
-            match publish_gap(js, subjects, &gap, last_seq).await {
+            match publish_one(js, gap_message(subjects, &gap), gap.to, last_seq).await {
                 Ok(seq) => {
                     last_seq = seq;
                     at = Some(gap.to);
@@ -221,7 +243,8 @@ async fn lead(
         }
     }
     let Some(mut cursor) = outbox.cursor_after(at) else {
-        return Ended::Failed("the history outbox has no segment".into());
+        // The floor rose meanwhile (over the bound): look again, and say so.
+        return Ended::Moved("the outbox dropped what the stream lacks".into());
     };
     let mut since_prune = tokio::time::Instant::now();
     loop {
@@ -247,7 +270,7 @@ async fn lead(
             }
             // Caught up: note where the stream ends (a quiet stream may age out entirely).
             if let Some(p) = at.filter(|p| Some(*p) != outbox.published()) {
-                outbox.prune(p);
+                prune(outbox, p).await;
                 since_prune = tokio::time::Instant::now();
             }
             // Until something is written, or leadership changes (checked once a second too).
@@ -277,8 +300,10 @@ async fn lead(
                     })
                     .collect(),
                 Record::Gap { from, to } => {
+                    // Only what the stream does not hold already is missing.
+                    let from = Pos::new(from, 0).max(at.map_or(Pos::new(0, 0), Pos::succ));
                     let gap = Gap {
-                        from: Pos::new(from, 0),
+                        from,
                         to: Pos::new(to, u32::MAX),
                     };
                     vec![(gap.to, Message::Gap(gap))]
@@ -311,7 +336,7 @@ async fn lead(
         }
         if let Some(p) = at {
             if since_prune.elapsed() >= Duration::from_secs(1) {
-                outbox.prune(p);
+                prune(outbox, p).await;
                 since_prune = tokio::time::Instant::now();
             }
         }
@@ -374,6 +399,11 @@ impl Message {
 }
 
 fn gap_message(subjects: &Subjects, g: &Gap) -> (String, Vec<u8>) {
+    tracing::warn!(
+        from = %g.from,
+        to = %g.to,
+        "the history stream misses events this node no longer holds: publishing a gap"
+    );
     let id = g.to.index.to_string();
     let subject = subjects.history(None, "history", &id, "gap");
     let body = serde_json::json!({
@@ -385,7 +415,7 @@ fn gap_message(subjects: &Subjects, g: &Gap) -> (String, Vec<u8>) {
         "id": id,
         "time": chrono::Utc::now(),
         "data": {
-            "from_index": g.from.index,
+            "from_index": g.from.index.max(1),
             "to_index": g.to.index,
             "why": "this node's outbox no longer held these entries' events when it published \
                     (over its bound while the stream was unreachable, or skipped by a snapshot)",
@@ -394,30 +424,49 @@ fn gap_message(subjects: &Subjects, g: &Gap) -> (String, Vec<u8>) {
     (subject, serde_json::to_vec(&body).unwrap_or_default())
 }
 
-async fn publish_gap(
+/// Publishes one message at position `at`, expecting the stream to end at `last_seq`; the
+/// stream's new last sequence.
+async fn publish_one(
     js: &jetstream::Context,
-    subjects: &Subjects,
-    gap: &Gap,
+    (subject, body): (String, Vec<u8>),
+    at: Pos,
     last_seq: u64,
 ) -> Result<u64, Ended> {
-    tracing::warn!(
-        from = %gap.from,
-        to = %gap.to,
-        "the history stream misses events this node no longer holds: publishing a gap"
-    );
-    let (subject, body) = gap_message(subjects, gap);
     let publish = PublishMessage::build()
         .payload(body.into())
-        .message_id(msg_id(gap.to))
+        .message_id(msg_id(at))
         .expected_last_sequence(last_seq);
     let ack = js
         .send_publish(subject, publish)
         .await
-        .map_err(|e| Ended::Failed(format!("publish a history gap: {e}")))?;
-    let mut acks = VecDeque::from([(gap.to, ack)]);
-    let (mut seq, mut at) = (last_seq, None);
-    settle(&mut acks, 1, &mut seq, &mut at).await?;
+        .map_err(|e| Ended::Failed(format!("publish history: {e}")))?;
+    let mut acks = VecDeque::from([(at, ack)]);
+    let (mut seq, mut end) = (last_seq, None);
+    settle(&mut acks, 1, &mut seq, &mut end).await?;
     Ok(seq)
+}
+
+/// Notes the stream's end in the outbox, which removes what it holds (file removals: off
+/// the runtime).
+async fn prune(outbox: &Arc<Outbox>, at: Pos) {
+    let outbox = outbox.clone();
+    let _ = tokio::task::spawn_blocking(move || outbox.prune(at)).await;
+}
+
+/// The new stream's first message.
+fn started_message(subjects: &Subjects) -> (String, Vec<u8>) {
+    let subject = subjects.history(None, "history", "0", "started");
+    let body = serde_json::json!({
+        "v": super::HISTORY_VERSION,
+        "index": 0,
+        "pos": 0,
+        "event": "started",
+        "entity": "history",
+        "id": "0",
+        "time": chrono::Utc::now(),
+        "data": {},
+    });
+    (subject, serde_json::to_vec(&body).unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //!
 //! A query is an ephemeral pull consumer on the stream with one filter subject (nats-server
 //! 2.9 takes one), deleted when done. Without `since` it answers the latest `limit` events:
-//! it starts `limit` times a widening window of sequences before the stream's end until the
-//! filter finds that many (or the window reaches the stream's start), so a long history is not
-//! read from its beginning. With `since` it answers the first `limit` events at or after that
-//! time. Either way oldest first, and at most `limits::HISTORY_SCAN` messages read.
+//! it starts a window of sequences back from the stream's end, widened until the filter finds
+//! that many (or the window covers the stream) and narrowed while it finds more than a query
+//! reads, so a long history is not read from its beginning. With `since` it answers the first
+//! `limit` events at or after that time. Either way oldest first, at most
+//! `limits::HISTORY_SCAN` messages read, with the `gap` events of the same span (a second
+//! consumer: gaps are the cluster's, filed under no supervisor).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -94,45 +96,120 @@ async fn read_inner(
         .map_err(|e| js_error("read the history stream", e))?
         .state
         .clone();
-    let mut config = consumer::pull::Config {
-        filter_subject: q.filter.clone(),
+    let first = state.first_sequence.max(1);
+    let config = |filter: &str, deliver_policy| consumer::pull::Config {
+        filter_subject: filter.to_string(),
+        deliver_policy,
         ack_policy: consumer::AckPolicy::None,
         inactive_threshold: Duration::from_secs(30),
         memory_storage: true,
         ..Default::default()
     };
-    let mut consumer;
-    if let Some(since) = q.since {
-        config.deliver_policy = consumer::DeliverPolicy::ByStartTime { start_time: since };
-        consumer = create(&stream, config).await?;
-    } else {
-        // The latest `limit`: widen a window back from the stream's end until it holds them.
-        let mut window = (q.limit as u64).saturating_mul(4).max(64);
-        loop {
-            let start = state
-                .last_sequence
-                .saturating_sub(window)
-                .max(state.first_sequence)
-                .max(1);
-            config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            };
-            consumer = create(&stream, config.clone()).await?;
-            let found = consumer.cached_info().num_pending;
-            if found >= q.limit as u64 || start <= state.first_sequence.max(1) {
-                break;
-            }
-            let name = consumer.cached_info().name.clone();
-            let _ = stream.delete_consumer(&name).await;
-            window = window.saturating_mul(8);
-        }
-    }
+    let deliver = match q.since {
+        // The stream stores a message after its event happened, by the NATS server's clock:
+        // start a margin earlier for clocks apart, and keep what is at or after `since` by the
+        // events' own time.
+        Some(since) => consumer::DeliverPolicy::ByStartTime {
+            start_time: since - chrono::Duration::seconds(SINCE_MARGIN_S),
+        },
+        None => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: latest_start(&stream, q, state.last_sequence, first, &config).await?,
+        },
+    };
+    let consumer = create(&stream, config(&q.filter, deliver)).await?;
     let pending = consumer.cached_info().num_pending;
     let name = consumer.cached_info().name.clone();
     let answer = drain(&consumer, pending, q).await;
-    // Best effort: it goes by itself once inactive anyway.
     let _ = stream.delete_consumer(&name).await;
-    answer
+    let (mut events, partial) = answer?;
+    // Gaps are the cluster's, not one entity's: read those in the same range too, and put
+    // them among the events by position.
+    let gaps_filter = subjects.history(None, "history", "*", "gap");
+    let gaps = create(&stream, config(&gaps_filter, deliver)).await?;
+    let pending = gaps.cached_info().num_pending;
+    let name = gaps.cached_info().name.clone();
+    let all_gaps = Query {
+        filter: gaps_filter,
+        limit: limits::HISTORY_MAX_LIMIT,
+        since: q.since,
+    };
+    let found = drain(&gaps, pending, &all_gaps).await;
+    let _ = stream.delete_consumer(&name).await;
+    let (gaps, _) = found?;
+    let position = |e: &Value| {
+        (
+            e["index"].as_u64().unwrap_or(0),
+            e["pos"].as_u64().unwrap_or(0),
+        )
+    };
+    // From the first event answered on (a gap after the last one counts too: later events
+    // of the agent may be in it).
+    let lo = events.first().map(position);
+    events.extend(
+        gaps.into_iter()
+            .filter(|g| lo.is_none_or(|lo| position(g) >= lo)),
+    );
+    events.sort_by_key(position);
+    Ok(json!({ "events": events, "partial": partial }))
+}
+
+/// The events' time may be this far before the NATS server's clock when it stores them.
+const SINCE_MARGIN_S: i64 = 60;
+
+/// Probes (consumers made and deleted) a `latest` query spends finding its window.
+const WINDOW_PROBES: usize = 24;
+
+/// Where a `latest limit` query starts: a window of sequences back from the stream's end
+/// that holds at least `limit` of the filter's events (or the whole stream), and at most
+/// `limits::HISTORY_SCAN` (narrowed by halves between the last window too small and the
+/// first large enough), so the query reads the latest events and not older ones.
+async fn latest_start(
+    stream: &jetstream::stream::Stream,
+    q: &Query,
+    last: u64,
+    first: u64,
+    config: &impl Fn(&str, consumer::DeliverPolicy) -> consumer::pull::Config,
+) -> Result<u64, WireError> {
+    let start_of = |window: u64| last.saturating_sub(window).saturating_add(1).max(first);
+    let count = |window: u64| {
+        let cfg = config(
+            &q.filter,
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_of(window),
+            },
+        );
+        async move {
+            let c = create(stream, cfg).await?;
+            let found = c.cached_info().num_pending;
+            let _ = stream.delete_consumer(&c.cached_info().name).await;
+            Ok::<u64, WireError>(found)
+        }
+    };
+    let (want, scan) = (q.limit as u64, limits::HISTORY_SCAN as u64);
+    let mut probes = 0;
+    let (mut small, mut window) = (0u64, want.saturating_mul(4).max(64));
+    // Widen until the window holds `limit`, or covers the stream.
+    let mut found = count(window).await?;
+    probes += 1;
+    while found < want && start_of(window) > first && probes < WINDOW_PROBES {
+        small = window;
+        window = window.saturating_mul(8);
+        found = count(window).await?;
+        probes += 1;
+    }
+    // Narrow while it holds more than one query reads.
+    let mut large = window;
+    while found > scan && large - small > 1 && probes < WINDOW_PROBES {
+        let mid = small + (large - small) / 2;
+        let f = count(mid).await?;
+        probes += 1;
+        if f >= want {
+            (large, found) = (mid, f);
+        } else {
+            small = mid;
+        }
+    }
+    Ok(start_of(large))
 }
 
 async fn create(
@@ -145,19 +222,19 @@ async fn create(
         .map_err(|e| js_error("read the history", e))
 }
 
-/// Reads the consumer's `pending` messages, keeping what the query answers.
+/// Reads the consumer's `pending` messages (at most `limits::HISTORY_SCAN`), keeping what
+/// the query answers: with `since`, the first `limit` at or after it; without, the last
+/// `limit`. Also whether the scan bound may have cut the answer short.
 async fn drain(
     consumer: &consumer::Consumer<consumer::pull::Config>,
     pending: u64,
     q: &Query,
-) -> Result<Value, WireError> {
+) -> Result<(Vec<Value>, bool), WireError> {
     let want = pending.min(limits::HISTORY_SCAN as u64);
     let mut kept: VecDeque<Value> = VecDeque::new();
     let mut got = 0u64;
-    // With `since`, the first `limit` (by the events' own time: a message is stored after its
-    // event happened, so the stream's start time finds them all, and some before); without,
-    // the last `limit` of what the window holds.
-    while got < want && !(q.since.is_some() && kept.len() >= q.limit) {
+    let full = |kept: &VecDeque<Value>| q.since.is_some() && kept.len() >= q.limit;
+    while got < want && !full(&kept) {
         let batch = (want - got).min(256) as usize;
         let mut messages = consumer
             .fetch()
@@ -178,10 +255,7 @@ async fn drain(
                 let time = event["time"]
                     .as_str()
                     .and_then(|t| t.parse::<DateTime<Utc>>().ok());
-                if time.is_some_and(|t| t < since) {
-                    continue;
-                }
-                if kept.len() >= q.limit {
+                if time.is_some_and(|t| t < since) || kept.len() >= q.limit {
                     continue;
                 }
             }
@@ -195,8 +269,6 @@ async fn drain(
             break;
         }
     }
-    Ok(json!({
-        "events": Vec::from(kept),
-        "partial": pending > want,
-    }))
+    let partial = pending > want && !full(&kept);
+    Ok((Vec::from(kept), partial))
 }

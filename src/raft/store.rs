@@ -1002,9 +1002,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // Written as they come, a slice's worth at a time: the outbox has them
                     // before the entry's reply, and a large entry is not encoded at once.
                     let new = &events[from..];
-                    outbox
-                        .append(index, emitted, new)
-                        .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+                    outbox.append(index, emitted, new);
                     emitted = emitted.saturating_add(new.len() as u32);
                 }
                 if done {
@@ -1134,11 +1132,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let index = for_store.last_log_id.map_or(0, |l| l.index);
             if let Some(outbox) = &history {
                 // The entries this node skips have no events here: say so durably before the
-                // snapshot is named (on start the outbox is cut back to it).
-                outbox
-                    .installed(index)
-                    .and_then(|()| outbox.sync())
-                    .map_err(|e| format!("note the skipped entries in the history outbox: {e}"))?;
+                // snapshot is named (on start the outbox is cut back to it). A failure costs
+                // the history, never the registry: the outbox's mark stays short of this
+                // snapshot, and its next start records the gap.
+                if let Err(e) = outbox.installed(index).and_then(|()| outbox.sync()) {
+                    tracing::error!(error = %e, "could not note a snapshot in the history outbox");
+                }
             }
             let name = mark
                 .files
@@ -1248,10 +1247,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let index = for_store.last_log_id.map_or(0, |l| l.index);
             if let Some(outbox) = &history {
                 // The events of every entry the snapshot covers were written when the copy was
-                // taken; durable before it is named, since they are never written again.
-                outbox
-                    .sync()
-                    .map_err(|e| format!("sync the history outbox: {e}"))?;
+                // taken; durable before it is named, since they are never written again. A
+                // failure costs the history, not the snapshot: the outbox's mark stays short,
+                // and its next start records the gap.
+                if let Err(e) = outbox.sync() {
+                    tracing::error!(error = %e, "could not sync the history outbox");
+                }
             }
             // Records as MessagePack arrays rather than maps: at a million agents less than
             // half the bytes (204 MB against 438 MB) and faster both ways. The decoder reads

@@ -719,6 +719,9 @@ pub fn command_table() -> String {
             (_, Route::Membership) => "any node; the leader changes the membership",
             (_, Route::Wait) => "the node that receives it, from its copy of the registry",
             (_, Route::History) => "the node that receives it, from the history stream",
+            (_, Route::Figures) => {
+                "the nodes that run the agents, asked by the node that receives it"
+            }
         };
         let _ = writeln!(out, "| `{}` | {who} | {subjects} | {answers} |", spec.name);
     }

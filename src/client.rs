@@ -167,6 +167,7 @@ impl Client {
                 crate::command::Route::Read
                     | crate::command::Route::Local
                     | crate::command::Route::History
+                    | crate::command::Route::Figures
             )
         );
         let retry_timeouts = read || body.get("request_id").is_some();

@@ -46,6 +46,9 @@ pub struct CtlArgs {
     /// Total time to wait for an answer, retries included, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// `top`: print one view and exit (with `--json`, as one JSON object).
+    #[arg(long)]
+    pub once: bool,
     /// The command (`cluster_status`, `create_supervisor`, ...; `status`, `tree`, `watch` and
     /// `history <agent>` are shorthands), then its fields as key=value pairs or one JSON
     /// object.
@@ -115,6 +118,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
             return watch(&client, filter, args.json).await;
         }
         "call" | "cast" => return call_agent(&client, &args, name, rest).await,
+        "top" => return top(&client, &args, rest).await,
         "export" | "import" => {
             let result = match transfer(&client, &args, name, rest).await {
                 Ok(r) => r,
@@ -394,6 +398,184 @@ async fn watch(client: &Client, filter: Option<&str>, json: bool) -> anyhow::Res
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `warden ctl top [top=N] [every_ms=M]`: every node's role, status, agents, CPU, memory and
+/// commit lag, and the busiest agents of the cluster (by time spent in calls since each
+/// started on its node), refreshed every `every_ms` (default 2,000) until interrupted;
+/// `--once` prints one view, `--json` as JSON.
+async fn top(client: &Client, args: &CtlArgs, rest: &[String]) -> anyhow::Result<ExitCode> {
+    let fields = match parse_fields(rest) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}; usage: warden ctl top [top=N] [every_ms=M] [--once] [--json]");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let n = fields["top"].as_u64().unwrap_or(10).min(100) as usize;
+    let every = Duration::from_millis(fields["every_ms"].as_u64().unwrap_or(2_000).max(200));
+    // CPU seconds per node at the previous view, for a rate.
+    let mut before: std::collections::BTreeMap<u64, (std::time::Instant, f64)> = Default::default();
+    loop {
+        let view = match top_view(client, n).await {
+            Ok(v) => v,
+            Err(e) => return report(Err(e), "top", args, &Target::resolve(args)),
+        };
+        if args.once && args.json {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let text = render_top(&view, &mut before, n);
+        if args.once {
+            print!("{text}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Clear the screen and draw again.
+        print!("\x1b[2J\x1b[H{text}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One view for `top`: `cluster_status`, and `node_metrics` of every node that has not left.
+async fn top_view(client: &Client, n: usize) -> Result<Value, CallError> {
+    let status = client
+        .call("cluster_status", &serde_json::json!({}))
+        .await?;
+    let ids: Vec<u64> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["status"] != "left")
+        .filter_map(|x| x["id"].as_u64())
+        .collect();
+    let asks = ids.iter().map(|&id| {
+        let c = Client {
+            node: Some(id),
+            ..client.clone()
+        };
+        async move {
+            let m = c
+                .call("node_metrics", &serde_json::json!({ "top": n }))
+                .await;
+            (id, m)
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let mut nodes = Vec::new();
+    let mut busiest = Vec::new();
+    for (id, m) in answers {
+        let entry = status["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null);
+        match m {
+            Ok(m) => {
+                for a in m["busiest"].as_array().into_iter().flatten() {
+                    let mut a = a.clone();
+                    a["node"] = id.into();
+                    busiest.push(a);
+                }
+                nodes.push(serde_json::json!({ "status": entry, "metrics": m }));
+            }
+            Err(e) => nodes.push(serde_json::json!({
+                "status": entry,
+                "error": match e { CallError::Reply(e) => e.message, CallError::NoAnswer(w) => w },
+            })),
+        }
+    }
+    busiest.sort_by(|a, b| {
+        let busy = |v: &Value| v["busy_ms"].as_f64().unwrap_or(0.0);
+        busy(b).total_cmp(&busy(a))
+    });
+    busiest.truncate(n);
+    Ok(serde_json::json!({
+        "cluster": status["cluster"],
+        "leader": status["leader"],
+        "term": status["term"],
+        "nodes": nodes,
+        "busiest": busiest,
+    }))
+}
+
+fn render_top(
+    view: &Value,
+    before: &mut std::collections::BTreeMap<u64, (std::time::Instant, f64)>,
+    n: usize,
+) -> String {
+    let mut out = format!(
+        "cluster {}  leader {}  term {}\n\n{:<6} {:<12} {:<10} {:<8} {:>7} {:>6} {:>10} {:>10}\n",
+        view["cluster"].as_str().unwrap_or("?"),
+        view["leader"],
+        view["term"],
+        "NODE",
+        "NAME",
+        "ROLE",
+        "STATUS",
+        "AGENTS",
+        "CPU%",
+        "MEM_MB",
+        "COMMIT_LAG"
+    );
+    let now = std::time::Instant::now();
+    for x in view["nodes"].as_array().into_iter().flatten() {
+        let (s, m) = (&x["status"], &x["metrics"]);
+        let id = s["id"].as_u64().unwrap_or(0);
+        let cpu = m["cpu_seconds"].as_f64();
+        let pct = match (cpu, before.get(&id)) {
+            (Some(c), Some((t, c0))) if now > *t => {
+                format!("{:.0}", (c - c0) / (now - *t).as_secs_f64() * 100.0)
+            }
+            _ => "-".into(),
+        };
+        if let Some(c) = cpu {
+            before.insert(id, (now, c));
+        }
+        let cell = |v: &Value| {
+            if v.is_null() {
+                "-".to_string()
+            } else {
+                scalar(v)
+            }
+        };
+        out.push_str(&format!(
+            "{:<6} {:<12} {:<10} {:<8} {:>7} {:>6} {:>10} {:>10}{}\n",
+            id,
+            s["name"].as_str().unwrap_or(""),
+            m["role"].as_str().unwrap_or("?"),
+            s["status"].as_str().unwrap_or("?"),
+            cell(&m["agents"]["agents_running"]),
+            pct,
+            m["rss_bytes"]
+                .as_u64()
+                .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1_048_576.0)),
+            cell(&m["commit_lag"]),
+            x["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!("  ({e})")),
+        ));
+    }
+    out.push_str(&format!(
+        "\nbusiest {n} agents (time in calls since each started on its node)\n{:<38} {:<20} {:<10} {:>5} {:>9} {:>9} {:>7} {:>9} {:>5}\n",
+        "AGENT", "NAME", "KIND", "NODE", "CALLS", "ERRORS", "BUSY_S", "AVG_MS", "QUEUE"
+    ));
+    for a in view["busiest"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<38} {:<20} {:<10} {:>5} {:>9} {:>9} {:>7.1} {:>9.2} {:>5}\n",
+            a["agent"].as_str().unwrap_or(""),
+            a["name"].as_str().unwrap_or("-"),
+            a["kind"].as_str().unwrap_or(""),
+            a["node"],
+            a["calls"],
+            a["errors"],
+            a["busy_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+            a["avg_call_ms"].as_f64().unwrap_or(0.0),
+            a["mailbox_depth"],
+        ));
+    }
+    out
 }
 
 /// Readable rendering of a reply.

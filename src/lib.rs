@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod netfault;
 pub mod node;
 pub mod peers;
+pub mod procfs;
 pub mod protocol;
 pub mod raft;
 pub mod retry;

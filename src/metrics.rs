@@ -526,8 +526,8 @@ impl Metrics {
         self.lease_valid.set(node.lease.valid() as i64);
         self.cut_off.set(node.cut_off().is_some() as i64);
         self.resident_bytes
-            .set(crate::node::lease::resident_bytes() as i64);
-        if let Some(ticks) = crate::node::lease::cpu_ticks() {
+            .set(crate::procfs::resident_bytes() as i64);
+        if let Some(ticks) = crate::procfs::cpu_ticks() {
             let before = self.last_cpu_ticks.swap(ticks, Ordering::Relaxed);
             // Clock ticks are 10 ms on Linux (USER_HZ = 100).
             self.cpu_seconds

@@ -490,6 +490,16 @@ pub const EXPORT_TTL_MS: u64 = 120_000;
 pub const SPAWN_WAITERS: usize = 1_024;
 const _: () = assert!(SPAWN_WAITERS * 4 <= MAX_COMMANDS_IN_FLIGHT);
 
+/// Questions about its instances waiting for a node's host (`get_agent_metrics`,
+/// `get_supervisor_metrics`, `node_metrics`); past it, `unavailable`. Each is answered in one
+/// turn of the host's loop, a walk over every instance one chunk per question.
+pub const HOST_QUERY_QUEUE: usize = 64;
+/// Figure queries (`get_supervisor_metrics`, `node_metrics`) one node walks its instances for
+/// at once; past it, `unavailable`.
+pub const FIGURE_WALKS: usize = 4;
+/// `node_metrics` lists at most this many busiest agents.
+pub const NODE_METRICS_TOP: usize = 100;
+
 /// History queries (`agent_history`, `supervisor_history`) one node runs at once, each an
 /// ephemeral consumer on the stream; past it, `unavailable`.
 pub const HISTORY_READERS: usize = 16;

@@ -488,6 +488,10 @@ impl Agent for ExecAgent {
         json!({ "pid": self.pid })
     }
 
+    fn os_process(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
     /// The exit, once the last output lines are read too (they go into the result), but not
     /// later than `OUTPUT_DRAIN` after it: a descendant may keep the pipe open.
     fn take_exit(&mut self) -> Option<BoxFuture<'static, ExitReason>> {

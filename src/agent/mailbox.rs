@@ -13,6 +13,7 @@
 //! queued for an agent that nobody will run.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -48,6 +49,33 @@ pub struct Mailbox<M, S, P> {
     state: Mutex<State<M, S, P>>,
     ready: Notify,
     bound: usize,
+    /// What this instance did, for `get_agent_metrics`.
+    pub stats: Stats,
+}
+
+/// An instance's figures since it started on this node: counted by its task, read by anyone.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Calls handled (answered, refused, failed or crashed).
+    pub calls: AtomicU64,
+    /// Calls that did not succeed.
+    pub errors: AtomicU64,
+    /// Time spent handling calls, in microseconds.
+    pub busy_us: AtomicU64,
+    /// The OS process an `exec` agent runs (its process group), 0 for none.
+    pub pid: AtomicU32,
+}
+
+impl Stats {
+    /// Counts one call that took `took`.
+    pub fn call(&self, ok: bool, took: std::time::Duration) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.busy_us.fetch_add(us, Ordering::Relaxed);
+    }
 }
 
 struct State<M, S, P> {
@@ -72,7 +100,13 @@ impl<M, S, P> Mailbox<M, S, P> {
             }),
             ready: Notify::new(),
             bound,
+            stats: Stats::default(),
         }
+    }
+
+    /// Messages waiting.
+    pub fn depth(&self) -> usize {
+        self.lock().queue.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<M, S, P>> {

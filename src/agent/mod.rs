@@ -116,6 +116,12 @@ pub trait Agent: Send + 'static {
         Value::String("ok".into())
     }
 
+    /// The OS process the agent runs, if it runs one (`exec`): it leads a process group whose
+    /// memory and CPU time `get_agent_metrics` reports. Asked once, after start.
+    fn os_process(&self) -> Option<u32> {
+        None
+    }
+
     /// Taken once, right after start: a future that resolves when the agent ends by itself
     /// (an `exec` process exiting). Plain agents never end by themselves: `None`.
     ///

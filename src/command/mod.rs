@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod figures;
 pub mod history;
 pub mod placement;
 pub mod reply;
@@ -21,6 +22,7 @@ pub use agent::{AgentRef, ImportState, SpawnAgentGroup, WaitAgent};
 
 pub use crate::registry::SpawnSubtree;
 pub use cluster::{JoinRequest, LeaveRequest};
+pub use figures::{NodeMetrics, SupervisorMetrics};
 pub use history::{AgentHistory, SupervisorHistory};
 pub use placement::{DrainNode, GrantId, Handoff, Heartbeat, MigrateAgent, Rebalance};
 pub use supervisor::{GetSupervisionTree, ListSupervisors, StopSupervisor};
@@ -130,6 +132,12 @@ pub const TABLE: &[Spec] = &[
            parse: |f| f.get().map(Command::AgentHistory) },
     Spec { name: "supervisor_history", route: Route::History, creates: false, role: Role::Viewer,
            parse: |f| f.get().map(Command::SupervisorHistory) },
+    Spec { name: "get_agent_metrics", route: Route::Figures, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::AgentMetrics) },
+    Spec { name: "get_supervisor_metrics", route: Route::Figures, creates: false,
+           role: Role::Viewer, parse: |f| f.get().map(Command::SupervisorMetrics) },
+    Spec { name: "node_metrics", route: Route::Local, creates: false, role: Role::Viewer,
+           parse: |f| f.get().map(Command::NodeMetrics) },
     Spec { name: "register_template", route: Route::Write, creates: true, role: Role::Operator,
            parse: |f| f.get().map(Command::RegisterTemplate) },
     Spec { name: "spawn_subtree", route: Route::Write, creates: true, role: Role::Operator,
@@ -245,6 +253,9 @@ pub enum Command {
     WaitAgent(WaitAgent),
     AgentHistory(AgentHistory),
     SupervisorHistory(SupervisorHistory),
+    AgentMetrics(AgentRef),
+    SupervisorMetrics(SupervisorMetrics),
+    NodeMetrics(NodeMetrics),
     RegisterTemplate(RegisterTemplate),
     DeleteTemplate(TemplateRef),
     GetTemplate(TemplateRef),
@@ -274,6 +285,9 @@ pub enum Route {
     Wait,
     /// On the node that received it, from the cluster's history stream in JetStream.
     History,
+    /// On the nodes that run the agents, which the node that received it asks (per-agent
+    /// figures live there, not in the registry).
+    Figures,
 }
 
 /// The fields of a command without any (`health`, `cluster_status`): none are accepted.
@@ -346,6 +360,9 @@ impl Command {
             Command::WaitAgent(w) => w.validate(),
             Command::AgentHistory(h) => h.validate(),
             Command::SupervisorHistory(h) => h.validate(),
+            Command::AgentMetrics(a) => a.validate(),
+            Command::SupervisorMetrics(s) => s.validate(),
+            Command::NodeMetrics(n) => n.validate(),
             Command::RegisterTemplate(r) => r.validate(),
             Command::DeleteTemplate(t) | Command::GetTemplate(t) => t.validate(),
             Command::FindTemplates(f) => f.validate(),

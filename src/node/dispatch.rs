@@ -470,7 +470,17 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
         )));
     }
     if route_of(&req.command) == Some(Route::Local) {
-        return Answer::Local(parse(req, enc).map(|_| node.health()));
+        return Answer::Local(match parse(req, enc) {
+            Ok(Command::NodeMetrics(m)) => super::figures::node(node, m.top()).await,
+            Ok(_) => Ok(node.health()),
+            Err(e) => Err(e),
+        });
+    }
+    if route_of(&req.command) == Some(Route::Figures) {
+        return match parse(req, enc) {
+            Ok(cmd) => figures(node, req, cmd).await,
+            Err(e) => Answer::Local(Err(e)),
+        };
     }
     if route_of(&req.command) == Some(Route::History) {
         return Answer::Local(match parse(req, enc) {
@@ -686,6 +696,106 @@ pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u6
         if tokio::time::timeout(left, metrics.changed()).await.is_err() {
             return None;
         }
+    }
+}
+
+/// `get_agent_metrics`: answered here when the agent is placed here (or nowhere), relayed to
+/// its node otherwise. `get_supervisor_metrics`: this node's share, and every other live
+/// node's asked for at once (`local: true`), summed.
+async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
+    let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
+    match cmd {
+        Command::AgentMetrics(a) => {
+            let placed = {
+                let st = node.state_read();
+                st.registry.agent(&a.agent).map(|r| (r.id, r.node))
+            };
+            let Some((id, placed)) = placed else {
+                return Answer::Local(Err(WireError::new(
+                    ErrorCode::NotFound,
+                    format!("no agent {:?}", a.agent),
+                )));
+            };
+            match placed {
+                Some(n) if n != node.cfg.id && req.hops < limits::MAX_FORWARD_HOPS => {
+                    let onward = Request {
+                        hops: req.hops + 1,
+                        own: false,
+                        ..req.clone()
+                    };
+                    match forward_one(node, n, onward, deadline).await {
+                        Forwarded::Reply(body) => Answer::Forwarded(body),
+                        _ => Answer::Local(Err(WireError::new(
+                            ErrorCode::Unavailable,
+                            format!("node {n}, which runs the agent, did not answer; retry"),
+                        ))),
+                    }
+                }
+                _ => Answer::Local(super::figures::agent(node, id).await),
+            }
+        }
+        Command::SupervisorMetrics(s) if s.local => {
+            let here = super::figures::supervisor_here(node, &s.name).await;
+            Answer::Local(here.map(|sums| sums.to_json()))
+        }
+        Command::SupervisorMetrics(s) => {
+            let nodes: Vec<u64> = {
+                let st = node.state_read();
+                if st.registry.supervisor(&s.name).is_none() {
+                    return Answer::Local(Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("no supervisor {:?}", s.name),
+                    )));
+                }
+                st.registry
+                    .data()
+                    .nodes
+                    .values()
+                    .filter(|n| {
+                        !matches!(
+                            n.status,
+                            crate::registry::NodeStatus::Left | crate::registry::NodeStatus::Down
+                        )
+                    })
+                    .map(|n| n.id)
+                    .collect()
+            };
+            let body = serde_json::json!({ "name": s.name, "local": true });
+            let name = &s.name;
+            let asks = nodes.iter().map(|&n| {
+                let body = body.clone();
+                async move {
+                    if n == node.cfg.id {
+                        let here = super::figures::supervisor_here(node, name).await;
+                        return (n, here.map(|sums| sums.to_json()));
+                    }
+                    let onward = Request {
+                        command: req.command.clone(),
+                        content_type: Some(Encoding::Json.content_type().to_string()),
+                        hops: req.hops + 1,
+                        payload: serde_json::to_vec(&body).unwrap_or_default().into(),
+                        own: false,
+                    };
+                    let share = match forward_one(node, n, onward, deadline).await {
+                        Forwarded::Reply(bytes) => match Envelope::decode(&bytes) {
+                            Ok(env) => env.into_result(),
+                            Err(e) => Err(e),
+                        },
+                        _ => Err(WireError::new(ErrorCode::Unavailable, "no answer")),
+                    };
+                    (n, share)
+                }
+            });
+            let shares = futures::future::join_all(asks).await;
+            let mut answer = super::figures::sum_shares(&shares);
+            answer["supervisor"] = s.name.clone().into();
+            answer["nodes"] = nodes.into();
+            Answer::Local(Ok(answer))
+        }
+        _ => Answer::Local(Err(WireError::new(
+            ErrorCode::Internal,
+            "not a figures query",
+        ))),
     }
 }
 

@@ -588,7 +588,7 @@ pub async fn heartbeat_loop(node: Arc<Node>, stopped: impl Future<Output = ()>) 
             load: NodeLoad {
                 running: node.running_agents(),
                 cpu_permille: cpu.sample(),
-                mem_bytes: resident_bytes(),
+                mem_bytes: crate::procfs::resident_bytes(),
             },
             acked: node.lease.acked(),
             process: node.lease.process(),
@@ -635,7 +635,9 @@ struct CpuSampler {
 
 impl CpuSampler {
     fn sample(&mut self) -> u32 {
-        let Some(ticks) = cpu_ticks() else { return 0 };
+        let Some(ticks) = crate::procfs::cpu_ticks() else {
+            return 0;
+        };
         let now = Instant::now();
         let out = match self.last {
             Some((t, before)) => {
@@ -649,27 +651,6 @@ impl CpuSampler {
         self.last = Some((now, ticks));
         out
     }
-}
-
-pub(crate) fn cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-pub(crate) fn resident_bytes() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
 }
 
 #[cfg(test)]
@@ -897,7 +878,7 @@ mod tests {
 
     #[test]
     fn this_process_reports_its_memory_and_cpu() {
-        assert!(resident_bytes() > 0);
+        assert!(crate::procfs::resident_bytes() > 0);
         let mut s = CpuSampler::default();
         s.sample();
         let mut x = 0u64;

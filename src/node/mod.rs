@@ -5,6 +5,7 @@ pub(crate) mod batch;
 mod controller;
 mod dispatch;
 mod export;
+mod figures;
 mod forward;
 pub mod host;
 pub mod lease;
@@ -65,6 +66,10 @@ pub struct Node {
     inflight_internal: Arc<Semaphore>,
     /// Client spawns waiting for their agent's first start (`limits::SPAWN_WAITERS`).
     spawn_waiters: Arc<Semaphore>,
+    /// Questions to the host about its instances (`figures`).
+    host_asks: tokio::sync::mpsc::Sender<host::HostQuery>,
+    /// Walks over this node's instances running (`limits::FIGURE_WALKS`).
+    figure_walks: Arc<Semaphore>,
     /// History queries running on this node (`limits::HISTORY_READERS`).
     history_readers: Arc<Semaphore>,
     /// On the leader: the subtree copies `export_subtree` is paging through.
@@ -515,9 +520,13 @@ impl Node {
                 }
             }
             // Answered where they arrive (`dispatch`), from the stream, not the registry.
-            Command::AgentHistory(_) | Command::SupervisorHistory(_) => Err(WireError::new(
+            Command::AgentHistory(_)
+            | Command::SupervisorHistory(_)
+            | Command::AgentMetrics(_)
+            | Command::SupervisorMetrics(_)
+            | Command::NodeMetrics(_) => Err(WireError::new(
                 ErrorCode::Internal,
-                "a history read is answered by the node that receives it",
+                "answered by the node that receives it",
             )),
             Command::FinishAgents(f) => {
                 let cmd = RegistryCmd::FinishAgents { items: f.items };

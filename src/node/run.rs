@@ -214,7 +214,9 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     );
     let (forwarder, forward_batcher) =
         forward::Forwarder::start(peers.clone(), subjects.clone(), cfg.id, flag(&stop_rx));
+    let (host_asks, host_queries) = mpsc::channel(limits::HOST_QUERY_QUEUE);
     let node = Arc::new(Node {
+        host_asks,
         cfg: cfg.clone(),
         client: client.clone(),
         subjects: subjects.clone(),
@@ -233,6 +235,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         inflight_internal: Arc::new(Semaphore::new(limits::MAX_COMMANDS_IN_FLIGHT)),
         spawn_waiters: Arc::new(Semaphore::new(limits::SPAWN_WAITERS)),
         history_readers: Arc::new(Semaphore::new(limits::HISTORY_READERS)),
+        figure_walks: Arc::new(Semaphore::new(limits::FIGURE_WALKS)),
         exports: Default::default(),
         started: std::time::Instant::now(),
         lease: lease::Lease::default(),
@@ -288,7 +291,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     // The host stops first, on its own signal, while heartbeats, Raft and the command path
     // still run: its agents' graceful stops keep their lease (see `Running::stop`).
     let (host_stop_tx, host_stop_rx) = watch::channel(false);
-    let host_task = tokio::spawn(host::run(node.clone(), flag(&host_stop_rx)));
+    let host_task = tokio::spawn(host::run(node.clone(), host_queries, flag(&host_stop_rx)));
     let gate = node.clone();
     let round = Duration::from_millis(cfg.failure.lease_ms);
     let stopped = flag(&stop_rx);

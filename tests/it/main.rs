@@ -4,6 +4,7 @@
 mod agents;
 mod cluster;
 mod commands;
+mod figures;
 mod history;
 mod metrics;
 mod partition;

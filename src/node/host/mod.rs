@@ -143,12 +143,52 @@ enum Wake {
     LeaseEnd,
     Task(TaskEvent),
     Call(async_nats::Message),
+    Query(HostQuery),
     Log(Uuid, String),
     StartsDue,
     StopsOverdue,
     Reconcile,
     /// A helper task ended.
     Helper,
+}
+
+/// A question about this node's instances (`node::figures`), answered from the host's loop
+/// at once: plain figures, never the agents themselves.
+pub enum HostQuery {
+    /// Agent `id`'s instance, if one runs here.
+    One(Uuid, tokio::sync::oneshot::Sender<Option<Figures>>),
+    /// Up to `RECONCILE_CHUNK` instances with ids after the given one, in id order: a walk
+    /// over every instance takes one such turn per chunk.
+    After(
+        Option<Uuid>,
+        tokio::sync::oneshot::Sender<Vec<(Uuid, Figures)>>,
+    ),
+}
+
+/// An instance's figures since it started on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub calls: u64,
+    pub errors: u64,
+    pub busy_us: u64,
+    /// Messages waiting in its mailbox.
+    pub depth: usize,
+    /// Its OS process group (`exec`), 0 for none.
+    pub pid: u32,
+}
+
+impl Instance {
+    fn figures(&self) -> Figures {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.mailbox.stats;
+        Figures {
+            calls: s.calls.load(Relaxed),
+            errors: s.errors.load(Relaxed),
+            busy_us: s.busy_us.load(Relaxed),
+            depth: self.mailbox.depth(),
+            pid: s.pid.load(Relaxed),
+        }
+    }
 }
 
 pub(crate) struct Host {
@@ -207,7 +247,11 @@ struct Pass {
 }
 
 /// Runs the host until `stopped` resolves, then stops every local agent, last started first.
-pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
+pub async fn run(
+    node: Arc<Node>,
+    mut queries: mpsc::Receiver<HostQuery>,
+    stopped: impl Future<Output = ()>,
+) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (logs_tx, mut logs) = mpsc::channel(AGENT_LOG_QUEUE);
     let pending = Arc::new(Pending::default());
@@ -294,6 +338,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
             Ok(()) = grants.changed() => Wake::Granted,
             _ = sleep_until_opt(fence_at) => Wake::LeaseEnd,
             Some(msg) = calls.next() => Wake::Call(msg),
+            Some(q) = queries.recv() => Wake::Query(q),
             Some((id, line)) = logs.recv() => Wake::Log(id, line),
             _ = sleep_until_opt(next_start) => Wake::StartsDue,
             _ = sleep_until_opt(next_kill) => Wake::StopsOverdue,
@@ -315,6 +360,7 @@ pub async fn run(node: Arc<Node>, stopped: impl Future<Output = ()>) {
                 }
             }
             Wake::Call(msg) => host.route(msg).await,
+            Wake::Query(q) => host.answer(q),
             Wake::Log(id, line) => host.publish_log(id, line).await,
             Wake::StartsDue => host.start_due(),
             Wake::StopsOverdue => host.kill_overdue().await,
@@ -674,6 +720,28 @@ impl Host {
         inst.mailbox.running(handle.abort_handle());
         self.instances.insert(a.id, inst);
         self.count_running();
+    }
+
+    /// Answers a question about the instances (whoever asked may have gone: fine).
+    fn answer(&self, q: HostQuery) {
+        match q {
+            HostQuery::One(id, reply) => {
+                let _ = reply.send(self.instances.get(&id).map(Instance::figures));
+            }
+            HostQuery::After(after, reply) => {
+                let from = match after {
+                    Some(a) => std::ops::Bound::Excluded(a),
+                    None => std::ops::Bound::Unbounded,
+                };
+                let chunk = self
+                    .instances
+                    .range((from, std::ops::Bound::Unbounded))
+                    .take(RECONCILE_CHUNK)
+                    .map(|(id, inst)| (*id, inst.figures()))
+                    .collect();
+                let _ = reply.send(chunk);
+            }
+        }
     }
 
     /// What an agent task of instance `inst` needs to know.

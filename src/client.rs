@@ -167,10 +167,13 @@ impl Client {
                 crate::command::Route::Read
                     | crate::command::Route::Local
                     | crate::command::Route::History
-                    | crate::command::Route::Figures
             )
         );
-        let retry_timeouts = read || body.get("request_id").is_some();
+        // Figures gather from other nodes for up to the node's forward timeout: one attempt
+        // waits for that (a partial answer names the nodes that did not answer), and a
+        // timeout is retried, since it changed nothing.
+        let figures = crate::command::route_of(command) == Some(crate::command::Route::Figures);
+        let retry_timeouts = read || figures || body.get("request_id").is_some();
         // A command that waits on the cluster (`wait_agent`, a spawn that waits for its first
         // start) gets its own wait and a little more.
         let waits = crate::command::route_of(command) == Some(crate::command::Route::Wait)

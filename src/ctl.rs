@@ -412,45 +412,72 @@ async fn top(client: &Client, args: &CtlArgs, rest: &[String]) -> anyhow::Result
             return Ok(ExitCode::from(2));
         }
     };
-    let n = fields["top"].as_u64().unwrap_or(10).min(100) as usize;
-    let every = Duration::from_millis(fields["every_ms"].as_u64().unwrap_or(2_000).max(200));
+    let number = |key: &str, default: u64| match &fields[key] {
+        Value::Null => Ok(default),
+        v => v.as_u64().ok_or(format!("{key} must be a number")),
+    };
+    let (n, every) = match (number("top", 10), number("every_ms", 2_000)) {
+        (Ok(n), Ok(e)) if n <= 100 => (n as usize, Duration::from_millis(e.max(200))),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        _ => {
+            eprintln!("error: top is 0 to 100");
+            return Ok(ExitCode::from(2));
+        }
+    };
     // CPU seconds per node at the previous view, for a rate.
     let mut before: std::collections::BTreeMap<u64, (std::time::Instant, f64)> = Default::default();
+    // The last `cluster_status`: without a leader, the nodes are still asked.
+    let mut status = Value::Null;
     loop {
-        let view = match top_view(client, n).await {
+        let view = match top_view(client, n, &mut status).await {
             Ok(v) => v,
             Err(e) => return report(Err(e), "top", args, &Target::resolve(args)),
         };
-        if args.once && args.json {
-            println!("{}", serde_json::to_string_pretty(&view)?);
-            return Ok(ExitCode::SUCCESS);
+        if args.json {
+            // One object with `--once`, else one line per refresh.
+            if args.once {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{view}");
+        } else {
+            let text = render_top(&view, &mut before, n);
+            if args.once {
+                print!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Clear the screen and draw again.
+            print!("\x1b[2J\x1b[H{text}");
         }
-        let text = render_top(&view, &mut before, n);
-        if args.once {
-            print!("{text}");
-            return Ok(ExitCode::SUCCESS);
-        }
-        // Clear the screen and draw again.
-        print!("\x1b[2J\x1b[H{text}");
         tokio::time::sleep(every).await;
     }
 }
 
-/// One view for `top`: `cluster_status`, and `node_metrics` of every node that has not left.
-async fn top_view(client: &Client, n: usize) -> Result<Value, CallError> {
-    let status = client
-        .call("cluster_status", &serde_json::json!({}))
-        .await?;
+/// One view for `top`: `cluster_status` (the last one known, when no leader answers), and
+/// `node_metrics` of every node that is neither down nor gone, each within a short wait.
+async fn top_view(client: &Client, n: usize, last: &mut Value) -> Result<Value, CallError> {
+    let status = match client.call("cluster_status", &serde_json::json!({})).await {
+        Ok(s) => {
+            *last = s.clone();
+            s
+        }
+        Err(e) if last.is_null() => return Err(e),
+        Err(_) => last.clone(),
+    };
     let ids: Vec<u64> = status["nodes"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|x| x["status"] != "left")
+        .filter(|x| x["status"] != "left" && x["status"] != "down")
         .filter_map(|x| x["id"].as_u64())
         .collect();
     let asks = ids.iter().map(|&id| {
         let c = Client {
             node: Some(id),
+            deadline: client.deadline.min(Duration::from_secs(3)),
             ..client.clone()
         };
         async move {
@@ -525,7 +552,8 @@ fn render_top(
         let id = s["id"].as_u64().unwrap_or(0);
         let cpu = m["cpu_seconds"].as_f64();
         let pct = match (cpu, before.get(&id)) {
-            (Some(c), Some((t, c0))) if now > *t => {
+            // A node that restarted meanwhile counts from zero again: no rate this time.
+            (Some(c), Some((t, c0))) if now > *t && c >= *c0 => {
                 format!("{:.0}", (c - c0) / (now - *t).as_secs_f64() * 100.0)
             }
             _ => "-".into(),

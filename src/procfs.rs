@@ -18,6 +18,17 @@ pub fn cpu_ticks() -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The size of a memory page.
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf reads no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
+}
+
 /// This process's resident memory, in bytes.
 pub fn resident_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
@@ -28,15 +39,20 @@ pub fn resident_bytes() -> u64 {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    pages * 4096
+    pages * page_bytes()
 }
 
-/// What the processes of group `pgid` use now: resident bytes and CPU seconds (their own,
-/// and that of their children they waited for), summed over the group's live processes;
-/// `None` when no process is in it. Reads every `/proc/<pid>/stat`: for a query, not a loop.
-pub fn group_usage(pgid: u32) -> Option<(u64, f64)> {
-    let (mut rss, mut ticks, mut found) = (0u64, 0u64, false);
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+/// What every process group uses now, by group id: resident bytes and CPU seconds (the
+/// processes' own, and that of the children they waited for), summed over the group's live
+/// processes. Reads every `/proc/<pid>/stat` once: for a query, not a loop (`node::figures`
+/// keeps to one scan a second).
+pub fn groups_usage() -> std::collections::HashMap<u32, (u64, f64)> {
+    let mut groups: std::collections::HashMap<u32, (u64, u64)> = Default::default();
+    let page = page_bytes();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    for entry in dir.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
@@ -51,15 +67,18 @@ pub fn group_usage(pgid: u32) -> Option<(u64, f64)> {
             continue;
         };
         // pgrp is field 5 of the line; utime, stime, cutime, cstime 14 to 17; rss (pages) 24.
-        if f.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(pgid) {
+        let Some(pgid) = f.get(2).and_then(|g| g.parse::<u32>().ok()) else {
             continue;
-        }
-        found = true;
+        };
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        ticks += n(11) + n(12) + n(13) + n(14);
-        rss += n(21) * 4096;
+        let g = groups.entry(pgid).or_default();
+        g.0 = g.0.saturating_add(n(21).saturating_mul(page));
+        g.1 = g.1.saturating_add(n(11) + n(12) + n(13) + n(14));
     }
-    found.then_some((rss, ticks as f64 / TICKS_PER_S))
+    groups
+        .into_iter()
+        .map(|(k, (rss, ticks))| (k, (rss, ticks as f64 / TICKS_PER_S)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -71,7 +90,7 @@ mod tests {
     fn the_own_group_reads() {
         // SAFETY: getpgrp reads no memory of ours.
         let pgid = unsafe { libc::getpgrp() } as u32;
-        let (rss, _) = group_usage(pgid).expect("this process is in its group");
+        let (rss, _) = groups_usage()[&pgid];
         assert!(rss > 0);
         assert!(resident_bytes() > 0);
         assert!(cpu_ticks().is_some());

@@ -497,6 +497,10 @@ pub const HOST_QUERY_QUEUE: usize = 64;
 /// Figure queries (`get_supervisor_metrics`, `node_metrics`) one node walks its instances for
 /// at once; past it, `unavailable`.
 pub const FIGURE_WALKS: usize = 4;
+/// `get_agent_metrics` one node answers at once, and `get_supervisor_metrics` it gathers
+/// from every node at once; past them, `unavailable`.
+pub const FIGURE_ASKS: usize = 16;
+pub const FIGURE_FANOUTS: usize = 4;
 /// `node_metrics` lists at most this many busiest agents.
 pub const NODE_METRICS_TOP: usize = 100;
 

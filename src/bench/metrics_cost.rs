@@ -1,9 +1,14 @@
-//! What metrics cost (`warden bench --metrics-cost`): the same three-node cluster, started
-//! afresh for each round on one nats-server, measured with metrics off (no listener: nothing
-//! is counted) and on (every node serves `/metrics`, scraped every second, a far shorter
-//! interval than Prometheus's default 15 s), in alternating rounds so that drift of the
-//! machine falls on both. Each round measures write throughput (`create_supervisor` from
-//! `writers` concurrent clients) and the latency of sequential calls to one `counter` agent.
+//! What a feature costs: the same three-node cluster, started afresh for each round on one
+//! nats-server (with JetStream), measured with the feature off and on, in alternating rounds
+//! so that drift of the machine falls on both. Each round measures write throughput
+//! (`create_supervisor` from `writers` concurrent clients) and the latency of sequential
+//! calls to one `counter` agent.
+//! - `--metrics-cost`: metrics off (no listener: nothing is counted) against on (every node
+//!   serves `/metrics`, scraped every second, a far shorter interval than Prometheus's
+//!   default 15 s); the history on in both.
+//! - `--history-cost`: the history off (`[history] enabled = false`: no outbox, nothing
+//!   published) against on (every node writes its outbox, the leader publishes every event
+//!   to JetStream); metrics off in both.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,8 +19,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{drive, Figures};
 use crate::up::{connect_as, LocalCluster, NatsServer};
 
+/// What is switched off and on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    Metrics,
+    History,
+}
+
 /// What to run.
 pub struct Setup {
+    pub feature: Feature,
     pub bin: PathBuf,
     pub dir: PathBuf,
     pub cluster: String,
@@ -30,7 +43,8 @@ pub struct Setup {
 /// One round's figures.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Round {
-    pub metrics: bool,
+    /// The feature on.
+    pub on: bool,
     pub writes: Figures,
     pub calls: Figures,
     /// Scrapes answered during the round (0 with metrics off).
@@ -45,7 +59,8 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
     let server = NatsServer::start(&setup.dir, &crate::up::auth_args(&auth)).await?;
     let mut rounds = Vec::new();
     for r in 0..setup.rounds * 2 {
-        let metrics = r % 2 == 1;
+        let on = r % 2 == 1;
+        let metrics = on && setup.feature == Feature::Metrics;
         let mut nodes = LocalCluster::new(
             setup.bin.clone(),
             setup.dir.join(format!("round-{r}")),
@@ -53,6 +68,9 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
             &setup.cluster,
         );
         nodes.auth = Some(auth.clone());
+        if setup.feature == Feature::History && !on {
+            nodes.config_toml = Some("[history]\nenabled = false\n".into());
+        }
         if metrics {
             let ports = crate::netfault::free_ports(3)?;
             for (id, port) in (1..=3u64).zip(ports) {
@@ -104,7 +122,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
         let scrapes = scraper.await.unwrap_or(0);
         nodes.stop_all(Duration::from_secs(10)).await;
         rounds.push(Round {
-            metrics,
+            on,
             writes,
             calls,
             scrapes,
@@ -154,7 +172,7 @@ async fn scrape(addr: &str) -> bool {
 /// The figures as ratios of metrics on to off, over all rounds of each.
 pub fn summary(rounds: &[Round]) -> Value {
     let mean = |on: bool, f: &dyn Fn(&Round) -> f64| {
-        let picked: Vec<f64> = rounds.iter().filter(|r| r.metrics == on).map(f).collect();
+        let picked: Vec<f64> = rounds.iter().filter(|r| r.on == on).map(f).collect();
         picked.iter().sum::<f64>() / picked.len().max(1) as f64
     };
     let writes_off = mean(false, &|r| r.writes.per_sec);
@@ -176,10 +194,14 @@ pub fn summary(rounds: &[Round]) -> Value {
 }
 
 /// Prints `summary`'s figures.
-pub fn print(v: &Value) {
+pub fn print(feature: Feature, v: &Value) {
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let what = match feature {
+        Feature::Metrics => "metrics on (every node scraped each second)",
+        Feature::History => "history on (outboxes written, every event published to JetStream)",
+    };
     println!(
-        "metrics on (every node scraped each second) against off: writes {:.0}/s against {:.0}/s = {:.3}x; call p50 {:.0} us against {:.0} us = {:.3}x (p99 {:.3}x)",
+        "{what} against off: writes {:.0}/s against {:.0}/s = {:.3}x; call p50 {:.0} us against {:.0} us = {:.3}x (p99 {:.3}x)",
         f("writes_per_sec_on"),
         f("writes_per_sec_off"),
         f("write_throughput_on_vs_off"),
@@ -190,8 +212,8 @@ pub fn print(v: &Value) {
     );
     for r in v["rounds"].as_array().into_iter().flatten() {
         println!(
-            "  metrics {:<5}: writes {:.0}/s ({} errors), call p50 {} us p99 {} us, {} scrapes",
-            r["metrics"],
+            "  on {:<5}: writes {:.0}/s ({} errors), call p50 {} us p99 {} us, {} scrapes",
+            r["on"],
             r["writes"]["per_sec"].as_f64().unwrap_or(0.0),
             r["writes"]["errors"],
             r["calls"]["p50_us"],

@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// --writers) and call latency on against off. Runs alone (the other figures are skipped).
     #[arg(long, default_value_t = 0)]
     pub metrics_cost: usize,
+    /// History cost: the same, with the lifecycle history off (`[history] enabled = false`)
+    /// and on (outboxes written, every event published to JetStream); metrics off in both.
+    #[arg(long, default_value_t = 0)]
+    pub history_cost: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -370,7 +374,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.route_cut_s > 0 {
         return bench_route_cut(&args).await;
     }
-    if args.metrics_cost > 0 {
+    if args.metrics_cost > 0 || args.history_cost > 0 {
         return bench_metrics_cost(&args).await;
     }
     let mut _local = None;
@@ -756,16 +760,21 @@ async fn bench_route_cut(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 /// `--metrics-cost`: metrics on against off, on clusters of its own.
 async fn bench_metrics_cost(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("warden-bench-metrics-{}", std::process::id()));
+    let (feature, rounds) = match args.metrics_cost {
+        0 => (metrics_cost::Feature::History, args.history_cost),
+        n => (metrics_cost::Feature::Metrics, n),
+    };
     let setup = metrics_cost::Setup {
+        feature,
         bin: std::env::current_exe()?,
         dir: dir.clone(),
         cluster: args.cluster.clone(),
         duration: Duration::from_millis(args.duration_ms.max(1_000)),
         writers: args.writers.iter().copied().max().unwrap_or(64),
-        rounds: args.metrics_cost.min(10),
+        rounds: rounds.min(10),
     };
     eprintln!(
-        "metrics cost: {} rounds each of off and on, {} writers, {} ms per measurement",
+        "{feature:?} cost: {} rounds each of off and on, {} writers, {} ms per measurement",
         setup.rounds,
         setup.writers,
         setup.duration.as_millis()
@@ -780,7 +789,7 @@ async fn bench_metrics_cost(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        metrics_cost::print(&v);
+        metrics_cost::print(feature, &v);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -717,7 +717,13 @@ async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
                 )));
             };
             match placed {
-                Some(n) if n != node.cfg.id && req.hops < limits::MAX_FORWARD_HOPS => {
+                Some(n) if n != node.cfg.id && req.hops >= limits::MAX_FORWARD_HOPS => {
+                    Answer::Local(Err(WireError::new(
+                        ErrorCode::Unavailable,
+                        "the agent is moving between nodes; retry shortly",
+                    )))
+                }
+                Some(n) if n != node.cfg.id => {
                     let onward = Request {
                         hops: req.hops + 1,
                         own: false,
@@ -739,6 +745,15 @@ async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
             Answer::Local(here.map(|sums| sums.to_json()))
         }
         Command::SupervisorMetrics(s) => {
+            let Ok(_gathering) = node.figure_fanouts.clone().try_acquire_owned() else {
+                return Answer::Local(Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this node already gathers {} supervisors' figures; retry shortly",
+                        limits::FIGURE_FANOUTS
+                    ),
+                )));
+            };
             let nodes: Vec<u64> = {
                 let st = node.state_read();
                 if st.registry.supervisor(&s.name).is_none() {

@@ -68,25 +68,51 @@ async fn walk(node: &Node, mut each: impl FnMut(&[(Uuid, Figures)])) -> Result<(
     }
 }
 
-/// An instance's figures as JSON, with its OS process's when it has one.
-async fn render(f: &Figures) -> Value {
+/// The share of calls that succeeded (none before the first).
+fn success_rate(calls: u64, errors: u64) -> Option<f64> {
+    (calls > 0).then(|| calls.saturating_sub(errors) as f64 / calls as f64)
+}
+
+/// A scan of `/proc` kept for a second: every question about processes within it shares
+/// it, and one scan runs at a time (`Node::proc_scan`).
+pub type ProcScan = tokio::sync::Mutex<Option<(std::time::Instant, ProcGroups)>>;
+type ProcGroups = std::sync::Arc<std::collections::HashMap<u32, (u64, f64)>>;
+
+/// The process groups' usage, from a scan at most a second old.
+async fn proc_groups(node: &Node) -> Option<ProcGroups> {
+    let mut cached = tokio::time::timeout(HOST_ANSWER, node.proc_scan.lock())
+        .await
+        .ok()?;
+    if let Some((at, groups)) = cached.as_ref() {
+        if at.elapsed() < Duration::from_secs(1) {
+            return Some(groups.clone());
+        }
+    }
+    let groups = tokio::task::spawn_blocking(crate::procfs::groups_usage)
+        .await
+        .ok()?;
+    let groups = std::sync::Arc::new(groups);
+    *cached = Some((std::time::Instant::now(), groups.clone()));
+    Some(groups)
+}
+
+/// An instance's figures as JSON, with its OS process's (from `groups`) when it has one.
+fn render(f: &Figures, groups: Option<&ProcGroups>) -> Value {
     let mut v = json!({
         "calls": f.calls,
         "errors": f.errors,
-        "success_rate": (f.calls > 0).then(|| (f.calls - f.errors) as f64 / f.calls as f64),
+        "success_rate": success_rate(f.calls, f.errors),
         "busy_ms": f.busy_us as f64 / 1000.0,
         "avg_call_ms": (f.calls > 0).then(|| f.busy_us as f64 / 1000.0 / f.calls as f64),
         "mailbox_depth": f.depth,
     });
     if f.pid != 0 {
-        let pid = f.pid;
-        let usage = tokio::task::spawn_blocking(move || crate::procfs::group_usage(pid))
-            .await
-            .ok()
-            .flatten();
-        v["process"] = match usage {
-            Some((rss, cpu)) => json!({ "pid": pid, "rss_bytes": rss, "cpu_seconds": cpu }),
-            None => json!({ "pid": pid, "running": false }),
+        v["process"] = match groups.map(|g| g.get(&f.pid)) {
+            Some(Some((rss, cpu))) => {
+                json!({ "pid": f.pid, "rss_bytes": rss, "cpu_seconds": cpu })
+            }
+            Some(None) => json!({ "pid": f.pid, "running": false }),
+            None => json!({ "pid": f.pid, "unknown": "the node is busy reading /proc" }),
         };
     }
     v
@@ -117,10 +143,20 @@ pub async fn agent(node: &Node, id: Uuid) -> Result<Value, WireError> {
             format!("no agent {id}"),
         ));
     };
+    let Ok(_asking) = node.figure_asks.clone().try_acquire_owned() else {
+        return Err(unavailable(format!(
+            "this node already answers {} agent figure queries; retry shortly",
+            limits::FIGURE_ASKS
+        )));
+    };
     let figures = ask_one(node, id).await?;
+    let groups = match figures {
+        Some(f) if f.pid != 0 => proc_groups(node).await,
+        _ => None,
+    };
     answer["running_here"] = figures.is_some().into();
     answer["figures"] = match &figures {
-        Some(f) => render(f).await,
+        Some(f) => render(f, groups.as_ref()),
         None => Value::Null,
     };
     Ok(answer)
@@ -158,19 +194,21 @@ pub struct Sums {
 
 impl Sums {
     fn add(&mut self, f: &Figures) {
-        self.agents += 1;
-        self.calls += f.calls;
-        self.errors += f.errors;
-        self.busy_us += f.busy_us;
-        self.depth += f.depth as u64;
+        self.merge(&Sums {
+            agents: 1,
+            calls: f.calls,
+            errors: f.errors,
+            busy_us: f.busy_us,
+            depth: f.depth as u64,
+        });
     }
 
     fn merge(&mut self, o: &Sums) {
-        self.agents += o.agents;
-        self.calls += o.calls;
-        self.errors += o.errors;
-        self.busy_us += o.busy_us;
-        self.depth += o.depth;
+        self.agents = self.agents.saturating_add(o.agents);
+        self.calls = self.calls.saturating_add(o.calls);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.busy_us = self.busy_us.saturating_add(o.busy_us);
+        self.depth = self.depth.saturating_add(o.depth);
     }
 
     pub fn from_json(v: &Value) -> Sums {
@@ -179,7 +217,7 @@ impl Sums {
             agents: n("agents_running"),
             calls: n("calls"),
             errors: n("errors"),
-            busy_us: (v["busy_ms"].as_f64().unwrap_or(0.0) * 1000.0) as u64,
+            busy_us: (v["busy_ms"].as_f64().unwrap_or(0.0) * 1000.0).round() as u64,
             depth: n("mailbox_depth"),
         }
     }
@@ -189,8 +227,7 @@ impl Sums {
             "agents_running": self.agents,
             "calls": self.calls,
             "errors": self.errors,
-            "success_rate": (self.calls > 0)
-                .then(|| (self.calls - self.errors) as f64 / self.calls as f64),
+            "success_rate": success_rate(self.calls, self.errors),
             "busy_ms": self.busy_us as f64 / 1000.0,
             "avg_call_ms": (self.calls > 0)
                 .then(|| self.busy_us as f64 / 1000.0 / self.calls as f64),
@@ -214,13 +251,15 @@ pub async fn supervisor_here(node: &Node, name: &str) -> Result<Sums, WireError>
         ));
     };
     let mut sums = Sums::default();
+    let me = node.cfg.id;
     walk(node, |chunk| {
         let st = node.state_read();
         for (id, f) in chunk {
-            let under = st
-                .registry
-                .agent(&id.to_string())
-                .is_some_and(|a| set.contains(&a.supervisor));
+            // Placed here at this epoch: an instance the registry moved away (its stop not
+            // begun yet) counts on its new node only.
+            let under = st.registry.agent(&id.to_string()).is_some_and(|a| {
+                a.node == Some(me) && a.epoch == f.epoch && set.contains(&a.supervisor)
+            });
             if under {
                 sums.add(f);
             }
@@ -275,6 +314,10 @@ pub async fn node(node: &Node, top: usize) -> Result<Value, WireError> {
         }
     })
     .await?;
+    let groups = match figures.values().any(|f| f.pid != 0) {
+        true => proc_groups(node).await,
+        false => None,
+    };
     let mut agents = Vec::new();
     let ranked: Vec<Uuid> = {
         let mut v: Vec<_> = busiest.into_iter().map(|r| r.0).collect();
@@ -290,7 +333,7 @@ pub async fn node(node: &Node, top: usize) -> Result<Value, WireError> {
                 .map(|a| (a.name.clone(), a.kind.clone()))
                 .unwrap_or_default()
         };
-        let mut v = render(f).await;
+        let mut v = render(f, groups.as_ref());
         v["agent"] = id.to_string().into();
         v["name"] = name.into();
         v["kind"] = kind.into();

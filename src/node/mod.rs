@@ -68,8 +68,13 @@ pub struct Node {
     spawn_waiters: Arc<Semaphore>,
     /// Questions to the host about its instances (`figures`).
     host_asks: tokio::sync::mpsc::Sender<host::HostQuery>,
-    /// Walks over this node's instances running (`limits::FIGURE_WALKS`).
+    /// Walks over this node's instances running (`limits::FIGURE_WALKS`), agents' figures
+    /// answered (`FIGURE_ASKS`), supervisors' gathered from every node (`FIGURE_FANOUTS`),
+    /// and the last scan of `/proc` (`figures`).
     figure_walks: Arc<Semaphore>,
+    figure_asks: Arc<Semaphore>,
+    figure_fanouts: Arc<Semaphore>,
+    proc_scan: figures::ProcScan,
     /// History queries running on this node (`limits::HISTORY_READERS`).
     history_readers: Arc<Semaphore>,
     /// On the leader: the subtree copies `export_subtree` is paging through.

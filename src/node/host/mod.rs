@@ -175,18 +175,23 @@ pub struct Figures {
     pub depth: usize,
     /// Its OS process group (`exec`), 0 for none.
     pub pid: u32,
+    /// The epoch it runs at.
+    pub epoch: u64,
 }
 
 impl Instance {
     fn figures(&self) -> Figures {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.mailbox.stats;
+        // Errors first: a call counts in `calls` before `errors`, so errors never exceed calls.
+        let errors = s.errors.load(Relaxed);
         Figures {
-            calls: s.calls.load(Relaxed),
-            errors: s.errors.load(Relaxed),
+            errors,
+            calls: s.calls.load(Relaxed).max(errors),
             busy_us: s.busy_us.load(Relaxed),
             depth: self.mailbox.depth(),
             pid: s.pid.load(Relaxed),
+            epoch: self.epoch,
         }
     }
 }

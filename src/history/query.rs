@@ -142,9 +142,12 @@ async fn read_inner(
             e["pos"].as_u64().unwrap_or(0),
         )
     };
-    // From the first event answered on (a gap after the last one counts too: later events
-    // of the agent may be in it).
-    let lo = events.first().map(position);
+    // A gap may hide events of the entity anywhere in the span read: all of them when the
+    // answer holds everything found there, else those from its first event on.
+    let lo = match events.len() >= q.limit {
+        true => events.first().map(position),
+        false => None,
+    };
     events.extend(
         gaps.into_iter()
             .filter(|g| lo.is_none_or(|lo| position(g) >= lo)),

@@ -173,8 +173,10 @@ impl Store {
         self.log_bytes.clone()
     }
 
-    /// Waits for the log flusher to finish (it stops once Raft has dropped the log store) and
-    /// flushes everything to disk; called on clean shutdown.
+    /// Flushes everything to disk; called on clean shutdown, once Raft has stopped (so nothing
+    /// more is appended). The log flusher ends once every copy of the log store is dropped;
+    /// the election loop's copy lives as long as the node, so this waits for the flusher only
+    /// briefly: what it would still flush, this flush covers.
     pub async fn close(&self) -> anyhow::Result<()> {
         let task = self
             .flush_task
@@ -183,10 +185,10 @@ impl Store {
             .take();
         if let Some(task) = task {
             let joined = tokio::task::spawn_blocking(move || task.join());
-            match tokio::time::timeout(std::time::Duration::from_secs(5), joined).await {
+            match tokio::time::timeout(std::time::Duration::from_millis(200), joined).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(_) => tracing::error!("the log flusher thread panicked"),
-                Err(_) => tracing::warn!("the log flusher did not stop within 5 s"),
+                Err(_) => tracing::debug!("the log flusher still runs; flushing here"),
             }
         }
         flush(&self.db).await?;

@@ -19,7 +19,10 @@ use crate::support::{call_agent, wait_agent, wait_for, InProcessNode, Nats, Test
 async fn read_stream(nats: &Nats, as_node: &str) -> Vec<(Pos, Value)> {
     let c = nats.client(as_node).await;
     let js = jetstream::new(c.nats.clone());
-    let stream = js.get_stream(c.subjects.history_stream()).await.unwrap();
+    // The leader creates it when it starts leading: until then there is nothing to read.
+    let Ok(stream) = js.get_stream(c.subjects.history_stream()).await else {
+        return Vec::new();
+    };
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             ack_policy: consumer::AckPolicy::None,
@@ -361,4 +364,71 @@ async fn without_jetstream_history_is_unavailable_and_all_else_works() {
         other => panic!("expected unavailable, got {other:?}"),
     }
     node.shutdown().await.unwrap();
+}
+
+/// Goal: history turned on for a cluster that ran (and compacted its log) without it starts
+/// with a `gap` event for what came before, which the history commands return; what happens
+/// from then on is all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_turned_on_late_starts_with_a_gap_readers_see() {
+    let compact = "[raft]\nsnapshot_after_entries = 20\nkeep_entries_after_snapshot = 2\n";
+    let off = format!("{compact}[history]\nenabled = false\n");
+    let mut tc = TestCluster::start(1, Some(&off)).await;
+    let c = tc.client.clone();
+    c.call("create_supervisor", &json!({"name": "h"}))
+        .await
+        .unwrap();
+    let spawned = c
+        .call(
+            "spawn_agent",
+            &json!({"name": "early", "supervisor": "h", "kind": "counter", "wait": "running"}),
+        )
+        .await
+        .unwrap();
+    let id = spawned["id"].as_str().unwrap().to_string();
+    let h = c.call("health", &json!({})).await.unwrap();
+    let spawned_at = h["last_applied"].as_u64().unwrap();
+    // Enough entries for a snapshot: the log before it is gone.
+    for i in 0..40 {
+        c.call("create_supervisor", &json!({"name": format!("pad-{i}")}))
+            .await
+            .unwrap();
+    }
+    // A snapshot past the agent's first events: the log that made them is gone.
+    wait_for("a snapshot", Duration::from_secs(30), || async {
+        let h = c.call("health", &json!({})).await.ok()?;
+        (h["snapshot_index"].as_u64()? > spawned_at).then_some(())
+    })
+    .await;
+    tc.cluster.kill(1).await;
+    tc.cluster.config_toml = Some(compact.to_string());
+    tc.cluster.start_node(1, false).await.unwrap();
+    call_agent(&c, "early", json!({"op": "crash"}))
+        .await
+        .unwrap_err();
+    let h = wait_for(
+        "the crash in the history",
+        Duration::from_secs(30),
+        || async {
+            let h = c
+                .call("agent_history", &json!({"agent": id.clone()}))
+                .await
+                .ok()?;
+            h["events"]
+                .as_array()?
+                .iter()
+                .any(|e| e["event"] == "crashed")
+                .then_some(h)
+        },
+    )
+    .await;
+    let events = h["events"].as_array().unwrap();
+    assert_eq!(events[0]["event"], "gap", "{h}");
+    assert_eq!(events[0]["data"]["from_index"], 1, "{h}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["event"] == "gap" || e["id"] == id.as_str()),
+        "{h}"
+    );
 }

@@ -417,8 +417,9 @@ fn gap_message(subjects: &Subjects, g: &Gap) -> (String, Vec<u8>) {
         "data": {
             "from_index": g.from.index.max(1),
             "to_index": g.to.index,
-            "why": "this node's outbox no longer held these entries' events when it published \
-                    (over its bound while the stream was unreachable, or skipped by a snapshot)",
+            "why": "the publishing node's outbox does not hold these entries' events: the \
+                    history was off, the outbox went over its bound while the stream was \
+                    unreachable, or the node skipped them through a snapshot",
         },
     });
     (subject, serde_json::to_vec(&body).unwrap_or_default())

@@ -414,10 +414,11 @@ async fn history_turned_on_late_starts_with_a_gap_readers_see() {
                 .call("agent_history", &json!({"agent": id.clone()}))
                 .await
                 .ok()?;
+            // `crashed`, or `restarted` with its reason when the report says both at once.
             h["events"]
                 .as_array()?
                 .iter()
-                .any(|e| e["event"] == "crashed")
+                .any(|e| e["data"]["error"] == "asked to crash")
                 .then_some(h)
         },
     )

@@ -595,12 +595,13 @@ fn render_top(
             a["agent"].as_str().unwrap_or(""),
             a["name"].as_str().unwrap_or("-"),
             a["kind"].as_str().unwrap_or(""),
-            a["node"],
-            a["calls"],
-            a["errors"],
+            // As text: a JSON value's Display ignores widths.
+            a["node"].to_string(),
+            a["calls"].to_string(),
+            a["errors"].to_string(),
             a["busy_ms"].as_f64().unwrap_or(0.0) / 1000.0,
             a["avg_call_ms"].as_f64().unwrap_or(0.0),
-            a["mailbox_depth"],
+            a["mailbox_depth"].to_string(),
         ));
     }
     out

@@ -86,6 +86,18 @@ fn seqs_of(events: &[(Pos, Value)], id: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until `agent_history` of agent `id` answers events that `done` accepts.
+async fn history_until(c: &Client, id: &str, what: &str, done: impl Fn(&[Value]) -> bool) -> Value {
+    wait_for(what, Duration::from_secs(30), || async {
+        let h = c
+            .call("agent_history", &json!({ "agent": id }))
+            .await
+            .ok()?;
+        done(h["events"].as_array()?).then_some(h)
+    })
+    .await
+}
+
 async fn spawn_counter(c: &Client, name: &str) {
     let body = json!({"name": name, "supervisor": "h", "kind": "counter",
                       "request_id": format!("spawn-{name}")});
@@ -214,18 +226,9 @@ async fn history_commands_answer_for_agents_that_are_gone() {
     c.call("stop_agent", &json!({"agent": "gone"}))
         .await
         .unwrap();
-    let h = wait_for(
-        "the stopped event in the history",
-        Duration::from_secs(20),
-        || async {
-            let h = c
-                .call("agent_history", &json!({"agent": id.clone()}))
-                .await
-                .ok()?;
-            let last = h["events"].as_array()?.last()?.clone();
-            (last["event"] == "stopped").then_some(h)
-        },
-    )
+    let h = history_until(c, &id, "the stopped event in the history", |events| {
+        events.last().is_some_and(|e| e["event"] == "stopped")
+    })
     .await;
     let all = h["events"].as_array().unwrap().clone();
     assert_eq!(all[0]["event"], "placed", "{h}");
@@ -406,22 +409,12 @@ async fn history_turned_on_late_starts_with_a_gap_readers_see() {
     call_agent(&c, "early", json!({"op": "crash"}))
         .await
         .unwrap_err();
-    let h = wait_for(
-        "the crash in the history",
-        Duration::from_secs(30),
-        || async {
-            let h = c
-                .call("agent_history", &json!({"agent": id.clone()}))
-                .await
-                .ok()?;
-            // `crashed`, or `restarted` with its reason when the report says both at once.
-            h["events"]
-                .as_array()?
-                .iter()
-                .any(|e| e["data"]["error"] == "asked to crash")
-                .then_some(h)
-        },
-    )
+    // `crashed`, or `restarted` with its reason when the report says both at once.
+    let h = history_until(&c, &id, "the crash in the history", |events| {
+        events
+            .iter()
+            .any(|e| e["data"]["error"] == "asked to crash")
+    })
     .await;
     let events = h["events"].as_array().unwrap();
     assert_eq!(events[0]["event"], "gap", "{h}");

@@ -43,6 +43,10 @@ pub struct Client {
     /// The connection's permission violations (`bus::connect_watched`), when watched: a
     /// request that NATS refuses then fails at once with `forbidden`, instead of timing out.
     pub violations: Option<bus::Violations>,
+    /// The tracer of the global OpenTelemetry provider as it was when the client was made:
+    /// every call is a span of the caller's current context, sent on as `traceparent`. With
+    /// no provider set it records nothing, and only a current span of the caller travels.
+    pub tracer: Arc<opentelemetry::global::BoxedTracer>,
 }
 
 /// Why a call failed.
@@ -77,7 +81,21 @@ impl Client {
             follow_leader: true,
             leader: Arc::default(),
             violations: None,
+            tracer: Arc::new(opentelemetry::global::tracer("warden-client")),
         }
+    }
+
+    /// The span of one call, a child of the caller's current context, and its `traceparent`
+    /// in `headers` when it is part of a trace.
+    fn span(&self, name: &str, headers: &mut HeaderMap) -> opentelemetry::Context {
+        use opentelemetry::trace::{SpanBuilder, SpanKind, TraceContextExt, Tracer};
+        let parent = opentelemetry::Context::current();
+        let builder = SpanBuilder::from_name(name.to_string()).with_kind(SpanKind::Client);
+        let cx = parent.with_span(self.tracer.build_with_context(builder, &parent));
+        if cx.span().span_context().is_valid() {
+            crate::traces::inject_into(&cx, headers);
+        }
+        cx
     }
 
     /// A client that turns NATS's refusals into `forbidden` errors.
@@ -224,16 +242,29 @@ impl Client {
         payload: bytes::Bytes,
         sent: Sent,
     ) -> Result<Value, CallError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::CONTENT_TYPE, sent.encoding.content_type());
+        let cx = self.span(command, &mut headers);
+        let out = self.send_with(command, payload, sent, headers).await;
+        ended(&cx, &out);
+        out
+    }
+
+    async fn send_with(
+        &self,
+        command: &str,
+        payload: bytes::Bytes,
+        sent: Sent,
+        headers: HeaderMap,
+    ) -> Result<Value, CallError> {
         let Sent {
-            encoding,
+            encoding: _, // in `headers` already
             read,
             retry_timeouts,
             retry_unavailable,
             deadline,
         } = sent;
         let start = Instant::now();
-        let mut headers = HeaderMap::new();
-        headers.insert(protocol::CONTENT_TYPE, encoding.content_type());
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
             let left = deadline.saturating_sub(start.elapsed());
@@ -311,12 +342,24 @@ impl Client {
     /// attempt carries the same `Warden-Call-Id`, so the agent handles the call once even when
     /// a retry reaches it after the first attempt did.
     pub async fn call_agent(&self, agent: &str, body: &Value) -> Result<Value, CallError> {
-        let start = Instant::now();
-        let payload: bytes::Bytes = self.encoding.encode(body).into();
         let mut headers = HeaderMap::new();
         headers.insert(protocol::CONTENT_TYPE, self.encoding.content_type());
         let call_id = uuid::Uuid::new_v4().to_string();
         headers.insert(protocol::CALL_ID_HEADER, call_id.as_str());
+        let cx = self.span("call_agent", &mut headers);
+        let out = self.call_agent_with(agent, body, headers).await;
+        ended(&cx, &out);
+        out
+    }
+
+    async fn call_agent_with(
+        &self,
+        agent: &str,
+        body: &Value,
+        headers: HeaderMap,
+    ) -> Result<Value, CallError> {
+        let start = Instant::now();
+        let payload: bytes::Bytes = self.encoding.encode(body).into();
         let subject = self.subjects.agent(agent, "call");
         // Short, flat retries: a migrating agent is back within milliseconds.
         let mut backoff = Backoff::new(
@@ -360,6 +403,16 @@ impl Client {
             backoff.wait().await;
         }
     }
+}
+
+/// Ends a call's span, failed if the call did.
+fn ended(cx: &opentelemetry::Context, out: &Result<Value, CallError>) {
+    use opentelemetry::trace::{Status, TraceContextExt};
+    let span = cx.span();
+    if let Err(e) = out {
+        span.set_status(Status::error(e.to_string()));
+    }
+    span.end();
 }
 
 /// How a request is sent and retried.

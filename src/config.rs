@@ -194,6 +194,8 @@ pub struct NodeConfig {
     pub metrics: MetricsConfig,
     /// The lifecycle history in JetStream (`history`).
     pub history: crate::history::HistoryConfig,
+    /// OpenTelemetry traces over OTLP/HTTP: off unless `endpoint` is set (`traces`).
+    pub traces: crate::traces::TracesConfig,
 }
 
 /// The node's `[metrics]` config section.
@@ -226,6 +228,7 @@ impl Default for NodeConfig {
             exec: Default::default(),
             metrics: Default::default(),
             history: Default::default(),
+            traces: Default::default(),
         }
     }
 }
@@ -489,6 +492,7 @@ impl NodeConfig {
         self.raft.validate()?;
         self.exec.validate()?;
         self.history.validate()?;
+        self.traces.validate()?;
         if let Some(path) = &self.auth {
             let me = crate::auth::node_identity(self.id);
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");

@@ -49,6 +49,15 @@ pub struct CtlArgs {
     /// `top`: print one view and exit (with `--json`, as one JSON object).
     #[arg(long)]
     pub once: bool,
+    /// Trace this command: the nodes record it whatever their sampling ratio, and its trace
+    /// id is printed (on stderr). The nodes send their spans where their `[traces]` says;
+    /// ctl's own span goes to `--otlp`.
+    #[arg(long)]
+    pub trace: bool,
+    /// Base URL of the OTLP/HTTP receiver for ctl's own span with `--trace`
+    /// (`http://127.0.0.1:4318`) [default: none: only the nodes' spans are exported].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp: Option<String>,
     /// The command (`cluster_status`, `create_supervisor`, ...; `status`, `tree`, `watch` and
     /// `history <agent>` are shorthands), then its fields as key=value pairs or one JSON
     /// object.
@@ -90,6 +99,48 @@ impl Target {
 
 /// Runs `warden ctl`.
 pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    if !args.trace {
+        return run_command(args).await;
+    }
+    use opentelemetry::context::FutureExt as _;
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    // Every span of this run is recorded: its `traceparent` says "sampled" to the nodes.
+    let provider = match &args.otlp {
+        Some(endpoint) => crate::traces::provider(
+            endpoint,
+            Sampler::AlwaysOn,
+            [opentelemetry::KeyValue::new(
+                "service.instance.id",
+                "warden-ctl",
+            )],
+            64,
+            Duration::from_millis(200),
+        )?,
+        None => SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOn)
+            .build(),
+    };
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let name = format!("warden ctl {}", args.command.join(" "));
+    let root = provider
+        .tracer("warden-ctl")
+        .span_builder(name.chars().take(128).collect::<String>())
+        .with_kind(SpanKind::Client)
+        .start(&provider.tracer("warden-ctl"));
+    let cx = opentelemetry::Context::new().with_span(root);
+    let trace_id = cx.span().span_context().trace_id();
+    let out = run_command(args).with_context(cx.clone()).await;
+    cx.span().end();
+    eprintln!("trace {trace_id}");
+    // Sends ctl's span (bounded: a receiver that does not answer does not hold ctl up).
+    let closing =
+        tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(Duration::from_secs(2)));
+    let _ = tokio::time::timeout(Duration::from_secs(3), closing).await;
+    out
+}
+
+async fn run_command(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let (name, rest) = args.command.split_first().expect("clap requires a command");
     let name = match name.as_str() {
         "status" => "cluster_status",

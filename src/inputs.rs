@@ -166,6 +166,7 @@ mod seeds {
                 hops: 0,
                 payload: body.into(),
                 own: false,
+                trace: None,
             }],
         };
         let append = AppendEntriesRequest {

@@ -27,6 +27,7 @@ pub mod raft;
 pub mod retry;
 pub mod subjects;
 pub mod tls;
+pub mod traces;
 pub mod up;
 
 pub use warden_core::{base64, limits, names, placement, registry, supervision};

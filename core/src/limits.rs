@@ -504,6 +504,11 @@ pub const FIGURE_FANOUTS: usize = 4;
 /// `node_metrics` lists at most this many busiest agents.
 pub const NODE_METRICS_TOP: usize = 100;
 
+/// Applied entries whose apply times a traced node keeps, for the `committed` and `applied`
+/// spans of the commands it proposed (`raft::store::ApplyTimes`); a proposal is looked up
+/// right after its entry applied, so only the last few are ever asked for.
+pub const APPLY_TIMES: usize = 256;
+
 /// History queries (`agent_history`, `supervisor_history`) one node runs at once, each an
 /// ephemeral consumer on the stream; past it, `unavailable`.
 pub const HISTORY_READERS: usize = 16;

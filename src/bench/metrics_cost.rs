@@ -9,6 +9,9 @@
 //! - `--history-cost`: the history off (`[history] enabled = false`: no outbox, nothing
 //!   published) against on (every node writes its outbox, the leader publishes every event
 //!   to JetStream); metrics off in both.
+//! - `--traces-cost`: traces off (no `[traces]`) against on at the default 1% sampling, every
+//!   node exporting to an OTLP/HTTP receiver in the bench's process (`traces::sink`, which
+//!   decodes every export as a collector would); metrics off, the history on in both.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use crate::up::{connect_as, LocalCluster, NatsServer};
 pub enum Feature {
     Metrics,
     History,
+    Traces,
 }
 
 /// What to run.
@@ -49,6 +53,8 @@ pub struct Round {
     pub calls: Figures,
     /// Scrapes answered during the round (0 with metrics off).
     pub scrapes: u64,
+    /// Spans the receiver got during the round (0 with traces off).
+    pub spans: u64,
 }
 
 /// Runs the rounds. Everything it starts is stopped when it returns.
@@ -57,6 +63,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
     let auth = setup.dir.join("auth");
     crate::auth::ensure(&auth, &setup.cluster, 3)?;
     let server = NatsServer::start(&setup.dir, &crate::up::auth_args(&auth)).await?;
+    let sink = crate::traces::sink::Sink::start(0).await?;
     let mut rounds = Vec::new();
     for r in 0..setup.rounds * 2 {
         let on = r % 2 == 1;
@@ -71,6 +78,14 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
         if setup.feature == Feature::History && !on {
             nodes.config_toml = Some("[history]\nenabled = false\n".into());
         }
+        if setup.feature == Feature::Traces && on {
+            let traces = format!(
+                "[traces]\nendpoint = {:?}\nsample_ratio = 0.01\n",
+                sink.endpoint
+            );
+            nodes.config_toml = Some(traces);
+        }
+        let spans_before = sink.received();
         if metrics {
             let ports = crate::netfault::free_ports(3)?;
             for (id, port) in (1..=3u64).zip(ports) {
@@ -126,6 +141,7 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
             writes,
             calls,
             scrapes,
+            spans: sink.received() - spans_before,
         });
     }
     drop(server);
@@ -199,6 +215,7 @@ pub fn print(feature: Feature, v: &Value) {
     let what = match feature {
         Feature::Metrics => "metrics on (every node scraped each second)",
         Feature::History => "history on (outboxes written, every event published to JetStream)",
+        Feature::Traces => "traces on (1% of commands and calls sampled, exported over OTLP/HTTP)",
     };
     println!(
         "{what} against off: writes {:.0}/s against {:.0}/s = {:.3}x; call p50 {:.0} us against {:.0} us = {:.3}x (p99 {:.3}x)",
@@ -212,13 +229,14 @@ pub fn print(feature: Feature, v: &Value) {
     );
     for r in v["rounds"].as_array().into_iter().flatten() {
         println!(
-            "  on {:<5}: writes {:.0}/s ({} errors), call p50 {} us p99 {} us, {} scrapes",
+            "  on {:<5}: writes {:.0}/s ({} errors), call p50 {} us p99 {} us, {} scrapes, {} spans",
             r["on"],
             r["writes"]["per_sec"].as_f64().unwrap_or(0.0),
             r["writes"]["errors"],
             r["calls"]["p50_us"],
             r["calls"]["p99_us"],
             r["scrapes"],
+            r["spans"],
         );
     }
 }

@@ -104,6 +104,10 @@ pub struct BenchArgs {
     /// and on (outboxes written, every event published to JetStream); metrics off in both.
     #[arg(long, default_value_t = 0)]
     pub history_cost: usize,
+    /// Traces cost: the same, with traces off and on at 1% sampling (every node exporting to
+    /// an OTLP/HTTP receiver in the bench's process); metrics off in both.
+    #[arg(long, default_value_t = 0)]
+    pub traces_cost: usize,
     /// Keep the local cluster's data and logs after the run (the path is printed).
     #[arg(long)]
     pub keep: bool,
@@ -374,7 +378,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.route_cut_s > 0 {
         return bench_route_cut(&args).await;
     }
-    if args.metrics_cost > 0 || args.history_cost > 0 {
+    if args.metrics_cost > 0 || args.history_cost > 0 || args.traces_cost > 0 {
         return bench_metrics_cost(&args).await;
     }
     let mut _local = None;
@@ -760,9 +764,12 @@ async fn bench_route_cut(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 /// `--metrics-cost`: metrics on against off, on clusters of its own.
 async fn bench_metrics_cost(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("warden-bench-metrics-{}", std::process::id()));
-    let (feature, rounds) = match args.metrics_cost {
-        0 => (metrics_cost::Feature::History, args.history_cost),
-        n => (metrics_cost::Feature::Metrics, n),
+    let (feature, rounds) = if args.metrics_cost > 0 {
+        (metrics_cost::Feature::Metrics, args.metrics_cost)
+    } else if args.history_cost > 0 {
+        (metrics_cost::Feature::History, args.history_cost)
+    } else {
+        (metrics_cost::Feature::Traces, args.traces_cost)
     };
     let setup = metrics_cost::Setup {
         feature,

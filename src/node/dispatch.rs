@@ -29,6 +29,8 @@ use crate::command::{route_of, spec, Command, Role, Route};
 use crate::limits;
 use crate::protocol::{self, Encoding, Envelope, ErrorCode, WireError};
 use crate::subjects::Subjects;
+use crate::traces::Span;
+use opentelemetry::trace::SpanKind;
 
 /// What the messages of a subscription are.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,7 @@ fn request_of(msg: &async_nats::Message, feed: Feed) -> Request {
         hops: hops.unwrap_or(0),
         payload: msg.payload.clone(),
         own: false,
+        trace: header(crate::traces::TRACEPARENT),
     }
 }
 
@@ -230,7 +233,13 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
     // Counted where the client asked (a command forwarded to the leader is not counted
     // twice), from what the client got.
     let counted = (feed == Feed::Commands && node.metrics.enabled()).then(|| req.command.clone());
-    let (enc, mut body) = answer(node, req, origin).await;
+    // A client's command may start a trace; a relayed one only continues its sender's.
+    let span = match (&node.traces, feed) {
+        (Some(t), Feed::Commands) => t.take(span_name(&req.command), req.trace.as_deref()),
+        (Some(t), Feed::Relayed) => t.continued(span_name(&req.command), req.trace.as_deref()),
+        _ => Span::none(),
+    };
+    let (enc, mut body) = answer(node, req, origin, &span).await;
     if let Some(within) = wait {
         body = wait_first_start(node, enc, body, within).await;
     }
@@ -240,6 +249,28 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         node.metrics
             .command(&command, outcome.as_ref().map(|_| ()), began.elapsed());
     }
+    answered(span, enc, &sent);
+}
+
+/// The name of the span of a command as a node takes it: one per command of the table (any
+/// other name a client sends would make span names unbounded).
+fn span_name(command: &str) -> String {
+    match spec(command) {
+        Some(s) => format!("received {}", s.name),
+        None => "received an unknown command".into(),
+    }
+}
+
+/// Ends a command's span once its reply is sent, with the reply's outcome.
+fn answered(span: Span, enc: Encoding, sent: &[u8]) {
+    if !span.is_recording() {
+        return;
+    }
+    if let Err(e) = peek_outcome(enc, sent) {
+        span.fail(e.code.as_str(), e.message);
+    }
+    span.event("answered");
+    span.end();
 }
 
 /// Whether an encoded reply says ok, or which error. A reply whose envelope begins with
@@ -410,10 +441,18 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
         } else {
             Origin::Client
         };
-        answer(node, req, origin).await.1
+        let span = match &node.traces {
+            Some(t) => t.continued(span_name(&req.command), req.trace.as_deref()),
+            None => Span::none(),
+        };
+        span.set("warden.forwarded_by", from as i64);
+        let (enc, body) = answer(node, req, origin, &span).await;
+        (body, (span, enc))
     });
-    let items = futures::future::join_all(answers).await;
-    match rmp_serde::to_vec_named(&ForwardReplies { v: batch.v, items }) {
+    let (items, spans): (Vec<Bytes>, Vec<_>) =
+        futures::future::join_all(answers).await.into_iter().unzip();
+    let replies = ForwardReplies { v: batch.v, items };
+    match rmp_serde::to_vec_named(&replies) {
         Ok(body) => {
             if let Err(e) = node.client.publish(reply, body.into()).await {
                 tracing::debug!(error = %e, "could not answer a forward batch");
@@ -421,16 +460,19 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
         }
         Err(e) => tracing::error!(error = %e, "cannot encode forward replies"),
     }
+    for ((span, enc), item) in spans.into_iter().zip(&replies.items) {
+        answered(span, enc, item);
+    }
 }
 
 /// Answers one request: the reply's encoding and its encoded envelope.
-async fn answer(node: &Node, req: Request, origin: Origin) -> (Encoding, Bytes) {
+async fn answer(node: &Node, req: Request, origin: Origin, span: &Span) -> (Encoding, Bytes) {
     // An unusable Content-Type still gets an answer, in JSON.
     let enc = match Encoding::detect(req.content_type.as_deref(), &req.payload) {
         Ok(enc) => enc,
         Err(e) => return (Encoding::Json, encode(Encoding::Json, Err(e))),
     };
-    match process(node, &req, enc, origin).await {
+    match process(node, &req, enc, origin, span).await {
         Answer::Local(result) => (enc, encode(enc, result)),
         Answer::Forwarded(body) => (enc, body),
     }
@@ -446,7 +488,7 @@ fn parse(req: &Request, enc: Encoding) -> Result<Command, WireError> {
     Command::parse(&req.command, enc, &req.payload)
 }
 
-async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> Answer {
+async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin, span: &Span) -> Answer {
     if req.payload.len() > limits::MAX_REQUEST_BYTES {
         return Answer::Local(Err(WireError::new(
             ErrorCode::TooLarge,
@@ -458,7 +500,7 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
         )));
     }
     if let Origin::Node(from) = origin {
-        return Answer::Local(own_command(node, req, enc, from).await);
+        return Answer::Local(own_command(node, req, enc, from, span).await);
     }
     if spec(&req.command).is_some_and(|s| s.role == Role::Node) {
         return Answer::Local(Err(WireError::new(
@@ -478,7 +520,7 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
     }
     if route_of(&req.command) == Some(Route::Figures) {
         return match parse(req, enc) {
-            Ok(cmd) => figures(node, req, cmd).await,
+            Ok(cmd) => figures(node, req, cmd, span).await,
             Err(e) => Answer::Local(Err(e)),
         };
     }
@@ -506,12 +548,13 @@ async fn process(node: &Node, req: &Request, enc: Encoding, origin: Origin) -> A
                 Ok(cmd) => cmd,
                 Err(e) => return Answer::Local(Err(e)),
             };
-            if let Some(out) = node.execute_on_leader(cmd, req.payload.len()).await {
+            let asked = super::Asked::traced(req.payload.len(), span);
+            if let Some(out) = node.execute_on_leader(cmd, asked).await {
                 return Answer::Local(out);
             }
         }
         let forwarded = tokio::select! {
-            f = forward(node, req, deadline) => f,
+            f = forward(node, req, deadline, span) => f,
             leader = node.until_cut_off() => {
                 // Lost on the way: the leader may have taken it, or not.
                 let mut err = cut_off_error(node, leader);
@@ -563,7 +606,7 @@ fn cut_off_error(node: &Node, leader: u64) -> WireError {
 
 /// A node's own command: answered here if this node leads and the command speaks only for its
 /// sender; never relayed, so the leader always knows who really sent it.
-async fn own_command(node: &Node, req: &Request, enc: Encoding, from: u64) -> Reply {
+async fn own_command(node: &Node, req: &Request, enc: Encoding, from: u64, span: &Span) -> Reply {
     let cmd = parse(req, enc)?;
     if let Some(other) = cmd.speaks_for().into_iter().find(|&n| n != from) {
         return Err(WireError::new(
@@ -585,7 +628,8 @@ async fn own_command(node: &Node, req: &Request, enc: Encoding, from: u64) -> Re
     if !node.is_leader() {
         return Err(not_leader());
     }
-    match node.execute_on_leader(cmd, req.payload.len()).await {
+    let asked = super::Asked::traced(req.payload.len(), span);
+    match node.execute_on_leader(cmd, asked).await {
         Some(out) => out,
         None => Err(not_leader()),
     }
@@ -600,7 +644,7 @@ enum Forward {
     Failed(WireError),
 }
 
-async fn forward(node: &Node, req: &Request, deadline: Instant) -> Forward {
+async fn forward(node: &Node, req: &Request, deadline: Instant, span: &Span) -> Forward {
     if req.hops >= limits::MAX_FORWARD_HOPS {
         return Forward::Failed(WireError::new(
             ErrorCode::Unavailable,
@@ -625,18 +669,33 @@ async fn forward(node: &Node, req: &Request, deadline: Instant) -> Forward {
                 ))
             }
         };
+        // Each attempt is a span of its own: which leader, and what became of it.
+        let hop = match &node.traces {
+            Some(t) => t.child(span, "forwarded", SpanKind::Client),
+            None => Span::none(),
+        };
+        hop.set("warden.leader", leader as i64);
         let onward = Request {
             hops: req.hops + 1,
             own: false,
+            trace: hop.traceparent(),
             ..req.clone()
         };
         let result = if route_of(&req.command) == Some(Route::Write) {
+            hop.set("warden.forward", "batch");
             node.forwarder
                 .forward(leader, onward, remaining(deadline))
                 .await
         } else {
+            hop.set("warden.forward", "relay");
             forward_one(node, leader, onward, deadline).await
         };
+        match &result {
+            Forwarded::Reply(_) => {}
+            Forwarded::Unreachable => hop.fail("unreachable", "nothing reached the leader"),
+            Forwarded::NoAnswer => hop.fail("timeout", "the leader did not answer in time"),
+        }
+        hop.end();
         match result {
             Forwarded::Reply(body) => return Forward::Done(Answer::Forwarded(body)),
             // The leader we knew is gone and nothing reached it: safe to look again.
@@ -661,6 +720,9 @@ async fn forward_one(node: &Node, leader: u64, req: Request, deadline: Instant) 
         headers.insert(protocol::CONTENT_TYPE, ct.as_str());
     }
     headers.insert(protocol::FORWARD_HOPS, req.hops.to_string().as_str());
+    if let Some(tp) = &req.trace {
+        headers.insert(crate::traces::TRACEPARENT, tp.as_str());
+    }
     let subject = node.subjects.relay(node.cfg.id, leader, &req.command);
     match node
         .peers
@@ -702,7 +764,7 @@ pub(super) async fn wait_for_leader(node: &Node, deadline: Instant) -> Option<u6
 /// `get_agent_metrics`: answered here when the agent is placed here (or nowhere), relayed to
 /// its node otherwise. `get_supervisor_metrics`: this node's share, and every other live
 /// node's asked for at once (`local: true`), summed.
-async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
+async fn figures(node: &Node, req: &Request, cmd: Command, span: &Span) -> Answer {
     let deadline = Instant::now() + Duration::from_millis(limits::FORWARD_TIMEOUT_MS);
     match cmd {
         Command::AgentMetrics(a) => {
@@ -727,6 +789,7 @@ async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
                     let onward = Request {
                         hops: req.hops + 1,
                         own: false,
+                        trace: span.traceparent(),
                         ..req.clone()
                     };
                     match forward_one(node, n, onward, deadline).await {
@@ -790,6 +853,7 @@ async fn figures(node: &Node, req: &Request, cmd: Command) -> Answer {
                         hops: req.hops + 1,
                         payload: serde_json::to_vec(&body).unwrap_or_default().into(),
                         own: false,
+                        trace: span.traceparent(),
                     };
                     let share = match forward_one(node, n, onward, deadline).await {
                         Forwarded::Reply(bytes) => match Envelope::decode(&bytes) {
@@ -952,9 +1016,18 @@ async fn leader_commit(node: &Node) -> Option<u64> {
         hops: 0,
         payload: Bytes::from_static(b"{}"),
         own: false,
+        trace: None,
     };
     // Boxed: `process` is what called the wait.
-    let status = match Box::pin(process(node, &req, Encoding::Json, Origin::Client)).await {
+    let status = match Box::pin(process(
+        node,
+        &req,
+        Encoding::Json,
+        Origin::Client,
+        &Span::none(),
+    ))
+    .await
+    {
         Answer::Local(result) => result.ok()?,
         Answer::Forwarded(body) => Envelope::decode(&body)
             .and_then(Envelope::into_result)

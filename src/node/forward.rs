@@ -38,6 +38,10 @@ pub struct Request {
     /// The forwarding node's own command, rather than a client's it relays.
     #[serde(default)]
     pub own: bool,
+    /// The `traceparent` of the sender's span of this command, when that is recorded
+    /// (`traces`): a batch has one header set for many commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// A batch of forwarded writes.

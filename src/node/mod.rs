@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::SpanKind;
 use serde_json::Value;
 use tokio::sync::{watch, Semaphore};
 
@@ -93,6 +94,31 @@ pub struct Node {
     pub stopping: std::sync::atomic::AtomicU32,
     /// This node's Prometheus metrics (`crate::metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This node's tracer, when `[traces]` has an endpoint (`crate::traces`).
+    pub traces: Option<Arc<crate::traces::Traces>>,
+}
+
+/// What the leader needs of a command besides the command: its encoded size (to bound
+/// batches) and, when it is traced, the span of the node that took it.
+#[derive(Clone, Copy)]
+pub(crate) struct Asked<'a> {
+    size: usize,
+    span: Option<&'a crate::traces::Span>,
+}
+
+impl<'a> Asked<'a> {
+    pub(crate) fn traced(size: usize, span: &'a crate::traces::Span) -> Asked<'a> {
+        Asked {
+            size,
+            span: Some(span),
+        }
+    }
+}
+
+impl From<usize> for Asked<'static> {
+    fn from(size: usize) -> Self {
+        Asked { size, span: None }
+    }
 }
 
 /// The writes a node makes for itself, typed: never parsed back from a wire message on the
@@ -289,13 +315,22 @@ impl Node {
     }
 
     /// Proposes a registry command through the batcher and maps failures to wire errors.
-    async fn propose(
+    async fn propose<'a>(
         &self,
         cmd: RegistryCmd,
         request_id: Option<String>,
-        size: usize,
+        asked: impl Into<Asked<'a>>,
     ) -> Result<Value, WireError> {
-        match self.proposer.propose(request_id, cmd, size).await {
+        let asked = asked.into();
+        let span = match (&self.traces, asked.span) {
+            (Some(t), Some(parent)) => t.child(parent, "proposed", SpanKind::Internal),
+            _ => crate::traces::Span::none(),
+        };
+        match self
+            .proposer
+            .propose(request_id, cmd, asked.size, span)
+            .await
+        {
             Ok(outcome) => crate::command::reply::render(outcome),
             Err(ProposeError::NotLeader) => Err(WireError::new(
                 ErrorCode::Unavailable,
@@ -316,7 +351,7 @@ impl Node {
     }
 
     /// Runs a command that must run on the leader. Returns `None` if this node does not lead.
-    async fn execute_on_leader(&self, cmd: Command, size: usize) -> Option<Reply> {
+    async fn execute_on_leader(&self, cmd: Command, asked: Asked<'_>) -> Option<Reply> {
         if !self.is_leader() {
             return None;
         }
@@ -343,14 +378,14 @@ impl Node {
             Command::GetSupervisionTree(q) => self.read_registry(|reg| q.answer(reg)).await?,
             Command::CreateSupervisor(mut c) => {
                 let rid = c.request_id.take();
-                self.propose(RegistryCmd::CreateSupervisor(c), rid, size)
+                self.propose(RegistryCmd::CreateSupervisor(c), rid, asked)
                     .await
             }
             Command::StopSupervisor(s) => {
                 self.propose(
                     RegistryCmd::StopSupervisor { name: s.name },
                     s.request_id,
-                    size,
+                    asked,
                 )
                 .await
             }
@@ -359,33 +394,33 @@ impl Node {
             Command::FindAgents(q) => self.read_registry(|reg| q.answer(reg)).await?,
             Command::SpawnAgent(mut a) => {
                 let rid = a.request_id.take();
-                self.propose(RegistryCmd::SpawnAgent(a), rid, size).await
+                self.propose(RegistryCmd::SpawnAgent(a), rid, asked).await
             }
             Command::SpawnAgentGroup(mut g) => {
                 let rid = g.request_id.take();
-                self.propose(RegistryCmd::SpawnAgentGroup(g), rid, size)
+                self.propose(RegistryCmd::SpawnAgentGroup(g), rid, asked)
                     .await
             }
             Command::StopAgent(a) => {
                 self.propose(
                     RegistryCmd::StopAgent { agent: a.agent },
                     a.request_id,
-                    size,
+                    asked,
                 )
                 .await
             }
             Command::RestartAgent(a) => {
                 let cmd = RegistryCmd::RestartAgent { agent: a.agent };
-                self.propose(cmd, a.request_id, size).await
+                self.propose(cmd, a.request_id, asked).await
             }
             Command::UpdateSupervisor(mut u) => {
                 let rid = u.request_id.take();
-                self.propose(RegistryCmd::UpdateSupervisor(u), rid, size)
+                self.propose(RegistryCmd::UpdateSupervisor(u), rid, asked)
                     .await
             }
             Command::UpdateAgent(mut u) => {
                 let rid = u.request_id.take();
-                self.propose(RegistryCmd::UpdateAgent(u), rid, size).await
+                self.propose(RegistryCmd::UpdateAgent(u), rid, asked).await
             }
             Command::ImportState(i) => match i.validate() {
                 Ok(state) => {
@@ -393,13 +428,13 @@ impl Node {
                         agent: i.agent,
                         state,
                     };
-                    self.propose(cmd, i.request_id, size).await
+                    self.propose(cmd, i.request_id, asked).await
                 }
                 Err(e) => Err(e),
             },
             Command::ReportAgents(r) => {
                 let cmd = RegistryCmd::ReportAgents { reports: r.reports };
-                self.propose(cmd, None, size).await
+                self.propose(cmd, None, asked).await
             }
             Command::Checkpoint(c) => {
                 let cmd = RegistryCmd::Checkpoint {
@@ -408,7 +443,7 @@ impl Node {
                     epoch: c.epoch,
                     state: c.state,
                 };
-                self.propose(cmd, None, size).await
+                self.propose(cmd, None, asked).await
             }
             Command::Heartbeat(h) => lease::grant(self, h).await,
             Command::MigrateAgent(m) => {
@@ -416,14 +451,14 @@ impl Node {
                     agent: m.agent,
                     to: m.to,
                 };
-                self.propose(cmd, m.request_id, size).await
+                self.propose(cmd, m.request_id, asked).await
             }
             Command::DrainNode(d) => {
                 let cmd = RegistryCmd::DrainNode {
                     node_id: d.node,
                     cancel: d.cancel,
                 };
-                self.propose(cmd, d.request_id, size).await
+                self.propose(cmd, d.request_id, asked).await
             }
             Command::Rebalance(r) if r.dry_run => {
                 self.read_registry(|reg| {
@@ -436,20 +471,20 @@ impl Node {
                 let cmd = RegistryCmd::Rebalance {
                     max_moves: r.max_moves,
                 };
-                self.propose(cmd, r.request_id, size).await
+                self.propose(cmd, r.request_id, asked).await
             }
             Command::Handoff(h) => {
                 let cmd = RegistryCmd::Handoff { items: h.items };
-                self.propose(cmd, None, size).await
+                self.propose(cmd, None, asked).await
             }
             Command::RegisterTemplate(mut r) => {
                 let rid = r.request_id.take();
-                self.propose(RegistryCmd::RegisterTemplate(r), rid, size)
+                self.propose(RegistryCmd::RegisterTemplate(r), rid, asked)
                     .await
             }
             Command::DeleteTemplate(t) => {
                 let cmd = RegistryCmd::DeleteTemplate { name: t.name };
-                self.propose(cmd, t.request_id, size).await
+                self.propose(cmd, t.request_id, asked).await
             }
             Command::GetTemplate(t) => {
                 self.read_registry(|reg| match reg.template(&t.name) {
@@ -485,29 +520,29 @@ impl Node {
             },
             Command::ImportSubtree(mut i) => {
                 let rid = i.request_id.take();
-                self.propose(RegistryCmd::ImportSubtree(*i), rid, size)
+                self.propose(RegistryCmd::ImportSubtree(*i), rid, asked)
                     .await
             }
             Command::ImportBegin(mut b) => {
                 let rid = b.request_id.take();
-                self.propose(RegistryCmd::ImportBegin(b), rid, size).await
+                self.propose(RegistryCmd::ImportBegin(b), rid, asked).await
             }
-            Command::ImportPage(p) => self.propose(RegistryCmd::ImportPage(*p), None, size).await,
+            Command::ImportPage(p) => self.propose(RegistryCmd::ImportPage(*p), None, asked).await,
             Command::ImportCommit(c) => {
                 let cmd = RegistryCmd::ImportCommit {
                     import: c.import,
                     supervisors: c.supervisors,
                     agents: c.agents,
                 };
-                self.propose(cmd, c.request_id, size).await
+                self.propose(cmd, c.request_id, asked).await
             }
             Command::SpawnSubtree(mut s) => {
                 let rid = s.request_id.take();
-                self.propose(RegistryCmd::SpawnSubtree(s), rid, size).await
+                self.propose(RegistryCmd::SpawnSubtree(s), rid, asked).await
             }
             Command::ImportAbort(a) => {
                 let cmd = RegistryCmd::ImportAbort { import: a.import };
-                self.propose(cmd, a.request_id, size).await
+                self.propose(cmd, a.request_id, asked).await
             }
             // Answered where it arrives (`dispatch`); here only as it stands, without waiting.
             Command::WaitAgent(w) => {
@@ -535,7 +570,7 @@ impl Node {
             )),
             Command::FinishAgents(f) => {
                 let cmd = RegistryCmd::FinishAgents { items: f.items };
-                self.propose(cmd, None, size).await
+                self.propose(cmd, None, asked).await
             }
             Command::Join(j) => membership::join(self, j).await,
             Command::Leave(l) => membership::leave(self, l).await,
@@ -560,7 +595,10 @@ impl Node {
         );
         let unavailable = |why: &str| Err(WireError::new(ErrorCode::Unavailable, why));
         loop {
-            if let Some(out) = self.execute_on_leader(cmd.clone(), payload.len()).await {
+            if let Some(out) = self
+                .execute_on_leader(cmd.clone(), payload.len().into())
+                .await
+            {
                 return out;
             }
             let leader = match dispatch::wait_for_leader(self, deadline).await {
@@ -614,6 +652,7 @@ impl Node {
                 hops: 0,
                 payload,
                 own: true,
+                trace: None,
             };
             return self.forwarder.forward(leader, req, within).await;
         }
@@ -871,7 +910,7 @@ async fn join_loop(node: &Node) -> Result<(), WireError> {
     loop {
         let outcome = if node.is_leader() {
             // It leads (a cluster it bootstrapped, or a restart): it registers itself.
-            let own = node.execute_on_leader(Command::Join(req.clone()), payload.len());
+            let own = node.execute_on_leader(Command::Join(req.clone()), payload.len().into());
             own.await.map(Ok)
         } else {
             let known = node.leader().filter(|&l| l != me && Some(l) != silent);

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -17,8 +17,10 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::limits;
+use crate::raft::store::ApplyTimes;
 use crate::raft::typ::Raft;
 use crate::registry::{Outcome, Proposal, RegistryCmd, Stamped, REGISTRY_VERSION};
+use crate::traces::{Span, Traces};
 
 /// Why a proposal did not produce an outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,8 @@ struct Pending {
     request_id: Option<String>,
     cmd: RegistryCmd,
     size: usize,
+    /// Its `proposed` span, when its command is traced: from the queue to its outcome.
+    span: Span,
     reply: oneshot::Sender<Result<Outcome, ProposeError>>,
 }
 
@@ -46,16 +50,19 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the batcher; it runs until `stopped` resolves. A proposal without an outcome
-    /// after `timeout` is answered "unknown" (see `limits::PROPOSAL_TIMEOUT_MS`).
+    /// after `timeout` is answered "unknown" (see `limits::PROPOSAL_TIMEOUT_MS`). With
+    /// `traced`, a traced command's `proposed` span gets `committed` and `applied` spans, from
+    /// the times the state machine records.
     pub fn start(
         raft: Raft,
         timeout: Duration,
+        traced: Option<(Arc<Traces>, Arc<ApplyTimes>)>,
         stopped: impl Future<Output = ()> + Send + 'static,
     ) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits::PROPOSAL_QUEUE_CAPACITY);
         (
             Proposer { tx },
-            tokio::spawn(batch_loop(raft, rx, timeout, stopped)),
+            tokio::spawn(batch_loop(raft, rx, timeout, traced, stopped)),
         )
     }
 
@@ -65,6 +72,7 @@ impl Proposer {
         request_id: Option<String>,
         cmd: RegistryCmd,
         size: usize,
+        span: Span,
     ) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -72,6 +80,7 @@ impl Proposer {
                 request_id,
                 cmd,
                 size,
+                span,
                 reply,
             })
             .map_err(|_| ProposeError::Overloaded)?;
@@ -84,6 +93,7 @@ async fn batch_loop(
     raft: Raft,
     mut rx: mpsc::Receiver<Pending>,
     timeout: Duration,
+    traced: Option<(Arc<Traces>, Arc<ApplyTimes>)>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) {
     let in_flight = Arc::new(Semaphore::new(limits::MAX_PROPOSALS_IN_FLIGHT));
@@ -129,16 +139,30 @@ async fn batch_loop(
                 .collect(),
         };
         let raft = raft.clone();
+        let traced = traced.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let started = std::time::Instant::now();
             let commands = proposal.items.len();
+            let proposed = traced
+                .as_ref()
+                .filter(|_| batch.iter().any(|p| p.span.is_recording()))
+                .map(|_| SystemTime::now());
             let result = tokio::time::timeout(timeout, raft.client_write(proposal)).await;
             tracing::debug!(
                 commands,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "proposal done"
             );
+            if let (Some((traces, applies)), Some(proposed)) = (&traced, proposed) {
+                let index = match &result {
+                    Ok(Ok(resp)) => Some(resp.log_id.index),
+                    _ => None,
+                };
+                for p in batch.iter().filter(|p| p.span.is_recording()) {
+                    trace_commit(traces, applies, &p.span, proposed, index, commands);
+                }
+            }
             let replies: Vec<_> = batch.into_iter().map(|p| p.reply).collect();
             let err = match result {
                 Ok(Ok(resp)) => {
@@ -175,6 +199,30 @@ async fn batch_loop(
     }
     // In-flight proposals may wait on a quorum that is gone; their callers hear "unknown".
     tasks.abort_all();
+}
+
+/// Adds to a traced command's `proposed` span what became of its entry: the `committed` span
+/// (from its proposal until the leader began to apply it) and the `applied` span, when the
+/// state machine still holds the entry's times (it keeps the last `limits::APPLY_TIMES`).
+fn trace_commit(
+    traces: &Traces,
+    applies: &ApplyTimes,
+    span: &Span,
+    proposed: SystemTime,
+    index: Option<u64>,
+    commands: usize,
+) {
+    span.set("warden.batch_commands", commands as i64);
+    let Some(index) = index else {
+        span.fail("unknown", "the proposal got no outcome");
+        return;
+    };
+    span.set("raft.log_index", index as i64);
+    if let Some((began, ended)) = applies.of(index) {
+        let at = vec![opentelemetry::KeyValue::new("raft.log_index", index as i64)];
+        traces.past(span, "committed", proposed, began, at.clone());
+        traces.past(span, "applied", began, ended, at);
+    }
 }
 
 #[cfg(test)]
@@ -253,13 +301,18 @@ mod tests {
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (proposer, batcher) =
-            Proposer::start(raft.clone(), Duration::from_millis(300), async {
+            Proposer::start(raft.clone(), Duration::from_millis(300), None, async {
                 let _ = stop_rx.await;
             });
         for attempt in 0..2 {
             let answer = tokio::time::timeout(
                 Duration::from_secs(5),
-                proposer.propose(None, RegistryCmd::NodeLoads { loads: vec![] }, 16),
+                proposer.propose(
+                    None,
+                    RegistryCmd::NodeLoads { loads: vec![] },
+                    16,
+                    Span::none(),
+                ),
             )
             .await
             .unwrap_or_else(|_| panic!("proposal {attempt} got no answer: the batcher is stuck"));

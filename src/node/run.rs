@@ -129,7 +129,13 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         )?)),
         false => None,
     };
-    let (log, sm, state) = store.raft_parts_timed(Some(events_tx), flushes, outbox.clone())?;
+    let (log, mut sm, state) = store.raft_parts_timed(Some(events_tx), flushes, outbox.clone())?;
+    let traces = crate::traces::Traces::start(&cfg.traces, &cfg.cluster, cfg.id)?.map(Arc::new);
+    let traced = traces.clone().map(|t| {
+        let times = Arc::new(crate::raft::store::ApplyTimes::default());
+        sm.time_applies(times.clone());
+        (t, times)
+    });
     let contacts = Arc::new(Contacts::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -210,6 +216,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     let (proposer, batcher) = proposer::Proposer::start(
         raft.clone(),
         Duration::from_millis(limits::PROPOSAL_TIMEOUT_MS),
+        traced,
         flag(&stop_rx),
     );
     let (forwarder, forward_batcher) =
@@ -248,6 +255,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         running: Default::default(),
         stopping: Default::default(),
         metrics,
+        traces,
     });
 
     // What is addressed to this node: clients' commands, and from other nodes their relayed
@@ -550,6 +558,14 @@ impl Running {
             }
         } else {
             tracing::info!("NATS unreachable; stopping without a final flush");
+        }
+        // The last spans, sent within what is left of the stop (at most FINAL_FLUSH_MS).
+        if let Some(traces) = self.node.traces.clone() {
+            let within = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(limits::FINAL_FLUSH_MS));
+            let closing = tokio::task::spawn_blocking(move || traces.shutdown(within));
+            let _ = tokio::time::timeout(within + Duration::from_millis(100), closing).await;
         }
         tracing::info!("node stopped");
     }

@@ -27,7 +27,7 @@ use std::io::Read;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -285,6 +285,7 @@ impl Store {
             state: shared.clone(),
             events,
             history,
+            apply_times: None,
             log_bytes: self.log_bytes.clone(),
             receiving: None,
             #[cfg(test)]
@@ -705,6 +706,8 @@ pub struct StateMachine {
     events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
     /// Where the events of every applied entry are written for the history stream.
     history: Option<Arc<Outbox>>,
+    /// When each entry began and ended applying, for traces (`time_applies`).
+    apply_times: Option<Arc<ApplyTimes>>,
     log_bytes: Arc<LogBytes>,
     /// The snapshot being received, decoded on a blocking thread as its chunks arrive.
     receiving: Option<Decoding>,
@@ -734,7 +737,38 @@ impl Decoding {
     }
 }
 
+/// When the last `limits::APPLY_TIMES` entries applied here began and ended applying, by log
+/// index: the leader's `committed` and `applied` spans of a traced command come from them
+/// (the state machine is where the two moments are known).
+#[derive(Default)]
+pub struct ApplyTimes(std::sync::Mutex<std::collections::VecDeque<(u64, SystemTime, SystemTime)>>);
+
+impl ApplyTimes {
+    fn record(&self, index: u64, began: SystemTime, ended: SystemTime) {
+        let mut times = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if times.len() >= crate::limits::APPLY_TIMES {
+            times.pop_front();
+        }
+        times.push_back((index, began, ended));
+    }
+
+    /// When entry `index` began and ended applying, if it is among the last ones.
+    pub fn of(&self, index: u64) -> Option<(SystemTime, SystemTime)> {
+        let times = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        times
+            .iter()
+            .rev()
+            .find(|(i, _, _)| *i == index)
+            .map(|&(_, began, ended)| (began, ended))
+    }
+}
+
 impl StateMachine {
+    /// Records when each entry begins and ends applying into `times`.
+    pub fn time_applies(&mut self, times: Arc<ApplyTimes>) {
+        self.apply_times = Some(times);
+    }
+
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, SmState> {
         // A poisoned lock means a panic mid-apply, which already aborts the node's Raft task;
         // reading the state it left is still the most useful thing to do.
@@ -991,6 +1025,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     return Err(StorageIOError::read_logs(AnyError::error(why)).into());
                 }
             }
+            let began = self.apply_times.as_ref().map(|_| SystemTime::now());
             let mut applying = Applying::new(entry);
             let index = applying.log_id.index;
             // The events of this entry so far: the next one's place among them.
@@ -1012,6 +1047,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 tokio::task::yield_now().await;
                 slice = Instant::now();
+            }
+            if let (Some(times), Some(began)) = (&self.apply_times, began) {
+                times.record(index, began, SystemTime::now());
             }
             replies.push(applying.outcomes);
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use warden::client::Client;
 
-use crate::support::{call_agent, wait_agent, wait_for, InProcessNode, TestCluster, CLUSTER};
+use crate::support::{call_agent, wait_agent, wait_for, InProcessNode, TestCluster};
 
 async fn metrics(c: &Client, agent: &str) -> Value {
     c.call("get_agent_metrics", &json!({ "agent": agent }))
@@ -172,15 +172,7 @@ async fn figures_come_from_the_nodes_that_run_the_agents() {
     assert_eq!(s["calls"], 6, "{s}");
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
     // `ctl top`, once, as JSON.
-    let seed = warden::auth::seed_path(&tc.nats.auth, "admin");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_warden"))
-        .args(["ctl", "--json", "--once", "--nats", tc.nats.url()])
-        .args(["--cluster", CLUSTER, "--auth"])
-        .arg(&seed)
-        .args(["top", "top=3"])
-        .output()
-        .await
-        .unwrap();
+    let out = tc.nats.ctl(&["--json", "--once", "top", "top=3"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

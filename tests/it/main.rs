@@ -12,4 +12,5 @@ mod placement;
 mod scale;
 mod security;
 mod support;
+mod traces;
 mod transfer;

@@ -71,6 +71,19 @@ impl Nats {
     }
 
     /// Makes nats-server read its config again (identities added, rotated or revoked).
+    /// Runs `warden ctl` as the admin of cluster `CLUSTER` with `args` (flags first, then
+    /// the command), and answers its output.
+    pub async fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let seed = warden::auth::seed_path(&self.auth, "admin");
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_warden"))
+            .args(["ctl", "--nats", self.url(), "--cluster", CLUSTER, "--auth"])
+            .arg(&seed)
+            .args(args)
+            .output()
+            .await
+            .unwrap()
+    }
+
     pub fn reload(&self) {
         let pid = self.server.pid().expect("nats-server runs");
         warden::up::signal(pid, libc::SIGHUP);

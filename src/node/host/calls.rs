@@ -16,6 +16,7 @@ use crate::protocol::{
     self, Encoding, Envelope, ErrorCode, WireError, CALL_ID_HEADER, EPOCH_HEADER,
 };
 use crate::registry::AgentStatus;
+use crate::traces::Span;
 
 impl Host {
     /// Routes a call or cast to the local instance, or answers for agents nobody runs.
@@ -105,11 +106,27 @@ impl Host {
                     .and_then(|h| h.get(CALL_ID_HEADER))
                     .map(|v| v.as_str().to_string())
                     .filter(|v| !v.is_empty() && v.len() <= crate::limits::MAX_REQUEST_ID_LEN);
+                let span = match &self.node.traces {
+                    Some(t) => {
+                        let parent = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(crate::traces::TRACEPARENT))
+                            .map(|v| v.as_str());
+                        t.take("agent call", parent)
+                    }
+                    None => Span::none(),
+                };
+                if span.is_recording() {
+                    span.set("warden.agent", id.to_string());
+                    span.set("warden.epoch", inst.epoch as i64);
+                }
                 Msg::Call {
                     body,
                     reply,
                     enc,
                     call_id,
+                    span,
                 }
             }
             ("cast", _) => Msg::Cast { body },

@@ -29,6 +29,7 @@ use crate::node::Node;
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::RememberedCall;
 use crate::supervision::ExitReason;
+use crate::traces::Span;
 
 pub(super) enum Msg {
     Call {
@@ -37,6 +38,8 @@ pub(super) enum Msg {
         enc: Encoding,
         /// The caller's `Warden-Call-Id`: a retry with the same id gets the first answer.
         call_id: Option<String>,
+        /// The call's span, when it is traced: from its routing here to its answer.
+        span: Span,
     },
     Cast {
         body: Value,
@@ -425,15 +428,18 @@ async fn handle_call(
         reply,
         enc,
         call_id,
+        span,
     } = msg
     else {
         return None;
     };
     let node = &who.node;
     if let Some(result) = answered.get(&call_id) {
+        span.event("answered from memory (a retry)");
         send_envelope(node, reply, enc, Some(who.epoch), result).await;
         return None;
     }
+    span.event("handling");
     let began = Instant::now();
     let out = std::panic::AssertUnwindSafe(agent.call(body))
         .catch_unwind()
@@ -474,6 +480,9 @@ async fn handle_call(
     };
     node.metrics.call(who.kind, outcome, began.elapsed());
     stats.call(matches!(outcome, CallOutcome::Ok), began.elapsed());
+    if let Err(e) = &result {
+        span.fail(e.code.as_str(), e.message.clone());
+    }
     if let Some(why) = crash {
         let answer = Answer {
             reply,

@@ -49,9 +49,9 @@ pub struct CtlArgs {
     /// `top`: print one view and exit (with `--json`, as one JSON object).
     #[arg(long)]
     pub once: bool,
-    /// Trace this command: the nodes record it whatever their sampling ratio, and its trace
-    /// id is printed (on stderr). The nodes send their spans where their `[traces]` says;
-    /// ctl's own span goes to `--otlp`.
+    /// Trace this command: every node that exports traces (`[traces] endpoint`) records it
+    /// whatever its sampling ratio, and its trace id is printed (on stderr). The nodes send
+    /// their spans where their `[traces]` says; ctl's own spans go to `--otlp`.
     #[arg(long)]
     pub trace: bool,
     /// Base URL of the OTLP/HTTP receiver for ctl's own span with `--trace`
@@ -106,28 +106,37 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider};
     use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
     // Every span of this run is recorded: its `traceparent` says "sampled" to the nodes.
-    let provider = match &args.otlp {
-        Some(endpoint) => crate::traces::provider(
-            endpoint,
-            Sampler::AlwaysOn,
-            [opentelemetry::KeyValue::new(
-                "service.instance.id",
-                "warden-ctl",
-            )],
-            64,
-            Duration::from_millis(200),
-        )?,
-        None => SdkTracerProvider::builder()
+    let exporting = args.otlp.as_deref().and_then(|endpoint| {
+        let attributes = [opentelemetry::KeyValue::new(
+            "service.instance.id",
+            "warden-ctl",
+        )];
+        let interval = Duration::from_millis(200);
+        match crate::traces::provider(endpoint, Sampler::AlwaysOn, attributes, 64, interval) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                // The command still runs, traced by the nodes.
+                eprintln!("warning: ctl's own spans are not exported: {e:#}");
+                None
+            }
+        }
+    });
+    let provider = exporting.unwrap_or_else(|| {
+        SdkTracerProvider::builder()
             .with_sampler(Sampler::AlwaysOn)
-            .build(),
-    };
+            .build()
+    });
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let name = format!("warden ctl {}", args.command.join(" "));
-    let root = provider
-        .tracer("warden-ctl")
-        .span_builder(name.chars().take(128).collect::<String>())
+    // The command's name only: its fields may hold what should not leave for a collector.
+    let name = match args.command.first() {
+        Some(c) if crate::command::spec(c).is_some() => format!("warden ctl {c}"),
+        _ => "warden ctl".to_string(),
+    };
+    let tracer = provider.tracer("warden-ctl");
+    let root = tracer
+        .span_builder(name)
         .with_kind(SpanKind::Client)
-        .start(&provider.tracer("warden-ctl"));
+        .start(&tracer);
     let cx = opentelemetry::Context::new().with_span(root);
     let trace_id = cx.span().span_context().trace_id();
     let out = run_command(args).with_context(cx.clone()).await;

@@ -75,6 +75,83 @@ struct PeerLabel {
     peer: u64,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabel {
+    how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why a node refused a call before it reached an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such agent (answered by the leader).
+    NotFound,
+    /// The body or the operation was not understood.
+    BadRequest,
+    /// The agent is migrating.
+    Moving,
+    /// The agent is placed here but has no instance running.
+    NotRunning,
+    /// The instance is restarting or stopping: its mailbox is closed.
+    Stopping,
+    /// This node's lease ran out.
+    LeaseLost,
+    /// The call named another epoch of the agent.
+    StaleEpoch,
+    /// The agent's mailbox is full.
+    MailboxFull,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 8] = [
+        Refusal::NotFound,
+        Refusal::BadRequest,
+        Refusal::Moving,
+        Refusal::NotRunning,
+        Refusal::Stopping,
+        Refusal::LeaseLost,
+        Refusal::StaleEpoch,
+        Refusal::MailboxFull,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Moving => "moving",
+            Refusal::NotRunning => "not_running",
+            Refusal::Stopping => "stopping",
+            Refusal::LeaseLost => "lease_lost",
+            Refusal::StaleEpoch => "stale_epoch",
+            Refusal::MailboxFull => "mailbox_full",
+        }
+    }
+}
+
+/// What the host saw of its instances in one pass over them: their mailboxes, and the
+/// process groups of its `exec` agents.
+#[derive(Debug, Default)]
+pub struct HostPass {
+    messages: u64,
+    fullest: u64,
+    exec_groups: Vec<u32>,
+}
+
+impl HostPass {
+    /// One instance: messages waiting in its mailbox, and its process group (0 for none).
+    pub fn saw(&mut self, depth: usize, pid: u32) {
+        self.messages += depth as u64;
+        self.fullest = self.fullest.max(depth as u64);
+        if pid != 0 {
+            self.exec_groups.push(pid);
+        }
+    }
+}
+
 /// How a call to an agent ended, as the agent's node saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallOutcome {
@@ -144,6 +221,16 @@ pub struct Metrics {
     log_flush_seconds: Histogram,
     replication_lag: Family<PeerLabel, Gauge>,
     raft_commit: Gauge,
+    snapshots: Family<HowLabel, Counter>,
+    fences: Counter,
+    calls_refused: Family<ReasonLabel, Counter>,
+    mailbox_messages: Gauge,
+    mailbox_fullest: Gauge,
+    exec_processes: Gauge,
+    exec_resident_bytes: Gauge,
+    exec_cpu_seconds: Gauge<f64, AtomicU64>,
+    /// The `exec` agents' process groups as of the host's last pass, read at each scrape.
+    exec_groups: Mutex<Vec<u32>>,
     /// The commit index seen in AppendEntries (`raft::CommitIndex`).
     commit: Arc<crate::raft::CommitIndex>,
     /// Messages dropped by the node's NATS subscriptions, one count per connection.
@@ -323,6 +410,63 @@ impl Metrics {
             "raft_commit_index",
             "The leader's commit index as last announced in an AppendEntries (sent or received)",
         );
+        let snapshots = Family::<HowLabel, Counter>::default();
+        registry.register(
+            "raft_snapshots",
+            "Snapshots of the registry this node built (`how=\"built\"`) or installed from the \
+             leader (`how=\"installed\"`)",
+            snapshots.clone(),
+        );
+        // Every series from the start: a rate over a series that appears late misses its first
+        // increase.
+        for how in ["built", "installed"] {
+            let _ = snapshots.get_or_create(&HowLabel { how });
+        }
+        let fences = Counter::default();
+        registry.register(
+            "lease_fences",
+            "Agent instances this node dropped because its lease ran out",
+            fences.clone(),
+        );
+        let calls_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "agent_calls_refused",
+            "Calls this node refused before they reached an agent, by reason (the caller is told \
+             to retry for moving, not_running, stopping, lease_lost and mailbox_full)",
+            calls_refused.clone(),
+        );
+        for r in Refusal::ALL {
+            let _ = calls_refused.get_or_create(&ReasonLabel { reason: r.as_str() });
+        }
+        let mailbox_messages = gauge(
+            registry,
+            "agent_mailbox_messages",
+            "Messages waiting in the mailboxes of this node's agents, as of the host's last pass \
+             over them (every 0.5 s or so)",
+        );
+        let mailbox_fullest = gauge(
+            registry,
+            "agent_mailbox_messages_max",
+            "Messages waiting in the fullest mailbox of this node's agents, as of the host's last \
+             pass",
+        );
+        let exec_processes = gauge(
+            registry,
+            "exec_processes",
+            "Process groups of this node's exec agents that are running",
+        );
+        let exec_resident_bytes = gauge(
+            registry,
+            "exec_resident_memory_bytes",
+            "Resident memory of this node's exec agents' processes, summed",
+        );
+        let exec_cpu_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "exec_cpu_seconds",
+            "CPU time the running processes of this node's exec agents have used, summed (it \
+             drops when a process ends)",
+            exec_cpu_seconds.clone(),
+        );
         {
             // The names Prometheus's own process collectors use.
             let process = root.sub_registry_with_prefix("process");
@@ -363,6 +507,15 @@ impl Metrics {
             log_flush_seconds,
             replication_lag,
             raft_commit,
+            snapshots,
+            fences,
+            calls_refused,
+            mailbox_messages,
+            mailbox_fullest,
+            exec_processes,
+            exec_resident_bytes,
+            exec_cpu_seconds,
+            exec_groups: Mutex::new(Vec::new()),
             commit: Default::default(),
             slow_counters: Mutex::new(Vec::new()),
             last_slow: AtomicU64::new(0),
@@ -432,6 +585,48 @@ impl Metrics {
             c.inc();
         }
         k.seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts an agent instance dropped because the lease ran out.
+    pub fn fenced(&self) {
+        if self.enabled {
+            self.fences.inc();
+        }
+    }
+
+    /// Counts a call refused before it reached an agent.
+    pub fn call_refused(&self, why: Refusal) {
+        if self.enabled {
+            self.calls_refused
+                .get_or_create(&ReasonLabel {
+                    reason: why.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// Takes what the host saw in a whole pass over its instances.
+    pub fn host_passed(&self, pass: HostPass) {
+        if !self.enabled {
+            return;
+        }
+        self.mailbox_messages.set(pass.messages as i64);
+        self.mailbox_fullest.set(pass.fullest as i64);
+        *self.exec_groups.lock().unwrap_or_else(|p| p.into_inner()) = pass.exec_groups;
+    }
+
+    /// The counters the state machine counts its snapshots into.
+    pub fn snapshot_counts(&self) -> crate::raft::store::SnapshotCounts {
+        crate::raft::store::SnapshotCounts {
+            built: self
+                .snapshots
+                .get_or_create(&HowLabel { how: "built" })
+                .clone(),
+            installed: self
+                .snapshots
+                .get_or_create(&HowLabel { how: "installed" })
+                .clone(),
+        }
     }
 
     /// The histogram the log flusher records its flushes in.
@@ -527,6 +722,23 @@ impl Metrics {
         self.cut_off.set(node.cut_off().is_some() as i64);
         self.resident_bytes
             .set(crate::procfs::resident_bytes() as i64);
+        let groups = self
+            .exec_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (mut running, mut rss, mut cpu) = (0i64, 0u64, 0f64);
+        if !groups.is_empty() {
+            let usage = crate::procfs::groups_usage();
+            for (r, c) in groups.iter().filter_map(|g| usage.get(g)) {
+                running += 1;
+                rss += r;
+                cpu += c;
+            }
+        }
+        self.exec_processes.set(running);
+        self.exec_resident_bytes.set(rss as i64);
+        self.exec_cpu_seconds.set(cpu);
         if let Some(ticks) = crate::procfs::cpu_ticks() {
             let before = self.last_cpu_ticks.swap(ticks, Ordering::Relaxed);
             // Clock ticks are 10 ms on Linux (USER_HZ = 100).

@@ -122,7 +122,7 @@ async fn take(node: &Arc<Node>, tasks: &mut JoinSet<()>, msg: async_nats::Messag
                     ErrorCode::Unavailable,
                     "the node is handling too many commands; retry with backoff",
                 );
-                let req = request_of(&msg, feed);
+                let req = request_of(&msg, feed, false);
                 let enc = Encoding::detect(req.content_type.as_deref(), &req.payload)
                     .unwrap_or(Encoding::Json);
                 if feed == Feed::Commands && node.metrics.enabled() {
@@ -152,7 +152,8 @@ fn may_answer(node: &Node, msg: &async_nats::Message, feed: Feed) -> bool {
 
 /// A command as received. Only a relaying node's count of hops is believed: a client's
 /// `Warden-Forward-Hops` could otherwise stop its command from ever reaching the leader.
-fn request_of(msg: &async_nats::Message, feed: Feed) -> Request {
+/// Its `traceparent` is read only when `traced` (this node records traces).
+fn request_of(msg: &async_nats::Message, feed: Feed, traced: bool) -> Request {
     let header = |name| {
         msg.headers
             .as_ref()
@@ -169,7 +170,7 @@ fn request_of(msg: &async_nats::Message, feed: Feed) -> Request {
         hops: hops.unwrap_or(0),
         payload: msg.payload.clone(),
         own: false,
-        trace: header(crate::traces::TRACEPARENT),
+        trace: traced.then(|| header(crate::traces::TRACEPARENT)).flatten(),
     }
 }
 
@@ -179,21 +180,32 @@ fn encode(enc: Encoding, result: Result<serde_json::Value, WireError>) -> Bytes 
 
 /// Sends `body` (or a `too_large` refusal in its place) as the reply to `msg`, and returns
 /// what was sent.
-async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, mut body: Bytes) -> Bytes {
+async fn send(node: &Node, msg: &async_nats::Message, enc: Encoding, body: Bytes) -> Bytes {
+    let body = fit(node, enc, body);
+    publish(node, msg, enc, body).await
+}
+
+/// `body`, or a `too_large` refusal in its place if it would not fit in a NATS message.
+fn fit(node: &Node, enc: Encoding, body: Bytes) -> Bytes {
+    let max = node.client.server_info().max_payload;
+    if body.len() + 1024 <= max {
+        return body;
+    }
+    let err = WireError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the reply is {} bytes, over NATS max_payload; narrow the query",
+            body.len()
+        ),
+    );
+    encode(enc, Err(err))
+}
+
+/// Sends `body` as the reply to `msg`, and returns it.
+async fn publish(node: &Node, msg: &async_nats::Message, enc: Encoding, body: Bytes) -> Bytes {
     let Some(reply) = msg.reply.clone() else {
         return body;
     };
-    let max = node.client.server_info().max_payload;
-    if body.len() + 1024 > max {
-        let err = WireError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "the reply is {} bytes, over NATS max_payload; narrow the query",
-                body.len()
-            ),
-        );
-        body = encode(enc, Err(err));
-    }
     let mut headers = HeaderMap::new();
     headers.insert(protocol::CONTENT_TYPE, enc.content_type());
     if let Some(leader) = node.leader() {
@@ -222,7 +234,7 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
         },
         _ => Origin::Client,
     };
-    let req = request_of(&msg, feed);
+    let req = request_of(&msg, feed, node.traces.is_some());
     // Only the node a client asked waits for a first start: never a leader answering a
     // forwarded or relayed write, whose sender's deadline is short.
     let wait = match feed {
@@ -234,22 +246,31 @@ async fn handle(node: &Node, msg: async_nats::Message, feed: Feed) {
     // twice), from what the client got.
     let counted = (feed == Feed::Commands && node.metrics.enabled()).then(|| req.command.clone());
     // A client's command may start a trace; a relayed one only continues its sender's.
+    let name = || span_name(&req.command);
     let span = match (&node.traces, feed) {
-        (Some(t), Feed::Commands) => t.take(span_name(&req.command), req.trace.as_deref()),
-        (Some(t), Feed::Relayed) => t.continued(span_name(&req.command), req.trace.as_deref()),
+        (Some(t), Feed::Commands) => t.take(name, req.trace.as_deref()),
+        (Some(t), Feed::Relayed) => {
+            let span = t.continued(name, req.trace.as_deref());
+            if let Some(from) = sender(node, &msg) {
+                span.set("warden.forwarded_by", from as i64);
+            }
+            span
+        }
         _ => Span::none(),
     };
     let (enc, mut body) = answer(node, req, origin, &span).await;
     if let Some(within) = wait {
         body = wait_first_start(node, enc, body, within).await;
     }
-    let sent = send(node, &msg, enc, body).await;
+    let body = fit(node, enc, body);
+    // Ended before the reply goes: the sender's span of the command ends after this one.
+    answered(span, enc, &body);
+    let sent = publish(node, &msg, enc, body).await;
     if let Some(command) = counted {
         let outcome = peek_outcome(enc, &sent);
         node.metrics
             .command(&command, outcome.as_ref().map(|_| ()), began.elapsed());
     }
-    answered(span, enc, &sent);
 }
 
 /// The name of the span of a command as a node takes it: one per command of the table (any
@@ -261,7 +282,7 @@ fn span_name(command: &str) -> String {
     }
 }
 
-/// Ends a command's span once its reply is sent, with the reply's outcome.
+/// Ends a command's span as its reply goes, with the reply's outcome.
 fn answered(span: Span, enc: Encoding, sent: &[u8]) {
     if !span.is_recording() {
         return;
@@ -442,7 +463,7 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
             Origin::Client
         };
         let span = match &node.traces {
-            Some(t) => t.continued(span_name(&req.command), req.trace.as_deref()),
+            Some(t) => t.continued(|| span_name(&req.command), req.trace.as_deref()),
             None => Span::none(),
         };
         span.set("warden.forwarded_by", from as i64);
@@ -451,17 +472,17 @@ async fn handle_batch(node: &Node, msg: async_nats::Message) {
     });
     let (items, spans): (Vec<Bytes>, Vec<_>) =
         futures::future::join_all(answers).await.into_iter().unzip();
-    let replies = ForwardReplies { v: batch.v, items };
-    match rmp_serde::to_vec_named(&replies) {
+    // Ended before the replies go: the sender's spans of these commands end after these.
+    for ((span, enc), item) in spans.into_iter().zip(&items) {
+        answered(span, enc, item);
+    }
+    match rmp_serde::to_vec_named(&ForwardReplies { v: batch.v, items }) {
         Ok(body) => {
             if let Err(e) = node.client.publish(reply, body.into()).await {
                 tracing::debug!(error = %e, "could not answer a forward batch");
             }
         }
         Err(e) => tracing::error!(error = %e, "cannot encode forward replies"),
-    }
-    for ((span, enc), item) in spans.into_iter().zip(&replies.items) {
-        answered(span, enc, item);
     }
 }
 

@@ -14,11 +14,12 @@ use std::time::{Duration, SystemTime};
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::error::Elapsed;
 use uuid::Uuid;
 
 use crate::limits;
 use crate::raft::store::ApplyTimes;
-use crate::raft::typ::Raft;
+use crate::raft::typ::{ClientWriteError, ClientWriteResponse, Raft, RaftError};
 use crate::registry::{Outcome, Proposal, RegistryCmd, Stamped, REGISTRY_VERSION};
 use crate::traces::{Span, Traces};
 
@@ -75,15 +76,19 @@ impl Proposer {
         span: Span,
     ) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Pending {
-                request_id,
-                cmd,
-                size,
-                span,
-                reply,
-            })
-            .map_err(|_| ProposeError::Overloaded)?;
+        let queued = self.tx.try_send(Pending {
+            request_id,
+            cmd,
+            size,
+            span,
+            reply,
+        });
+        if let Err(full) = queued {
+            full.into_inner()
+                .span
+                .fail("unavailable", "the leader's write queue is full");
+            return Err(ProposeError::Overloaded);
+        }
         rx.await
             .unwrap_or_else(|_| Err(ProposeError::Unknown("the node is stopping".into())))
     }
@@ -154,41 +159,19 @@ async fn batch_loop(
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "proposal done"
             );
-            if let (Some((traces, applies)), Some(proposed)) = (&traced, proposed) {
-                let index = match &result {
-                    Ok(Ok(resp)) => Some(resp.log_id.index),
-                    _ => None,
-                };
-                for p in batch.iter().filter(|p| p.span.is_recording()) {
-                    trace_commit(traces, applies, &p.span, proposed, index, commands);
-                }
-            }
-            let replies: Vec<_> = batch.into_iter().map(|p| p.reply).collect();
-            let err = match result {
-                Ok(Ok(resp)) => {
-                    for (reply, outcome) in replies.into_iter().zip(resp.data) {
-                        // The client may have given up waiting; its outcome is in the registry.
-                        let _ = reply.send(Ok(outcome));
-                    }
-                    return;
-                }
-                // Whatever the error, the entry may already be in some log and may still
-                // commit under the next leader: the outcome is unknown, never "failed".
-                Ok(Err(e)) => ProposeError::Unknown(e.to_string()),
-                Err(_) => {
-                    tracing::warn!(
-                        commands,
-                        timeout_ms = timeout.as_millis() as u64,
-                        "a proposal got no outcome in time; its commands are answered unknown"
-                    );
-                    ProposeError::Unknown(format!(
-                        "not committed within {} ms",
-                        timeout.as_millis()
-                    ))
-                }
+            let index = match &result {
+                Ok(Ok(resp)) => Some(resp.log_id.index),
+                _ => None,
             };
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
+            let (replies, spans): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.reply, p.span)).unzip();
+            answer(replies, result, commands, timeout);
+            // The replies went first: tracing never delays them.
+            if let (Some((traces, applies)), Some(proposed)) = (&traced, proposed) {
+                let applied = index.and_then(|i| applies.of(i));
+                for span in spans.iter().filter(|s| s.is_recording()) {
+                    trace_commit(traces, span, proposed, index, applied, commands);
+                }
             }
         });
     }
@@ -201,15 +184,50 @@ async fn batch_loop(
     tasks.abort_all();
 }
 
+/// What `client_write` gave within the proposal's timeout.
+type Written = Result<Result<ClientWriteResponse, RaftError<ClientWriteError>>, Elapsed>;
+
+/// Answers each command of a proposal with its outcome, or all with why there is none.
+fn answer(
+    replies: Vec<oneshot::Sender<Result<Outcome, ProposeError>>>,
+    result: Written,
+    commands: usize,
+    timeout: Duration,
+) {
+    let err = match result {
+        Ok(Ok(resp)) => {
+            for (reply, outcome) in replies.into_iter().zip(resp.data) {
+                // The client may have given up waiting; its outcome is in the registry.
+                let _ = reply.send(Ok(outcome));
+            }
+            return;
+        }
+        // Whatever the error, the entry may already be in some log and may still
+        // commit under the next leader: the outcome is unknown, never "failed".
+        Ok(Err(e)) => ProposeError::Unknown(e.to_string()),
+        Err(_) => {
+            tracing::warn!(
+                commands,
+                timeout_ms = timeout.as_millis() as u64,
+                "a proposal got no outcome in time; its commands are answered unknown"
+            );
+            ProposeError::Unknown(format!("not committed within {} ms", timeout.as_millis()))
+        }
+    };
+    for reply in replies {
+        let _ = reply.send(Err(err.clone()));
+    }
+}
+
 /// Adds to a traced command's `proposed` span what became of its entry: the `committed` span
 /// (from its proposal until the leader began to apply it) and the `applied` span, when the
 /// state machine still holds the entry's times (it keeps the last `limits::APPLY_TIMES`).
 fn trace_commit(
     traces: &Traces,
-    applies: &ApplyTimes,
     span: &Span,
     proposed: SystemTime,
     index: Option<u64>,
+    applied: Option<(SystemTime, SystemTime)>,
     commands: usize,
 ) {
     span.set("warden.batch_commands", commands as i64);
@@ -218,7 +236,7 @@ fn trace_commit(
         return;
     };
     span.set("raft.log_index", index as i64);
-    if let Some((began, ended)) = applies.of(index) {
+    if let Some((began, ended)) = applied {
         let at = vec![opentelemetry::KeyValue::new("raft.log_index", index as i64)];
         traces.past(span, "committed", proposed, began, at.clone());
         traces.past(span, "applied", began, ended, at);

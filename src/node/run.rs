@@ -130,6 +130,9 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         false => None,
     };
     let (log, mut sm, state) = store.raft_parts_timed(Some(events_tx), flushes, outbox.clone())?;
+    if metrics.enabled() {
+        sm.count_snapshots(metrics.snapshot_counts());
+    }
     let traces = crate::traces::Traces::start(&cfg.traces, &cfg.cluster, cfg.id)?.map(Arc::new);
     let traced = traces.clone().map(|t| {
         let times = Arc::new(crate::raft::store::ApplyTimes::default());

@@ -286,6 +286,7 @@ impl Store {
             events,
             history,
             apply_times: None,
+            snapshot_counts: None,
             log_bytes: self.log_bytes.clone(),
             receiving: None,
             #[cfg(test)]
@@ -708,6 +709,8 @@ pub struct StateMachine {
     history: Option<Arc<Outbox>>,
     /// When each entry began and ended applying, for traces (`time_applies`).
     apply_times: Option<Arc<ApplyTimes>>,
+    /// Snapshots built and installed, for the metrics (`count_snapshots`).
+    snapshot_counts: Option<SnapshotCounts>,
     log_bytes: Arc<LogBytes>,
     /// The snapshot being received, decoded on a blocking thread as its chunks arrive.
     receiving: Option<Decoding>,
@@ -763,7 +766,19 @@ impl ApplyTimes {
     }
 }
 
+/// The metrics' counters of snapshots this node built and installed.
+#[derive(Clone, Debug)]
+pub struct SnapshotCounts {
+    pub built: prometheus_client::metrics::counter::Counter,
+    pub installed: prometheus_client::metrics::counter::Counter,
+}
+
 impl StateMachine {
+    /// Counts every snapshot built or installed into `counts`.
+    pub fn count_snapshots(&mut self, counts: SnapshotCounts) {
+        self.snapshot_counts = Some(counts);
+    }
+
     /// Records when each entry begins and ends applying into `times`.
     pub fn time_applies(&mut self, times: Arc<ApplyTimes>) {
         self.apply_times = Some(times);
@@ -1091,6 +1106,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.log_bytes.snapshot_taken();
         SnapshotBuilder {
             history: self.history.clone(),
+            built: self.snapshot_counts.as_ref().map(|c| c.built.clone()),
             last_applied,
             membership,
             data,
@@ -1213,6 +1229,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.stored.last_log_id.send_modify(|_| {});
         settle(&self.db, &self.stored, kept, &name).await?;
         self.log_bytes.snapshot_taken();
+        if let Some(c) = &self.snapshot_counts {
+            c.installed.inc();
+        }
         let replaced = {
             let mut st = self.write_state();
             st.last_applied = meta.last_log_id;
@@ -1254,6 +1273,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// Builds a snapshot from the copy taken in `get_snapshot_builder`.
 pub struct SnapshotBuilder {
     history: Option<Arc<Outbox>>,
+    /// Counts the snapshot once it is built (`SnapshotCounts`).
+    built: Option<prometheus_client::metrics::counter::Counter>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     data: RegistryData,
@@ -1332,6 +1353,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             stored = wrote,
             "built a snapshot"
         );
+        if let Some(c) = &self.built {
+            c.inc();
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(file),

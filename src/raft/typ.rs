@@ -34,6 +34,7 @@ pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError
 pub type RpcError<E = openraft::error::Infallible> =
     openraft::error::RPCError<NodeId, openraft::EmptyNode, RaftError<E>>;
 pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, openraft::EmptyNode>;
+pub type ClientWriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
 pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, openraft::EmptyNode>;
 pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
 pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<NodeId>;

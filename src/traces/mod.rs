@@ -144,20 +144,34 @@ impl Traces {
     }
 
     /// A span of what a client sent: the child of its `traceparent` if it has one (recorded
-    /// as that says), else a new trace recorded at the sampling ratio.
-    pub fn take(&self, name: impl Into<Cow<'static, str>>, traceparent: Option<&str>) -> Span {
+    /// as that says), else a new trace recorded at the sampling ratio. `name` is made only
+    /// for a span that is recorded.
+    pub fn take(&self, name: impl FnOnce() -> String, traceparent: Option<&str>) -> Span {
         let parent = traceparent.map(remote).unwrap_or_default();
-        self.open(name, SpanKind::Server, &parent)
+        self.open_named(name, &parent)
     }
 
     /// A span continuing `traceparent` (as another node sent it); nothing without one.
-    pub fn continued(&self, name: impl Into<Cow<'static, str>>, traceparent: Option<&str>) -> Span {
-        match traceparent.map(remote) {
-            Some(parent) if parent.span().span_context().is_sampled() => {
-                self.open(name, SpanKind::Server, &parent)
-            }
-            _ => Span::none(),
+    pub fn continued(&self, name: impl FnOnce() -> String, traceparent: Option<&str>) -> Span {
+        let Some(parent) = traceparent.map(remote) else {
+            return Span::none();
+        };
+        if !parent.span().span_context().is_sampled() {
+            return Span::none();
         }
+        self.open_named(name, &parent)
+    }
+
+    /// A server span, named once it is known to be recorded: the sampler decides on the trace
+    /// id and the parent, not on the name, so the 99% a ratio drops cost no name.
+    fn open_named(&self, name: impl FnOnce() -> String, parent: &Context) -> Span {
+        let builder = SpanBuilder::from_name("received").with_kind(SpanKind::Server);
+        let mut span = self.tracer.build_with_context(builder, parent);
+        if !span.span_context().is_sampled() {
+            return Span::none();
+        }
+        span.update_name(name());
+        Span(Some(Box::new(parent.with_span(span))))
     }
 
     /// A span of `parent`'s trace, if `parent` is recorded.
@@ -216,7 +230,9 @@ impl Drop for Traces {
                 let _ = provider.shutdown_with_timeout(Duration::from_secs(1));
             });
         if let Err(e) = closing {
-            tracing::debug!(error = %e, "could not close the traces on a thread");
+            // The provider's own drop would wait for its export here: leave it be instead.
+            tracing::warn!(error = %e, "could not close the traces on a thread; leaving them");
+            std::mem::forget(self.provider.clone());
         }
     }
 }
@@ -245,6 +261,8 @@ pub fn provider(
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client)
+        // Whatever OTEL_EXPORTER_OTLP_PROTOCOL says: this exporter speaks protobuf over HTTP.
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .with_endpoint(url)
         .with_timeout(EXPORT_TIMEOUT)
         .build()?;
@@ -328,8 +346,15 @@ impl Span {
     }
 }
 
+/// The longest `traceparent` read: version 00 takes 55 bytes, and a later version may only add
+/// to it; a longer value is ignored before it is parsed.
+const TRACEPARENT_MAX: usize = 256;
+
 /// The context of a `traceparent` value (an invalid one gives an empty context: a new trace).
 fn remote(traceparent: &str) -> Context {
+    if traceparent.len() > TRACEPARENT_MAX {
+        return Context::new();
+    }
     struct One<'a>(&'a str);
     impl Extractor for One<'_> {
         fn get(&self, key: &str) -> Option<&str> {
@@ -353,15 +378,14 @@ impl Injector for Traceparent {
     }
 }
 
-/// `traceparent` (and `tracestate`) of the current span of `cx`, for a client's request.
+/// `traceparent` of the current span of `cx`, for a client's request (nodes read no
+/// `tracestate`, so none is sent).
 pub fn inject_into(cx: &Context, headers: &mut async_nats::HeaderMap) {
-    struct Into<'a>(&'a mut async_nats::HeaderMap);
-    impl Injector for Into<'_> {
-        fn set(&mut self, key: &str, value: String) {
-            self.0.insert(key, value.as_str());
-        }
+    let mut into = Traceparent(None);
+    TraceContextPropagator::new().inject_context(cx, &mut into);
+    if let Some(tp) = into.0 {
+        headers.insert(TRACEPARENT, tp.as_str());
     }
-    TraceContextPropagator::new().inject_context(cx, &mut Into(headers));
 }
 
 /// The exporter's HTTP client: hyper's, each request run on the runtime the provider was
@@ -461,10 +485,12 @@ mod tests {
         let mut into = Traceparent(None);
         TraceContextPropagator::new().inject_context(&cx, &mut into);
         assert_eq!(into.0.as_deref(), Some(tp));
+        let long = format!("{tp}{}", "-".repeat(TRACEPARENT_MAX));
         for junk in [
             "",
             "00-zz-b7ad6b7169203331-01",
             "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            &long,
         ] {
             assert!(!remote(junk).span().span_context().is_valid(), "{junk:?}");
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use warden::client::Client;
 
+use crate::metrics::{get, sample};
 use crate::support::{call_agent, wait_agent, wait_for, InProcessNode, TestCluster};
 
 async fn metrics(c: &Client, agent: &str) -> Value {
@@ -21,7 +22,11 @@ async fn metrics(c: &Client, agent: &str) -> Value {
 /// the busiest agents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_figures_count_calls_errors_restarts_and_processes() {
-    let node = InProcessNode::start_with(|cfg| {
+    let port = warden::netfault::free_ports(1).unwrap()[0];
+    let scrape = format!("127.0.0.1:{port}");
+    let listen = scrape.clone();
+    let node = InProcessNode::start_with(move |cfg| {
+        cfg.metrics.listen = Some(listen);
         cfg.exec.enabled = true;
         cfg.exec.allow = vec!["/bin/sh".into()];
         cfg.exec.shim = Some(env!("CARGO_BIN_EXE_warden").into());
@@ -106,6 +111,16 @@ async fn agent_figures_count_calls_errors_restarts_and_processes() {
     assert!(
         m["figures"]["process"]["cpu_seconds"].as_f64().is_some(),
         "{m}"
+    );
+    // The node's metrics count its exec processes (as of the host's last pass).
+    let exposition = wait_for("the exec series", Duration::from_secs(10), || async {
+        let body = get(&scrape, "/metrics").await.1;
+        (sample(&body, "warden_exec_processes") == Some(1.0)).then_some(body)
+    })
+    .await;
+    assert!(
+        sample(&exposition, "warden_exec_resident_memory_bytes") > Some(0.0),
+        "{exposition}"
     );
     // The busiest first, by time in calls.
     let n = c.call("node_metrics", &json!({"top": 2})).await.unwrap();

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::support::{call_agent, wait_for, TestCluster};
 
 /// `GET path` over plain HTTP/1.1: the status code and the body.
-async fn get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
@@ -40,7 +40,7 @@ async fn scrape_all(addrs: &[String]) -> Vec<String> {
 }
 
 /// The value of the sample `name{labels}` (labels exactly as exposed), if present.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find_map(|l| {
         let (s, v) = l.rsplit_once(' ')?;
         (s == series).then(|| v.parse().ok())?
@@ -229,6 +229,31 @@ async fn every_node_serves_valid_metrics_that_move_with_commands() {
             sample(&leader_body, &lag).is_some(),
             "the leader reports its lag to node {peer}"
         );
+    }
+
+    // A call to an agent that does not exist: the leader refuses it, and counts why.
+    assert!(
+        call_agent(&c, "no-such-agent", json!({"op": "add", "n": 1}))
+            .await
+            .is_err()
+    );
+    let not_found = "warden_agent_calls_refused_total{reason=\"not_found\"}";
+    let body = get(on_leader, "/metrics").await.1;
+    assert_eq!(sample(&body, not_found), Some(1.0), "{body}");
+    // The series every node has from its start, whatever happened yet.
+    for body in scrape_all(&list).await {
+        for series in [
+            "warden_agent_mailbox_messages",
+            "warden_agent_mailbox_messages_max",
+            "warden_lease_fences_total",
+            "warden_raft_snapshots_total{how=\"built\"}",
+            "warden_raft_snapshots_total{how=\"installed\"}",
+            "warden_agent_calls_refused_total{reason=\"stopping\"}",
+            "warden_exec_processes",
+            "warden_exec_resident_memory_bytes",
+        ] {
+            assert!(sample(&body, series).is_some(), "{series}: {body}");
+        }
     }
 
     // Every node counts its own agents; together they run all twenty.

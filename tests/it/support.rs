@@ -70,7 +70,6 @@ impl Nats {
             .unwrap_or_else(|e| panic!("connect as {name}: {e:#}"))
     }
 
-    /// Makes nats-server read its config again (identities added, rotated or revoked).
     /// Runs `warden ctl` as the admin of cluster `CLUSTER` with `args` (flags first, then
     /// the command), and answers its output.
     pub async fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -84,6 +83,7 @@ impl Nats {
             .unwrap()
     }
 
+    /// Makes nats-server read its config again (identities added, rotated or revoked).
     pub fn reload(&self) {
         let pid = self.server.pid().expect("nats-server runs");
         warden::up::signal(pid, libc::SIGHUP);

@@ -290,3 +290,107 @@ async fn a_node_samples_what_it_takes_and_sends_its_last_spans_when_it_stops() {
     let call = root("agent call");
     assert_eq!(call.resource["warden.node"], "1");
 }
+
+/// Sends `command` with `body` to node `node`'s own subject with a `traceparent` header, and
+/// answers the reply's envelope.
+async fn send_traced(
+    tc: &TestCluster,
+    node: u64,
+    command: &str,
+    body: serde_json::Value,
+    traceparent: &str,
+) -> serde_json::Value {
+    let c = &tc.client;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    headers.insert("Content-Type", "application/json");
+    let body = serde_json::to_vec(&body).unwrap();
+    let reply = c
+        .request(
+            c.subjects.node_cmd(node, command),
+            headers,
+            body.into(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// What: at `sample_ratio = 1`, a client's unsampled `traceparent` (flag 00) is still obeyed:
+/// nothing of its write (forwarded in a batch) or its read (relayed) is recorded on any node,
+/// so the leader never starts a trace of its own for what a follower forwarded. A malformed
+/// `traceparent` fails nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_parent_is_obeyed_and_forwarded_commands_never_start_a_trace() {
+    let sink = Sink::start(100_000).await.unwrap();
+    let config = format!(
+        "[traces]\nendpoint = \"{}\"\nsample_ratio = 1.0\nexport_interval_ms = 100\n",
+        sink.endpoint
+    );
+    let tc = TestCluster::start(3, Some(&config)).await;
+    let leader = tc.leader().await;
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+
+    let unsampled = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{unsampled}-00f067aa0ba902b7-00");
+    let wrote = send_traced(
+        &tc,
+        follower,
+        "create_supervisor",
+        json!({"name": "u"}),
+        &tp,
+    )
+    .await;
+    assert_eq!(wrote["ok"], true, "{wrote}");
+    let read = send_traced(&tc, follower, "get_supervision_tree", json!({}), &tp).await;
+    assert_eq!(read["ok"], true, "{read}");
+    for (i, junk) in ["junk", "00-zz-zz-01", &"-".repeat(4096)]
+        .iter()
+        .enumerate()
+    {
+        let name = json!({ "name": format!("j{i}") });
+        let got = send_traced(&tc, follower, "create_supervisor", name, junk).await;
+        assert_eq!(got["ok"], true, "{junk:?}: {got}");
+    }
+
+    // A sampled marker, sent last: once its spans are in, so are those of what came before.
+    let marker = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{marker}-00f067aa0ba902b7-01");
+    let got = send_traced(
+        &tc,
+        follower,
+        "create_supervisor",
+        json!({"name": "m"}),
+        &tp,
+    )
+    .await;
+    assert_eq!(got["ok"], true, "{got}");
+    trace_of(&sink, marker, "the marker's spans on both nodes", |s| {
+        named(s, "applied", leader).is_some()
+            && named(s, "received create_supervisor", follower).is_some()
+    })
+    .await;
+
+    let spans = sink.spans();
+    let leaked: Vec<&Received> = spans.iter().filter(|s| s.trace_id == unsampled).collect();
+    assert!(
+        leaked.is_empty(),
+        "an unsampled trace was recorded: {leaked:?}"
+    );
+    let roots: Vec<&Received> = spans
+        .iter()
+        .filter(|s| s.attributes.contains_key("warden.forwarded_by") && s.parent_span_id.is_empty())
+        .collect();
+    assert!(
+        roots.is_empty(),
+        "a forwarded command started a trace: {roots:?}"
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.attributes.contains_key("warden.forwarded_by")),
+        "the marker's leader span names its sender"
+    );
+}

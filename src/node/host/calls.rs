@@ -11,6 +11,7 @@ use super::task::Msg;
 use super::Host;
 use crate::agent::mailbox::Refused;
 use crate::events::{self, Event, EVENT_VERSION};
+use crate::metrics::Refusal;
 use crate::node::Node;
 use crate::protocol::{
     self, Encoding, Envelope, ErrorCode, WireError, CALL_ID_HEADER, EPOCH_HEADER,
@@ -41,10 +42,11 @@ impl Host {
             .as_ref()
             .map(|r| r.to_string())
             .filter(|r| crate::subjects::Subjects::is_client_reply(r));
-        let answer = |err: WireError| {
+        let answer = |why: Refusal, err: WireError| {
             let node = self.node.clone();
             let reply = reply.clone();
             async move {
+                node.metrics.call_refused(why);
                 if let Some(r) = reply {
                     send_envelope(&node, r, enc, None, Err(err)).await;
                 }
@@ -62,29 +64,37 @@ impl Host {
                 // a leader cut off from its majority, whose registry may be behind).
                 if self.node.is_leader() && self.node.cut_off().is_none() {
                     let why = format!("no agent {target:?}");
-                    answer(WireError::new(ErrorCode::NotFound, why)).await;
+                    answer(Refusal::NotFound, WireError::new(ErrorCode::NotFound, why)).await;
                 }
                 return;
             }
         };
         let body = match enc.decode(&msg.payload) {
             Ok(b) => b,
-            Err(e) => return answer(e).await,
+            Err(e) => return answer(Refusal::BadRequest, e).await,
         };
         if status == AgentStatus::Migrating {
             let why = format!("agent {target:?} is moving to another node; retry");
-            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+            return answer(Refusal::Moving, WireError::new(ErrorCode::Unavailable, why)).await;
         }
         let Some(inst) = self.instances.get(&id) else {
             let why = format!("agent {target:?} is not running (status {status:?}); retry shortly");
-            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+            return answer(
+                Refusal::NotRunning,
+                WireError::new(ErrorCode::Unavailable, why),
+            )
+            .await;
         };
         if !self.node.lease.valid_in(inst.lease_term) {
             let why = format!(
                 "node {} lost its lease; the agent may be moving; retry",
                 self.me
             );
-            return answer(WireError::new(ErrorCode::Unavailable, why)).await;
+            return answer(
+                Refusal::LeaseLost,
+                WireError::new(ErrorCode::Unavailable, why),
+            )
+            .await;
         }
         let asked_epoch = msg
             .headers
@@ -96,7 +106,11 @@ impl Host {
                 "stale epoch: the call is for epoch {e}, the agent runs at epoch {}",
                 inst.epoch
             );
-            return answer(WireError::new(ErrorCode::Conflict, why)).await;
+            return answer(
+                Refusal::StaleEpoch,
+                WireError::new(ErrorCode::Conflict, why),
+            )
+            .await;
         }
         let m = match (op, reply.clone()) {
             ("call", Some(reply)) => {
@@ -113,7 +127,7 @@ impl Host {
                             .as_ref()
                             .and_then(|h| h.get(crate::traces::TRACEPARENT))
                             .map(|v| v.as_str());
-                        t.take("agent call", parent)
+                        t.take(|| "agent call".into(), parent)
                     }
                     None => Span::none(),
                 };
@@ -131,18 +145,29 @@ impl Host {
             }
             ("cast", _) => Msg::Cast { body },
             ("call", None) => return,
-            _ => return answer(WireError::new(ErrorCode::BadRequest, "use .call or .cast")).await,
+            _ => {
+                let err = WireError::new(ErrorCode::BadRequest, "use .call or .cast");
+                return answer(Refusal::BadRequest, err).await;
+            }
         };
         match inst.mailbox.push(Box::new(m)) {
             Ok(None) => {}
             Ok(Some(parked)) => self.wake(id, parked),
             Err(Refused::Full(_)) => {
                 let why = "the agent's mailbox is full; retry";
-                answer(WireError::new(ErrorCode::Unavailable, why)).await
+                answer(
+                    Refusal::MailboxFull,
+                    WireError::new(ErrorCode::Unavailable, why),
+                )
+                .await
             }
             Err(Refused::Closed(_)) => {
                 let why = format!("agent {target:?} is restarting or stopping; retry shortly");
-                answer(WireError::new(ErrorCode::Unavailable, why)).await
+                answer(
+                    Refusal::Stopping,
+                    WireError::new(ErrorCode::Unavailable, why),
+                )
+                .await
             }
         }
     }

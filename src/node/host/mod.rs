@@ -249,6 +249,8 @@ struct Pass {
     removed: Vec<(u64, Uuid)>,
     /// Time spent on this pass so far.
     spent: Duration,
+    /// What the instances looked like as the pass went over them, for the metrics.
+    seen: crate::metrics::HostPass,
 }
 
 /// Runs the host until `stopped` resolves, then stops every local agent, last started first.
@@ -511,6 +513,7 @@ impl Host {
             .collect();
         for id in stopping_over {
             if let Some(s) = self.take_stopping(id) {
+                self.node.metrics.fenced();
                 s.mailbox.kill();
                 let until = task::wall_time(self.node.lease.end_of(s.lease_term));
                 self.journal.stop(id, s.epoch, "lease lost", until);
@@ -524,6 +527,7 @@ impl Host {
         let Some(inst) = self.instances.remove(&id) else {
             return;
         };
+        self.node.metrics.fenced();
         // Drops the agent at once (an exec process is killed on drop).
         inst.mailbox.kill();
         let until = task::wall_time(self.node.lease.end_of(inst.lease_term));
@@ -611,12 +615,21 @@ impl Host {
                 HostAction::Start { id, restarted } => self.start(id, restarted),
             }
         }
+        if self.node.metrics.enabled() {
+            for inst in self.instances.range(within).map(|(_, i)| i) {
+                let f = inst.figures();
+                pass.seen.saw(f.depth, f.pid);
+            }
+        }
         if let Some(id) = last {
             pass.spent += began.elapsed();
             pass.after = Some(id);
             self.pass = Some(pass);
             return None;
         }
+        self.node
+            .metrics
+            .host_passed(std::mem::take(&mut pass.seen));
         {
             let st = self.node.state_read();
             self.histories
@@ -1066,6 +1079,7 @@ impl Host {
         let mut result = None;
         let reason = match exit.end {
             End::Fenced { lease_end } => {
+                self.node.metrics.fenced();
                 // Started again by `reconcile` once the lease is back, like after a fence here.
                 self.journal
                     .stop_at(exit.id, epoch, "lease lost", exit.at, lease_end);

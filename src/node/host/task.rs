@@ -311,6 +311,8 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
         if !lease.valid_in(run.lease_term) {
             // Past the lease this instance may no longer act (a woken agent finds out here).
             if let Msg::Call { reply, enc, .. } = *msg {
+                node.metrics
+                    .call_refused(crate::metrics::Refusal::LeaseLost);
                 let err = WireError::new(
                     ErrorCode::Unavailable,
                     format!("node {} lost its lease; retry", who.me),
@@ -436,6 +438,7 @@ async fn handle_call(
     let node = &who.node;
     if let Some(result) = answered.get(&call_id) {
         span.event("answered from memory (a retry)");
+        span.end();
         send_envelope(node, reply, enc, Some(who.epoch), result).await;
         return None;
     }
@@ -483,6 +486,8 @@ async fn handle_call(
     if let Err(e) = &result {
         span.fail(e.code.as_str(), e.message.clone());
     }
+    // Ended before the answer goes: the caller's span of the call ends after this one.
+    span.end();
     if let Some(why) = crash {
         let answer = Answer {
             reply,
@@ -510,12 +515,20 @@ async fn refuse_queued(who: &Who, mailbox: &AgentMailbox, answered: &Answered, w
             reply,
             enc,
             call_id,
+            span,
             ..
         } = *m
         {
             let result = answered
                 .get(&call_id)
                 .unwrap_or_else(|| Err(WireError::new(ErrorCode::Unavailable, why)));
+            if let Err(e) = &result {
+                who.node
+                    .metrics
+                    .call_refused(crate::metrics::Refusal::Stopping);
+                span.fail(e.code.as_str(), e.message.clone());
+            }
+            span.end();
             send_envelope(&who.node, reply, enc, Some(who.epoch), result).await;
         }
     }

@@ -219,6 +219,7 @@ pub struct Metrics {
     /// Per kind, in the order of `Kinds::names` (`kind_index`).
     calls: Vec<KindCalls>,
     log_flush_seconds: Histogram,
+    log_append_seconds: Histogram,
     replication_lag: Family<PeerLabel, Gauge>,
     raft_commit: Gauge,
     snapshots: Family<HowLabel, Counter>,
@@ -231,6 +232,8 @@ pub struct Metrics {
     exec_cpu_seconds: Gauge<f64, AtomicU64>,
     /// The `exec` agents' process groups as of the host's last pass, read at each scrape.
     exec_groups: Mutex<Vec<u32>>,
+    /// When `/proc` was last read for them: at most once a second, however often scraped.
+    exec_read: Mutex<Option<std::time::Instant>>,
     /// The commit index seen in AppendEntries (`raft::CommitIndex`).
     commit: Arc<crate::raft::CommitIndex>,
     /// Messages dropped by the node's NATS subscriptions, one count per connection.
@@ -399,6 +402,12 @@ impl Metrics {
             "Time to flush appended Raft log entries to disk (one flush may cover several appends)",
             log_flush_seconds.clone(),
         );
+        let log_append_seconds = command_histogram();
+        registry.register(
+            "raft_log_append_duration_seconds",
+            "Time from Raft appending entries to this node's log to their being on disk",
+            log_append_seconds.clone(),
+        );
         let replication_lag = Family::<PeerLabel, Gauge>::default();
         registry.register(
             "raft_replication_lag_entries",
@@ -505,6 +514,7 @@ impl Metrics {
             registry_events,
             calls,
             log_flush_seconds,
+            log_append_seconds,
             replication_lag,
             raft_commit,
             snapshots,
@@ -516,6 +526,7 @@ impl Metrics {
             exec_resident_bytes,
             exec_cpu_seconds,
             exec_groups: Mutex::new(Vec::new()),
+            exec_read: Mutex::new(None),
             commit: Default::default(),
             slow_counters: Mutex::new(Vec::new()),
             last_slow: AtomicU64::new(0),
@@ -587,6 +598,35 @@ impl Metrics {
         k.seconds.observe(took.as_secs_f64());
     }
 
+    /// The `exec` agents' processes, from `/proc` (a scan of every process: at most once a
+    /// second; a scrape in between keeps the last figures).
+    fn refresh_exec(&self) {
+        {
+            let mut last = self.exec_read.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let groups = self
+            .exec_groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (mut running, mut rss, mut cpu) = (0i64, 0u64, 0f64);
+        if !groups.is_empty() {
+            let usage = crate::procfs::groups_usage();
+            for (r, c) in groups.iter().filter_map(|g| usage.get(g)) {
+                running += 1;
+                rss += r;
+                cpu += c;
+            }
+        }
+        self.exec_processes.set(running);
+        self.exec_resident_bytes.set(rss as i64);
+        self.exec_cpu_seconds.set(cpu);
+    }
+
     /// Counts an agent instance dropped because the lease ran out.
     pub fn fenced(&self) {
         if self.enabled {
@@ -629,9 +669,12 @@ impl Metrics {
         }
     }
 
-    /// The histogram the log flusher records its flushes in.
-    pub fn log_flushes(&self) -> Histogram {
-        self.log_flush_seconds.clone()
+    /// The histograms the log store records its appends and flushes in.
+    pub fn log_timings(&self) -> crate::raft::store::LogTimings {
+        crate::raft::store::LogTimings {
+            flushes: self.log_flush_seconds.clone(),
+            appends: self.log_append_seconds.clone(),
+        }
     }
 
     /// The commit index this node has seen announced, shared with Raft's network and server.
@@ -722,23 +765,7 @@ impl Metrics {
         self.cut_off.set(node.cut_off().is_some() as i64);
         self.resident_bytes
             .set(crate::procfs::resident_bytes() as i64);
-        let groups = self
-            .exec_groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (mut running, mut rss, mut cpu) = (0i64, 0u64, 0f64);
-        if !groups.is_empty() {
-            let usage = crate::procfs::groups_usage();
-            for (r, c) in groups.iter().filter_map(|g| usage.get(g)) {
-                running += 1;
-                rss += r;
-                cpu += c;
-            }
-        }
-        self.exec_processes.set(running);
-        self.exec_resident_bytes.set(rss as i64);
-        self.exec_cpu_seconds.set(cpu);
+        self.refresh_exec();
         if let Some(ticks) = crate::procfs::cpu_ticks() {
             let before = self.last_cpu_ticks.swap(ticks, Ordering::Relaxed);
             // Clock ticks are 10 ms on Linux (USER_HZ = 100).

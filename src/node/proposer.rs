@@ -166,11 +166,14 @@ async fn batch_loop(
             let (replies, spans): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.reply, p.span)).unzip();
             answer(replies, result, commands, timeout);
-            // The replies went first: tracing never delays them.
+            // The replies went first: tracing never delays them. Each `proposed` span ends
+            // where its command was answered, before the span of the command does.
             if let (Some((traces, applies)), Some(proposed)) = (&traced, proposed) {
+                let answered = SystemTime::now();
                 let applied = index.and_then(|i| applies.of(i));
-                for span in spans.iter().filter(|s| s.is_recording()) {
-                    trace_commit(traces, span, proposed, index, applied, commands);
+                for span in spans.into_iter().filter(|s| s.is_recording()) {
+                    trace_commit(traces, &span, proposed, index, applied, commands);
+                    span.end_at(answered);
                 }
             }
         });

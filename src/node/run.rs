@@ -121,7 +121,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
     metrics.watch_slow_consumers(violations.slow_consumers());
     let store = Store::open(&cfg.data_dir)?;
     let (events_tx, events_rx) = mpsc::channel(limits::EVENT_QUEUE);
-    let flushes = metrics.enabled().then(|| metrics.log_flushes());
+    let timings = metrics.enabled().then(|| metrics.log_timings());
     let outbox = match cfg.history.enabled {
         true => Some(Arc::new(crate::history::outbox::Outbox::open(
             &cfg.data_dir.join("history"),
@@ -129,7 +129,7 @@ async fn start(cfg: NodeConfig, kinds: Kinds) -> anyhow::Result<Running> {
         )?)),
         false => None,
     };
-    let (log, mut sm, state) = store.raft_parts_timed(Some(events_tx), flushes, outbox.clone())?;
+    let (log, mut sm, state) = store.raft_parts_timed(Some(events_tx), timings, outbox.clone())?;
     if metrics.enabled() {
         sm.count_snapshots(metrics.snapshot_counts());
     }

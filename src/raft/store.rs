@@ -204,19 +204,20 @@ impl Store {
         self.raft_parts_timed(events, None, None)
     }
 
-    /// `raft_parts`, with every flush of the log timed into `flushes`, and the events of every
-    /// applied entry written to `history` (set to the stored snapshot's index here).
+    /// `raft_parts`, with every append and flush of the log timed into `timings`, and the
+    /// events of every applied entry written to `history` (set to the stored snapshot's index
+    /// here).
     pub fn raft_parts_timed(
         &self,
         events: Option<mpsc::Sender<Vec<RegistryEvent>>>,
-        flushes: Option<prometheus_client::metrics::histogram::Histogram>,
+        timings: Option<LogTimings>,
         history: Option<Arc<Outbox>>,
     ) -> anyhow::Result<(LogStore, StateMachine, SharedState)> {
         let (flusher, flush_rx) = mpsc::channel(crate::limits::FLUSH_QUEUE);
         let db = self.db.clone();
         let flush_task = std::thread::Builder::new()
             .name("warden-log-flush".into())
-            .spawn(move || flush_loop(db, flush_rx, flushes))?;
+            .spawn(move || flush_loop(db, flush_rx, timings))?;
         *self.flush_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(flush_task);
         let meta = self.db.open_tree("meta")?;
         let snapshot = self.db.open_tree("snapshot")?;
@@ -415,7 +416,8 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Each append's callback, with when the append began.
+    flusher: mpsc::Sender<(Instant, LogFlushed<TypeConfig>)>,
     /// The stored snapshot's log id: entries are purged only up to it.
     stored: StoredMark,
     /// Failpoints a test armed (`crate::faults`; none in a release build).
@@ -430,8 +432,8 @@ pub struct LogStore {
 /// flush itself. Stops when every sender (the log store and its clones) is gone.
 fn flush_loop(
     db: sled::Db,
-    mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>,
-    timed: Option<prometheus_client::metrics::histogram::Histogram>,
+    mut rx: mpsc::Receiver<(Instant, LogFlushed<TypeConfig>)>,
+    timed: Option<LogTimings>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut waiting = vec![first];
@@ -440,8 +442,11 @@ fn flush_loop(
         }
         let started = std::time::Instant::now();
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        if let Some(h) = &timed {
-            h.observe(started.elapsed().as_secs_f64());
+        if let Some(t) = &timed {
+            t.flushes.observe(started.elapsed().as_secs_f64());
+            for (appended, _) in &waiting {
+                t.appends.observe(appended.elapsed().as_secs_f64());
+            }
         }
         tracing::debug!(
             appends = waiting.len(),
@@ -451,7 +456,7 @@ fn flush_loop(
         if let Err(e) = &result {
             tracing::error!(error = %e, "flushing the Raft log failed");
         }
-        for cb in waiting {
+        for (_, cb) in waiting {
             cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
     }
@@ -577,6 +582,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // sled's process-wide write lock and writes a batch marker, which cost 50 to 130 us per
         // append on this machine, about a tenth of a lone write, paid on the leader and again
         // on each follower. Several entries go in one batch, which amortizes that.
+        let began = Instant::now();
         if self.faults.log_write_fails() {
             let e = std::io::Error::other("failpoint: the Raft log cannot be written");
             return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
@@ -606,7 +612,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The write is acknowledged to openraft (and so, through a quorum, to the client) only
         // once the flusher has it on disk. openraft 0.9 waits for that in its core before it
         // replicates the entries, so a lone write pays the leader's flush, then a follower's.
-        self.flusher.send(callback).await.map_err(|_| {
+        self.flusher.send((began, callback)).await.map_err(|_| {
             io_err(
                 ErrorSubject::Logs,
                 ErrorVerb::Write,
@@ -764,6 +770,14 @@ impl ApplyTimes {
             .find(|(i, _, _)| *i == index)
             .map(|&(_, began, ended)| (began, ended))
     }
+}
+
+/// The metrics' histograms of the log's disk work: each flush, and each append from its call
+/// to its entries on disk (its own write, waiting for the flusher, and the flush).
+#[derive(Clone, Debug)]
+pub struct LogTimings {
+    pub flushes: prometheus_client::metrics::histogram::Histogram,
+    pub appends: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// The metrics' counters of snapshots this node built and installed.

@@ -344,6 +344,13 @@ impl Span {
             cx.span().end();
         }
     }
+
+    /// Ends the span at `at` (a moment already past).
+    pub fn end_at(self, at: SystemTime) {
+        if let Some(cx) = self.0 {
+            cx.span().end_with_timestamp(at);
+        }
+    }
 }
 
 /// The longest `traceparent` read: version 00 takes 55 bytes, and a later version may only add

@@ -46,8 +46,10 @@ impl Host {
             let node = self.node.clone();
             let reply = reply.clone();
             async move {
-                node.metrics.call_refused(why);
+                // Counted when a caller is told: a cast, or a call nobody may be answered on,
+                // is dropped.
                 if let Some(r) = reply {
+                    node.metrics.call_refused(why);
                     send_envelope(&node, r, enc, None, Err(err)).await;
                 }
             }

@@ -824,6 +824,7 @@ impl Host {
         if !self.node.lease.valid_in(inst.lease_term) {
             // Past its lease the agent may not run even to stop (a parked one would be woken
             // for it): it is dropped, as a fence does, and hands nothing over.
+            self.node.metrics.fenced();
             inst.mailbox.kill();
             let until = task::wall_time(self.node.lease.end_of(inst.lease_term));
             self.journal.stop(id, inst.epoch, "lease lost", until);
@@ -1028,8 +1029,17 @@ impl Host {
             End::Stopped {
                 handover,
                 lease_end,
-            } => (s.reason, lease_end, handover),
-            End::Fenced { lease_end } => ("lease lost", lease_end, Handover::default()),
+            } => {
+                if lease_end.is_some() {
+                    // Its stop was cut where the lease ran out: dropped as a fence does.
+                    self.node.metrics.fenced();
+                }
+                (s.reason, lease_end, handover)
+            }
+            End::Fenced { lease_end } => {
+                self.node.metrics.fenced();
+                ("lease lost", lease_end, Handover::default())
+            }
             End::Exited(ExitReason::Crash(_), ..) => ("crashed", None, Handover::default()),
             End::Exited(..) => ("exited", None, Handover::default()),
             End::FailedStart(_) => ("failed to start", None, Handover::default()),

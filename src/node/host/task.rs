@@ -25,6 +25,7 @@ use crate::agent::{Agent, AgentError, BoxFuture};
 use crate::command::CheckpointRequest;
 use crate::limits::{HANDED_OVER_CALLS_BYTES, REMEMBERED_CALLS, REMEMBERED_CALLS_BYTES};
 use crate::metrics::CallOutcome;
+use crate::metrics::Refusal;
 use crate::node::Node;
 use crate::protocol::{Encoding, ErrorCode, WireError};
 use crate::registry::RememberedCall;
@@ -195,7 +196,7 @@ pub(super) async fn start_task(
                 _ => End::FailedStart("the kind panicked while starting".into()),
             };
             run.send(end);
-            let why = "the agent did not start; retry";
+            let why = (Refusal::Stopping, "the agent did not start; retry");
             refuse_queued(&run.who, &mailbox, &Answered::default(), why).await;
             return;
         }
@@ -217,7 +218,7 @@ pub(super) async fn start_task(
         Err(_) => {
             drop(agent);
             run.send(End::FailedStart("the kind panicked in take_exit".into()));
-            let why = "the agent did not start; retry";
+            let why = (Refusal::Stopping, "the agent did not start; retry");
             refuse_queued(&run.who, &mailbox, &Answered::default(), why).await;
             return;
         }
@@ -310,13 +311,17 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
         };
         if !lease.valid_in(run.lease_term) {
             // Past the lease this instance may no longer act (a woken agent finds out here).
-            if let Msg::Call { reply, enc, .. } = *msg {
-                node.metrics
-                    .call_refused(crate::metrics::Refusal::LeaseLost);
+            if let Msg::Call {
+                reply, enc, span, ..
+            } = *msg
+            {
+                node.metrics.call_refused(Refusal::LeaseLost);
                 let err = WireError::new(
                     ErrorCode::Unavailable,
                     format!("node {} lost its lease; retry", who.me),
                 );
+                span.fail(err.code.as_str(), err.message.clone());
+                span.end();
                 Box::pin(send_envelope(node, reply, enc, None, Err(err))).await;
             }
             break LoopEnd::Fenced;
@@ -355,21 +360,29 @@ pub(super) async fn agent_task(mut run: Run, parked: Parked, mailbox: Arc<AgentM
     };
     // The agent can no longer act once dropped: the exit's time is taken after this.
     drop(agent);
-    let (end, why) = match end {
+    let (end, refusal, why) = match end {
         LoopEnd::Exit(reason, answer) => (
             End::Exited(reason, answer, result),
+            Refusal::Stopping,
             "the agent ended before handling this call; retry".to_string(),
         ),
         LoopEnd::Fenced | LoopEnd::Ended(_) => (
             End::Fenced {
                 lease_end: run.lease_end(),
             },
+            Refusal::LeaseLost,
             format!("node {} lost its lease; retry", who.me),
         ),
     };
     // Tell the host first, so that a restart is not held up by answering what was queued.
     run.send(end);
-    Box::pin(refuse_queued(&run.who, &mailbox, &answered, &why)).await;
+    Box::pin(refuse_queued(
+        &run.who,
+        &mailbox,
+        &answered,
+        (refusal, &why),
+    ))
+    .await;
 }
 
 /// Stops the agent gracefully: its checkpoint first if asked (a migration), then its `stop`
@@ -409,7 +422,7 @@ async fn stop(
     // Whatever still waits was not handled: say so, so that callers retry (the agent may be
     // moving); a retry of a call already handled gets its answer.
     let why = "the agent stopped before handling this call; retry";
-    refuse_queued(&run.who, &mailbox, &answered, why).await;
+    refuse_queued(&run.who, &mailbox, &answered, (Refusal::Stopping, why)).await;
 }
 
 /// Why an agent crashed, and the answer to the call that crashed it (boxed: an idle agent's
@@ -509,7 +522,12 @@ async fn handle_call(
 /// Closes an ending instance's mailbox and answers the calls still queued: with the answer a
 /// retry would get if it was handled already, else `unavailable` (so the caller retries, and
 /// reaches the agent's next instance).
-async fn refuse_queued(who: &Who, mailbox: &AgentMailbox, answered: &Answered, why: &str) {
+async fn refuse_queued(
+    who: &Who,
+    mailbox: &AgentMailbox,
+    answered: &Answered,
+    (refusal, why): (Refusal, &str),
+) {
     for m in mailbox.close() {
         if let Msg::Call {
             reply,
@@ -519,13 +537,13 @@ async fn refuse_queued(who: &Who, mailbox: &AgentMailbox, answered: &Answered, w
             ..
         } = *m
         {
-            let result = answered
-                .get(&call_id)
-                .unwrap_or_else(|| Err(WireError::new(ErrorCode::Unavailable, why)));
+            // A retry of a call already handled gets its answer, whatever it was; the others
+            // are refused.
+            let result = answered.get(&call_id).unwrap_or_else(|| {
+                who.node.metrics.call_refused(refusal);
+                Err(WireError::new(ErrorCode::Unavailable, why))
+            });
             if let Err(e) = &result {
-                who.node
-                    .metrics
-                    .call_refused(crate::metrics::Refusal::Stopping);
                 span.fail(e.code.as_str(), e.message.clone());
             }
             span.end();

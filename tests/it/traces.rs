@@ -47,12 +47,7 @@ fn named<'a>(spans: &'a [Received], name: &str, node: u64) -> Option<&'a Receive
 /// down to the leader's apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_command_is_one_trace_from_the_follower_that_took_it_to_the_leader() {
-    let sink = Sink::start(100_000).await.unwrap();
-    let config = format!(
-        "[traces]\nendpoint = \"{}\"\nsample_ratio = 0.0\nexport_interval_ms = 100\n",
-        sink.endpoint
-    );
-    let tc = TestCluster::start(3, Some(&config)).await;
+    let (sink, tc) = traced_cluster(0.0).await;
     let leader = tc.leader().await;
     let follower = (1..=3).find(|&n| n != leader).unwrap();
     let c = &tc.client;
@@ -71,20 +66,9 @@ async fn a_traced_command_is_one_trace_from_the_follower_that_took_it_to_the_lea
     // A client's traced write, on the follower's own subject: it must be forwarded.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace}-{client_span}-01").as_str(),
-    );
-    headers.insert("Content-Type", "application/json");
+    let tp = format!("00-{trace}-{client_span}-01");
     let subject = c.subjects.node_cmd(follower, "create_supervisor");
-    let body = serde_json::to_vec(&json!({"name": "traced"})).unwrap();
-    let reply = c
-        .request(subject, headers, body.into(), Duration::from_secs(10))
-        .await
-        .unwrap()
-        .unwrap();
-    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let reply = request_traced(&tc, subject, json!({"name": "traced"}), &tp).await;
     assert_eq!(reply["ok"], true, "{reply}");
 
     let spans = trace_of(&sink, trace, "the follower's and the leader's spans", |s| {
@@ -135,24 +119,9 @@ async fn a_traced_command_is_one_trace_from_the_follower_that_took_it_to_the_lea
     let runs_on = agent["node"].as_u64().unwrap();
     let call_trace = "0af7651916cd43dd8448eb211c80319c";
     let caller = "b7ad6b7169203331";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{call_trace}-{caller}-01").as_str(),
-    );
-    headers.insert("Content-Type", "application/json");
-    let body = serde_json::to_vec(&json!({"op": "add", "n": 2})).unwrap();
-    let reply = c
-        .request(
-            c.subjects.agent("tr", "call"),
-            headers,
-            body.into(),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    let tp = format!("00-{call_trace}-{caller}-01");
+    let call = json!({"op": "add", "n": 2});
+    let reply = request_traced(&tc, c.subjects.agent("tr", "call"), call, &tp).await;
     assert_eq!(reply["ok"], true, "{reply}");
     let spans = trace_of(&sink, call_trace, "the agent call's span", |s| {
         named(s, "agent call", runs_on).is_some()
@@ -291,8 +260,39 @@ async fn a_node_samples_what_it_takes_and_sends_its_last_spans_when_it_stops() {
     assert_eq!(call.resource["warden.node"], "1");
 }
 
-/// Sends `command` with `body` to node `node`'s own subject with a `traceparent` header, and
-/// answers the reply's envelope.
+/// A receiver, and three nodes exporting to it every 100 ms at `ratio`.
+async fn traced_cluster(ratio: f64) -> (Sink, TestCluster) {
+    let sink = Sink::start(100_000).await.unwrap();
+    let config = format!(
+        "[traces]\nendpoint = \"{}\"\nsample_ratio = {ratio:?}\nexport_interval_ms = 100\n",
+        sink.endpoint
+    );
+    let tc = TestCluster::start(3, Some(&config)).await;
+    (sink, tc)
+}
+
+/// Sends `body` on `subject` with a `traceparent` header, as any NATS client can, and answers
+/// the reply's envelope.
+async fn request_traced(
+    tc: &TestCluster,
+    subject: String,
+    body: serde_json::Value,
+    traceparent: &str,
+) -> serde_json::Value {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    headers.insert("Content-Type", "application/json");
+    let body = serde_json::to_vec(&body).unwrap();
+    let reply = tc
+        .client
+        .request(subject, headers, body.into(), Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// `request_traced` of `command` on node `node`'s own subject.
 async fn send_traced(
     tc: &TestCluster,
     node: u64,
@@ -300,22 +300,8 @@ async fn send_traced(
     body: serde_json::Value,
     traceparent: &str,
 ) -> serde_json::Value {
-    let c = &tc.client;
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", traceparent);
-    headers.insert("Content-Type", "application/json");
-    let body = serde_json::to_vec(&body).unwrap();
-    let reply = c
-        .request(
-            c.subjects.node_cmd(node, command),
-            headers,
-            body.into(),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    serde_json::from_slice(&reply.payload).unwrap()
+    let subject = tc.client.subjects.node_cmd(node, command);
+    request_traced(tc, subject, body, traceparent).await
 }
 
 /// What: at `sample_ratio = 1`, a client's unsampled `traceparent` (flag 00) is still obeyed:
@@ -324,12 +310,7 @@ async fn send_traced(
 /// `traceparent` fails nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsampled_parent_is_obeyed_and_forwarded_commands_never_start_a_trace() {
-    let sink = Sink::start(100_000).await.unwrap();
-    let config = format!(
-        "[traces]\nendpoint = \"{}\"\nsample_ratio = 1.0\nexport_interval_ms = 100\n",
-        sink.endpoint
-    );
-    let tc = TestCluster::start(3, Some(&config)).await;
+    let (sink, tc) = traced_cluster(1.0).await;
     let leader = tc.leader().await;
     let follower = (1..=3).find(|&n| n != leader).unwrap();
 

@@ -1,6 +1,6 @@
-//! What a feature costs: the same three-node cluster, started afresh for each round on one
-//! nats-server (with JetStream), measured with the feature off and on, in alternating rounds
-//! so that drift of the machine falls on both. Each round measures write throughput
+//! What a feature costs: the same three-node cluster, started afresh for each round with a
+//! nats-server (with JetStream) of its own, measured with the feature off and on, in
+//! alternating rounds so that drift of the machine falls on both. Each round measures write throughput
 //! (`create_supervisor` from `writers` concurrent clients) and the latency of sequential
 //! calls to one `counter` agent.
 //! - `--metrics-cost`: metrics off (no listener: nothing is counted) against on (every node
@@ -62,7 +62,6 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
     std::fs::create_dir_all(&setup.dir)?;
     let auth = setup.dir.join("auth");
     crate::auth::ensure(&auth, &setup.cluster, 3)?;
-    let server = NatsServer::start(&setup.dir, &crate::up::auth_args(&auth)).await?;
     let sink = crate::traces::sink::Sink::start(0).await?;
     let mut rounds = Vec::new();
     // Round 0 warms the machine up (page cache, CPU frequency, nats-server's first store) and
@@ -70,9 +69,15 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
     for r in 0..=setup.rounds * 2 {
         let on = r % 2 == 0 && r > 0;
         let metrics = on && setup.feature == Feature::Metrics;
+        // A nats-server of its own each round: a history stream left by the round before (a
+        // cluster of the same name) would make this round's leader skip its events up to that
+        // stream's end (docs/protocol.md, "History"), and cost nothing it should.
+        let round_dir = setup.dir.join(format!("round-{r}"));
+        std::fs::create_dir_all(&round_dir)?;
+        let server = NatsServer::start(&round_dir, &crate::up::auth_args(&auth)).await?;
         let mut nodes = LocalCluster::new(
             setup.bin.clone(),
-            setup.dir.join(format!("round-{r}")),
+            round_dir.join("nodes"),
             server.url.clone(),
             &setup.cluster,
         );
@@ -149,7 +154,6 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Round>> {
             spans: sink.received() - spans_before,
         });
     }
-    drop(server);
     Ok(rounds)
 }
 

@@ -107,9 +107,16 @@ async fn a_bulk_spawn_of_50_000_agents_causes_no_election_and_no_lost_lease() {
     for id in 1..=3 {
         let log = std::fs::read_to_string(tc.cluster.dir.join(format!("node-{id}.log")))
             .unwrap_or_default();
+        // On failure, what the node logged around it says why.
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(40)
+            .collect();
         assert!(
             !log.contains("lost the lease"),
-            "node {id} lost its lease under load alone"
+            "node {id} lost its lease under load alone:\n{}",
+            warnings.join("\n")
         );
     }
 
